@@ -1,0 +1,159 @@
+"""Typed, frozen, validated specifications: what to quantize and how.
+
+`QuantSpec` describes one tensor's quantizer, `DotSpec` one contraction (both operands
+and, optionally, the gradients of the backward contractions), and `Rule` binds specs to
+module paths for `jaxquant.quantize_model`. Every spec is validated at construction: a bad
+field raises `ValueError` naming the field and the values it allows.
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Optional
+
+FORMATS = ("int", "binary", "ternary", "fp8_e4m3", "fp8_e5m2")
+GRANULARITIES = ("tensor", "channel", "group")
+CALIBRATIONS = ("absmax", "percentile", "mse")
+ROUNDINGS = ("nearest", "stochastic")
+STES = ("identity", "clipped", "lsq", "pact")
+MODES = ("int", "fake")
+
+
+def _check_choice(name: str, value, allowed) -> None:
+  if value not in allowed:
+    raise ValueError(f"{name}={value!r} is not allowed; choose one of {list(allowed)}")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class QuantSpec:
+  """How one tensor is quantized.
+
+  Attributes:
+    format: 'int' (2..8-bit integers), 'binary' (sign · α), 'ternary' ({-1, 0, 1} · α,
+      TWN threshold 0.7·mean|x|), 'fp8_e4m3' or 'fp8_e5m2' (scaled cast).
+    bits: integer width, 2..8, only meaningful for 'int' (binary is 1 bit, ternary 2,
+      fp8 8; for those the field is derived and may be left at its default).
+    symmetric: symmetric range (zero point 0) or asymmetric (integer zero point).
+    granularity: 'tensor' (one scale), 'channel' (one scale per non-reduced index) or
+      'group' (the reduced axis split into groups of `group_size`).
+    group_size: required for 'group'; must divide the reduced axis length.
+    calibration: 'absmax', 'percentile' (of |x|) or 'mse' (best clip ratio on a grid).
+    percentile: for 'percentile' calibration, in (0, 100].
+    rounding: 'nearest' or 'stochastic' (needs a PRNG key; unbiased).
+    ste: gradient rule: 'identity' (straight-through), 'clipped' (zero outside the clip
+      range), 'lsq' (learned step size, Esser et al. 2019) or 'pact' (learned clip α,
+      Choi et al. 2018).
+  """
+  format: str = "int"
+  bits: int = 8
+  symmetric: bool = True
+  granularity: str = "channel"
+  group_size: Optional[int] = None
+  calibration: str = "absmax"
+  percentile: float = 99.9
+  rounding: str = "nearest"
+  ste: str = "identity"
+
+  def __post_init__(self):
+    _check_choice("format", self.format, FORMATS)
+    if self.format == "int":
+      if not isinstance(self.bits, int) or isinstance(self.bits, bool) or not 2 <= self.bits <= 8:
+        raise ValueError(f"bits={self.bits!r} is not allowed for format='int'; choose an int in 2..8")
+    if not isinstance(self.symmetric, bool):
+      raise ValueError(f"symmetric={self.symmetric!r} must be a bool (True or False)")
+    _check_choice("granularity", self.granularity, GRANULARITIES)
+    if self.granularity == "group":
+      if not isinstance(self.group_size, int) or isinstance(self.group_size, bool) or self.group_size < 1:
+        raise ValueError(f"group_size={self.group_size!r} is required for granularity='group'; "
+                         "choose a positive int")
+    elif self.group_size is not None:
+      raise ValueError(f"group_size={self.group_size!r} is only allowed with granularity='group'")
+    _check_choice("calibration", self.calibration, CALIBRATIONS)
+    if not isinstance(self.percentile, (int, float)) or not 0.0 < float(self.percentile) <= 100.0:
+      raise ValueError(f"percentile={self.percentile!r} is not allowed; choose a float in (0, 100]")
+    _check_choice("rounding", self.rounding, ROUNDINGS)
+    _check_choice("ste", self.ste, STES)
+    if self.format in ("binary", "ternary", "fp8_e4m3", "fp8_e5m2") and not self.symmetric:
+      raise ValueError(f"symmetric=False is not allowed for format={self.format!r}; "
+                       "only format='int' has a zero point")
+    if self.format != "int" and self.ste in ("lsq", "pact"):
+      raise ValueError(f"ste={self.ste!r} is only allowed with format='int'; "
+                       "choose one of ['identity', 'clipped']")
+    if self.ste == "pact" and not self.symmetric:
+      raise ValueError("ste='pact' is not allowed with symmetric=False; PACT learns a "
+                       "symmetric clip α (for ReLU outputs use symmetric=True)")
+
+  @property
+  def effective_bits(self) -> int:
+    """Storage bits per value: `bits` for int, 1 binary, 2 ternary, 8 for fp8."""
+    return {"int": self.bits, "binary": 1, "ternary": 2}.get(self.format, 8)
+
+  @property
+  def is_integer(self) -> bool:
+    """True when values are integers that fit an int8 container (int/binary/ternary)."""
+    return self.format in ("int", "binary", "ternary")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DotSpec:
+  """How one contraction (dot_general / einsum / conv) is quantized.
+
+  Attributes:
+    lhs: spec of the left operand (activations), or None to keep it float.
+    rhs: spec of the right operand (weights), or None to keep it float.
+    grad: when set, both backward contractions (d lhs and d rhs) also run quantized,
+      the incoming gradient quantized with this spec (its rounding is usually
+      'stochastic'). None: backward dots run in float on the (fake-)quantized operands.
+    mode: 'int' runs a real s8×s8→s32 contraction with scales applied to the output
+      (needs integer formats on both quantized operands); 'fake' runs a float
+      contraction of dequantized operands.
+  """
+  lhs: Optional[QuantSpec] = None
+  rhs: Optional[QuantSpec] = None
+  grad: Optional[QuantSpec] = None
+  mode: str = "int"
+
+  def __post_init__(self):
+    for name in ("lhs", "rhs", "grad"):
+      value = getattr(self, name)
+      if value is not None and not isinstance(value, QuantSpec):
+        raise ValueError(f"{name}={value!r} must be a jaxquant.QuantSpec or None")
+    _check_choice("mode", self.mode, MODES)
+    if self.grad is not None and self.grad.ste in ("lsq", "pact"):
+      raise ValueError(f"grad.ste={self.grad.ste!r} is not allowed; gradients have no "
+                       "learned scale; choose one of ['identity', 'clipped']")
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+  """Quantize the layers whose '/'-joined module path fully matches `pattern`.
+
+  `weight=None` with `act` set is activation-only; `act=None` is weight-only; `grad` set
+  runs the backward contractions quantized too. First matching rule wins.
+  """
+  pattern: str
+  weight: Optional[QuantSpec] = dataclasses.field(default=None, kw_only=True)
+  act: Optional[QuantSpec] = dataclasses.field(default=None, kw_only=True)
+  grad: Optional[QuantSpec] = dataclasses.field(default=None, kw_only=True)
+  mode: str = dataclasses.field(default="int", kw_only=True)
+
+  def __post_init__(self):
+    if not isinstance(self.pattern, str):
+      raise ValueError(f"pattern={self.pattern!r} must be a str (a regex over module paths)")
+    try:
+      re.compile(self.pattern)
+    except re.error as e:
+      raise ValueError(f"pattern={self.pattern!r} is not a valid regex: {e}") from None
+    # DotSpec validates the specs' kinds and the mode with the same messages.
+    try:
+      self.dot_spec()
+    except ValueError as e:
+      msg = str(e).replace("lhs=", "act=").replace("rhs=", "weight=")
+      raise ValueError(f"Rule({self.pattern!r}): {msg}") from None
+
+  def dot_spec(self) -> DotSpec:
+    """The DotSpec this rule gives a matched layer (activations lhs, weights rhs)."""
+    return DotSpec(lhs=self.act, rhs=self.weight, grad=self.grad, mode=self.mode)
+
+  def matches(self, path: str) -> bool:
+    return re.fullmatch(self.pattern, path) is not None
