@@ -72,6 +72,9 @@ class QuantSpec:
     if not isinstance(self.percentile, (int, float)) or not 0.0 < float(self.percentile) <= 100.0:
       raise ValueError(f"percentile={self.percentile!r} is not allowed; choose a float in (0, 100]")
     _check_choice("rounding", self.rounding, ROUNDINGS)
+    if self.rounding == "stochastic" and self.format != "int":
+      raise ValueError(f"rounding='stochastic' is only allowed with format='int' "
+                       f"(got format={self.format!r}); choose rounding='nearest'")
     _check_choice("ste", self.ste, STES)
     if self.format in ("binary", "ternary", "fp8_e4m3", "fp8_e5m2") and not self.symmetric:
       raise ValueError(f"symmetric=False is not allowed for format={self.format!r}; "
@@ -119,9 +122,21 @@ class DotSpec:
       if value is not None and not isinstance(value, QuantSpec):
         raise ValueError(f"{name}={value!r} must be a jaxquant.QuantSpec or None")
     _check_choice("mode", self.mode, MODES)
-    if self.grad is not None and self.grad.ste in ("lsq", "pact"):
-      raise ValueError(f"grad.ste={self.grad.ste!r} is not allowed; gradients have no "
-                       "learned scale; choose one of ['identity', 'clipped']")
+    if self.grad is not None:
+      if self.grad.ste in ("lsq", "pact"):
+        raise ValueError(f"grad.ste={self.grad.ste!r} is not allowed; gradients have no "
+                         "learned scale; choose one of ['identity', 'clipped']")
+      if self.grad.format != "int" or not self.grad.symmetric or self.grad.granularity == "group":
+        raise ValueError("grad must be a symmetric format='int' spec with granularity "
+                         "'tensor' or 'channel' (got "
+                         f"format={self.grad.format!r}, symmetric={self.grad.symmetric}, "
+                         f"granularity={self.grad.granularity!r})")
+    if self.mode == "int":
+      for name in ("lhs", "rhs"):
+        value = getattr(self, name)
+        if value is not None and not value.is_integer:
+          raise ValueError(f"{name}.format={value.format!r} cannot run in mode='int' (no "
+                           "integer codes); choose mode='fake' for fp8")
 
 
 @dataclasses.dataclass(frozen=True)

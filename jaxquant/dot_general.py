@@ -1,0 +1,360 @@
+"""Quantized dot_general and einsum: one custom-VJP path for every contraction.
+
+Every `dot_general` is viewed as a batched matmul lhs[B, M, K] · rhs[B, K, N] (a reshape,
+and no transpose at all for the usual Dense layout [..., K] · [K, N]). The lhs gets one
+scale per row (B, M) or per (row, group of K); the rhs one per column (B, N) or per
+(group of K, column), or one per tensor, as the contraction dictates.
+
+mode='int', both operands quantized: the contraction runs as a real s8×s8→s32
+`dot_general` with `preferred_element_type=int32`, zero points handled by exact integer
+cross terms,
+    Σ_k (a_k − z_a)(b_k − z_b) = Σ a·b − z_a·Σ b − z_b·Σ a + K·z_a·z_b,
+then the scales multiply the s32 result (per group, summed over groups).
+
+Backward (the custom VJP): cotangents w.r.t. the dequantized operands, then through each
+operand's quantizer rule (STE / clipped / LSQ / PACT). With `DotSpec.grad` set both
+backward dots are quantized too. The per-channel scale that runs along the backward
+contraction is folded into the incoming gradient before it is quantized, so the int8
+codes saved from the forward pass are reused as they are:
+    dlhs = Q(g · s_b) · (b − z_b)ᵀ      (contract N: both operands row-major, fast)
+    drhs = (a − z_a)ᵀ · Q(s_a · g)      (aᵀ materialized behind an optimization barrier,
+                                          so XLA:CPU runs [K, M]·[M, N] in s8, see
+                                          shared/PERF-NOTES.md)
+"""
+from __future__ import annotations
+
+import functools
+import string
+from typing import NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from jaxquant import fake_quant as fq
+from jaxquant import numerics
+from jaxquant.spec import DotSpec
+
+
+class _Canon(NamedTuple):
+  lhs_perm: tuple
+  rhs_perm: tuple
+  bmk: tuple
+  bkn: tuple
+  out_shape: tuple
+
+
+def _canonicalize(lhs_shape, rhs_shape, dimension_numbers) -> _Canon:
+  (lc, rc), (lb, rb) = dimension_numbers
+  lc, rc, lb, rb = (tuple(int(d) for d in t) for t in (lc, rc, lb, rb))
+  if len(lc) != len(rc) or len(lb) != len(rb):
+    raise ValueError(f"dimension_numbers={dimension_numbers} pair unequal numbers of dims")
+  for a, b in zip(lc + lb, rc + rb):
+    if lhs_shape[a] != rhs_shape[b]:
+      raise ValueError(f"dimension_numbers={dimension_numbers}: lhs dim {a} ({lhs_shape[a]}) "
+                       f"!= rhs dim {b} ({rhs_shape[b]})")
+  lf = tuple(i for i in range(len(lhs_shape)) if i not in lc and i not in lb)
+  rf = tuple(i for i in range(len(rhs_shape)) if i not in rc and i not in rb)
+  size = lambda shape, dims: int(functools.reduce(lambda p, d: p * shape[d], dims, 1))
+  b, m, k, n = size(lhs_shape, lb), size(lhs_shape, lf), size(lhs_shape, lc), size(rhs_shape, rf)
+  out_shape = tuple(lhs_shape[d] for d in lb + lf) + tuple(rhs_shape[d] for d in rf)
+  return _Canon(lb + lf + lc, rb + rc + rf, (b, m, k), (b, k, n), out_shape)
+
+
+def _to_canon(x, perm, shape3):
+  if perm != tuple(range(x.ndim)):
+    x = jnp.transpose(x, perm)
+  return x.reshape(shape3)
+
+
+def _learned_to_canon(learned, perm, ndim, n_lead, n_mid):
+  """Reshapes a learned scale (operand rank, scale-shaped) like its operand."""
+  if learned is None:
+    return None
+  learned = jnp.asarray(learned)
+  if learned.ndim == 0:
+    return learned.reshape(1, 1, 1)
+  if learned.ndim != ndim:
+    raise ValueError(f"learned scale of shape {learned.shape} must have the operand's rank {ndim}")
+  t = jnp.transpose(learned, perm)
+  s = t.shape
+  p = lambda dims: int(functools.reduce(lambda a, d: a * d, dims, 1))
+  return t.reshape(p(s[:n_lead]), p(s[n_lead:n_lead + n_mid]), p(s[n_lead + n_mid:]))
+
+
+# ----------------------------------------------------------------------------- int kernels
+
+def _contract(a, b, a_c, b_c, a_b, b_b, mode):
+  """dot_general of integer codes: s8×s8→s32 in 'int' mode (int32 result), float32 of
+  the codes in 'fake' mode (exact while partial sums stay below 2^24)."""
+  dims = ((a_c, b_c), (a_b, b_b))
+  if mode == "int":
+    return lax.dot_general(a.astype(jnp.int8), b.astype(jnp.int8), dims,
+                           preferred_element_type=jnp.int32)
+  return lax.dot_general(a.astype(jnp.float32), b.astype(jnp.float32), dims,
+                         precision=lax.Precision.HIGHEST)
+
+
+def _grouped(v_bmk, v_bkn, G):
+  """Views lhs [B,M,K] as [B,M,G,g] and rhs [B,K,N] as [B,G,g,N]."""
+  b, m, k = v_bmk.shape
+  n = v_bkn.shape[2]
+  return v_bmk.reshape(b, m, G, k // G), v_bkn.reshape(b, G, k // G, n)
+
+
+def _bgmn_dot(l4, r4, mode):
+  """[B,M,G,g] · [B,G,g,N] → [B,G,M,N], squeezing size-1 B and G so the common case is a
+  plain 2-D [M,K]·[K,N] dot (the layout XLA:CPU runs fastest)."""
+  B, M, G, g = l4.shape
+  N = r4.shape[3]
+  if B == 1 and G == 1:
+    return _contract(l4.reshape(M, g), r4.reshape(g, N), (1,), (0,), (), (), mode).reshape(1, 1, M, N)
+  if G == 1:
+    return _contract(l4.reshape(B, M, g), r4.reshape(B, g, N), (2,), (1,), (0,), (0,), mode)[:, None]
+  return _contract(l4, r4, (3,), (2,), (0, 2), (0, 1), mode)
+
+
+def _group_count(q_l, q_r, k):
+  gl = q_l.scale.shape[2]
+  gr = q_r.scale.shape[1]
+  G = max(gl, gr)
+  if gl not in (1, G) or gr not in (1, G):
+    raise ValueError(f"lhs has {gl} scale groups along the contraction and rhs {gr}; "
+                     "use the same group_size on both (or channel/tensor on one)")
+  return G
+
+
+def _int_matmul(q_l, q_r, mode):
+  """Σ_k (a−z_a)·s_a·(b−z_b)·s_b for QTensors a [B,M,K] (scale [B|1, M|1, Gl]) and
+  b [B,K,N] (scale [B|1, Gr, N|1]); the contraction over integer codes."""
+  B, M, K = q_l.values.shape
+  N = q_r.values.shape[2]
+  G = _group_count(q_l, q_r, K)
+  l4, r4 = _grouped(q_l.values, q_r.values, G)
+  acc = _bgmn_dot(l4, r4, mode)  # [B,G,M,N]
+  # Scales / zero points to [B|1, G|1, M|1, 1] and [B|1, G|1, 1, N|1].
+  lz = None if q_l.zero_point is None else jnp.transpose(q_l.zero_point, (0, 2, 1))[..., None]
+  rz = None if q_r.zero_point is None else q_r.zero_point[:, :, None, :]
+  # Zero-point cross terms in the accumulator's type (int32 in 'int' mode: exact).
+  if lz is not None:
+    col = jnp.sum(r4.astype(jnp.int32), axis=2)[:, :, None, :]  # Σ_k b  [B,G,1,N]
+    acc = acc - (lz * col).astype(acc.dtype)
+  if rz is not None:
+    row = jnp.transpose(jnp.sum(l4.astype(jnp.int32), axis=3), (0, 2, 1))[..., None]  # Σ_k a
+    acc = acc - (rz * row).astype(acc.dtype)
+  if lz is not None and rz is not None:
+    acc = acc + ((K // G) * lz * rz).astype(acc.dtype)
+  sl = jnp.transpose(q_l.scale, (0, 2, 1))[..., None]
+  sr = q_r.scale[:, :, None, :]
+  return jnp.sum(acc.astype(jnp.float32) * sl * sr, axis=1)  # [B,M,N]
+
+
+def _quantize_grad(h, gspec, axis, key):
+  """Quantizes a (scale-folded) gradient: codes (float32 ints) and a broadcastable scale."""
+  axes = tuple(range(h.ndim)) if gspec.granularity == "tensor" else (axis,)
+  codes, scale, _ = fq.quantize_parts(h, gspec, axes, key, None)
+  return codes, scale
+
+
+def _dlhs_quantized(g, q_r, gspec, key, mode):
+  """d(deq lhs) [B,M,K] = Q(g·s_b)·(b − z_b)ᵀ, per rhs group."""
+  B, K, N = q_r.values.shape
+  G = q_r.scale.shape[1]
+  h = g.astype(jnp.float32)[:, None] * q_r.scale[:, :, None, :]  # [B,G,M,N]
+  h_codes, h_scale = _quantize_grad(h, gspec, 3, key)  # one scale per (B,G,M) row
+  r4 = q_r.values.reshape(B, G, K // G, N)
+  if G == 1 and B == 1:
+    acc = _contract(h_codes[0, 0], r4[0, 0], (1,), (1,), (), (), mode)[None, None]
+  else:
+    acc = _contract(h_codes, r4, (3,), (3,), (0, 1), (0, 1), mode)  # [B,G,M,g]
+  if q_r.zero_point is not None:
+    hz = jnp.sum(h_codes.astype(jnp.int32 if mode == "int" else jnp.float32)
+                 * q_r.zero_point[:, :, None, :].astype(jnp.int32 if mode == "int" else jnp.float32),
+                 axis=3, keepdims=True)
+    acc = acc - hz.astype(acc.dtype)
+  d = acc.astype(jnp.float32) * h_scale  # [B,G,M,g]
+  return jnp.transpose(d, (0, 2, 1, 3)).reshape(d.shape[0], d.shape[2], K)
+
+
+def _drhs_quantized(g, q_l, gspec, key, mode):
+  """d(deq rhs) [B,K,N] = (a − z_a)ᵀ·Q(s_a·g), per lhs group."""
+  B, M, K = q_l.values.shape
+  G = q_l.scale.shape[2]
+  s_l = jnp.transpose(q_l.scale, (0, 2, 1))[..., None]  # [B,G,M,1]
+  h = s_l * g.astype(jnp.float32)[:, None]  # [B,G,M,N]
+  h_codes, h_scale = _quantize_grad(h, gspec, 2, key)  # one scale per (B,G,N) column
+  # Materialize aᵀ as its own buffer: XLA:CPU then runs the s8 dot on [K,M]·[M,N]
+  # instead of converting both operands to s32 (PERF-NOTES row 3 vs row 5).
+  l_t = lax.optimization_barrier(
+      jnp.transpose(q_l.values.reshape(B, M, G, K // G), (0, 2, 3, 1)))  # [B,G,g,M]
+  if G == 1 and B == 1:
+    acc = _contract(l_t[0, 0], h_codes[0, 0], (1,), (0,), (), (), mode)[None, None]
+  else:
+    acc = _contract(l_t, h_codes, (3,), (2,), (0, 1), (0, 1), mode)  # [B,G,g,N]
+  if q_l.zero_point is not None:
+    t = jnp.int32 if mode == "int" else jnp.float32
+    zl = jnp.transpose(q_l.zero_point, (0, 2, 1))[..., None].astype(t)  # [B,G,M,1]
+    acc = acc - jnp.sum(zl * h_codes.astype(t), axis=2, keepdims=True).astype(acc.dtype)
+  d = acc.astype(jnp.float32) * h_scale  # [B,G,g,N]
+  return d.reshape(B, K, d.shape[3])
+
+
+def _as_int8(q):
+  return type(q)(q.values.astype(jnp.int8), q.scale, q.zero_point)
+
+
+def _split_key(key, n):
+  if key is None:
+    return (None,) * n
+  return tuple(jax.random.split(key, n))
+
+
+def _matmul_fwd_parts(spec: DotSpec, lhs, rhs, key, l_learned, r_learned):
+  k_l, k_r, k_gl, k_gr = _split_key(key, 4)
+  parts = []
+  for x, qspec, axis, k, learned in ((lhs, spec.lhs, 2, k_l, l_learned),
+                                     (rhs, spec.rhs, 1, k_r, r_learned)):
+    if qspec is None:
+      parts.append((x, None, None))
+    else:
+      parts.append(fq.forward(x, qspec, (axis,), k, learned))
+  (deq_l, q_l, res_l), (deq_r, q_r, res_r) = parts
+  if spec.mode == "int":  # keep int8 codes as residuals: 4x less memory, s8 backward dots
+    q_l, q_r = (q if q is None else _as_int8(q) for q in (q_l, q_r))
+  if spec.mode == "int" and q_l is not None and q_r is not None:
+    out = _int_matmul(q_l, q_r, "int")
+  else:
+    out = jnp.einsum("bmk,bkn->bmn", deq_l, deq_r, preferred_element_type=jnp.float32)
+  return out, (q_l, q_r, res_l, res_r, deq_l if q_l is None else None,
+               deq_r if q_r is None else None, k_gl, k_gr)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _qmatmul(spec, lhs, rhs, key, l_learned, r_learned):
+  return _matmul_fwd_parts(spec, lhs, rhs, key, l_learned, r_learned)[0]
+
+
+def _qmatmul_fwd(spec, lhs, rhs, key, l_learned, r_learned):
+  return _matmul_fwd_parts(spec, lhs, rhs, key, l_learned, r_learned)
+
+
+def _qmatmul_bwd(spec, res, g):
+  q_l, q_r, res_l, res_r, float_l, float_r, k_gl, k_gr = res
+  if spec.grad is not None:
+    mode = spec.mode
+    d_l = _dlhs_quantized(g, q_r, spec.grad, k_gl, mode)
+    d_r = _drhs_quantized(g, q_l, spec.grad, k_gr, mode)
+  else:
+    a = float_l if q_l is None else q_l.dequantize(jnp.float32)
+    b = float_r if q_r is None else q_r.dequantize(jnp.float32)
+    g32 = g.astype(jnp.float32)
+    d_l = jnp.einsum("bmn,bkn->bmk", g32, b.astype(jnp.float32))
+    d_r = jnp.einsum("bmk,bmn->bkn", a.astype(jnp.float32), g32)
+  out = []
+  for d, qspec, r, x_float in ((d_l, spec.lhs, res_l, float_l), (d_r, spec.rhs, res_r, float_r)):
+    if qspec is None:
+      out.append((d.astype(x_float.dtype), None))
+    else:
+      out.append(fq.quantizer_vjp(qspec, None, r, d))
+  (dl, dll), (dr, drl) = out
+  return dl, dr, None, dll, drl
+
+
+_qmatmul.defvjp(_qmatmul_fwd, _qmatmul_bwd)
+
+
+def dot_general(lhs, rhs, dimension_numbers, spec: Optional[DotSpec] = None, *,
+                key=None, preferred_element_type=None, precision=None,
+                lhs_learned=None, rhs_learned=None):
+  """`lax.dot_general` with quantized operands (see the module docstring).
+
+  Args:
+    lhs, rhs, dimension_numbers, precision, preferred_element_type: as in lax. The
+      output dtype is `preferred_element_type` or the operands' result type.
+    spec: a `DotSpec`; None (or no quantized operand) runs the plain float dot.
+    key: PRNG key, required when any spec uses stochastic rounding.
+    lhs_learned, rhs_learned: LSQ step sizes / PACT α for the operands, shaped like the
+      operand with the contracting axes of length 1 (or the number of groups), or scalars.
+  """
+  out_dtype = preferred_element_type or jnp.result_type(lhs, rhs)
+  if spec is None or (spec.lhs is None and spec.rhs is None):
+    return lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
+                           preferred_element_type=preferred_element_type)
+  if not isinstance(spec, DotSpec):
+    raise ValueError(f"spec={spec!r} must be a jaxquant.DotSpec")
+  if spec.grad is not None and (spec.lhs is None or spec.rhs is None):
+    raise ValueError("DotSpec.grad (quantized backward) needs both lhs and rhs specs")
+  c = _canonicalize(lhs.shape, rhs.shape, dimension_numbers)
+  (lc, _), (lb, _) = dimension_numbers
+  l3 = _to_canon(lhs, c.lhs_perm, c.bmk)
+  r3 = _to_canon(rhs, c.rhs_perm, c.bkn)
+  n_lb, n_lf = len(lb), lhs.ndim - len(lb) - len(lc)
+  ll = _learned_to_canon(lhs_learned, c.lhs_perm, lhs.ndim, len(lb), n_lf)
+  rl = _learned_to_canon(rhs_learned, c.rhs_perm, rhs.ndim, len(lb), len(lc))
+  out = _qmatmul(spec, l3, r3, key, ll, rl)
+  return out.reshape(c.out_shape).astype(out_dtype)
+
+
+def make_dot_general(spec: Optional[DotSpec], *, key=None, lhs_learned=None, rhs_learned=None):
+  """A callable with `lax.dot_general`'s signature, for `nn.Dense(dot_general=...)`."""
+  def _dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None,
+                   **unused):
+    return dot_general(lhs, rhs, dimension_numbers, spec, key=key, precision=precision,
+                       preferred_element_type=preferred_element_type,
+                       lhs_learned=lhs_learned, rhs_learned=rhs_learned)
+  return _dot_general
+
+
+def einsum_dimension_numbers(subscripts: str, lhs_ndim: int, rhs_ndim: int):
+  """Parses a two-operand einsum into (dimension_numbers, output permutation, sum-outs)."""
+  sub = subscripts.replace(" ", "")
+  if "->" not in sub:
+    raise ValueError(f"subscripts={subscripts!r} must be explicit ('ab,bc->ac')")
+  ins, out = sub.split("->")
+  parts = ins.split(",")
+  if len(parts) != 2:
+    raise ValueError(f"subscripts={subscripts!r} must name exactly two operands")
+  used = set(c for c in sub if c.isalpha())
+  free = [c for c in string.ascii_letters if c not in used]
+  def expand(p, ndim):
+    if "..." in p:
+      n = ndim - (len(p) - 3)
+      p = p.replace("...", "".join(free[:n]))
+    if len(p) != ndim:
+      raise ValueError(f"subscripts={subscripts!r}: '{p}' does not match rank {ndim}")
+    return p
+  n_ell = max(lhs_ndim - (len(parts[0]) - 3) if "..." in parts[0] else 0,
+              rhs_ndim - (len(parts[1]) - 3) if "..." in parts[1] else 0)
+  ls, rs = expand(parts[0], lhs_ndim), expand(parts[1], rhs_ndim)
+  out = out.replace("...", "".join(free[:n_ell]))
+  batch = [c for c in ls if c in rs and c in out]
+  contract = [c for c in ls if c in rs and c not in out]
+  lsum = tuple(i for i, c in enumerate(ls) if c not in rs and c not in out)
+  rsum = tuple(i for i, c in enumerate(rs) if c not in ls and c not in out)
+  ls_k = "".join(c for i, c in enumerate(ls) if i not in lsum)
+  rs_k = "".join(c for i, c in enumerate(rs) if i not in rsum)
+  dims = ((tuple(ls_k.index(c) for c in contract), tuple(rs_k.index(c) for c in contract)),
+          (tuple(ls_k.index(c) for c in batch), tuple(rs_k.index(c) for c in batch)))
+  lax_out = batch + [c for c in ls_k if c not in batch and c not in contract] + \
+      [c for c in rs_k if c not in batch and c not in contract]
+  if sorted(lax_out) != sorted(out):
+    raise ValueError(f"subscripts={subscripts!r}: output '{out}' is not a permutation of the "
+                     f"kept indices '{''.join(lax_out)}'")
+  perm = tuple(lax_out.index(c) for c in out)
+  return dims, perm, lsum, rsum
+
+
+def einsum(subscripts: str, lhs, rhs, spec: Optional[DotSpec] = None, *, key=None,
+           preferred_element_type=None, lhs_learned=None, rhs_learned=None, **unused):
+  """Two-operand `jnp.einsum` through `dot_general` (explicit '->' output required)."""
+  dims, perm, lsum, rsum = einsum_dimension_numbers(subscripts, jnp.ndim(lhs), jnp.ndim(rhs))
+  lhs, rhs = jnp.asarray(lhs), jnp.asarray(rhs)
+  if lsum:
+    lhs = jnp.sum(lhs, axis=lsum)
+  if rsum:
+    rhs = jnp.sum(rhs, axis=rsum)
+  out = dot_general(lhs, rhs, dims, spec, key=key, preferred_element_type=preferred_element_type,
+                    lhs_learned=lhs_learned, rhs_learned=rhs_learned)
+  if perm != tuple(range(len(perm))):
+    out = jnp.transpose(out, perm)
+  return out

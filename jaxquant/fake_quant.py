@@ -1,0 +1,162 @@
+"""quantize / dequantize / fake_quant, and the one quantizer VJP every path shares.
+
+Gradient rules (`QuantSpec.ste`), with y = x/s (+ zero point) the unrounded code:
+  identity  dx = g (straight-through estimator, Bengio et al. 2013).
+  clipped   dx = g inside the clip range, 0 outside (integer range for 'int'/'fp8';
+            |x| ≤ 1 for binary/ternary, the Htanh STE of Hubara et al. 2016).
+  lsq       dx = g inside the range; ds = Σ g·(round(y) − y) inside, Σ g·q_min / q_max
+            outside, times the gradient scale 1/sqrt(N·Q_P) (Esser et al. 2019, eq. 3 and
+            §2.2) with N the number of elements sharing the step size s.
+  pact      the input is clipped to [−α, α] (symmetric) or [0, α] (asymmetric, the ReLU
+            case); dx = g inside, 0 outside; dα = Σ g over x ≥ α (and −Σ g over x ≤ −α
+            when symmetric) (Choi et al. 2018, eq. 3).
+The learned quantity (LSQ step size or PACT α) is the explicit `learned` argument, shaped
+like the scale; with `learned=None` the scale comes from calibration and gets no gradient.
+"""
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxquant import numerics
+from jaxquant.qtensor import QTensor
+from jaxquant.spec import QuantSpec
+
+
+class Residuals(NamedTuple):
+  """What the quantizer VJP needs from the forward pass."""
+  x: jax.Array
+  scale: jax.Array
+  zero_point: Optional[jax.Array]
+  learned: Optional[jax.Array]
+
+
+def _learned_grid(x32, spec, learned):
+  """(x clipped for PACT, scale, zero point) from the learned quantity."""
+  learned = jnp.abs(learned.astype(jnp.float32)) + 1e-12  # stays a positive step / clip
+  qmin, qmax = numerics.int_range(spec)
+  if spec.ste == "lsq":
+    return x32, learned, None
+  alpha = numerics.expand_to(learned, x32.shape)
+  if spec.symmetric:
+    return jnp.clip(x32, -alpha, alpha), learned / qmax, None
+  zp = jnp.full(learned.shape, qmin, jnp.int32)  # 0.0 maps to q_min: the range is [0, α]
+  return jnp.clip(x32, 0.0, alpha), learned / (qmax - qmin), zp
+
+
+def quantize_parts(x, spec: QuantSpec, axes, key, learned):
+  """(codes, scale, zero_point): codes are float32 integers, or fp8 values."""
+  x32 = x.astype(jnp.float32)
+  if learned is not None and spec.ste in ("lsq", "pact"):
+    x32, scale, zp = _learned_grid(x32, spec, learned)
+  else:
+    scale, zp = numerics.calibrate(x32, spec, axes)
+  return numerics.encode(x32, scale, zp, spec, key, axes), scale, zp
+
+
+def quantize(x: jax.Array, spec: QuantSpec, *, reduce_axes: Sequence[int],
+             key: Optional[jax.Array] = None, learned: Optional[jax.Array] = None) -> QTensor:
+  """Quantizes `x`; the axes in `reduce_axes` share one scale.
+
+  For a [in, out] weight in a dot, `reduce_axes=(0,)` gives one scale per output channel;
+  'group' splits the (single) reduce axis into groups of `group_size`; 'tensor' uses one
+  scale for the whole tensor. Returns a `QTensor` with int8 values (integer formats) or
+  float8 values (fp8 formats). Not differentiable: use `fake_quant` for training.
+  """
+  axes = numerics.normalize_axes(reduce_axes, x.ndim)
+  codes, scale, zp = quantize_parts(x, spec, axes, key, learned)
+  if spec.is_integer:
+    codes = codes.astype(jnp.int8)
+  return QTensor(codes, scale, None if zp is None else zp.astype(jnp.int32))
+
+
+def dequantize(q: QTensor, dtype=jnp.float32) -> jax.Array:
+  """(values − zero_point) · scale."""
+  return q.dequantize(dtype)
+
+
+def quantizer_vjp(spec: QuantSpec, axes, res: Residuals, g):
+  """Cotangents (dx, dlearned) of the quantizer given the cotangent `g` of its output."""
+  x32 = res.x.astype(jnp.float32)
+  g32 = g.astype(jnp.float32)
+  scale = numerics.expand_to(res.scale, x32.shape)
+  dlearned = None
+  if spec.ste == "identity":
+    dx = g32
+  elif spec.ste == "pact" and res.learned is not None:
+    alpha = numerics.expand_to(jnp.abs(res.learned.astype(jnp.float32)) + 1e-12, x32.shape)
+    lo = -alpha if spec.symmetric else jnp.zeros_like(alpha)
+    dx = jnp.where((x32 > lo) & (x32 < alpha), g32, 0.0)
+    da = jnp.where(x32 >= alpha, g32, 0.0)
+    if spec.symmetric:
+      da = da - jnp.where(x32 <= -alpha, g32, 0.0)
+    dlearned = _sum_to_learned(da, res.learned)
+  else:  # clipped; lsq (and pact without a learned α) clip the input gradient as well
+    inside = _inside(x32, scale, res.zero_point, spec)
+    dx = jnp.where(inside, g32, 0.0)
+    if spec.ste == "lsq" and res.learned is not None:
+      qmin, qmax = numerics.int_range(spec)
+      y = x32 / scale
+      dy = jnp.where(y <= qmin, float(qmin), jnp.where(y >= qmax, float(qmax), jnp.round(y) - y))
+      n = numerics.elements_per_scale(x32.shape, res.learned.shape)
+      grad_scale = 1.0 / np.sqrt(n * qmax)
+      ds = _sum_to_learned(g32 * dy, res.learned) * grad_scale
+      dlearned = ds * jnp.sign(res.learned)  # d|s|/ds
+  dx = jnp.where(jnp.isnan(x32), g32, dx)
+  return dx.astype(res.x.dtype), dlearned
+
+
+def _sum_to_learned(t, learned):
+  return numerics.block_sum(t, learned.shape).astype(learned.dtype)
+
+
+def _inside(x32, scale, zp, spec):
+  if spec.format in ("binary", "ternary"):
+    return jnp.abs(x32) <= numerics.SIGN_CLIP
+  if spec.format in numerics.FP8_DTYPES:
+    return jnp.abs(x32) <= numerics.FP8_MAX[spec.format] * scale
+  qmin, qmax = numerics.int_range(spec)
+  z = 0.0 if zp is None else numerics.expand_to(zp, x32.shape).astype(jnp.float32)
+  return (x32 >= (qmin - z) * scale) & (x32 <= (qmax - z) * scale)
+
+
+def forward(x, spec: QuantSpec, axes, key, learned):
+  """(dequantized x in x.dtype with NaN kept, QTensor, Residuals)."""
+  codes, scale, zp = quantize_parts(x, spec, axes, key, learned)
+  q = QTensor(codes, scale, zp)
+  deq = q.dequantize(x.dtype)
+  deq = jnp.where(jnp.isnan(x), x, deq)
+  return deq, q, Residuals(x, scale, zp, learned)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _fake_quant(spec, axes, x, key, learned):
+  return forward(x, spec, axes, key, learned)[0]
+
+
+def _fake_quant_fwd(spec, axes, x, key, learned):
+  deq, _, res = forward(x, spec, axes, key, learned)
+  return deq, res
+
+
+def _fake_quant_bwd(spec, axes, res, g):
+  dx, dlearned = quantizer_vjp(spec, axes, res, g)
+  return dx, None, dlearned
+
+
+_fake_quant.defvjp(_fake_quant_fwd, _fake_quant_bwd)
+
+
+def fake_quant(x: jax.Array, spec: QuantSpec, *, reduce_axes: Sequence[int],
+               key: Optional[jax.Array] = None, learned: Optional[jax.Array] = None) -> jax.Array:
+  """Quantize-dequantize `x` (same shape and dtype) with the gradient rule `spec.ste`.
+
+  `learned` is the LSQ step size or PACT clip α (shaped like the scale: reduced axes of
+  length 1, or the number of groups); it receives a gradient. NaN inputs stay NaN.
+  """
+  axes = numerics.normalize_axes(reduce_axes, x.ndim)
+  return _fake_quant(spec, axes, x, key, learned)

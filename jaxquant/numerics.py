@@ -1,0 +1,271 @@
+"""Pure-jnp quantization numerics: integer ranges, calibration, rounding and codecs.
+
+Nothing here knows about Flax or custom VJPs. Every function takes the tensor, the
+`QuantSpec` and the axes that share one scale ("reduce axes"), and returns arrays whose
+shapes keep every axis of `x` (reduced axes become length 1, or the number of groups for
+'group' granularity) so they broadcast back against `x` by `expand_to`.
+
+Non-finite inputs (the documented rule): calibration looks only at finite entries (an
+all-non-finite or all-zero slice gets scale 1); +Inf/-Inf saturate to the largest /
+smallest code; NaN gets the code of 0.0 in integer values (integers have no NaN), and
+`fake_quant` / `dequantize` put the NaN back so it is never silently hidden in float
+outputs.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence, Tuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxquant.spec import QuantSpec
+
+FP8_DTYPES = {"fp8_e4m3": jnp.float8_e4m3fn, "fp8_e5m2": jnp.float8_e5m2}
+FP8_MAX = {"fp8_e4m3": 448.0, "fp8_e5m2": 57344.0}
+TWN_THRESHOLD = 0.7  # Li & Liu 2016, Ternary Weight Networks: Δ = 0.7·E|x|.
+MSE_CLIP_RATIOS = tuple(np.linspace(0.3, 1.0, 36).tolist())
+# Clipped STE for binary/ternary passes gradients where |x| <= 1 (Hubara et al. 2016, Htanh).
+SIGN_CLIP = 1.0
+
+
+def int_range(spec: QuantSpec) -> Tuple[int, int]:
+  """Integer code range [qmin, qmax] held in an int8 container.
+
+  Symmetric 'int' uses the restricted range ±(2^(b-1) − 1) so negation is exact and the
+  grid is centred on 0; asymmetric uses the full signed range with an integer zero point.
+  Binary codes are ±1, ternary {−1, 0, 1}.
+  """
+  if spec.format == "binary":
+    return -1, 1
+  if spec.format == "ternary":
+    return -1, 1
+  if spec.format != "int":
+    raise ValueError(f"format={spec.format!r} has no integer range")
+  if spec.symmetric:
+    q = 2 ** (spec.bits - 1) - 1
+    return -q, q
+  return -(2 ** (spec.bits - 1)), 2 ** (spec.bits - 1) - 1
+
+
+def normalize_axes(reduce_axes: Sequence[int], ndim: int) -> Tuple[int, ...]:
+  """Validates and sorts reduce axes (negative axes allowed)."""
+  try:
+    axes = tuple(sorted({int(a) % ndim if ndim else int(a) for a in reduce_axes}))
+  except TypeError:
+    raise ValueError(f"reduce_axes={reduce_axes!r} must be a sequence of ints") from None
+  for a, orig in zip(axes, reduce_axes):
+    if not 0 <= a < max(ndim, 1):
+      raise ValueError(f"reduce_axes={tuple(reduce_axes)!r} out of range for rank {ndim}")
+  return axes
+
+
+def blocked(x: jax.Array, spec: QuantSpec, reduce_axes: Tuple[int, ...]):
+  """Returns (x viewed so that each scale's elements are the axes `stat_axes`, stat_axes,
+  scale_shape). 'group' splits the single reduce axis a of length K into (K/g, g)."""
+  if spec.granularity == "tensor":
+    return x, tuple(range(x.ndim)), (1,) * x.ndim
+  if spec.granularity == "channel":
+    shape = tuple(1 if i in reduce_axes else d for i, d in enumerate(x.shape))
+    return x, reduce_axes, shape
+  if len(reduce_axes) != 1:
+    raise ValueError(f"granularity='group' needs exactly one reduce axis, got reduce_axes={reduce_axes}")
+  (a,) = reduce_axes
+  k, g = x.shape[a], spec.group_size
+  if k % g:
+    raise ValueError(f"group_size={g} must divide the reduced axis length {k} (axis {a})")
+  xb = x.reshape(x.shape[:a] + (k // g, g) + x.shape[a + 1:])
+  shape = x.shape[:a] + (k // g,) + x.shape[a + 1:]
+  return xb, (a + 1,), shape
+
+
+def expand_to(s: jax.Array, shape: Sequence[int]) -> jax.Array:
+  """Broadcasts a scale / zero point to `shape`, repeating group entries over their block."""
+  for i, (sd, xd) in enumerate(zip(s.shape, shape)):
+    if sd not in (1, xd):
+      s = jnp.repeat(s, xd // sd, axis=i)
+  return s
+
+
+def _finite_abs(x):
+  return jnp.where(jnp.isfinite(x), jnp.abs(x), 0.0)
+
+
+def _stat(fn, xb, axes, shape):
+  return fn(xb, axes).reshape(shape)
+
+
+def _safe_scale(s):
+  s = jnp.where(jnp.isfinite(s) & (s > 0), s, 1.0)
+  return s.astype(jnp.float32)
+
+
+def _range_stats(x32, spec, axes, scale_shape):
+  """(lo, hi) of the calibrated clip range, each shaped `scale_shape`."""
+  finite = jnp.isfinite(x32)
+  if spec.symmetric:
+    ax = _finite_abs(x32)
+    if spec.calibration == "percentile":
+      hi = _percentile(jnp.where(finite, ax, jnp.nan), spec.percentile, axes)
+    else:
+      hi = jnp.max(ax, axis=axes)
+    hi = jnp.nan_to_num(hi.reshape(scale_shape))
+    return -hi, hi
+  if spec.calibration == "percentile":
+    xn = jnp.where(finite, x32, jnp.nan)
+    lo = _percentile(xn, 100.0 - spec.percentile, axes)
+    hi = _percentile(xn, spec.percentile, axes)
+  else:
+    lo = jnp.min(jnp.where(finite, x32, jnp.inf), axis=axes)
+    hi = jnp.max(jnp.where(finite, x32, -jnp.inf), axis=axes)
+  lo = jnp.minimum(jnp.nan_to_num(lo.reshape(scale_shape), posinf=0.0, neginf=0.0), 0.0)
+  hi = jnp.maximum(jnp.nan_to_num(hi.reshape(scale_shape), posinf=0.0, neginf=0.0), 0.0)
+  return lo, hi  # the range always holds 0 so zero is exact
+
+
+def _percentile(x, q, axes):
+  # nanpercentile over several axes: move them last and flatten.
+  keep = [i for i in range(x.ndim) if i not in axes]
+  xt = jnp.transpose(x, keep + list(axes))
+  xt = xt.reshape(xt.shape[: len(keep)] + (-1,))
+  if xt.shape[-1] == 0:
+    return jnp.zeros(xt.shape[:-1], jnp.float32)
+  return jnp.nanpercentile(xt, q, axis=-1)
+
+
+def scale_zero_point(lo, hi, spec: QuantSpec):
+  """Scale and integer zero point mapping [lo, hi] onto the code range."""
+  if spec.format in FP8_DTYPES:
+    return _safe_scale(hi / FP8_MAX[spec.format]), None
+  qmin, qmax = int_range(spec)
+  if spec.symmetric:
+    return _safe_scale(hi / qmax), None
+  scale = _safe_scale((hi - lo) / (qmax - qmin))
+  zp = jnp.clip(jnp.round(qmin - lo / scale), qmin, qmax)
+  return scale, zp.astype(jnp.int32)
+
+
+def round_values(y, spec: QuantSpec, key: Optional[jax.Array]):
+  """Round-to-nearest (half to even) or unbiased stochastic rounding floor(y + u)."""
+  if spec.rounding == "stochastic":
+    if key is None:
+      raise ValueError("rounding='stochastic' needs a PRNG key: pass key=jax.random.key(...)")
+    u = jax.random.uniform(key, y.shape, jnp.float32)
+    return jnp.floor(y + u)
+  return jnp.round(y)
+
+
+def encode_int(x32, scale, zp, spec, key):
+  """Integer codes of x (float32) on the grid (scale, zp); NaN → code of 0, ±Inf saturate."""
+  qmin, qmax = int_range(spec)
+  y = x32 / scale
+  if zp is not None:
+    y = y + zp
+  y = jnp.where(jnp.isnan(y), 0.0 if zp is None else zp.astype(jnp.float32), y)
+  y = jnp.clip(y, qmin, qmax)  # clip before rounding: stochastic rounding stays in range
+  return jnp.clip(round_values(y, spec, key), qmin, qmax)
+
+
+def calibrate(x: jax.Array, spec: QuantSpec, reduce_axes: Sequence[int]):
+  """Scale (float32) and zero point (int32 or None) of `x` for `spec`, shaped to broadcast.
+
+  Binary: α = mean|x| (XNOR-Net, Rastegari et al. 2016). Ternary: α = mean of |x| over
+  |x| > Δ with Δ = 0.7·mean|x| (TWN). Int/fp8: absmax, percentile or MSE clip range.
+  """
+  axes = normalize_axes(reduce_axes, x.ndim)
+  x32 = x.astype(jnp.float32)
+  xb, stat_axes, shape = blocked(x32, spec, axes)
+  if spec.format == "binary":
+    return _safe_scale(jnp.mean(_finite_abs(xb), axis=stat_axes).reshape(shape)), None
+  if spec.format == "ternary":
+    ax = _finite_abs(xb)
+    delta = TWN_THRESHOLD * jnp.mean(ax, axis=stat_axes, keepdims=True)
+    big = ax > delta  # same Δ as ternary_threshold, kept blocked here
+    alpha = jnp.sum(jnp.where(big, ax, 0.0), axis=stat_axes) / jnp.maximum(
+        jnp.sum(big, axis=stat_axes), 1)
+    return _safe_scale(alpha.reshape(shape)), None
+  lo, hi = _range_stats(xb, spec, stat_axes, shape)
+  if spec.calibration == "mse":
+    lo, hi = _mse_search(x32, lo, hi, spec)
+  return scale_zero_point(lo, hi, spec)
+
+
+def _mse_search(x32, lo, hi, spec):
+  """Per scale entry, the clip ratio r·[lo, hi] with least squared quantization error."""
+  best_err, best_lo, best_hi = None, lo, hi
+  for r in MSE_CLIP_RATIOS:
+    rlo, rhi = lo * r, hi * r
+    scale, zp = scale_zero_point(rlo, rhi, spec)
+    xq = decode(encode(x32, scale, zp, spec, None), expand_to(scale, x32.shape),
+                None if zp is None else expand_to(zp, x32.shape))
+    err = jnp.where(jnp.isfinite(x32), (xq - x32) ** 2, 0.0)
+    err = block_sum(err, scale.shape)
+    if best_err is None:
+      best_err = err
+    else:
+      better = err < best_err
+      best_err = jnp.where(better, err, best_err)
+      best_lo, best_hi = jnp.where(better, rlo, best_lo), jnp.where(better, rhi, best_hi)
+  return best_lo, best_hi
+
+
+def block_sum(err, scale_shape):
+  """Sums `err` over the elements that share each scale entry."""
+  shape = []
+  for sd, xd in zip(scale_shape, err.shape):
+    shape += [sd, xd // sd] if sd not in (1, xd) else [sd, 1] if sd == xd else [1, xd]
+  e = err.reshape(shape)
+  return jnp.sum(e, axis=tuple(range(1, len(shape), 2))).reshape(scale_shape)
+
+
+def encode(x32, scale, zp, spec: QuantSpec, key, axes=()):
+  """Codes of x: int codes as float32 for integer formats, or fp8 values for fp8.
+
+  `axes` (normalized reduce axes) is only needed for ternary's data-dependent threshold.
+  """
+  scale = expand_to(scale, x32.shape)
+  if spec.format in FP8_DTYPES:
+    fmax = FP8_MAX[spec.format]
+    y = jnp.clip(jnp.where(jnp.isnan(x32), 0.0, x32) / scale, -fmax, fmax)
+    return y.astype(FP8_DTYPES[spec.format])
+  if spec.format == "binary":
+    return jnp.where(x32 < 0, -1.0, 1.0)
+  if spec.format == "ternary":
+    ax = _finite_abs(x32)
+    delta = expand_to(ternary_threshold(ax, spec, axes), x32.shape)
+    return jnp.where(ax > delta, jnp.sign(jnp.nan_to_num(x32)), 0.0)
+  zp = None if zp is None else expand_to(zp, x32.shape)
+  return encode_int(x32, scale, zp, spec, key)
+
+
+def ternary_threshold(ax, spec: QuantSpec, axes):
+  """TWN threshold Δ = 0.7·mean|x| per scale entry (shaped like the scale)."""
+  xb, stat_axes, shape = blocked(ax, spec, axes)
+  return TWN_THRESHOLD * jnp.mean(xb, axis=stat_axes).reshape(shape)
+
+
+def decode(codes, scale_full, zp_full):
+  """Float32 values (codes − zp)·scale from codes; `scale_full` already expanded."""
+  c = codes.astype(jnp.float32)
+  if zp_full is not None:
+    c = c - zp_full.astype(jnp.float32)
+  return c * scale_full
+
+
+def init_learned(x: jax.Array, spec: QuantSpec, reduce_axes: Sequence[int]) -> jax.Array:
+  """Initial value of the learned quantity: LSQ step size 2·mean|x|/sqrt(Q_P) (Esser et
+  al. 2019, §2.1) or PACT clip α = the calibrated clip range (absmax by default)."""
+  axes = normalize_axes(reduce_axes, x.ndim)
+  xb, stat_axes, shape = blocked(x.astype(jnp.float32), spec, axes)
+  if spec.ste == "lsq":
+    _, qmax = int_range(spec)
+    return _safe_scale(2.0 * jnp.mean(_finite_abs(xb), axis=stat_axes).reshape(shape) / np.sqrt(qmax))
+  if spec.ste == "pact":
+    lo, hi = _range_stats(xb, spec, stat_axes, shape)
+    return _safe_scale(hi)
+  raise ValueError(f"ste={spec.ste!r} has no learned quantity; use 'lsq' or 'pact'")
+
+
+def elements_per_scale(shape: Sequence[int], scale_shape: Sequence[int]) -> int:
+  """How many elements of x share one scale entry (N in LSQ's gradient scale)."""
+  return int(np.prod(shape) // max(1, np.prod(scale_shape)))

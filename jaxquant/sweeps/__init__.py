@@ -1,0 +1,39 @@
+"""Sweeps: declare a grid of config overrides beside a config, run it, keep the books.
+
+Declaring a sweep. A config file `configs/<recipe>.py` may define, next to
+`get_config(arg=None)`, a `get_sweep(arg=None)` returning a list of override dicts keyed
+by dotted config keys. The helpers below build such lists:
+
+    from jaxquant import sweeps
+
+    def get_sweep(arg=None):
+      del arg
+      quantized = sweeps.product(
+          sweeps.zip_(sweeps.axis("quant.bits", [2, 4, 8]),     # each bits with its lr
+                      sweeps.axis("optim.lr", [3e-3, 2e-3, 1e-3])),
+          sweeps.axis("seed", range(3)))
+      baseline = sweeps.product([{"quant.enabled": False}], sweeps.axis("seed", range(3)))
+      return sweeps.chain(baseline, quantized)
+
+  axis(key, values)   one key over values: [{key: v} for v in values]
+  product(*sweeps)    cartesian product, first sweep slowest; keys may not overlap
+  zip_(*sweeps)       i-th point of each (equal lengths), merged
+  chain(*sweeps)      concatenation
+
+Values are bools, ints, floats, strings, None, or tuples of those; each becomes
+`--config.KEY=VALUE` (tuples as `(1,2)`). Every point runs in its own directory named
+from its overrides with keys sorted, `optim.lr=0.002,quant.bits=4,seed=1`; a value with
+characters unsafe in a path gets them replaced by `_` and a hash of the overrides
+appended. Two points with the same name are an error.
+
+Running it: `python -m experiments.sweep --config=configs/<recipe>.py[:ARG] --workdir=DIR`
+(see plan.py for the directory layout, local.py, claims.py and slurm.py for launching),
+then `python -m experiments.report --workdir=DIR`.
+"""
+from jaxquant.sweeps.grid import axis, chain, format_value, point_name, product, zip_
+from jaxquant.sweeps.plan import SweepError, SweepPoint, build_points, load_sweep
+
+__all__ = [
+    "axis", "product", "zip_", "chain", "format_value", "point_name",
+    "SweepError", "SweepPoint", "build_points", "load_sweep",
+]

@@ -1,0 +1,128 @@
+"""Orbax checkpoints of the train state plus JSON metadata (data-iterator position).
+
+A checkpoint at step `s` holds the state after `s` optimizer updates and the iterator
+positioned at batch `s`, so resuming replays exactly the batches an uninterrupted run
+would see. Restoring walks back from the newest step: an unreadable (truncated,
+corrupt) checkpoint is reported with a warning, moved aside to `corrupt/`, and the
+previous one is tried.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+from absl import logging
+
+STATE_ITEM, META_ITEM = "state", "meta"
+
+
+class NoReadableCheckpointError(RuntimeError):
+  """Checkpoints exist but none of them can be restored."""
+
+
+class Checkpointer:
+  """A CheckpointManager for `{state: pytree of arrays, meta: JSON dict}` items."""
+
+  def __init__(self, directory: str, *, max_to_keep: int):
+    self.directory = os.path.abspath(directory)
+    self._quarantine = os.path.join(os.path.dirname(self.directory), "corrupt_checkpoints")
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=max_to_keep,
+        create=True,
+        # Synchronous: the state buffers are donated to the next step, and a save must
+        # be complete before the run reports it (the NaN guard keeps 'last good' exact).
+        enable_async_checkpointing=False,
+    )
+    self._manager = ocp.CheckpointManager(self.directory, options=options,
+                                          item_names=(STATE_ITEM, META_ITEM))
+
+  def all_steps(self) -> list[int]:
+    return sorted(self._manager.all_steps())
+
+  def latest_step(self) -> int | None:
+    return self._manager.latest_step()
+
+  def save(self, step: int, state: Any, meta: dict[str, Any]) -> None:
+    if step in self._manager.all_steps():
+      return  # e.g. a resumed run that was already complete
+    self._manager.save(step, args=ocp.args.Composite(
+        **{STATE_ITEM: ocp.args.StandardSave(state), META_ITEM: ocp.args.JsonSave(meta)}))
+    self._manager.wait_until_finished()
+
+  def restore_latest(self, abstract_state: Any) -> tuple[int, Any, dict[str, Any]] | None:
+    """Returns `(step, state, meta)` of the newest readable checkpoint, or None if none.
+
+    `abstract_state` carries shapes, dtypes and shardings (jax.ShapeDtypeStruct with
+    sharding) so restored arrays land directly where the jitted step expects them.
+
+    Raises:
+      NoReadableCheckpointError: checkpoints exist but none can be read.
+    """
+    steps = sorted(self._manager.all_steps(), reverse=True)
+    if not steps:
+      return None
+    failures = []
+    for step in steps:
+      try:
+        restored = self._manager.restore(step, args=ocp.args.Composite(
+            **{STATE_ITEM: ocp.args.StandardRestore(abstract_state),
+               META_ITEM: ocp.args.JsonRestore()}))
+        state, meta = restored[STATE_ITEM], restored[META_ITEM]
+        _check_restored(abstract_state, state)
+      except Exception as e:  # pylint: disable=broad-except
+        # Orbax/tensorstore raise many error types for damaged files; any of them means
+        # "this step is unusable", and the message below carries the original.
+        failures.append(step)
+        self._set_aside(step, e, next_steps=[s for s in steps if s < step])
+        continue
+      if failures:
+        _warn(f"resumed from the previous good checkpoint, step {step}, after skipping "
+              f"unreadable step(s) {failures}")
+      return step, state, meta
+    raise NoReadableCheckpointError(
+        f"none of the checkpoints in {self.directory} (steps {steps}) can be read; they "
+        f"were moved to {self._quarantine}. Rerun to start from scratch, or restore them.")
+
+  def _set_aside(self, step: int, error: Exception, next_steps: list[int]) -> None:
+    fallback = f"falling back to step {next_steps[0]}" if next_steps else "no older checkpoint"
+    _warn(f"checkpoint at step {step} in {self.directory} is unreadable "
+          f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}); "
+          f"{fallback}. Moving it to {self._quarantine}/")
+    if jax.process_index() == 0:
+      src = os.path.join(self.directory, str(step))
+      if os.path.isdir(src):
+        os.makedirs(self._quarantine, exist_ok=True)
+        dst = os.path.join(self._quarantine, str(step))
+        suffix = 0
+        while os.path.exists(dst):
+          suffix += 1
+          dst = os.path.join(self._quarantine, f"{step}.{suffix}")
+        shutil.move(src, dst)
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+      multihost_utils.sync_global_devices(f"jaxquant_ckpt_set_aside_{step}")
+    self._manager.reload()
+
+  def close(self) -> None:
+    self._manager.wait_until_finished()
+    self._manager.close()
+
+
+def _check_restored(abstract_state: Any, state: Any) -> None:
+  want = jax.tree_util.tree_structure(abstract_state)
+  got = jax.tree_util.tree_structure(state)
+  if want != got:
+    raise ValueError(f"restored tree structure {got} differs from the expected {want}")
+  for a, b in zip(jax.tree_util.tree_leaves(abstract_state), jax.tree_util.tree_leaves(state)):
+    if a.shape != b.shape or a.dtype != b.dtype:
+      raise ValueError(f"restored leaf {b.shape} {b.dtype} differs from {a.shape} {a.dtype}")
+
+
+def _warn(message: str) -> None:
+  logging.warning("%s", message)
+  print(f"WARNING: {message}", file=sys.stderr, flush=True)

@@ -1,0 +1,305 @@
+"""The experiment boundary: a ConfigDict in, typed objects out.
+
+Everything a run needs is checked here before anything touches the workdir:
+`validate_config` compares the config against the declared schema
+(`configs/base.py`: every key the trainer reads), `rules_from_config` turns the
+`quant` section into `jaxquant.Rule`s, and `build_model` gives the float model plus
+its rules. Each problem raises one `ConfigError` naming the key and what it allows.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Sequence
+
+import ml_collections
+
+from jaxquant.spec import FORMATS, MODES, QuantSpec, Rule
+
+# Keys whose contents are free-form (checked by their consumer, not by the schema).
+FREE_FORM_KEYS = ("model.kwargs",)
+RULE_KEYS = ("pattern", "weight", "act", "grad", "mode")
+SPEC_FIELDS = ("format", "bits", "symmetric", "granularity", "group_size", "calibration",
+               "percentile", "rounding", "ste")
+OPTIMIZERS = ("adamw", "sgd")
+SCHEDULES = ("cosine", "constant")
+FLOAT_BITS = 32
+# Storage bits implied by each format, for `quant.bits` consistency.
+_FORMAT_BITS = {"binary": (1,), "ternary": (2,), "fp8_e4m3": (8,), "fp8_e5m2": (8,),
+                "int": tuple(range(2, 9))}
+
+
+class ConfigError(ValueError):
+  """An invalid experiment config; the message names the key and the allowed values."""
+
+
+def _reference_config() -> ml_collections.ConfigDict:
+  from configs import base  # pylint: disable=g-import-not-at-top
+  return base.get_config()
+
+
+def _type_name(value: Any) -> str:
+  return type(value).__name__
+
+
+def _check_value(path: str, value: Any, ref: Any) -> None:
+  """Checks `value` has the declared type of `ref` (ints are accepted for floats)."""
+  if isinstance(ref, bool):
+    ok = isinstance(value, bool)
+  elif isinstance(ref, int):
+    ok = isinstance(value, int) and not isinstance(value, bool)
+  elif isinstance(ref, float):
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+  elif isinstance(ref, str):
+    ok = isinstance(value, str)
+  elif isinstance(ref, (tuple, list)):
+    ok = isinstance(value, (tuple, list)) and len(value) == len(ref)
+    if ok:
+      for i, (v, r) in enumerate(zip(value, ref)):
+        _check_value(f"{path}[{i}]", v, r)
+  else:
+    ok = True
+  if not ok:
+    raise ConfigError(f"config key '{path}' has type {_type_name(value)} ({value!r}); "
+                      f"expected {_type_name(ref)} like its default {ref!r}")
+
+
+def _check_tree(cfg: ml_collections.ConfigDict, ref: ml_collections.ConfigDict,
+                prefix: str) -> None:
+  cfg_keys, ref_keys = set(cfg.keys()), set(ref.keys())
+  where = f"under '{prefix[:-1]}'" if prefix else "at the top level"
+  for key in sorted(cfg_keys - ref_keys):
+    raise ConfigError(f"unknown config key '{prefix}{key}'; keys allowed {where}: "
+                      f"{sorted(ref_keys)}")
+  for key in sorted(ref_keys - cfg_keys):
+    raise ConfigError(f"missing config key '{prefix}{key}' (declared in configs/base.py)")
+  for key in sorted(ref_keys):
+    path, value, ref_value = prefix + key, cfg[key], ref[key]
+    if path in FREE_FORM_KEYS:
+      if not isinstance(value, ml_collections.ConfigDict):
+        raise ConfigError(f"config key '{path}' must be a ConfigDict of keyword "
+                          f"arguments, got {_type_name(value)}")
+    elif path == "quant.rules":
+      if not isinstance(value, (list, tuple)):
+        raise ConfigError(f"config key 'quant.rules' must be a list of rules, got "
+                          f"{_type_name(value)}")
+    elif isinstance(ref_value, ml_collections.ConfigDict):
+      if not isinstance(value, ml_collections.ConfigDict):
+        raise ConfigError(f"config key '{path}' must be a ConfigDict, got "
+                          f"{_type_name(value)}")
+      _check_tree(value, ref_value, path + ".")
+    else:
+      _check_value(path, value, ref_value)
+
+
+def _check_choice(path: str, value: Any, allowed: Sequence[Any]) -> None:
+  if value not in allowed:
+    raise ConfigError(f"config key '{path}'={value!r} is not allowed; choose one of "
+                      f"{list(allowed)}")
+
+
+def _check_min(path: str, value: Any, minimum: float, what: str = "") -> None:
+  if value < minimum:
+    raise ConfigError(f"config key '{path}'={value!r} is not allowed; it must be "
+                      f">= {minimum}{what}")
+
+
+def validate_config(config: ml_collections.ConfigDict,
+                    reference: ml_collections.ConfigDict | None = None) -> None:
+  """Raises ConfigError unless `config` matches the schema and its values are allowed.
+
+  Checks keys and types against `reference` (default: `configs.base.get_config()`),
+  then value ranges and choices, then builds the quantization rules and the model.
+  """
+  from jaxquant.data import DATASET_NAMES  # pylint: disable=g-import-not-at-top
+  from jaxquant.models import MODEL_NAMES  # pylint: disable=g-import-not-at-top
+
+  if not isinstance(config, ml_collections.ConfigDict):
+    raise ConfigError(f"config must be an ml_collections.ConfigDict, got "
+                      f"{_type_name(config)}")
+  _check_tree(config, reference if reference is not None else _reference_config(), "")
+  _check_min("seed", config.seed, 0)
+  _check_choice("dataset.name", config.dataset.name, DATASET_NAMES)
+  _check_min("dataset.seq_len", config.dataset.seq_len, 1)
+  _check_min("dataset.split_seed", config.dataset.split_seed, 0)
+  _check_choice("model.name", config.model.name, MODEL_NAMES)
+  opt = config.optimizer
+  _check_choice("optimizer.name", opt.name, OPTIMIZERS)
+  _check_choice("optimizer.schedule", opt.schedule, SCHEDULES)
+  if not opt.lr > 0:
+    raise ConfigError(f"config key 'optimizer.lr'={opt.lr!r} is not allowed; it must be > 0")
+  _check_min("optimizer.weight_decay", opt.weight_decay, 0.0)
+  _check_min("optimizer.momentum", opt.momentum, 0.0)
+  _check_min("optimizer.warmup_steps", opt.warmup_steps, 0)
+  _check_min("optimizer.grad_clip_norm", opt.grad_clip_norm, 0.0, " (0 disables clipping)")
+  for name in ("b1", "b2"):
+    if not 0.0 <= opt[name] < 1.0:
+      raise ConfigError(f"config key 'optimizer.{name}'={opt[name]!r} is not allowed; "
+                        "it must be in [0, 1)")
+  _check_min("batch_size", config.batch_size, 1)
+  _check_min("num_steps", config.num_steps, 0)
+  _check_min("log_every", config.log_every, 1)
+  _check_min("eval_every", config.eval_every, 0, " (0: evaluate only at the end)")
+  _check_min("checkpoint_every", config.checkpoint_every, 0,
+             " (0: checkpoint only at the end)")
+  _check_min("keep_checkpoints", config.keep_checkpoints, 1)
+  for i, size in enumerate(config.mesh_shape):
+    if size != -1 and size < 1:
+      raise ConfigError(f"config key 'mesh_shape[{i}]'={size!r} is not allowed; use a "
+                        "positive axis size or -1 (all remaining devices)")
+  if list(config.mesh_shape).count(-1) > 1:
+    raise ConfigError(f"config key 'mesh_shape'={tuple(config.mesh_shape)!r} may hold "
+                      "at most one -1")
+  _check_min("debug.nan_at_step", config.debug.nan_at_step, -1, " (-1 disables it)")
+  rules_from_config(config.quant)
+
+
+# --------------------------------------------------------------------------- quant rules
+
+
+def _spec_from_config(path: str, spec_cfg: Any) -> QuantSpec | None:
+  if spec_cfg is None:
+    return None
+  if not isinstance(spec_cfg, (ml_collections.ConfigDict, dict)):
+    raise ConfigError(f"config key '{path}' must be None or a dict of QuantSpec fields "
+                      f"{list(SPEC_FIELDS)}, got {_type_name(spec_cfg)}")
+  fields = dict(spec_cfg.items())
+  for key in sorted(set(fields) - set(SPEC_FIELDS)):
+    raise ConfigError(f"unknown config key '{path}.{key}'; QuantSpec fields allowed: "
+                      f"{list(SPEC_FIELDS)}")
+  try:
+    return QuantSpec(**fields)
+  except (ValueError, TypeError) as e:
+    raise ConfigError(f"config key '{path}': {e}") from None
+
+
+def _check_quant_header(quant_cfg: ml_collections.ConfigDict) -> None:
+  _check_choice("quant.format", quant_cfg.format, FORMATS)
+  _check_choice("quant.mode", quant_cfg.mode, MODES)
+  bits = quant_cfg.bits
+  if bits != FLOAT_BITS:
+    allowed = _FORMAT_BITS[quant_cfg.format]
+    if bits not in allowed:
+      raise ConfigError(
+          f"config key 'quant.bits'={bits!r} is out of range for "
+          f"quant.format={quant_cfg.format!r}; choose {FLOAT_BITS} (float, no "
+          f"quantization) or one of {list(allowed)}")
+  if quant_cfg.act_bits not in _FORMAT_BITS["int"]:
+    raise ConfigError(f"config key 'quant.act_bits'={quant_cfg.act_bits!r} is out of "
+                      f"range; choose one of {list(_FORMAT_BITS['int'])} (activations "
+                      "are integers; it follows quant.bits unless overridden)")
+
+
+def rules_from_config(quant_cfg: ml_collections.ConfigDict) -> list[Rule]:
+  """Turns the `quant` config section into an ordered list of `jaxquant.Rule`s.
+
+  `quant.bits == 32` means float: no rules (the listed rules are ignored, but still
+  validated when their bits are in range). Otherwise every rule is built; specs that
+  reference `quant.bits` / `quant.format` / `quant.act_bits` already carry their values
+  (ml_collections FieldReferences resolve on access).
+
+  Raises:
+    ConfigError: a bad header value, an unknown/missing rule key, an invalid regex,
+      or a spec field QuantSpec rejects; the message names the config key.
+  """
+  if quant_cfg.bits == FLOAT_BITS:
+    # bits=32 makes any spec that follows quant.bits invalid, so skip building; a
+    # float run must not be rejected because of rules it does not use. The
+    # header keys are still checked (a typo'd format would surprise a later sweep).
+    _check_choice("quant.format", quant_cfg.format, FORMATS)
+    _check_choice("quant.mode", quant_cfg.mode, MODES)
+    for i, rule_cfg in enumerate(quant_cfg.rules):
+      _check_rule_shape(f"quant.rules[{i}]", rule_cfg)
+    return []
+  _check_quant_header(quant_cfg)
+  if not quant_cfg.rules:
+    raise ConfigError(f"config key 'quant.bits'={quant_cfg.bits} asks for quantization "
+                      "but 'quant.rules' is empty; add rules or set quant.bits=32")
+  rules = []
+  for i, rule_cfg in enumerate(quant_cfg.rules):
+    path = f"quant.rules[{i}]"
+    _check_rule_shape(path, rule_cfg)
+    weight = _spec_from_config(path + ".weight", rule_cfg.weight)
+    act = _spec_from_config(path + ".act", rule_cfg.act)
+    grad = _spec_from_config(path + ".grad", rule_cfg.grad)
+    try:
+      rules.append(Rule(rule_cfg.pattern, weight=weight, act=act, grad=grad,
+                        mode=rule_cfg.mode))
+    except ValueError as e:
+      raise ConfigError(f"config key '{path}': {e}") from None
+  return rules
+
+
+def _check_rule_shape(path: str, rule_cfg: Any) -> None:
+  if not isinstance(rule_cfg, (ml_collections.ConfigDict, dict)):
+    raise ConfigError(f"config key '{path}' must be a ConfigDict with keys "
+                      f"{list(RULE_KEYS)}, got {_type_name(rule_cfg)}")
+  keys = set(rule_cfg.keys())
+  for key in sorted(keys - set(RULE_KEYS)):
+    raise ConfigError(f"unknown config key '{path}.{key}'; rule keys allowed: "
+                      f"{list(RULE_KEYS)}")
+  for key in RULE_KEYS:
+    if key not in keys:
+      raise ConfigError(f"missing config key '{path}.{key}'; a rule has keys "
+                        f"{list(RULE_KEYS)} (use configs.base.quant_rule to build one)")
+  pattern = rule_cfg["pattern"]
+  if not isinstance(pattern, str):
+    raise ConfigError(f"config key '{path}.pattern' must be a str regex, got "
+                      f"{_type_name(pattern)}")
+  try:
+    re.compile(pattern)
+  except re.error as e:
+    raise ConfigError(f"config key '{path}.pattern'={pattern!r} is not a valid regex: "
+                      f"{e}") from None
+  _check_choice(path + ".mode", rule_cfg["mode"], MODES)
+
+
+# --------------------------------------------------------------------------- model
+
+
+def build_model(config: ml_collections.ConfigDict, *, num_classes: int):
+  """Returns `(float_model, rules)` for `config`; `rules == []` means a float run.
+
+  The training loop quantizes with `jaxquant.quantize_model(model, rules)` when
+  `rules` is non-empty (see `loop.maybe_quantize`).
+  """
+  from jaxquant.models import get_model  # pylint: disable=g-import-not-at-top
+  rules = rules_from_config(config.quant)
+  kwargs = config.model.kwargs.to_dict()
+  try:
+    model = get_model(config.model.name, num_classes=num_classes, **kwargs)
+  except (TypeError, ValueError) as e:
+    raise ConfigError(f"config key 'model.kwargs' (model.name={config.model.name!r}): "
+                      f"{e}") from None
+  return model, rules
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def config_to_dict(config: Any) -> Any:
+  """A JSON-serialisable copy: FieldReferences resolved, lists of ConfigDicts recursed."""
+  if isinstance(config, (ml_collections.ConfigDict, dict)):
+    return {str(k): config_to_dict(config[k]) for k in sorted(config.keys())}
+  if isinstance(config, (list, tuple)):
+    return [config_to_dict(v) for v in config]
+  if isinstance(config, ml_collections.FieldReference):
+    return config_to_dict(config.get())
+  if config is None or isinstance(config, (bool, int, float, str)):
+    return config
+  return repr(config)
+
+
+def diagnose_override(config: ml_collections.ConfigDict, dotted_key: str) -> str | None:
+  """Names the problem with a `--config.<dotted_key>=...` override, or None if the key exists."""
+  node, prefix = config, ""
+  for part in dotted_key.split("."):
+    if prefix.rstrip(".") in FREE_FORM_KEYS:
+      return None  # model kwargs: get_model checks them
+    if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+      where = f"under '{prefix[:-1]}'" if prefix else "at the top level"
+      allowed = sorted(node.keys()) if isinstance(node, ml_collections.ConfigDict) else []
+      return (f"unknown config key '{prefix}{part}' (from --config.{dotted_key}); keys "
+              f"allowed {where}: {allowed}")
+    node, prefix = node[part], prefix + part + "."
+  return None

@@ -1,0 +1,144 @@
+"""Pure train / eval step functions (jitted with shardings by the loop).
+
+The train state is a plain dict, so orbax saves it as an ordinary pytree:
+  step       int32 scalar, optimizer updates done so far.
+  trainable  the trainable collections: 'params' and, for quantized models with learned
+             scales, 'quant'.
+  state      every other variable collection (e.g. 'quant_stats' activation-range
+             EMAs), updated by the forward pass, never by the optimizer.
+  opt_state  the optax state of `trainable`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import chex
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+
+TRAINABLE_COLLECTIONS = ("params", "quant")
+LN2 = 0.6931471805599453
+
+
+def split_variables(variables: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+  """(trainable collections, other collections)."""
+  trainable = {k: v for k, v in variables.items() if k in TRAINABLE_COLLECTIONS}
+  other = {k: v for k, v in variables.items() if k not in TRAINABLE_COLLECTIONS}
+  return trainable, other
+
+
+def leaf_paths(tree: Any) -> list[str]:
+  """'/'-joined key paths of the leaves, in tree_leaves order."""
+  def name(k):
+    return str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k))))
+  return ["/".join(name(k) for k in path)
+          for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
+
+
+def _nonfinite_flags(tree: Any) -> jax.Array:
+  """bool [num_leaves]: True where a leaf holds a NaN or Inf."""
+  leaves = jax.tree_util.tree_leaves(tree)
+  if not leaves:
+    return jnp.zeros((0,), bool)
+  return jnp.stack([~jnp.all(jnp.isfinite(x)) for x in leaves])
+
+
+def _per_token_loss(logits: jax.Array, labels: jax.Array) -> jax.Array:
+  return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels)
+
+
+def make_init_fn(model: nn.Module, quantized: bool) -> Callable:
+  """`init(rng, x, tx) -> state`; `tx` is closed over by the caller."""
+  def init(rng: jax.Array, x: jax.Array, tx: optax.GradientTransformation):
+    params_key, quant_key = jax.random.split(rng)
+    rngs = {"params": params_key}
+    if quantized:
+      rngs["quant"] = quant_key
+    variables = model.init(rngs, x)
+    variables = dict(variables)
+    trainable, other = split_variables(variables)
+    return {"step": jnp.zeros((), jnp.int32), "trainable": trainable, "state": other,
+            "opt_state": tx.init(trainable)}
+  return init
+
+
+def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
+                    schedule: optax.Schedule, *, quantized: bool,
+                    nan_at_step: int) -> Callable:
+  """`train_step(state, batch, rng) -> (state, metrics)`.
+
+  The step key is `fold_in(rng, step)`; quantized models get it as the 'quant' rng
+  (stochastic rounding). Metrics include per-leaf non-finite flags for the gradients
+  and the updated trainables so the host can name the first bad layer.
+  """
+  def train_step(state, batch, rng):
+    step = state["step"]
+    step_key = jax.random.fold_in(rng, step)
+    rngs = {"quant": step_key} if quantized else {}
+    mutable = sorted(state["state"].keys())
+    x, y = batch["x"], batch["y"]
+
+    def loss_fn(trainable):
+      variables = {**trainable, **state["state"]}
+      if mutable:
+        logits, new_state = model.apply(variables, x, rngs=rngs, mutable=mutable)
+      else:
+        logits, new_state = model.apply(variables, x, rngs=rngs), {}
+      chex.assert_shape(logits, (*y.shape, None))
+      per_token = _per_token_loss(logits, y)
+      loss = jnp.mean(per_token)
+      if nan_at_step >= 0:  # debugging aid: debug.nan_at_step (1-based)
+        loss = loss * jnp.where(step + 1 == nan_at_step, jnp.nan, 1.0)
+      accuracy = jnp.mean((jnp.argmax(logits, -1) == y).astype(jnp.float32))
+      return loss, (accuracy, dict(new_state))
+
+    (loss, (accuracy, new_state)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        state["trainable"])
+    updates, opt_state = tx.update(grads, state["opt_state"], state["trainable"])
+    trainable = optax.apply_updates(state["trainable"], updates)
+    new_state = {**state["state"], **new_state}
+    metrics = {
+        "loss": loss,
+        "accuracy": accuracy,
+        "grad_norm": optax.global_norm(grads),
+        "lr": jnp.asarray(schedule(step), jnp.float32),
+        "grads_nonfinite": _nonfinite_flags(grads),
+        "trainable_nonfinite": _nonfinite_flags(trainable),
+    }
+    return {"step": step + 1, "trainable": trainable, "state": new_state,
+            "opt_state": opt_state}, metrics
+
+  return train_step
+
+
+def make_eval_step(apply_fn: Callable, *, quantized: bool, lm: bool) -> Callable:
+  """`eval_step(variables, batch, mask, rng) -> sums` of loss, correct and count.
+
+  `mask` [B] zeroes the padding examples of the last (short) batch; for 'lm' every
+  token of a real window counts.
+  """
+  def eval_step(variables, batch, mask, rng):
+    rngs = {"quant": rng} if quantized else {}
+    logits = apply_fn(variables, batch["x"], rngs=rngs)
+    y = batch["y"]
+    per_token = _per_token_loss(logits, y)
+    correct = (jnp.argmax(logits, -1) == y).astype(jnp.float32)
+    weights = mask.astype(jnp.float32)
+    if lm:
+      weights = jnp.broadcast_to(weights[:, None], y.shape)
+    return {"loss_sum": jnp.sum(per_token * weights),
+            "correct_sum": jnp.sum(correct * weights),
+            "count": jnp.sum(weights)}
+  return eval_step
+
+
+def summarize_eval(sums: dict[str, float], *, lm: bool) -> dict[str, float]:
+  count = max(float(sums["count"]), 1.0)
+  loss = float(sums["loss_sum"]) / count
+  out = {"loss": loss, "accuracy": float(sums["correct_sum"]) / count}
+  if lm:
+    out["bits_per_byte"] = loss / LN2
+  return out
