@@ -1,0 +1,179 @@
+"""Quantized `conv_general_dilated` with the same custom-VJP rules as the dots.
+
+Scales: the input (lhs) gets one scale per tensor ('tensor') or per example ('channel':
+one per batch index, the only axis a convolution does not mix); the kernel (rhs) one per
+tensor or per output feature ('channel'). 'group' granularity is not defined for conv.
+
+mode='int' with both operands quantized runs a real s8×s8→s32 convolution. Zero points
+stay integer: with V the set of in-bounds window taps (padding contributes 0.0, not z),
+    Σ_V (a − z_a)(b − z_b) = conv(a, b) − z_a·conv(1, b) − z_b·conv(a, 1) + z_a·z_b·conv(1, 1)
+where `1` is an all-ones input or kernel of the same geometry.
+
+Backward: cotangents of the float convolution of the dequantized operands (XLA's own
+transposed convolutions), then each operand's quantizer rule. With `DotSpec.grad` set the
+incoming gradient is quantized (per tensor, or per output feature for 'channel') before
+both backward convolutions; unlike the dots those two run in float on the quantized
+gradient's values, since jax has no integer transpose rule for convolutions.
+"""
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from jaxquant import fake_quant as fq
+from jaxquant.spec import DotSpec
+
+
+class _ConvArgs(NamedTuple):
+  window_strides: tuple
+  padding: object
+  lhs_dilation: Optional[tuple]
+  rhs_dilation: Optional[tuple]
+  dimension_numbers: object
+  feature_group_count: int
+  batch_group_count: int
+
+
+def _freeze(x):
+  """Lists → tuples so the arguments are hashable (namedtuples are kept as they are)."""
+  if isinstance(x, list) or type(x) is tuple:
+    return tuple(_freeze(v) for v in x)
+  return x
+
+
+def _conv(a, b, args: _ConvArgs, preferred=None):
+  return lax.conv_general_dilated(
+      a, b, args.window_strides, args.padding, lhs_dilation=args.lhs_dilation,
+      rhs_dilation=args.rhs_dilation, dimension_numbers=args.dimension_numbers,
+      feature_group_count=args.feature_group_count, batch_group_count=args.batch_group_count,
+      preferred_element_type=preferred)
+
+
+def _axes(spec_dims, qspec, keep_dim):
+  """Reduce axes: everything but `keep_dim` for 'channel', everything for 'tensor'."""
+  if qspec.granularity == "group":
+    raise ValueError("granularity='group' is not defined for convolutions; "
+                     "choose 'tensor' or 'channel'")
+  n = len(spec_dims)
+  if qspec.granularity == "tensor":
+    return tuple(range(n))
+  return tuple(d for d in range(n) if d != keep_dim)
+
+
+def _to_out(s, src_dim, out_dim, out_ndim):
+  """Moves a per-`src_dim` scale (length-1 elsewhere) onto the output's `out_dim`."""
+  v = s.reshape(-1)
+  shape = [1] * out_ndim
+  shape[out_dim] = v.shape[0]
+  return v.reshape(shape)
+
+
+def _fwd_parts(spec: DotSpec, args: _ConvArgs, lhs, rhs, key, l_learned, r_learned):
+  dn = lax.conv_dimension_numbers(lhs.shape, rhs.shape, args.dimension_numbers)
+  k_l, k_r, k_g = (None,) * 3 if key is None else tuple(jax.random.split(key, 3))
+  parts = []
+  for x, qspec, keep, k, learned in ((lhs, spec.lhs, dn.lhs_spec[0], k_l, l_learned),
+                                     (rhs, spec.rhs, dn.rhs_spec[0], k_r, r_learned)):
+    if qspec is None:
+      parts.append((x, None, None))
+    else:
+      parts.append(fq.forward(x, qspec, _axes(x.shape, qspec, keep), k, learned))
+  (deq_l, q_l, res_l), (deq_r, q_r, res_r) = parts
+  if spec.mode == "int" and q_l is not None and q_r is not None:
+    out = _int_conv(q_l, q_r, args, dn)
+  else:
+    out = _conv(deq_l.astype(jnp.float32), deq_r.astype(jnp.float32), args)
+  return out, (deq_l, deq_r, res_l, res_r, k_g)
+
+
+def _int_conv(q_l, q_r, args, dn):
+  a = q_l.values.astype(jnp.int8)
+  b = q_r.values.astype(jnp.int8)
+  acc = _conv(a, b, args, jnp.int32)
+  nd = acc.ndim
+  n_out, c_out = dn.out_spec[0], dn.out_spec[1]
+  zl = None if q_l.zero_point is None else _to_out(q_l.zero_point, dn.lhs_spec[0], n_out, nd)
+  zr = None if q_r.zero_point is None else _to_out(q_r.zero_point, dn.rhs_spec[0], c_out, nd)
+  if zl is not None or zr is not None:
+    ones_l = jnp.ones_like(a)
+    ones_r = jnp.ones_like(b)
+    if zl is not None:
+      acc = acc - zl * _conv(ones_l, b, args, jnp.int32)
+    if zr is not None:
+      acc = acc - zr * _conv(a, ones_r, args, jnp.int32)
+    if zl is not None and zr is not None:
+      acc = acc + zl * zr * _conv(ones_l, ones_r, args, jnp.int32)
+  sl = _to_out(q_l.scale, dn.lhs_spec[0], n_out, nd) if q_l.scale.size > 1 else q_l.scale.reshape(())
+  sr = _to_out(q_r.scale, dn.rhs_spec[0], c_out, nd) if q_r.scale.size > 1 else q_r.scale.reshape(())
+  return acc.astype(jnp.float32) * sl * sr
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _qconv(spec, args, lhs, rhs, key, l_learned, r_learned):
+  return _fwd_parts(spec, args, lhs, rhs, key, l_learned, r_learned)[0]
+
+
+def _qconv_fwd(spec, args, lhs, rhs, key, l_learned, r_learned):
+  return _fwd_parts(spec, args, lhs, rhs, key, l_learned, r_learned)
+
+
+def _qconv_bwd(spec, args, res, g):
+  deq_l, deq_r, res_l, res_r, k_g = res
+  g32 = g.astype(jnp.float32)
+  if spec.grad is not None:
+    dn = lax.conv_dimension_numbers(deq_l.shape, deq_r.shape, args.dimension_numbers)
+    g32 = fq.forward(g32, spec.grad, _axes(g32.shape, spec.grad, dn.out_spec[1]), k_g, None)[0]
+  _, vjp = jax.vjp(lambda a, b: _conv(a, b, args), deq_l.astype(jnp.float32),
+                   deq_r.astype(jnp.float32))
+  d_l, d_r = vjp(g32)
+  out = []
+  for d, qspec, r, x in ((d_l, spec.lhs, res_l, deq_l), (d_r, spec.rhs, res_r, deq_r)):
+    out.append((d.astype(x.dtype), None) if qspec is None else fq.quantizer_vjp(qspec, None, r, d))
+  (dl, dll), (dr, drl) = out
+  return dl, dr, None, dll, drl
+
+
+_qconv.defvjp(_qconv_fwd, _qconv_bwd)
+
+
+def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
+                         rhs_dilation=None, dimension_numbers=None, feature_group_count=1,
+                         batch_group_count=1, precision=None, preferred_element_type=None,
+                         spec: Optional[DotSpec] = None, key=None, lhs_learned=None,
+                         rhs_learned=None):
+  """`lax.conv_general_dilated` with quantized operands (see the module docstring).
+
+  `lhs_learned` / `rhs_learned` (LSQ step size or PACT α) are shaped like the operand
+  with every axis of length 1 except the kept one ('channel'), or scalars.
+  """
+  out_dtype = preferred_element_type or jnp.result_type(lhs, rhs)
+  args = _ConvArgs(_freeze(window_strides), _freeze(padding), _freeze(lhs_dilation),
+                   _freeze(rhs_dilation), _freeze(dimension_numbers), int(feature_group_count),
+                   int(batch_group_count))
+  if spec is None or (spec.lhs is None and spec.rhs is None):
+    return lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation,
+                                    rhs_dilation, dimension_numbers, feature_group_count,
+                                    batch_group_count, precision, preferred_element_type)
+  if not isinstance(spec, DotSpec):
+    raise ValueError(f"spec={spec!r} must be a jaxquant.DotSpec")
+  if batch_group_count != 1:
+    raise ValueError("batch_group_count != 1 is not supported by the quantized conv")
+  out = _qconv(spec, args, lhs, rhs, key, lhs_learned, rhs_learned)
+  return out.astype(out_dtype)
+
+
+def make_conv(spec: Optional[DotSpec], *, key=None, lhs_learned=None, rhs_learned=None):
+  """A callable with `lax.conv_general_dilated`'s signature, for
+  `nn.Conv(conv_general_dilated=...)`."""
+  def _conv_fn(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
+               dimension_numbers=None, feature_group_count=1, batch_group_count=1,
+               precision=None, preferred_element_type=None):
+    return conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
+                                dimension_numbers, feature_group_count, batch_group_count,
+                                precision, preferred_element_type, spec=spec, key=key,
+                                lhs_learned=lhs_learned, rhs_learned=rhs_learned)
+  return _conv_fn
