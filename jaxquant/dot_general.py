@@ -33,6 +33,7 @@ from jax import lax
 
 from jaxquant import fake_quant as fq
 from jaxquant import numerics
+from jaxquant.qtensor import QTensor
 from jaxquant.spec import DotSpec
 
 
@@ -276,6 +277,8 @@ def dot_general(lhs, rhs, dimension_numbers, spec: Optional[DotSpec] = None, *,
     lhs_learned, rhs_learned: LSQ step sizes / PACT α for the operands, shaped like the
       operand with the contracting axes of length 1 (or the number of groups), or scalars.
   """
+  if isinstance(rhs, QTensor):
+    return _serving_dot(lhs, rhs, dimension_numbers, spec, key, preferred_element_type)
   out_dtype = preferred_element_type or jnp.result_type(lhs, rhs)
   if spec is None or (spec.lhs is None and spec.rhs is None):
     return lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
@@ -292,6 +295,35 @@ def dot_general(lhs, rhs, dimension_numbers, spec: Optional[DotSpec] = None, *,
   ll = _learned_to_canon(lhs_learned, c.lhs_perm, lhs.ndim, len(lb), n_lf)
   rl = _learned_to_canon(rhs_learned, c.rhs_perm, rhs.ndim, len(lb), len(lc))
   out = _qmatmul(spec, l3, r3, key, ll, rl)
+  return out.reshape(c.out_shape).astype(out_dtype)
+
+
+def _serving_dot(lhs, q_rhs: QTensor, dimension_numbers, spec, key, preferred_element_type):
+  """Forward-only dot with an already-quantized rhs (serving weights).
+
+  The rhs scale must be constant along the contracting dims (or grouped along a single
+  one), as `quantize(w, reduce_axes=<contracting dims>)` gives. The lhs is quantized
+  dynamically with `spec.lhs` (int dot) or used as it is (weight-only: the dequantized
+  weight meets the float activation).
+  """
+  c = _canonicalize(lhs.shape, q_rhs.values.shape, dimension_numbers)
+  (lc, _), (lb, _) = dimension_numbers
+  out_dtype = preferred_element_type or lhs.dtype
+  l3 = _to_canon(lhs, c.lhs_perm, c.bmk)
+  canon = lambda a: None if a is None else _learned_to_canon(a, c.rhs_perm, q_rhs.values.ndim,
+                                                             len(lb), len(lc))
+  q_r = QTensor(_to_canon(q_rhs.values, c.rhs_perm, c.bkn), canon(q_rhs.scale),
+                canon(q_rhs.zero_point))
+  lhs_spec = None if spec is None else spec.lhs
+  if lhs_spec is not None and q_r.values.dtype == jnp.int8 and (spec.mode == "int"):
+    axes = (2,)
+    codes, scale, zp = fq.quantize_parts(l3, lhs_spec, axes, key, None)
+    q_l = QTensor(codes.astype(jnp.int8), scale, zp)
+    out = _int_matmul(q_l, q_r, "int")
+  else:
+    a = l3 if lhs_spec is None else fq.forward(l3, lhs_spec, (2,), key, None)[0]
+    out = jnp.einsum("bmk,bkn->bmn", a, q_r.dequantize(a.dtype),
+                     preferred_element_type=jnp.float32)
   return out.reshape(c.out_shape).astype(out_dtype)
 
 

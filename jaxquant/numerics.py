@@ -6,13 +6,15 @@ shapes keep every axis of `x` (reduced axes become length 1, or the number of gr
 'group' granularity) so they broadcast back against `x` by `expand_to`.
 
 Non-finite inputs (the documented rule): calibration looks only at finite entries (an
-all-non-finite or all-zero slice gets scale 1); +Inf/-Inf saturate to the largest /
+all-non-finite or all-zero slice gets scale 1, except binary's all-zero slice: α = 0, so
+zeros stay zeros); +Inf/-Inf saturate to the largest /
 smallest code; NaN gets the code of 0.0 in integer values (integers have no NaN), and
 `fake_quant` / `dequantize` put the NaN back so it is never silently hidden in float
 outputs.
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Optional, Sequence, Tuple
 
 import jax
@@ -51,13 +53,12 @@ def int_range(spec: QuantSpec) -> Tuple[int, int]:
 def normalize_axes(reduce_axes: Sequence[int], ndim: int) -> Tuple[int, ...]:
   """Validates and sorts reduce axes (negative axes allowed)."""
   try:
-    axes = tuple(sorted({int(a) % ndim if ndim else int(a) for a in reduce_axes}))
+    raw = [int(a) for a in reduce_axes]
   except TypeError:
     raise ValueError(f"reduce_axes={reduce_axes!r} must be a sequence of ints") from None
-  for a, orig in zip(axes, reduce_axes):
-    if not 0 <= a < max(ndim, 1):
-      raise ValueError(f"reduce_axes={tuple(reduce_axes)!r} out of range for rank {ndim}")
-  return axes
+  if any(not -max(ndim, 1) <= a < max(ndim, 1) for a in raw):  # check before wrapping
+    raise ValueError(f"reduce_axes={tuple(reduce_axes)!r} out of range for rank {ndim}")
+  return tuple(sorted({a % ndim if ndim else a for a in raw}))
 
 
 def blocked(x: jax.Array, spec: QuantSpec, reduce_axes: Tuple[int, ...]):
@@ -89,6 +90,12 @@ def expand_to(s: jax.Array, shape: Sequence[int]) -> jax.Array:
 
 def _finite_abs(x):
   return jnp.where(jnp.isfinite(x), jnp.abs(x), 0.0)
+
+
+def _finite_mean_abs(xb, axes, keepdims=False):
+  """(mean of |x| over the finite entries, their count)."""
+  n = jnp.sum(jnp.isfinite(xb), axis=axes, keepdims=keepdims)
+  return jnp.sum(_finite_abs(xb), axis=axes, keepdims=keepdims) / jnp.maximum(n, 1), n
 
 
 def _stat(fn, xb, axes, shape):
@@ -146,11 +153,15 @@ def scale_zero_point(lo, hi, spec: QuantSpec):
 
 
 def round_values(y, spec: QuantSpec, key: Optional[jax.Array]):
-  """Round-to-nearest (half to even) or unbiased stochastic rounding floor(y + u)."""
+  """Round-to-nearest (half to even) or unbiased stochastic rounding floor(y + u),
+  u ~ U(0, 1) on a 2^16-point grid."""
   if spec.rounding == "stochastic":
     if key is None:
       raise ValueError("rounding='stochastic' needs a PRNG key: pass key=jax.random.key(...)")
-    u = jax.random.uniform(key, y.shape, jnp.float32)
+    # 16 random bits per element instead of a float32 uniform: half the PRNG work (the
+    # dominant cost of a quantized backward pass on CPU); bias ≤ 2^-17 of a step, below
+    # float32 rounding of y itself for |y| ≥ 2.
+    u = (jax.random.bits(key, y.shape, jnp.uint16).astype(jnp.float32) + 0.5) * (1.0 / 65536)
     return jnp.floor(y + u)
   return jnp.round(y)
 
@@ -176,10 +187,12 @@ def calibrate(x: jax.Array, spec: QuantSpec, reduce_axes: Sequence[int]):
   x32 = x.astype(jnp.float32)
   xb, stat_axes, shape = blocked(x32, spec, axes)
   if spec.format == "binary":
-    return _safe_scale(jnp.mean(_finite_abs(xb), axis=stat_axes).reshape(shape)), None
+    alpha, n = _finite_mean_abs(xb, stat_axes)
+    alpha = jnp.where(jnp.isfinite(alpha) & (n > 0), alpha, 1.0)  # all-zero slice: α = 0
+    return alpha.reshape(shape).astype(jnp.float32), None
   if spec.format == "ternary":
     ax = _finite_abs(xb)
-    delta = TWN_THRESHOLD * jnp.mean(ax, axis=stat_axes, keepdims=True)
+    delta = TWN_THRESHOLD * _finite_mean_abs(xb, stat_axes, keepdims=True)[0]
     big = ax > delta  # same Δ as ternary_threshold, kept blocked here
     alpha = jnp.sum(jnp.where(big, ax, 0.0), axis=stat_axes) / jnp.maximum(
         jnp.sum(big, axis=stat_axes), 1)
@@ -193,6 +206,7 @@ def calibrate(x: jax.Array, spec: QuantSpec, reduce_axes: Sequence[int]):
 def _mse_search(x32, lo, hi, spec):
   """Per scale entry, the clip ratio r·[lo, hi] with least squared quantization error."""
   best_err, best_lo, best_hi = None, lo, hi
+  spec = dataclasses.replace(spec, rounding="nearest")  # the search needs no PRNG key
   for r in MSE_CLIP_RATIOS:
     rlo, rhi = lo * r, hi * r
     scale, zp = scale_zero_point(rlo, rhi, spec)
@@ -231,17 +245,17 @@ def encode(x32, scale, zp, spec: QuantSpec, key, axes=()):
   if spec.format == "binary":
     return jnp.where(x32 < 0, -1.0, 1.0)
   if spec.format == "ternary":
-    ax = _finite_abs(x32)
-    delta = expand_to(ternary_threshold(ax, spec, axes), x32.shape)
+    ax = jnp.abs(jnp.where(jnp.isnan(x32), 0.0, x32))  # ±Inf exceed Δ: they saturate
+    delta = expand_to(ternary_threshold(x32, spec, axes), x32.shape)
     return jnp.where(ax > delta, jnp.sign(jnp.nan_to_num(x32)), 0.0)
   zp = None if zp is None else expand_to(zp, x32.shape)
   return encode_int(x32, scale, zp, spec, key)
 
 
-def ternary_threshold(ax, spec: QuantSpec, axes):
-  """TWN threshold Δ = 0.7·mean|x| per scale entry (shaped like the scale)."""
-  xb, stat_axes, shape = blocked(ax, spec, axes)
-  return TWN_THRESHOLD * jnp.mean(xb, axis=stat_axes).reshape(shape)
+def ternary_threshold(x, spec: QuantSpec, axes):
+  """TWN threshold Δ = 0.7·mean|x| (finite entries) per scale entry, shaped like the scale."""
+  xb, stat_axes, shape = blocked(x, spec, axes)
+  return TWN_THRESHOLD * _finite_mean_abs(xb, stat_axes)[0].reshape(shape)
 
 
 def decode(codes, scale_full, zp_full):
