@@ -1,0 +1,48 @@
+"""Summarises a sweep directory: report.md (mean ± std over seeds, failures) and plots.
+
+    python -m experiments.report --workdir=runs/sweep [--metric=test_accuracy]
+
+Writes DIR/report.md, DIR/accuracy_vs_bits.png and DIR/accuracy_vs_bytes.png and
+prints the markdown. Points that failed, never ran, or left a malformed summary.json
+are listed, not fatal. Exit status 2 when DIR has no readable sweep.json.
+"""
+from __future__ import annotations
+
+import sys
+
+from absl import app, flags
+
+from jaxquant import report
+from jaxquant.sweeps import SweepError
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "Sweep directory (holds sweep.json).")
+_METRIC = flags.DEFINE_list(
+    "metric", None, "Metric(s) from summary.json's 'metrics' to tabulate; the first is "
+    "plotted. Default: test_accuracy, or test_bits_per_byte for language models.")
+_BITS_KEY = flags.DEFINE_string("bits_key", report.BITS_KEY,
+                                "Dotted config key giving a run's bits (absent/None: float).")
+_GOAL = flags.DEFINE_enum("goal", "auto", ["auto", "max", "min"],
+                          "Whether a higher metric is better (auto: from its name).")
+flags.mark_flag_as_required("workdir")
+
+
+def main(argv: list[str]) -> int:
+  """Writes and prints the report; returns the exit status."""
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  higher_is_better = {"auto": None, "max": True, "min": False}[_GOAL.value]
+  try:
+    text, warnings = report.write_report(_WORKDIR.value, _METRIC.value,
+                                         bits_key=_BITS_KEY.value,
+                                         higher_is_better=higher_is_better)
+  except SweepError as e:
+    print(f"report: error: {e}", file=sys.stderr)
+    return 2
+  print(text)
+  for warning in warnings:
+    print(f"report: warning: {warning}", file=sys.stderr)
+  return 0
+
+
+if __name__ == "__main__":
+  app.run(main)
