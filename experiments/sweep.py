@@ -64,7 +64,7 @@ def main(argv: list[str]) -> int:
     path = write_sbatch(workdir, sbatch_script(
         points, workdir=workdir, cwd=os.getcwd(), config_arg=_CONFIG.value,
         sbatch_options=_SBATCH.value))
-    print(f"wrote {path} ({len(points)} array tasks); submit it with:\n  sbatch {path}\n"
+    print(f"wrote {path} ({len(points)} array task(s)); submit it with:\n  sbatch {path}\n"
           f"then: python -m experiments.report --workdir={workdir}")
     return 0
 

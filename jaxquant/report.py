@@ -72,11 +72,6 @@ class Row:
   points: list[PointResult]
 
   @property
-  def label(self) -> str:
-    """`quant.bits=4, lr=0.1`, or `all runs` when only seeds were swept."""
-    return ", ".join(f"{k}={_fmt(v)}" for k, v in self.values.items()) or "all runs"
-
-  @property
   def ok(self) -> list[PointResult]:
     """The finished points."""
     return [p for p in self.points if p.status == "ok"]
@@ -163,7 +158,7 @@ def choose_metrics(results: Sequence[PointResult]) -> list[str]:
   return [DEFAULT_METRICS[0]]
 
 
-def maximize(metric: str) -> bool:
+def is_higher_better(metric: str) -> bool:
   """Whether higher is better, from the name (loss, bits_per_byte, error: lower)."""
   return not any(hint in metric for hint in _LOWER_IS_BETTER)
 
@@ -330,7 +325,7 @@ def write_report(workdir: str, metrics: Optional[Sequence[str]] = None, *,
   sweep, results, warnings = load_results(workdir)
   metrics = list(metrics or choose_metrics(results))
   if higher_is_better is None:
-    higher_is_better = maximize(metrics[0])
+    higher_is_better = is_higher_better(metrics[0])
   swept_keys = sweep.get("swept_keys")
   rows = group_rows(results, swept_keys if isinstance(swept_keys, list) else ())
   plots = []

@@ -7,6 +7,7 @@ import collections
 import json
 import os
 import pathlib
+import signal
 import subprocess
 import sys
 
@@ -229,6 +230,22 @@ def test_two_concurrent_sweeps_never_run_a_point_twice(tmp_path):
   assert len(counts) == 8 and set(counts.values()) == {1}, counts
   ran = sum(int(out.split("sweep: ")[-1].split(" ok")[0]) for out in outputs)
   assert ran == 8, outputs
+
+
+def test_sigterm_stops_runs_and_frees_claims(tmp_path):
+  workdir = tmp_path / "sweep"
+  env = dict(os.environ, FAKE_TRAIN_LEDGER=str(tmp_path / "ledger.txt"))
+  proc = subprocess.Popen(sweep_cmd("many", workdir, "--parallel=2"), cwd=REPO, env=env,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  for line in proc.stdout:
+    if " start " in line:
+      break
+  proc.send_signal(signal.SIGTERM)
+  rest = proc.communicate(timeout=60)[0]
+  assert proc.returncode == 128 + signal.SIGTERM, rest
+  assert not list(workdir.glob("*/claim"))
+  owners = [claims.read(str(d)) for d in workdir.iterdir() if d.is_dir()]
+  assert owners and not any(owners)
 
 
 # --- print and slurm ----------------------------------------------------------------------

@@ -8,12 +8,12 @@ by dotted config keys. The helpers below build such lists:
 
     def get_sweep(arg=None):
       del arg
-      quantized = sweeps.product(
-          sweeps.zip_(sweeps.axis("quant.bits", [2, 4, 8]),     # each bits with its lr
-                      sweeps.axis("optim.lr", [3e-3, 2e-3, 1e-3])),
+      return sweeps.product(
+          sweeps.chain(
+              sweeps.axis("quant.bits", [32]),                        # float baseline
+              sweeps.zip_(sweeps.axis("quant.bits", [2, 4, 8]),       # each with its lr
+                          sweeps.axis("optimizer.lr", [3e-3, 2e-3, 1e-3]))),
           sweeps.axis("seed", range(3)))
-      baseline = sweeps.product([{"quant.enabled": False}], sweeps.axis("seed", range(3)))
-      return sweeps.chain(baseline, quantized)
 
   axis(key, values)   one key over values: [{key: v} for v in values]
   product(*sweeps)    cartesian product, first sweep slowest; keys may not overlap
@@ -21,10 +21,12 @@ by dotted config keys. The helpers below build such lists:
   chain(*sweeps)      concatenation
 
 Values are bools, ints, floats, strings, None, or tuples of those; each becomes
-`--config.KEY=VALUE` (tuples as `(1,2)`). Every point runs in its own directory named
-from its overrides with keys sorted, `optim.lr=0.002,quant.bits=4,seed=1`; a value with
-characters unsafe in a path gets them replaced by `_` and a hash of the overrides
-appended. Two points with the same name are an error.
+`--config.KEY=VALUE` (tuples as `(1,2)`). Points may set different keys (above, the
+baseline keeps the config's lr; the report shows such a cell as `—`). Every point runs
+in its own directory named from its overrides with keys sorted,
+`optimizer.lr=0.002,quant.bits=4,seed=1`; a value with characters unsafe in a path gets
+them replaced by `_` and a hash of the overrides appended. Two points with the same
+name are an error.
 
 Running it: `python -m experiments.sweep --config=configs/<recipe>.py[:ARG] --workdir=DIR`
 (see plan.py for the directory layout, local.py, claims.py and slurm.py for launching),

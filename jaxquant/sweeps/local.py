@@ -121,8 +121,13 @@ def _start(point: SweepPoint) -> _Running:
   except BaseException:
     claims.release(point.directory)
     raise
-  claims.set_child(point.directory, proc.pid)
-  return _Running(point, proc, log, time.time())
+  run = _Running(point, proc, log, time.time())
+  try:
+    claims.set_child(point.directory, proc.pid)
+  except BaseException:  # e.g. SIGTERM right here: the caller never sees this run
+    _stop(run)
+    raise
+  return run
 
 
 def _finish(run: _Running, elapsed_s: float) -> bool:

@@ -30,8 +30,8 @@ def sbatch_script(points: Sequence[SweepPoint], *, workdir: str, cwd: str,
   q = shlex.quote
   lines = [
       "#!/bin/bash",
-      f"# {len(points)} sweep points from --config={config_arg}; see {SUMMARY_FILE} and "
-      f"{LOG_FILE} in each point directory.",
+      f"# Sweep of {len(points)} point(s) from --config={config_arg}; see {SUMMARY_FILE} "
+      f"and {LOG_FILE} in each point directory.",
       "# Written by `python -m experiments.sweep --launcher=slurm`. Submit with:",
       f"#   sbatch {q(os.path.join(workdir, SBATCH_FILE))}",
       f"#SBATCH --job-name={job_name}",
