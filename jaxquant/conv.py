@@ -25,6 +25,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from jaxquant import fake_quant as fq
+from jaxquant.qtensor import QTensor
 from jaxquant.spec import DotSpec
 
 
@@ -72,16 +73,18 @@ def _to_out(s, src_dim, out_dim, out_ndim):
   return v.reshape(shape)
 
 
-def _fwd_parts(spec: DotSpec, args: _ConvArgs, lhs, rhs, key, l_learned, r_learned):
+def _fwd_parts(spec: DotSpec, args: _ConvArgs, lhs, rhs, key, l_learned, r_learned,
+               l_range=None):
   dn = lax.conv_dimension_numbers(lhs.shape, rhs.shape, args.dimension_numbers)
   k_l, k_r, k_g = (None,) * 3 if key is None else tuple(jax.random.split(key, 3))
   parts = []
-  for x, qspec, keep, k, learned in ((lhs, spec.lhs, dn.lhs_spec[0], k_l, l_learned),
-                                     (rhs, spec.rhs, dn.rhs_spec[0], k_r, r_learned)):
+  for x, qspec, keep, k, learned, rng in (
+      (lhs, spec.lhs, dn.lhs_spec[0], k_l, l_learned, l_range),
+      (rhs, spec.rhs, dn.rhs_spec[0], k_r, r_learned, None)):
     if qspec is None:
       parts.append((x, None, None))
     else:
-      parts.append(fq.forward(x, qspec, _axes(x.shape, qspec, keep), k, learned))
+      parts.append(fq.forward(x, qspec, _axes(x.shape, qspec, keep), k, learned, rng))
   (deq_l, q_l, res_l), (deq_r, q_r, res_r) = parts
   if spec.mode == "int" and q_l is not None and q_r is not None:
     out = _int_conv(q_l, q_r, args, dn)
@@ -113,12 +116,12 @@ def _int_conv(q_l, q_r, args, dn):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def _qconv(spec, args, lhs, rhs, key, l_learned, r_learned):
-  return _fwd_parts(spec, args, lhs, rhs, key, l_learned, r_learned)[0]
+def _qconv(spec, args, lhs, rhs, key, l_learned, r_learned, l_range):
+  return _fwd_parts(spec, args, lhs, rhs, key, l_learned, r_learned, l_range)[0]
 
 
-def _qconv_fwd(spec, args, lhs, rhs, key, l_learned, r_learned):
-  return _fwd_parts(spec, args, lhs, rhs, key, l_learned, r_learned)
+def _qconv_fwd(spec, args, lhs, rhs, key, l_learned, r_learned, l_range):
+  return _fwd_parts(spec, args, lhs, rhs, key, l_learned, r_learned, l_range)
 
 
 def _qconv_bwd(spec, args, res, g):
@@ -134,7 +137,7 @@ def _qconv_bwd(spec, args, res, g):
   for d, qspec, r, x in ((d_l, spec.lhs, res_l, deq_l), (d_r, spec.rhs, res_r, deq_r)):
     out.append((d.astype(x.dtype), None) if qspec is None else fq.quantizer_vjp(qspec, None, r, d))
   (dl, dll), (dr, drl) = out
-  return dl, dr, None, dll, drl
+  return dl, dr, None, dll, drl, None
 
 
 _qconv.defvjp(_qconv_fwd, _qconv_bwd)
@@ -144,29 +147,48 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
                          rhs_dilation=None, dimension_numbers=None, feature_group_count=1,
                          batch_group_count=1, precision=None, preferred_element_type=None,
                          spec: Optional[DotSpec] = None, key=None, lhs_learned=None,
-                         rhs_learned=None):
+                         rhs_learned=None, lhs_range=None):
   """`lax.conv_general_dilated` with quantized operands (see the module docstring).
 
   `lhs_learned` / `rhs_learned` (LSQ step size or PACT α) are shaped like the operand
-  with every axis of length 1 except the kept one ('channel'), or scalars.
+  with every axis of length 1 except the kept one ('channel'). `lhs_range` is an
+  optional static (lo, hi) input range. `rhs` may be a `QTensor` (serving weights, per
+  output feature or per tensor): the forward then runs on its codes directly.
   """
   out_dtype = preferred_element_type or jnp.result_type(lhs, rhs)
   args = _ConvArgs(_freeze(window_strides), _freeze(padding), _freeze(lhs_dilation),
                    _freeze(rhs_dilation), _freeze(dimension_numbers), int(feature_group_count),
                    int(batch_group_count))
+  if spec is not None and not isinstance(spec, DotSpec):  # before reading spec.lhs
+    raise ValueError(f"spec={spec!r} must be a jaxquant.DotSpec")
   if spec is None or (spec.lhs is None and spec.rhs is None):
     return lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation,
                                     rhs_dilation, dimension_numbers, feature_group_count,
                                     batch_group_count, precision, preferred_element_type)
-  if not isinstance(spec, DotSpec):
-    raise ValueError(f"spec={spec!r} must be a jaxquant.DotSpec")
   if batch_group_count != 1:
     raise ValueError("batch_group_count != 1 is not supported by the quantized conv")
-  out = _qconv(spec, args, lhs, rhs, key, lhs_learned, rhs_learned)
+  if isinstance(rhs, QTensor):
+    return _serving_conv(spec, args, lhs, rhs, key, lhs_range).astype(
+        preferred_element_type or lhs.dtype)
+  out = _qconv(spec, args, lhs, rhs, key, lhs_learned, rhs_learned, lhs_range)
   return out.astype(out_dtype)
 
 
-def make_conv(spec: Optional[DotSpec], *, key=None, lhs_learned=None, rhs_learned=None):
+def _serving_conv(spec, args, lhs, q_rhs, key, lhs_range):
+  """Forward-only conv with prequantized weights (same arithmetic as the QAT forward)."""
+  dn = lax.conv_dimension_numbers(lhs.shape, q_rhs.values.shape, args.dimension_numbers)
+  lhs_spec = None if spec is None else spec.lhs
+  if lhs_spec is not None and spec.mode == "int" and q_rhs.values.dtype == jnp.int8:
+    codes, scale, zp = fq.quantize_parts(lhs, lhs_spec, _axes(lhs.shape, lhs_spec, dn.lhs_spec[0]),
+                                         key, None, lhs_range)
+    return _int_conv(QTensor(codes.astype(jnp.int8), scale, zp), q_rhs, args, dn)
+  a = lhs if lhs_spec is None else fq.forward(
+      lhs, lhs_spec, _axes(lhs.shape, lhs_spec, dn.lhs_spec[0]), key, None, lhs_range)[0]
+  return _conv(a.astype(jnp.float32), q_rhs.dequantize(jnp.float32), args)
+
+
+def make_conv(spec: Optional[DotSpec], *, key=None, lhs_learned=None, rhs_learned=None,
+              lhs_range=None):
   """A callable with `lax.conv_general_dilated`'s signature, for
   `nn.Conv(conv_general_dilated=...)`."""
   def _conv_fn(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
@@ -175,5 +197,6 @@ def make_conv(spec: Optional[DotSpec], *, key=None, lhs_learned=None, rhs_learne
     return conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
                                 dimension_numbers, feature_group_count, batch_group_count,
                                 precision, preferred_element_type, spec=spec, key=key,
-                                lhs_learned=lhs_learned, rhs_learned=rhs_learned)
+                                lhs_learned=lhs_learned, rhs_learned=rhs_learned,
+                                lhs_range=lhs_range)
   return _conv_fn

@@ -210,15 +210,15 @@ def _split_key(key, n):
   return tuple(jax.random.split(key, n))
 
 
-def _matmul_fwd_parts(spec: DotSpec, lhs, rhs, key, l_learned, r_learned):
+def _matmul_fwd_parts(spec: DotSpec, lhs, rhs, key, l_learned, r_learned, l_range):
   k_l, k_r, k_gl, k_gr = _split_key(key, 4)
   parts = []
-  for x, qspec, axis, k, learned in ((lhs, spec.lhs, 2, k_l, l_learned),
-                                     (rhs, spec.rhs, 1, k_r, r_learned)):
+  for x, qspec, axis, k, learned, rng in ((lhs, spec.lhs, 2, k_l, l_learned, l_range),
+                                          (rhs, spec.rhs, 1, k_r, r_learned, None)):
     if qspec is None:
       parts.append((x, None, None))
     else:
-      parts.append(fq.forward(x, qspec, (axis,), k, learned))
+      parts.append(fq.forward(x, qspec, (axis,), k, learned, rng))
   (deq_l, q_l, res_l), (deq_r, q_r, res_r) = parts
   if spec.mode == "int":  # keep int8 codes as residuals: 4x less memory, s8 backward dots
     q_l, q_r = (q if q is None else _as_int8(q) for q in (q_l, q_r))
@@ -231,12 +231,12 @@ def _matmul_fwd_parts(spec: DotSpec, lhs, rhs, key, l_learned, r_learned):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _qmatmul(spec, lhs, rhs, key, l_learned, r_learned):
-  return _matmul_fwd_parts(spec, lhs, rhs, key, l_learned, r_learned)[0]
+def _qmatmul(spec, lhs, rhs, key, l_learned, r_learned, l_range):
+  return _matmul_fwd_parts(spec, lhs, rhs, key, l_learned, r_learned, l_range)[0]
 
 
-def _qmatmul_fwd(spec, lhs, rhs, key, l_learned, r_learned):
-  return _matmul_fwd_parts(spec, lhs, rhs, key, l_learned, r_learned)
+def _qmatmul_fwd(spec, lhs, rhs, key, l_learned, r_learned, l_range):
+  return _matmul_fwd_parts(spec, lhs, rhs, key, l_learned, r_learned, l_range)
 
 
 def _qmatmul_bwd(spec, res, g):
@@ -258,7 +258,7 @@ def _qmatmul_bwd(spec, res, g):
     else:
       out.append(fq.quantizer_vjp(qspec, None, r, d))
   (dl, dll), (dr, drl) = out
-  return dl, dr, None, dll, drl
+  return dl, dr, None, dll, drl, None
 
 
 _qmatmul.defvjp(_qmatmul_fwd, _qmatmul_bwd)
@@ -266,7 +266,7 @@ _qmatmul.defvjp(_qmatmul_fwd, _qmatmul_bwd)
 
 def dot_general(lhs, rhs, dimension_numbers, spec: Optional[DotSpec] = None, *,
                 key=None, preferred_element_type=None, precision=None,
-                lhs_learned=None, rhs_learned=None):
+                lhs_learned=None, rhs_learned=None, lhs_range=None):
   """`lax.dot_general` with quantized operands (see the module docstring).
 
   Args:
@@ -276,15 +276,17 @@ def dot_general(lhs, rhs, dimension_numbers, spec: Optional[DotSpec] = None, *,
     key: PRNG key, required when any spec uses stochastic rounding.
     lhs_learned, rhs_learned: LSQ step sizes / PACT α for the operands, shaped like the
       operand with the contracting axes of length 1 (or the number of groups), or scalars.
+    lhs_range: optional static (lo, hi) activation range (scalars or shaped like
+      `lhs_learned`) used instead of dynamic calibration of the lhs.
   """
   if isinstance(rhs, QTensor):
-    return _serving_dot(lhs, rhs, dimension_numbers, spec, key, preferred_element_type)
+    return _serving_dot(lhs, rhs, dimension_numbers, spec, key, preferred_element_type, lhs_range)
   out_dtype = preferred_element_type or jnp.result_type(lhs, rhs)
+  if spec is not None and not isinstance(spec, DotSpec):  # before reading spec.lhs
+    raise ValueError(f"spec={spec!r} must be a jaxquant.DotSpec")
   if spec is None or (spec.lhs is None and spec.rhs is None):
     return lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
                            preferred_element_type=preferred_element_type)
-  if not isinstance(spec, DotSpec):
-    raise ValueError(f"spec={spec!r} must be a jaxquant.DotSpec")
   if spec.grad is not None and (spec.lhs is None or spec.rhs is None):
     raise ValueError("DotSpec.grad (quantized backward) needs both lhs and rhs specs")
   c = _canonicalize(lhs.shape, rhs.shape, dimension_numbers)
@@ -294,11 +296,14 @@ def dot_general(lhs, rhs, dimension_numbers, spec: Optional[DotSpec] = None, *,
   n_lb, n_lf = len(lb), lhs.ndim - len(lb) - len(lc)
   ll = _learned_to_canon(lhs_learned, c.lhs_perm, lhs.ndim, len(lb), n_lf)
   rl = _learned_to_canon(rhs_learned, c.rhs_perm, rhs.ndim, len(lb), len(lc))
-  out = _qmatmul(spec, l3, r3, key, ll, rl)
+  lr = None if lhs_range is None else tuple(
+      _learned_to_canon(r, c.lhs_perm, lhs.ndim, len(lb), n_lf) for r in lhs_range)
+  out = _qmatmul(spec, l3, r3, key, ll, rl, lr)
   return out.reshape(c.out_shape).astype(out_dtype)
 
 
-def _serving_dot(lhs, q_rhs: QTensor, dimension_numbers, spec, key, preferred_element_type):
+def _serving_dot(lhs, q_rhs: QTensor, dimension_numbers, spec, key, preferred_element_type,
+                 lhs_range=None):
   """Forward-only dot with an already-quantized rhs (serving weights).
 
   The rhs scale must be constant along the contracting dims (or grouped along a single
@@ -315,25 +320,28 @@ def _serving_dot(lhs, q_rhs: QTensor, dimension_numbers, spec, key, preferred_el
   q_r = QTensor(_to_canon(q_rhs.values, c.rhs_perm, c.bkn), canon(q_rhs.scale),
                 canon(q_rhs.zero_point))
   lhs_spec = None if spec is None else spec.lhs
+  n_lf = lhs.ndim - len(lb) - len(lc)
+  lr = None if lhs_range is None else tuple(
+      _learned_to_canon(r, c.lhs_perm, lhs.ndim, len(lb), n_lf) for r in lhs_range)
   if lhs_spec is not None and q_r.values.dtype == jnp.int8 and (spec.mode == "int"):
-    axes = (2,)
-    codes, scale, zp = fq.quantize_parts(l3, lhs_spec, axes, key, None)
+    codes, scale, zp = fq.quantize_parts(l3, lhs_spec, (2,), key, None, lr)
     q_l = QTensor(codes.astype(jnp.int8), scale, zp)
     out = _int_matmul(q_l, q_r, "int")
   else:
-    a = l3 if lhs_spec is None else fq.forward(l3, lhs_spec, (2,), key, None)[0]
+    a = l3 if lhs_spec is None else fq.forward(l3, lhs_spec, (2,), key, None, lr)[0]
     out = jnp.einsum("bmk,bkn->bmn", a, q_r.dequantize(a.dtype),
                      preferred_element_type=jnp.float32)
   return out.reshape(c.out_shape).astype(out_dtype)
 
 
-def make_dot_general(spec: Optional[DotSpec], *, key=None, lhs_learned=None, rhs_learned=None):
+def make_dot_general(spec: Optional[DotSpec], *, key=None, lhs_learned=None, rhs_learned=None,
+                     lhs_range=None):
   """A callable with `lax.dot_general`'s signature, for `nn.Dense(dot_general=...)`."""
   def _dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None,
                    **unused):
     return dot_general(lhs, rhs, dimension_numbers, spec, key=key, precision=precision,
                        preferred_element_type=preferred_element_type,
-                       lhs_learned=lhs_learned, rhs_learned=rhs_learned)
+                       lhs_learned=lhs_learned, rhs_learned=rhs_learned, lhs_range=lhs_range)
   return _dot_general
 
 
@@ -351,7 +359,7 @@ def einsum_dimension_numbers(subscripts: str, lhs_ndim: int, rhs_ndim: int):
   def expand(p, ndim):
     if "..." in p:
       n = ndim - (len(p) - 3)
-      p = p.replace("...", "".join(free[:n]))
+      p = p.replace("...", "".join(free[n_ell - n:n_ell]))  # broadcast: align from the right
     if len(p) != ndim:
       raise ValueError(f"subscripts={subscripts!r}: '{p}' does not match rank {ndim}")
     return p
@@ -377,7 +385,8 @@ def einsum_dimension_numbers(subscripts: str, lhs_ndim: int, rhs_ndim: int):
 
 
 def einsum(subscripts: str, lhs, rhs, spec: Optional[DotSpec] = None, *, key=None,
-           preferred_element_type=None, lhs_learned=None, rhs_learned=None, **unused):
+           preferred_element_type=None, lhs_learned=None, rhs_learned=None, lhs_range=None,
+           **unused):
   """Two-operand `jnp.einsum` through `dot_general` (explicit '->' output required)."""
   dims, perm, lsum, rsum = einsum_dimension_numbers(subscripts, jnp.ndim(lhs), jnp.ndim(rhs))
   lhs, rhs = jnp.asarray(lhs), jnp.asarray(rhs)
@@ -386,7 +395,7 @@ def einsum(subscripts: str, lhs, rhs, spec: Optional[DotSpec] = None, *, key=Non
   if rsum:
     rhs = jnp.sum(rhs, axis=rsum)
   out = dot_general(lhs, rhs, dims, spec, key=key, preferred_element_type=preferred_element_type,
-                    lhs_learned=lhs_learned, rhs_learned=rhs_learned)
+                    lhs_learned=lhs_learned, rhs_learned=rhs_learned, lhs_range=lhs_range)
   if perm != tuple(range(len(perm))):
     out = jnp.transpose(out, perm)
   return out

@@ -48,11 +48,20 @@ def _learned_grid(x32, spec, learned):
   return jnp.clip(x32, 0.0, alpha), learned / (qmax - qmin), zp
 
 
-def quantize_parts(x, spec: QuantSpec, axes, key, learned):
-  """(codes, scale, zero_point): codes are float32 integers, or fp8 values."""
+def quantize_parts(x, spec: QuantSpec, axes, key, learned, clip_range=None):
+  """(codes, scale, zero_point): codes are float32 integers, or fp8 values.
+
+  `clip_range` = (lo, hi), shaped like the scale, replaces calibration with a static
+  range (activation ranges from `jaxquant.calibrate`); binary/ternary ignore it.
+  """
   x32 = x.astype(jnp.float32)
   if learned is not None and spec.ste in ("lsq", "pact"):
     x32, scale, zp = _learned_grid(x32, spec, learned)
+  elif clip_range is not None and spec.format not in ("binary", "ternary"):
+    lo, hi = (jnp.asarray(r, jnp.float32) for r in clip_range)
+    if spec.symmetric:
+      hi = jnp.maximum(jnp.abs(lo), jnp.abs(hi))
+    scale, zp = numerics.scale_zero_point(jnp.minimum(lo, 0.0), jnp.maximum(hi, 0.0), spec)
   else:
     scale, zp = numerics.calibrate(x32, spec, axes)
   return numerics.encode(x32, scale, zp, spec, key, axes), scale, zp
@@ -124,9 +133,9 @@ def _inside(x32, scale, zp, spec):
   return (x32 >= (qmin - z) * scale) & (x32 <= (qmax - z) * scale)
 
 
-def forward(x, spec: QuantSpec, axes, key, learned):
+def forward(x, spec: QuantSpec, axes, key, learned, clip_range=None):
   """(dequantized x in x.dtype with NaN kept, QTensor, Residuals)."""
-  codes, scale, zp = quantize_parts(x, spec, axes, key, learned)
+  codes, scale, zp = quantize_parts(x, spec, axes, key, learned, clip_range)
   q = QTensor(codes, scale, zp)
   deq = q.dequantize(x.dtype)
   deq = jnp.where(jnp.isnan(x), x, deq)
