@@ -204,7 +204,7 @@ def test_failed_point_is_recorded_and_sweep_carries_on(tmp_path):
   workdir, ledger = tmp_path / "sweep", tmp_path / "ledger.txt"
   result = run_sweep("crash", workdir)
   assert result.returncode == 1
-  assert "2 ok, 0 skipped (0 done before, 0 claimed by another sweep), 1 failed" in result.stdout
+  assert "2 ok, 0 skipped (0 done before, 0 left to another sweep), 1 failed" in result.stdout
   crashed = workdir / "crash=True,seed=1"
   failure = read_json(crashed / "failed.json")
   assert failure["returncode"] == 1 and failure["reason"] == "exit status 1"

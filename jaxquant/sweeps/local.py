@@ -21,17 +21,20 @@ from jaxquant.sweeps.plan import (FAILED_FILE, LOG_FILE, SUMMARY_FILE, SweepPoin
 
 @dataclasses.dataclass
 class Tally:
-  """Point names by outcome of one `run_local` call."""
+  """Point names by outcome of one `run_local` call.
+
+  `elsewhere`: claimed by another sweep, or failed in one while this sweep ran.
+  """
   ok: list[str] = dataclasses.field(default_factory=list)
   done_before: list[str] = dataclasses.field(default_factory=list)
   elsewhere: list[str] = dataclasses.field(default_factory=list)
   failed: list[str] = dataclasses.field(default_factory=list)
 
   def summary_line(self, elapsed_s: float) -> str:
-    """`4 ok, 3 skipped (2 done before, 1 claimed by another sweep), 1 failed in 9.1s`."""
+    """`4 ok, 3 skipped (2 done before, 1 left to another sweep), 1 failed in 9.1s`."""
     skipped = len(self.done_before) + len(self.elsewhere)
     return (f"{len(self.ok)} ok, {skipped} skipped ({len(self.done_before)} done before, "
-            f"{len(self.elsewhere)} claimed by another sweep), {len(self.failed)} failed "
+            f"{len(self.elsewhere)} left to another sweep), {len(self.failed)} failed "
             f"in {elapsed_s:.1f}s")
 
 
@@ -54,20 +57,21 @@ def run_local(points: Sequence[SweepPoint], *, parallel: int = 1,
   running: list[_Running] = []
 
   def say(point: SweepPoint, text: str) -> None:
-    echo(f"[{point.index + 1}/{len(points)}] {text}  (sweep {time.time() - sweep_started:.1f}s)")
+    clock = time.time() - sweep_started
+    echo(f"[{point.index + 1}/{len(points)}] {text}  (sweep {clock:.1f}s)")
 
   try:
     while pending or running:
       while pending and len(running) < parallel:
         point = pending.pop()
-        skip_reason = _skip_reason(point, sweep_started)
-        if skip_reason is None:
+        skip = _skip(point, sweep_started)
+        if skip is None:
           running.append(_start(point))
           say(point, f"start {point.name}")
           continue
-        done_before = skip_reason.startswith("done")
-        (tally.done_before if done_before else tally.elsewhere).append(point.name)
-        say(point, f"skip  {point.name}: {skip_reason}")
+        outcome, reason = skip
+        getattr(tally, outcome).append(point.name)
+        say(point, f"skip  {point.name}: {reason}")
       for run in [r for r in running if r.proc.poll() is not None]:
         running.remove(run)
         elapsed = time.time() - run.started
@@ -85,25 +89,26 @@ def run_local(points: Sequence[SweepPoint], *, parallel: int = 1,
   return tally
 
 
-def _skip_reason(point: SweepPoint, sweep_started: float) -> str | None:
-  """Claims the point and returns None, or says why this sweep leaves it alone."""
+def _skip(point: SweepPoint, sweep_started: float) -> tuple[str, str] | None:
+  """Claims the point and returns None, or (Tally field, why this sweep leaves it)."""
   summary = os.path.join(point.directory, SUMMARY_FILE)
+  done = ("done_before", f"done before ({SUMMARY_FILE} exists)")
   if os.path.exists(summary):
-    return f"done before ({SUMMARY_FILE} exists)"
+    return done
   acquired, owner = claims.acquire(point.directory)
   if not acquired:
     who = owner.describe() if owner else "an unreadable claim file"
-    return f"claimed by {who}"
+    return "elsewhere", f"claimed by {who}"
   # Re-check under the claim: another sweep may have finished it just before.
   failed = os.path.join(point.directory, FAILED_FILE)
-  reason = None
+  skip = None
   if os.path.exists(summary):
-    reason = f"done before ({SUMMARY_FILE} exists)"
+    skip = done
   elif os.path.exists(failed) and os.path.getmtime(failed) >= sweep_started:
-    reason = "failed in another sweep while this one ran (rerun to retry)"
-  if reason:
+    skip = ("elsewhere", "failed in another sweep while this one ran (rerun to retry)")
+  if skip:
     claims.release(point.directory)
-  return reason
+  return skip
 
 
 def _start(point: SweepPoint) -> _Running:
