@@ -3,14 +3,16 @@
 The curated public API; everything else is internal.
 """
 from jaxquant.conv import conv_general_dilated, make_conv
-from jaxquant.dot_general import dot_general, einsum, make_dot_general
+from jaxquant.convert import SizeReport, TensorSize, calibrate, convert, size_report
+from jaxquant.dot import dot_general, einsum, make_dot_general
 from jaxquant.fake_quant import dequantize, fake_quant, quantize
 from jaxquant.qtensor import QTensor, pack, unpack
 from jaxquant.spec import DotSpec, QuantSpec, Rule
+from jaxquant.transform import quantize_model
 
 __all__ = [
     "QuantSpec", "DotSpec", "Rule", "QTensor", "quantize", "dequantize", "fake_quant",
     "pack", "unpack", "dot_general", "einsum", "conv_general_dilated", "make_dot_general",
-    "make_conv",
+    "make_conv", "quantize_model", "calibrate", "convert", "size_report", "SizeReport", "TensorSize",
 ]
 __version__ = "0.1.0"

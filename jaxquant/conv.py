@@ -155,10 +155,13 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
   optional static (lo, hi) input range. `rhs` may be a `QTensor` (serving weights, per
   output feature or per tensor): the forward then runs on its codes directly.
   """
-  out_dtype = preferred_element_type or jnp.result_type(lhs, rhs)
   args = _ConvArgs(_freeze(window_strides), _freeze(padding), _freeze(lhs_dilation),
                    _freeze(rhs_dilation), _freeze(dimension_numbers), int(feature_group_count),
                    int(batch_group_count))
+  if isinstance(rhs, QTensor):
+    return _serving_conv(spec, args, lhs, rhs, key, lhs_range).astype(
+        preferred_element_type or lhs.dtype)
+  out_dtype = preferred_element_type or jnp.result_type(lhs, rhs)
   if spec is not None and not isinstance(spec, DotSpec):  # before reading spec.lhs
     raise ValueError(f"spec={spec!r} must be a jaxquant.DotSpec")
   if spec is None or (spec.lhs is None and spec.rhs is None):
@@ -167,9 +170,6 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
                                     batch_group_count, precision, preferred_element_type)
   if batch_group_count != 1:
     raise ValueError("batch_group_count != 1 is not supported by the quantized conv")
-  if isinstance(rhs, QTensor):
-    return _serving_conv(spec, args, lhs, rhs, key, lhs_range).astype(
-        preferred_element_type or lhs.dtype)
   out = _qconv(spec, args, lhs, rhs, key, lhs_learned, rhs_learned, lhs_range)
   return out.astype(out_dtype)
 

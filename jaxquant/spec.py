@@ -82,9 +82,10 @@ class QuantSpec:
     if self.format != "int" and self.ste in ("lsq", "pact"):
       raise ValueError(f"ste={self.ste!r} is only allowed with format='int'; "
                        "choose one of ['identity', 'clipped']")
-    if self.ste == "pact" and not self.symmetric:
-      raise ValueError("ste='pact' is not allowed with symmetric=False; PACT learns a "
-                       "symmetric clip α (for ReLU outputs use symmetric=True)")
+    if self.ste == "lsq" and not self.symmetric:
+      raise ValueError("ste='lsq' is not allowed with symmetric=False; LSQ learns a step "
+                       "size with no offset (for [0, α] ranges use ste='pact', "
+                       "symmetric=False)")
 
   @property
   def effective_bits(self) -> int:
