@@ -127,10 +127,16 @@ def _inside(x32, scale, zp, spec):
   if spec.format in ("binary", "ternary"):
     return jnp.abs(x32) <= numerics.SIGN_CLIP
   if spec.format in numerics.FP8_DTYPES:
-    return jnp.abs(x32) <= numerics.FP8_MAX[spec.format] * scale
-  qmin, qmax = numerics.int_range(spec)
+    qmin, qmax = -numerics.FP8_MAX[spec.format], numerics.FP8_MAX[spec.format]
+  else:
+    qmin, qmax = numerics.int_range(spec)
   z = 0.0 if zp is None else numerics.expand_to(zp, x32.shape).astype(jnp.float32)
-  return (x32 >= (qmin - z) * scale) & (x32 <= (qmax - z) * scale)
+  # In code space with a few float32 ulps of slack: scale = absmax/qmax is rounded (XLA
+  # turns the division by a constant into a multiply), so qmax·scale can fall an ulp short
+  # of the calibrated absmax, which must keep its gradient.
+  y = x32 / scale + z
+  slack = 4 * 2.0 ** -23 * max(-qmin, qmax)
+  return (y >= qmin - slack) & (y <= qmax + slack)
 
 
 def forward(x, spec: QuantSpec, axes, key, learned, clip_range=None):
