@@ -234,6 +234,24 @@ def test_pact_forward_and_alpha_gradient():
   np.testing.assert_allclose(np.asarray(dalpha), fd, rtol=1e-5, atol=1e-5)
 
 
+def test_pact_asymmetric_relu_range():
+  """symmetric=False: clip to [0, α] on the full 2^b-level grid (zero point q_min);
+  dα = Σ g over x ≥ α, dx = g on (0, α)."""
+  x = rng_x((64, 32), seed=26) * 2
+  g = rng_x((64, 32), seed=27)
+  alpha = np.random.default_rng(28).uniform(1.0, 3.0, (1, 32)).astype(np.float32)
+  spec = QS(bits=4, ste="pact", symmetric=False)
+  out = np.asarray(jq.fake_quant(x, spec, reduce_axes=(0,), learned=jnp.asarray(alpha)))
+  s = alpha / np.float32(15)
+  np.testing.assert_allclose(out, np.round(np.clip(x, 0, alpha) / s) * s, rtol=1e-5, atol=1e-6)
+  assert len(np.unique(np.round(out / s))) == 16  # all 2^4 levels in use
+  dx, dalpha = grads(spec, x, g, learned=jnp.asarray(alpha))
+  np.testing.assert_allclose(np.asarray(dalpha),
+                             np.sum(np.where(x >= alpha, g, 0), axis=0, keepdims=True),
+                             rtol=1e-5, atol=1e-5)
+  np.testing.assert_array_equal(np.asarray(dx), np.where((x > 0) & (x < alpha), g, 0.0))
+
+
 def test_pact_tensor_alpha_scalar_shape():
   x = rng_x((16, 4), seed=21) * 3
   g = np.ones((16, 4), np.float32)

@@ -69,7 +69,7 @@ def test_specs_are_hashable_and_compare_by_value():
     (dict(format="fp8_e5m2", ste="lsq"), "ste"),
     (dict(format="binary", symmetric=False), "symmetric"),
     (dict(format="fp8_e4m3", symmetric=False), "symmetric"),
-    (dict(ste="pact", symmetric=False), "pact"),
+    (dict(ste="lsq", symmetric=False), "lsq"),  # LSQ's step has no offset
 ])
 def test_bad_quantspec_names_field(kwargs, field):
   with pytest.raises(ValueError, match=re.escape(field)):
@@ -85,8 +85,9 @@ def test_boundary_values_allowed():
   QS(percentile=100.0)
   QS(percentile=1e-3)
   QS(granularity="group", group_size=1)
-  QS(rounding="stochastic", ste="lsq", symmetric=False)
+  QS(rounding="stochastic", ste="lsq")
   QS(ste="pact")
+  QS(ste="pact", symmetric=False)  # the ReLU case: clip to [0, α]
 
 
 @pytest.mark.parametrize("kwargs,field", [
