@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import sys
 from typing import Any
 
 import jax
@@ -91,7 +90,7 @@ class Checkpointer:
   def _set_aside(self, step: int, error: Exception, next_steps: list[int]) -> None:
     fallback = f"falling back to step {next_steps[0]}" if next_steps else "no older checkpoint"
     _warn(f"checkpoint at step {step} in {self.directory} is unreadable "
-          f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}); "
+          f"({type(error).__name__}: {_first_line(error)}); "
           f"{fallback}. Moving it to {self._quarantine}/")
     if jax.process_index() == 0:
       src = os.path.join(self.directory, str(step))
@@ -123,6 +122,11 @@ def _check_restored(abstract_state: Any, state: Any) -> None:
       raise ValueError(f"restored leaf {b.shape} {b.dtype} differs from {a.shape} {a.dtype}")
 
 
+def _first_line(error: Exception, limit: int = 160) -> str:
+  text = str(error).strip()
+  line = text.splitlines()[0] if text else ""
+  return line if len(line) <= limit else line[:limit] + "..."
+
+
 def _warn(message: str) -> None:
   logging.warning("%s", message)
-  print(f"WARNING: {message}", file=sys.stderr, flush=True)

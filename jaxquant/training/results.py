@@ -35,6 +35,7 @@ def write_json_atomic(path: str | os.PathLike, obj: Any, *, indent: int = 2) -> 
   fd, tmp_path = tempfile.mkstemp(
       dir=directory, prefix='.' + os.path.basename(path) + '.', suffix='.tmp')
   try:
+    os.chmod(tmp_path, 0o644)  # mkstemp creates 0600; results are meant to be shared
     with os.fdopen(fd, 'w') as f:
       json.dump(obj, f, indent=indent, sort_keys=True, allow_nan=True)
       f.write('\n')

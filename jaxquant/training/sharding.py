@@ -85,6 +85,9 @@ def global_batch(batch: dict[str, np.ndarray], sharding: NamedSharding) -> dict[
   Each process materialises only the shards of its own devices, so this works
   unchanged for one process or many.
   """
+  if jax.process_count() == 1:
+    return jax.device_put(batch, sharding)
+
   def put(x: np.ndarray) -> jax.Array:
     x = np.asarray(x)
     return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])

@@ -21,6 +21,7 @@ import optax
 
 TRAINABLE_COLLECTIONS = ("params", "quant")
 LN2 = 0.6931471805599453
+EVAL_KEY_FOLD = 2**32 - 1
 
 
 def split_variables(variables: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -66,17 +67,18 @@ def make_init_fn(model: nn.Module, quantized: bool) -> Callable:
 
 
 def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
-                    schedule: optax.Schedule, *, quantized: bool,
+                    schedule: optax.Schedule, *, quantized: bool, seed: int,
                     nan_at_step: int) -> Callable:
-  """`train_step(state, batch, rng) -> (state, metrics)`.
+  """`train_step(state, batch) -> (state, metrics)`.
 
-  The step key is `fold_in(rng, step)`; quantized models get it as the 'quant' rng
+  The step key is `fold_in(key(seed), step)`, built inside the jitted step so no key
+  array has to be placed on the mesh; quantized models get it as the 'quant' rng
   (stochastic rounding). Metrics include per-leaf non-finite flags for the gradients
   and the updated trainables so the host can name the first bad layer.
   """
-  def train_step(state, batch, rng):
+  def train_step(state, batch):
     step = state["step"]
-    step_key = jax.random.fold_in(rng, step)
+    step_key = jax.random.fold_in(jax.random.key(seed), step)
     rngs = {"quant": step_key} if quantized else {}
     mutable = sorted(state["state"].keys())
     x, y = batch["x"], batch["y"]
@@ -103,7 +105,7 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
     metrics = {
         "loss": loss,
         "accuracy": accuracy,
-        "grad_norm": optax.global_norm(grads),
+        "grad_norm": optax.tree.norm(grads),
         "lr": jnp.asarray(schedule(step), jnp.float32),
         "grads_nonfinite": _nonfinite_flags(grads),
         "trainable_nonfinite": _nonfinite_flags(trainable),
@@ -114,14 +116,16 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
   return train_step
 
 
-def make_eval_step(apply_fn: Callable, *, quantized: bool, lm: bool) -> Callable:
-  """`eval_step(variables, batch, mask, rng) -> sums` of loss, correct and count.
+def make_eval_step(apply_fn: Callable, *, quantized: bool, lm: bool, seed: int) -> Callable:
+  """`eval_step(variables, batch, mask) -> sums` of loss, correct and count.
 
   `mask` [B] zeroes the padding examples of the last (short) batch; for 'lm' every
   token of a real window counts.
   """
-  def eval_step(variables, batch, mask, rng):
-    rngs = {"quant": rng} if quantized else {}
+  def eval_step(variables, batch, mask):
+    # A fixed key outside the training steps' fold_in range (steps are >= 0).
+    eval_key = jax.random.fold_in(jax.random.key(seed), jnp.uint32(EVAL_KEY_FOLD))
+    rngs = {"quant": eval_key} if quantized else {}
     logits = apply_fn(variables, batch["x"], rngs=rngs)
     y = batch["y"]
     per_token = _per_token_loss(logits, y)
