@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import dataclasses
 import re
-import threading
 import warnings
 from typing import Any, Dict, Optional, Sequence, Tuple
 
@@ -169,18 +168,19 @@ class _Interceptor:
 
   def __init__(self, plan: Plan):
     self.plan = plan
-    self.active = threading.local()
+    self.bypass = False  # True while a serving layer runs its detached copy
 
   def __call__(self, next_fun, args, kwargs, context):
     module = context.module
-    if context.method_name != "__call__" or not isinstance(module, QUANTIZABLE):
+    if (self.bypass or context.method_name != "__call__"
+        or not isinstance(module, QUANTIZABLE)):
       return next_fun(*args, **kwargs)
     path = "/".join(module.path)
     self.plan.seen_paths.add(path)
     idx = self.plan.match(path)
     if idx is None:
       return next_fun(*args, **kwargs)
-    layer = _Layer(module, path, idx, self.plan)
+    layer = _Layer(module, path, idx, self.plan, self)
     if self.plan.phase == "serve":
       return layer.serve(next_fun, args, kwargs)
     if isinstance(module, nn.Einsum):
@@ -200,8 +200,9 @@ class _Interceptor:
 class _Layer:
   """Quantization of one call of one matched layer."""
 
-  def __init__(self, module, path, rule_index, plan: Plan):
+  def __init__(self, module, path, rule_index, plan: Plan, interceptor: _Interceptor):
     self.module, self.path, self.plan = module, path, plan
+    self.interceptor = interceptor
     self.rule = plan.rules[rule_index]
     self.rule_index = rule_index
     self.spec = self.rule.dot_spec()
@@ -367,7 +368,11 @@ class _Layer:
     clone = type(m)(**{**_module_fields(m), attr: fn}, parent=None)
     params = dict(m.variables.get("params", {}))
     params["kernel"] = jnp.zeros(info.kernel_shape, jnp.int8)
-    return clone.apply({"params": params}, *args, **kwargs)
+    self.interceptor.bypass = True  # the copy is not a layer of the model
+    try:
+      return clone.apply({"params": params}, *args, **kwargs)
+    finally:
+      self.interceptor.bypass = False
 
   def _serve_einsum(self, q, inputs, einsum_str=None):
     m = self.module
