@@ -63,7 +63,7 @@ def pack(values: jax.Array, bits: int) -> jax.Array:
     v = v & ((1 << bits) - 1)
   pad = (-v.size) % per
   v = jnp.pad(v, (0, pad)).reshape(-1, per)
-  shifts = jnp.arange(per, dtype=jnp.int32) * bits
+  shifts = jnp.arange(per, dtype=jnp.int32)[None, :] * bits  # explicit rank: no promotion
   return jnp.sum(v << shifts, axis=1).astype(jnp.uint8)
 
 
@@ -72,7 +72,7 @@ def unpack(packed: jax.Array, bits: int, shape) -> jax.Array:
   if bits not in (1, 2, 4):
     raise ValueError(f"bits={bits!r} cannot be unpacked; choose one of [1, 2, 4]")
   per = 8 // bits
-  shifts = jnp.arange(per, dtype=jnp.int32) * bits
+  shifts = jnp.arange(per, dtype=jnp.int32)[None, :] * bits
   v = (packed.astype(jnp.int32)[:, None] >> shifts) & ((1 << bits) - 1)
   v = v.reshape(-1)[: int(np.prod(shape))]
   if bits == 1:
