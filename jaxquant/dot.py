@@ -204,6 +204,15 @@ def _as_int8(q):
   return type(q)(q.values.astype(jnp.int8), q.scale, q.zero_point)
 
 
+def _float_backward(g, a, b):
+  """(g·bᵀ, aᵀ·g) for a [B,M,K], b [B,K,N], g [B,M,N]; plain 2-D dots when B == 1 (the
+  same dots, in the same layouts, as the float model's own backward pass)."""
+  if g.shape[0] == 1:
+    return (lax.dot_general(g[0], b[0], (((1,), (1,)), ((), ())))[None],
+            lax.dot_general(a[0], g[0], (((0,), (0,)), ((), ())))[None])
+  return (jnp.einsum("bmn,bkn->bmk", g, b), jnp.einsum("bmk,bmn->bkn", a, g))
+
+
 def _split_key(key, n):
   if key is None:
     return (None,) * n
@@ -248,9 +257,8 @@ def _qmatmul_bwd(spec, res, g):
   else:
     a = float_l if q_l is None else q_l.dequantize(jnp.float32)
     b = float_r if q_r is None else q_r.dequantize(jnp.float32)
-    g32 = g.astype(jnp.float32)
-    d_l = jnp.einsum("bmn,bkn->bmk", g32, b.astype(jnp.float32))
-    d_r = jnp.einsum("bmk,bmn->bkn", a.astype(jnp.float32), g32)
+    d_l, d_r = _float_backward(g.astype(jnp.float32), a.astype(jnp.float32),
+                               b.astype(jnp.float32))
   out = []
   for d, qspec, r, x_float in ((d_l, spec.lhs, res_l, float_l), (d_r, spec.rhs, res_r, float_r)):
     if qspec is None:
