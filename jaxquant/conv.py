@@ -87,10 +87,28 @@ def _fwd_parts(spec: DotSpec, args: _ConvArgs, lhs, rhs, key, l_learned, r_learn
       parts.append(fq.forward(x, qspec, _axes(x.shape, qspec, keep), k, learned, rng))
   (deq_l, q_l, res_l), (deq_r, q_r, res_r) = parts
   if spec.mode == "int" and q_l is not None and q_r is not None:
-    out = _int_conv(q_l, q_r, args, dn)
+    out = _keep_nan(_int_conv(q_l, q_r, args, dn), lhs, rhs, dn)
   else:
     out = _conv(deq_l.astype(jnp.float32), deq_r.astype(jnp.float32), args)
   return out, (deq_l, deq_r, res_l, res_r, k_g)
+
+
+def _keep_nan(out, lhs, rhs, dn):
+  """Integer codes have no NaN (numerics' rule): the int conv puts NaN back on every
+  output of an example whose input holds a NaN, and of an output feature whose kernel
+  holds one (coarser than a float conv, which spoils only the receptive field)."""
+  nd = out.ndim
+  bad = None
+  if lhs is not None:
+    n = dn.lhs_spec[0]
+    ex = jnp.any(jnp.isnan(lhs), axis=tuple(d for d in range(lhs.ndim) if d != n))
+    bad = _to_out(ex, n, dn.out_spec[0], nd)
+  if rhs is not None:
+    o = dn.rhs_spec[0]
+    feat = jnp.any(jnp.isnan(rhs), axis=tuple(d for d in range(rhs.ndim) if d != o))
+    f = _to_out(feat, o, dn.out_spec[1], nd)
+    bad = f if bad is None else bad | f
+  return jnp.where(bad, jnp.nan, out)
 
 
 def _int_conv(q_l, q_r, args, dn):
@@ -181,7 +199,8 @@ def _serving_conv(spec, args, lhs, q_rhs, key, lhs_range):
   if lhs_spec is not None and spec.mode == "int" and q_rhs.values.dtype == jnp.int8:
     codes, scale, zp = fq.quantize_parts(lhs, lhs_spec, _axes(lhs.shape, lhs_spec, dn.lhs_spec[0]),
                                          key, None, lhs_range)
-    return _int_conv(QTensor(codes.astype(jnp.int8), scale, zp), q_rhs, args, dn)
+    out = _int_conv(QTensor(codes.astype(jnp.int8), scale, zp), q_rhs, args, dn)
+    return _keep_nan(out, lhs, None, dn)
   a = lhs if lhs_spec is None else fq.forward(
       lhs, lhs_spec, _axes(lhs.shape, lhs_spec, dn.lhs_spec[0]), key, None, lhs_range)[0]
   return _conv(a.astype(jnp.float32), q_rhs.dequantize(jnp.float32), args)

@@ -150,6 +150,19 @@ def _int_matmul(q_l, q_r, mode):
   return jnp.sum(acc.astype(jnp.float32) * sl * sr, axis=1)  # [B,M,N]
 
 
+def _keep_nan(out, lhs, rhs):
+  """NaN where a float dot would give NaN from a NaN operand: integer codes have no NaN
+  (numerics' rule), so rows (lhs [B,M,K]) / columns (rhs [B,K,N]) holding one are put
+  back to NaN in the int path's output [B,M,N]."""
+  bad = None
+  if lhs is not None and jnp.issubdtype(lhs.dtype, jnp.floating):
+    bad = jnp.any(jnp.isnan(lhs), axis=2, keepdims=True)
+  if rhs is not None and jnp.issubdtype(rhs.dtype, jnp.floating):
+    col = jnp.any(jnp.isnan(rhs), axis=1, keepdims=True)
+    bad = col if bad is None else bad | col
+  return out if bad is None else jnp.where(bad, jnp.nan, out)
+
+
 def _quantize_grad(h, gspec, axis, key):
   """Quantizes a (scale-folded) gradient: codes (float32 ints) and a broadcastable scale."""
   axes = tuple(range(h.ndim)) if gspec.granularity == "tensor" else (axis,)
@@ -232,7 +245,7 @@ def _matmul_fwd_parts(spec: DotSpec, lhs, rhs, key, l_learned, r_learned, l_rang
   if spec.mode == "int":  # keep int8 codes as residuals: 4x less memory, s8 backward dots
     q_l, q_r = (q if q is None else _as_int8(q) for q in (q_l, q_r))
   if spec.mode == "int" and q_l is not None and q_r is not None:
-    out = _int_matmul(q_l, q_r, "int")
+    out = _keep_nan(_int_matmul(q_l, q_r, "int"), lhs, rhs)
   else:
     out = jnp.einsum("bmk,bkn->bmn", deq_l, deq_r, preferred_element_type=jnp.float32)
   return out, (q_l, q_r, res_l, res_r, deq_l if q_l is None else None,
@@ -334,7 +347,7 @@ def _serving_dot(lhs, q_rhs: QTensor, dimension_numbers, spec, key, preferred_el
   if lhs_spec is not None and q_r.values.dtype == jnp.int8 and (spec.mode == "int"):
     codes, scale, zp = fq.quantize_parts(l3, lhs_spec, (2,), key, None, lr)
     q_l = QTensor(codes.astype(jnp.int8), scale, zp)
-    out = _int_matmul(q_l, q_r, "int")
+    out = _keep_nan(_int_matmul(q_l, q_r, "int"), l3, None)
   else:
     a = l3 if lhs_spec is None else fq.forward(l3, lhs_spec, (2,), key, None, lr)[0]
     out = jnp.einsum("bmk,bkn->bmn", a, q_r.dequantize(a.dtype),

@@ -9,8 +9,9 @@ Non-finite inputs (the documented rule): calibration looks only at finite entrie
 all-non-finite or all-zero slice gets scale 1, except binary's all-zero slice: α = 0, so
 zeros stay zeros); +Inf/-Inf saturate to the largest /
 smallest code; NaN gets the code of 0.0 in integer values (integers have no NaN), and
-`fake_quant` / `dequantize` put the NaN back so it is never silently hidden in float
-outputs.
+`fake_quant` puts the NaN back, and the int dot / conv set NaN on every output that a
+NaN operand row / column (conv: example / output feature) feeds, so a NaN is never
+silently hidden in float outputs.
 """
 from __future__ import annotations
 

@@ -272,9 +272,6 @@ def test_bad_calls_raise():
     jax.eval_shape(jax.grad(lambda a: jnp.sum(jq.dot_general(a, w, dims, spec))), x)
 
 
-@pytest.mark.xfail(strict=True, reason="NaN rule (numerics docstring: NaN is never silently "
-                   "hidden in float outputs) is broken by the int path: a NaN input gets "
-                   "code 0 and the s8 dot returns a finite output; the fake path keeps NaN")
 def test_nan_input_is_not_hidden_by_int_dot():
   x, w = rng_x((4, 8)), rng_x((8, 3))
   x[1, 2] = np.nan
