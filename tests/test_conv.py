@@ -254,9 +254,10 @@ def test_conv_jit_and_dtypes(use_jit, dtype):
   spec = DS(lhs=QS(), rhs=QS())
   conv = jq.make_conv(spec)  # flax's nn.Conv calling convention
   f = lambda a, b: conv(a, b, (1, 1), "SAME", None, None, ("NHWC", "HWIO", "NHWC"), 1)
-  grad = jax.grad(lambda a, b: jnp.sum(f(a, b).astype(jnp.float32)), argnums=(0, 1))
+  # Gradients under jit in both variants (see test_dot_general_jit_grad_dtypes).
+  grad = jax.jit(jax.grad(lambda a, b: jnp.sum(f(a, b).astype(jnp.float32)), argnums=(0, 1)))
   if use_jit:
-    f, grad = jax.jit(f), jax.jit(grad)
+    f = jax.jit(f)
   out = f(x, w)
   assert out.dtype == dtype and out.shape == (2, 5, 5, 4)
   x32, w32 = (np.asarray(v.astype(jnp.float32)) for v in (x, w))
@@ -267,3 +268,15 @@ def test_conv_jit_and_dtypes(use_jit, dtype):
   dx, dw = grad(x, w)
   assert dx.dtype == dtype and dw.dtype == dtype
   assert np.all(np.isfinite(np.asarray(dw.astype(jnp.float32))))
+
+
+def test_nan_input_is_not_hidden_by_int_conv():
+  """NaN rule: integer codes have no NaN, so the int conv must put it back."""
+  x, w = rng_x((1, 4, 4, 2), 16), rng_x((1, 1, 2, 3), 17)
+  x[0, 1, 2, 0] = np.nan
+  dn = ("NHWC", "HWIO", "NHWC")
+  fake = np.asarray(jconv(DS(lhs=QS(), rhs=QS(), mode="fake"), (1, 1), "VALID",
+                          dimension_numbers=dn)(x, w))
+  assert np.all(np.isnan(fake[0, 1, 2])) and np.sum(np.isnan(fake)) == 3
+  out = np.asarray(jconv(DS(lhs=QS(), rhs=QS()), (1, 1), "VALID", dimension_numbers=dn)(x, w))
+  assert np.all(np.isnan(out[0, 1, 2]))

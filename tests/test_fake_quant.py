@@ -34,7 +34,8 @@ def test_stochastic_rounding_is_unbiased():
   spec = QS(bits=4, rounding="stochastic", granularity="tensor")
   n = 2000
   keys = jax.random.split(jax.random.key(0), n)
-  samples = np.asarray(jax.vmap(lambda k: jq.fake_quant(x, spec, reduce_axes=(0,), key=k))(keys))
+  samples = np.asarray(jax.jit(jax.vmap(
+      lambda k: jq.fake_quant(x, spec, reduce_axes=(0,), key=k)))(keys))
   s = np.max(np.abs(x)) / np.float32(7)
   # Each sample is floor or ceil of x on the grid.
   lo, hi = np.floor(x / s) * s, np.ceil(x / s) * s
@@ -50,7 +51,7 @@ def test_stochastic_rounding_is_unbiased():
 
 
 def test_stochastic_rounding_keys():
-  x = rng_x((32, 4), seed=2)
+  x = rng_x((64, 32), seed=2)
   spec = QS(bits=3, rounding="stochastic")
   a = jq.fake_quant(x, spec, reduce_axes=(0,), key=jax.random.key(1))
   b = jq.fake_quant(x, spec, reduce_axes=(0,), key=jax.random.key(2))
@@ -120,13 +121,13 @@ def test_clipped_ste_binary_ternary_htanh(fmt):
 
 
 def test_all_zero_input_has_finite_gradients():
-  x = np.zeros((8, 4), np.float32)
-  g = np.ones((8, 4), np.float32)
+  x = np.zeros((64, 32), np.float32)
+  g = np.ones((64, 32), np.float32)
   for spec in (QS(ste="clipped"), QS(format="binary", ste="clipped"),
                QS(format="ternary", ste="clipped"), QS(format="fp8_e4m3", ste="clipped")):
     dx, _ = grads(spec, x, g)
     assert np.all(np.isfinite(np.asarray(dx)))
-  dx, ds = grads(QS(bits=4, ste="lsq"), x, g, learned=jnp.full((1, 4), 0.1))
+  dx, ds = grads(QS(bits=4, ste="lsq"), x, g, learned=jnp.full((1, 32), 0.1))
   assert np.all(np.isfinite(np.asarray(dx))) and np.all(np.isfinite(np.asarray(ds)))
 
 
@@ -180,13 +181,13 @@ def test_lsq_forward_and_gradients(bits):
 
 
 def test_lsq_group_steps_and_sign():
-  x = rng_x((64, 8), seed=14)
-  g = rng_x((64, 8), seed=15)
-  s = np.full((4, 8), 0.2, np.float32)  # 4 groups of 16 along axis 0
+  x = rng_x((64, 32), seed=14)
+  g = rng_x((64, 32), seed=15)
+  s = np.full((4, 32), 0.2, np.float32)  # 4 groups of 16 along axis 0
   spec = QS(bits=4, ste="lsq", granularity="group", group_size=16)
   dx, ds = grads(spec, x, g, learned=jnp.asarray(s))
-  assert ds.shape == (4, 8)
-  xb, gb = x.reshape(4, 16, 8), g.reshape(4, 16, 8)
+  assert ds.shape == (4, 32)
+  xb, gb = x.reshape(4, 16, 32), g.reshape(4, 16, 32)
   _, ref_ds = np_lsq_grads(xb, 0.2, gb, 4, n_per_step=16, red_axis=1)
   np.testing.assert_allclose(np.asarray(ds), ref_ds[:, 0], rtol=2e-4, atol=1e-6)
   # The step enters as |s|: a negative step gives the same output and a flipped gradient.
@@ -253,8 +254,8 @@ def test_pact_asymmetric_relu_range():
 
 
 def test_pact_tensor_alpha_scalar_shape():
-  x = rng_x((16, 4), seed=21) * 3
-  g = np.ones((16, 4), np.float32)
+  x = rng_x((64, 32), seed=21) * 3
+  g = np.ones((64, 32), np.float32)
   spec = QS(bits=8, ste="pact", granularity="tensor")
   _, dalpha = grads(spec, x, g, learned=jnp.full((1, 1), 1.5))
   assert dalpha.shape == (1, 1)
@@ -290,15 +291,16 @@ def test_fake_quant_jit_and_dtypes(use_jit, dtype):
 def test_fake_quant_vmap_matches_loop():
   xs = rng_x((3, 16, 8), seed=23)
   spec = QS(bits=4, symmetric=False)
-  f = lambda x: jq.fake_quant(x, spec, reduce_axes=(0,))
-  out = np.asarray(jax.vmap(f)(xs))
+  f = jax.jit(lambda x: jq.fake_quant(x, spec, reduce_axes=(0,)))
+  out = np.asarray(jax.jit(jax.vmap(f))(xs))
   for i in range(3):
     np.testing.assert_array_equal(out[i], np.asarray(f(xs[i])))
   # vmap of the gradient with a learned step per example.
   steps = jnp.full((3, 1, 8), 0.3)
   lsq = QS(bits=4, ste="lsq")
-  dsteps = jax.vmap(jax.grad(lambda x, s: jnp.sum(jq.fake_quant(x, lsq, reduce_axes=(0,),
-                                                                learned=s)), argnums=1))(xs, steps)
+  dsteps = jax.jit(jax.vmap(jax.grad(
+      lambda x, s: jnp.sum(jq.fake_quant(x, lsq, reduce_axes=(0,), learned=s)),
+      argnums=1)))(xs, steps)
   for i in range(3):
     _, ref = np_lsq_grads(xs[i], 0.3, np.ones((16, 8)), 4, n_per_step=16)
     np.testing.assert_allclose(np.asarray(dsteps[i]), ref, rtol=2e-4, atol=1e-6)
