@@ -1,8 +1,8 @@
 r"""Base config: declares every key the trainer reads. Recipes import it and override.
 
   python -m experiments.train --config=configs/base.py --workdir=/tmp/jq/base
-  Expected: float MNIST-1D CNN, test_accuracy ~0.93 (short schedule, see mnist1d_cnn.py)
-  Runtime: ~15 s on a 2-core CPU (measured, jit compile included)
+  Expected: float MNIST-1D CNN, test_accuracy 0.874 (short schedule; mnist1d_cnn.py: 0.949)
+  Runtime: ~10-20 s on a 2-core CPU (measured, jit compile included)
 
 Keys (all of them; the library never falls back to defaults for a missing key):
 

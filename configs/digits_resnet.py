@@ -1,8 +1,8 @@
 r"""8x8 scikit-learn digits with a small GroupNorm ResNet (float by default).
 
   python -m experiments.train --config=configs/digits_resnet.py --workdir=/tmp/jq/digits_resnet
-  Expected: test_accuracy ~TBD
-  Runtime: ~TBD s on a 2-core CPU (jit compile included)
+  Expected: test_accuracy 0.989 (seed 0)
+  Runtime: ~20-30 s on a 2-core CPU (jit compile included)
 
 Quantized variants as in mnist1d_cnn.py: `--config=configs/digits_resnet.py:w4a4`
 (stem and head stay at W8A8; every other conv follows quant.bits).

@@ -2,7 +2,7 @@ r"""MNIST-1D with the paper's CNN (Greydanus 2020): float baseline and QAT varia
 
   python -m experiments.train --config=configs/mnist1d_cnn.py --workdir=/tmp/jq/mnist1d_cnn
   Expected: test_accuracy ~0.945 (paper CNN: ~94%); seeds 0/1/2 gave 0.949/0.945/0.940
-  Runtime: ~15 s on a 2-core CPU (float; jit compile included)
+  Runtime: ~8-15 s on a 2-core CPU (float; 8 s measured on an idle machine, compile included)
 
 Variants (`--config=configs/mnist1d_cnn.py:ARG`), first conv and head kept at W8A8:
   float (default)  no quantization (quant.bits=32)

@@ -1,8 +1,8 @@
 r"""Byte-level GPT on the pytext corpus (standard-library Python sources); float default.
 
   python -m experiments.train --config=configs/pytext_gpt.py --workdir=/tmp/jq/pytext_gpt
-  Expected: test_bits_per_byte ~TBD
-  Runtime: ~TBD s on a 2-core CPU (jit compile included)
+  Expected: test_bits_per_byte 2.23 (seed 0; token accuracy 0.60)
+  Runtime: ~90 s on a 2-core CPU (jit compile included)
 
 Quantized variants as in mnist1d_cnn.py: `--config=configs/pytext_gpt.py:w8a8`
 (embeddings and head stay at W8A8; every other layer follows quant.bits).

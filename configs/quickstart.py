@@ -2,7 +2,7 @@ r"""Quickstart: accuracy vs bits on MNIST-1D, 5 settings x 3 seeds in ~10 minute
 
   python -m experiments.sweep --config=configs/quickstart.py --workdir=/tmp/jq/quickstart --parallel=2
   Expected: float test_accuracy ~0.94 (single run, seeds 0/1/2: 0.944/0.945/0.938)
-  Runtime: one float run ~10 s on a 2-core CPU; the sweep's 15 runs fit ~10 minutes
+  Runtime: one float run ~7-18 s on a 2-core CPU (compile included); 15 runs fit ~10 minutes
 
 One point alone:
   python -m experiments.train --config=configs/quickstart.py --workdir=/tmp/jq/qs/w4a4_s0 \

@@ -14,6 +14,7 @@ import re
 import sys
 
 from absl import app, flags, logging
+import ml_collections
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -80,8 +81,9 @@ def main(argv: list[str]) -> None:
     _fail("--workdir is required", USAGE_ERROR)
   try:
     config = _CONFIG.value
+    if config is not None and not isinstance(config, ml_collections.ConfigDict):
+      config.to_dict()  # config_flags defers file-loading errors to the first access
   except Exception as e:  # pylint: disable=broad-except
-    # config_flags defers file-loading errors to the first access.
     _fail(f"could not load --config: {' '.join(str(e).split())}", USAGE_ERROR)
   if config is None:
     _fail("--config is required (e.g. --config=configs/mnist1d_cnn.py)", USAGE_ERROR)

@@ -123,15 +123,22 @@ def _train_cli(*args):
                         env={**os.environ, "JAX_PLATFORMS": "cpu"})
 
 
-@pytest.mark.parametrize("flag, fragments", [
-    ("--config.optimizer.lrr=0.1", ["unknown config key 'optimizer.lrr'", "'lr'"]),
-    ("--config.quant.bits=12", ["quant.bits", "12", "[2, 3, 4, 5, 6, 7, 8]"]),
+@pytest.mark.parametrize("flag, fragments, existing", [
+    ("--config.optimizer.lrr=0.1", ["unknown config key 'optimizer.lrr'", "'lr'"], False),
+    ("--config.quant.bits=12", ["quant.bits", "12", "[2, 3, 4, 5, 6, 7, 8]"], True),
 ])
-def test_cli_bad_config_exits_2_and_leaves_workdir_untouched(tmp_path, flag, fragments):
+def test_cli_bad_config_exits_2_and_leaves_workdir_untouched(tmp_path, flag, fragments,
+                                                            existing):
   workdir = tmp_path / "run"
+  if existing:  # a previous run's workdir must not be modified either
+    workdir.mkdir()
+    (workdir / "marker.txt").write_text("keep")
   result = _train_cli("--config=configs/mnist1d_cnn.py:w4a4", f"--workdir={workdir}", flag)
   assert result.returncode == 2, result.stderr
   message = result.stderr.strip().splitlines()[-1]
   for fragment in fragments:
     assert fragment in message, result.stderr
-  assert not workdir.exists()
+  if existing:
+    assert os.listdir(workdir) == ["marker.txt"]
+  else:
+    assert not workdir.exists()

@@ -154,13 +154,16 @@ def make_evaluator(setup: Setup, apply_fn: Callable, variable_shardings: Any, *,
       out_shardings=sharding.replicated(setup.mesh))
 
   def evaluator(variables) -> dict[str, float]:
-    totals = None
+    totals: dict[str, float] = {}
     for batch, mask in _padded_eval_batches(setup.dataset, setup.config.batch_size):
       placed = sharding.global_batch({**batch, "mask": mask}, batch_sh)
       mask_arr = placed.pop("mask")
-      sums = eval_step(variables, placed, mask_arr)
-      totals = sums if totals is None else jax.tree_util.tree_map(jnp.add, totals, sums)
-    return steps.summarize_eval(jax.device_get(totals), lm=setup.lm)
+      # Fetched per batch (float64 sums on the host): it also keeps a single computation
+      # in flight, which multi-process CPU collectives (gloo) need to avoid deadlocks.
+      sums = jax.device_get(eval_step(variables, placed, mask_arr))
+      for k, v in sums.items():
+        totals[k] = totals.get(k, 0.0) + float(v)
+    return steps.summarize_eval(totals, lm=setup.lm)
 
   return evaluator
 
