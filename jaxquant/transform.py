@@ -324,10 +324,18 @@ class _Layer:
     return y
 
   def einsum_with(self, einsum_str, inputs, kernel):
-    dims, _, _, rsum = qdot.einsum_dimension_numbers(einsum_str, inputs.ndim, kernel.ndim)
+    # len(shape): the kernel may be a serving QTensor, which has no ndim.
+    dims, perm, lsum, rsum = qdot.einsum_dimension_numbers(einsum_str, inputs.ndim,
+                                                           len(kernel.shape))
     if isinstance(kernel, QTensor):
-      return qdot.einsum(einsum_str, inputs, kernel, self.spec, key=self._key(),
-                         lhs_range=self._act_range(inputs))
+      # jq.einsum takes arrays only; dot_general takes the QTensor (serving path). The
+      # glue is jq.einsum's own, so the result matches the QAT forward exactly.
+      lhs_range = self._act_range(inputs)
+      if lsum:
+        inputs = jnp.sum(inputs, axis=lsum)
+      y = qdot.dot_general(inputs, kernel, dims, self.spec, key=self._key(),
+                           lhs_range=lhs_range)
+      return y if perm == tuple(range(len(perm))) else jnp.transpose(y, perm)
     if rsum:
       raise ValueError(f"layer {self.path!r}: einsum {einsum_str!r} sums kernel axes away")
     reduce_axes = tuple(dims[0][1])

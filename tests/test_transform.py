@@ -90,7 +90,7 @@ def _all_rules(bits):
   return [jq.Rule(".*", weight=s, act=s)]
 
 
-def _fill(model, *args):
+def fill_params(model, *args):
   """Deterministic parameters without compiling a PRNG init (tracing only): kernels
   ~N(0, 1/fan_in), biases ~N(0, 0.1²), norm scales 1."""
   shapes = jax.eval_shape(model.init, jax.random.key(0), *args)["params"]
@@ -107,15 +107,15 @@ def _fill(model, *args):
   return jax.tree_util.tree_map_with_path(fill, shapes)
 
 
-def _normal(shape, seed):
+def normal(shape, seed):
   return jnp.asarray(np.random.default_rng(seed).normal(size=shape), jnp.float32)
 
 
 @functools.lru_cache(maxsize=None)
 def _setup(name):
   model, shape, _ = CASES[name]
-  x = _normal(shape, 1)
-  return model, x, {"params": _fill(model, x)}
+  x = normal(shape, 1)
+  return model, x, {"params": fill_params(model, x)}
 
 
 def qinit(qmodel, params, *args, check_unused=True):
@@ -145,7 +145,7 @@ def run(module, variables, *args, **kwargs):
   return jax.jit(functools.partial(module.apply, **kwargs))(variables, *args)
 
 
-def _rel(a, b):
+def rel_err(a, b):
   a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
   return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
@@ -177,7 +177,7 @@ def test_mlp_matches_numpy_reference_of_the_rules():
       h = np.maximum(h, 0.0)
   out = np.asarray(run(qmodel, qvars, x))
   np.testing.assert_allclose(out, h, rtol=1e-4, atol=1e-5 * np.abs(h).max())
-  assert _rel(out, model.apply(variables, x)) > 1e-3  # and that is not the float model
+  assert rel_err(out, model.apply(variables, x)) > 1e-3  # and that is not the float model
 
 
 @pytest.mark.parametrize("name", list(CASES))
@@ -188,7 +188,7 @@ def test_error_vs_float_is_bounded_and_ordered_by_bits(name):
   qvars = [qinit(q, variables["params"], x) for q in qmodels]
   outs = jax.jit(lambda vs: [q.apply(v, x) for q, v in zip(qmodels, vs)] +
                  [model.apply(variables, x)])(qvars)
-  err8, err_mixed, err4 = (_rel(o, outs[-1]) for o in outs[:3])
+  err8, err_mixed, err4 = (rel_err(o, outs[-1]) for o in outs[:3])
   assert 0.0 < err8 < 0.03, (err8, err_mixed, err4)
   assert err8 < err_mixed < err4 < 0.5, (err8, err_mixed, err4)
 
@@ -228,7 +228,7 @@ def test_every_float_param_and_quant_variable_gets_a_gradient(name):
   qmodel = jq.quantize_model(model, rules)
   shapes = jax.eval_shape(qmodel.init, jax.random.key(0), x)
   stats = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes["quant_stats"])
-  target = _normal(jax.eval_shape(model.apply, variables, x).shape, 7)
+  target = normal(jax.eval_shape(model.apply, variables, x).shape, 7)
 
   @jax.jit
   def grads(params):
@@ -277,7 +277,7 @@ def test_params_tree_equals_float_and_collections_are_separate(name):
 
 def test_init_gives_the_float_params_and_checkpoints_cross_load():
   model = MLP()
-  x = _normal((3, 12), 2)
+  x = normal((3, 12), 2)
   qmodel = jq.quantize_model(model, LEARNED_RULES["mlp"][0])
   key = jax.random.key(0, impl="unsafe_rbg")  # compiles fast; same bits for both inits
   variables = jax.jit(model.init)(key, x)
@@ -292,7 +292,7 @@ def test_init_gives_the_float_params_and_checkpoints_cross_load():
       q8.apply({**q, **f}, x), model.apply(f, x), model.apply({"params": q["params"]}, x),
       model.apply(variables, x)))(qvars, new)
   np.testing.assert_allclose(y_back, y_float, rtol=1e-5, atol=1e-6)
-  assert 0.0 < _rel(y_q, y_new) < 0.03
+  assert 0.0 < rel_err(y_q, y_new) < 0.03
 
 
 def test_quantize_model_keeps_the_float_model_and_its_fields():
@@ -305,7 +305,7 @@ def test_quantize_model_keeps_the_float_model_and_its_fields():
   y4, y8, y_float = jax.jit(lambda v: (qmodel.apply(v, x), q8.apply(v, x), model.apply(v, x)))(
       {**qinit(qmodel, variables["params"], x)})
   np.testing.assert_array_equal(y_float, y0)  # the float model is untouched
-  assert 0.0 < _rel(y8, y0) < _rel(y4, y0)
+  assert 0.0 < rel_err(y8, y0) < rel_err(y4, y0)
 
 
 # ----------------------------------------------------------------------------- jit / remat / shared / nested
@@ -328,9 +328,9 @@ class Stack(nn.Module):
 
 
 def test_remat_gives_the_same_quantized_forward_and_gradients():
-  x = _normal((4, 8), 3)
+  x = normal((4, 8), 3)
   plain, remat = Stack(remat=False), Stack(remat=True)
-  params = _fill(plain, x)
+  params = fill_params(plain, x)
   rules = [jq.Rule("block_1/.*", weight=W4, act=A4)]
   q_plain, q_remat = jq.quantize_model(plain, rules), jq.quantize_model(remat, rules)
   qv = qinit(q_remat, params, x)
@@ -349,7 +349,7 @@ def test_remat_gives_the_same_quantized_forward_and_gradients():
 
   (y_plain, y_remat), (g_plain, g_remat), y_float = both(params)
   np.testing.assert_allclose(y_remat, y_plain, rtol=1e-6, atol=1e-6)
-  assert _rel(y_remat, y_float) > 1e-3
+  assert rel_err(y_remat, y_float) > 1e-3
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), g_remat, g_plain)
   assert all(np.any(np.asarray(v) != 0) for v in jax.tree.leaves(g_remat))
 
@@ -368,10 +368,10 @@ class Single(nn.Module):
 
 
 def test_layer_called_twice_quantizes_each_call_with_the_shared_weights():
-  x = _normal((5, 8), 4)
+  x = normal((5, 8), 4)
   rules = [jq.Rule("shared", weight=W8, act=A4)]
   qshared, qsingle = jq.quantize_model(Shared(), rules), jq.quantize_model(Single(), rules)
-  qv = qinit(qshared, _fill(Shared(), x), x)
+  qv = qinit(qshared, fill_params(Shared(), x), x)
   assert set(traverse_util.flatten_dict(qv["params"], sep="/")) == {"shared/kernel", "shared/bias"}
 
   @jax.jit
@@ -383,7 +383,7 @@ def test_layer_called_twice_quantizes_each_call_with_the_shared_weights():
 
   ref, y, upd, g, y_float = f(qv)
   np.testing.assert_array_equal(y, ref)
-  assert _rel(y, y_float) > 1e-3
+  assert rel_err(y, y_float) > 1e-3
   assert int(upd["quant_stats"]["shared"]["ema_count"]) == 2  # both calls tracked
   assert all(np.any(np.asarray(v) != 0) for v in jax.tree.leaves(g))
   # The serving model runs both calls on the same stored codes.
@@ -421,9 +421,9 @@ class Model(nn.Module):
 
 
 def test_nested_rule_paths_quantize_exactly_the_matched_layers():
-  x = _normal((3, 8), 5)
+  x = normal((3, 8), 5)
   model = Model()
-  params = _fill(model, x)
+  params = fill_params(model, x)
   qmodel = jq.quantize_model(model, [jq.Rule("encoder/layer_3/attn/.*", weight=W4, act=A4)])
   qv = qinit(qmodel, params, x)
   expected = {f"encoder/layer_3/attn/{n}" for n in ("query", "key", "out", "mlp")}
@@ -444,7 +444,7 @@ def test_nested_rule_paths_quantize_exactly_the_matched_layers():
 
   y, ref, y_float = f(params)
   np.testing.assert_allclose(y, ref, rtol=1e-6, atol=1e-6)
-  assert _rel(y, y_float) > 1e-3
+  assert rel_err(y, y_float) > 1e-3
 
 
 def test_warning_names_unused_rules_only():
@@ -554,4 +554,4 @@ def test_int_mode_equals_fake_mode_up_to_float_rounding(name):
   y_int, y_fake, y_float = jax.jit(lambda v: (q_int.apply(v, x), q_fake.apply(v, x),
                                               model.apply(v, x)))(qv)
   np.testing.assert_allclose(y_int, y_fake, rtol=1e-4, atol=1e-5 * float(jnp.abs(y_fake).max()))
-  assert _rel(y_int, y_float) > 1e-3
+  assert rel_err(y_int, y_float) > 1e-3
