@@ -47,7 +47,11 @@ def _weight_reduce_axes(layer, kernel) -> Tuple[int, ...]:
   if isinstance(layer, nnx.Conv):
     return tuple(range(kernel.ndim)) if w.granularity == "tensor" else tuple(range(kernel.ndim - 1))
   if isinstance(layer, nnx.Einsum):
-    dims, _, _, _ = qdot.einsum_dimension_numbers(layer.einsum_str, kernel.ndim + 1, kernel.ndim)
+    # The input's rank is not known here; the kernel's contracting axes do not depend on
+    # it, so take the rank the input subscript spells ('...' standing for no axis).
+    lhs_sub = layer.einsum_str.replace(" ", "").split("->")[0].split(",")[0]
+    lhs_ndim = len(lhs_sub.replace("...", ""))
+    dims, _, _, _ = qdot.einsum_dimension_numbers(layer.einsum_str, lhs_ndim, kernel.ndim)
     return tuple(dims[0][1])
   n_in = len(getattr(layer, "in_features", (0,))) if isinstance(
       getattr(layer, "in_features", None), tuple) else 1

@@ -1,0 +1,182 @@
+"""Tests for jaxquant.quantize_model on Flax NNX modules: the same model written in Linen
+and NNX with the same weights gives the same quantized outputs, under nnx.jit too;
+gradients (weight LSQ included) flow through nnx.grad; unsupported cases fail early."""
+import functools
+import warnings
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import jaxquant as jq
+from test_convert import PARAMS, X, Net
+from test_transform import int_ops, qinit, rel_err
+
+
+class NNXNet(nnx.Module):
+  """test_convert.Net in NNX: attribute names = Linen layer names, same parameter shapes."""
+
+  def __init__(self, rngs):
+    self.conv = nnx.Conv(3, 8, (3, 3), rngs=rngs)
+    self.proj = nnx.LinearGeneral(8, (2, 8), rngs=rngs)
+    self.mix = nnx.Einsum("bthd,hdf->btf", (2, 8, 12), (12,), rngs=rngs)
+    self.head = nnx.Linear(12, 5, rngs=rngs)
+
+  def __call__(self, x):
+    x = nnx.relu(self.conv(x))
+    x = x.reshape(x.shape[0], -1, 8)
+    x = self.mix(self.proj(x))
+    return self.head(jnp.mean(nnx.gelu(x), axis=1))
+
+
+def nnx_net(params=PARAMS, cls=NNXNet):
+  """A `cls` holding the Linen parameters (built abstractly: no PRNG init to compile)."""
+  graphdef, state = nnx.split(nnx.eval_shape(lambda: cls(nnx.Rngs(0))))
+  nnx.replace_by_pure_dict(state, params)
+  return nnx.merge(graphdef, state)
+
+
+A8 = jq.QuantSpec(bits=8)
+CASES = {
+    "w8a8": [jq.Rule(".*", weight=jq.QuantSpec(bits=8), act=A8)],
+    "mixed": [jq.Rule("conv|head", weight=jq.QuantSpec(bits=8), act=A8),
+              jq.Rule("proj", act=jq.QuantSpec(bits=4)),
+              jq.Rule("mix", weight=jq.QuantSpec(bits=4, symmetric=False),
+                      act=jq.QuantSpec(bits=6, symmetric=False))],
+    "binary_group_weight_only": [jq.Rule("conv", weight=jq.QuantSpec(format="binary"), act=A8),
+                                 jq.Rule("proj", weight=jq.QuantSpec(
+                                     bits=4, granularity="group", group_size=4), act=A8),
+                                 jq.Rule("mix|head", weight=jq.QuantSpec(bits=3))],
+    "lsq_pact_weights": [jq.Rule("conv|mix", weight=jq.QuantSpec(bits=4, ste="lsq"), act=A8),
+                         jq.Rule("proj|head", weight=jq.QuantSpec(bits=4, ste="pact"))],
+}
+
+
+@nnx.jit
+def _nnx_forward(model, x):
+  return model(x)
+
+
+def assert_same(a, b):
+  """Equal up to float32 FMA contraction in the fused epilogue (a few ulp)."""
+  a, b = np.asarray(a), np.asarray(b)
+  np.testing.assert_allclose(a, b, rtol=0, atol=1e-6 * np.abs(b).max())
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_nnx_and_linen_give_the_same_quantized_outputs(case):
+  rules = CASES[case]
+  linen_q = jq.quantize_model(Net(), rules)
+  linen_vars = qinit(linen_q, PARAMS, X)
+  model = nnx_net()
+  y_float_nnx = _nnx_forward(model, X)
+  assert jq.quantize_model(model, rules) is model  # in place
+  if case == "lsq_pact_weights":  # learned weight scales: initialized like Linen's
+    for layer, var in (("conv", "weight_lsq"), ("mix", "weight_lsq"), ("proj", "weight_pact"),
+                       ("head", "weight_pact")):
+      learned = getattr(model, layer).jq_weight_learned[...]
+      np.testing.assert_allclose(learned, linen_vars["quant"][layer][var], rtol=1e-6)
+      linen_vars["quant"][layer][var] = learned  # (init reductions may differ by an ulp)
+  y_nnx = _nnx_forward(model, X)
+  y_linen, y_float = jax.jit(lambda v: (linen_q.apply(v, X), Net().apply({"params": v["params"]}, X)))(
+      linen_vars)
+  assert_same(y_float_nnx, y_float)  # the two models are the same model
+  np.testing.assert_array_equal(y_nnx, y_linen)
+  assert rel_err(y_nnx, y_float) > 1e-4
+  # Parameters are untouched.
+  params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+  for layer, leaves in PARAMS.items():
+    for name, value in leaves.items():
+      np.testing.assert_array_equal(params[layer][name], value)
+
+
+def test_nnx_int_path_is_integer():
+  model = jq.quantize_model(nnx_net(), CASES["w8a8"])
+  graphdef, state = nnx.split(model)
+  fn = lambda state, x: nnx.merge(graphdef, state)(x)
+  assert int_ops(fn, state, X, prim="conv_general_dilated") == (1, 1)
+  assert int_ops(fn, state, X, prim="dot_general") == (3, 3)
+
+
+def test_nnx_grad_reaches_every_param_and_the_weight_lsq_scale():
+  model = jq.quantize_model(nnx_net(), CASES["lsq_pact_weights"])
+  target = jnp.asarray(np.random.default_rng(0).normal(size=(3, 5)), jnp.float32)
+
+  @nnx.jit
+  def grads(model, x):
+    return nnx.grad(lambda m: jnp.sum((m(x) - target) ** 2))(model)
+
+  g = nnx.to_pure_dict(grads(model, X))
+  names = {jax.tree_util.keystr(p): v for p, v in jax.tree_util.tree_leaves_with_path(g)}
+  assert len(names) == 8 + 4  # kernel + bias per layer, one learned scale per layer
+  for name, v in names.items():
+    assert np.all(np.isfinite(v)) and np.any(np.asarray(v) != 0), name
+  assert sum("jq_weight_learned" in n for n in names) == 4
+  # The same gradients as Linen's for params and 'quant'.
+  linen_q = jq.quantize_model(Net(), CASES["lsq_pact_weights"])
+  lv = qinit(linen_q, PARAMS, X)
+  trainable = {k: lv[k] for k in ("params", "quant")}
+  lg = jax.jit(jax.grad(lambda t: jnp.sum((linen_q.apply({**lv, **t}, X) - target) ** 2)))(
+      trainable)
+  np.testing.assert_allclose(g["mix"]["kernel"], lg["params"]["mix"]["kernel"],
+                             rtol=1e-4, atol=1e-6)
+  np.testing.assert_allclose(g["conv"]["jq_weight_learned"], lg["quant"]["conv"]["weight_lsq"],
+                             rtol=1e-4, atol=1e-7)
+  np.testing.assert_allclose(g["head"]["jq_weight_learned"], lg["quant"]["head"]["weight_pact"],
+                             rtol=1e-4, atol=1e-7)
+
+
+class Attn(nnx.Module):
+  def __init__(self, rngs):
+    self.qkv = nnx.Einsum("btd,dhk->bthk", (8, 2, 4), (2, 4), rngs=rngs)
+
+
+class LinenAttn(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    return nn.Einsum((8, 2, 4), "btd,dhk->bthk", name="qkv")(x)
+
+
+def test_nnx_einsum_with_lsq_weight_matches_linen():
+  rules = [jq.Rule("qkv", weight=jq.QuantSpec(bits=4, ste="lsq"), act=A8)]
+  rng = np.random.default_rng(1)
+  x = jnp.asarray(rng.normal(size=(2, 3, 8)), jnp.float32)
+  params = {"qkv": {"kernel": jnp.asarray(rng.normal(size=(8, 2, 4)), jnp.float32),
+                    "bias": jnp.asarray(rng.normal(size=(2, 4)), jnp.float32)}}
+  model = nnx_net(params, Attn)
+  jq.quantize_model(model, rules)
+  linen_q = jq.quantize_model(LinenAttn(), rules)
+  lv = qinit(linen_q, params, x)
+  np.testing.assert_allclose(model.qkv.jq_weight_learned[...], lv["quant"]["qkv"]["weight_lsq"],
+                             rtol=1e-6)
+  lv["quant"]["qkv"]["weight_lsq"] = model.qkv.jq_weight_learned[...]
+  y_linen = jax.jit(linen_q.apply)(lv, x)
+  np.testing.assert_array_equal(_nnx_forward(model.qkv, x), y_linen)
+  np.testing.assert_array_equal(model.qkv(x), y_linen)  # eager too
+
+
+@pytest.mark.parametrize("rule, match", [
+    (jq.Rule("proj", act=jq.QuantSpec(bits=8, granularity="tensor", ste="lsq")), "learned activation"),
+    (jq.Rule("proj", act=jq.QuantSpec(bits=8, granularity="tensor", symmetric=False, ste="pact")),
+     "learned activation"),
+    (jq.Rule("proj", weight=jq.QuantSpec(bits=8, rounding="stochastic")), "stochastic"),
+    (jq.Rule("head", act=jq.QuantSpec(bits=8, rounding="stochastic")), "stochastic"),
+])
+def test_unsupported_nnx_cases_raise(rule, match):
+  model = nnx_net()
+  with pytest.raises(ValueError, match=match):
+    jq.quantize_model(model, [rule])
+
+
+def test_nnx_unused_rules_warn_and_bad_rules_raise():
+  with pytest.warns(UserWarning, match=r"rules matched no layer: \['encoder/.\*'\]"):
+    jq.quantize_model(nnx_net(), [jq.Rule("conv", weight=jq.QuantSpec(bits=8)),
+                                  jq.Rule("encoder/.*", weight=jq.QuantSpec(bits=8))])
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    jq.quantize_model(nnx_net(), [jq.Rule("conv|proj|mix|head", weight=jq.QuantSpec(bits=8))])
+  with pytest.raises(ValueError, match="granularity='tensor'"):
+    jq.quantize_model(nnx_net(), [jq.Rule(".*", act=jq.QuantSpec(bits=4, ste="lsq"))])
