@@ -145,3 +145,21 @@ def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, overrides
     assert "params/dense_0/bias" in message  # first leaf in path order
   events = [r for r in read_jsonl(workdir / "metrics.jsonl") if r.get("event") == "nonfinite"]
   assert len(events) == 1
+
+
+def test_quantized_run_reports_serving_metrics_and_resumes(tmp_path):
+  config = tiny_config(num_steps=4, checkpoint_every=2, eval_every=0)
+  config.model.kwargs.features = (16, 16)  # dense_1 follows quant.bits
+  config.quant.rules = base.standard_rules(config.quant, first="dense_0", last="head")
+  config.quant.bits = 4
+  workdir = tmp_path / "w4a4"
+  summary = loop.train_and_evaluate(config, str(workdir))
+  assert summary["quantized"] and summary["config"]["quant"]["bits"] == 4
+  metrics = summary["metrics"]
+  assert 0.0 <= metrics["serving_test_accuracy"] <= 1.0
+  assert summary["param_bytes"]["quantized"] < summary["param_bytes"]["float"]
+  _, state, _ = loop.load_checkpoint(config, str(workdir))
+  assert "quant_stats" in state["state"]  # activation ranges travel with the checkpoint
+  config.num_steps = 6
+  summary = loop.train_and_evaluate(config, str(workdir))
+  assert summary["resumed_from_step"] == 4 and summary["steps"] == 6

@@ -187,11 +187,12 @@ def evaluate_serving(setup: Setup, state, qat_metrics: dict[str, float]):
     return dict(qat_metrics), {"float": float_bytes, "quantized": float_bytes}
   import jaxquant as jq  # pylint: disable=g-import-not-at-top
   variables = _qat_variables(state)
-  serving_model, serving_vars = jq.convert(setup.model, variables)
+  example_x = setup.example_batch["x"][:1]  # lets convert trace the layer table if needed
+  serving_model, serving_vars = jq.convert(setup.model, variables, example_x)
   replicated = sharding.replicated(setup.mesh)
   serving_vars = jax.device_put(serving_vars, replicated)
   metrics = make_evaluator(setup, serving_model.apply, replicated, quantized=True)(serving_vars)
-  report = jq.size_report(variables)
+  report = jq.size_report(serving_vars)  # float bytes vs the bytes serving stores
   return metrics, {"float": int(report.total_float_bytes),
                    "quantized": int(report.total_quantized_bytes)}
 
