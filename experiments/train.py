@@ -95,7 +95,7 @@ def main(argv: list[str]) -> None:
     summary = loop.train_and_evaluate(config, _WORKDIR.value)
   except ConfigError as e:
     _fail(f"invalid config: {e}", USAGE_ERROR)
-  except loop.NonFiniteError as e:
+  except (loop.NonFiniteError, loop.NoReadableCheckpointError) as e:
     _fail(str(e), 1)
   metrics = ", ".join(f"{k}={v:.4g}" for k, v in sorted(summary["metrics"].items())
                       if isinstance(v, float))

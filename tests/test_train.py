@@ -97,6 +97,8 @@ def test_interrupted_and_resumed_is_bit_identical(tmp_path):
   _assert_trees_equal(params_full, params_resumed)
 
 
+# Orbax leaves an asyncio callback behind after a failed restore; harmless.
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 def test_corrupt_latest_checkpoint_falls_back_to_previous(tmp_path, caplog):
   config = tiny_config(eval_every=0)
   workdir = tmp_path / "run"
@@ -118,6 +120,14 @@ def test_corrupt_latest_checkpoint_falls_back_to_previous(tmp_path, caplog):
   assert os.listdir(workdir / "corrupt_checkpoints") == ["6"]
   # Replaying steps 4..6 from the good checkpoint reproduces the lost one exactly.
   _assert_trees_equal(params_before, _params(config, workdir)[1])
+
+  # A changed model cannot restore any checkpoint: that is refused, not "repaired".
+  config_json = (workdir / "config.json").read_text()
+  changed = tiny_config(eval_every=0, **{"model.kwargs.features": (8,)})
+  with pytest.raises(loop.NoReadableCheckpointError, match="use a new --workdir"):
+    loop.train_and_evaluate(changed, str(workdir))
+  assert sorted(os.listdir(workdir / "checkpoints")) == ["3", "6"]
+  assert (workdir / "config.json").read_text() == config_json
 
 
 @pytest.mark.parametrize("overrides, expected", [

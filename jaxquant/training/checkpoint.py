@@ -65,7 +65,7 @@ class Checkpointer:
     steps = sorted(self._manager.all_steps(), reverse=True)
     if not steps:
       return None
-    failures = []
+    failures: list[tuple[int, Exception]] = []
     for step in steps:
       try:
         restored = self._manager.restore(step, args=ocp.args.Composite(
@@ -75,22 +75,24 @@ class Checkpointer:
         _check_restored(abstract_state, state)
       except Exception as e:  # pylint: disable=broad-except
         # Orbax/tensorstore raise many error types for damaged files; any of them means
-        # "this step is unusable", and the message below carries the original.
-        failures.append(step)
-        self._set_aside(step, e, next_steps=[s for s in steps if s < step])
+        # "this step is unusable". Decide what to do once an older one is tried.
+        failures.append((step, e))
         continue
-      if failures:
-        _warn(f"resumed from the previous good checkpoint, step {step}, after skipping "
-              f"unreadable step(s) {failures}")
+      # An older checkpoint of the same structure restores, so the newer failures are
+      # damage (not a changed config): set them aside so training can rewrite them.
+      for bad_step, error in failures:
+        self._set_aside(bad_step, error, fallback=step)
       return step, state, meta
+    step, error = failures[0]
     raise NoReadableCheckpointError(
-        f"none of the checkpoints in {self.directory} (steps {steps}) can be read; they "
-        f"were moved to {self._quarantine}. Rerun to start from scratch, or restore them.")
+        f"none of the checkpoints in {self.directory} (steps {steps}) can be restored "
+        f"for this config; the newest failed with {type(error).__name__}: "
+        f"{_first_line(error)}. If the model, quantization or optimizer changed, use a "
+        "new --workdir; if the files are damaged, delete that directory to start over.")
 
-  def _set_aside(self, step: int, error: Exception, next_steps: list[int]) -> None:
-    fallback = f"falling back to step {next_steps[0]}" if next_steps else "no older checkpoint"
+  def _set_aside(self, step: int, error: Exception, fallback: int) -> None:
     _warn(f"checkpoint at step {step} in {self.directory} is unreadable "
-          f"({type(error).__name__}: {_first_line(error)}); "
+          f"({type(error).__name__}: {_first_line(error)}); falling back to step "
           f"{fallback}. Moving it to {self._quarantine}/")
     if jax.process_index() == 0:
       src = os.path.join(self.directory, str(step))

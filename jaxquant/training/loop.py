@@ -30,7 +30,7 @@ import numpy as np
 import optax
 
 from jaxquant.training import config_build, sharding, steps
-from jaxquant.training.checkpoint import Checkpointer
+from jaxquant.training.checkpoint import Checkpointer, NoReadableCheckpointError
 from jaxquant.training.config_build import ConfigError
 from jaxquant.training.optim import build_optimizer
 from jaxquant.training.reporting import MetricsWindow, Reporter
@@ -263,6 +263,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     ConfigError: invalid config (raised before the workdir is created or written).
     NonFiniteError: the loss or parameters became NaN/Inf; the last good checkpoint is
       kept and no bad state is saved.
+    NoReadableCheckpointError: the workdir has checkpoints, but none restores for this
+      config (a changed model/optimizer, or all damaged); nothing is overwritten.
   """
   from jaxquant.data import BatchIterator  # pylint: disable=g-import-not-at-top
   start_time = time.time()
@@ -274,14 +276,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   # ---- workdir: nothing above this line writes to disk.
   workdir = os.path.abspath(workdir)
   os.makedirs(workdir, exist_ok=True)
-  config_dict = config_build.config_to_dict(config)
-  if is_writer:
-    write_json_atomic(os.path.join(workdir, "config.json"), config_dict)
   ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=config.keep_checkpoints)
   batch_sh = sharding.batch_sharding(setup.mesh)
   data_iter = BatchIterator(setup.dataset, batch_size=config.batch_size, seed=config.seed)
-
-  restored = ckpt.restore_latest(setup.abstract_state)
+  try:
+    restored = ckpt.restore_latest(setup.abstract_state)
+  except NoReadableCheckpointError:
+    ckpt.close()
+    raise
+  # Written after the restore check, so a refused resume leaves the old config.json.
+  config_dict = config_build.config_to_dict(config)
+  if is_writer:
+    write_json_atomic(os.path.join(workdir, "config.json"), config_dict)
   meta: dict[str, Any] = {}
   if restored is None:
     init = jax.jit(setup.init_fn, out_shardings=setup.state_shardings)
