@@ -241,9 +241,20 @@ def test_clipped_ste_through_dot_masks_lhs_gradient():
   assert np.all(np.asarray(dx)[~inside] == 0)
 
 
-def test_quantized_backward_is_close_to_exact_backward():
+@pytest.mark.parametrize("case", ["sym", "asym", "asym_group"])
+def test_quantized_backward_is_close_to_exact_backward(case):
+  """With `grad` set both backward dots run on integer codes (zero-point terms and groups
+  included): still the exact gradient at the dequantized operands, up to 8-bit error of g."""
   x, w, g = rng_x((16, 64), 13), rng_x((64, 32), 14), rng_x((16, 32), 15)
-  spec = DS(lhs=QS(), rhs=QS(), grad=QS(bits=8))
+  if case == "sym":
+    lspec = rspec = QS()
+  else:  # offsets give large zero points
+    x, w = x + 1.5, w - 1.0
+    gs = 16 if case == "asym_group" else None
+    gran = "group" if gs else "channel"
+    lspec = QS(symmetric=False, granularity=gran, group_size=gs)
+    rspec = QS(symmetric=False, granularity=gran, group_size=gs, bits=6)
+  spec = DS(lhs=lspec, rhs=rspec, grad=QS(bits=8))
   dims = (((1,), (0,)), ((), ()))
   _, dx, dw = jvjp(lambda a, b: jq.dot_general(a, b, dims, spec))(x, w, g)
   xq, wq = np_quant(x, spec.lhs, (1,)), np_quant(w, spec.rhs, (0,))
