@@ -6,8 +6,10 @@ r"""MNIST-1D with the paper's CNN (Greydanus 2020): float baseline and QAT varia
 
 Variants (`--config=configs/mnist1d_cnn.py:ARG`), first conv and head kept at W8A8:
   float (default)  no quantization (quant.bits=32)
-  w8a8, w4a4, w2a2 int weights (per channel) and activations (per tensor) at 8/4/2 bits
-  binary           binary weights (sign * mean|w| per channel), 8-bit activations
+  w8a8, w4a4, w2a2 int weights (per channel, LSQ) and activations (per tensor, 99th
+                   percentile range) at 8/4/2 bits
+  binary           binary weights (sign * scale per channel, straight-through), 8-bit
+                   activations
 Any variant's bits can be swept from the command line: --config.quant.bits=3.
 """
 
@@ -15,13 +17,14 @@ from configs import base
 
 VARIANTS = ("float", "w8a8", "w4a4", "w2a2", "binary")
 
-# quant header overrides of each variant: (bits, format, act_bits or None = follow bits)
+# quant header overrides of each variant: (bits, format, act_bits or None = follow bits,
+# weight_ste)
 _QUANT = {
-    "float": (32, "int", None),
-    "w8a8": (8, "int", None),
-    "w4a4": (4, "int", None),
-    "w2a2": (2, "int", None),
-    "binary": (1, "binary", 8),
+    "float": (32, "int", None, "lsq"),
+    "w8a8": (8, "int", None, "lsq"),
+    "w4a4": (4, "int", None, "lsq"),
+    "w2a2": (2, "int", None, "lsq"),
+    "binary": (1, "binary", 8, "identity"),
 }
 
 
@@ -29,9 +32,10 @@ def set_quant(config, variant):
   """Sets the quant header fields of `config` for one of VARIANTS."""
   if variant not in _QUANT:
     raise ValueError(f"unknown variant {variant!r}; choose one of {list(VARIANTS)}")
-  bits, fmt, act_bits = _QUANT[variant]
+  bits, fmt, act_bits, weight_ste = _QUANT[variant]
   config.quant.bits = bits
   config.quant.format = fmt
+  config.quant.weight_ste = weight_ste
   if act_bits is not None:
     config.quant.act_bits = act_bits
   return config

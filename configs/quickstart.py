@@ -17,12 +17,17 @@ from configs import mnist1d_cnn
 
 SEEDS = (0, 1, 2)
 # variant -> quant header overrides; act_bits is spelled out so every point is explicit.
+def _setting(bits, fmt, act_bits, weight_ste):
+  return {"quant.bits": bits, "quant.format": fmt, "quant.act_bits": act_bits,
+          "quant.weight_ste": weight_ste}
+
+
 SETTINGS = {
-    "float": {"quant.bits": 32, "quant.format": "int", "quant.act_bits": 32},
-    "w8a8": {"quant.bits": 8, "quant.format": "int", "quant.act_bits": 8},
-    "w4a4": {"quant.bits": 4, "quant.format": "int", "quant.act_bits": 4},
-    "w2a2": {"quant.bits": 2, "quant.format": "int", "quant.act_bits": 2},
-    "binary": {"quant.bits": 1, "quant.format": "binary", "quant.act_bits": 8},
+    "float": _setting(32, "int", 32, "lsq"),
+    "w8a8": _setting(8, "int", 8, "lsq"),
+    "w4a4": _setting(4, "int", 4, "lsq"),
+    "w2a2": _setting(2, "int", 2, "lsq"),
+    "binary": _setting(1, "binary", 8, "identity"),  # LSQ is int-only
 }
 
 

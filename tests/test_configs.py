@@ -42,6 +42,8 @@ def test_float_has_no_rules_and_w4a4_follows_bits():
   first, last, rest = rules
   assert (first.weight.bits, first.act.bits, last.weight.bits, last.act.bits) == (8, 8, 8, 8)
   assert (rest.weight.bits, rest.act.bits, rest.weight.format) == (4, 4, "int")
+  assert (rest.weight.ste, rest.act.calibration, first.act.calibration) == (
+      "lsq", "percentile", "absmax")
 
 
 def test_bits_override_propagates_through_field_references():
@@ -60,6 +62,7 @@ def test_binary_variant_is_binary_weights_8bit_activations():
   rest = rules_from_config(config.quant)[-1]
   assert rest.weight == QuantSpec(**{**config_build.config_to_dict(config.quant.rules[2].weight)})
   assert (rest.weight.format, rest.weight.effective_bits, rest.act.bits) == ("binary", 1, 8)
+  assert rest.weight.ste == "identity"
   assert config.quant.bits == 1
 
 
@@ -96,6 +99,8 @@ def _bad(overrides):
     (lambda c: _apply(c, {"optimizer.name": "adam"}), ["optimizer.name", "adamw", "sgd"]),
     (lambda c: c.quant.rules[1].weight.__setattr__("granularty", "tensor"),
      ["quant.rules[1].weight.granularty", "granularity"]),
+    (lambda c: _apply(c, {"quant.bits": 1, "quant.format": "binary", "quant.act_bits": 8}),
+     ["quant.rules[2].weight", "ste='lsq'", "format='int'"]),
     (lambda c: c.quant.rules[2].act.__setitem__("rounding", "up"),
      ["quant.rules[2].act", "rounding", "stochastic"]),
 ])
