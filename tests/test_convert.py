@@ -1,6 +1,8 @@
 """Tests for jaxquant.calibrate / convert / size_report: serving forward == QAT forward,
 no float copy of quantized weights, exact stored bytes, orbax round trip, static vs
 dynamic activation ranges and EMA statistics."""
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -9,7 +11,7 @@ import pytest
 from flax import traverse_util
 
 import jaxquant as jq
-from test_transform import fill_params, int_ops, normal, qinit, rel_err, run
+from test_transform import jit, fill_params, int_ops, normal, qinit, rel_err, run
 
 
 class Net(nn.Module):
@@ -25,57 +27,110 @@ class Net(nn.Module):
     return nn.Dense(5, name="head")(x)
 
 
+class Two(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    return nn.Dense(6, name="fc1")(nn.relu(nn.Dense(16, name="fc0")(x)))
+
+
 X = normal((3, 6, 6, 3), 11)
 PARAMS = fill_params(Net(), X)
 KERNEL_SHAPES = {"conv": (3, 3, 3, 8), "proj": (8, 2, 8), "mix": (2, 8, 12), "head": (12, 5)}
 
 A8 = jq.QuantSpec(bits=8)
 ASYM8 = jq.QuantSpec(bits=8, symmetric=False)
-SERVING_CASES = {
-    "int8": [jq.Rule(".*", weight=jq.QuantSpec(bits=8), act=A8)],
-    "int4_packed": [jq.Rule(".*", weight=jq.QuantSpec(bits=4), act=A8)],
-    "int3_packed": [jq.Rule(".*", weight=jq.QuantSpec(bits=3), act=jq.QuantSpec(bits=6))],
-    "int6": [jq.Rule(".*", weight=jq.QuantSpec(bits=6, granularity="tensor"), act=A8)],
-    "binary_packed": [jq.Rule(".*", weight=jq.QuantSpec(format="binary"), act=A8)],
-    "ternary_packed": [jq.Rule(".*", weight=jq.QuantSpec(format="ternary"), act=A8)],
-    "asymmetric": [jq.Rule(".*", weight=jq.QuantSpec(bits=4, symmetric=False), act=ASYM8)],
-    "lsq_weight": [jq.Rule(".*", weight=jq.QuantSpec(bits=4, ste="lsq"), act=A8)],
-    "pact_weight": [jq.Rule(".*", weight=jq.QuantSpec(bits=4, ste="pact"), act=ASYM8)],
-    "group": [jq.Rule("conv", weight=jq.QuantSpec(bits=4), act=A8),
-              jq.Rule("proj|head", weight=jq.QuantSpec(bits=4, granularity="group", group_size=4),
-                      act=A8)],
-    "weight_only_and_act_only": [jq.Rule("conv|mix", weight=jq.QuantSpec(bits=4)),
-                                 jq.Rule("proj|head", act=jq.QuantSpec(bits=4))],
-    "fp8_fake": [jq.Rule(".*", weight=jq.QuantSpec(format="fp8_e4m3"),
-                         act=jq.QuantSpec(format="fp8_e4m3"), mode="fake")],
+LAYERS = ("conv", "proj", "mix", "head")
+# (weight spec, act spec) per format.
+FORMATS = {
+    "int8": (jq.QuantSpec(bits=8), A8),
+    "int4": (jq.QuantSpec(bits=4), A8),
+    "binary": (jq.QuantSpec(format="binary"), A8),
+    "asym": (jq.QuantSpec(bits=4, symmetric=False), ASYM8),
+    "lsq": (jq.QuantSpec(bits=4, ste="lsq"), A8),
 }
 
 
-def _trained(qvars, seed=0):
-  """Moves learned step sizes / clip values away from their init, as training would."""
-  if "quant" not in qvars:
-    return qvars
-  leaves, tree = jax.tree.flatten(qvars["quant"])
+def _latin(k):
+  """Case k of a latin square: every format meets every layer kind (conv, DenseGeneral,
+  nn.Einsum with two contracting axes, Dense) in one of the five cases."""
+  names = list(FORMATS)
+  return [jq.Rule(layer, weight=FORMATS[names[(i + k) % 5]][0], act=FORMATS[names[(i + k) % 5]][1])
+          for i, layer in enumerate(LAYERS)]
+
+
+SERVING_CASES = {
+    **{f"latin{k}": _latin(k) for k in range(5)},
+    "more_formats": [
+        jq.Rule("conv", weight=jq.QuantSpec(format="ternary"), act=A8),
+        jq.Rule("proj", weight=jq.QuantSpec(bits=4, granularity="group", group_size=4), act=A8),
+        jq.Rule("mix", weight=jq.QuantSpec(bits=3), act=jq.QuantSpec(bits=6)),
+        jq.Rule("head", weight=jq.QuantSpec(bits=4, ste="pact"), act=ASYM8)],
+    "modes": [
+        jq.Rule("conv", weight=jq.QuantSpec(bits=4)),  # weight-only
+        jq.Rule("proj", act=jq.QuantSpec(bits=4)),  # activation-only
+        jq.Rule("mix", weight=jq.QuantSpec(format="fp8_e4m3"),
+                act=jq.QuantSpec(format="fp8_e4m3"), mode="fake"),
+        jq.Rule("head", weight=jq.QuantSpec(bits=6, granularity="tensor"), act=A8)],
+}
+
+
+def _factors(shapes, seed=0):
+  """Multipliers that move learned step sizes / clip values away from their init, as
+  training would."""
   rng = np.random.default_rng(seed)
-  leaves = [v * jnp.asarray(rng.uniform(0.6, 1.4, v.shape), v.dtype) for v in leaves]
-  return {**qvars, "quant": jax.tree.unflatten(tree, leaves)}
+  return jax.tree.map(lambda s: jnp.asarray(rng.uniform(0.6, 1.4, s.shape), s.dtype), shapes)
 
 
-def _convert_case(rules, qvars=None):
-  """(qmodel, qvars, serving model, serving variables); `jq.convert` runs under jit
-  (eager, each quantizer op would compile on its own)."""
-  qmodel = jq.quantize_model(Net(), rules)
-  if qvars is None:
-    qvars = _trained(qinit(qmodel, PARAMS, X))
+def prepare(qmodel, params, x, model=None):
+  """One jit: quant-variable init (+ 'training' of learned scales), QAT and float
+  forward, and `jq.convert`. Returns (qvars, y_qat, y_float, serving model, svars)."""
+  model = model or type(qmodel).__mro__[1]()
+  shapes = jax.eval_shape(qmodel.init, jax.random.key(0), x)  # also fills the layer table
+  stats = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes.get("quant_stats", {}))
+  factors = _factors(shapes["quant"]) if "quant" in shapes else None
   serving_model = []
 
-  def convert(v):
+  @jit
+  def f(params):
+    v = {"params": params, "quant_stats": stats}
+    if factors is not None:
+      quant = qmodel.apply(v, x, mutable=["quant"])[1]["quant"]
+      v["quant"] = jax.tree.map(lambda q, m: q * m, quant, factors)
     smodel, svars = jq.convert(qmodel, v)
     serving_model.append(smodel)
+    return v, qmodel.apply(v, x), model.apply({"params": params}, x), svars
+
+  qvars, y_qat, y_float, svars = f(params)
+  return qvars, y_qat, y_float, serving_model[0], svars
+
+
+def jit_convert(qmodel, variables, *example_args):
+  """jq.convert under jit: (serving model, serving variables)."""
+  box = []
+
+  def f(v):
+    smodel, svars = jq.convert(qmodel, v, *example_args)
+    box.append(smodel)
     return svars
 
-  svars = jax.jit(convert)(qvars)
-  return qmodel, qvars, serving_model[0], svars
+  svars = jit(f)(variables)
+  return box[0], svars
+
+
+_JITTED = {}
+
+
+def serve(smodel, svars, x):
+  """smodel.apply under one cached jit per serving model."""
+  if id(smodel) not in _JITTED:
+    _JITTED[id(smodel)] = (smodel, jit(smodel.apply))
+  return _JITTED[id(smodel)][1](svars, x)
+
+
+@functools.lru_cache(maxsize=None)
+def converted(case):
+  qmodel = jq.quantize_model(Net(), SERVING_CASES[case])
+  return (qmodel,) + prepare(qmodel, PARAMS, X)
 
 
 def assert_same_forward(y_serve, y_qat):
@@ -90,20 +145,21 @@ def _leaves(tree):
   return traverse_util.flatten_dict(tree, sep="/")
 
 
+def _weight_spec(case, layer):
+  return next(r for r in SERVING_CASES[case] if r.matches(layer)).weight
+
+
 @pytest.mark.parametrize("case", list(SERVING_CASES))
 def test_serving_forward_equals_qat_forward(case):
-  qmodel, qvars, smodel, svars = _convert_case(SERVING_CASES[case])
-  y_qat, y_float = jax.jit(lambda v: (qmodel.apply(v, X), Net().apply({"params": v["params"]}, X)))(qvars)
-  y_serve = run(smodel, svars, X)
-  assert_same_forward(y_serve, y_qat)
+  qmodel, qvars, y_qat, y_float, smodel, svars = converted(case)
+  assert_same_forward(serve(smodel, svars, X), y_qat)
   assert rel_err(y_qat, y_float) > 1e-4  # quantization did happen
   # No float copy of a quantized weight: 'kernel' gone from its params, and no float
-  # array of any kernel's shape (or size) anywhere in the serving variables.
-  quantized = {p for p, info in jq.transform.plan_of(qmodel).layers.items()
-               if qmodel._jq_plan.rules[info.rule_index].weight is not None}
-  assert quantized, case
-  for path in KERNEL_SHAPES:
+  # array of any quantized kernel's size anywhere in the serving variables.
+  quantized = {p for p in LAYERS if _weight_spec(case, p) is not None}
+  for path in LAYERS:
     assert ("kernel" in svars["params"][path]) == (path not in quantized), path
+    assert (path in svars["serving"]) == (path in quantized), path
   float_sizes = {int(np.prod(KERNEL_SHAPES[p])) for p in quantized}
   for name, leaf in _leaves(svars).items():
     if name.startswith("params/") and name.endswith("/kernel"):
@@ -111,70 +167,113 @@ def test_serving_forward_equals_qat_forward(case):
     if jnp.issubdtype(leaf.dtype, jnp.floating) and leaf.dtype.itemsize >= 2:
       assert leaf.size not in float_sizes, f"float copy of a kernel at {name}"
   # The QAT variables are left as they were (training can go on).
-  assert all("kernel" in qvars["params"][p] for p in KERNEL_SHAPES)
+  assert all("kernel" in qvars["params"][p] for p in LAYERS)
+
+
+def _expected_bits(spec):
+  if spec.format == "binary":
+    return 1
+  if spec.format == "ternary" or (spec.format == "int" and spec.bits == 2):
+    return 2
+  if spec.format == "int" and spec.bits <= 4:
+    return 4
+  return 8
+
+
+REDUCE_AXES = {"conv": (0, 1, 2), "proj": (0,), "mix": (0, 1), "head": (0,)}
+
+
+@pytest.mark.parametrize("case", list(SERVING_CASES))
+def test_serving_storage_per_spec_and_dequantized_weights(case):
+  qmodel, qvars, _, _, _, svars = converted(case)
+  for layer, shape in KERNEL_SHAPES.items():
+    spec = _weight_spec(case, layer)
+    if spec is None:
+      continue
+    entry = svars["serving"][layer]["kernel"]
+    np.testing.assert_array_equal(entry["shape"], shape)
+    assert entry["shape"].dtype == jnp.int32 and entry["scale"].dtype == jnp.float32
+    bits, n = _expected_bits(spec), int(np.prod(shape))
+    if bits < 8:
+      assert set(entry) >= {"packed"} and "values" not in entry
+      assert entry["packed"].dtype == jnp.uint8 and entry["packed"].shape == (-(-n * bits // 8),)
+    else:
+      want = jnp.int8 if spec.is_integer else jnp.float8_e4m3fn
+      assert entry["values"].dtype == want and entry["values"].shape == shape
+    assert ("zero_point" in entry) == (not spec.symmetric)
+    axes = REDUCE_AXES[layer]
+    if spec.granularity == "tensor":
+      scale_shape = (1,) * len(shape)
+    elif spec.granularity == "channel":
+      scale_shape = tuple(1 if a in axes else d for a, d in enumerate(shape))
+    else:
+      scale_shape = tuple(d // spec.group_size if a in axes else d for a, d in enumerate(shape))
+    assert entry["scale"].shape == scale_shape, (layer, entry["scale"].shape)
+    if "zero_point" in entry:
+      assert entry["zero_point"].dtype == jnp.int32 and entry["zero_point"].shape == scale_shape
+
+  @jit
+  def dequantized(svars, qvars):
+    """Per quantized layer: (stored weight unpacked and dequantized, QAT's fake-quantized
+    kernel)."""
+    out = {}
+    for layer, shape in KERNEL_SHAPES.items():
+      spec = _weight_spec(case, layer)
+      if spec is not None:
+        learned = qvars.get("quant", {}).get(layer, {}).get(f"weight_{spec.ste}")
+        ref = jq.fake_quant(qvars["params"][layer]["kernel"], spec,
+                            reduce_axes=REDUCE_AXES[layer], learned=learned)
+        q = jq.transform.serving_qtensor(svars["serving"][layer]["kernel"], spec, shape)
+        out[layer] = (q.dequantize(), ref)
+    return out
+
+  for layer, (deq, ref) in dequantized(svars, qvars).items():
+    np.testing.assert_allclose(deq, ref, rtol=1e-6, atol=1e-7, err_msg=layer)
 
 
 @pytest.mark.xfail(strict=True, reason="serving ignores learned activation scales: "
                    "_Layer.serve calls dot_general/conv with a QTensor kernel and no "
                    "lhs_learned, and dot._serving_dot / conv._serving_conv quantize the "
                    "input with learned=None (dynamic absmax) instead of the LSQ step / PACT α")
-@pytest.mark.parametrize("ste, symmetric", [("lsq", True), ("pact", False)])
-def test_serving_uses_learned_activation_scales(ste, symmetric):
-  act = jq.QuantSpec(bits=8, granularity="tensor", symmetric=symmetric, ste=ste)
-  qmodel, qvars, smodel, svars = _convert_case([jq.Rule(".*", weight=jq.QuantSpec(bits=4), act=act)])
-  assert_same_forward(run(smodel, svars, X), run(qmodel, qvars, X))
-
-
-def test_serving_storage_format_per_spec():
-  _, _, _, s8 = _convert_case(SERVING_CASES["int8"])
-  entry = s8["serving"]["conv"]["kernel"]
-  assert entry["values"].dtype == jnp.int8 and entry["values"].shape == KERNEL_SHAPES["conv"]
-  assert entry["scale"].shape == (1, 1, 1, 8) and "zero_point" not in entry
-  np.testing.assert_array_equal(entry["shape"], KERNEL_SHAPES["conv"])
-  for case, bits in (("int4_packed", 4), ("int3_packed", 4), ("binary_packed", 1),
-                     ("ternary_packed", 2)):
-    _, _, _, sv = _convert_case(SERVING_CASES[case])
-    for path, shape in KERNEL_SHAPES.items():
-      entry = sv["serving"][path]["kernel"]
-      assert "values" not in entry and entry["packed"].dtype == jnp.uint8
-      assert entry["packed"].shape == (-(-int(np.prod(shape)) * bits // 8),), (case, path)
-  _, _, _, sa = _convert_case(SERVING_CASES["asymmetric"])
-  entry = sa["serving"]["mix"]["kernel"]
-  assert entry["zero_point"].dtype == jnp.int32 and entry["zero_point"].shape == (1, 1, 12)
-  # The unpacked codes dequantize to the QAT fake-quantized kernel.
-  q = jq.transform.serving_qtensor(entry, SERVING_CASES["asymmetric"][0].weight, (2, 8, 12))
-  ref = jq.fake_quant(PARAMS["mix"]["kernel"], SERVING_CASES["asymmetric"][0].weight,
-                      reduce_axes=(0, 1))
-  np.testing.assert_allclose(q.dequantize(), ref, rtol=1e-6, atol=1e-7)
+def test_serving_uses_learned_activation_scales():
+  rules = [jq.Rule("conv|mix", weight=jq.QuantSpec(bits=4),
+                   act=jq.QuantSpec(bits=8, granularity="tensor", ste="lsq")),
+           jq.Rule("proj|head", weight=jq.QuantSpec(bits=4), act=jq.QuantSpec(
+               bits=8, granularity="tensor", symmetric=False, ste="pact"))]
+  qmodel = jq.quantize_model(Net(), rules)
+  _, y_qat, _, smodel, svars = prepare(qmodel, PARAMS, X)
+  assert_same_forward(serve(smodel, svars, X), y_qat)
 
 
 @pytest.mark.xfail(strict=True, reason="convert quantizes a group-granularity kernel along "
-                   "its own contracting axes; with two of them (nn.Einsum 'hd,hdf') "
-                   "numerics.blocked needs exactly one reduce axis, while QAT groups the "
-                   "flattened contraction")
+                   "its own contracting axes; with two of them (nn.Einsum 'hd,hdf', or "
+                   "DenseGeneral axis=(-2, -1)) numerics.blocked needs exactly one reduce "
+                   "axis, while QAT groups the flattened contraction")
 def test_group_granularity_with_two_contracting_axes_converts():
   rules = [jq.Rule("mix", weight=jq.QuantSpec(bits=4, granularity="group", group_size=4),
                    act=A8)]
-  qmodel, qvars = jq.quantize_model(Net(), rules), None
-  qvars = qinit(qmodel, PARAMS, X)
-  smodel, svars = jq.convert(qmodel, qvars)
-  np.testing.assert_array_equal(run(smodel, svars, X), run(qmodel, qvars, X))
+  qmodel = jq.quantize_model(Net(), rules)
+  _, y_qat, _, smodel, svars = prepare(qmodel, PARAMS, X)
+  assert_same_forward(serve(smodel, svars, X), y_qat)
 
 
 def test_serving_path_is_integer():
-  qmodel, qvars, smodel, svars = _convert_case(SERVING_CASES["int4_packed"])
-  # conv int; proj / mix / head dots int (their float kernels are gone).
-  assert int_ops(smodel.apply, svars, X, prim="conv_general_dilated") == (1, 1)
+  _, _, _, _, smodel, svars = converted("latin1")  # int4, binary, asym, lsq: all int8 codes
+  assert int_ops(smodel.apply, svars, X, prim="conv_general_dilated")[0] >= 1
+  n_int, n_all = int_ops(smodel.apply, svars, X, prim="conv_general_dilated")
+  assert n_int == n_all  # the asymmetric conv's zero-point terms are integer too
   assert int_ops(smodel.apply, svars, X, prim="dot_general") == (3, 3)
 
 
 def test_convert_needs_a_traced_layer_table():
-  qmodel = jq.quantize_model(Net(), SERVING_CASES["int8"])
-  qvars = {"params": PARAMS}
+  qmodel = jq.quantize_model(Two(), [jq.Rule(".*", weight=jq.QuantSpec(bits=4), act=A8)])
+  x = normal((4, 10), 3)
+  qvars = {"params": fill_params(Two(), x)}
   with pytest.raises(ValueError, match="example inputs"):
     jq.convert(qmodel, qvars)
-  smodel, svars = jq.convert(qmodel, qvars, X)  # traces the layer table itself
-  assert_same_forward(run(smodel, svars, X), run(qmodel, qvars, X))
+  smodel, svars = jit_convert(qmodel, qvars, x)  # traces the layer table itself
+  assert set(svars["serving"]) == {"fc0", "fc1"}
+  assert_same_forward(run(smodel, svars, x), run(qmodel, qvars, x))
 
 
 # ----------------------------------------------------------------------------- sizes
@@ -201,8 +300,7 @@ def test_size_report_bytes_are_exact_and_ratios_approach_the_bit_widths():
   params = jax.tree.map(lambda s: jnp.asarray(
       np.random.default_rng(0).normal(0, 0.05, s.shape), s.dtype),
       jax.eval_shape(Big().init, jax.random.key(0), x)["params"])
-  qvars = qinit(qmodel, params, x)
-  _, svars = jq.convert(qmodel, qvars)
+  qvars, _, _, _, svars = prepare(qmodel, params, x)
   report = jq.size_report(svars)
   n, f32 = 512 * 512, 4
   shape_record = 2 * 4  # int32 [512, 512]
@@ -245,32 +343,24 @@ def test_size_report_bytes_are_exact_and_ratios_approach_the_bit_widths():
 
 def test_serving_variables_round_trip_through_orbax(tmp_path):
   import orbax.checkpoint as ocp
-  rules = [jq.Rule("conv", weight=jq.QuantSpec(bits=4, symmetric=False), act=ASYM8),
-           jq.Rule("proj", weight=jq.QuantSpec(format="binary"), act=A8),
-           jq.Rule("mix", weight=jq.QuantSpec(bits=8, ste="lsq"),
-                   act=jq.QuantSpec(bits=8, granularity="tensor", ste="lsq")),
-           jq.Rule("head", act=A8)]
-  _, _, smodel, svars = _convert_case(rules)
-  y = run(smodel, svars, X)
+  _, _, _, _, smodel, svars = converted("latin2")  # int8, packed int4 / binary, zero points
+  y = serve(smodel, svars, X)
   ckptr = ocp.StandardCheckpointer()
   path = tmp_path / "serving"
   ckptr.save(path, svars)
   ckptr.wait_until_finished()
   restored = ckptr.restore(path, jax.tree.map(ocp.utils.to_shape_dtype_struct, svars))
   assert jax.tree.structure(restored) == jax.tree.structure(svars)
+  dtypes = set()
   for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(svars)):
     assert a.dtype == b.dtype and a.shape == b.shape
     np.testing.assert_array_equal(a, b)
-  np.testing.assert_array_equal(run(smodel, restored, X), y)
+    dtypes.add(np.dtype(a.dtype).name)
+  assert {"int8", "uint8", "int32", "float32"} <= dtypes
+  np.testing.assert_array_equal(serve(smodel, restored, X), y)
 
 
 # ----------------------------------------------------------------------------- calibration
-
-class Two(nn.Module):
-  @nn.compact
-  def __call__(self, x):
-    return nn.Dense(6, name="fc1")(nn.relu(nn.Dense(16, name="fc0")(x)))
-
 
 TENSOR = dict(granularity="tensor")
 
@@ -297,12 +387,12 @@ def test_static_ranges_from_the_evaluation_batch_equal_dynamic_ranges(act):
     np.testing.assert_allclose(stats["fc0"]["act_lo"], xn.min(), atol=step / 2 + 1e-6)
     np.testing.assert_allclose(stats["fc0"]["act_hi"], xn.max(), atol=step / 2 + 1e-6)
 
-  f = jax.jit(lambda v, x: qmodel.apply(v, x))
+  f = jit(lambda v, x: qmodel.apply(v, x))
   np.testing.assert_allclose(f(calibrated, x), f(qvars, x), rtol=1e-6, atol=1e-6)
   # On another batch the static ranges are used, so the outputs differ from dynamic ones.
   assert rel_err(f(calibrated, other), f(qvars, other)) > 1e-2
   # Serving keeps the static ranges: serving == QAT with them.
-  smodel, svars = jq.convert(qmodel, calibrated)
+  smodel, svars = jit_convert(qmodel, calibrated)
   assert "act_hi" in svars["quant_stats"]["fc1"]
   assert_same_forward(run(smodel, svars, other), f(calibrated, other))
 
@@ -346,7 +436,7 @@ def test_ema_statistics_update_only_when_mutable():
                                      jq.Rule("fc1", weight=jq.QuantSpec(bits=8))])
   qvars = qinit(qmodel, fill_params(Two(), x1), x1)
   assert set(qvars["quant_stats"]) == {"fc0"}  # weight-only layers track no range
-  step = jax.jit(lambda v, x: qmodel.apply(v, x, mutable=["quant_stats"]))
+  step = jit(lambda v, x: qmodel.apply(v, x, mutable=["quant_stats"]))
   y1, upd = step(qvars, x1)
   s = upd["quant_stats"]["fc0"]
   m1, m2 = np.abs(np.asarray(x1)).max(), np.abs(np.asarray(x2)).max()

@@ -13,7 +13,7 @@ from flax import nnx
 
 import jaxquant as jq
 from test_convert import PARAMS, X, Net
-from test_transform import int_ops, qinit, rel_err
+from test_transform import jit, int_ops, qinit, rel_err
 
 
 class NNXNet(nnx.Module):
@@ -119,7 +119,7 @@ def test_nnx_grad_reaches_every_param_and_the_weight_lsq_scale():
   linen_q = jq.quantize_model(Net(), CASES["lsq_pact_weights"])
   lv = qinit(linen_q, PARAMS, X)
   trainable = {k: lv[k] for k in ("params", "quant")}
-  lg = jax.jit(jax.grad(lambda t: jnp.sum((linen_q.apply({**lv, **t}, X) - target) ** 2)))(
+  lg = jit(jax.grad(lambda t: jnp.sum((linen_q.apply({**lv, **t}, X) - target) ** 2)))(
       trainable)
   np.testing.assert_allclose(g["mix"]["kernel"], lg["params"]["mix"]["kernel"],
                              rtol=1e-4, atol=1e-6)
@@ -153,7 +153,7 @@ def test_nnx_einsum_with_lsq_weight_matches_linen():
   np.testing.assert_allclose(model.qkv.jq_weight_learned[...], lv["quant"]["qkv"]["weight_lsq"],
                              rtol=1e-6)
   lv["quant"]["qkv"]["weight_lsq"] = model.qkv.jq_weight_learned[...]
-  y_linen = jax.jit(linen_q.apply)(lv, x)
+  y_linen = jax.jit(linen_q.apply)(lv, x)  # same XLA options as nnx.jit
   np.testing.assert_array_equal(_nnx_forward(model.qkv, x), y_linen)
   np.testing.assert_array_equal(model.qkv(x), y_linen)  # eager too
 
