@@ -164,7 +164,8 @@ class Rule:
     try:
       self.dot_spec()
     except ValueError as e:
-      msg = str(e).replace("lhs=", "act=").replace("rhs=", "weight=")
+      msg = (str(e).replace("lhs=", "act=").replace("rhs=", "weight=")
+             .replace("lhs.", "act.").replace("rhs.", "weight."))
       raise ValueError(f"Rule({self.pattern!r}): {msg}") from None
 
   def dot_spec(self) -> DotSpec:

@@ -130,9 +130,6 @@ def test_bad_rule_names_field(args, kwargs, field):
     jq.Rule(*args, **kwargs)
 
 
-@pytest.mark.xfail(strict=True, reason="spec.py Rule.__post_init__ rewrites 'rhs=' / 'lhs=' "
-                   "but not 'rhs.format=': the message names DotSpec's field, not Rule's "
-                   "'weight' / 'act'")
 @pytest.mark.parametrize("kwargs,field", [
     (dict(weight=QS(format="fp8_e4m3")), "weight.format"),
     (dict(act=QS(format="fp8_e5m2")), "act.format"),
