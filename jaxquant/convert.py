@@ -20,7 +20,7 @@ from flax.core import meta, unfreeze
 
 from jaxquant import transform
 from jaxquant.fake_quant import quantize
-from jaxquant.qtensor import pack
+from jaxquant.qtensor import QTensor, pack
 
 
 def _get(tree, path: str):
@@ -115,7 +115,7 @@ def convert(qmodel, variables, *example_args, **example_kwargs):
     learned = None
     if spec.ste in ("lsq", "pact"):
       learned = _get(quant, path).get(f"weight_{spec.ste}")
-    q = quantize(kernel, spec, reduce_axes=info.weight_reduce_axes, learned=learned)
+    q = _quantize_kernel(kernel, spec, info.weight_reduce_axes, learned)
     entry = {"scale": q.scale, "shape": jnp.asarray(kernel.shape, jnp.int32)}
     bits = transform._storage_bits(spec)
     if bits < 8:
@@ -129,6 +129,39 @@ def convert(qmodel, variables, *example_args, **example_kwargs):
   out["params"] = params
   out["serving"] = serving
   return transform.with_phase(qmodel, "serve"), out
+
+
+def _quantize_kernel(kernel, spec, reduce_axes, learned) -> QTensor:
+  """The kernel's QTensor exactly as the QAT forward quantizes it.
+
+  Group scales over several contracting axes (nn.Einsum 'hd,hdf', DenseGeneral
+  axis=(-2, -1)): QAT groups the flattened contraction (dot.py's [K, N] view, contracting
+  axes in dimension-number order), so quantize that view and fold it back; the scale
+  keeps the QTensor layout (per axis: 1, the axis length, or its number of groups).
+  """
+  if spec.granularity != "group" or len(reduce_axes) == 1:
+    return quantize(kernel, spec, reduce_axes=reduce_axes, learned=learned)
+  perm = tuple(reduce_axes) + tuple(a for a in range(kernel.ndim) if a not in reduce_axes)
+  inverse = tuple(int(a) for a in np.argsort(perm))
+  k_first = jnp.transpose(kernel, perm)
+  sizes, rest = k_first.shape[:len(reduce_axes)], k_first.shape[len(reduce_axes):]
+  scale_sizes, left = [], spec.group_size  # a group spans the innermost axes first
+  for size in reversed(sizes):
+    if left % size == 0:
+      scale_sizes.append(1)
+      left //= size
+    elif size % left == 0:
+      scale_sizes.append(size // left)
+      left = 1
+    else:
+      raise ValueError(f"group_size={spec.group_size} splits the contracting axes "
+                       f"{tuple(reduce_axes)} (sizes {tuple(sizes)}) across axis boundaries; "
+                       "choose a group size that divides the innermost one or is a "
+                       "multiple of it")
+  q = quantize(k_first.reshape((-1,) + rest), spec, reduce_axes=(0,), learned=learned)
+  fold = lambda s: jnp.transpose(s.reshape(tuple(reversed(scale_sizes)) + rest), inverse)
+  return QTensor(jnp.transpose(q.values.reshape(k_first.shape), inverse), fold(q.scale),
+                 None if q.zero_point is None else fold(q.zero_point))
 
 
 @dataclasses.dataclass(frozen=True)

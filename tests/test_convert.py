@@ -11,20 +11,7 @@ import pytest
 from flax import traverse_util
 
 import jaxquant as jq
-from test_transform import jit, fill_params, int_ops, normal, qinit, rel_err, run
-
-
-class Net(nn.Module):
-  """conv → DenseGeneral → nn.Einsum (two contracting axes) → Dense."""
-
-  @nn.compact
-  def __call__(self, x):  # [B, 6, 6, 3]
-    x = nn.relu(nn.Conv(8, (3, 3), name="conv")(x))
-    x = x.reshape(x.shape[0], -1, 8)
-    x = nn.DenseGeneral((2, 8), name="proj")(x)  # [B, T, 2, 8]
-    x = nn.Einsum((2, 8, 12), "bthd,hdf->btf", name="mix")(x)
-    x = jnp.mean(nn.gelu(x), axis=1)
-    return nn.Dense(5, name="head")(x)
+from test_transform import Attention, Net, jit, fill_params, int_ops, normal, qinit, rel_err, run
 
 
 class Two(nn.Module):
@@ -236,25 +223,58 @@ def test_serving_storage_per_spec_and_dequantized_weights(case):
                    "lhs_learned, and dot._serving_dot / conv._serving_conv quantize the "
                    "input with learned=None (dynamic absmax) instead of the LSQ step / PACT α")
 def test_serving_uses_learned_activation_scales():
-  rules = [jq.Rule("conv|mix", weight=jq.QuantSpec(bits=4),
+  rules = [jq.Rule("fc0", weight=jq.QuantSpec(bits=4),
                    act=jq.QuantSpec(bits=8, granularity="tensor", ste="lsq")),
-           jq.Rule("proj|head", weight=jq.QuantSpec(bits=4), act=jq.QuantSpec(
+           jq.Rule("fc1", weight=jq.QuantSpec(bits=4), act=jq.QuantSpec(
                bits=8, granularity="tensor", symmetric=False, ste="pact"))]
-  qmodel = jq.quantize_model(Net(), rules)
-  _, y_qat, _, smodel, svars = prepare(qmodel, PARAMS, X)
-  assert_same_forward(serve(smodel, svars, X), y_qat)
+  qmodel = jq.quantize_model(Two(), rules)
+  x = normal((4, 10), 5)
+  _, y_qat, _, smodel, svars = prepare(qmodel, fill_params(Two(), x), x)
+  assert_same_forward(serve(smodel, svars, x), y_qat)
 
 
-@pytest.mark.xfail(strict=True, reason="convert quantizes a group-granularity kernel along "
-                   "its own contracting axes; with two of them (nn.Einsum 'hd,hdf', or "
-                   "DenseGeneral axis=(-2, -1)) numerics.blocked needs exactly one reduce "
-                   "axis, while QAT groups the flattened contraction")
 def test_group_granularity_with_two_contracting_axes_converts():
-  rules = [jq.Rule("mix", weight=jq.QuantSpec(bits=4, granularity="group", group_size=4),
-                   act=A8)]
+  """nn.Einsum 'bthd,hdf' contracts (h, d): QAT groups the flattened h·d = 16 axis in
+  4 groups of 4 (as does DenseGeneral with axis=(-2, -1)); serving must do the same."""
+  rules = [jq.Rule("mix", weight=jq.QuantSpec(bits=4, granularity="group", group_size=4,
+                                              symmetric=False), act=A8)]
   qmodel = jq.quantize_model(Net(), rules)
-  _, y_qat, _, smodel, svars = prepare(qmodel, PARAMS, X)
+  _, y_qat, y_float, smodel, svars = prepare(qmodel, PARAMS, X)
   assert_same_forward(serve(smodel, svars, X), y_qat)
+  assert rel_err(y_qat, y_float) > 1e-4
+  entry = svars["serving"]["mix"]["kernel"]
+  assert entry["scale"].shape == entry["zero_point"].shape == (2, 2, 12)  # 2 groups per h
+  # Independent reference: numpy asymmetric 4-bit over groups of the flattened (h, d).
+  w = np.asarray(PARAMS["mix"]["kernel"], np.float64).reshape(4, 4, 12)  # [group, g, f]
+  lo, hi = np.minimum(w.min(1, keepdims=True), 0), np.maximum(w.max(1, keepdims=True), 0)
+  scale = (hi - lo) / 15
+  zp = np.clip(np.round(-8 - lo / scale), -8, 7)
+  ref = ((np.clip(np.round(w / scale + zp), -8, 7) - zp) * scale).reshape(2, 8, 12)
+  q = jq.transform.serving_qtensor(entry, rules[0].weight, (2, 8, 12))
+  np.testing.assert_allclose(q.dequantize(), ref, rtol=1e-5, atol=1e-6)
+  # The attention output projection (DenseGeneral over (heads, head_dim)), groups of 2.
+  attn = Attention(heads=2, head_dim=4)
+  x = normal((2, 3, 8), 8)
+  q_attn = jq.quantize_model(attn, [jq.Rule("out", weight=jq.QuantSpec(
+      bits=4, granularity="group", group_size=2), act=A8)])
+  _, y_qat, _, smodel, svars = prepare(q_attn, fill_params(attn, x), x, model=attn)
+  assert svars["serving"]["out"]["kernel"]["scale"].shape == (2, 2, 8)
+  assert_same_forward(serve(smodel, svars, x), y_qat)
+
+
+class Straddle(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    return nn.Einsum((2, 6, 4), "bhd,hdf->bf", name="mix")(x)
+
+
+def test_group_straddling_contracting_axes_is_a_clear_error():
+  x = normal((3, 2, 6), 9)
+  qmodel = jq.quantize_model(Straddle(), [jq.Rule("mix", weight=jq.QuantSpec(
+      bits=4, granularity="group", group_size=4))])  # groups of 4 over a 2 x 6 contraction
+  qvars = qinit(qmodel, fill_params(Straddle(), x), x)
+  with pytest.raises(ValueError, match="group_size=4 splits the contracting axes"):
+    jq.convert(qmodel, qvars)
 
 
 def test_serving_path_is_integer():
