@@ -136,12 +136,11 @@ def _setup(name):
   return model, x, {"params": fill_params(model, x)}
 
 
-def qinit(qmodel, params, *args, check_unused=True):
+def qinit(qmodel, params, *args):
   """The variables `qmodel.init` would give with these params, without compiling init:
   'quant_stats' start at zero, 'quant' (LSQ / PACT) is initialized from the data."""
   with warnings.catch_warnings():
-    if check_unused:
-      warnings.simplefilter("error")  # every rule of the cases matches some layer
+    warnings.simplefilter("error")  # every rule of these tests matches some layer
     shapes = jax.eval_shape(qmodel.init, jax.random.key(0), *args)
   qvars = {"params": params}
   if "quant_stats" in shapes:
@@ -512,6 +511,20 @@ def test_bad_rules_fail_at_construction(make, match):
     make()
 
 
+def test_stochastic_rounding_needs_a_quant_rng():
+  qmodel = jq.quantize_model(MLP(), [jq.Rule("fc1", weight=W8, act=jq.QuantSpec(
+      bits=4, rounding="stochastic"))])
+  x = jnp.ones((2, 12))
+  rngs = {"params": jax.random.key(0), "quant": jax.random.key(1)}
+  shapes = jax.eval_shape(qmodel.init, rngs, x)
+  variables = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+  with pytest.raises(ValueError, match="rngs=\\{'quant': key\\}"):
+    jax.eval_shape(qmodel.apply, variables, x)
+  out = jax.eval_shape(lambda v, k: qmodel.apply(v, x, rngs={"quant": k}), variables,
+                       jax.random.key(2))
+  assert out.shape == (2, 10)
+
+
 # ----------------------------------------------------------------------------- the int path
 
 def _eqns(jaxpr):
@@ -531,6 +544,33 @@ def int_ops(fn, *args, prim):
   is_int = lambda e: (all(v.aval.dtype == jnp.int8 for v in e.invars[:2])
                       and e.outvars[0].aval.dtype == jnp.int32)
   return sum(map(is_int, eqns)), len(eqns)
+
+
+class TwoMethods(nn.Module):
+  def __call__(self, x):
+    return self.encode(x)
+
+  @nn.compact
+  def encode(self, x):
+    return nn.Dense(4, name="fc")(x)
+
+
+def test_the_interceptor_covers_call():
+  qmodel = jq.quantize_model(TwoMethods(), [jq.Rule("fc", weight=W8, act=A8)])
+  x = jnp.ones((2, 8))
+  variables = qinit(qmodel, fill_params(TwoMethods(), x), x)
+  assert int_ops(qmodel.apply, variables, x, prim="dot_general") == (1, 1)
+
+
+@pytest.mark.xfail(strict=True, reason="quantize_model intercepts only __call__: "
+                   "apply(..., method=...) (or a parent calling another method of the "
+                   "quantized module) runs the float layers silently")
+def test_apply_with_another_method_is_quantized_too():
+  qmodel = jq.quantize_model(TwoMethods(), [jq.Rule("fc", weight=W8, act=A8)])
+  x = jnp.ones((2, 8))
+  variables = qinit(qmodel, fill_params(TwoMethods(), x), x)
+  apply_encode = lambda v, x: qmodel.apply(v, x, method="encode")
+  assert int_ops(apply_encode, variables, x, prim="dot_general") == (1, 1)
 
 
 def test_int_mode_dots_are_s8_by_s8_to_s32_in_the_jaxpr():
