@@ -12,6 +12,10 @@ from configs import base
 from jaxquant.training import loop
 from jaxquant.training.results import read_jsonl
 
+# A failed orbax restore (the corrupt-checkpoint test) leaves coroutines that are
+# garbage-collected during whichever test runs next; they are harmless.
+pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+
 
 def tiny_config(**overrides):
   """A few steps of a small MLP on MNIST-1D, on one device."""
@@ -97,8 +101,6 @@ def test_interrupted_and_resumed_is_bit_identical(tmp_path):
   _assert_trees_equal(params_full, params_resumed)
 
 
-# Orbax leaves an asyncio callback behind after a failed restore; harmless.
-@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 def test_corrupt_latest_checkpoint_falls_back_to_previous(tmp_path, caplog):
   config = tiny_config(eval_every=0)
   workdir = tmp_path / "run"

@@ -23,8 +23,8 @@ import platform
 import time
 from typing import Any, Callable
 
+import chex
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
@@ -200,6 +200,15 @@ def evaluate_serving(setup: Setup, state, qat_metrics: dict[str, float]):
 # --------------------------------------------------------------------------- training
 
 
+def _check_batch(batch: dict[str, np.ndarray], batch_size: int, ds) -> None:
+  """Host-side chex checks: the shapes the step was compiled for, finite inputs."""
+  x_shape = (batch_size, ds.seq_len) if ds.kind == "lm" else (batch_size, *ds.input_shape)
+  chex.assert_shape(batch["x"], x_shape)
+  chex.assert_shape(batch["y"], x_shape if ds.kind == "lm" else (batch_size,))
+  if np.issubdtype(batch["x"].dtype, np.floating):
+    chex.assert_tree_all_finite(batch["x"])
+
+
 def _first_bad_leaf(flags: np.ndarray, paths: list[str]) -> str | None:
   bad = np.flatnonzero(np.asarray(flags))
   return paths[bad[0]] if bad.size else None
@@ -343,6 +352,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     pending = None
     for step in range(start_step + 1, config.num_steps + 1):
       batch = next(data_iter)
+      _check_batch(batch, config.batch_size, setup.dataset)
       state, metrics = train_step(state, sharding.global_batch(batch, batch_sh))
       if pending is not None:
         process(*pending)  # the previous step: reading it does not wait for this one
