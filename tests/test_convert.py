@@ -157,6 +157,28 @@ def test_serving_forward_equals_qat_forward(case):
   assert all("kernel" in qvars["params"][p] for p in LAYERS)
 
 
+class Chain(nn.Module):
+  """Net without biases or additive nonlinearities: every float op after an integer
+  contraction is a multiply, so no fused multiply-add can round differently."""
+
+  @nn.compact
+  def __call__(self, x):
+    x = nn.relu(nn.Conv(8, (3, 3), use_bias=False, name="conv")(x))
+    x = x.reshape(x.shape[0], -1, 8)
+    x = nn.DenseGeneral((2, 8), use_bias=False, name="proj")(x)
+    x = nn.relu(nn.Einsum((2, 8, 12), "bthd,hdf->btf", use_bias=False, name="mix")(x))
+    return nn.Dense(5, use_bias=False, name="head")(x)
+
+
+@pytest.mark.parametrize("k", [0, 2])
+def test_serving_forward_equals_qat_forward_bit_for_bit(k):
+  rules = _latin(k)  # int8 / packed int4 / packed binary / asymmetric / LSQ weights
+  qmodel = jq.quantize_model(Chain(), rules)
+  _, y_qat, y_float, smodel, svars = prepare(qmodel, fill_params(Chain(), X), X)
+  np.testing.assert_array_equal(serve(smodel, svars, X), y_qat)
+  assert rel_err(y_qat, y_float) > 1e-4
+
+
 def _expected_bits(spec):
   if spec.format == "binary":
     return 1

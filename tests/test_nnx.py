@@ -1,7 +1,6 @@
 """Tests for jaxquant.quantize_model on Flax NNX modules: the same model written in Linen
 and NNX with the same weights gives the same quantized outputs, under nnx.jit too;
 gradients (weight LSQ included) flow through nnx.grad; unsupported cases fail early."""
-import functools
 import warnings
 
 import flax.linen as nn
@@ -12,12 +11,12 @@ import pytest
 from flax import nnx
 
 import jaxquant as jq
-from test_convert import PARAMS, X, Net
-from test_transform import jit, int_ops, qinit, rel_err
+from test_convert import PARAMS, X
+from test_transform import Net, int_ops, jit, qinit, rel_err
 
 
 class NNXNet(nnx.Module):
-  """test_convert.Net in NNX: attribute names = Linen layer names, same parameter shapes."""
+  """test_transform.Net in NNX: attribute names = Linen layer names, same parameter shapes."""
 
   def __init__(self, rngs):
     self.conv = nnx.Conv(3, 8, (3, 3), rngs=rngs)
@@ -60,12 +59,6 @@ def _nnx_forward(model, x):
 
 
 _linen_float = jax.jit(Net().apply)
-
-
-def assert_same(a, b):
-  """Equal up to float32 FMA contraction in the fused epilogue (a few ulp)."""
-  a, b = np.asarray(a), np.asarray(b)
-  np.testing.assert_allclose(a, b, rtol=0, atol=1e-6 * np.abs(b).max())
 
 
 def test_nnx_net_is_the_linen_net():
@@ -122,6 +115,9 @@ def test_nnx_grad_reaches_every_param_and_the_weight_lsq_scale():
   # The same gradients as Linen's for params and 'quant'.
   linen_q = jq.quantize_model(Net(), CASES["lsq_pact_weights"])
   lv = qinit(linen_q, PARAMS, X)
+  for layer, var in (("conv", "weight_lsq"), ("mix", "weight_lsq"), ("proj", "weight_pact"),
+                     ("head", "weight_pact")):
+    lv["quant"][layer][var] = getattr(model, layer).jq_weight_learned[...]  # same start
   trainable = {k: lv[k] for k in ("params", "quant")}
   lg = jit(jax.grad(lambda t: jnp.sum((linen_q.apply({**lv, **t}, X) - target) ** 2)))(
       trainable)
