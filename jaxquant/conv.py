@@ -177,7 +177,7 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
                    _freeze(rhs_dilation), _freeze(dimension_numbers), int(feature_group_count),
                    int(batch_group_count))
   if isinstance(rhs, QTensor):
-    return _serving_conv(spec, args, lhs, rhs, key, lhs_range).astype(
+    return _serving_conv(spec, args, lhs, rhs, key, lhs_range, lhs_learned).astype(
         preferred_element_type or lhs.dtype)
   out_dtype = preferred_element_type or jnp.result_type(lhs, rhs)
   if spec is not None and not isinstance(spec, DotSpec):  # before reading spec.lhs
@@ -192,17 +192,17 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
   return out.astype(out_dtype)
 
 
-def _serving_conv(spec, args, lhs, q_rhs, key, lhs_range):
+def _serving_conv(spec, args, lhs, q_rhs, key, lhs_range, lhs_learned=None):
   """Forward-only conv with prequantized weights (same arithmetic as the QAT forward)."""
   dn = lax.conv_dimension_numbers(lhs.shape, q_rhs.values.shape, args.dimension_numbers)
   lhs_spec = None if spec is None else spec.lhs
   if lhs_spec is not None and spec.mode == "int" and q_rhs.values.dtype == jnp.int8:
     codes, scale, zp = fq.quantize_parts(lhs, lhs_spec, _axes(lhs.shape, lhs_spec, dn.lhs_spec[0]),
-                                         key, None, lhs_range)
+                                         key, lhs_learned, lhs_range)
     out = _int_conv(QTensor(codes.astype(jnp.int8), scale, zp), q_rhs, args, dn)
     return _keep_nan(out, lhs, None, dn)
   a = lhs if lhs_spec is None else fq.forward(
-      lhs, lhs_spec, _axes(lhs.shape, lhs_spec, dn.lhs_spec[0]), key, None, lhs_range)[0]
+      lhs, lhs_spec, _axes(lhs.shape, lhs_spec, dn.lhs_spec[0]), key, lhs_learned, lhs_range)[0]
   return _conv(a.astype(jnp.float32), q_rhs.dequantize(jnp.float32), args)
 
 

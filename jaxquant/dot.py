@@ -301,7 +301,8 @@ def dot_general(lhs, rhs, dimension_numbers, spec: Optional[DotSpec] = None, *,
       `lhs_learned`) used instead of dynamic calibration of the lhs.
   """
   if isinstance(rhs, QTensor):
-    return _serving_dot(lhs, rhs, dimension_numbers, spec, key, preferred_element_type, lhs_range)
+    return _serving_dot(lhs, rhs, dimension_numbers, spec, key, preferred_element_type, lhs_range,
+                        lhs_learned)
   out_dtype = preferred_element_type or jnp.result_type(lhs, rhs)
   if spec is not None and not isinstance(spec, DotSpec):  # before reading spec.lhs
     raise ValueError(f"spec={spec!r} must be a jaxquant.DotSpec")
@@ -324,7 +325,7 @@ def dot_general(lhs, rhs, dimension_numbers, spec: Optional[DotSpec] = None, *,
 
 
 def _serving_dot(lhs, q_rhs: QTensor, dimension_numbers, spec, key, preferred_element_type,
-                 lhs_range=None):
+                 lhs_range=None, lhs_learned=None):
   """Forward-only dot with an already-quantized rhs (serving weights).
 
   The rhs scale must be constant along the contracting dims (or grouped along a single
@@ -344,12 +345,13 @@ def _serving_dot(lhs, q_rhs: QTensor, dimension_numbers, spec, key, preferred_el
   n_lf = lhs.ndim - len(lb) - len(lc)
   lr = None if lhs_range is None else tuple(
       _learned_to_canon(r, c.lhs_perm, lhs.ndim, len(lb), n_lf) for r in lhs_range)
+  ll = _learned_to_canon(lhs_learned, c.lhs_perm, lhs.ndim, len(lb), n_lf)
   if lhs_spec is not None and q_r.values.dtype == jnp.int8 and (spec.mode == "int"):
-    codes, scale, zp = fq.quantize_parts(l3, lhs_spec, (2,), key, None, lr)
+    codes, scale, zp = fq.quantize_parts(l3, lhs_spec, (2,), key, ll, lr)
     q_l = QTensor(codes.astype(jnp.int8), scale, zp)
     out = _keep_nan(_int_matmul(q_l, q_r, "int"), l3, None)
   else:
-    a = l3 if lhs_spec is None else fq.forward(l3, lhs_spec, (2,), key, None, lr)[0]
+    a = l3 if lhs_spec is None else fq.forward(l3, lhs_spec, (2,), key, ll, lr)[0]
     out = jnp.einsum("bmk,bkn->bmn", a, q_r.dequantize(a.dtype),
                      preferred_element_type=jnp.float32)
   return out.reshape(c.out_shape).astype(out_dtype)

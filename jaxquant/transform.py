@@ -334,7 +334,7 @@ class _Layer:
       if lsum:
         inputs = jnp.sum(inputs, axis=lsum)
       y = qdot.dot_general(inputs, kernel, dims, self.spec, key=self._key(),
-                           lhs_range=lhs_range)
+                           lhs_range=lhs_range, lhs_learned=self._act_learned(inputs))
       return y if perm == tuple(range(len(perm))) else jnp.transpose(y, perm)
     if rsum:
       raise ValueError(f"layer {self.path!r}: einsum {einsum_str!r} sums kernel axes away")
@@ -361,7 +361,8 @@ class _Layer:
       def fn(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None, **_):
         return qdot.dot_general(lhs, q, dimension_numbers, self.spec, key=self._key(),
                                 preferred_element_type=preferred_element_type,
-                                lhs_range=self._act_range(lhs))
+                                lhs_range=self._act_range(lhs),
+                                lhs_learned=self._act_learned(lhs))
     else:
       def fn(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
              dimension_numbers=None, feature_group_count=1, batch_group_count=1,
@@ -369,7 +370,8 @@ class _Layer:
         return qconv.conv_general_dilated(
             lhs, q, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
             feature_group_count, batch_group_count, precision, preferred_element_type,
-            spec=self.spec, key=self._key(), lhs_range=self._act_range(lhs))
+            spec=self.spec, key=self._key(), lhs_range=self._act_range(lhs),
+            lhs_learned=self._act_learned(lhs))
     # A detached copy of the layer computes on a stand-in kernel of the right shape (the
     # int8 codes); `fn` ignores that operand and contracts with `q`, so the stand-in's
     # float conversion is dead code that XLA removes.
