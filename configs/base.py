@@ -54,7 +54,8 @@ the specs hold ml_collections FieldReferences to three header fields:
                   until overridden itself (binary weights keep e.g. act_bits=8).
   quant.weight_ste  weight gradient rule of those specs: 'lsq' (learned step size, int
                   only) | 'identity' | 'clipped' (binary weights need one of the last two).
-  quant.mode      'fake' (float dot of dequantized operands) | 'int' (s8 x s8 -> s32).
+  quant.mode      'int' (default: real s8 x s8 -> s32 dots and convs) | 'fake' (float
+                  dot of dequantized operands).
 
 Rules that should not follow the sweep (e.g. first and last layer kept at 8 bits) use
 literal numbers instead of the references; see `standard_rules` and mnist1d_cnn.py.
@@ -73,7 +74,7 @@ def quant_spec(**fields: Any) -> ml_collections.ConfigDict:
 
 
 def quant_rule(pattern: str, *, weight=None, act=None, grad=None,
-               mode: Any = "fake") -> ml_collections.ConfigDict:
+               mode: Any = "int") -> ml_collections.ConfigDict:
   """One rule as config: {pattern, weight, act, grad, mode}."""
   return ml_collections.ConfigDict(
       {"pattern": pattern, "weight": weight, "act": act, "grad": grad, "mode": mode})
@@ -158,7 +159,7 @@ def get_config() -> ml_collections.ConfigDict:
   # A reference to a reference: follows quant.bits until overridden on its own.
   config.quant.act_bits = ml_collections.FieldReference(config.quant.get_ref("bits"))
   config.quant.weight_ste = ml_collections.FieldReference("lsq")
-  config.quant.mode = ml_collections.FieldReference("fake")
+  config.quant.mode = ml_collections.FieldReference("int")
   config.quant.rules = []
 
   config.debug = ml_collections.ConfigDict()

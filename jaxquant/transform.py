@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import threading
 import warnings
 from typing import Any, Dict, Optional, Sequence, Tuple
 
@@ -87,22 +88,52 @@ def _module_fields(module: nn.Module) -> Dict[str, Any]:
           if f.init and f.name not in ("parent", "name")}
 
 
+_ACTIVE = threading.local()  # plans whose interceptor is installed on this thread
+
+
+def _public_methods(base) -> Tuple[str, ...]:
+  """Methods a user can `apply(..., method=...)` or call from a parent: `__call__` and
+  every public function defined by the model's own classes (not Flax's Module API)."""
+  names = {"__call__"}
+  for klass in base.__mro__:
+    if klass in (nn.Module, object) or not issubclass(klass, nn.Module):
+      continue
+    for name, value in vars(klass).items():
+      if not name.startswith("_") and name != "setup" and callable(value) \
+          and not isinstance(value, (type, staticmethod, classmethod)):
+        names.add(name)
+  return tuple(sorted(names))
+
+
 def _make_view(model: nn.Module, plan: Plan) -> nn.Module:
-  """An instance of a subclass of type(model) that runs under the interceptor."""
+  """An instance of a subclass of type(model) whose methods run under the interceptor."""
   base = type(model)
   if getattr(base, "_jq_plan", None) is not None:  # re-quantizing: start from the float class
     base = base.__mro__[1]
 
-  def __call__(self, *args, **kwargs):
-    interceptor = _Interceptor(type(self)._jq_plan)
-    with nn.intercept_methods(interceptor):
-      out = base.__call__(self, *args, **kwargs)
-    if self.is_initializing():
-      _warn_unused(type(self)._jq_plan)
-    return out
+  def wrap(name):
+    def method(self, *args, **kwargs):
+      fn = getattr(base, name)
+      plan = type(self)._jq_plan
+      active = _ACTIVE.__dict__.setdefault("plans", set())
+      if id(plan) in active:  # a method calling another: one interceptor is enough
+        return fn(self, *args, **kwargs)
+      active.add(id(plan))
+      try:
+        with nn.intercept_methods(_Interceptor(plan)):
+          out = fn(self, *args, **kwargs)
+      finally:
+        active.discard(id(plan))
+      if self.is_initializing():
+        _warn_unused(type(self)._jq_plan)
+      return out
+    method.__name__ = name
+    method.__doc__ = getattr(getattr(base, name), "__doc__", None)
+    return method
 
-  cls = type(f"Quantized{base.__name__}", (base,),
-             {"__call__": __call__, "_jq_plan": plan, "__module__": base.__module__})
+  namespace = {name: wrap(name) for name in _public_methods(base)}
+  namespace.update(_jq_plan=plan, __module__=base.__module__)
+  cls = type(f"Quantized{base.__name__}", (base,), namespace)
   return cls(**_module_fields(model), name=model.name)
 
 

@@ -240,10 +240,6 @@ def test_serving_storage_per_spec_and_dequantized_weights(case):
     np.testing.assert_allclose(deq, ref, rtol=1e-6, atol=1e-7, err_msg=layer)
 
 
-@pytest.mark.xfail(strict=True, reason="serving ignores learned activation scales: "
-                   "_Layer.serve calls dot_general/conv with a QTensor kernel and no "
-                   "lhs_learned, and dot._serving_dot / conv._serving_conv quantize the "
-                   "input with learned=None (dynamic absmax) instead of the LSQ step / PACT α")
 def test_serving_uses_learned_activation_scales():
   rules = [jq.Rule("fc0", weight=jq.QuantSpec(bits=4),
                    act=jq.QuantSpec(bits=8, granularity="tensor", ste="lsq")),

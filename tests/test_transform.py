@@ -559,9 +559,6 @@ def test_the_interceptor_covers_call():
   assert int_ops(qmodel.apply, variables, x, prim="dot_general") == (1, 1)
 
 
-@pytest.mark.xfail(strict=True, reason="quantize_model intercepts only __call__: "
-                   "apply(..., method=...) (or a parent calling another method of the "
-                   "quantized module) runs the float layers silently")
 def test_apply_with_another_method_is_quantized_too():
   qmodel = jq.quantize_model(TwoMethods(), [jq.Rule("fc", weight=W8, act=A8)])
   x = jnp.ones((2, 8))
