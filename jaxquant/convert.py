@@ -98,7 +98,8 @@ def convert(qmodel, variables, *example_args, **example_kwargs):
 
   Every weight a rule quantizes is stored as codes + scales (see the module docstring);
   the serving model computes on them directly and its forward equals the QAT forward
-  (bit for bit in mode='int'). The layer table comes from an earlier `init`/`apply` of
+  (same codes, scales and integer sums; in mode='int' the outputs are identical
+  up to how XLA fuses the float epilogue, e.g. a bias add folded into an FMA: ≤ 1 ulp). The layer table comes from an earlier `init`/`apply` of
   `qmodel`, or from tracing `example_args` here.
   """
   plan = _ensure_traced(qmodel, variables, example_args, example_kwargs)
