@@ -6,7 +6,8 @@ Serving variables hold no float copy of a quantized weight. For each quantized l
            or 'packed': uint8 (4 codes per byte for 2-bit/ternary, 2 for 3–4-bit, 8 for
            binary), 'scale': float32, 'zero_point': int32 (asymmetric only),
            'shape': int32 kernel shape}
-Everything else ('params' biases and norms, 'quant', 'quant_stats') is kept.
+Everything else ('params' biases and norms, 'quant', 'quant_stats') is kept. Weights
+trained with stochastic rounding are stored with nearest rounding (a fixed model).
 """
 from __future__ import annotations
 
@@ -116,6 +117,10 @@ def convert(qmodel, variables, *example_args, **example_kwargs):
     learned = None
     if spec.ste in ("lsq", "pact"):
       learned = _get(quant, path).get(f"weight_{spec.ste}")
+    if spec.rounding == "stochastic":
+      # Serving weights are fixed: store the nearest codes (the expected value of the
+      # stochastic ones), not one random draw.
+      spec = dataclasses.replace(spec, rounding="nearest")
     q = _quantize_kernel(kernel, spec, info.weight_reduce_axes, learned)
     entry = {"scale": q.scale, "shape": jnp.asarray(kernel.shape, jnp.int32)}
     bits = transform._storage_bits(spec)

@@ -562,10 +562,6 @@ def test_cnn_recipe_killed_twice_then_finished_is_bit_identical(tmp_path):
 # --------------------------------------------- a config that validates must not crash late
 
 
-@pytest.mark.xfail(strict=True, raises=ValueError, reason=(
-    "BUG (jaxquant/convert.py): stochastic rounding of weights passes validate_config and "
-    "trains, but jq.convert quantizes the serving kernels without a PRNG key, so every "
-    "such run crashes with a traceback after training (exit 1, no summary.json)"))
 def test_stochastic_weight_rounding_converts_for_serving():
   config = faults_config.get_config("sr_weights")
   setup = loop.prepare(config)
