@@ -138,11 +138,7 @@ def train_losses(workdir):
 
 
 def logged_train_steps(workdir) -> list[int]:
-  path = pathlib.Path(workdir) / "metrics.jsonl"
-  try:
-    return [r["step"] for r in read_jsonl(path) if r.get("split") == "train"]
-  except (OSError, ValueError):
-    return []
+  return [r["step"] for r in _records(workdir) if r.get("split") == "train"]
 
 
 def snapshot(directory):
@@ -171,25 +167,34 @@ class Killed:
   stderr: str
 
 
-def run_and_kill(argv, workdir, *, env, kill_step, delay_s, timeout=300) -> tuple[int, str]:
-  """Starts `argv`, waits until train step `kill_step` is logged, sleeps `delay_s`, then
-  SIGKILLs it. Returns (the last logged train step, its stderr)."""
+def _records(workdir) -> list[dict]:
+  try:
+    return read_jsonl(pathlib.Path(workdir) / "metrics.jsonl")
+  except (OSError, ValueError):
+    return []
+
+
+def run_and_kill(argv, workdir, *, env, kill_step=None, until=None, delay_s=0.0,
+                 timeout=300) -> tuple[int, str]:
+  """Starts `argv`, waits until train step `kill_step` is logged (or `until(records of
+  metrics.jsonl)` holds), sleeps `delay_s`, then SIGKILLs it. Returns (the last logged
+  train step, its stderr)."""
+  if until is None:
+    until = lambda records: any(r.get("split") == "train" and r["step"] >= kill_step
+                                for r in records)
   err_path = pathlib.Path(str(workdir) + ".stderr")
   with open(err_path, "w") as err:
     proc = subprocess.Popen(argv, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=err)
     try:
       deadline = time.monotonic() + timeout
-      while True:
-        steps = logged_train_steps(workdir)
-        if steps and max(steps) >= kill_step:
-          break
+      while not until(_records(workdir)):
         assert proc.poll() is None, (
-            f"the run exited ({proc.returncode}) before step {kill_step}: "
+            f"the run exited ({proc.returncode}) before the kill point: "
             f"{err_path.read_text()[-3000:]}")
-        assert time.monotonic() < deadline, f"step {kill_step} never logged"
+        assert time.monotonic() < deadline, "the kill point never came"
         time.sleep(0.005)
       time.sleep(delay_s)
-      assert proc.poll() is None, f"the run ended before the kill (after step {kill_step})"
+      assert proc.poll() is None, "the run ended before the kill"
       os.kill(proc.pid, signal.SIGKILL)
       proc.wait(timeout=60)
     finally:
@@ -259,6 +264,8 @@ def test_sigkill_at_a_random_step_then_rerun_is_bit_identical(reference, killed,
   step, state = final_state(workdir)
   assert step == step_ref == NUM_STEPS
   assert_bit_identical(state_ref, state)  # params, optimizer moments, quant ranges, step
+  # A kill inside a save leaves N.orbax-checkpoint-tmp; the rerun's save of N replaces it.
+  assert sorted(os.listdir(workdir / "checkpoints")) == ["10", "11", "12"]
   ref_summary = json.loads((reference / "summary.json").read_text())
   assert summary["metrics"] == ref_summary["metrics"]
   assert summary["param_bytes"] == ref_summary["param_bytes"]
@@ -290,6 +297,23 @@ def test_sigkill_leaves_only_parseable_result_files(killed):
   leftovers = [p.name for p in workdir.iterdir() if p.name.endswith(".tmp")]
   assert not leftovers and not (workdir / "summary.json").exists()
   assert "Traceback" not in killed.stderr
+
+
+@pytest.mark.slow
+def test_sigkill_after_the_last_checkpoint_rerun_only_evaluates(reference, env, tmp_path):
+  """Killed during the final evaluation (step 12 saved, no summary.json yet): the rerun
+  restores step 12, trains nothing, and writes the reference's summary."""
+  workdir = tmp_path / "run"
+  run_and_kill(train_argv(workdir), workdir, env=env, until=lambda records: any(
+      r.get("split") == "test" and r["step"] == NUM_STEPS for r in records))
+  assert not (workdir / "summary.json").exists()
+  result = train(workdir, env=env)
+  assert result.returncode == 0, result.stderr[-3000:]
+  summary = json.loads((workdir / "summary.json").read_text())
+  ref_summary = json.loads((reference / "summary.json").read_text())
+  assert summary["resumed_from_step"] == NUM_STEPS == summary["steps"]
+  assert summary["metrics"] == ref_summary["metrics"]  # final_loss from the checkpoint
+  assert_bit_identical(final_state(reference)[1], final_state(workdir)[1])
 
 
 # ------------------------------------------ 2. a damaged latest checkpoint is set aside
@@ -413,6 +437,8 @@ MORE_BAD_CONFIGS = {
                               ["quant.act_bits", "=1", "[2, 3, 4, 5, 6, 7, 8]"]),
     "unknown variant": ("configs/mnist1d_cnn.py:w3a3", [],
                         ["--config", "'w3a3'", "['float', 'w8a8', 'w4a4', 'w2a2', 'binary']"]),
+    "tuple of the wrong length": (CONFIG, ["--config.mesh_shape=(2,2,2)"],
+                                  ["mesh_shape", "(2, 2, 2)", "3 entries", "tuple of 2"]),
 }
 NEW_WORKDIR_CASES = ("invalid regex",)
 

@@ -59,6 +59,9 @@ def _check_value(path: str, value: Any, ref: Any) -> None:
         _check_value(f"{path}[{i}]", v, r)
   else:
     ok = True
+  if not ok and isinstance(ref, (tuple, list)) and isinstance(value, (tuple, list)):
+    raise ConfigError(f"config key '{path}'={value!r} has {len(value)} entries; expected "
+                      f"{_type_name(ref)} of {len(ref)} like its default {ref!r}")
   if not ok:
     raise ConfigError(f"config key '{path}' has type {_type_name(value)} ({value!r}); "
                       f"expected {_type_name(ref)} like its default {ref!r}")
