@@ -3,7 +3,7 @@ killed with SIGKILL at a random step, damaged checkpoints, a NaN loss, bad confi
 result files under the report, and a sweep whose point crashes.
 
 The runs use tests/fixtures/faults_config.py (a W4A4 MLP on MNIST-1D with stochastic
-rounding of the activations, a checkpoint every step). Subprocesses share a persistent
+rounding of weights and activations, a checkpoint every step). Subprocesses share a persistent
 XLA compilation cache and an MNIST-1D cache (module-scoped), so after the first run each
 one takes ~10 s on a busy 2-core CPU; the `slow` cases run without the caches, on the
 sharded MNIST-1D CNN recipe.
@@ -33,8 +33,8 @@ from jaxquant.sweeps import plan
 from jaxquant.training import loop
 from jaxquant.training.results import read_jsonl
 
-# A failed orbax restore in this process leaves coroutines that are garbage-collected
-# during whichever test runs next; they are harmless.
+# A failed orbax restore (test_train.py's corrupt-checkpoint case, earlier in the same
+# session) leaves coroutines that may be garbage-collected during these tests; harmless.
 pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -589,7 +589,8 @@ def test_cnn_recipe_killed_twice_then_finished_is_bit_identical(tmp_path):
 
 
 def test_stochastic_weight_rounding_converts_for_serving():
-  config = faults_config.get_config("sr_weights")
+  """Was a crash after training (convert quantized the serving kernels without a key)."""
+  config = faults_config.get_config()
   setup = loop.prepare(config)
   state = jax.jit(setup.init_fn, out_shardings=setup.state_shardings)(
       jax.random.key(config.seed), setup.example_batch["x"])
