@@ -100,7 +100,8 @@ def _grouped(v_bmk, v_bkn, G):
   """Views lhs [B,M,K] as [B,M,G,g] and rhs [B,K,N] as [B,G,g,N]."""
   b, m, k = v_bmk.shape
   n = v_bkn.shape[2]
-  return v_bmk.reshape(b, m, G, k // G), v_bkn.reshape(b, G, k // G, n)
+  g = k // max(G, 1)  # K = 0: zero groups of a size-zero axis
+  return v_bmk.reshape(b, m, G, g), v_bkn.reshape(b, G, g, n)
 
 
 def _bgmn_dot(l4, r4, mode):
@@ -118,6 +119,8 @@ def _bgmn_dot(l4, r4, mode):
 def _group_count(q_l, q_r, k):
   gl = q_l.scale.shape[2]
   gr = q_r.scale.shape[1]
+  if k == 0:
+    return 1  # an empty contraction (a 'group' operand has 0 groups): the sum is 0
   G = max(gl, gr)
   if gl not in (1, G) or gr not in (1, G):
     raise ValueError(f"lhs has {gl} scale groups along the contraction and rhs {gr}; "
@@ -144,7 +147,7 @@ def _int_matmul(q_l, q_r, mode):
     row = jnp.transpose(jnp.sum(l4.astype(jnp.int32), axis=3), (0, 2, 1))[..., None]  # Σ_k a
     acc = acc - (rz * row).astype(acc.dtype)
   if lz is not None and rz is not None:
-    acc = acc + ((K // G) * lz * rz).astype(acc.dtype)
+    acc = acc + ((K // max(G, 1)) * lz * rz).astype(acc.dtype)
   sl = jnp.transpose(q_l.scale, (0, 2, 1))[..., None]
   sr = q_r.scale[:, :, None, :]
   return jnp.sum(acc.astype(jnp.float32) * sl * sr, axis=1)  # [B,M,N]
@@ -176,7 +179,7 @@ def _dlhs_quantized(g, q_r, gspec, key, mode):
   G = q_r.scale.shape[1]
   h = g.astype(jnp.float32)[:, None] * q_r.scale[:, :, None, :]  # [B,G,M,N]
   h_codes, h_scale = _quantize_grad(h, gspec, 3, key)  # one scale per (B,G,M) row
-  r4 = q_r.values.reshape(B, G, K // G, N)
+  r4 = q_r.values.reshape(B, G, K // max(G, 1), N)
   if G == 1 and B == 1:
     acc = _contract(h_codes[0, 0], r4[0, 0], (1,), (1,), (), (), mode)[None, None]
   else:
@@ -200,7 +203,7 @@ def _drhs_quantized(g, q_l, gspec, key, mode):
   # Materialize aᵀ as its own buffer: XLA:CPU then runs the s8 dot on [K,M]·[M,N]
   # instead of converting both operands to s32 (PERF-NOTES row 3 vs row 5).
   l_t = lax.optimization_barrier(
-      jnp.transpose(q_l.values.reshape(B, M, G, K // G), (0, 2, 3, 1)))  # [B,G,g,M]
+      jnp.transpose(q_l.values.reshape(B, M, G, K // max(G, 1)), (0, 2, 3, 1)))  # [B,G,g,M]
   if G == 1 and B == 1:
     acc = _contract(l_t[0, 0], h_codes[0, 0], (1,), (0,), (), (), mode)[None, None]
   else:

@@ -109,10 +109,11 @@ def quantizer_vjp(spec: QuantSpec, axes, res: Residuals, g):
     dx = jnp.where(inside, g32, 0.0)
     if spec.ste == "lsq" and res.learned is not None:
       qmin, qmax = numerics.int_range(spec)
-      y = x32 / scale
+      # NaN has the code of 0.0, so it adds round(0) − 0 = 0 (not NaN) to the step's gradient.
+      y = numerics.divide_by_scale(jnp.where(jnp.isnan(x32), 0.0, x32), scale)
       dy = jnp.where(y <= qmin, float(qmin), jnp.where(y >= qmax, float(qmax), jnp.round(y) - y))
       n = numerics.elements_per_scale(x32.shape, res.learned.shape)
-      grad_scale = 1.0 / np.sqrt(n * qmax)
+      grad_scale = 1.0 / np.sqrt(max(n, 1) * qmax)  # n = 0: empty x, a zero gradient
       ds = _sum_to_learned(g32 * dy, res.learned) * grad_scale
       dlearned = ds * jnp.sign(res.learned)  # d|s|/ds
   dx = jnp.where(jnp.isnan(x32), g32, dx)
@@ -134,7 +135,7 @@ def _inside(x32, scale, zp, spec):
   # In code space with a few float32 ulps of slack: scale = absmax/qmax is rounded (XLA
   # turns the division by a constant into a multiply), so qmax·scale can fall an ulp short
   # of the calibrated absmax, which must keep its gradient.
-  y = x32 / scale + z
+  y = numerics.divide_by_scale(x32, scale) + z
   slack = 4 * 2.0 ** -23 * max(-qmin, qmax)
   return (y >= qmin - slack) & (y <= qmax + slack)
 

@@ -9,7 +9,8 @@ Non-finite inputs (the documented rule): calibration looks only at finite entrie
 all-non-finite or all-zero slice gets scale 1, except binary's all-zero slice: α = 0, so
 zeros stay zeros); +Inf/-Inf saturate to the largest /
 smallest code; NaN gets the code of 0.0 in integer values (integers have no NaN), and
-`fake_quant` puts the NaN back, and the int dot / conv set NaN on every output that a
+`fake_quant` puts the NaN back (`dequantize` of codes cannot: it returns the code's
+value), and the int dot / conv set NaN on every output that a
 NaN operand row / column (conv: example / output feature) feeds, so a NaN is never
 silently hidden in float outputs.
 """
@@ -28,6 +29,7 @@ FP8_DTYPES = {"fp8_e4m3": jnp.float8_e4m3fn, "fp8_e5m2": jnp.float8_e5m2}
 FP8_MAX = {"fp8_e4m3": 448.0, "fp8_e5m2": 57344.0}
 TWN_THRESHOLD = 0.7  # Li & Liu 2016, Ternary Weight Networks: Δ = 0.7·E|x|.
 MSE_CLIP_RATIOS = tuple(np.linspace(0.3, 1.0, 36).tolist())
+FLT_MAX = float(np.finfo(np.float32).max)
 # Clipped STE for binary/ternary passes gradients where |x| <= 1 (Hubara et al. 2016, Htanh).
 SIGN_CLIP = 1.0
 
@@ -93,10 +95,19 @@ def _finite_abs(x):
   return jnp.where(jnp.isfinite(x), jnp.abs(x), 0.0)
 
 
+def _mean(t, n, axes, keepdims=False):
+  """Σ t / n over `axes` (n: the count, reduced like the sum); where the float32 sum
+  overflows (entries near ±3e38) it divides before summing instead."""
+  m = jnp.sum(t, axis=axes, keepdims=keepdims) / jnp.maximum(n, 1)
+  nk = n if keepdims else jnp.expand_dims(n, axes)
+  return jnp.where(jnp.isfinite(m), m,
+                   jnp.sum(t / jnp.maximum(nk, 1), axis=axes, keepdims=keepdims))
+
+
 def _finite_mean_abs(xb, axes, keepdims=False):
   """(mean of |x| over the finite entries, their count)."""
   n = jnp.sum(jnp.isfinite(xb), axis=axes, keepdims=keepdims)
-  return jnp.sum(_finite_abs(xb), axis=axes, keepdims=keepdims) / jnp.maximum(n, 1), n
+  return _mean(_finite_abs(xb), n, axes, keepdims), n
 
 
 def _stat(fn, xb, axes, shape):
@@ -116,7 +127,7 @@ def _range_stats(x32, spec, axes, scale_shape):
     if spec.calibration == "percentile":
       hi = _percentile(jnp.where(finite, ax, jnp.nan), spec.percentile, axes)
     else:
-      hi = jnp.max(ax, axis=axes)
+      hi = jnp.max(ax, axis=axes, initial=0.0)  # initial: size-zero slices
     hi = jnp.nan_to_num(hi.reshape(scale_shape))
     return -hi, hi
   if spec.calibration == "percentile":
@@ -124,8 +135,8 @@ def _range_stats(x32, spec, axes, scale_shape):
     lo = _percentile(xn, 100.0 - spec.percentile, axes)
     hi = _percentile(xn, spec.percentile, axes)
   else:
-    lo = jnp.min(jnp.where(finite, x32, jnp.inf), axis=axes)
-    hi = jnp.max(jnp.where(finite, x32, -jnp.inf), axis=axes)
+    lo = jnp.min(jnp.where(finite, x32, jnp.inf), axis=axes, initial=jnp.inf)
+    hi = jnp.max(jnp.where(finite, x32, -jnp.inf), axis=axes, initial=-jnp.inf)
   lo = jnp.minimum(jnp.nan_to_num(lo.reshape(scale_shape), posinf=0.0, neginf=0.0), 0.0)
   hi = jnp.maximum(jnp.nan_to_num(hi.reshape(scale_shape), posinf=0.0, neginf=0.0), 0.0)
   return lo, hi  # the range always holds 0 so zero is exact
@@ -135,10 +146,19 @@ def _percentile(x, q, axes):
   # nanpercentile over several axes: move them last and flatten.
   keep = [i for i in range(x.ndim) if i not in axes]
   xt = jnp.transpose(x, keep + list(axes))
-  xt = xt.reshape(xt.shape[: len(keep)] + (-1,))
+  xt = xt.reshape(xt.shape[: len(keep)] + (int(np.prod(xt.shape[len(keep):])),))  # no -1: size 0
   if xt.shape[-1] == 0:
     return jnp.zeros(xt.shape[:-1], jnp.float32)
   return jnp.nanpercentile(xt, q, axis=-1)
+
+
+def divide_by_scale(x, scale):
+  """x / scale for a positive `scale` that broadcasts against `x`. XLA rewrites a division
+  by a broadcast as a multiply by the reciprocal, and XLA:CPU flushes a reciprocal below
+  FLT_MIN (scale > ~8.5e37, e.g. 2-bit int of |x| ~ 3e38) to 0: x / s became 0 and
+  ±Inf / s NaN. Such scales, and x, are first brought down by 2^-64 (exact)."""
+  c = jnp.where(scale > 2.0 ** 64, 2.0 ** -64, 1.0).astype(jnp.float32)
+  return (x * c) / (scale * c)
 
 
 def scale_zero_point(lo, hi, spec: QuantSpec):
@@ -148,8 +168,10 @@ def scale_zero_point(lo, hi, spec: QuantSpec):
   qmin, qmax = int_range(spec)
   if spec.symmetric:
     return _safe_scale(hi / qmax), None
-  scale = _safe_scale((hi - lo) / (qmax - qmin))
-  zp = jnp.clip(jnp.round(qmin - lo / scale), qmin, qmax)
+  n = qmax - qmin
+  span = hi - lo  # overflows float32 for ranges like ±3e38: divide first there
+  scale = _safe_scale(jnp.where(jnp.isfinite(span), span / n, hi / n - lo / n))
+  zp = jnp.clip(jnp.round(qmin - divide_by_scale(lo, scale)), qmin, qmax)
   return scale, zp.astype(jnp.int32)
 
 
@@ -170,7 +192,7 @@ def round_values(y, spec: QuantSpec, key: Optional[jax.Array]):
 def encode_int(x32, scale, zp, spec, key):
   """Integer codes of x (float32) on the grid (scale, zp); NaN → code of 0, ±Inf saturate."""
   qmin, qmax = int_range(spec)
-  y = x32 / scale
+  y = divide_by_scale(x32, scale)
   if zp is not None:
     y = y + zp
   y = jnp.where(jnp.isnan(y), 0.0 if zp is None else zp.astype(jnp.float32), y)
@@ -195,8 +217,7 @@ def calibrate(x: jax.Array, spec: QuantSpec, reduce_axes: Sequence[int]):
     ax = _finite_abs(xb)
     delta = TWN_THRESHOLD * _finite_mean_abs(xb, stat_axes, keepdims=True)[0]
     big = ax > delta  # same Δ as ternary_threshold, kept blocked here
-    alpha = jnp.sum(jnp.where(big, ax, 0.0), axis=stat_axes) / jnp.maximum(
-        jnp.sum(big, axis=stat_axes), 1)
+    alpha = _mean(jnp.where(big, ax, 0.0), jnp.sum(big, axis=stat_axes), stat_axes)
     return _safe_scale(alpha.reshape(shape)), None
   lo, hi = _range_stats(xb, spec, stat_axes, shape)
   if spec.calibration == "mse":
@@ -208,15 +229,20 @@ def _mse_search(x32, lo, hi, spec):
   """Per scale entry, the clip ratio r·[lo, hi] with least squared quantization error."""
   best_err, best_lo, best_hi = None, lo, hi
   spec = dataclasses.replace(spec, rounding="nearest")  # the search needs no PRNG key
+  # Errors in units of the entry's range: squares of ±3e38 would overflow float32 (and of
+  # tiny values underflow), making every ratio tie.
+  unit = jnp.maximum(-lo, hi)
+  unit = expand_to(jnp.where(unit > 0, unit, 1.0), x32.shape)
   for r in MSE_CLIP_RATIOS:
     rlo, rhi = lo * r, hi * r
     scale, zp = scale_zero_point(rlo, rhi, spec)
     xq = decode(encode(x32, scale, zp, spec, None), expand_to(scale, x32.shape),
                 None if zp is None else expand_to(zp, x32.shape))
-    err = jnp.where(jnp.isfinite(x32), (xq - x32) ** 2, 0.0)
+    xq = jnp.clip(xq, -FLT_MAX, FLT_MAX)  # as QTensor.dequantize saturates a grid edge
+    err = jnp.where(jnp.isfinite(x32), divide_by_scale(xq - x32, unit) ** 2, 0.0)
     err = block_sum(err, scale.shape)
-    if best_err is None:
-      best_err = err
+    if best_err is None:  # the first ratio is a candidate too
+      best_err, best_lo, best_hi = err, rlo, rhi
     else:
       better = err < best_err
       best_err = jnp.where(better, err, best_err)
@@ -241,7 +267,7 @@ def encode(x32, scale, zp, spec: QuantSpec, key, axes=()):
   scale = expand_to(scale, x32.shape)
   if spec.format in FP8_DTYPES:
     fmax = FP8_MAX[spec.format]
-    y = jnp.clip(jnp.where(jnp.isnan(x32), 0.0, x32) / scale, -fmax, fmax)
+    y = jnp.clip(divide_by_scale(jnp.where(jnp.isnan(x32), 0.0, x32), scale), -fmax, fmax)
     return y.astype(FP8_DTYPES[spec.format])
   if spec.format == "binary":
     return jnp.where(x32 < 0, -1.0, 1.0)

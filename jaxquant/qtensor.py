@@ -43,7 +43,11 @@ class QTensor:
     """(values − zero_point) · scale, as `dtype`."""
     scale = numerics.expand_to(self.scale, self.values.shape)
     zp = None if self.zero_point is None else numerics.expand_to(self.zero_point, self.values.shape)
-    return numerics.decode(self.values, scale, zp).astype(dtype)
+    v = numerics.decode(self.values, scale, zp)
+    if jnp.issubdtype(dtype, jnp.floating):  # a grid edge may lie beyond dtype's range
+      fmax = float(jnp.finfo(dtype).max)
+      v = jnp.clip(v, -fmax, fmax)
+    return v.astype(dtype)
 
 
 def pack(values: jax.Array, bits: int) -> jax.Array:
