@@ -9,6 +9,7 @@ import pytest
 from jax import lax
 
 import jaxquant as jq
+from np_reference import np_quant_keep as np_quant
 
 QS = jq.QuantSpec
 DS = jq.DotSpec
@@ -16,26 +17,6 @@ DS = jq.DotSpec
 
 def rng_x(shape, seed=0):
   return np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
-
-
-def np_quant(x, spec, keep_axis):
-  """Dequantized x: one scale per index of `keep_axis` ('channel') or per tensor."""
-  x = np.asarray(x, np.float32)
-  red = tuple(range(x.ndim)) if spec.granularity == "tensor" else tuple(
-      a for a in range(x.ndim) if a != keep_axis)
-  b = spec.bits
-  if spec.symmetric:
-    qmin, qmax = -(2 ** (b - 1) - 1), 2 ** (b - 1) - 1
-    s = np.max(np.abs(x), axis=red, keepdims=True) / np.float32(qmax)
-    zp = np.zeros_like(s)
-  else:
-    qmin, qmax = -(2 ** (b - 1)), 2 ** (b - 1) - 1
-    lo = np.minimum(np.min(x, axis=red, keepdims=True), 0)
-    hi = np.maximum(np.max(x, axis=red, keepdims=True), 0)
-    s = (hi - lo) / np.float32(qmax - qmin)
-    zp = np.clip(np.round(qmin - lo / s), qmin, qmax)
-  codes = np.round(np.clip(x / s + zp, qmin, qmax))
-  return ((codes - zp) * s).astype(np.float32)
 
 
 def np_conv_nhwc(x, w, strides, padding, groups=1):

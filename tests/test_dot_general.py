@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 import jaxquant as jq
+from np_reference import np_quant
 
 QS = jq.QuantSpec
 DS = jq.DotSpec
@@ -17,37 +18,6 @@ def rng_x(shape, seed=0):
 
 
 # ------------------------------------------------------------------ numpy references
-
-def np_quant(x, spec, reduce_axes):
-  """Dequantized x for an 'int' (absmax) or binary spec, in numpy float32."""
-  x = np.asarray(x, np.float32)
-  red = tuple(a % x.ndim for a in reduce_axes)
-  if spec.granularity == "tensor":
-    xb, red, restore = x, tuple(range(x.ndim)), x.shape
-  elif spec.granularity == "channel":
-    xb, restore = x, x.shape
-  else:
-    (a,) = red
-    g = spec.group_size
-    xb = x.reshape(x.shape[:a] + (x.shape[a] // g, g) + x.shape[a + 1:])
-    red, restore = (a + 1,), x.shape
-  if spec.format == "binary":
-    alpha = np.mean(np.abs(xb), axis=red, keepdims=True)
-    return (np.where(xb < 0, -1.0, 1.0) * alpha).astype(np.float32).reshape(restore)
-  b = spec.bits
-  if spec.symmetric:
-    qmin, qmax = -(2 ** (b - 1) - 1), 2 ** (b - 1) - 1
-    s = np.max(np.abs(xb), axis=red, keepdims=True) / np.float32(qmax)
-    zp = np.zeros_like(s)
-  else:
-    qmin, qmax = -(2 ** (b - 1)), 2 ** (b - 1) - 1
-    lo = np.minimum(np.min(xb, axis=red, keepdims=True), 0)
-    hi = np.maximum(np.max(xb, axis=red, keepdims=True), 0)
-    s = (hi - lo) / np.float32(qmax - qmin)
-    zp = np.clip(np.round(qmin - lo / s), qmin, qmax)
-  codes = np.round(np.clip(xb / s + zp, qmin, qmax))
-  return ((codes - zp) * s).astype(np.float32).reshape(restore)
-
 
 def np_dot_general(a, b, dims):
   """lax.dot_general semantics through np.einsum, in float64."""
