@@ -300,7 +300,9 @@ def init_learned(x: jax.Array, spec: QuantSpec, reduce_axes: Sequence[int]) -> j
   xb, stat_axes, shape = blocked(x.astype(jnp.float32), spec, axes)
   if spec.ste == "lsq":
     _, qmax = int_range(spec)
-    return _safe_scale(2.0 * jnp.mean(_finite_abs(xb), axis=stat_axes).reshape(shape) / np.sqrt(qmax))
+    # _mean: a float32 sum of |x| ~ 3e38 overflows; 2·mean may pass FLT_MAX: saturate.
+    m = _mean(_finite_abs(xb), jnp.sum(jnp.ones(xb.shape, jnp.int32), axis=stat_axes), stat_axes)
+    return _safe_scale(jnp.minimum(2.0 * m.reshape(shape) / np.sqrt(qmax), FLT_MAX))
   if spec.ste == "pact":
     lo, hi = _range_stats(xb, spec, stat_axes, shape)
     return _safe_scale(hi)

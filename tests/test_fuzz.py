@@ -202,13 +202,13 @@ def reduce_axes_for(draw, shape, granularity):
 
 
 @st.composite
-def quant_specs(draw, granularity, group_size, formats=FORMATS, stes=True):
+def quant_specs(draw, granularity, group_size, formats=FORMATS):
   """Valid QuantSpecs only: the spec's documented constraints are built in."""
   fmt = draw(st.sampled_from(formats + ("int",) * len(formats)))  # int: half the specs
   is_int = fmt == "int"
   symmetric = draw(st.booleans()) if is_int else True
   allowed_stes = ["identity", "clipped"]
-  if is_int and stes:
+  if is_int:
     allowed_stes += ["pact"] + (["lsq"] if symmetric else [])
   return QS(format=fmt, bits=draw(st.integers(2, 8)), symmetric=symmetric,
             granularity=granularity, group_size=group_size,
@@ -349,8 +349,9 @@ def check_qtensor(x, spec, axes, q, learned):
         fallback = ~np.isfinite(ref)  # an all-zero slice keeps α = 0
       tiny = ref < 64 * F32_TINY  # denormal / flushed-to-zero territory: 1 or ≈ ref
       if spec.calibration == "absmax" or spec.format in ("binary", "ternary"):
+        near = np.isclose(got, ref, rtol=2e-5, atol=0)
         ok = np.where(fallback, got == 1.0,
-                      np.isclose(got, ref, rtol=2e-5, atol=0) | (tiny & ((got == 1.0) | (got <= 64 * F32_TINY))))
+                      near | (tiny & ((got == 1.0) | (got <= 64 * F32_TINY))))
       else:  # percentile / mse clip inside the absmax range
         ok = (got == 1.0) | (got <= ref * (1 + 2e-5)) | tiny
       assert np.all(ok), (s, ref)
@@ -388,11 +389,36 @@ def check_dequantized(x, spec, q, s, zfull, deq32):
   assert np.all((err <= bound)[fin]), np.max((err - bound)[fin])
 
 
+def check_learned_init(x, spec, axes, learned):
+  """init_learned: LSQ step 2·mean|x|/sqrt(Q_P) (non-finite entries count as 0), PACT α
+  the absmax (symmetric) or max(x, 0) range, both over finite entries, in float64 numpy;
+  saturated at FLT_MAX, 1 where that is 0 (empty / all-zero / all-non-finite slices)."""
+  xb, red, shape = np_blocked(np.asarray(x, np.float64), spec, axes)
+  fin = np.isfinite(xb)
+  if spec.ste == "lsq":
+    n = np.prod([xb.shape[a] for a in red], dtype=np.int64)
+    ref = 2 * np.where(fin, np.abs(xb), 0).sum(axis=red) / max(n, 1)
+    ref = ref.reshape(shape) / np.sqrt(numerics.int_range(spec)[1])
+  elif spec.symmetric:
+    ref = np.max(np.where(fin, np.abs(xb), 0), axis=red, initial=0.0).reshape(shape)
+  else:
+    ref = np.maximum(np.max(np.where(fin, xb, 0), axis=red, initial=0.0), 0).reshape(shape)
+  ref = np.minimum(ref, float(np.finfo(np.float32).max))
+  got = np.asarray(learned, np.float64)
+  assert learned.dtype == jnp.float32 and got.shape == ref.shape
+  tiny = ref < 64 * F32_TINY
+  ok = np.where(ref == 0, got == 1.0, np.isclose(got, ref, rtol=2e-5, atol=0)
+                | (tiny & ((got == 1.0) | (got <= 64 * F32_TINY))))
+  assert np.all(ok), (got, ref)
+
+
 def run_quantizers(x, spec, axes_arg, use_learned):
   axes = numerics.normalize_axes(axes_arg, x.ndim)  # for the numpy references
   xj = jnp.asarray(x)
   dtype = xj.dtype
   learned = numerics.init_learned(xj, spec, axes_arg) if use_learned else None
+  if use_learned:
+    check_learned_init(x, spec, axes, learned)
   q = jq.quantize(xj, spec, reduce_axes=axes_arg, key=KEY, learned=learned)
   s, zfull = check_qtensor(x, spec, axes, q, learned)
   deq32 = jq.dequantize(q)
@@ -431,7 +457,7 @@ def run_quantizers(x, spec, axes_arg, use_learned):
     np.testing.assert_array_equal(g[~nan], (np.abs(x64) <= 1)[~nan].astype(np.float64))
   elif learned is None:
     assert np.all(g[np.isinf(x64)] == 0)
-    if spec.calibration == "absmax" and spec.symmetric and not spec.format in FP8_NP:
+    if spec.calibration == "absmax" and spec.symmetric:
       assert np.all(g[np.isfinite(x64)] == 1)  # absmax: nothing finite is clipped
   if dl is not None:
     assert dl.shape == learned.shape and dl.dtype == learned.dtype
@@ -459,8 +485,9 @@ def check_mse_beats_candidates(x, spec, axes, deq_mse):
     hi = np.max(np.where(finb, np.abs(xb), 0.0), axis=red, initial=0.0).reshape(shape)
     lo = -hi
   else:
-    lo = np.minimum(np.min(np.where(finb, xb, np.inf), axis=red, initial=np.inf), 0).reshape(shape)
-    hi = np.maximum(np.max(np.where(finb, xb, -np.inf), axis=red, initial=-np.inf), 0).reshape(shape)
+    lo = np.min(np.where(finb, xb, np.inf), axis=red, initial=np.inf)
+    hi = np.max(np.where(finb, xb, -np.inf), axis=red, initial=-np.inf)
+    lo, hi = np.minimum(lo, 0).reshape(shape), np.maximum(hi, 0).reshape(shape)
   x32 = xj.astype(jnp.float32)
   nax = numerics.normalize_axes(axes, x.ndim)
   codes, scale, zp = fq.quantize_parts(x32, am, nax, None, None,
@@ -839,6 +866,18 @@ def test_regression_lsq_step_gradient_of_an_empty_tensor():
   learned = numerics.init_learned(x, spec, (0,))
   g = jax.grad(lambda l: jnp.sum(jq.fake_quant(x, spec, reduce_axes=(0,), learned=l)))(learned)
   np.testing.assert_array_equal(np.asarray(g), np.zeros((1, 3)))
+
+
+def test_regression_lsq_init_of_huge_values():
+  """init_learned's LSQ step 2·mean|x|/sqrt(Q_P): the float32 mean of |x| ~ 3e38 summed to
+  Inf and the step fell back to 1 (every value saturated); 2·mean beyond FLT_MAX too."""
+  x = jnp.array([3e38, -3e38, 1.0, np.inf], jnp.float32)
+  for bits, want in ((8, 2 * 1.5e38 / np.sqrt(127)), (2, 3e38)):
+    spec = QS(ste="lsq", bits=bits, granularity="tensor")
+    np.testing.assert_allclose(float(numerics.init_learned(x, spec, (0,))[0]), want, rtol=1e-5)
+  spec = QS(ste="lsq", bits=2, granularity="tensor")
+  x = jnp.array([3e38, 3e38], jnp.float32)  # 2·mean = 6e38: saturates at FLT_MAX
+  assert float(numerics.init_learned(x, spec, (0,))[0]) == np.finfo(np.float32).max
 
 
 @pytest.mark.parametrize("mode", ["int", "fake"])
