@@ -13,6 +13,9 @@ smallest code; NaN gets the code of 0.0 in integer values (integers have no NaN)
 value), and the int dot / conv set NaN on every output that a
 NaN operand row / column (conv: example / output feature) feeds, so a NaN is never
 silently hidden in float outputs.
+
+Denormals: XLA:CPU flushes float32 denormals to zero, so an all-denormal slice
+calibrates like an all-zero one (scale 1, codes of 0.0).
 """
 from __future__ import annotations
 
