@@ -214,18 +214,7 @@ class _Interceptor:
     layer = _Layer(module, path, idx, self.plan, self)
     if self.plan.phase == "serve":
       return layer.serve(next_fun, args, kwargs)
-    if isinstance(module, nn.Einsum):
-      return layer.einsum_call(*args, **kwargs)
-    attr = "conv_general_dilated" if isinstance(module, nn.Conv) else "dot_general"
-    if getattr(module, attr + "_cls", None) is not None:
-      raise ValueError(f"layer {path!r} sets {attr}_cls; jaxquant cannot quantize it")
-    fn = layer.conv_fn if attr == "conv_general_dilated" else layer.dot_fn
-    old = getattr(module, attr)
-    object.__setattr__(module, attr, fn)  # the layer's own argument, for this call only
-    try:
-      return next_fun(*args, **kwargs)
-    finally:
-      object.__setattr__(module, attr, old)
+    return layer.qat_call(next_fun, args, kwargs)
 
 
 class _Layer:
@@ -313,6 +302,23 @@ class _Layer:
                                             tuple(kernel_shape), tuple(reduce_axes))
 
   # -- the layer computations -------------------------------------------------------------
+  def qat_call(self, next_fun, args, kwargs):
+    """The layer's own call with jaxquant's contraction (QAT, and serving of layers whose
+    weights stayed float)."""
+    m = self.module
+    if isinstance(m, nn.Einsum):
+      return self.einsum_call(*args, **kwargs)
+    attr = "conv_general_dilated" if isinstance(m, nn.Conv) else "dot_general"
+    if getattr(m, attr + "_cls", None) is not None:
+      raise ValueError(f"layer {self.path!r} sets {attr}_cls; jaxquant cannot quantize it")
+    fn = self.conv_fn if attr == "conv_general_dilated" else self.dot_fn
+    old = getattr(m, attr)
+    object.__setattr__(m, attr, fn)  # the layer's own argument, for this call only
+    try:
+      return next_fun(*args, **kwargs)
+    finally:
+      object.__setattr__(m, attr, old)
+
   def dot_fn(self, lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None,
              **unused):
     (_, rc), _ = dimension_numbers
@@ -382,7 +388,7 @@ class _Layer:
     m = self.module
     info = self.plan.layers.get(self.path)
     if info is None or not m.has_variable("serving", "kernel"):
-      return self._serve_float_weight(next_fun, args, kwargs)
+      return self.qat_call(next_fun, args, kwargs)
     entry = m.get_variable("serving", "kernel")
     q = serving_qtensor(entry, self.rule.weight, info.kernel_shape)
     if isinstance(m, nn.Einsum):
@@ -425,18 +431,6 @@ class _Layer:
       y = y + jnp.reshape(bias, bshape).astype(y.dtype)
     return y
 
-  def _serve_float_weight(self, next_fun, args, kwargs):
-    m = self.module
-    if isinstance(m, nn.Einsum):
-      return self.einsum_call(*args, **kwargs)
-    attr = "conv_general_dilated" if isinstance(m, nn.Conv) else "dot_general"
-    fn = self.conv_fn if attr == "conv_general_dilated" else self.dot_fn
-    old = getattr(m, attr)
-    object.__setattr__(m, attr, fn)
-    try:
-      return next_fun(*args, **kwargs)
-    finally:
-      object.__setattr__(m, attr, old)
 
 
 def _batch_range(x, spec: QuantSpec):
