@@ -16,6 +16,7 @@ GRANULARITIES = ("tensor", "channel", "group")
 CALIBRATIONS = ("absmax", "percentile", "mse")
 ROUNDINGS = ("nearest", "stochastic")
 STES = ("identity", "clipped", "lsq", "pact")
+LEARNED_STES = ("lsq", "pact")  # the gradient rules that learn a scale / clip
 MODES = ("int", "fake")
 
 
@@ -79,7 +80,7 @@ class QuantSpec:
     if self.format in ("binary", "ternary", "fp8_e4m3", "fp8_e5m2") and not self.symmetric:
       raise ValueError(f"symmetric=False is not allowed for format={self.format!r}; "
                        "only format='int' has a zero point")
-    if self.format != "int" and self.ste in ("lsq", "pact"):
+    if self.format != "int" and self.learned:
       raise ValueError(f"ste={self.ste!r} is only allowed with format='int'; "
                        "choose one of ['identity', 'clipped']")
     if self.ste == "lsq" and not self.symmetric:
@@ -89,8 +90,26 @@ class QuantSpec:
 
   @property
   def effective_bits(self) -> int:
-    """Storage bits per value: `bits` for int, 1 binary, 2 ternary, 8 for fp8."""
+    """Information bits per value: `bits` for int, 1 binary, 2 ternary, 8 for fp8."""
     return {"int": self.bits, "binary": 1, "ternary": 2}.get(self.format, 8)
+
+  @property
+  def storage_bits(self) -> int:
+    """Bits per stored code in serving weights: codes are packed into bytes, so 1 for
+    binary, 2 for ternary / int2, 4 for int3–4, and a whole byte otherwise."""
+    if self.format == "binary":
+      return 1
+    if self.format == "ternary" or (self.format == "int" and self.bits == 2):
+      return 2
+    if self.format == "int" and self.bits <= 4:
+      return 4
+    return 8
+
+  @property
+  def learned(self) -> Optional[str]:
+    """'lsq' or 'pact' when the spec has a learned quantity (a trainable step size or
+    clip α), else None."""
+    return self.ste if self.ste in LEARNED_STES else None
 
   @property
   def is_integer(self) -> bool:
@@ -124,7 +143,7 @@ class DotSpec:
         raise ValueError(f"{name}={value!r} must be a jaxquant.QuantSpec or None")
     _check_choice("mode", self.mode, MODES)
     if self.grad is not None:
-      if self.grad.ste in ("lsq", "pact"):
+      if self.grad.learned:
         raise ValueError(f"grad.ste={self.grad.ste!r} is not allowed; gradients have no "
                          "learned scale; choose one of ['identity', 'clipped']")
       if self.grad.format != "int" or not self.grad.symmetric or self.grad.granularity == "group":
@@ -167,6 +186,16 @@ class Rule:
       msg = (str(e).replace("lhs=", "act=").replace("rhs=", "weight=")
              .replace("lhs.", "act.").replace("rhs.", "weight."))
       raise ValueError(f"Rule({self.pattern!r}): {msg}") from None
+    act = self.act
+    if act is not None and act.learned and act.granularity != "tensor":
+      raise ValueError(f"Rule({self.pattern!r}): act.ste={act.ste!r} learns one "
+                       "activation scale per layer; set act granularity='tensor'")
+    if act is not None and act.granularity == "group":
+      raise ValueError(f"Rule({self.pattern!r}): act granularity='group' is not supported; "
+                       "choose 'tensor' or 'channel' (one scale per row)")
+    if self.grad is not None and (act is None or self.weight is None):
+      raise ValueError(f"Rule({self.pattern!r}): grad= (quantized backward) needs both "
+                       "weight= and act= specs")
 
   def dot_spec(self) -> DotSpec:
     """The DotSpec this rule gives a matched layer (activations lhs, weights rhs)."""

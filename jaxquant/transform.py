@@ -71,15 +71,6 @@ def _check_rules(rules) -> Tuple[Rule, ...]:
   for i, rule in enumerate(rules):
     if not isinstance(rule, Rule):
       raise ValueError(f"rules[{i}]={rule!r} must be a jaxquant.Rule")
-    if rule.act is not None and rule.act.ste in ("lsq", "pact") and rule.act.granularity != "tensor":
-      raise ValueError(f"Rule({rule.pattern!r}): act.ste={rule.act.ste!r} learns one "
-                       "activation scale per layer; set act granularity='tensor'")
-    if rule.act is not None and rule.act.granularity == "group":
-      raise ValueError(f"Rule({rule.pattern!r}): act granularity='group' is not supported; "
-                       "choose 'tensor' or 'channel' (one scale per row)")
-    if rule.grad is not None and (rule.act is None or rule.weight is None):
-      raise ValueError(f"Rule({rule.pattern!r}): grad= (quantized backward) needs both "
-                       "weight= and act= specs")
   return rules
 
 
