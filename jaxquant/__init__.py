@@ -5,7 +5,9 @@ The curated public API; everything else is internal.
 from jaxquant.conv import conv_general_dilated, make_conv
 from jaxquant.convert import SizeReport, TensorSize, calibrate, convert, size_report
 from jaxquant.dot import dot_general, einsum, make_dot_general
-from jaxquant.fake_quant import dequantize, fake_quant, quantize
+from jaxquant import observers
+from jaxquant.fake_quant import OperandState, dequantize, fake_quant, quantize
+from jaxquant.layout import WeightLayout, make_layout, quantize_weight
 from jaxquant.qtensor import QTensor, pack, unpack
 from jaxquant.spec import DotSpec, QuantSpec, Rule
 from jaxquant.transform import quantize_model
@@ -14,5 +16,6 @@ __all__ = [
     "QuantSpec", "DotSpec", "Rule", "QTensor", "quantize", "dequantize", "fake_quant",
     "pack", "unpack", "dot_general", "einsum", "conv_general_dilated", "make_dot_general",
     "make_conv", "quantize_model", "calibrate", "convert", "size_report", "SizeReport", "TensorSize",
+    "OperandState", "WeightLayout", "make_layout", "quantize_weight", "observers",
 ]
 __version__ = "0.1.0"

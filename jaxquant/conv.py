@@ -25,6 +25,8 @@ import jax.numpy as jnp
 from jax import lax
 
 from jaxquant import fake_quant as fq
+from jaxquant import layout
+from jaxquant.fake_quant import OperandState
 from jaxquant.qtensor import QTensor
 from jaxquant.spec import DotSpec
 
@@ -65,6 +67,12 @@ def _axes(spec_dims, qspec, keep_dim):
   return tuple(d for d in range(n) if d != keep_dim)
 
 
+def kernel_layout(ndim, dn) -> layout.WeightLayout:
+  """A conv kernel contracts every axis but its output feature axis."""
+  out_dim = dn.rhs_spec[0]
+  return layout.make_layout(ndim, tuple(d for d in range(ndim) if d != out_dim))
+
+
 def _to_out(s, src_dim, out_dim, out_ndim):
   """Moves a per-`src_dim` scale (length-1 elsewhere) onto the output's `out_dim`."""
   v = s.reshape(-1)
@@ -77,15 +85,19 @@ def _fwd_parts(spec: DotSpec, args: _ConvArgs, lhs, rhs, key, l_learned, r_learn
                l_range=None):
   dn = lax.conv_dimension_numbers(lhs.shape, rhs.shape, args.dimension_numbers)
   k_l, k_r, k_g = (None,) * 3 if key is None else tuple(jax.random.split(key, 3))
-  parts = []
-  for x, qspec, keep, k, learned, rng in (
-      (lhs, spec.lhs, dn.lhs_spec[0], k_l, l_learned, l_range),
-      (rhs, spec.rhs, dn.rhs_spec[0], k_r, r_learned, None)):
-    if qspec is None:
-      parts.append((x, None, None))
-    else:
-      parts.append(fq.forward(x, qspec, _axes(x.shape, qspec, keep), k, learned, rng))
-  (deq_l, q_l, res_l), (deq_r, q_r, res_r) = parts
+  if spec.lhs is None:
+    deq_l, q_l, res_l = lhs, None, None
+  else:  # one scale per example ('channel') or per tensor, or a static / learned range
+    deq_l, q_l, res_l = fq.forward(lhs, spec.lhs, _axes(lhs.shape, spec.lhs, dn.lhs_spec[0]),
+                                   k_l, l_learned, l_range)
+  if spec.rhs is None:
+    deq_r, q_r, res_r = rhs, None, None
+  else:  # the kernel, quantized exactly as `jq.quantize_weight` stores it
+    _axes(rhs.shape, spec.rhs, dn.rhs_spec[0])  # refuses 'group'
+    q = layout.quantize_weight(rhs, spec.rhs, kernel_layout(rhs.ndim, dn), key=k_r,
+                               learned=r_learned)
+    deq_r, q_r, res_r = fq.from_parts(rhs, (q.values.astype(jnp.float32) if spec.rhs.is_integer
+                                            else q.values, q.scale, q.zero_point), r_learned)
   if spec.mode == "int" and q_l is not None and q_r is not None:
     out = _keep_nan(_int_conv(q_l, q_r, args, dn), lhs, rhs, dn)
   else:
@@ -164,58 +176,72 @@ _qconv.defvjp(_qconv_fwd, _qconv_bwd)
 def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
                          rhs_dilation=None, dimension_numbers=None, feature_group_count=1,
                          batch_group_count=1, precision=None, preferred_element_type=None,
-                         spec: Optional[DotSpec] = None, key=None, lhs_learned=None,
-                         rhs_learned=None, lhs_range=None):
+                         spec: Optional[DotSpec] = None, key=None,
+                         lhs_state: Optional[OperandState] = None,
+                         rhs_state: Optional[OperandState] = None):
   """`lax.conv_general_dilated` with quantized operands (see the module docstring).
 
-  `lhs_learned` / `rhs_learned` (LSQ step size or PACT α) are shaped like the operand
-  with every axis of length 1 except the kept one ('channel'). `lhs_range` is an
-  optional static (lo, hi) input range. `rhs` may be a `QTensor` (serving weights, per
-  output feature or per tensor): the forward then runs on its codes directly.
+  `lhs_state.learned` / `rhs_state.learned` (LSQ step size or PACT α) are shaped like the
+  operand with every axis of length 1 except the kept one ('channel');
+  `lhs_state.range` is an optional static (lo, hi) input range. `rhs` may be a stored
+  kernel `QTensor` (`jq.quantize_weight`): the forward then runs on its codes directly.
   """
+  if spec is not None and not isinstance(spec, DotSpec):  # before reading spec.lhs
+    raise ValueError(f"spec={spec!r} must be a jaxquant.DotSpec")
+  lhs_state = lhs_state or OperandState()
+  rhs_state = rhs_state or OperandState()
+  if rhs_state.range is not None:
+    raise ValueError("rhs_state.range is not supported: kernels are calibrated from "
+                     "their own values")
   args = _ConvArgs(_freeze(window_strides), _freeze(padding), _freeze(lhs_dilation),
                    _freeze(rhs_dilation), _freeze(dimension_numbers), int(feature_group_count),
                    int(batch_group_count))
   if isinstance(rhs, QTensor):
-    return _serving_conv(spec, args, lhs, rhs, key, lhs_range, lhs_learned).astype(
+    return _serving_conv(spec, args, lhs, rhs, key, lhs_state).astype(
         preferred_element_type or lhs.dtype)
   out_dtype = preferred_element_type or jnp.result_type(lhs, rhs)
-  if spec is not None and not isinstance(spec, DotSpec):  # before reading spec.lhs
-    raise ValueError(f"spec={spec!r} must be a jaxquant.DotSpec")
   if spec is None or (spec.lhs is None and spec.rhs is None):
     return lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation,
                                     rhs_dilation, dimension_numbers, feature_group_count,
                                     batch_group_count, precision, preferred_element_type)
   if batch_group_count != 1:
     raise ValueError("batch_group_count != 1 is not supported by the quantized conv")
-  out = _qconv(spec, args, lhs, rhs, key, lhs_learned, rhs_learned, lhs_range)
+  out = _qconv(spec, args, lhs, rhs, key, lhs_state.learned, rhs_state.learned,
+               lhs_state.range)
   return out.astype(out_dtype)
 
 
-def _serving_conv(spec, args, lhs, q_rhs, key, lhs_range, lhs_learned=None):
-  """Forward-only conv with prequantized weights (same arithmetic as the QAT forward)."""
-  dn = lax.conv_dimension_numbers(lhs.shape, q_rhs.values.shape, args.dimension_numbers)
+def _serving_conv(spec, args, lhs, q_rhs, key, lhs_state: OperandState):
+  """Forward-only conv with a stored kernel (same arithmetic as the QAT forward)."""
+  dn = lax.conv_dimension_numbers(lhs.shape, q_rhs.shape, args.dimension_numbers)
+  expected = kernel_layout(len(q_rhs.shape), dn)
+  if q_rhs.contracting is not None and q_rhs.contracting != expected.contracting:
+    raise ValueError(f"a kernel quantized for contracting axes {q_rhs.contracting} is used "
+                     f"by a conv that contracts {expected.contracting}")
+  q_rhs = q_rhs.unpacked()
   lhs_spec = None if spec is None else spec.lhs
+  axes = None if lhs_spec is None else _axes(lhs.shape, lhs_spec, dn.lhs_spec[0])
   if lhs_spec is not None and spec.mode == "int" and q_rhs.values.dtype == jnp.int8:
-    codes, scale, zp = fq.quantize_parts(lhs, lhs_spec, _axes(lhs.shape, lhs_spec, dn.lhs_spec[0]),
-                                         key, lhs_learned, lhs_range)
+    codes, scale, zp = fq.quantize_parts(lhs, lhs_spec, axes, key, lhs_state.learned,
+                                         lhs_state.range)
     out = _int_conv(QTensor(codes.astype(jnp.int8), scale, zp), q_rhs, args, dn)
     return _keep_nan(out, lhs, None, dn)
-  a = lhs if lhs_spec is None else fq.forward(
-      lhs, lhs_spec, _axes(lhs.shape, lhs_spec, dn.lhs_spec[0]), key, lhs_learned, lhs_range)[0]
+  a = lhs if lhs_spec is None else fq.forward(lhs, lhs_spec, axes, key, lhs_state.learned,
+                                              lhs_state.range)[0]
   return _conv(a.astype(jnp.float32), q_rhs.dequantize(jnp.float32), args)
 
 
-def make_conv(spec: Optional[DotSpec], *, key=None, lhs_learned=None, rhs_learned=None,
-              lhs_range=None):
+def make_conv(spec: Optional[DotSpec], *, key=None, lhs_state: Optional[OperandState] = None,
+              rhs_state: Optional[OperandState] = None, weight=None):
   """A callable with `lax.conv_general_dilated`'s signature, for
-  `nn.Conv(conv_general_dilated=...)`."""
+  `nn.Conv(conv_general_dilated=...)`; `weight` (a stored kernel `QTensor`) replaces the
+  kernel the layer passes."""
   def _conv_fn(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
                dimension_numbers=None, feature_group_count=1, batch_group_count=1,
-               precision=None, preferred_element_type=None):
-    return conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
-                                dimension_numbers, feature_group_count, batch_group_count,
-                                precision, preferred_element_type, spec=spec, key=key,
-                                lhs_learned=lhs_learned, rhs_learned=rhs_learned,
-                                lhs_range=lhs_range)
+               precision=None, preferred_element_type=None, **unused):
+    return conv_general_dilated(lhs, rhs if weight is None else weight, window_strides,
+                                padding, lhs_dilation, rhs_dilation, dimension_numbers,
+                                feature_group_count, batch_group_count, precision,
+                                preferred_element_type, spec=spec, key=key,
+                                lhs_state=lhs_state, rhs_state=rhs_state)
   return _conv_fn

@@ -1,173 +1,180 @@
 """PTQ calibration, conversion of QAT variables to serving variables, and size reports.
 
-Serving variables hold no float copy of a quantized weight. For each quantized layer the
-'params' entry 'kernel' is removed and the 'serving' collection holds, at the same path,
-  kernel: {'values': int8 codes (5–8-bit int) or float8 values (fp8),
-           or 'packed': uint8 (4 codes per byte for 2-bit/ternary, 2 for 3–4-bit, 8 for
-           binary), 'scale': float32, 'zero_point': int32 (asymmetric only),
-           'shape': int32 kernel shape}
-Everything else ('params' biases and norms, 'quant', 'quant_stats') is kept. Weights
-trained with stochastic rounding are stored with nearest rounding (a fixed model).
+Serving variables hold no float copy of a quantized weight: `convert` replaces each
+quantized layer's 'params' kernel by the `QTensor` that `jq.quantize_weight` makes of it
+(int8 codes for 5–8-bit int, float8 values for fp8, packed uint8 codes for binary,
+ternary and 2–4-bit int), at the same path. A QTensor records its spec, shape and
+layout, so the serving model needs nothing else to use it; it round-trips through orbax
+(restore with the serving variables' structure as the target). Everything else ('params'
+biases and norms, 'quant_stats', learned activation scales in 'quant') is kept; learned
+weight scales are folded into the stored scales. Weights trained with stochastic
+rounding are stored with nearest rounding (a fixed model).
 """
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Dict, Iterable, List, Tuple
+import functools
+from typing import Any, Dict, Iterable, Tuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax.core import meta, unfreeze
 
+from jaxquant import layout
+from jaxquant import observers as obs
 from jaxquant import transform
-from jaxquant.fake_quant import quantize
-from jaxquant.qtensor import QTensor, pack
+from jaxquant.qtensor import QTensor
 
-
-def _get(tree, path: str):
-  node = tree
-  for part in path.split("/") if path else []:
-    node = node[part]
-  return node
-
-
-def _set(tree, path: str, value):
-  parts = path.split("/") if path else []
-  node = tree
-  for part in parts[:-1]:
-    node = node.setdefault(part, {})
-  node[parts[-1]] = value
+CALIBRATION = "calib"  # name of the calibration observer's state in 'quant_stats'
 
 
 def _plain(variables) -> Dict[str, Any]:
-  return jax.tree.map(lambda x: x, unfreeze(meta.unbox(variables)))
+  """A mutable deep copy of the dict structure (arrays shared)."""
+  def copy(node):
+    return {k: copy(v) for k, v in node.items()} if isinstance(node, dict) else node
+  return copy(unfreeze(meta.unbox(variables)))
 
 
-def _ensure_traced(qmodel, variables, example_args, example_kwargs):
-  plan = transform.plan_of(qmodel)
-  if example_args or example_kwargs:
-    jax.eval_shape(lambda v: qmodel.apply(v, *example_args, rngs={"quant": jax.random.key(0)},
-                                          **example_kwargs), variables)
-  if not plan.layers and plan.rules:
-    raise ValueError("convert needs the layer table that tracing fills in: call "
-                     "qmodel.init / qmodel.apply once, or pass example inputs: "
-                     "jq.convert(qmodel, variables, x)")
-  return plan
+def _layers(tree, prefix=""):
+  """(path, node) for every dict in a collection that holds `kernel_axes` or `act_hi`."""
+  for k, v in sorted(tree.items()):
+    if isinstance(v, dict):
+      p = f"{prefix}/{k}" if prefix else k
+      if "kernel_axes" in v or f"{CALIBRATION}_hi" in v or "act_hi" in v:
+        yield p, v
+      yield from _layers(v, p)
 
 
-def calibrate(qmodel, variables, batches: Iterable, *, rngs=None):
-  """Post-training calibration of static activation ranges.
+def _node(tree, path: str):
+  for part in path.split("/"):
+    tree = tree[part]
+  return tree
+
+
+def calibrate(qmodel, variables, batches: Iterable, *, rngs=None, observers=()):
+  """Post-training calibration of static activation ranges (and PTQ statistics).
 
   Runs `qmodel` on every batch (each a positional input, or a tuple of them) and returns
-  `variables` with, for every quantized layer with an activation spec, the range
-  'act_lo'/'act_hi' in 'quant_stats': the max over batches for absmax calibration, the
-  mean of per-batch clip ranges for percentile / MSE. Calibrated layers then quantize
-  activations with that fixed range (per tensor) instead of the batch's own.
+  `variables` with, for every quantized layer with an activation spec, the static range
+  'act_lo' / 'act_hi' / 'act_count' in 'quant_stats' (`observers.calibration_range`:
+  min/max over batches for absmax, the mean of per-batch clip ranges for percentile /
+  MSE). Calibrated layers then quantize activations with that fixed range instead of the
+  batch's own. `observers` adds named observer factories (e.g.
+  `('xtx', jq.observers.second_moment())`); their states are kept in 'quant_stats'.
+  Earlier static ranges are dropped first. Raises ValueError for an empty set of
+  batches, and names the layer whose calibration input held NaN or Inf.
   """
-  view = transform.with_phase(qmodel, "calibrate")
+  view = transform.with_observers(
+      qmodel, ((CALIBRATION, obs.calibration_range()),) + tuple(observers))
   variables = _plain(variables)
-  stats = {k: v for k, v in variables.items() if k == "quant_stats"}
-  # Forget earlier calibration so the statistics start fresh.
-  stats = jax.tree.map(lambda x: x, stats)
-  others = {k: v for k, v in variables.items() if k != "quant_stats"}
-  qs = _drop_static(stats.get("quant_stats", {}))
+  names = [CALIBRATION] + [name for name, _ in observers]
+  stats = _drop(variables.pop("quant_stats", {}), names)
 
   @jax.jit
-  def step(qs, *batch):
-    _, upd = view.apply({**others, "quant_stats": qs}, *batch, mutable=["quant_stats"],
+  def step(others, stats, *batch):  # parameters are arguments: no constant folding
+    _, upd = view.apply({**others, "quant_stats": stats}, *batch, mutable=["quant_stats"],
                         rngs=rngs)
     return upd["quant_stats"]
 
   n = 0
   for batch in batches:
     batch = batch if isinstance(batch, tuple) else (batch,)
-    qs = step(qs, *batch)
+    stats = step(variables, stats, *batch)
     n += 1
   if n == 0:
-    raise ValueError("calibrate needs at least one batch")
-  return {**others, "quant_stats": qs}
+    raise ValueError("calibrate needs at least one batch; got an empty iterable")
+  stats = _plain(jax.device_get(stats))
+  for path, node in _layers(stats):
+    if f"{CALIBRATION}_hi" not in node:
+      continue
+    lo, hi = node.pop(f"{CALIBRATION}_lo"), node.pop(f"{CALIBRATION}_hi")
+    count = node.pop(f"{CALIBRATION}_count")
+    bad = int(node.pop(f"{CALIBRATION}_nonfinite"))
+    if bad:
+      raise ValueError(f"calibration input of layer {path!r} holds {bad} NaN/Inf values; "
+                       "clean the calibration batches")
+    node.update(act_lo=lo, act_hi=hi, act_count=count)
+  return {**variables, "quant_stats": stats}
 
 
-def _drop_static(qs):
-  if not isinstance(qs, dict):
-    return qs
-  return {k: _drop_static(v) for k, v in qs.items() if k not in ("act_lo", "act_hi", "act_count")}
+def _drop(tree, names):
+  """'quant_stats' without static ranges and earlier states of the named observers."""
+  if not isinstance(tree, dict):
+    return tree
+  stale = ("act_lo", "act_hi", "act_count")
+  return {k: _drop(v, names) for k, v in tree.items()
+          if k not in stale and not any(k.startswith(f"{n}_") for n in names)}
 
 
 def convert(qmodel, variables, *example_args, **example_kwargs):
   """QAT model + variables → (serving model, serving variables).
 
-  Every weight a rule quantizes is stored as codes + scales (see the module docstring);
-  the serving model computes on them directly and its forward equals the QAT forward
-  (same codes, scales and integer sums; in mode='int' the outputs are identical
-  up to how XLA fuses the float epilogue, e.g. a bias add folded into an FMA: ≤ 1 ulp). The layer table comes from an earlier `init`/`apply` of
-  `qmodel`, or from tracing `example_args` here.
+  Every weight a rule quantizes becomes a `QTensor` in 'params' (see the module
+  docstring). The kernels' layouts come from 'quant_stats' (`qmodel.init` and
+  `jq.calibrate` record them); for variables made without them (e.g. a float model's
+  'params'), pass example inputs to trace the model once. The serving model is `qmodel`
+  itself: a layer whose kernel is a QTensor computes on its codes, with the same
+  contraction code as the QAT forward (identical codes and integer sums; in mode='int'
+  the float epilogue may differ by ≤ 1 ulp where XLA fuses a bias add into an FMA).
   """
-  plan = _ensure_traced(qmodel, variables, example_args, example_kwargs)
+  config = transform.config_of(qmodel)
   variables = _plain(variables)
-  params = variables["params"]
-  serving: Dict[str, Any] = {}
-  quant = variables.get("quant", {})
-  for path, info in sorted(plan.layers.items()):
-    spec = plan.rules[info.rule_index].weight
-    if spec is None:
+  if example_args or example_kwargs:  # one concrete trace records the layouts
+    _, upd = qmodel.apply(variables, *example_args, rngs={"quant": jax.random.key(0)},
+                          mutable=["quant_stats"], **example_kwargs)
+    for path, node in _layers(upd["quant_stats"]):
+      if "kernel_axes" in node:
+        target = variables.setdefault("quant_stats", {})
+        for part in path.split("/"):
+          target = target.setdefault(part, {})
+        target.setdefault("kernel_axes", node["kernel_axes"])
+  layers = [(p, n) for p, n in _layers(variables.get("quant_stats", {})) if "kernel_axes" in n]
+  if not layers and any(r.weight is not None for r in config.rules):
+    raise ValueError("convert finds no kernel layouts in 'quant_stats': pass variables "
+                     "from qmodel.init / jq.calibrate, or example inputs: "
+                     "jq.convert(qmodel, variables, x)")
+  params, quant = variables["params"], variables.get("quant", {})
+  todo, kernels, learned = [], [], []
+  for path, node in layers:
+    rule = config.rule_for(path)
+    spec = None if rule is None else rule.weight
+    kernel = _node(params, path)["kernel"]
+    if spec is None or isinstance(kernel, QTensor):  # float layer, or already converted
       continue
-    layer_params = _get(params, path)
-    kernel = layer_params.pop("kernel")
-    learned = None
-    if spec.ste in ("lsq", "pact"):
-      learned = _get(quant, path).get(f"weight_{spec.ste}")
+    learned.append(_node(quant, path).pop(f"weight_{spec.learned}") if spec.learned else None)
     if spec.rounding == "stochastic":
       # Serving weights are fixed: store the nearest codes (the expected value of the
       # stochastic ones), not one random draw.
       spec = dataclasses.replace(spec, rounding="nearest")
-    q = _quantize_kernel(kernel, spec, info.weight_reduce_axes, learned)
-    entry = {"scale": q.scale, "shape": jnp.asarray(kernel.shape, jnp.int32)}
-    bits = transform._storage_bits(spec)
-    if bits < 8:
-      entry["packed"] = pack(q.values, bits)
-    else:
-      entry["values"] = q.values
-    if q.zero_point is not None:
-      entry["zero_point"] = q.zero_point
-    _set(serving, path, {"kernel": entry})
-  out = dict(variables)
-  out["params"] = params
-  out["serving"] = serving
-  return transform.with_phase(qmodel, "serve"), out
+    todo.append((path, spec, _recorded_layout(path, node["kernel_axes"])))
+    kernels.append(kernel)
+  for (path, _, _), q in zip(todo, _quantize_weights(tuple(todo), kernels, learned)):
+    _node(params, path)["kernel"] = q
+  return qmodel, variables
 
 
-def _quantize_kernel(kernel, spec, reduce_axes, learned) -> QTensor:
-  """The kernel's QTensor exactly as the QAT forward quantizes it.
+@functools.partial(jax.jit, static_argnums=0)
+def _quantize_weights(todo, kernels, learned):
+  """Every kernel's packed QTensor, in one compiled program."""
+  return [layout.quantize_weight(k, spec, w_layout, learned=l).pack()
+          for (_, spec, w_layout), k, l in zip(todo, kernels, learned)]
 
-  Group scales over several contracting axes (nn.Einsum 'hd,hdf', DenseGeneral
-  axis=(-2, -1)): QAT groups the flattened contraction (dot.py's [K, N] view, contracting
-  axes in dimension-number order), so quantize that view and fold it back; the scale
-  keeps the QTensor layout (per axis: 1, the axis length, or its number of groups).
-  """
-  if spec.granularity != "group" or len(reduce_axes) == 1:
-    return quantize(kernel, spec, reduce_axes=reduce_axes, learned=learned)
-  perm = tuple(reduce_axes) + tuple(a for a in range(kernel.ndim) if a not in reduce_axes)
-  inverse = tuple(int(a) for a in np.argsort(perm))
-  k_first = jnp.transpose(kernel, perm)
-  sizes, rest = k_first.shape[:len(reduce_axes)], k_first.shape[len(reduce_axes):]
-  scale_sizes, left = [], spec.group_size  # a group spans the innermost axes first
-  for size in reversed(sizes):
-    if left % size == 0:
-      scale_sizes.append(1)
-      left //= size
-    elif size % left == 0:
-      scale_sizes.append(size // left)
-      left = 1
-    else:
-      raise ValueError(f"group_size={spec.group_size} splits the contracting axes "
-                       f"{tuple(reduce_axes)} (sizes {tuple(sizes)}) across axis boundaries; "
-                       "choose a group size that divides the innermost one or is a "
-                       "multiple of it")
-  q = quantize(k_first.reshape((-1,) + rest), spec, reduce_axes=(0,), learned=learned)
-  fold = lambda s: jnp.transpose(s.reshape(tuple(reversed(scale_sizes)) + rest), inverse)
-  return QTensor(jnp.transpose(q.values.reshape(k_first.shape), inverse), fold(q.scale),
-                 None if q.zero_point is None else fold(q.zero_point))
+
+def _recorded_layout(path, kernel_axes) -> layout.WeightLayout:
+  try:
+    axes = np.asarray(kernel_axes)
+  except jax.errors.ConcretizationTypeError:
+    raise ValueError("jq.convert reads the recorded kernel layouts as values: call it "
+                     "outside jit (it compiles its own work)") from None
+  except jax.errors.TracerArrayConversionError:
+    raise ValueError("jq.convert reads the recorded kernel layouts as values: call it "
+                     "outside jit (it compiles its own work)") from None
+  if not np.any(axes > 0):
+    raise ValueError(f"'quant_stats/{path}/kernel_axes'={axes.tolist()} names no contracted "
+                     "axis: the variables were not made by qmodel.init / jq.calibrate "
+                     "(zeros in place of the recorded layout?)")
+  return transform.layout_from_axes(axes)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -186,8 +193,7 @@ class TensorSize:
 class SizeReport:
   """Per-tensor and total bytes: float (as trained) vs as stored for serving.
 
-  A quantized kernel's stored bytes count its codes, scales, zero points and shape
-  record, so int8 weights come out just under 4x, packed int4 just under 8x and packed
+  A quantized kernel's stored bytes count its codes, scales and zero points, so int8 weights come out just under 4x, packed int4 just under 8x and packed
   binary just under 32x.
   """
   tensors: Tuple[TensorSize, ...]
@@ -238,14 +244,13 @@ def size_report(variables) -> SizeReport:
   def visit(tree, prefix):
     for k, v in sorted(tree.items()):
       p = f"{prefix}/{k}" if prefix else k
-      if isinstance(v, dict) and "scale" in v and "shape" in v:  # a serving kernel
-        rows.append(TensorSize(p, int(np.prod(np.asarray(v["shape"]))) * 4,
-                               sum(_nbytes(x) for x in v.values())))
+      if isinstance(v, QTensor):  # a serving kernel: codes, scales, zero points
+        rows.append(TensorSize(p, int(np.prod(v.shape)) * 4,
+                               sum(_nbytes(x) for x in jax.tree.leaves(v))))
       elif isinstance(v, dict):
         visit(v, p)
       else:
         rows.append(TensorSize(p, _nbytes(v), _nbytes(v)))
 
   visit(variables.get("params", {}), "")
-  visit(variables.get("serving", {}), "")
   return SizeReport(tuple(sorted(rows, key=lambda t: t.path)))

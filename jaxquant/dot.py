@@ -17,9 +17,10 @@ backward dots are quantized too. The per-channel scale that runs along the backw
 contraction is folded into the incoming gradient before it is quantized, so the int8
 codes saved from the forward pass are reused as they are:
     dlhs = Q(g · s_b) · (b − z_b)ᵀ      (contract N: both operands row-major, fast)
-    drhs = (a − z_a)ᵀ · Q(s_a · g)      (aᵀ materialized behind an optimization barrier,
-                                          so XLA:CPU runs [K, M]·[M, N] in s8, see
-                                          shared/PERF-NOTES.md)
+    drhs = (a − z_a)ᵀ · Q(s_a · g)      (aᵀ materialized behind an optimization barrier:
+                                          given aᵀ as [K, M], XLA:CPU runs the s8 dot;
+                                          contracting dim 0 of both, it widens both
+                                          operands to s32 and runs 4x slower than f32)
 """
 from __future__ import annotations
 
@@ -32,7 +33,8 @@ import jax.numpy as jnp
 from jax import lax
 
 from jaxquant import fake_quant as fq
-from jaxquant import numerics
+from jaxquant import layout
+from jaxquant.fake_quant import OperandState
 from jaxquant.qtensor import QTensor
 from jaxquant.spec import DotSpec
 
@@ -201,7 +203,7 @@ def _drhs_quantized(g, q_l, gspec, key, mode):
   h = s_l * g.astype(jnp.float32)[:, None]  # [B,G,M,N]
   h_codes, h_scale = _quantize_grad(h, gspec, 2, key)  # one scale per (B,G,N) column
   # Materialize aᵀ as its own buffer: XLA:CPU then runs the s8 dot on [K,M]·[M,N]
-  # instead of converting both operands to s32 (PERF-NOTES row 3 vs row 5).
+  # instead of converting both operands to s32 (about 6x slower on XLA:CPU).
   l_t = lax.optimization_barrier(
       jnp.transpose(q_l.values.reshape(B, M, G, K // max(G, 1)), (0, 2, 3, 1)))  # [B,G,g,M]
   if G == 1 and B == 1:
@@ -237,14 +239,15 @@ def _split_key(key, n):
 
 def _matmul_fwd_parts(spec: DotSpec, lhs, rhs, key, l_learned, r_learned, l_range):
   k_l, k_r, k_gl, k_gr = _split_key(key, 4)
-  parts = []
-  for x, qspec, axis, k, learned, rng in ((lhs, spec.lhs, 2, k_l, l_learned, l_range),
-                                          (rhs, spec.rhs, 1, k_r, r_learned, None)):
-    if qspec is None:
-      parts.append((x, None, None))
-    else:
-      parts.append(fq.forward(x, qspec, (axis,), k, learned, rng))
-  (deq_l, q_l, res_l), (deq_r, q_r, res_r) = parts
+  if spec.lhs is None:
+    deq_l, q_l, res_l = lhs, None, None
+  else:  # activations: one scale per row [B, M], or a static / learned range
+    deq_l, q_l, res_l = fq.forward(lhs, spec.lhs, (2,), k_l, l_learned, l_range)
+  if spec.rhs is None:
+    deq_r, q_r, res_r = rhs, None, None
+  else:  # the weight, quantized exactly as `jq.quantize_weight` stores it
+    parts = layout.quantize_canonical(rhs, spec.rhs, k_r, r_learned)
+    deq_r, q_r, res_r = fq.from_parts(rhs, parts, r_learned)
   if spec.mode == "int":  # keep int8 codes as residuals: 4x less memory, s8 backward dots
     q_l, q_r = (q if q is None else _as_int8(q) for q in (q_l, q_r))
   if spec.mode == "int" and q_l is not None and q_r is not None:
@@ -290,65 +293,76 @@ _qmatmul.defvjp(_qmatmul_fwd, _qmatmul_bwd)
 
 def dot_general(lhs, rhs, dimension_numbers, spec: Optional[DotSpec] = None, *,
                 key=None, preferred_element_type=None, precision=None,
-                lhs_learned=None, rhs_learned=None, lhs_range=None):
+                lhs_state: Optional[OperandState] = None,
+                rhs_state: Optional[OperandState] = None):
   """`lax.dot_general` with quantized operands (see the module docstring).
 
   Args:
     lhs, rhs, dimension_numbers, precision, preferred_element_type: as in lax. The
-      output dtype is `preferred_element_type` or the operands' result type.
+      output dtype is `preferred_element_type` or the operands' result type. `rhs` may be
+      a weight `QTensor` from `jq.quantize_weight` (serving): the forward then runs on
+      its codes.
     spec: a `DotSpec`; None (or no quantized operand) runs the plain float dot.
     key: PRNG key, required when any spec uses stochastic rounding.
-    lhs_learned, rhs_learned: LSQ step sizes / PACT α for the operands, shaped like the
-      operand with the contracting axes of length 1 (or the number of groups), or scalars.
-    lhs_range: optional static (lo, hi) activation range (scalars or shaped like
-      `lhs_learned`) used instead of dynamic calibration of the lhs.
+    lhs_state, rhs_state: `OperandState`s: `learned` is the LSQ step size / PACT α,
+      shaped like the operand with the contracting axes of length 1 (or the number of
+      groups), or a scalar; `range` (lhs only) a static (lo, hi) activation range, shaped
+      the same way, used instead of the batch's own range.
   """
-  if isinstance(rhs, QTensor):
-    return _serving_dot(lhs, rhs, dimension_numbers, spec, key, preferred_element_type, lhs_range,
-                        lhs_learned)
-  out_dtype = preferred_element_type or jnp.result_type(lhs, rhs)
   if spec is not None and not isinstance(spec, DotSpec):  # before reading spec.lhs
     raise ValueError(f"spec={spec!r} must be a jaxquant.DotSpec")
+  lhs_state = lhs_state or OperandState()
+  rhs_state = rhs_state or OperandState()
+  if rhs_state.range is not None:
+    raise ValueError("rhs_state.range is not supported: weights are calibrated from "
+                     "their own values")
+  if isinstance(rhs, QTensor):
+    return _serving_dot(lhs, rhs, dimension_numbers, spec, key, preferred_element_type,
+                        lhs_state)
+  out_dtype = preferred_element_type or jnp.result_type(lhs, rhs)
   if spec is None or (spec.lhs is None and spec.rhs is None):
     return lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
                            preferred_element_type=preferred_element_type)
   if spec.grad is not None and (spec.lhs is None or spec.rhs is None):
     raise ValueError("DotSpec.grad (quantized backward) needs both lhs and rhs specs")
   c = _canonicalize(lhs.shape, rhs.shape, dimension_numbers)
-  (lc, _), (lb, _) = dimension_numbers
+  w_layout = _rhs_layout(dimension_numbers, rhs.ndim)
   l3 = _to_canon(lhs, c.lhs_perm, c.bmk)
-  r3 = _to_canon(rhs, c.rhs_perm, c.bkn)
-  n_lb, n_lf = len(lb), lhs.ndim - len(lb) - len(lc)
-  ll = _learned_to_canon(lhs_learned, c.lhs_perm, lhs.ndim, len(lb), n_lf)
-  rl = _learned_to_canon(rhs_learned, c.rhs_perm, rhs.ndim, len(lb), len(lc))
-  lr = None if lhs_range is None else tuple(
-      _learned_to_canon(r, c.lhs_perm, lhs.ndim, len(lb), n_lf) for r in lhs_range)
+  r3 = layout.canonical(rhs, w_layout)
+  ll, lr = _lhs_state_to_canon(lhs_state, c, lhs.ndim, dimension_numbers)
+  rl = layout.canonical_scale(rhs_state.learned, w_layout)
   out = _qmatmul(spec, l3, r3, key, ll, rl, lr)
   return out.reshape(c.out_shape).astype(out_dtype)
 
 
-def _serving_dot(lhs, q_rhs: QTensor, dimension_numbers, spec, key, preferred_element_type,
-                 lhs_range=None, lhs_learned=None):
-  """Forward-only dot with an already-quantized rhs (serving weights).
+def _rhs_layout(dimension_numbers, rhs_ndim) -> layout.WeightLayout:
+  (_, rc), (_, rb) = dimension_numbers
+  return layout.make_layout(rhs_ndim, rc, rb)
 
-  The rhs scale must be constant along the contracting dims (or grouped along a single
-  one), as `quantize(w, reduce_axes=<contracting dims>)` gives. The lhs is quantized
-  dynamically with `spec.lhs` (int dot) or used as it is (weight-only: the dequantized
-  weight meets the float activation).
-  """
-  c = _canonicalize(lhs.shape, q_rhs.values.shape, dimension_numbers)
+
+def _lhs_state_to_canon(state: OperandState, c: _Canon, ndim, dimension_numbers):
   (lc, _), (lb, _) = dimension_numbers
+  n_lf = ndim - len(lb) - len(lc)
+  canon = lambda a: _learned_to_canon(a, c.lhs_perm, ndim, len(lb), n_lf)
+  lr = None if state.range is None else tuple(canon(r) for r in state.range)
+  return canon(state.learned), lr
+
+
+def _serving_dot(lhs, q_rhs: QTensor, dimension_numbers, spec, key, preferred_element_type,
+                 lhs_state: OperandState):
+  """Forward-only dot with a stored weight QTensor (serving).
+
+  The weight is unpacked and viewed as [B, K, N] by its recorded layout (which must be
+  this contraction's). The lhs is quantized with `spec.lhs` and the s8 dot runs as in
+  the QAT forward, or, weight-only, the dequantized weight meets the float activation.
+  """
+  w_layout = _rhs_layout(dimension_numbers, len(q_rhs.shape))
+  q_r = layout.canonical_qtensor(q_rhs, w_layout)
+  c = _canonicalize(lhs.shape, q_rhs.shape, dimension_numbers)
   out_dtype = preferred_element_type or lhs.dtype
   l3 = _to_canon(lhs, c.lhs_perm, c.bmk)
-  canon = lambda a: None if a is None else _learned_to_canon(a, c.rhs_perm, q_rhs.values.ndim,
-                                                             len(lb), len(lc))
-  q_r = QTensor(_to_canon(q_rhs.values, c.rhs_perm, c.bkn), canon(q_rhs.scale),
-                canon(q_rhs.zero_point))
+  ll, lr = _lhs_state_to_canon(lhs_state, c, lhs.ndim, dimension_numbers)
   lhs_spec = None if spec is None else spec.lhs
-  n_lf = lhs.ndim - len(lb) - len(lc)
-  lr = None if lhs_range is None else tuple(
-      _learned_to_canon(r, c.lhs_perm, lhs.ndim, len(lb), n_lf) for r in lhs_range)
-  ll = _learned_to_canon(lhs_learned, c.lhs_perm, lhs.ndim, len(lb), n_lf)
   if lhs_spec is not None and q_r.values.dtype == jnp.int8 and (spec.mode == "int"):
     codes, scale, zp = fq.quantize_parts(l3, lhs_spec, (2,), key, ll, lr)
     q_l = QTensor(codes.astype(jnp.int8), scale, zp)
@@ -360,14 +374,20 @@ def _serving_dot(lhs, q_rhs: QTensor, dimension_numbers, spec, key, preferred_el
   return out.reshape(c.out_shape).astype(out_dtype)
 
 
-def make_dot_general(spec: Optional[DotSpec], *, key=None, lhs_learned=None, rhs_learned=None,
-                     lhs_range=None):
-  """A callable with `lax.dot_general`'s signature, for `nn.Dense(dot_general=...)`."""
+def make_dot_general(spec: Optional[DotSpec], *, key=None,
+                     lhs_state: Optional[OperandState] = None,
+                     rhs_state: Optional[OperandState] = None, weight=None):
+  """A callable with `lax.dot_general`'s signature, for `nn.Dense(dot_general=...)`.
+
+  `weight`, when given (a stored weight `QTensor`), replaces the rhs the layer passes:
+  the layer computes on the stored codes instead of its float kernel.
+  """
   def _dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None,
-                   **unused):
-    return dot_general(lhs, rhs, dimension_numbers, spec, key=key, precision=precision,
+                   **unused):  # out_sharding: the output follows the operands' sharding
+    return dot_general(lhs, rhs if weight is None else weight, dimension_numbers, spec,
+                       key=key, precision=precision,
                        preferred_element_type=preferred_element_type,
-                       lhs_learned=lhs_learned, rhs_learned=rhs_learned, lhs_range=lhs_range)
+                       lhs_state=lhs_state, rhs_state=rhs_state)
   return _dot_general
 
 
@@ -411,17 +431,24 @@ def einsum_dimension_numbers(subscripts: str, lhs_ndim: int, rhs_ndim: int):
 
 
 def einsum(subscripts: str, lhs, rhs, spec: Optional[DotSpec] = None, *, key=None,
-           preferred_element_type=None, lhs_learned=None, rhs_learned=None, lhs_range=None,
-           **unused):
-  """Two-operand `jnp.einsum` through `dot_general` (explicit '->' output required)."""
-  dims, perm, lsum, rsum = einsum_dimension_numbers(subscripts, jnp.ndim(lhs), jnp.ndim(rhs))
-  lhs, rhs = jnp.asarray(lhs), jnp.asarray(rhs)
+           preferred_element_type=None, precision=None,
+           lhs_state: Optional[OperandState] = None,
+           rhs_state: Optional[OperandState] = None):
+  """Two-operand `jnp.einsum` through `dot_general` (explicit '->' output required).
+
+  `rhs` may be a stored weight `QTensor`; a subscript that sums a kernel axis away is
+  then refused (the codes cannot be summed before the contraction).
+  """
+  dims, perm, lsum, rsum = einsum_dimension_numbers(subscripts, jnp.ndim(lhs), len(jnp.shape(rhs)))
+  lhs = jnp.asarray(lhs)
   if lsum:
     lhs = jnp.sum(lhs, axis=lsum)
   if rsum:
-    rhs = jnp.sum(rhs, axis=rsum)
+    if isinstance(rhs, QTensor):
+      raise ValueError(f"einsum {subscripts!r} sums axes {rsum} of a stored QTensor away")
+    rhs = jnp.sum(jnp.asarray(rhs), axis=rsum)
   out = dot_general(lhs, rhs, dims, spec, key=key, preferred_element_type=preferred_element_type,
-                    lhs_learned=lhs_learned, rhs_learned=rhs_learned, lhs_range=lhs_range)
+                    precision=precision, lhs_state=lhs_state, rhs_state=rhs_state)
   if perm != tuple(range(len(perm))):
     out = jnp.transpose(out, perm)
   return out

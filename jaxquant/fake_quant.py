@@ -16,7 +16,7 @@ like the scale; with `learned=None` the scale comes from calibration and gets no
 from __future__ import annotations
 
 import functools
-from typing import NamedTuple, Optional, Sequence
+from typing import NamedTuple, Optional, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -25,6 +25,17 @@ import numpy as np
 from jaxquant import numerics
 from jaxquant.qtensor import QTensor
 from jaxquant.spec import QuantSpec
+
+
+class OperandState(NamedTuple):
+  """Per-operand quantization state handed to a contraction (a pytree; fields optional).
+
+  learned: the LSQ step size or PACT clip α (a trainable array shaped like the scale).
+  range: a static (lo, hi) calibrated range (activations), used instead of the
+    operand's own dynamic range.
+  """
+  learned: Optional[jax.Array] = None
+  range: Optional[Tuple[jax.Array, jax.Array]] = None
 
 
 class Residuals(NamedTuple):
@@ -142,7 +153,12 @@ def _inside(x32, scale, zp, spec):
 
 def forward(x, spec: QuantSpec, axes, key, learned, clip_range=None):
   """(dequantized x in x.dtype with NaN kept, QTensor, Residuals)."""
-  codes, scale, zp = quantize_parts(x, spec, axes, key, learned, clip_range)
+  return from_parts(x, quantize_parts(x, spec, axes, key, learned, clip_range), learned)
+
+
+def from_parts(x, parts, learned):
+  """`forward`'s outputs from already computed (codes, scale, zero point) of `x`."""
+  codes, scale, zp = parts
   q = QTensor(codes, scale, zp)
   deq = q.dequantize(x.dtype)
   deq = jnp.where(jnp.isnan(x), x, deq)

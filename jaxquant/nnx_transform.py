@@ -13,6 +13,7 @@ rounding — these raise a ValueError naming the rule; use the Linen path for th
 """
 from __future__ import annotations
 
+import warnings
 from typing import Tuple
 
 import jax
@@ -20,7 +21,8 @@ from flax import nnx
 
 from jaxquant import conv as qconv
 from jaxquant import dot as qdot
-from jaxquant import numerics
+from jaxquant import layout
+from jaxquant.fake_quant import OperandState
 from jaxquant.spec import Rule
 
 
@@ -32,7 +34,7 @@ _SUBCLASSES = {}
 
 
 def _check_nnx_rule(rule: Rule):
-  if rule.act is not None and rule.act.ste in ("lsq", "pact"):
+  if rule.act is not None and rule.act.learned:
     raise ValueError(f"Rule({rule.pattern!r}): learned activation scales (act.ste="
                      f"{rule.act.ste!r}) are not supported for nnx modules; use a Linen model")
   for name in ("act", "weight", "grad"):
@@ -42,56 +44,49 @@ def _check_nnx_rule(rule: Rule):
                        "supported for nnx modules; use a Linen model")
 
 
-def _weight_reduce_axes(layer, kernel) -> Tuple[int, ...]:
-  w = layer.jq_rule.weight
+def _kernel_layout(layer, kernel) -> layout.WeightLayout:
+  """The kernel's layout, as the Linen adapter reads it from the call's dimension numbers."""
   if isinstance(layer, nnx.Conv):
-    return tuple(range(kernel.ndim)) if w.granularity == "tensor" else tuple(range(kernel.ndim - 1))
+    return layout.make_layout(kernel.ndim, tuple(range(kernel.ndim - 1)))
   if isinstance(layer, nnx.Einsum):
     # The input's rank is not known here; the kernel's contracting axes do not depend on
     # it, so take the rank the input subscript spells ('...' standing for no axis).
     lhs_sub = layer.einsum_str.replace(" ", "").split("->")[0].split(",")[0]
     lhs_ndim = len(lhs_sub.replace("...", ""))
-    dims, _, _, _ = qdot.einsum_dimension_numbers(layer.einsum_str, lhs_ndim, kernel.ndim)
-    return tuple(dims[0][1])
-  n_in = len(getattr(layer, "in_features", (0,))) if isinstance(
-      getattr(layer, "in_features", None), tuple) else 1
-  return tuple(range(n_in))
+    (_, rc), (_, rb) = qdot.einsum_dimension_numbers(layer.einsum_str, lhs_ndim, kernel.ndim)[0]
+    return layout.make_layout(kernel.ndim, rc, rb)
+  in_features = getattr(layer, "in_features", 0)
+  n_in = len(in_features) if isinstance(in_features, tuple) else 1
+  return layout.make_layout(kernel.ndim, tuple(range(n_in)))
+
+
+_ATTR = {nnx.Conv: "conv_general_dilated", nnx.Einsum: "einsum_op"}
 
 
 def _quantized_call(self, *args, **kwargs):
-  rule: Rule = self.jq_rule
-  spec = rule.dot_spec()
-  learned = self.jq_weight_learned[...] if hasattr(self, "jq_weight_learned") else None
-  if isinstance(self, nnx.Conv):
-    attr = "conv_general_dilated"
+  """The layer's own `__call__`, with jaxquant's contraction as its contraction argument.
 
-    def fn(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
-           dimension_numbers=None, feature_group_count=1, batch_group_count=1,
-           precision=None, preferred_element_type=None, out_sharding=None):
-      return qconv.conv_general_dilated(
-          lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
-          feature_group_count, batch_group_count, precision, preferred_element_type,
-          spec=spec, rhs_learned=learned)
-  elif isinstance(self, nnx.Einsum):
-    attr = "einsum_op"
-
-    def fn(subscripts, lhs, rhs, precision=None, preferred_element_type=None, **_unused):
-      return qdot.einsum(subscripts, lhs, rhs, spec, preferred_element_type=preferred_element_type,
-                         rhs_learned=learned)
+  NNX modules are plain mutable objects and the learned weight scale must be read inside
+  the trace, so the argument is set for this call and restored after it.
+  """
+  spec = self.jq_rule.dot_spec()
+  state = OperandState(learned=self.jq_weight_learned[...]) \
+      if hasattr(self, "jq_weight_learned") else OperandState()
+  attr = next((a for cls, a in _ATTR.items() if isinstance(self, cls)), "dot_general")
+  if attr == "conv_general_dilated":
+    fn = qconv.make_conv(spec, rhs_state=state)
+  elif attr == "einsum_op":
+    fn = lambda subscripts, lhs, rhs, precision=None, preferred_element_type=None, **_: \
+        qdot.einsum(subscripts, lhs, rhs, spec, preferred_element_type=preferred_element_type,
+                    rhs_state=state)
   else:
-    attr = "dot_general"
-
-    def fn(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None,
-           **_unused):  # out_sharding: the output follows the operands' sharding
-      return qdot.dot_general(lhs, rhs, dimension_numbers, spec,
-                              preferred_element_type=preferred_element_type,
-                              rhs_learned=learned)
+    fn = qdot.make_dot_general(spec, rhs_state=state)
   old = getattr(self, attr)
-  object.__setattr__(self, attr, fn)
+  setattr(self, attr, fn)
   try:
     return type(self).__mro__[1].__call__(self, *args, **kwargs)
   finally:
-    object.__setattr__(self, attr, old)
+    setattr(self, attr, old)
 
 
 def _subclass(cls):
@@ -120,14 +115,13 @@ def quantize_nnx(model: nnx.Module, rules: Tuple[Rule, ...]) -> nnx.Module:
     used.add(idx)
     node.__class__ = _subclass(type(node))
     node.jq_rule = rule
-    if rule.weight is not None and rule.weight.ste in ("lsq", "pact"):
+    if rule.weight is not None and rule.weight.learned:
       kernel = node.kernel[...]
       node.jq_weight_learned = QuantParam(
-          numerics.init_learned(jax.lax.stop_gradient(kernel), rule.weight,
-                                _weight_reduce_axes(node, kernel)))
+          layout.init_learned(jax.lax.stop_gradient(kernel), rule.weight,
+                              _kernel_layout(node, kernel)))
   unused = [r.pattern for i, r in enumerate(rules) if i not in used]
   if unused:
-    import warnings
     warnings.warn(f"jaxquant: rules matched no layer: {unused}; layers seen: {seen}",
                   stacklevel=3)
   return model

@@ -7,16 +7,20 @@ group, or a single one per tensor).
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional
+import functools
+from typing import Optional, Tuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from jaxquant import numerics
+from jaxquant.spec import QuantSpec
 
 
-@jax.tree_util.register_dataclass
+@functools.partial(jax.tree_util.register_dataclass,
+                   data_fields=["values", "scale", "zero_point"],
+                   meta_fields=["spec", "logical_shape", "contracting", "batch", "packed"])
 @dataclasses.dataclass(frozen=True)
 class QTensor:
   """A quantized tensor.
@@ -25,25 +29,54 @@ class QTensor:
 
   Attributes:
     values: int8 codes for integer formats (2–8-bit, binary ±1, ternary {−1,0,1}), or
-      float8 values for fp8 formats. Sub-byte codes live in an int8 container here; see
-      `pack` for storage.
-    scale: float32, same rank as `values`; each axis has length 1, the values' length, or
-      the number of groups along that axis.
+      float8 values for fp8 formats; when `packed`, uint8 bytes holding
+      `spec.storage_bits`-bit codes (see `pack`).
+    scale: float32, same rank as the tensor; each axis has length 1, the tensor's length,
+      or the number of groups along that axis.
     zero_point: int32 shaped like `scale`, or None for symmetric formats.
+
+  Static fields (part of the pytree structure, not leaves), set for quantized weights by
+  `jq.quantize` / `jq.quantize_weight` and None on intermediate QTensors:
+    spec: the `QuantSpec` that produced the codes.
+    logical_shape: the tensor's shape (needed to unpack packed codes).
+    contracting, batch: for a contraction weight, the axes contracted and the batch axes
+      shared with the input, in the order the scales were laid out (`jaxquant.layout`).
+    packed: whether `values` holds packed bytes.
   """
   values: jax.Array
   scale: jax.Array
   zero_point: Optional[jax.Array] = None
+  spec: Optional[QuantSpec] = None
+  logical_shape: Optional[Tuple[int, ...]] = None
+  contracting: Optional[Tuple[int, ...]] = None
+  batch: Optional[Tuple[int, ...]] = None
+  packed: bool = False
 
   @property
   def shape(self):
-    return self.values.shape
+    return self.logical_shape if self.logical_shape is not None else self.values.shape
+
+  def pack(self) -> "QTensor":
+    """Codes packed `spec.storage_bits` to the bit into uint8 (unchanged for 8-bit)."""
+    if self.packed or self.spec is None or self.spec.storage_bits == 8:
+      return self
+    return dataclasses.replace(self, values=pack(self.values, self.spec.storage_bits),
+                               logical_shape=tuple(self.shape), packed=True)
+
+  def unpacked(self) -> "QTensor":
+    """The same tensor with int8 codes (a no-op unless `packed`)."""
+    if not self.packed:
+      return self
+    return dataclasses.replace(
+        self, values=unpack(self.values, self.spec.storage_bits, self.logical_shape),
+        packed=False)
 
   def dequantize(self, dtype=jnp.float32) -> jax.Array:
     """(values − zero_point) · scale, as `dtype`."""
-    scale = numerics.expand_to(self.scale, self.values.shape)
-    zp = None if self.zero_point is None else numerics.expand_to(self.zero_point, self.values.shape)
-    v = numerics.decode(self.values, scale, zp)
+    q = self.unpacked()
+    scale = numerics.expand_to(q.scale, q.values.shape)
+    zp = None if q.zero_point is None else numerics.expand_to(q.zero_point, q.values.shape)
+    v = numerics.decode(q.values, scale, zp)
     if jnp.issubdtype(dtype, jnp.floating):  # a grid edge may lie beyond dtype's range
       fmax = float(jnp.finfo(dtype).max)
       v = jnp.clip(v, -fmax, fmax)

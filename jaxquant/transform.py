@@ -1,25 +1,33 @@
 """quantize_model for Flax Linen: rules over module paths, through Flax's interception API.
 
 `quantize_model(model, rules)` returns an instance of a subclass of the model's own class
-whose `__call__` runs the model under `flax.linen.intercept_methods`. The interceptor sees
-every `nn.Dense`, `nn.DenseGeneral`, `nn.Conv` and `nn.Einsum` call, matches the layer's
-'/'-joined path against the rules (first full match wins) and hands the layer jaxquant's
-contraction through the layer's own `dot_general` / `conv_general_dilated` argument (for
-`nn.Einsum`, which has none, the layer's two-line computation is run with `jq.einsum`).
-No jax function is patched.
+whose public methods run under `flax.linen.intercept_methods`. The interceptor sees every
+`nn.Dense`, `nn.DenseGeneral`, `nn.Conv` and `nn.Einsum` call, matches the layer's
+'/'-joined path against the rules (first full match wins) and runs a copy of the layer,
+bound to the layer's own scope, whose `dot_general` / `conv_general_dilated` argument is
+jaxquant's contraction (`nn.Einsum`, which takes none, runs its two-line computation
+with `jq.einsum`). No jax function is patched and no module is mutated.
 
-Variables: 'params' is exactly the float model's tree. Quantization state lives beside it:
-  'quant'        learned quantities, trainable: `weight_lsq` / `act_lsq` (LSQ step sizes),
-                 `act_pact` (PACT clip α).
-  'quant_stats'  activation ranges, not trainable: `ema_lo`, `ema_hi`, `ema_count` (EMA
-                 of the batch range, updated while 'quant_stats' is mutable), and after
-                 `calibrate` the static range `act_lo`, `act_hi`, `act_count`; a layer
-                 with a static range uses it instead of the dynamic per-batch range.
+The layer's kernel decides QAT or serving: a float kernel is quantized on the fly
+(`jq.quantize_weight` inside the contraction); a `QTensor` kernel, as `jq.convert`
+stores it, is used as it is. Both run the same contraction code.
+
+Variables: 'params' is exactly the float model's tree (after `convert`, quantized kernels
+are `QTensor`s at the same paths). Quantization state lives beside it:
+  'quant'        learned quantities, trainable: `weight_lsq` / `weight_pact`, `act_lsq` /
+                 `act_pact` (LSQ step sizes, PACT clip α).
+  'quant_stats'  not trainable: `kernel_axes` (the kernel's layout, recorded at init so
+                 `convert` needs no trace: 0 an output axis, k > 0 the k-th contracted
+                 axis, k < 0 the −k-th batch axis), the observers' states
+                 ('<name>_<field>', see `jaxquant.observers`; by default the EMA of the
+                 activation range, `ema_lo` / `ema_hi` / `ema_count`, updated while
+                 'quant_stats' is mutable), and after `calibrate` the static range
+                 `act_lo` / `act_hi` / `act_count`: a layer with a static range uses it
+                 instead of the batch's own range.
 """
 from __future__ import annotations
 
 import dataclasses
-import re
 import threading
 import warnings
 from typing import Any, Dict, Optional, Sequence, Tuple
@@ -27,44 +35,41 @@ from typing import Any, Dict, Optional, Sequence, Tuple
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxquant import conv as qconv
 from jaxquant import dot as qdot
+from jaxquant import layout
 from jaxquant import numerics
-from jaxquant.qtensor import QTensor, unpack
-from jaxquant.spec import QuantSpec, Rule
+from jaxquant import observers as obs
+from jaxquant.fake_quant import OperandState
+from jaxquant.qtensor import QTensor
+from jaxquant.spec import Rule
 
 QUANTIZABLE = (nn.Dense, nn.DenseGeneral, nn.Conv, nn.Einsum)
-EMA_DECAY = 0.99
+DEFAULT_OBSERVERS = (("ema", obs.ema_range()),)
 
 
-@dataclasses.dataclass
-class LayerInfo:
-  """What the transform learned about one quantized layer while tracing it."""
-  path: str
-  kind: str                      # 'dot' | 'conv'
-  rule_index: int
-  kernel_shape: Tuple[int, ...]
-  weight_reduce_axes: Tuple[int, ...]  # axes of the kernel sharing a scale
-
-
-@dataclasses.dataclass
-class Plan:
-  """Everything a quantized model class needs; shared by its train/calibrate/serve views."""
+@dataclasses.dataclass(frozen=True)
+class QuantConfig:
+  """What a quantized model class carries: its rules and the observers it runs."""
   rules: Tuple[Rule, ...]
-  phase: str = "train"           # 'train' | 'calibrate' | 'serve'
-  layers: Dict[str, LayerInfo] = dataclasses.field(default_factory=dict)
-  seen_paths: set = dataclasses.field(default_factory=set)
-  warned: bool = False
+  observers: Tuple[Tuple[str, obs.ObserverFactory], ...] = DEFAULT_OBSERVERS
 
   def match(self, path: str) -> Optional[int]:
+    """Index of the first rule matching `path`, or None."""
     for i, rule in enumerate(self.rules):
       if rule.matches(path):
         return i
     return None
 
+  def rule_for(self, path: str) -> Optional[Rule]:
+    i = self.match(path)
+    return None if i is None else self.rules[i]
 
-def _check_rules(rules) -> Tuple[Rule, ...]:
+
+def check_rules(rules) -> Tuple[Rule, ...]:
+  """Rules as a tuple, each a `jq.Rule` (which validated itself)."""
   if isinstance(rules, Rule):
     rules = (rules,)
   rules = tuple(rules)
@@ -79,7 +84,7 @@ def _module_fields(module: nn.Module) -> Dict[str, Any]:
           if f.init and f.name not in ("parent", "name")}
 
 
-_ACTIVE = threading.local()  # plans whose interceptor is installed on this thread
+_ACTIVE = threading.local()  # configs whose interceptor is installed on this thread
 
 
 def _public_methods(base) -> Tuple[str, ...]:
@@ -96,51 +101,38 @@ def _public_methods(base) -> Tuple[str, ...]:
   return tuple(sorted(names))
 
 
-def _make_view(model: nn.Module, plan: Plan) -> nn.Module:
+def _make_view(model: nn.Module, config: QuantConfig) -> nn.Module:
   """An instance of a subclass of type(model) whose methods run under the interceptor."""
-  base = type(model)
-  if getattr(base, "_jq_plan", None) is not None:  # re-quantizing: start from the float class
-    base = base.__mro__[1]
+  base = float_class(model)
 
   def wrap(name):
     def method(self, *args, **kwargs):
       fn = getattr(base, name)
-      plan = type(self)._jq_plan
-      active = _ACTIVE.__dict__.setdefault("plans", set())
-      if id(plan) in active:  # a method calling another: one interceptor is enough
+      cfg = type(self)._jq_config
+      active = _ACTIVE.__dict__.setdefault("configs", set())
+      if id(cfg) in active:  # a method calling another: one interceptor is enough
         return fn(self, *args, **kwargs)
-      active.add(id(plan))
+      active.add(id(cfg))
+      interceptor = _Interceptor(cfg)
       try:
-        with nn.intercept_methods(_Interceptor(plan)):
+        with nn.intercept_methods(interceptor):
           out = fn(self, *args, **kwargs)
       finally:
-        active.discard(id(plan))
-      if self.is_initializing():
-        _warn_unused(type(self)._jq_plan)
+        active.discard(id(cfg))
+      if name == "__call__" or self.is_initializing():
+        interceptor.warn_unused()
       return out
     method.__name__ = name
     method.__doc__ = getattr(getattr(base, name), "__doc__", None)
     return method
 
   namespace = {name: wrap(name) for name in _public_methods(base)}
-  namespace.update(_jq_plan=plan, __module__=base.__module__)
+  namespace.update(_jq_config=config, __module__=base.__module__)
   cls = type(f"Quantized{base.__name__}", (base,), namespace)
   return cls(**_module_fields(model), name=model.name)
 
 
-def _warn_unused(plan: Plan) -> None:
-  if plan.warned:
-    return
-  plan.warned = True
-  used = {info.rule_index for info in plan.layers.values()}
-  used |= {plan.match(p) for p in plan.seen_paths}
-  unused = [r.pattern for i, r in enumerate(plan.rules) if i not in used]
-  if unused:
-    warnings.warn(f"jaxquant: rules matched no layer: {unused}; layers seen: "
-                  f"{sorted(plan.seen_paths)}", stacklevel=3)
-
-
-def quantize_model(model, rules: Sequence[Rule]):
+def quantize_model(model, rules: Sequence[Rule], *, observers=DEFAULT_OBSERVERS):
   """Returns `model` with its dense/dense-general/einsum/conv layers quantized by `rules`.
 
   Args:
@@ -148,78 +140,133 @@ def quantize_model(model, rules: Sequence[Rule]):
     rules: ordered `jq.Rule`s; each layer's '/'-joined path (e.g. 'Dense_0',
       'block_0/attn/query') is matched with `re.fullmatch`; the first match wins and a
       layer no rule matches stays float. Rules matching no layer are reported with a
-      warning at `init`.
+      warning at `init` and at every trace of `__call__`.
+    observers: named observer factories (`jaxquant.observers`) run on the input of every
+      quantized layer while 'quant_stats' is mutable; the default tracks the EMA of the
+      activation range. Linen only.
 
   The result has the model's call signature and parameter tree. Pass
   `rngs={'quant': key}` to `apply` when a spec uses stochastic rounding, and
   `mutable=['quant_stats']` while training to track activation ranges.
   """
-  rules = _check_rules(rules)
-  try:
-    from flax import nnx
-    if isinstance(model, nnx.Module):
-      from jaxquant import nnx_transform
-      return nnx_transform.quantize_nnx(model, rules)
-  except ImportError:  # pragma: no cover - nnx ships with flax >= 0.8
-    pass
+  rules = check_rules(rules)
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  if isinstance(model, nnx.Module):
+    from jaxquant import nnx_transform  # pylint: disable=g-import-not-at-top  (nnx imports us)
+    return nnx_transform.quantize_nnx(model, rules)
   if not isinstance(model, nn.Module):
     raise ValueError(f"model={type(model).__name__} must be a flax.linen.Module or nnx.Module")
-  return _make_view(model, Plan(rules))
+  return _make_view(model, QuantConfig(rules, tuple(observers)))
 
 
-def plan_of(qmodel) -> Plan:
-  plan = getattr(type(qmodel), "_jq_plan", None)
-  if plan is None:
+def config_of(qmodel) -> QuantConfig:
+  """The `QuantConfig` of a model returned by `quantize_model`."""
+  config = getattr(type(qmodel), "_jq_config", None)
+  if config is None:
     raise ValueError(f"{type(qmodel).__name__} is not a jaxquant-quantized model; "
                      "use jaxquant.quantize_model first")
-  return plan
+  return config
 
 
-def with_phase(qmodel, phase: str):
-  """The same quantized model, viewed in another phase (shares the plan's layer table)."""
-  plan = plan_of(qmodel)
-  new_plan = dataclasses.replace(plan, phase=phase)
-  new_plan.layers, new_plan.seen_paths, new_plan.warned = plan.layers, plan.seen_paths, True
-  return _make_view(qmodel, new_plan)
+def float_class(model):
+  """The user's own Linen class (a quantized model's base class)."""
+  cls = type(model)
+  return cls.__mro__[1] if getattr(cls, "_jq_config", None) is not None else cls
+
+
+def with_observers(qmodel, observers) -> nn.Module:
+  """The same quantized model running other observers (e.g. calibration statistics)."""
+  config = dataclasses.replace(config_of(qmodel), observers=tuple(observers))
+  return _make_view(qmodel, config)
 
 
 # ----------------------------------------------------------------------------- interceptor
 
 class _Interceptor:
-  """Called by Flax around every module method while the quantized model runs."""
+  """Called by Flax around every module method during one call of the quantized model;
+  it remembers which paths that call met, to report rules that matched none."""
 
-  def __init__(self, plan: Plan):
-    self.plan = plan
-    self.bypass = False  # True while a serving layer runs its detached copy
+  def __init__(self, config: QuantConfig):
+    self.config = config
+    self.seen: Dict[str, Optional[int]] = {}
 
   def __call__(self, next_fun, args, kwargs, context):
     module = context.module
-    if (self.bypass or context.method_name != "__call__"
-        or not isinstance(module, QUANTIZABLE)):
+    if (context.method_name != "__call__" or not isinstance(module, QUANTIZABLE)
+        or _Contraction.carried_by(module)):
       return next_fun(*args, **kwargs)
     path = "/".join(module.path)
-    self.plan.seen_paths.add(path)
-    idx = self.plan.match(path)
+    idx = self.config.match(path)
+    self.seen[path] = idx
     if idx is None:
       return next_fun(*args, **kwargs)
-    layer = _Layer(module, path, idx, self.plan, self)
-    if self.plan.phase == "serve":
-      return layer.serve(next_fun, args, kwargs)
-    return layer.qat_call(next_fun, args, kwargs)
+    return _LayerCall(module, path, self.config.rules[idx], self.config).run(args, kwargs)
+
+  def warn_unused(self) -> None:
+    used = set(self.seen.values())
+    unused = [r.pattern for i, r in enumerate(self.config.rules) if i not in used]
+    if unused:
+      warnings.warn(f"jaxquant: rules matched no layer: {unused}; layers seen: "
+                    f"{sorted(self.seen)}", stacklevel=3)
 
 
-class _Layer:
-  """Quantization of one call of one matched layer."""
+def _promote_keeping_qtensors(promote):
+  """The layer's `promote_dtype`, passing stored QTensor kernels through untouched."""
+  def promote_dtype(*args, **kwargs):
+    arrays = [a for a in args if a is not None and not isinstance(a, QTensor)]
+    promoted = iter(promote(*arrays, **kwargs))
+    return [a if a is None or isinstance(a, QTensor) else next(promoted) for a in args]
+  return promote_dtype
 
-  def __init__(self, module, path, rule_index, plan: Plan, interceptor: _Interceptor):
-    self.module, self.path, self.plan = module, path, plan
-    self.interceptor = interceptor
-    self.rule = plan.rules[rule_index]
-    self.rule_index = rule_index
-    self.spec = self.rule.dot_spec()
+
+def _stored_kernel(module) -> Optional[QTensor]:
+  """The layer's kernel when `convert` stored it as a QTensor, else None."""
+  if module.has_variable("params", "kernel"):
+    value = module.get_variable("params", "kernel")
+    if isinstance(value, QTensor):
+      return value
+  return None
+
+
+_READING_STORED = {}
+
+
+def _reading_stored_kernels(cls):
+  """A subclass of a layer class whose `param('kernel')` returns a stored QTensor as it
+  is (Flax would compare its packed bytes' shape with the float kernel's)."""
+  if cls not in _READING_STORED:
+    def param(self, name, *args, **kwargs):
+      stored = _stored_kernel(self) if name == "kernel" else None
+      return stored if stored is not None else cls.param(self, name, *args, **kwargs)
+    _READING_STORED[cls] = type(cls.__name__, (cls,), {"param": param,
+                                                       "__module__": cls.__module__})
+  return _READING_STORED[cls]
+
+
+class _LayerCall:
+  """One call of one matched layer: its quantization state, then its computation."""
+
+  def __init__(self, module, path: str, rule: Rule, config: QuantConfig):
+    self.module, self.path, self.rule, self.config = module, path, rule, config
+    self.spec = rule.dot_spec()
+
+  def run(self, args, kwargs):
+    m = self.module
+    if isinstance(m, nn.Einsum):
+      return self.einsum_call(*args, **kwargs)
+    attr = "conv_general_dilated" if isinstance(m, nn.Conv) else "dot_general"
+    if getattr(m, attr + "_cls", None) is not None:
+      raise ValueError(f"layer {self.path!r} sets {attr}_cls; jaxquant cannot quantize it")
+    if getattr(m, "mask", None) is not None and \
+        isinstance(m.variables.get("params", {}).get("kernel"), QTensor):
+      raise ValueError(f"layer {self.path!r}: a masked conv cannot run on a stored kernel")
+    # The same layer, bound to the same scope (same variables), with our contraction.
+    fields = {**_module_fields(m), attr: _Contraction(self),
+              "promote_dtype": _promote_keeping_qtensors(m.promote_dtype)}
+    return _reading_stored_kernels(type(m))(**fields, parent=m.scope)(*args, **kwargs)
 
   # -- state ------------------------------------------------------------------------------
-  def _key(self):
+  def key(self):
     specs = (self.rule.act, self.rule.weight, self.rule.grad)
     if any(s is not None and s.rounding == "stochastic" for s in specs):
       if not self.module.has_rng("quant"):
@@ -228,235 +275,121 @@ class _Layer:
       return self.module.make_rng("quant")
     return None
 
-  def _act_learned(self, lhs):
-    act = self.rule.act
-    if act is None or act.ste not in ("lsq", "pact"):
-      return None
-    name = "act_lsq" if act.ste == "lsq" else "act_pact"
-    shape = (1,) * lhs.ndim
-    init = lambda: numerics.init_learned(jax.lax.stop_gradient(lhs), act,
-                                         tuple(range(lhs.ndim))).reshape(shape)
-    return self.module.variable("quant", name, init).value.reshape(shape)
-
-  def _weight_learned(self, rhs, reduce_axes):
-    w = self.rule.weight
-    if w is None or w.ste not in ("lsq", "pact"):
-      return None
-    name = "weight_lsq" if w.ste == "lsq" else "weight_pact"
-    init = lambda: numerics.init_learned(jax.lax.stop_gradient(rhs), w, reduce_axes)
-    return self.module.variable("quant", name, init).value
-
-  def _act_range(self, lhs):
-    """The static (lo, hi) once `calibrate` stored one, else None (dynamic ranges).
-
-    Whether a layer is calibrated is structural (the 'act_hi' variable exists), so the
-    choice is made at trace time. While 'quant_stats' is mutable the batch range is also
-    tracked: an EMA ('ema_lo', 'ema_hi') in training, the calibration statistic
-    ('act_lo', 'act_hi': max over batches for absmax, mean of per-batch clips otherwise)
-    in the calibrate phase.
-    """
-    act = self.rule.act
-    if act is None or act.format in ("binary", "ternary"):
-      return None
+  def _tracking(self) -> bool:
     m = self.module
-    calibrating = self.plan.phase == "calibrate"
-    tracking = m.is_mutable_collection("quant_stats") and not m.is_initializing()
-    if tracking or m.is_initializing():
-      prefix = "act" if calibrating else "ema"
-      zeros = lambda dtype=jnp.float32: jnp.zeros((), dtype)
-      lo = m.variable("quant_stats", f"{prefix}_lo", zeros)
-      hi = m.variable("quant_stats", f"{prefix}_hi", zeros)
-      count = m.variable("quant_stats", f"{prefix}_count", lambda: zeros(jnp.int32))
-      if tracking:
-        cur_lo, cur_hi = _batch_range(jax.lax.stop_gradient(lhs).astype(jnp.float32), act)
-        first = count.value == 0
-        n = count.value.astype(jnp.float32)
-        if not calibrating:
-          d = EMA_DECAY
-          lo.value = jnp.where(first, cur_lo, d * lo.value + (1 - d) * cur_lo)
-          hi.value = jnp.where(first, cur_hi, d * hi.value + (1 - d) * cur_hi)
-        elif act.calibration == "absmax":
-          lo.value = jnp.where(first, cur_lo, jnp.minimum(lo.value, cur_lo))
-          hi.value = jnp.where(first, cur_hi, jnp.maximum(hi.value, cur_hi))
-        else:
-          lo.value = (lo.value * n + cur_lo) / (n + 1)
-          hi.value = (hi.value * n + cur_hi) / (n + 1)
-        count.value = count.value + 1
-    if calibrating or not m.has_variable("quant_stats", "act_hi"):
-      return None
-    shape = (1,) * lhs.ndim
-    return (m.get_variable("quant_stats", "act_lo").reshape(shape),
-            m.get_variable("quant_stats", "act_hi").reshape(shape))
+    return m.is_mutable_collection("quant_stats") or m.is_initializing()
 
-  def _record(self, kind, kernel_shape, reduce_axes):
-    self.plan.layers[self.path] = LayerInfo(self.path, kind, self.rule_index,
-                                            tuple(kernel_shape), tuple(reduce_axes))
+  def lhs_state(self, x, x_BMK) -> OperandState:
+    """The activation's learned quantity and static range; runs the observers."""
+    m, act = self.module, self.rule.act
+    if self._tracking():
+      updating = not m.is_initializing()
+      for name, factory in self.config.observers:
+        observer = factory(self.rule)
+        if observer is None:
+          continue
+        state = observer.init(x_BMK)
+        refs = {k: m.variable("quant_stats", f"{name}_{k}", lambda v=v: v)
+                for k, v in state.items()}
+        if updating:
+          new = observer.update({k: r.value for k, r in refs.items()}, x_BMK)
+          for k, r in refs.items():
+            r.value = new[k]
+    if act is None:
+      return OperandState()
+    shape = (1,) * x.ndim
+    learned = None
+    if act.learned:
+      init = lambda: numerics.init_learned(jax.lax.stop_gradient(x), act,
+                                         tuple(range(x.ndim))).reshape(shape)
+      learned = m.variable("quant", f"act_{act.learned}", init).value.reshape(shape)
+    static = None
+    if m.has_variable("quant_stats", "act_hi"):
+      static = (m.get_variable("quant_stats", "act_lo").reshape(shape),
+                m.get_variable("quant_stats", "act_hi").reshape(shape))
+    return OperandState(learned=learned, range=static)
 
-  # -- the layer computations -------------------------------------------------------------
-  def qat_call(self, next_fun, args, kwargs):
-    """The layer's own call with jaxquant's contraction (QAT, and serving of layers whose
-    weights stayed float)."""
-    m = self.module
-    if isinstance(m, nn.Einsum):
-      return self.einsum_call(*args, **kwargs)
-    attr = "conv_general_dilated" if isinstance(m, nn.Conv) else "dot_general"
-    if getattr(m, attr + "_cls", None) is not None:
-      raise ValueError(f"layer {self.path!r} sets {attr}_cls; jaxquant cannot quantize it")
-    fn = self.conv_fn if attr == "conv_general_dilated" else self.dot_fn
-    old = getattr(m, attr)
-    object.__setattr__(m, attr, fn)  # the layer's own argument, for this call only
-    try:
-      return next_fun(*args, **kwargs)
-    finally:
-      object.__setattr__(m, attr, old)
+  def rhs_state(self, kernel, w_layout: layout.WeightLayout) -> OperandState:
+    """Records the kernel's layout; the weight's learned quantity (float kernels only)."""
+    m, w = self.module, self.rule.weight
+    if self._tracking():
+      axes = np.zeros(w_layout.ndim, np.int32)
+      axes[list(w_layout.contracting)] = np.arange(1, len(w_layout.contracting) + 1)
+      axes[list(w_layout.batch)] = -np.arange(1, len(w_layout.batch) + 1)
+      m.variable("quant_stats", "kernel_axes", lambda: jnp.asarray(axes))
+    if w is None or not w.learned or isinstance(kernel, QTensor):
+      return OperandState()
+    init = lambda: layout.init_learned(jax.lax.stop_gradient(kernel), w, w_layout)
+    return OperandState(learned=m.variable("quant", f"weight_{w.learned}", init).value)
 
-  def dot_fn(self, lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None,
-             **unused):
-    (_, rc), _ = dimension_numbers
-    reduce_axes = tuple(int(a) for a in rc)
-    self._record("dot", rhs.shape, reduce_axes)
-    return qdot.dot_general(
-        lhs, rhs, dimension_numbers, self.spec, key=self._key(),
-        preferred_element_type=preferred_element_type, lhs_learned=self._act_learned(lhs),
-        rhs_learned=self._weight_learned(rhs, reduce_axes), lhs_range=self._act_range(lhs))
-
-  def conv_fn(self, lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
-              dimension_numbers=None, feature_group_count=1, batch_group_count=1,
-              precision=None, preferred_element_type=None):
-    dn = jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
-    w = self.rule.weight
-    out_dim = dn.rhs_spec[0]
-    reduce_axes = tuple(range(rhs.ndim)) if (w is not None and w.granularity == "tensor") \
-        else tuple(d for d in range(rhs.ndim) if d != out_dim)
-    self._record("conv", rhs.shape, reduce_axes)
-    learned_w = self._weight_learned(rhs, reduce_axes)
-    return qconv.conv_general_dilated(
-        lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
-        feature_group_count, batch_group_count, precision, preferred_element_type,
-        spec=self.spec, key=self._key(), lhs_learned=self._act_learned(lhs),
-        rhs_learned=learned_w, lhs_range=self._act_range(lhs))
-
+  # -- nn.Einsum ----------------------------------------------------------------------------
   def einsum_call(self, inputs, einsum_str=None):
     """nn.Einsum.__call__ with the contraction through jq.einsum."""
     m = self.module
     einsum_str = nn.module.merge_param("einsum_str", m.einsum_str, einsum_str).replace(" ", "")
-    kernel = m.param("kernel", m.kernel_init, m.shape, m.param_dtype)
+    kernel = _stored_kernel(m)
+    if kernel is None:
+      kernel = m.param("kernel", m.kernel_init, m.shape, m.param_dtype)
     bias = None
     if m.use_bias:
-      bias_shape, bshape = m._get_bias_shape(einsum_str, inputs, kernel)
+      bias_shape, bshape = m._get_bias_shape(einsum_str, inputs, kernel)  # pylint: disable=protected-access
       bias = m.param("bias", m.bias_init, bias_shape, m.param_dtype)
-    inputs, kernel, bias = m.promote_dtype(inputs, kernel, bias, dtype=m.dtype)
-    y = self.einsum_with(einsum_str, inputs, kernel)
+    inputs, kernel, bias = _promote_keeping_qtensors(m.promote_dtype)(
+        inputs, kernel, bias, dtype=m.dtype)
+    dims, _, lsum, _ = qdot.einsum_dimension_numbers(einsum_str, inputs.ndim, len(kernel.shape))
+    kept = inputs if not lsum else jnp.sum(inputs, axis=lsum)
+    y = qdot.einsum(einsum_str, inputs, kernel, self.spec, key=self.key(),
+                    **self.states(kept, kernel, dims))
     if bias is not None:
       y = y + jnp.reshape(bias, bshape)
     return y
 
-  def einsum_with(self, einsum_str, inputs, kernel):
-    # len(shape): the kernel may be a serving QTensor, which has no ndim.
-    dims, perm, lsum, rsum = qdot.einsum_dimension_numbers(einsum_str, inputs.ndim,
-                                                           len(kernel.shape))
-    if isinstance(kernel, QTensor):
-      # jq.einsum takes arrays only; dot_general takes the QTensor (serving path). The
-      # glue is jq.einsum's own, so the result matches the QAT forward exactly.
-      lhs_range = self._act_range(inputs)
-      if lsum:
-        inputs = jnp.sum(inputs, axis=lsum)
-      y = qdot.dot_general(inputs, kernel, dims, self.spec, key=self._key(),
-                           lhs_range=lhs_range, lhs_learned=self._act_learned(inputs))
-      return y if perm == tuple(range(len(perm))) else jnp.transpose(y, perm)
-    if rsum:
-      raise ValueError(f"layer {self.path!r}: einsum {einsum_str!r} sums kernel axes away")
-    reduce_axes = tuple(dims[0][1])
-    self._record("dot", kernel.shape, reduce_axes)
-    return qdot.einsum(einsum_str, inputs, kernel, self.spec, key=self._key(),
-                       lhs_learned=self._act_learned(inputs),
-                       rhs_learned=self._weight_learned(kernel, reduce_axes),
-                       lhs_range=self._act_range(inputs))
-
-  # -- serving ----------------------------------------------------------------------------
-  def serve(self, next_fun, args, kwargs):
-    """Runs the layer on stored codes; layers whose weights stayed float run as in QAT."""
-    m = self.module
-    info = self.plan.layers.get(self.path)
-    if info is None or not m.has_variable("serving", "kernel"):
-      return self.qat_call(next_fun, args, kwargs)
-    entry = m.get_variable("serving", "kernel")
-    q = serving_qtensor(entry, self.rule.weight, info.kernel_shape)
-    if isinstance(m, nn.Einsum):
-      return self._serve_einsum(q, *args, **kwargs)
-    attr = "conv_general_dilated" if isinstance(m, nn.Conv) else "dot_general"
-    if attr == "dot_general":
-      def fn(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None, **_):
-        return qdot.dot_general(lhs, q, dimension_numbers, self.spec, key=self._key(),
-                                preferred_element_type=preferred_element_type,
-                                lhs_range=self._act_range(lhs),
-                                lhs_learned=self._act_learned(lhs))
-    else:
-      def fn(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
-             dimension_numbers=None, feature_group_count=1, batch_group_count=1,
-             precision=None, preferred_element_type=None):
-        return qconv.conv_general_dilated(
-            lhs, q, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
-            feature_group_count, batch_group_count, precision, preferred_element_type,
-            spec=self.spec, key=self._key(), lhs_range=self._act_range(lhs),
-            lhs_learned=self._act_learned(lhs))
-    # A detached copy of the layer computes on a stand-in kernel of the right shape (the
-    # int8 codes); `fn` ignores that operand and contracts with `q`, so the stand-in's
-    # float conversion is dead code that XLA removes.
-    clone = type(m)(**{**_module_fields(m), attr: fn}, parent=None)
-    params = dict(m.variables.get("params", {}))
-    params["kernel"] = jnp.zeros(info.kernel_shape, jnp.int8)
-    self.interceptor.bypass = True  # the copy is not a layer of the model
-    try:
-      return clone.apply({"params": params}, *args, **kwargs)
-    finally:
-      self.interceptor.bypass = False
-
-  def _serve_einsum(self, q, inputs, einsum_str=None):
-    m = self.module
-    einsum_str = nn.module.merge_param("einsum_str", m.einsum_str, einsum_str).replace(" ", "")
-    y = self.einsum_with(einsum_str, inputs, q)
-    if m.use_bias:
-      bias = m.get_variable("params", "bias")
-      _, bshape = m._get_bias_shape(einsum_str, inputs, jnp.zeros(q.shape, jnp.int8))
-      y = y + jnp.reshape(bias, bshape).astype(y.dtype)
-    return y
+  def states(self, lhs, rhs, dimension_numbers) -> Dict[str, OperandState]:
+    """lhs_state / rhs_state of a dot_general call."""
+    (lc, rc), (lb, rb) = dimension_numbers
+    w_layout = layout.make_layout(len(rhs.shape), rc, rb)
+    return {"rhs_state": self.rhs_state(rhs, w_layout),
+            "lhs_state": self.lhs_state(lhs, layout.canonical_lhs(lhs, dimension_numbers))}
 
 
+class _Contraction:
+  """The `dot_general` / `conv_general_dilated` argument a matched layer is run with."""
 
-def _batch_range(x, spec: QuantSpec):
-  """(lo, hi) of this batch by the spec's calibration method, over the whole tensor."""
-  axes = tuple(range(x.ndim))
-  tensor_spec = dataclasses.replace(spec, granularity="tensor", group_size=None,
-                                    rounding="nearest", ste="identity")
-  scale, zp = numerics.calibrate(x, tensor_spec, axes)
-  scale = scale.reshape(())
-  if spec.format in numerics.FP8_DTYPES:
-    hi = scale * numerics.FP8_MAX[spec.format]
-    return -hi, hi
-  qmin, qmax = numerics.int_range(tensor_spec)
-  if zp is None:
-    return -scale * qmax, scale * qmax
-  zp = zp.reshape(()).astype(jnp.float32)
-  return (qmin - zp) * scale, (qmax - zp) * scale
+  def __init__(self, call: _LayerCall):
+    self.call = call
+
+  @staticmethod
+  def carried_by(module) -> bool:
+    attr = "conv_general_dilated" if isinstance(module, nn.Conv) else "dot_general"
+    return isinstance(getattr(module, attr, None), _Contraction)
+
+  def __call__(self, lhs, rhs, *args, **kwargs):
+    c = self.call
+    if isinstance(c.module, nn.Conv):
+      return self.conv(lhs, rhs, *args, **kwargs)
+    dimension_numbers = args[0] if args else kwargs.pop("dimension_numbers")
+    return qdot.dot_general(lhs, rhs, dimension_numbers, c.spec, key=c.key(),
+                            preferred_element_type=kwargs.get("preferred_element_type"),
+                            **c.states(lhs, rhs, dimension_numbers))
+
+  def conv(self, lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
+           dimension_numbers=None, feature_group_count=1, batch_group_count=1,
+           precision=None, preferred_element_type=None):
+    c = self.call
+    dn = jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
+    w_layout = qconv.kernel_layout(len(rhs.shape), dn)
+    rhs_state = c.rhs_state(rhs, w_layout)
+    channels_last = jnp.moveaxis(lhs, dn.lhs_spec[1], -1)
+    lhs_state = c.lhs_state(lhs, channels_last.reshape(1, -1, channels_last.shape[-1]))
+    return qconv.conv_general_dilated(
+        lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
+        feature_group_count, batch_group_count, precision, preferred_element_type,
+        spec=c.spec, key=c.key(), lhs_state=lhs_state, rhs_state=rhs_state)
 
 
-def serving_qtensor(entry: Dict[str, jax.Array], spec: QuantSpec, shape) -> QTensor:
-  """Rebuilds the QTensor of a stored serving weight (unpacking sub-byte codes)."""
-  if "packed" in entry:
-    bits = _storage_bits(spec)
-    values = unpack(entry["packed"], bits, tuple(shape))
-  else:
-    values = entry["values"]
-  return QTensor(values, entry["scale"], entry.get("zero_point"))
-
-
-def _storage_bits(spec: QuantSpec) -> int:
-  """Bits per stored code: 1 binary, 2 ternary / int2, 4 for int3–4, else a whole byte."""
-  if spec.format == "binary":
-    return 1
-  if spec.format == "ternary" or (spec.format == "int" and spec.bits == 2):
-    return 2
-  if spec.format == "int" and spec.bits <= 4:
-    return 4
-  return 8
+def layout_from_axes(kernel_axes) -> layout.WeightLayout:
+  """The `WeightLayout` recorded in 'quant_stats/<layer>/kernel_axes'."""
+  axes = [int(a) for a in np.asarray(kernel_axes)]
+  contracting = tuple(sorted((i for i, a in enumerate(axes) if a > 0), key=lambda i: axes[i]))
+  batch = tuple(sorted((i for i, a in enumerate(axes) if a < 0), key=lambda i: -axes[i]))
+  return layout.make_layout(len(axes), contracting, batch)

@@ -70,12 +70,11 @@ def _factors(shapes, seed=0):
 
 def prepare(qmodel, params, x, model=None):
   """One jit: quant-variable init (+ 'training' of learned scales), QAT and float
-  forward, and `jq.convert`. Returns (qvars, y_qat, y_float, serving model, svars)."""
+  forward; then `jq.convert`. Returns (qvars, y_qat, y_float, serving model, svars)."""
   model = model or type(qmodel).__mro__[1]()
-  shapes = jax.eval_shape(qmodel.init, jax.random.key(0), x)  # also fills the layer table
-  stats = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes.get("quant_stats", {}))
-  factors = _factors(shapes["quant"]) if "quant" in shapes else None
-  serving_model = []
+  init = jit(qmodel.init)(jax.random.key(0), x)  # 'quant_stats' records the kernel layouts
+  stats = init.get("quant_stats", {})
+  factors = _factors(init["quant"]) if "quant" in init else None
 
   @jit
   def f(params):
@@ -83,25 +82,18 @@ def prepare(qmodel, params, x, model=None):
     if factors is not None:
       quant = qmodel.apply(v, x, mutable=["quant"])[1]["quant"]
       v["quant"] = jax.tree.map(lambda q, m: q * m, quant, factors)
-    smodel, svars = jq.convert(qmodel, v)
-    serving_model.append(smodel)
-    return v, qmodel.apply(v, x), model.apply({"params": params}, x), svars
+    return v, qmodel.apply(v, x), model.apply({"params": params}, x)
 
-  qvars, y_qat, y_float, svars = f(params)
-  return qvars, y_qat, y_float, serving_model[0], svars
+  qvars, y_qat, y_float = f(params)
+  smodel, svars = jq.convert(qmodel, qvars)
+  return qvars, y_qat, y_float, smodel, svars
 
 
-def jit_convert(qmodel, variables, *example_args):
-  """jq.convert under jit: (serving model, serving variables)."""
-  box = []
-
-  def f(v):
-    smodel, svars = jq.convert(qmodel, v, *example_args)
-    box.append(smodel)
-    return svars
-
-  svars = jit(f)(variables)
-  return box[0], svars
+def stored(svars, layer):
+  """The QTensor convert stored for a layer's kernel."""
+  q = svars["params"][layer]["kernel"]
+  assert isinstance(q, jq.QTensor), layer
+  return q
 
 
 _JITTED = {}
@@ -145,16 +137,21 @@ def test_serving_forward_equals_qat_forward(case):
   # array of any quantized kernel's size anywhere in the serving variables.
   quantized = {p for p in LAYERS if _weight_spec(case, p) is not None}
   for path in LAYERS:
-    assert ("kernel" in svars["params"][path]) == (path not in quantized), path
-    assert (path in svars["serving"]) == (path in quantized), path
+    is_q = isinstance(svars["params"][path]["kernel"], jq.QTensor)
+    assert is_q == (path in quantized), path
   float_sizes = {int(np.prod(KERNEL_SHAPES[p])) for p in quantized}
-  for name, leaf in _leaves(svars).items():
-    if name.startswith("params/") and name.endswith("/kernel"):
+  for name, leaf in _leaves(jax.tree.map(lambda a: a, svars)).items():
+    if name.startswith("params/") and name.endswith("/kernel") and not isinstance(leaf, jq.QTensor):
       continue  # an unquantized layer's own float kernel
+    if isinstance(leaf, jq.QTensor):
+      for part in jax.tree.leaves(leaf):
+        assert not (jnp.issubdtype(part.dtype, jnp.floating) and part.dtype.itemsize >= 2
+                    and part.size in float_sizes), f"float copy of a kernel at {name}"
+      continue
     if jnp.issubdtype(leaf.dtype, jnp.floating) and leaf.dtype.itemsize >= 2:
       assert leaf.size not in float_sizes, f"float copy of a kernel at {name}"
   # The QAT variables are left as they were (training can go on).
-  assert all("kernel" in qvars["params"][p] for p in LAYERS)
+  assert not any(isinstance(qvars["params"][p]["kernel"], jq.QTensor) for p in LAYERS)
 
 
 class Chain(nn.Module):
@@ -199,17 +196,16 @@ def test_serving_storage_per_spec_and_dequantized_weights(case):
     spec = _weight_spec(case, layer)
     if spec is None:
       continue
-    entry = svars["serving"][layer]["kernel"]
-    np.testing.assert_array_equal(entry["shape"], shape)
-    assert entry["shape"].dtype == jnp.int32 and entry["scale"].dtype == jnp.float32
+    q = stored(svars, layer)
+    assert q.shape == shape and q.spec == spec and q.scale.dtype == jnp.float32
     bits, n = _expected_bits(spec), int(np.prod(shape))
+    assert spec.storage_bits == bits
     if bits < 8:
-      assert set(entry) >= {"packed"} and "values" not in entry
-      assert entry["packed"].dtype == jnp.uint8 and entry["packed"].shape == (-(-n * bits // 8),)
+      assert q.packed and q.values.dtype == jnp.uint8 and q.values.shape == (-(-n * bits // 8),)
     else:
       want = jnp.int8 if spec.is_integer else jnp.float8_e4m3fn
-      assert entry["values"].dtype == want and entry["values"].shape == shape
-    assert ("zero_point" in entry) == (not spec.symmetric)
+      assert not q.packed and q.values.dtype == want and q.values.shape == shape
+    assert (q.zero_point is not None) == (not spec.symmetric)
     axes = REDUCE_AXES[layer]
     if spec.granularity == "tensor":
       scale_shape = (1,) * len(shape)
@@ -217,9 +213,9 @@ def test_serving_storage_per_spec_and_dequantized_weights(case):
       scale_shape = tuple(1 if a in axes else d for a, d in enumerate(shape))
     else:
       scale_shape = tuple(d // spec.group_size if a in axes else d for a, d in enumerate(shape))
-    assert entry["scale"].shape == scale_shape, (layer, entry["scale"].shape)
-    if "zero_point" in entry:
-      assert entry["zero_point"].dtype == jnp.int32 and entry["zero_point"].shape == scale_shape
+    assert q.scale.shape == scale_shape, (layer, q.scale.shape)
+    if q.zero_point is not None:
+      assert q.zero_point.dtype == jnp.int32 and q.zero_point.shape == scale_shape
 
   @jit
   def dequantized(svars, qvars):
@@ -232,8 +228,7 @@ def test_serving_storage_per_spec_and_dequantized_weights(case):
         learned = qvars.get("quant", {}).get(layer, {}).get(f"weight_{spec.ste}")
         ref = jq.fake_quant(qvars["params"][layer]["kernel"], spec,
                             reduce_axes=REDUCE_AXES[layer], learned=learned)
-        q = jq.transform.serving_qtensor(svars["serving"][layer]["kernel"], spec, shape)
-        out[layer] = (q.dequantize(), ref)
+        out[layer] = (svars["params"][layer]["kernel"].dequantize(), ref)
     return out
 
   for layer, (deq, ref) in dequantized(svars, qvars).items():
@@ -260,23 +255,22 @@ def test_group_granularity_with_two_contracting_axes_converts():
   _, y_qat, y_float, smodel, svars = prepare(qmodel, PARAMS, X)
   assert_same_forward(serve(smodel, svars, X), y_qat)
   assert rel_err(y_qat, y_float) > 1e-4
-  entry = svars["serving"]["mix"]["kernel"]
-  assert entry["scale"].shape == entry["zero_point"].shape == (2, 2, 12)  # 2 groups per h
+  entry = stored(svars, "mix")
+  assert entry.scale.shape == entry.zero_point.shape == (2, 2, 12)  # 2 groups per h
   # Independent reference: numpy asymmetric 4-bit over groups of the flattened (h, d).
   w = np.asarray(PARAMS["mix"]["kernel"], np.float64).reshape(4, 4, 12)  # [group, g, f]
   lo, hi = np.minimum(w.min(1, keepdims=True), 0), np.maximum(w.max(1, keepdims=True), 0)
   scale = (hi - lo) / 15
   zp = np.clip(np.round(-8 - lo / scale), -8, 7)
   ref = ((np.clip(np.round(w / scale + zp), -8, 7) - zp) * scale).reshape(2, 8, 12)
-  q = jq.transform.serving_qtensor(entry, rules[0].weight, (2, 8, 12))
-  np.testing.assert_allclose(q.dequantize(), ref, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(entry.dequantize(), ref, rtol=1e-5, atol=1e-6)
   # The attention output projection (DenseGeneral over (heads, head_dim)), groups of 2.
   attn = Attention(heads=2, head_dim=4)
   x = normal((2, 3, 8), 8)
   q_attn = jq.quantize_model(attn, [jq.Rule("out", weight=jq.QuantSpec(
       bits=4, granularity="group", group_size=2), act=A8)])
   _, y_qat, _, smodel, svars = prepare(q_attn, fill_params(attn, x), x, model=attn)
-  assert svars["serving"]["out"]["kernel"]["scale"].shape == (2, 2, 8)
+  assert stored(svars, "out").scale.shape == (2, 2, 8)
   assert_same_forward(serve(smodel, svars, x), y_qat)
 
 
@@ -303,15 +297,37 @@ def test_serving_path_is_integer():
   assert int_ops(smodel.apply, svars, X, prim="dot_general") == (3, 3)
 
 
-def test_convert_needs_a_traced_layer_table():
+def test_convert_works_from_the_variables_alone_on_a_never_traced_model():
+  rules = [jq.Rule(".*", weight=jq.QuantSpec(bits=4), act=A8)]
+  x = normal((4, 10), 3)
+  qvars = jit(jq.quantize_model(Two(), rules).init)(jax.random.key(1), x)
+  fresh = jq.quantize_model(Two(), rules)  # built anew, never initialized or applied
+  smodel, svars = jq.convert(fresh, qvars)
+  assert all(isinstance(svars["params"][p]["kernel"], jq.QTensor) for p in ("fc0", "fc1"))
+  assert_same_forward(run(smodel, svars, x), run(fresh, qvars, x))
+
+
+def test_convert_of_float_params_needs_example_inputs():
   qmodel = jq.quantize_model(Two(), [jq.Rule(".*", weight=jq.QuantSpec(bits=4), act=A8)])
   x = normal((4, 10), 3)
-  qvars = {"params": fill_params(Two(), x)}
+  qvars = {"params": fill_params(Two(), x)}  # a float model's variables: no layouts
   with pytest.raises(ValueError, match="example inputs"):
     jq.convert(qmodel, qvars)
-  smodel, svars = jit_convert(qmodel, qvars, x)  # traces the layer table itself
-  assert set(svars["serving"]) == {"fc0", "fc1"}
+  smodel, svars = jq.convert(qmodel, qvars, x)  # one trace records the layouts
+  assert all(isinstance(svars["params"][p]["kernel"], jq.QTensor) for p in ("fc0", "fc1"))
   assert_same_forward(run(smodel, svars, x), run(qmodel, qvars, x))
+
+
+def test_convert_under_jit_and_zeroed_layouts_are_clear_errors():
+  rules = [jq.Rule(".*", weight=jq.QuantSpec(bits=4))]
+  qmodel = jq.quantize_model(Two(), rules)
+  x = normal((4, 10), 3)
+  qvars = jit(qmodel.init)(jax.random.key(1), x)
+  with pytest.raises(ValueError, match="outside jit"):
+    jax.jit(lambda v: jq.convert(qmodel, v)[1])(qvars)
+  zeroed = {**qvars, "quant_stats": jax.tree.map(jnp.zeros_like, qvars["quant_stats"])}
+  with pytest.raises(ValueError, match="names no contracted axis"):
+    jq.convert(qmodel, zeroed)
 
 
 # ----------------------------------------------------------------------------- sizes
@@ -341,9 +357,9 @@ def test_size_report_bytes_are_exact_and_ratios_approach_the_bit_widths():
   qvars, _, _, _, svars = prepare(qmodel, params, x)
   report = jq.size_report(svars)
   n, f32 = 512 * 512, 4
-  shape_record = 2 * 4  # int32 [512, 512]
+  shape_record = 0  # the shape is static metadata of the QTensor, not stored bytes
   per_channel = 512 * 4  # float32 scale per output column
-  expected = {  # codes + scale (+ zero point) + shape record, by hand
+  expected = {  # codes + scale (+ zero point), by hand
       "w8": n + 4 + shape_record,
       "w4": n // 2 + 4 + shape_record,
       "w1": n // 8 + 4 + shape_record,
@@ -352,12 +368,12 @@ def test_size_report_bytes_are_exact_and_ratios_approach_the_bit_widths():
       "w2t": n // 4 + per_channel + shape_record,
       "w6": n + per_channel + shape_record,
   }
-  for layer, stored in expected.items():
+  for layer, n_bytes in expected.items():
     row = report.layer(f"{layer}/kernel")
-    assert (row.float_bytes, row.quantized_bytes) == (n * f32, stored), layer
+    assert (row.float_bytes, row.quantized_bytes) == (n * f32, n_bytes), layer
     # ... and the report counts what the variables really hold.
-    held = sum(v.nbytes for v in jax.tree.leaves(svars["serving"][layer]["kernel"]))
-    assert held == stored
+    held = sum(v.nbytes for v in jax.tree.leaves(stored(svars, layer)))
+    assert held == n_bytes
     bias = report.layer(f"{layer}/bias")
     assert bias.float_bytes == bias.quantized_bytes == 512 * f32
   head = report.layer("head/kernel")
@@ -388,7 +404,8 @@ def test_serving_variables_round_trip_through_orbax(tmp_path):
   ckptr.save(path, svars)
   ckptr.wait_until_finished()
   restored = ckptr.restore(path, jax.tree.map(ocp.utils.to_shape_dtype_struct, svars))
-  assert jax.tree.structure(restored) == jax.tree.structure(svars)
+  assert jax.tree.structure(restored) == jax.tree.structure(svars)  # QTensors come back
+  assert isinstance(restored["params"]["conv"]["kernel"], jq.QTensor)
   dtypes = set()
   for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(svars)):
     assert a.dtype == b.dtype and a.shape == b.shape
@@ -430,7 +447,7 @@ def test_static_ranges_from_the_evaluation_batch_equal_dynamic_ranges(act):
   # On another batch the static ranges are used, so the outputs differ from dynamic ones.
   assert rel_err(f(calibrated, other), f(qvars, other)) > 1e-2
   # Serving keeps the static ranges: serving == QAT with them.
-  smodel, svars = jit_convert(qmodel, calibrated)
+  smodel, svars = jq.convert(qmodel, calibrated)
   assert "act_hi" in svars["quant_stats"]["fc1"]
   assert_same_forward(run(smodel, svars, other), f(calibrated, other))
 
@@ -473,7 +490,7 @@ def test_ema_statistics_update_only_when_mutable():
   qmodel = jq.quantize_model(Two(), [jq.Rule("fc0", act=jq.QuantSpec(bits=8)),
                                      jq.Rule("fc1", weight=jq.QuantSpec(bits=8))])
   qvars = qinit(qmodel, fill_params(Two(), x1), x1)
-  assert set(qvars["quant_stats"]) == {"fc0"}  # weight-only layers track no range
+  assert set(qvars["quant_stats"]["fc1"]) == {"kernel_axes"}  # weight-only: no range
   step = jit(lambda v, x: qmodel.apply(v, x, mutable=["quant_stats"]))
   y1, upd = step(qvars, x1)
   s = upd["quant_stats"]["fc0"]

@@ -331,7 +331,8 @@ def test_int_equals_fake_with_pow2_lsq_steps_and_einsum():
   for mode in ("int", "fake"):
     spec = DS(lhs=lsq, rhs=lsq, grad=QS(), mode=mode)
     def loss(x, w, s_x, s_w, spec=spec):
-      out = jq.einsum("bmk,kn->bmn", x, w, spec, lhs_learned=s_x, rhs_learned=s_w)
+      out = jq.einsum("bmk,kn->bmn", x, w, spec, lhs_state=jq.OperandState(learned=s_x),
+                      rhs_state=jq.OperandState(learned=s_w))
       return jnp.sum(out * g), out
     outs[mode] = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3), has_aux=True))(x, w, s_x, s_w)
   for a, b in zip(jax.tree.leaves(outs["int"]), jax.tree.leaves(outs["fake"])):
@@ -434,3 +435,37 @@ def test_make_dot_general_signature():
   np.testing.assert_array_equal(np.asarray(out), np.asarray(jdot(spec, dims)(x, w)))
   assert_close_to(out, np_quant(x, spec.lhs, (1,)).astype(np.float64)
                   @ np_quant(w, spec.rhs, (0,)))
+
+
+def test_quantized_backward_equals_the_numpy_formula_exactly():
+  """Both backward contractions of DotSpec.grad against numpy, exactly:
+      dlhs = Q(g·s_b)·q_bᵀ   (gradient rows quantized per row after folding s_b in)
+      drhs = q_aᵀ·Q(s_a·g)   (gradient columns quantized per column after folding s_a in)
+  with identity STEs. Every scale is a power of two (absmax = 127·2^k), so XLA and numpy
+  compute the same codes and the integer sums are exact in float32: any change to the
+  formula (a scale off by 1%, a wrong fold or transpose) fails."""
+  rng = np.random.default_rng(7)
+  M, K, N = 6, 12, 5
+  def ints(shape):
+    v = rng.integers(-127, 128, shape).astype(np.float32)
+    v[np.arange(shape[0]), rng.integers(0, shape[1], shape[0])] = 127.0  # row absmax 127
+    return v
+  qa = ints((M, K))                              # activation codes, one scale per row
+  qb = ints((N, K)).T.copy()                     # weight codes, one scale per column
+  g_int = ints((M, N))
+  g_int[rng.integers(0, M, N), np.arange(N)] = -127.0  # every column's absmax 127 too
+  s_a, s_b, s_g = 2.0 ** -2, 2.0 ** -3, 2.0 ** -5
+  x, w, g = qa * s_a, qb * s_b, g_int * s_g
+  spec = DS(lhs=QS(bits=8), rhs=QS(bits=8), grad=QS(bits=8), mode="int")
+  f = lambda x, w: jnp.sum(jq.dot_general(x, w, (((1,), (0,)), ((), ())), spec) * g)
+  dx, dw = jax.jit(jax.grad(f, argnums=(0, 1)))(jnp.asarray(x), jnp.asarray(w))
+
+  def q_rows(h):  # symmetric 8-bit, one scale per row, half-to-even
+    s = np.abs(h).max(axis=1, keepdims=True) / 127.0
+    return np.clip(np.round(h / s), -127, 127), s
+  h, sh = q_rows(g * s_b)                     # [M, N] = g · s_b, per row
+  dlhs = (h @ qb.T) * sh
+  h2, sh2 = q_rows((s_a * g).T)               # per column of s_a · g
+  drhs = qa.T @ h2.T * sh2.T
+  np.testing.assert_array_equal(np.asarray(dx), dlhs.astype(np.float32))
+  np.testing.assert_array_equal(np.asarray(dw), drhs.astype(np.float32))

@@ -466,3 +466,20 @@ def test_stochastic_rounding_with_every_calibration(calibration):
                                                 reduce_axes=(0,)).scale, GOLDEN_X.shape)
   clipped = np.clip(GOLDEN_X, -7 * s, 7 * s)
   assert np.all(np.abs(out - clipped) <= s * (1 + 1e-5))  # within one step
+
+
+def test_nearest_rounding_breaks_exact_ties_to_even():
+  """The documented tie rule: x/s = ±0.5, ±1.5, ±2.5, ±3.5 → 0, ±2, ±2, ±4 (half to
+  even), not half-up (1, 2, 3, 4) nor half away from zero. absmax 127 gives s = 1."""
+  x = jnp.asarray([0.5, 1.5, 2.5, 3.5, -0.5, -1.5, -2.5, -3.5, 127.0], jnp.float32)
+  spec = jq.QuantSpec(bits=8, granularity="tensor")
+  q = jq.quantize(x, spec, reduce_axes=(0,))
+  assert float(q.scale.reshape(())) == 1.0
+  np.testing.assert_array_equal(np.asarray(q.values), [0, 2, 2, 4, 0, -2, -2, -4, 127])
+  np.testing.assert_array_equal(np.asarray(jq.fake_quant(x, spec, reduce_axes=(0,))),
+                                [0, 2, 2, 4, 0, -2, -2, -4, 127])
+  # The same rule inside the int8 contraction: a one-hot weight reads the codes back.
+  w = jnp.eye(9, dtype=jnp.float32) * 127.0  # per-column scale 1, codes 127·δ
+  out = jq.dot_general(x[None], w, (((1,), (0,)), ((), ())),
+                       jq.DotSpec(lhs=spec, rhs=jq.QuantSpec(bits=8)))
+  np.testing.assert_array_equal(np.asarray(out)[0] / 127.0, [0, 2, 2, 4, 0, -2, -2, -4, 127])

@@ -137,15 +137,15 @@ def _setup(name):
 
 
 def qinit(qmodel, params, *args):
-  """The variables `qmodel.init` would give with these params, without compiling init:
-  'quant_stats' start at zero, 'quant' (LSQ / PACT) is initialized from the data."""
+  """The variables `qmodel.init` would give with these params: 'quant_stats' as init
+  makes them (kernel layouts, observers at zero; a compile that keeps only those
+  outputs), 'quant' (LSQ / PACT) initialized from the data."""
   with warnings.catch_warnings():
     warnings.simplefilter("error")  # every rule of these tests matches some layer
     shapes = jax.eval_shape(qmodel.init, jax.random.key(0), *args)
   qvars = {"params": params}
   if "quant_stats" in shapes:
-    qvars["quant_stats"] = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
-                                        shapes["quant_stats"])
+    qvars["quant_stats"] = jit(lambda *a: qmodel.init(jax.random.key(0), *a)["quant_stats"])(*args)
   if "quant" in shapes:
     qvars["quant"] = jit(lambda v: qmodel.apply(v, *args, mutable=["quant"])[1]["quant"])(qvars)
   return qvars
@@ -289,7 +289,7 @@ def test_params_tree_equals_float_and_collections_are_separate(name):
   names = lambda c: {k.rsplit("/", 1)[1] for k in traverse_util.flatten_dict(q_shapes[c], sep="/")}
   assert names("quant") == {"weight_lsq", "act_lsq", "weight_pact", "act_pact"} & set().union(
       *LEARNED_RULES[name][1].values())
-  assert names("quant_stats") == {"ema_lo", "ema_hi", "ema_count"}
+  assert names("quant_stats") == {"ema_lo", "ema_hi", "ema_count", "kernel_axes"}
 
 
 def test_init_gives_the_float_params_and_checkpoints_cross_load():
@@ -354,7 +354,7 @@ def test_remat_gives_the_same_quantized_forward_and_gradients():
   qv = qinit(q_remat, params, x)
   assert jax.eval_shape(remat.init, jax.random.key(0), x)["params"] == jax.eval_shape(
       lambda: params)
-  assert set(transform.plan_of(q_remat).layers) == {"block_1/up", "block_1/fc"}
+  assert quantized_layers(qv) == {"block_1/up", "block_1/fc"}
 
   @jit
   def both(p):
@@ -406,8 +406,14 @@ def test_layer_called_twice_quantizes_each_call_with_the_shared_weights():
   assert all(np.any(np.asarray(v) != 0) for v in jax.tree.leaves(g))
   # The serving model runs both calls on the same stored codes.
   smodel, svars = jq.convert(qshared, qv)
-  assert "kernel" not in svars["params"]["shared"]
+  assert isinstance(svars["params"]["shared"]["kernel"], jq.QTensor)
   np.testing.assert_array_equal(run(smodel, svars, x), y)
+
+
+def quantized_layers(variables):
+  """Paths of the layers whose kernel layout the quantized init recorded."""
+  stats = traverse_util.flatten_dict(variables["quant_stats"], sep="/")
+  return {k.rsplit("/", 1)[0] for k in stats if k.endswith("/kernel_axes")}
 
 
 class Layer(nn.Module):
@@ -445,7 +451,7 @@ def test_nested_rule_paths_quantize_exactly_the_matched_layers():
   qmodel = jq.quantize_model(model, [jq.Rule("encoder/layer_3/attn/.*", weight=W4, act=A4)])
   qv = qinit(qmodel, params, x)
   expected = {f"encoder/layer_3/attn/{n}" for n in ("query", "key", "out", "mlp")}
-  assert set(transform.plan_of(qmodel).layers) == expected
+  assert quantized_layers(qv) == expected
   stats = traverse_util.flatten_dict(qv["quant_stats"], sep="/")
   assert {k.rsplit("/", 1)[0] for k in stats} == expected
   q_layer = jq.quantize_model(AttnLayer(), [jq.Rule("attn/.*", weight=W4, act=A4)])

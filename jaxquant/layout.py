@@ -1,0 +1,182 @@
+"""The one weight layout: every contraction sees its weight as rhs[B, K, N].
+
+A weight (Dense / DenseGeneral / Einsum kernel, conv kernel) is described by which of its
+axes are contracted (K, in dimension-number order) and which are batch axes shared with
+the input (B); every other axis is an output feature (N). `canonical` views the weight as
+[B, K, N] by one transpose and reshape. Scales live in that view as [B|1, G, N|1] (G
+groups of K, 1 for per-channel and per-tensor) and are folded back into the weight's own
+rank, each axis of length 1, its full length, or its number of groups: a group of
+`group_size` spans the innermost contracting axes first.
+
+`quantize_weight` is the only function that turns a float weight into a `QTensor`: the
+QAT forward of `jq.dot_general` / `jq.conv_general_dilated`, `jq.convert` and serving all
+go through it, so a stored weight has the codes and scales the QAT forward computed, by
+construction. The QTensor it returns records the layout (`contracting`, `batch`,
+`shape`), so a contraction can check that it is used as it was quantized.
+"""
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple, Sequence, Tuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxquant.fake_quant import quantize_parts
+from jaxquant import numerics
+from jaxquant.qtensor import QTensor
+from jaxquant.spec import QuantSpec
+
+
+def _prod(dims) -> int:
+  return int(functools.reduce(lambda a, d: a * d, dims, 1))
+
+
+class WeightLayout(NamedTuple):
+  """Axes of a weight: contracted (K, in order), batch (B, in order), free (N, ascending)."""
+  contracting: Tuple[int, ...]
+  batch: Tuple[int, ...]
+  ndim: int
+
+  @property
+  def free(self) -> Tuple[int, ...]:
+    used = set(self.contracting) | set(self.batch)
+    return tuple(a for a in range(self.ndim) if a not in used)
+
+  @property
+  def perm(self) -> Tuple[int, ...]:
+    """Transpose that takes the weight to [B..., K..., N...]."""
+    return self.batch + self.contracting + self.free
+
+  def check(self, shape) -> None:
+    axes = self.contracting + self.batch
+    if len(set(axes)) != len(axes) or any(not 0 <= a < self.ndim for a in axes):
+      raise ValueError(f"weight layout contracting={self.contracting} batch={self.batch} is "
+                       f"not a set of distinct axes of a rank-{self.ndim} weight")
+    if len(shape) != self.ndim:
+      raise ValueError(f"weight of shape {tuple(shape)} does not have rank {self.ndim}")
+
+
+def make_layout(ndim: int, contracting: Sequence[int], batch: Sequence[int] = ()) -> WeightLayout:
+  """The layout of a rank-`ndim` weight (negative axes allowed)."""
+  return WeightLayout(tuple(int(a) % ndim for a in contracting),
+                      tuple(int(a) % ndim for a in batch), int(ndim))
+
+
+def canonical_shape(shape, layout: WeightLayout) -> Tuple[int, int, int]:
+  return (_prod(shape[a] for a in layout.batch), _prod(shape[a] for a in layout.contracting),
+          _prod(shape[a] for a in layout.free))
+
+
+def canonical(w, layout: WeightLayout):
+  """The weight as [B, K, N]."""
+  layout.check(w.shape)
+  shape_BKN = canonical_shape(w.shape, layout)
+  if layout.perm != tuple(range(w.ndim)):
+    w = jnp.transpose(w, layout.perm)
+  return w.reshape(shape_BKN)
+
+
+def canonical_lhs(x, dimension_numbers):
+  """The other operand (activations) as [B, M, K]: batch, free, then contracted axes."""
+  (lc, _), (lb, _) = dimension_numbers
+  lc, lb = tuple(int(a) % x.ndim for a in lc), tuple(int(a) % x.ndim for a in lb)
+  lf = tuple(a for a in range(x.ndim) if a not in lc and a not in lb)
+  perm = lb + lf + lc
+  shape = (_prod(x.shape[a] for a in lb), _prod(x.shape[a] for a in lf),
+           _prod(x.shape[a] for a in lc))
+  if perm != tuple(range(x.ndim)):
+    x = jnp.transpose(x, perm)
+  return x.reshape(shape)
+
+
+def canonical_scale(s, layout: WeightLayout):
+  """A scale-shaped array in the weight's rank (or a scalar) → [B|1, G, N|1]."""
+  if s is None:
+    return None
+  s = jnp.asarray(s)
+  if s.ndim == 0:
+    return s.reshape(1, 1, 1)
+  if s.ndim != layout.ndim:
+    raise ValueError(f"a scale of shape {s.shape} must have the weight's rank {layout.ndim}")
+  t = jnp.transpose(s, layout.perm)
+  nb, nk = len(layout.batch), len(layout.contracting)
+  return t.reshape(_prod(t.shape[:nb]), _prod(t.shape[nb:nb + nk]), _prod(t.shape[nb + nk:]))
+
+
+def _group_split(sizes, group_size):
+  """Groups per contracting axis (in order) for groups spanning the innermost axes first."""
+  per_axis, left = [], group_size
+  for size in reversed(sizes):
+    if left % size == 0:
+      per_axis.append(1)
+      left //= size
+    elif size % left == 0:
+      per_axis.append(size // left)
+      left = 1
+    else:
+      raise ValueError(f"group_size={group_size} splits the contracting axes (sizes "
+                       f"{tuple(sizes)}) across axis boundaries; choose a group size that "
+                       "divides the innermost one or is a multiple of it")
+  return tuple(reversed(per_axis))
+
+
+def fold_scale(s_BGN, shape, layout: WeightLayout, spec: QuantSpec):
+  """Inverse of `canonical_scale`: [B|1, G, N|1] → the weight's rank."""
+  if s_BGN is None:
+    return None
+  permuted = [shape[a] for a in layout.perm]
+  nb, nk = len(layout.batch), len(layout.contracting)
+  b_sizes = permuted[:nb] if s_BGN.shape[0] > 1 else [1] * nb
+  n_sizes = permuted[nb + nk:] if s_BGN.shape[2] > 1 else [1] * (layout.ndim - nb - nk)
+  k_sizes = permuted[nb:nb + nk]
+  if s_BGN.shape[1] == 1:
+    g_sizes = [1] * nk
+  else:
+    g_sizes = list(_group_split(k_sizes, spec.group_size))
+  t = s_BGN.reshape(tuple(b_sizes) + tuple(g_sizes) + tuple(n_sizes))
+  return jnp.transpose(t, tuple(int(a) for a in np.argsort(layout.perm)))
+
+
+def quantize_canonical(w_BKN, spec: QuantSpec, key=None, learned_BGN=None):
+  """(codes, scale, zero point) of a [B, K, N] weight: one scale per (B, N) column, per
+  (B, group of K, N), or per tensor. The single place where a weight is quantized."""
+  return quantize_parts(w_BKN, spec, (1,), key, learned_BGN)
+
+
+def init_learned(w, spec: QuantSpec, layout: WeightLayout):
+  """Initial LSQ step / PACT α of a weight, in the weight's rank (scale-shaped)."""
+  s = numerics.init_learned(canonical(w, layout), spec, (1,))
+  return fold_scale(s, w.shape, layout, spec)
+
+
+def quantize_weight(w, spec: QuantSpec, layout: WeightLayout, *, key=None,
+                    learned=None) -> QTensor:
+  """Quantizes a weight as every contraction does; the QTensor keeps `w`'s layout.
+
+  `learned` is the LSQ step size / PACT α in the weight's rank (see `init_learned`).
+  Values are int8 codes (integer formats) or float8 values (fp8), in `w`'s shape; the
+  scale and zero point are folded to `w`'s rank.
+  """
+  w_BKN = canonical(w, layout)
+  codes, scale, zp = quantize_canonical(w_BKN, spec, key, canonical_scale(learned, layout))
+  permuted = tuple(w.shape[a] for a in layout.perm)
+  values = jnp.transpose(codes.reshape(permuted), tuple(int(a) for a in np.argsort(layout.perm)))
+  if spec.is_integer:
+    values = values.astype(jnp.int8)
+  return QTensor(values, fold_scale(scale, w.shape, layout, spec),
+                 None if zp is None else fold_scale(zp.astype(jnp.int32), w.shape, layout, spec),
+                 spec=spec, logical_shape=tuple(w.shape), contracting=layout.contracting,
+                 batch=layout.batch)
+
+
+def canonical_qtensor(q: QTensor, layout: WeightLayout) -> QTensor:
+  """A stored weight QTensor (unpacked) as [B, K, N] codes with [B|1, G, N|1] scales."""
+  q = q.unpacked()
+  if q.contracting is not None and (q.contracting, q.batch) != (layout.contracting, layout.batch):
+    raise ValueError(f"a weight quantized for contracting axes {q.contracting} (batch "
+                     f"{q.batch}) is used with contracting {layout.contracting} (batch "
+                     f"{layout.batch}); its scales would be misread")
+  return QTensor(canonical(q.values, layout), canonical_scale(q.scale, layout),
+                 canonical_scale(q.zero_point, layout))
