@@ -8,12 +8,12 @@ Keys (all of them; the library never falls back to defaults for a missing key):
 
   seed              PRNG seed: parameter init, training-data order and the per-step
                     keys `fold_in(key(seed), step)` (stochastic rounding when quantized).
-  dataset.name      'mnist1d' | 'digits' | 'pytext' (see jaxquant.data.load_dataset).
+  dataset.name      'mnist1d' | 'digits' | 'pytext' (see experiments.data.load_dataset).
   dataset.seq_len   window length for 'lm' datasets (ignored for classification).
   dataset.split_seed  train/test split seed (only 'digits' uses it); kept apart from
                     `seed` so runs with different seeds share one test set.
   model.name        'mlp' | 'cnn1d' | 'resnet' | 'gpt' | 'bert'.
-  model.kwargs      the model's keyword arguments (jaxquant.models.model_fields lists
+  model.kwargs      the model's keyword arguments (experiments.models.model_fields lists
                     them); num_classes comes from the dataset.
   optimizer.name    'adamw' (b1, b2, decoupled weight_decay) | 'sgd' (momentum; 0 = plain
                     SGD; weight_decay added to the gradient). Weight decay touches only
@@ -44,7 +44,7 @@ Keys (all of them; the library never falls back to defaults for a missing key):
 Quantization (`quant`) is an ordered list of rules, first match wins, each a ConfigDict
 {pattern, weight, act, grad, mode}; `weight`/`act`/`grad` are None (float) or a dict of
 jaxquant.QuantSpec fields. They become jaxquant.Rule objects at the experiment boundary
-(jaxquant.training.config_build.rules_from_config). Sweeps are plain overrides because
+(experiments.training.config_build.rules_from_config). Sweeps are plain overrides because
 the specs hold ml_collections FieldReferences to three header fields:
 
   quant.bits      weight bits of every spec that follows it; 32 means float: no rules

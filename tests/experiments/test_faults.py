@@ -2,7 +2,7 @@
 killed with SIGKILL at a random step, damaged checkpoints, a NaN loss, bad configs, torn
 result files under the report, and a sweep whose point crashes.
 
-The runs use tests/fixtures/faults_config.py (a W4A4 MLP on MNIST-1D with stochastic
+The runs use tests/experiments/fixtures/faults_config.py (a W4A4 MLP on MNIST-1D with stochastic
 rounding of weights and activations, a checkpoint every step). Subprocesses share a persistent
 XLA compilation cache and an MNIST-1D cache (module-scoped), so after the first run each
 one takes ~10 s on a busy 2-core CPU; the `slow` cases run without the caches, on the
@@ -29,16 +29,16 @@ import jax
 import numpy as np
 import pytest
 
-from jaxquant.sweeps import plan
-from jaxquant.training import loop
-from jaxquant.training.results import read_jsonl
+from experiments.sweeps import plan
+from experiments.training import loop
+from experiments.training.results import read_jsonl
 
 # A failed orbax restore (test_train.py's corrupt-checkpoint case, earlier in the same
 # session) leaves coroutines that may be garbage-collected during these tests; harmless.
 pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
-CONFIG = "tests/fixtures/faults_config.py"
+REPO = pathlib.Path(__file__).resolve().parents[2]
+CONFIG = "tests/experiments/fixtures/faults_config.py"
 _spec = importlib.util.spec_from_file_location("faults_config", REPO / CONFIG)
 faults_config = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(faults_config)
@@ -487,7 +487,7 @@ def test_bad_configs_exit_2_with_one_message_and_leave_the_workdir_alone(referen
 
 def test_report_survives_torn_metrics_tmp_leftovers_and_a_killed_run(reference, killed,
                                                                     tmp_path):
-  from jaxquant import sweeps  # pylint: disable=g-import-not-at-top
+  from experiments import sweeps  # pylint: disable=g-import-not-at-top
   sweep_dir = tmp_path / "sweep"
   points = sweeps.build_points([{"seed": 0}, {"seed": 1}], config_arg=CONFIG,
                                workdir=str(sweep_dir))

@@ -1,4 +1,4 @@
-"""Tests for jaxquant.data: offline loading, determinism, resumable iteration."""
+"""Tests for experiments.data: offline loading, determinism, resumable iteration."""
 
 import json
 import platform
@@ -7,14 +7,14 @@ import socket
 import numpy as np
 import pytest
 
-from jaxquant.data import (
+from experiments.data import (
     DATASET_NAMES,
     BatchIterator,
     Dataset,
     eval_batches,
     load_dataset,
 )
-from jaxquant.data import sources
+from experiments.data import sources
 
 
 @pytest.fixture(scope="module")

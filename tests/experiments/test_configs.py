@@ -9,10 +9,10 @@ import pytest
 
 from configs import base, digits_resnet, mnist1d_cnn, pytext_gpt, quickstart
 from jaxquant.spec import QuantSpec, Rule
-from jaxquant.training import config_build
-from jaxquant.training.config_build import ConfigError, rules_from_config, validate_config
+from experiments.training import config_build
+from experiments.training.config_build import ConfigError, rules_from_config, validate_config
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def _apply(config, overrides):
@@ -114,7 +114,7 @@ def test_bad_config_raises_one_clear_message(mutate, expected):
 
 
 def test_bad_model_kwargs_name_the_key(tmp_path):
-  from jaxquant.training import loop
+  from experiments.training import loop
   config = _apply(base.get_config(), {"model.kwargs": ml_collections.ConfigDict({"chanels": 3})})
   workdir = tmp_path / "run"
   with pytest.raises(ConfigError, match=r"model\.kwargs.*chanels.*channels"):

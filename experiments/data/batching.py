@@ -16,7 +16,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from jaxquant.data.dataset import Dataset
+from experiments.data.dataset import Dataset
 
 Batch = dict[str, np.ndarray]
 

@@ -29,12 +29,12 @@ import ml_collections
 import numpy as np
 import optax
 
-from jaxquant.training import config_build, sharding, steps
-from jaxquant.training.checkpoint import Checkpointer, NoReadableCheckpointError
-from jaxquant.training.config_build import ConfigError
-from jaxquant.training.optim import build_optimizer
-from jaxquant.training.reporting import MetricsWindow, Reporter
-from jaxquant.training.results import write_json_atomic
+from experiments.training import config_build, sharding, steps
+from experiments.training.checkpoint import Checkpointer, NoReadableCheckpointError
+from experiments.training.config_build import ConfigError
+from experiments.training.optim import build_optimizer
+from experiments.training.reporting import MetricsWindow, Reporter
+from experiments.training.results import write_json_atomic
 
 _PER_LEAF_KEYS = ("grads_nonfinite", "trainable_nonfinite")
 
@@ -78,7 +78,7 @@ def maybe_quantize(model, rules):
 
 def prepare(config: ml_collections.ConfigDict) -> Setup:
   """Validates and builds everything; raises ConfigError naming the offending key."""
-  from jaxquant.data import BatchIterator, load_dataset  # pylint: disable=g-import-not-at-top
+  from experiments.data import BatchIterator, load_dataset  # pylint: disable=g-import-not-at-top
   config_build.validate_config(config)
   try:
     ds = load_dataset(config.dataset.name, seed=config.dataset.split_seed,
@@ -130,7 +130,7 @@ def prepare(config: ml_collections.ConfigDict) -> Setup:
 
 def _padded_eval_batches(ds, batch_size: int):
   """Test batches padded to `batch_size` (fixed shapes under jit) with a mask."""
-  from jaxquant.data import eval_batches  # pylint: disable=g-import-not-at-top
+  from experiments.data import eval_batches  # pylint: disable=g-import-not-at-top
   for batch in eval_batches(ds, batch_size):
     n = batch["x"].shape[0]
     mask = np.zeros((batch_size,), np.float32)
@@ -275,7 +275,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     NoReadableCheckpointError: the workdir has checkpoints, but none restores for this
       config (a changed model/optimizer, or all damaged); nothing is overwritten.
   """
-  from jaxquant.data import BatchIterator  # pylint: disable=g-import-not-at-top
+  from experiments.data import BatchIterator  # pylint: disable=g-import-not-at-top
   start_time = time.time()
   if isinstance(config, dict):
     config = ml_collections.ConfigDict(config)

@@ -114,8 +114,8 @@ def validate_config(config: ml_collections.ConfigDict,
   Checks keys and types against `reference` (default: `configs.base.get_config()`),
   then value ranges and choices, then builds the quantization rules and the model.
   """
-  from jaxquant.data import DATASET_NAMES  # pylint: disable=g-import-not-at-top
-  from jaxquant.models import MODEL_NAMES  # pylint: disable=g-import-not-at-top
+  from experiments.data import DATASET_NAMES  # pylint: disable=g-import-not-at-top
+  from experiments.models import MODEL_NAMES  # pylint: disable=g-import-not-at-top
 
   if not isinstance(config, ml_collections.ConfigDict):
     raise ConfigError(f"config must be an ml_collections.ConfigDict, got "
@@ -266,7 +266,7 @@ def build_model(config: ml_collections.ConfigDict, *, num_classes: int):
   The training loop quantizes with `jaxquant.quantize_model(model, rules)` when
   `rules` is non-empty (see `loop.maybe_quantize`).
   """
-  from jaxquant.models import get_model  # pylint: disable=g-import-not-at-top
+  from experiments.models import get_model  # pylint: disable=g-import-not-at-top
   rules = rules_from_config(config.quant)
   kwargs = config.model.kwargs.to_dict()
   try:

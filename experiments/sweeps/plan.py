@@ -23,8 +23,8 @@ import sys
 import time
 from typing import Any, Sequence
 
-from jaxquant.sweeps import grid
-from jaxquant.training.results import write_json_atomic
+from experiments.sweeps import grid
+from experiments.training.results import write_json_atomic
 
 SWEEP_FILE = "sweep.json"
 SUMMARY_FILE = "summary.json"
@@ -73,7 +73,7 @@ def load_sweep(config_arg: str) -> list[grid.Point]:
   get_sweep = getattr(module, "get_sweep", None)
   if not callable(get_sweep):
     raise SweepError(f"{path} defines no get_sweep(arg=None); add one returning a list of "
-                     "override dicts (see jaxquant.sweeps)")
+                     "override dicts (see experiments.sweeps)")
   try:
     points = grid.normalize(get_sweep(*args))
   except ValueError as e:

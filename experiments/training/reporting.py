@@ -13,7 +13,7 @@ from typing import Any
 
 import jax
 
-from jaxquant.training.results import append_jsonl
+from experiments.training.results import append_jsonl
 
 
 class MetricsWindow:

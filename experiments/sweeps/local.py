@@ -14,8 +14,8 @@ import subprocess
 import time
 from typing import IO, Callable, Sequence
 
-from jaxquant.sweeps import claims
-from jaxquant.sweeps.plan import (FAILED_FILE, LOG_FILE, SUMMARY_FILE, SweepPoint,
+from experiments.sweeps import claims
+from experiments.sweeps.plan import (FAILED_FILE, LOG_FILE, SUMMARY_FILE, SweepPoint,
                                   record_failure)
 
 

@@ -7,9 +7,9 @@ from typing import Any
 
 import flax.linen as nn
 
-from jaxquant.models.classifiers import CNN1D, MLP
-from jaxquant.models.resnet import ResNet
-from jaxquant.models.transformer import BERT, GPT
+from experiments.models.classifiers import CNN1D, MLP
+from experiments.models.resnet import ResNet
+from experiments.models.transformer import BERT, GPT
 
 _MODELS: dict[str, type[nn.Module]] = {
     "mlp": MLP,

@@ -14,7 +14,7 @@ import sys
 import numpy as np
 import pytest
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def _tiny_config(mesh_shape, **overrides):
@@ -25,7 +25,7 @@ def _tiny_config(mesh_shape, **overrides):
 
 
 def _train_losses(workdir):
-  from jaxquant.training.results import read_jsonl  # pylint: disable=g-import-not-at-top
+  from experiments.training.results import read_jsonl  # pylint: disable=g-import-not-at-top
   return [r["loss"] for r in read_jsonl(os.path.join(workdir, "metrics.jsonl"))
           if r.get("split") == "train"]
 
@@ -33,7 +33,7 @@ def _train_losses(workdir):
 def test_partition_rule():
   import jax  # pylint: disable=g-import-not-at-top
   from jax.sharding import PartitionSpec as P  # pylint: disable=g-import-not-at-top
-  from jaxquant.training.sharding import partition_spec  # pylint: disable=g-import-not-at-top
+  from experiments.training.sharding import partition_spec  # pylint: disable=g-import-not-at-top
   k = jax.tree_util.DictKey
   leaf = lambda *shape: jax.ShapeDtypeStruct(shape, np.float32)
   assert partition_spec((k("dense_0"), k("kernel")), leaf(40, 16), 2) == P(None, "model")
@@ -45,7 +45,7 @@ def test_partition_rule():
 
 def test_same_loss_curve_on_1_8_and_model_parallel_meshes(tmp_path):
   from jax.sharding import PartitionSpec as P  # pylint: disable=g-import-not-at-top
-  from jaxquant.training import loop  # pylint: disable=g-import-not-at-top
+  from experiments.training import loop  # pylint: disable=g-import-not-at-top
   curves = {}
   for mesh_shape in [(1, 1), (8, 1), (4, 2)]:
     workdir = str(tmp_path / "x".join(map(str, mesh_shape)))
@@ -99,7 +99,7 @@ def test_two_process_distributed_run_agrees(tmp_path):
   assert outputs[0]["num_processes"] == 2 and outputs[0]["num_devices"] == 4
 
   # Same curve as one process driving a 4-device mesh.
-  from jaxquant.training import loop  # pylint: disable=g-import-not-at-top
+  from experiments.training import loop  # pylint: disable=g-import-not-at-top
   single = str(tmp_path / "single")
   summary = loop.train_and_evaluate(_tiny_config((4, 1)), single)
   np.testing.assert_allclose(_train_losses(workdir), _train_losses(single), rtol=1e-5)
@@ -112,7 +112,7 @@ def _worker(process_id: int, port: int, workdir: str) -> None:
   jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}", num_processes=2,
                              process_id=process_id, local_device_ids=None)
   sys.path.insert(0, REPO)
-  from jaxquant.training import loop  # pylint: disable=g-import-not-at-top
+  from experiments.training import loop  # pylint: disable=g-import-not-at-top
   summary = loop.train_and_evaluate(_tiny_config((-1, 1)), workdir)
   print(json.dumps({"final_loss": summary["metrics"]["final_loss"],
                     "test_loss": summary["metrics"]["test_loss"],

@@ -1,7 +1,7 @@
 """Sweep DSL, naming, planning, and the local / print / slurm launchers over a fake trainer.
 
 The launcher tests start real `python -m experiments.sweep` processes from the repo root
-with `--trainer=tests.fixtures.fake_train` (no jax; ~0.2 s per point).
+with `--trainer=tests.experiments.fixtures.fake_train` (no jax; ~0.2 s per point).
 """
 import collections
 import json
@@ -13,17 +13,17 @@ import sys
 
 import pytest
 
-from jaxquant import sweeps
-from jaxquant.sweeps import claims, grid, plan
-from jaxquant.sweeps.slurm import sbatch_script
+from experiments import sweeps
+from experiments.sweeps import claims, grid, plan
+from experiments.sweeps.slurm import sbatch_script
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
-FAKE_CONFIG = "tests/fixtures/fake_config.py"
+REPO = pathlib.Path(__file__).resolve().parents[2]
+FAKE_CONFIG = "tests/experiments/fixtures/fake_config.py"
 
 
 def sweep_cmd(arg, workdir, *extra):
   return [sys.executable, "-m", "experiments.sweep", f"--config={FAKE_CONFIG}:{arg}",
-          f"--workdir={workdir}", "--trainer=tests.fixtures.fake_train", *extra]
+          f"--workdir={workdir}", "--trainer=tests.experiments.fixtures.fake_train", *extra]
 
 
 def run_sweep(arg, workdir, *extra, ledger=None):
@@ -127,7 +127,7 @@ def test_load_sweep_errors(tmp_path):
 
 
 @pytest.mark.parametrize("config, message", [
-    ("tests/fixtures/missing.py", "not found"),
+    ("tests/experiments/fixtures/missing.py", "not found"),
     ("{tmp}/no_sweep.py", "defines no get_sweep"),
 ])
 def test_cli_bad_config_exits_2(tmp_path, config, message):
@@ -254,7 +254,7 @@ def test_print_launcher_prints_commands_and_writes_nothing(tmp_path):
   result = run_sweep("grid", tmp_path / "sweep", "--launcher=print")
   assert result.returncode == 0
   lines = result.stdout.strip().splitlines()
-  assert len(lines) == 6 and all(" -m tests.fixtures.fake_train " in line for line in lines)
+  assert len(lines) == 6 and all(" -m tests.experiments.fixtures.fake_train " in line for line in lines)
   assert lines[1].endswith("--config.quant.bits=2 --config.seed=1")
   assert not (tmp_path / "sweep").exists() and not (tmp_path / "ledger.txt").exists()
 
@@ -269,7 +269,7 @@ def test_slurm_launcher_writes_an_array_script_that_runs_one_point(tmp_path):
                f"#SBATCH --chdir={REPO}", "#SBATCH --time=0:10:00",
                'case "${SLURM_ARRAY_TASK_ID', "  1) POINT=crash=True,seed=1"]:
     assert line in script
-  assert script.count(" -m tests.fixtures.fake_train ") == 3
+  assert script.count(" -m tests.experiments.fixtures.fake_train ") == 3
   assert not (workdir / "crash=False,seed=0").exists()  # nothing ran
 
   def task(i):

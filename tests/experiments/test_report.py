@@ -10,10 +10,11 @@ import sys
 import numpy as np
 import pytest
 
-from jaxquant import report, sweeps
-from jaxquant.sweeps import plan
+from experiments import sweeps
+from experiments.sweeps import report
+from experiments.sweeps import plan
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
+REPO = pathlib.Path(__file__).resolve().parents[2]
 
 
 def summary(accuracy, *, bits=4, quantized=500, serving=None, config=None):
@@ -148,8 +149,8 @@ def test_broken_points_are_reported_not_fatal(tmp_path):
 def test_cli_lists_failures_of_a_real_sweep_and_needs_sweep_json(tmp_path):
   env = dict(os.environ, FAKE_TRAIN_LEDGER=str(tmp_path / "ledger.txt"))
   sweep = subprocess.run(
-      [sys.executable, "-m", "experiments.sweep", "--config=tests/fixtures/fake_config.py:crash",
-       f"--workdir={tmp_path / 's'}", "--trainer=tests.fixtures.fake_train"],
+      [sys.executable, "-m", "experiments.sweep", "--config=tests/experiments/fixtures/fake_config.py:crash",
+       f"--workdir={tmp_path / 's'}", "--trainer=tests.experiments.fixtures.fake_train"],
       cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
   assert sweep.returncode == 1, sweep.stdout + sweep.stderr
   result = subprocess.run(

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from configs import base
-from jaxquant.training import loop
-from jaxquant.training.results import read_jsonl
+from experiments.training import loop
+from experiments.training.results import read_jsonl
 
 # A failed orbax restore (the corrupt-checkpoint test) leaves coroutines that are
 # garbage-collected during whichever test runs next; they are harmless.

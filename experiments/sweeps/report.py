@@ -19,8 +19,8 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
-from jaxquant.sweeps import claims
-from jaxquant.sweeps.plan import FAILED_FILE, SUMMARY_FILE, read_sweep_json
+from experiments.sweeps import claims
+from experiments.sweeps.plan import FAILED_FILE, SUMMARY_FILE, read_sweep_json
 
 SEED_KEY = "seed"
 BITS_KEY = "quant.bits"

@@ -4,7 +4,7 @@ Declaring a sweep. A config file `configs/<recipe>.py` may define, next to
 `get_config(arg=None)`, a `get_sweep(arg=None)` returning a list of override dicts keyed
 by dotted config keys. The helpers below build such lists:
 
-    from jaxquant import sweeps
+    from experiments import sweeps
 
     def get_sweep(arg=None):
       del arg
@@ -32,8 +32,8 @@ Running it: `python -m experiments.sweep --config=configs/<recipe>.py[:ARG] --wo
 (see plan.py for the directory layout, local.py, claims.py and slurm.py for launching),
 then `python -m experiments.report --workdir=DIR`.
 """
-from jaxquant.sweeps.grid import axis, chain, format_value, point_name, product, zip_
-from jaxquant.sweeps.plan import SweepError, SweepPoint, build_points, load_sweep
+from experiments.sweeps.grid import axis, chain, format_value, point_name, product, zip_
+from experiments.sweeps.plan import SweepError, SweepPoint, build_points, load_sweep
 
 __all__ = [
     "axis", "product", "zip_", "chain", "format_value", "point_name",

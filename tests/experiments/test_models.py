@@ -1,4 +1,4 @@
-"""Tests for jaxquant.models: shapes, parameter layout, purity, causality, gradients."""
+"""Tests for experiments.models: shapes, parameter layout, purity, causality, gradients."""
 
 import functools
 
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from jaxquant.models import MODEL_NAMES, SelfAttention, get_model, model_fields
+from experiments.models import MODEL_NAMES, SelfAttention, get_model, model_fields
 
 # name -> (num_classes, example input, expected output shape)
 CASES = {

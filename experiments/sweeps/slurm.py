@@ -2,7 +2,7 @@
 
 Each task does what the local launcher does for one point: skip it when `summary.json`
 exists, append the trainer's output to `point/log.txt`, and write `point/failed.json`
-(via `jaxquant.sweeps.plan.record_failure`) when the run fails. Slurm's array
+(via `experiments.sweeps.plan.record_failure`) when the run fails. Slurm's array
 guarantees one task per index, so no claims are taken.
 """
 from __future__ import annotations
@@ -12,11 +12,11 @@ import shlex
 import sys
 from typing import Sequence
 
-from jaxquant.sweeps.plan import FAILED_FILE, LOG_FILE, SUMMARY_FILE, SweepPoint
+from experiments.sweeps.plan import FAILED_FILE, LOG_FILE, SUMMARY_FILE, SweepPoint
 
 SBATCH_FILE = "sweep.sbatch"
 
-_RECORD_FAILURE = ("import sys; from jaxquant.sweeps.plan import record_failure; "
+_RECORD_FAILURE = ("import sys; from experiments.sweeps.plan import record_failure; "
                    "record_failure(sys.argv[1], int(sys.argv[2]), command=sys.argv[3], "
                    "elapsed_s=float(sys.argv[4]))")
 

@@ -1,6 +1,6 @@
 """Plain Flax Linen models: no quantization, no mutable state, only standard layers.
 
-    from jaxquant.models import get_model, MODEL_NAMES
+    from experiments.models import get_model, MODEL_NAMES
     model = get_model('cnn1d', num_classes=10)
     params = model.init(key, x)['params']
     logits = model.apply({'params': params}, x)
@@ -10,10 +10,10 @@ nn.GroupNorm, under readable '/'-joined paths (e.g. `block_0/attn/query`), so ru
 match them and quantization can intercept them from outside.
 """
 
-from jaxquant.models.classifiers import CNN1D, MLP
-from jaxquant.models.registry import MODEL_NAMES, get_model, model_fields
-from jaxquant.models.resnet import BasicBlock, ResNet, ResNetStage
-from jaxquant.models.transformer import BERT, GPT, FeedForward, SelfAttention, TransformerBlock
+from experiments.models.classifiers import CNN1D, MLP
+from experiments.models.registry import MODEL_NAMES, get_model, model_fields
+from experiments.models.resnet import BasicBlock, ResNet, ResNetStage
+from experiments.models.transformer import BERT, GPT, FeedForward, SelfAttention, TransformerBlock
 
 __all__ = [
     "BERT",

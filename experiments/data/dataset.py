@@ -14,7 +14,7 @@ from typing import Any, Callable, Literal
 
 import numpy as np
 
-from jaxquant.data import sources
+from experiments.data import sources
 
 DatasetKind = Literal["classification", "lm"]
 
