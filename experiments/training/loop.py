@@ -33,7 +33,7 @@ from experiments.training import config_build, sharding, steps
 from experiments.training.checkpoint import Checkpointer, NoReadableCheckpointError
 from experiments.training.config_build import ConfigError
 from experiments.training.optim import build_optimizer
-from experiments.training.reporting import MetricsWindow, Reporter
+from experiments.training.metrics import MetricsLogger, MetricsWindow
 from experiments.training.results import write_json_atomic
 
 _PER_LEAF_KEYS = ("grads_nonfinite", "trainable_nonfinite")
@@ -317,12 +317,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       donate_argnums=(0,))
   evaluate_qat = qat_evaluator(setup)
   paths = steps.leaf_paths(setup.abstract_state["trainable"])
-  reporter = Reporter(workdir, total_steps=config.num_steps, initial_step=start_step,
+  metrics_logger = MetricsLogger(workdir, total_steps=config.num_steps, initial_step=start_step,
                       progress=config.progress)
   window = MetricsWindow()
   last_train = dict(meta.get("last_train", {})) if meta else {}
   if restored is not None:
-    reporter.event(start_step, "resume", f"resumed from checkpoint step {start_step}")
+    metrics_logger.event(start_step, "resume", f"resumed from checkpoint step {start_step}")
 
   def process(step: int, device_metrics) -> None:
     """Host side of one finished step: NaN guard, window means, logging."""
@@ -331,16 +331,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     message = _nonfinite_message(step, m, paths, last_good, ckpt.directory,
                                  injected=step == config.debug.nan_at_step)
     if message is not None:
-      reporter.event(step, "nonfinite", message)
+      metrics_logger.event(step, "nonfinite", message)
       raise NonFiniteError(message)
     scalars = {k: float(v) for k, v in m.items() if k not in _PER_LEAF_KEYS}
     last_train = scalars
     window.add(scalars)
-    reporter.advance()
+    metrics_logger.advance()
     if step % config.log_every == 0 or step == config.num_steps:
       means = window.means()
-      reporter.write(step, "train", means)
-      reporter.postfix(loss=means["loss"], acc=means["accuracy"])
+      metrics_logger.write(step, "train", means)
+      metrics_logger.postfix(loss=means["loss"], acc=means["accuracy"])
       window.reset()
 
   def save(step: int) -> None:
@@ -366,16 +366,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         if do_save:
           save(step)
         if do_eval:
-          reporter.write(step, "test", evaluate_qat(state))
+          metrics_logger.write(step, "test", evaluate_qat(state))
     if pending is not None:
       process(*pending)
     final_step = int(jax.device_get(state["step"]))
     test = evaluate_qat(state)
-    reporter.write(final_step, "test", test)
+    metrics_logger.write(final_step, "test", test)
     serving, param_bytes = evaluate_serving(setup, state, test)
-    reporter.write(final_step, "serving_test", serving)
+    metrics_logger.write(final_step, "serving_test", serving)
   finally:
-    reporter.close()
+    metrics_logger.close()
     ckpt.close()
 
   key = "bits_per_byte" if setup.lm else "accuracy"

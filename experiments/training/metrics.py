@@ -1,6 +1,8 @@
-"""Where metrics go: metrics.jsonl (append-only), TensorBoard events, a tqdm bar.
+"""Where a training run's metrics go: metrics.jsonl (append-only), TensorBoard events,
+a tqdm progress bar.
 
-Only process 0 writes files; every process may call these methods.
+`MetricsLogger` writes them (only process 0 writes files; every process may call its
+methods); `MetricsWindow` averages the per-step train metrics between two log points.
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ import time
 from typing import Any
 
 import jax
+import tensorboardX
+import tqdm
 
 from experiments.training.results import append_jsonl
 
@@ -39,7 +43,7 @@ class MetricsWindow:
     return out
 
 
-class Reporter:
+class MetricsLogger:
   """Writes metric records to `workdir/metrics.jsonl` and `workdir/tensorboard/`."""
 
   def __init__(self, workdir: str, *, total_steps: int, initial_step: int, progress: bool):
@@ -48,11 +52,9 @@ class Reporter:
     self._start = time.time()
     self._tb = None
     if self._is_writer:
-      import tensorboardX  # pylint: disable=g-import-not-at-top
       self._tb = tensorboardX.SummaryWriter(logdir=os.path.join(workdir, "tensorboard"))
     self._bar = None
     if self._is_writer and progress and sys.stderr.isatty():
-      import tqdm  # pylint: disable=g-import-not-at-top
       self._bar = tqdm.tqdm(total=total_steps, initial=initial_step, file=sys.stderr,
                             unit="step", dynamic_ncols=True, smoothing=0.1)
 
