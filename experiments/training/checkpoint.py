@@ -45,12 +45,6 @@ class Checkpointer:
     self._manager = ocp.CheckpointManager(self.directory, options=options,
                                           item_names=(STATE_ITEM, META_ITEM))
 
-  def all_steps(self) -> list[int]:
-    return sorted(self._manager.all_steps())
-
-  def latest_step(self) -> int | None:
-    return self._manager.latest_step()
-
   def save(self, step: int, state: Any, meta: dict[str, Any]) -> None:
     if step in self._manager.all_steps():
       return  # e.g. a resumed run that was already complete

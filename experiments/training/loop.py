@@ -24,16 +24,19 @@ import time
 from typing import Any, Callable
 
 import chex
+import flax
 import jax
 import ml_collections
 import numpy as np
 import optax
 
+import jaxquant as jq
+from experiments.data import BatchIterator, eval_batches, load_dataset
 from experiments.training import config_build, sharding, steps
 from experiments.training.checkpoint import Checkpointer, NoReadableCheckpointError
 from experiments.training.config_build import ConfigError
-from experiments.training.optim import build_optimizer
 from experiments.training.metrics import MetricsLogger, MetricsWindow
+from experiments.training.optim import build_optimizer
 from experiments.training.results import write_json_atomic
 
 _PER_LEAF_KEYS = ("grads_nonfinite", "trainable_nonfinite")
@@ -48,7 +51,6 @@ class Setup:
   """Everything built from the config before the workdir is touched."""
   config: ml_collections.ConfigDict
   dataset: Any
-  float_model: Any
   model: Any  # quantized when `rules` is non-empty
   rules: list
   mesh: Any
@@ -72,13 +74,11 @@ def maybe_quantize(model, rules):
   """The float model itself, or `jaxquant.quantize_model(model, rules)`."""
   if not rules:
     return model
-  import jaxquant as jq  # pylint: disable=g-import-not-at-top
   return jq.quantize_model(model, rules)
 
 
 def prepare(config: ml_collections.ConfigDict) -> Setup:
   """Validates and builds everything; raises ConfigError naming the offending key."""
-  from experiments.data import BatchIterator, load_dataset  # pylint: disable=g-import-not-at-top
   config_build.validate_config(config)
   try:
     ds = load_dataset(config.dataset.name, seed=config.dataset.split_seed,
@@ -86,13 +86,6 @@ def prepare(config: ml_collections.ConfigDict) -> Setup:
   except ValueError as e:
     raise ConfigError(f"config key 'dataset': {e}") from None
   float_model, rules = config_build.build_model(config, num_classes=ds.num_classes)
-  if rules:
-    import jaxquant as jq  # pylint: disable=g-import-not-at-top
-    missing = [f for f in ("quantize_model", "convert", "size_report") if not hasattr(jq, f)]
-    if missing:
-      raise ConfigError(f"config key 'quant.bits'={config.quant.bits} asks for "
-                        f"quantization, but this jaxquant build lacks {missing}; use "
-                        "quant.bits=32")
   model = maybe_quantize(float_model, rules)
   try:
     mesh = sharding.build_mesh(config.mesh_shape)
@@ -120,9 +113,9 @@ def prepare(config: ml_collections.ConfigDict) -> Setup:
   shardings = sharding.state_shardings(abstract, mesh)
   abstract = jax.tree_util.tree_map(
       lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
-  return Setup(config=config, dataset=ds, float_model=float_model, model=model,
-               rules=rules, mesh=mesh, tx=tx, schedule=schedule, init_fn=init_fn,
-               example_batch=example, abstract_state=abstract, state_shardings=shardings)
+  return Setup(config=config, dataset=ds, model=model, rules=rules, mesh=mesh, tx=tx,
+               schedule=schedule, init_fn=init_fn, example_batch=example,
+               abstract_state=abstract, state_shardings=shardings)
 
 
 # --------------------------------------------------------------------------- evaluation
@@ -130,7 +123,6 @@ def prepare(config: ml_collections.ConfigDict) -> Setup:
 
 def _padded_eval_batches(ds, batch_size: int):
   """Test batches padded to `batch_size` (fixed shapes under jit) with a mask."""
-  from experiments.data import eval_batches  # pylint: disable=g-import-not-at-top
   for batch in eval_batches(ds, batch_size):
     n = batch["x"].shape[0]
     mask = np.zeros((batch_size,), np.float32)
@@ -185,7 +177,6 @@ def evaluate_serving(setup: Setup, state, qat_metrics: dict[str, float]):
     float_bytes = sum(int(np.prod(x.shape)) * x.dtype.itemsize
                       for x in jax.tree_util.tree_leaves(state["trainable"]["params"]))
     return dict(qat_metrics), {"float": float_bytes, "quantized": float_bytes}
-  import jaxquant as jq  # pylint: disable=g-import-not-at-top
   variables = _qat_variables(state)
   example_x = setup.example_batch["x"][:1]  # lets convert trace the layer table if needed
   serving_model, serving_vars = jq.convert(setup.model, variables, example_x)
@@ -240,11 +231,8 @@ def _nonfinite_message(step: int, m: dict[str, Any], paths: list[str],
 
 
 def _versions() -> dict[str, str]:
-  import flax  # pylint: disable=g-import-not-at-top
-  import jaxquant  # pylint: disable=g-import-not-at-top
   return {"python": platform.python_version(), "jax": jax.__version__,
-          "flax": flax.__version__, "optax": optax.__version__,
-          "jaxquant": getattr(jaxquant, "__version__", "unknown")}
+          "flax": flax.__version__, "optax": optax.__version__, "jaxquant": jq.__version__}
 
 
 def load_checkpoint(config: ml_collections.ConfigDict, workdir: str):
@@ -275,7 +263,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     NoReadableCheckpointError: the workdir has checkpoints, but none restores for this
       config (a changed model/optimizer, or all damaged); nothing is overwritten.
   """
-  from experiments.data import BatchIterator  # pylint: disable=g-import-not-at-top
   start_time = time.time()
   if isinstance(config, dict):
     config = ml_collections.ConfigDict(config)
@@ -317,8 +304,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       donate_argnums=(0,))
   evaluate_qat = qat_evaluator(setup)
   paths = steps.leaf_paths(setup.abstract_state["trainable"])
-  metrics_logger = MetricsLogger(workdir, total_steps=config.num_steps, initial_step=start_step,
-                      progress=config.progress)
+  metrics_logger = MetricsLogger(workdir, total_steps=config.num_steps,
+                                 initial_step=start_step, progress=config.progress)
   window = MetricsWindow()
   last_train = dict(meta.get("last_train", {})) if meta else {}
   if restored is not None:
