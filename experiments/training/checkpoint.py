@@ -17,6 +17,7 @@ import zlib
 from typing import Any
 
 import jax
+from jax.experimental import multihost_utils
 import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
@@ -108,7 +109,6 @@ class Checkpointer:
           dst = os.path.join(self._quarantine, f"{step}.{suffix}")
         shutil.move(src, dst)
     if jax.process_count() > 1:
-      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
       multihost_utils.sync_global_devices(f"jaxquant_ckpt_set_aside_{step}")
     self._manager.reload()
 
