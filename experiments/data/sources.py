@@ -19,7 +19,10 @@ import random
 import tempfile
 from typing import Any
 
+from mnist1d.data import get_dataset_args, make_dataset
+from mnist1d.utils import ObjectView
 import numpy as np
+from sklearn.datasets import load_digits
 
 # The environment variable naming an optional on-disk cache directory.
 CACHE_ENV_VAR = "JAXQUANT_CACHE"
@@ -52,8 +55,6 @@ ClassificationArrays = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
 
 
 def _mnist1d_generator_args() -> dict[str, Any]:
-    from mnist1d.data import get_dataset_args  # pylint: disable=import-outside-toplevel
-
     args = get_dataset_args(as_dict=True)
     # The URL belongs to the download helper we never call; keep provenance honest.
     args.pop("url", None)
@@ -61,9 +62,6 @@ def _mnist1d_generator_args() -> dict[str, Any]:
 
 
 def _generate_mnist1d(args: dict[str, Any]) -> ClassificationArrays:
-    from mnist1d.data import make_dataset  # pylint: disable=import-outside-toplevel
-    from mnist1d.utils import ObjectView  # pylint: disable=import-outside-toplevel
-
     # make_dataset seeds the *global* numpy and `random` generators; put them back so
     # loading data never changes the randomness of unrelated code.
     np_state, py_state = np.random.get_state(), random.getstate()
@@ -146,8 +144,6 @@ def mnist1d_arrays() -> tuple[ClassificationArrays, dict[str, Any]]:
 @functools.lru_cache(maxsize=1)
 def digits_arrays() -> tuple[np.ndarray, np.ndarray]:
     """scikit-learn's bundled 8x8 digits: images [1797, 8, 8, 1] f32 in [0, 1], labels i32."""
-    from sklearn.datasets import load_digits  # pylint: disable=import-outside-toplevel
-
     bunch = load_digits()
     # Pixels are integer counts 0..16 (4x4 blocks of a 32x32 bitmap).
     images = np.asarray(bunch.images, np.float32)[..., None] / np.float32(16.0)
@@ -191,3 +187,10 @@ def pytext_stream() -> tuple[np.ndarray, dict[str, Any]]:
         "sha256": hashlib.sha256(corpus).hexdigest(),
     }
     return np.frombuffer(corpus, dtype=np.uint8), meta
+
+
+def clear_caches() -> None:
+    """Forgets every in-memory dataset, so the next load rebuilds it (from its source, or
+    from `$JAXQUANT_CACHE` for MNIST-1D when that is set)."""
+    for cached in (_mnist1d_cached, digits_arrays, pytext_stream):
+        cached.cache_clear()

@@ -17,6 +17,9 @@ import math
 import os
 from typing import Any, Optional, Sequence
 
+from matplotlib import ticker
+# No pyplot: no global state; a Figure draws on the Agg canvas when saved.
+from matplotlib.figure import Figure
 import numpy as np
 
 from experiments.sweeps import claims
@@ -301,7 +304,6 @@ def plot_vs_bytes(rows: Sequence[Row], metric: str, path: str, *,
   ax.step([data[i][1] for i in front], [data[i][2].mean for i in front], where="post",
           color="tab:red", label="Pareto front")
   ax.set_xscale("log")
-  from matplotlib import ticker
   # Labelled ticks at 1-2-5 steps in bytes: default log labels collide on short ranges.
   ax.xaxis.set_major_locator(ticker.LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
   ax.xaxis.set_major_formatter(ticker.EngFormatter(unit="B"))
@@ -388,7 +390,6 @@ def _read_json(path: str) -> tuple[Any, Optional[str]]:
 
 
 def _figure():
-  from matplotlib.figure import Figure  # no pyplot: no global state, Agg canvas on save
   fig = Figure(figsize=(6.4, 4.4), layout="constrained")
   return fig, fig.add_subplot()
 

@@ -2,40 +2,36 @@
 
 Everything a run needs is checked here before anything touches the workdir:
 `validate_config` compares the config against the declared schema
-(`configs/base.py`: every key the trainer reads), `rules_from_config` turns the
-`quant` section into `jaxquant.Rule`s, and `build_model` gives the float model plus
-its rules. Each problem raises one `ConfigError` naming the key and what it allows.
+(`experiments/training/schema.py`: every key the trainer reads), `rules_from_config`
+turns the `quant` section into `jaxquant.Rule`s, and `build_model` gives the float
+model plus its rules. Each problem raises one `ConfigError` naming the key and what it allows.
 """
 
 from __future__ import annotations
 
-import re
+import dataclasses
+import functools
 from typing import Any, Sequence
 
 import ml_collections
 
-from jaxquant.spec import FORMATS, MODES, QuantSpec, Rule
+import jaxquant as jq
+from jaxquant.spec import FORMATS, MODES
+from experiments.data import DATASET_NAMES
+from experiments.models import MODEL_NAMES, get_model
+from experiments.training import schema
+from experiments.training.optim import OPTIMIZERS, SCHEDULES
 
 # Keys whose contents are free-form (checked by their consumer, not by the schema).
 FREE_FORM_KEYS = ("model.kwargs",)
-RULE_KEYS = ("pattern", "weight", "act", "grad", "mode")
-SPEC_FIELDS = ("format", "bits", "symmetric", "granularity", "group_size", "calibration",
-               "percentile", "rounding", "ste")
-OPTIMIZERS = ("adamw", "sgd")
-SCHEDULES = ("cosine", "constant")
-FLOAT_BITS = 32
-# Storage bits implied by each format, for `quant.bits` consistency.
-_FORMAT_BITS = {"binary": (1,), "ternary": (2,), "fp8_e4m3": (8,), "fp8_e5m2": (8,),
-                "int": tuple(range(2, 9))}
+# A rule in the config has exactly jaxquant.Rule's fields; a spec, QuantSpec's.
+RULE_KEYS = tuple(f.name for f in dataclasses.fields(jq.Rule))
+SPEC_FIELDS = tuple(f.name for f in dataclasses.fields(jq.QuantSpec))
+FLOAT_BITS = 32  # quant.bits of a float run (no rules)
 
 
 class ConfigError(ValueError):
   """An invalid experiment config; the message names the key and the allowed values."""
-
-
-def _reference_config() -> ml_collections.ConfigDict:
-  from configs import base  # pylint: disable=g-import-not-at-top
-  return base.get_config()
 
 
 def _type_name(value: Any) -> str:
@@ -75,7 +71,8 @@ def _check_tree(cfg: ml_collections.ConfigDict, ref: ml_collections.ConfigDict,
     raise ConfigError(f"unknown config key '{prefix}{key}'; keys allowed {where}: "
                       f"{sorted(ref_keys)}")
   for key in sorted(ref_keys - cfg_keys):
-    raise ConfigError(f"missing config key '{prefix}{key}' (declared in configs/base.py)")
+    raise ConfigError(f"missing config key '{prefix}{key}' (declared in "
+                      "experiments/training/schema.py)")
   for key in sorted(ref_keys):
     path, value, ref_value = prefix + key, cfg[key], ref[key]
     if path in FREE_FORM_KEYS:
@@ -111,16 +108,14 @@ def validate_config(config: ml_collections.ConfigDict,
                     reference: ml_collections.ConfigDict | None = None) -> None:
   """Raises ConfigError unless `config` matches the schema and its values are allowed.
 
-  Checks keys and types against `reference` (default: `configs.base.get_config()`),
-  then value ranges and choices, then builds the quantization rules and the model.
+  Checks keys and types against `reference` (default: the schema,
+  `experiments.training.schema.get_config()`), then value ranges and choices, then
+  builds the quantization rules.
   """
-  from experiments.data import DATASET_NAMES  # pylint: disable=g-import-not-at-top
-  from experiments.models import MODEL_NAMES  # pylint: disable=g-import-not-at-top
-
   if not isinstance(config, ml_collections.ConfigDict):
     raise ConfigError(f"config must be an ml_collections.ConfigDict, got "
                       f"{_type_name(config)}")
-  _check_tree(config, reference if reference is not None else _reference_config(), "")
+  _check_tree(config, reference if reference is not None else schema.get_config(), "")
   _check_min("seed", config.seed, 0)
   _check_choice("dataset.name", config.dataset.name, DATASET_NAMES)
   _check_min("dataset.seq_len", config.dataset.seq_len, 1)
@@ -160,18 +155,32 @@ def validate_config(config: ml_collections.ConfigDict,
 # --------------------------------------------------------------------------- quant rules
 
 
-def _spec_from_config(path: str, spec_cfg: Any) -> QuantSpec | None:
-  if spec_cfg is None:
-    return None
-  if not isinstance(spec_cfg, (ml_collections.ConfigDict, dict)):
-    raise ConfigError(f"config key '{path}' must be None or a dict of QuantSpec fields "
-                      f"{list(SPEC_FIELDS)}, got {_type_name(spec_cfg)}")
+@functools.lru_cache(maxsize=None)
+def format_bits(fmt: str) -> tuple[int, ...]:
+  """The values `quant.bits` may take for weights of format `fmt` (float aside).
+
+  Asked of QuantSpec itself: the widths b for which `QuantSpec(format=fmt, bits=b)` is
+  valid and has `effective_bits == b` (int: 2..8, binary: 1, ternary: 2, fp8: 8).
+  """
+  allowed = []
+  for bits in range(1, FLOAT_BITS):
+    try:
+      spec = jq.QuantSpec(format=fmt, bits=bits)
+    except ValueError:
+      continue
+    if spec.effective_bits == bits:
+      allowed.append(bits)
+  return tuple(allowed)
+
+
+def _spec_from_config(path: str, spec_cfg: Any) -> jq.QuantSpec:
   fields = dict(spec_cfg.items())
+  # QuantSpec's own TypeError would not list the fields it has.
   for key in sorted(set(fields) - set(SPEC_FIELDS)):
     raise ConfigError(f"unknown config key '{path}.{key}'; QuantSpec fields allowed: "
                       f"{list(SPEC_FIELDS)}")
   try:
-    return QuantSpec(**fields)
+    return jq.QuantSpec(**fields)
   except (ValueError, TypeError) as e:
     raise ConfigError(f"config key '{path}': {e}") from None
 
@@ -180,60 +189,26 @@ def _check_quant_header(quant_cfg: ml_collections.ConfigDict) -> None:
   _check_choice("quant.format", quant_cfg.format, FORMATS)
   _check_choice("quant.mode", quant_cfg.mode, MODES)
   bits = quant_cfg.bits
-  if bits != FLOAT_BITS:
-    allowed = _FORMAT_BITS[quant_cfg.format]
-    if bits not in allowed:
-      raise ConfigError(
-          f"config key 'quant.bits'={bits!r} is out of range for "
-          f"quant.format={quant_cfg.format!r}; choose {FLOAT_BITS} (float, no "
-          f"quantization) or one of {list(allowed)}")
-  if quant_cfg.act_bits not in _FORMAT_BITS["int"]:
+  if bits == FLOAT_BITS:
+    return
+  allowed = format_bits(quant_cfg.format)
+  if bits not in allowed:
+    raise ConfigError(
+        f"config key 'quant.bits'={bits!r} is out of range for "
+        f"quant.format={quant_cfg.format!r}; choose {FLOAT_BITS} (float, no "
+        f"quantization) or one of {list(allowed)}")
+  if quant_cfg.act_bits not in format_bits("int"):
     raise ConfigError(f"config key 'quant.act_bits'={quant_cfg.act_bits!r} is out of "
-                      f"range; choose one of {list(_FORMAT_BITS['int'])} (activations "
+                      f"range; choose one of {list(format_bits('int'))} (activations "
                       "are integers; it follows quant.bits unless overridden)")
 
 
-def rules_from_config(quant_cfg: ml_collections.ConfigDict) -> list[Rule]:
-  """Turns the `quant` config section into an ordered list of `jaxquant.Rule`s.
+def _rule_from_config(path: str, rule_cfg: Any, *, with_specs: bool) -> jq.Rule:
+  """The rule at `path`; every value check is `jaxquant.Rule`'s (and QuantSpec's) own.
 
-  `quant.bits == 32` means float: no rules (the listed rules are ignored, but still
-  validated when their bits are in range). Otherwise every rule is built; specs that
-  reference `quant.bits` / `quant.format` / `quant.act_bits` already carry their values
-  (ml_collections FieldReferences resolve on access).
-
-  Raises:
-    ConfigError: a bad header value, an unknown/missing rule key, an invalid regex,
-      or a spec field QuantSpec rejects; the message names the config key.
+  Without specs (a float run) only the pattern and mode are validated: the specs follow
+  quant.bits=32, which no QuantSpec accepts.
   """
-  if quant_cfg.bits == FLOAT_BITS:
-    # bits=32 makes any spec that follows quant.bits invalid, so skip building; a
-    # float run must not be rejected because of rules it does not use. The
-    # header keys are still checked (a typo'd format would surprise a later sweep).
-    _check_choice("quant.format", quant_cfg.format, FORMATS)
-    _check_choice("quant.mode", quant_cfg.mode, MODES)
-    for i, rule_cfg in enumerate(quant_cfg.rules):
-      _check_rule_shape(f"quant.rules[{i}]", rule_cfg)
-    return []
-  _check_quant_header(quant_cfg)
-  if not quant_cfg.rules:
-    raise ConfigError(f"config key 'quant.bits'={quant_cfg.bits} asks for quantization "
-                      "but 'quant.rules' is empty; add rules or set quant.bits=32")
-  rules = []
-  for i, rule_cfg in enumerate(quant_cfg.rules):
-    path = f"quant.rules[{i}]"
-    _check_rule_shape(path, rule_cfg)
-    weight = _spec_from_config(path + ".weight", rule_cfg.weight)
-    act = _spec_from_config(path + ".act", rule_cfg.act)
-    grad = _spec_from_config(path + ".grad", rule_cfg.grad)
-    try:
-      rules.append(Rule(rule_cfg.pattern, weight=weight, act=act, grad=grad,
-                        mode=rule_cfg.mode))
-    except ValueError as e:
-      raise ConfigError(f"config key '{path}': {e}") from None
-  return rules
-
-
-def _check_rule_shape(path: str, rule_cfg: Any) -> None:
   if not isinstance(rule_cfg, (ml_collections.ConfigDict, dict)):
     raise ConfigError(f"config key '{path}' must be a ConfigDict with keys "
                       f"{list(RULE_KEYS)}, got {_type_name(rule_cfg)}")
@@ -244,17 +219,45 @@ def _check_rule_shape(path: str, rule_cfg: Any) -> None:
   for key in RULE_KEYS:
     if key not in keys:
       raise ConfigError(f"missing config key '{path}.{key}'; a rule has keys "
-                        f"{list(RULE_KEYS)} (use configs.base.quant_rule to build one)")
-  pattern = rule_cfg["pattern"]
-  if not isinstance(pattern, str):
-    raise ConfigError(f"config key '{path}.pattern' must be a str regex, got "
-                      f"{_type_name(pattern)}")
+                        f"{list(RULE_KEYS)} (use experiments.training.schema.quant_rule "
+                        "to build one)")
+  fields = {}
+  for key in RULE_KEYS:
+    value = rule_cfg[key]
+    if isinstance(value, (ml_collections.ConfigDict, dict)):  # a spec's fields
+      value = _spec_from_config(f"{path}.{key}", value) if with_specs else None
+    fields[key] = value
   try:
-    re.compile(pattern)
-  except re.error as e:
-    raise ConfigError(f"config key '{path}.pattern'={pattern!r} is not a valid regex: "
-                      f"{e}") from None
-  _check_choice(path + ".mode", rule_cfg["mode"], MODES)
+    return jq.Rule(**fields)
+  except (ValueError, TypeError) as e:
+    raise ConfigError(f"config key '{path}': {e}") from None
+
+
+def rules_from_config(quant_cfg: ml_collections.ConfigDict) -> list[jq.Rule]:
+  """Turns the `quant` config section into an ordered list of `jaxquant.Rule`s.
+
+  `quant.bits == 32` means float: no rules (the listed rules are ignored, but their
+  patterns and modes are still validated). Otherwise every rule is built; specs that
+  reference `quant.bits` / `quant.format` / `quant.act_bits` already carry their values
+  (ml_collections FieldReferences resolve on access).
+
+  Raises:
+    ConfigError: a bad header value, an unknown/missing rule key, or a value that
+      jaxquant.Rule / QuantSpec rejects; the message names the config key.
+  """
+  if quant_cfg.bits == FLOAT_BITS:
+    # A float run must not be rejected because of specs it does not use, but a typo'd
+    # header or pattern would surprise a later quantized point of the same sweep.
+    _check_quant_header(quant_cfg)
+    for i, rule_cfg in enumerate(quant_cfg.rules):
+      _rule_from_config(f"quant.rules[{i}]", rule_cfg, with_specs=False)
+    return []
+  _check_quant_header(quant_cfg)
+  if not quant_cfg.rules:
+    raise ConfigError(f"config key 'quant.bits'={quant_cfg.bits} asks for quantization "
+                      "but 'quant.rules' is empty; add rules or set quant.bits=32")
+  return [_rule_from_config(f"quant.rules[{i}]", rule_cfg, with_specs=True)
+          for i, rule_cfg in enumerate(quant_cfg.rules)]
 
 
 # --------------------------------------------------------------------------- model
@@ -266,7 +269,6 @@ def build_model(config: ml_collections.ConfigDict, *, num_classes: int):
   The training loop quantizes with `jaxquant.quantize_model(model, rules)` when
   `rules` is non-empty (see `loop.maybe_quantize`).
   """
-  from experiments.models import get_model  # pylint: disable=g-import-not-at-top
   rules = rules_from_config(config.quant)
   kwargs = config.model.kwargs.to_dict()
   try:

@@ -6,6 +6,9 @@ import jax
 import ml_collections
 import optax
 
+OPTIMIZERS = ("adamw", "sgd")
+SCHEDULES = ("cosine", "constant")
+
 
 def learning_rate_schedule(opt_cfg: ml_collections.ConfigDict, num_steps: int) -> optax.Schedule:
   """Linear warmup from 0 to `lr`, then cosine decay to 0 at `num_steps` (or constant)."""
@@ -16,7 +19,7 @@ def learning_rate_schedule(opt_cfg: ml_collections.ConfigDict, num_steps: int) -
   elif opt_cfg.schedule == "constant":
     main = optax.constant_schedule(lr)
   else:
-    raise ValueError(f"optimizer.schedule={opt_cfg.schedule!r}; choose 'cosine' or 'constant'")
+    raise ValueError(f"optimizer.schedule={opt_cfg.schedule!r}; choose one of {list(SCHEDULES)}")
   if warmup == 0:
     return main
   return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), main], [warmup])
@@ -47,7 +50,7 @@ def build_optimizer(opt_cfg: ml_collections.ConfigDict,
     parts.append(optax.sgd(schedule, momentum=opt_cfg.momentum or None))
     tx = optax.chain(*parts)
   else:
-    raise ValueError(f"optimizer.name={opt_cfg.name!r}; choose 'adamw' or 'sgd'")
+    raise ValueError(f"optimizer.name={opt_cfg.name!r}; choose one of {list(OPTIMIZERS)}")
   if opt_cfg.grad_clip_norm > 0:
     tx = optax.chain(optax.clip_by_global_norm(opt_cfg.grad_clip_norm), tx)
   return tx, schedule

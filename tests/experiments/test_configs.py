@@ -8,9 +8,10 @@ import ml_collections
 import pytest
 
 from configs import base, digits_resnet, mnist1d_cnn, pytext_gpt, quickstart
-from jaxquant.spec import QuantSpec, Rule
-from experiments.training import config_build
+from experiments.training import config_build, loop
 from experiments.training.config_build import ConfigError, rules_from_config, validate_config
+from experiments.training.schema import quant_rule
+from jaxquant import QuantSpec, Rule
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -89,8 +90,8 @@ def _bad(overrides):
     (lambda c: ml_collections.ConfigDict({**c.to_dict(), "num_steps": "many"}),
      ["num_steps", "expected int"]),
     (lambda c: _apply(c, {"mesh_shape": (2, 2, 2)}), ["mesh_shape", "expected tuple"]),
-    (lambda c: c.quant.rules[0].__setitem__("pattern", "conv_(0"), ["quant.rules[0].pattern",
-                                                                   "regex"]),
+    (lambda c: c.quant.rules[0].__setitem__("pattern", "conv_(0"),
+     ["quant.rules[0]", "pattern='conv_(0'", "regex"]),
     (lambda c: _apply(c, {"quant.bits": 9}), ["quant.bits", "9", "32", "[2, 3, 4"]),
     (lambda c: _apply(c, {"quant.bits": 1}), ["quant.bits", "format='int'"]),
     (lambda c: _apply(c, {"dataset.name": "mnist2d"}), ["dataset.name", "mnist1d",
@@ -114,7 +115,6 @@ def test_bad_config_raises_one_clear_message(mutate, expected):
 
 
 def test_bad_model_kwargs_name_the_key(tmp_path):
-  from experiments.training import loop
   config = _apply(base.get_config(), {"model.kwargs": ml_collections.ConfigDict({"chanels": 3})})
   workdir = tmp_path / "run"
   with pytest.raises(ConfigError, match=r"model\.kwargs.*chanels.*channels"):
@@ -147,3 +147,23 @@ def test_cli_bad_config_exits_2_and_leaves_workdir_untouched(tmp_path, flag, fra
     assert os.listdir(workdir) == ["marker.txt"]
   else:
     assert not workdir.exists()
+
+
+def test_float_run_still_checks_rule_patterns_and_modes():
+  """bits=32 builds no rules, but a typo in one would break the sweep's quantized points."""
+  for bad_rule, fragment in [(quant_rule("conv_(0"), "regex"),
+                             (quant_rule("head", mode="int8"), "mode='int8'")]:
+    config = mnist1d_cnn.get_config("float")
+    config.quant.rules = [config.quant.rules[0], bad_rule]
+    with pytest.raises(ConfigError, match=r"quant\.rules\[1\]") as info:
+      validate_config(config)
+    assert fragment in str(info.value)
+
+
+def test_quant_bits_allowed_per_format_come_from_quantspec():
+  # Independent statement of the formats' widths (QuantSpec docstring): int 2..8,
+  # binary 1, ternary 2, fp8 8.
+  assert config_build.format_bits("int") == (2, 3, 4, 5, 6, 7, 8)
+  assert config_build.format_bits("binary") == (1,)
+  assert config_build.format_bits("ternary") == (2,)
+  assert config_build.format_bits("fp8_e4m3") == config_build.format_bits("fp8_e5m2") == (8,)

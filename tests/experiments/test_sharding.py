@@ -1,8 +1,8 @@
 """Sharding: the parameter rule, equal loss curves across meshes, and a 2-process run.
 
 The in-process tests use the 8 host CPU devices set up by conftest.py. The 2-process
-test starts this file twice as `python tests/test_sharding.py WORKER ...`, each process
-with 2 local CPU devices, joined by `jax.distributed` on 127.0.0.1.
+test starts this module twice as `python -m tests.experiments.test_sharding worker ...`,
+each process with 2 local CPU devices, joined by `jax.distributed` on 127.0.0.1.
 """
 
 import json
@@ -11,29 +11,30 @@ import socket
 import subprocess
 import sys
 
+import jax
+from jax.sharding import PartitionSpec as P
 import numpy as np
 import pytest
+
+from experiments.training import loop
+from experiments.training.results import read_jsonl
+from experiments.training.sharding import partition_spec
+from tests.experiments.test_train import tiny_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def _tiny_config(mesh_shape, **overrides):
-  sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-  from test_train import tiny_config  # pylint: disable=g-import-not-at-top
   return tiny_config(mesh_shape=mesh_shape, num_steps=5, log_every=1, eval_every=0,
                      checkpoint_every=0, **overrides)
 
 
 def _train_losses(workdir):
-  from experiments.training.results import read_jsonl  # pylint: disable=g-import-not-at-top
   return [r["loss"] for r in read_jsonl(os.path.join(workdir, "metrics.jsonl"))
           if r.get("split") == "train"]
 
 
 def test_partition_rule():
-  import jax  # pylint: disable=g-import-not-at-top
-  from jax.sharding import PartitionSpec as P  # pylint: disable=g-import-not-at-top
-  from experiments.training.sharding import partition_spec  # pylint: disable=g-import-not-at-top
   k = jax.tree_util.DictKey
   leaf = lambda *shape: jax.ShapeDtypeStruct(shape, np.float32)
   assert partition_spec((k("dense_0"), k("kernel")), leaf(40, 16), 2) == P(None, "model")
@@ -44,8 +45,6 @@ def test_partition_rule():
 
 
 def test_same_loss_curve_on_1_8_and_model_parallel_meshes(tmp_path):
-  from jax.sharding import PartitionSpec as P  # pylint: disable=g-import-not-at-top
-  from experiments.training import loop  # pylint: disable=g-import-not-at-top
   curves = {}
   for mesh_shape in [(1, 1), (8, 1), (4, 2)]:
     workdir = str(tmp_path / "x".join(map(str, mesh_shape)))
@@ -78,7 +77,8 @@ def test_two_process_distributed_run_agrees(tmp_path):
   env = {**os.environ, "JAX_PLATFORMS": "cpu",
          "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
   logs = [open(tmp_path / f"worker{i}.log", "w+") for i in range(2)]  # no pipe can fill up
-  procs = [subprocess.Popen([sys.executable, __file__, "worker", str(i), str(port), workdir],
+  procs = [subprocess.Popen([sys.executable, "-m", "tests.experiments.test_sharding", "worker",
+                             str(i), str(port), workdir],
                             cwd=REPO, env=env, stdout=logs[i], stderr=subprocess.STDOUT,
                             text=True) for i in range(2)]
   outputs = []
@@ -99,7 +99,6 @@ def test_two_process_distributed_run_agrees(tmp_path):
   assert outputs[0]["num_processes"] == 2 and outputs[0]["num_devices"] == 4
 
   # Same curve as one process driving a 4-device mesh.
-  from experiments.training import loop  # pylint: disable=g-import-not-at-top
   single = str(tmp_path / "single")
   summary = loop.train_and_evaluate(_tiny_config((4, 1)), single)
   np.testing.assert_allclose(_train_losses(workdir), _train_losses(single), rtol=1e-5)
@@ -108,11 +107,8 @@ def test_two_process_distributed_run_agrees(tmp_path):
 
 
 def _worker(process_id: int, port: int, workdir: str) -> None:
-  import jax  # pylint: disable=g-import-not-at-top
   jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}", num_processes=2,
                              process_id=process_id, local_device_ids=None)
-  sys.path.insert(0, REPO)
-  from experiments.training import loop  # pylint: disable=g-import-not-at-top
   summary = loop.train_and_evaluate(_tiny_config((-1, 1)), workdir)
   print(json.dumps({"final_loss": summary["metrics"]["final_loss"],
                     "test_loss": summary["metrics"]["test_loss"],
