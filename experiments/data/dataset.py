@@ -3,7 +3,7 @@
 Every dataset here is real, built from files that ship with installed packages or with
 the running interpreter, and deterministic: nothing is downloaded, ever. The loaders
 themselves live in `sources.py`; this module validates arguments and assembles the
-frozen record that the rest of jaxquant codes against.
+frozen record that the rest of the harness codes against.
 """
 
 from __future__ import annotations
