@@ -30,7 +30,8 @@ name are an error.
 
 Running it: `python -m experiments.sweep --config=configs/<recipe>.py[:ARG] --workdir=DIR`
 (see plan.py for the directory layout, local.py, claims.py and slurm.py for launching),
-then `python -m experiments.report --workdir=DIR`.
+then `python -m experiments.report --workdir=DIR`, which writes the sweep report
+(report.py: report.md and PNG plots; imported on its own, it needs matplotlib).
 """
 from experiments.sweeps.grid import axis, chain, format_value, point_name, product, zip_
 from experiments.sweeps.plan import SweepError, SweepPoint, build_points, load_sweep
