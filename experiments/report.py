@@ -12,8 +12,7 @@ import sys
 
 from absl import app, flags
 
-from jaxquant import report
-from jaxquant.sweeps import SweepError
+from experiments.sweeps import SweepError, report
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Sweep directory (holds sweep.json).")
 _METRIC = flags.DEFINE_list(

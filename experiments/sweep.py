@@ -21,10 +21,10 @@ import time
 
 from absl import app, flags
 
-from jaxquant.sweeps import SweepError, build_points, load_sweep
-from jaxquant.sweeps.local import run_local
-from jaxquant.sweeps.plan import DEFAULT_TRAINER, write_sweep_json
-from jaxquant.sweeps.slurm import sbatch_script, write_sbatch
+from experiments.sweeps import SweepError, build_points, load_sweep
+from experiments.sweeps.local import run_local
+from experiments.sweeps.plan import DEFAULT_TRAINER, write_sweep_json
+from experiments.sweeps.slurm import sbatch_script, write_sbatch
 
 _CONFIG = flags.DEFINE_string("config", None, "Config file defining get_sweep(), FILE[:ARG].")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Sweep directory; one subdir per point.")

@@ -17,6 +17,9 @@ from absl import app, flags, logging
 import ml_collections
 from ml_collections import config_flags
 
+from experiments.training import config_build, loop
+from experiments.training.config_build import ConfigError
+
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config file, optionally with an argument: configs/X.py[:arg].",
     lock_config=False)
@@ -41,7 +44,6 @@ def _config_file_arg(argv: list[str]) -> str | None:
 
 def _diagnose(argv: list[str], error: Exception) -> str:
   """A one-line reason for a flag-parsing failure, naming the config key if it can."""
-  from jaxquant.training import config_build  # pylint: disable=g-import-not-at-top
   overrides = [m.group(1) for a in argv
                if (m := re.match(r"--config\.([\w.]+)(=|$)", a))]
   config_arg = _config_file_arg(argv)
@@ -88,9 +90,6 @@ def main(argv: list[str]) -> None:
   if config is None:
     _fail("--config is required (e.g. --config=configs/mnist1d_cnn.py)", USAGE_ERROR)
 
-  # Imported late: parsing flags and reporting a bad config must not pay for JAX setup.
-  from jaxquant.training import loop  # pylint: disable=g-import-not-at-top
-  from jaxquant.training.config_build import ConfigError  # pylint: disable=g-import-not-at-top
   try:
     summary = loop.train_and_evaluate(config, _WORKDIR.value)
   except ConfigError as e:

@@ -9,7 +9,7 @@ import pytest
 from jax import lax
 
 import jaxquant as jq
-from np_reference import np_quant_keep as np_quant
+from tests.np_reference import np_quant_keep as np_quant
 
 QS = jq.QuantSpec
 DS = jq.DotSpec

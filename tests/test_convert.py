@@ -11,7 +11,7 @@ import pytest
 from flax import traverse_util
 
 import jaxquant as jq
-from test_transform import Attention, Net, jit, fill_params, int_ops, normal, qinit, rel_err, run
+from tests.test_transform import Attention, Net, jit, fill_params, int_ops, normal, qinit, rel_err, run
 
 
 class Two(nn.Module):

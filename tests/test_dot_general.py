@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import jaxquant as jq
-from np_reference import np_quant
+from tests.np_reference import np_quant
 
 QS = jq.QuantSpec
 DS = jq.DotSpec

@@ -11,8 +11,8 @@ import pytest
 from flax import nnx
 
 import jaxquant as jq
-from test_convert import PARAMS, X
-from test_transform import Net, int_ops, jit, qinit, rel_err
+from tests.test_convert import PARAMS, X
+from tests.test_transform import Net, int_ops, jit, qinit, rel_err
 
 
 class NNXNet(nnx.Module):

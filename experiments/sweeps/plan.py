@@ -1,0 +1,192 @@
+"""Planning a sweep: load `get_sweep` from a config file, build one command per point, and
+keep the per-point files (`sweep.json`, `summary.json`, `failed.json`, `log.txt`).
+
+Layout of a sweep directory:
+
+    DIR/sweep.json             {"config", "trainer", "swept_keys", "points": [{name, overrides,
+                                command}]}
+    DIR/<point name>/          the trainer's --workdir
+        summary.json           written by the trainer when the run succeeded
+        failed.json            {"returncode", "reason", "log_tail", "command", ...} on failure
+        log.txt                the trainer's stdout and stderr (appended per attempt)
+        claim                  which process is running the point (see claims.py)
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import os
+import shlex
+import socket
+import sys
+import time
+from typing import Any, Sequence
+
+from experiments.sweeps import grid
+from experiments.training.results import write_json_atomic
+
+SWEEP_FILE = "sweep.json"
+SUMMARY_FILE = "summary.json"
+FAILED_FILE = "failed.json"
+LOG_FILE = "log.txt"
+DEFAULT_TRAINER = "experiments.train"
+_LOG_TAIL_LINES = 40
+_LOG_TAIL_CHARS = 4000
+
+
+class SweepError(Exception):
+  """A sweep that cannot be planned or read: bad config path, no get_sweep, bad points."""
+
+
+@dataclasses.dataclass(frozen=True)
+class SweepPoint:
+  """One run of a sweep: its overrides, its directory and the command that runs it."""
+  index: int
+  name: str
+  overrides: dict[str, Any]
+  directory: str
+  argv: tuple[str, ...]
+
+  @property
+  def command(self) -> str:
+    """The command as one shell-quoted line."""
+    return shlex.join(self.argv)
+
+
+def split_config_arg(config_arg: str) -> tuple[str, tuple[str, ...]]:
+  """`FILE[:ARG]` -> (FILE, (ARG,) or ()), splitting at the first colon like ml_collections."""
+  path, *arg = config_arg.split(":", 1)
+  return path, tuple(arg)
+
+
+def load_sweep(config_arg: str) -> list[grid.Point]:
+  """Calls `get_sweep(ARG)` of the config file and validates the points.
+
+  When the file also defines `get_config`, every swept key must exist in its config, so
+  a typo fails here rather than in the N-th launched run. Raises SweepError.
+  """
+  path, args = split_config_arg(config_arg)
+  if not os.path.isfile(path):
+    raise SweepError(f"config file {path!r} not found (from --config={config_arg})")
+  module = _load_module(path)
+  get_sweep = getattr(module, "get_sweep", None)
+  if not callable(get_sweep):
+    raise SweepError(f"{path} defines no get_sweep(arg=None); add one returning a list of "
+                     "override dicts (see experiments.sweeps)")
+  try:
+    points = grid.normalize(get_sweep(*args))
+  except ValueError as e:
+    raise SweepError(f"{path}: get_sweep({', '.join(map(repr, args))}): {e}") from None
+  get_config = getattr(module, "get_config", None)
+  if callable(get_config):
+    config = get_config(*args)
+    unknown = [k for k in grid.swept_keys(points) if not _has_key(config, k)]
+    if unknown:
+      raise SweepError(f"{path}: swept key(s) {unknown} are not in get_config()'s config")
+  return points
+
+
+def build_points(points: Sequence[grid.Point], *, config_arg: str, workdir: str,
+                 trainer: str = DEFAULT_TRAINER,
+                 python: str = sys.executable) -> list[SweepPoint]:
+  """One SweepPoint per override dict, each with its own directory under `workdir`.
+
+  The command is `python -m TRAINER --config=FILE[:ARG] --workdir=DIR --config.KEY=VALUE..`,
+  run from the sweep's working directory (so `configs/` and `experiments/` import).
+  """
+  result = []
+  for i, overrides in enumerate(points):
+    name = grid.point_name(overrides)
+    directory = os.path.join(workdir, name)
+    argv = [python, "-m", trainer, f"--config={config_arg}", f"--workdir={directory}"]
+    argv += [f"--config.{k}={grid.format_value(v)}" for k, v in overrides.items()]
+    result.append(SweepPoint(i, name, dict(overrides), directory, tuple(argv)))
+  return result
+
+
+def write_sweep_json(workdir: str, points: Sequence[SweepPoint], *, config_arg: str,
+                     trainer: str) -> str:
+  """Writes `workdir/sweep.json` atomically and returns its path."""
+  path = os.path.join(workdir, SWEEP_FILE)
+  write_json_atomic(path, {
+      "config": config_arg,
+      "trainer": trainer,
+      "swept_keys": grid.swept_keys([p.overrides for p in points]),
+      "points": [{"name": p.name, "overrides": p.overrides, "command": p.command}
+                 for p in points],
+  })
+  return path
+
+
+def read_sweep_json(workdir: str) -> dict[str, Any]:
+  """Reads `workdir/sweep.json`; raises SweepError when it is missing or malformed."""
+  path = os.path.join(workdir, SWEEP_FILE)
+  try:
+    with open(path) as f:
+      sweep = json.load(f)
+  except FileNotFoundError:
+    raise SweepError(f"{path} not found: run `python -m experiments.sweep` on this "
+                     "workdir first") from None
+  except (OSError, ValueError) as e:
+    raise SweepError(f"{path} is not readable JSON: {e}") from None
+  points = sweep.get("points") if isinstance(sweep, dict) else None
+  if not isinstance(points, list) or not all(
+      isinstance(p, dict) and isinstance(p.get("name"), str)
+      and isinstance(p.get("overrides"), dict) for p in points):
+    raise SweepError(f"{path} has no valid 'points' list of {{name, overrides, command}}")
+  return sweep
+
+
+def log_tail(point_dir: str) -> str:
+  """The last lines of a point's log.txt (where the error is), or '' without a log."""
+  try:
+    with open(os.path.join(point_dir, LOG_FILE), "rb") as f:
+      f.seek(0, os.SEEK_END)
+      f.seek(max(0, f.tell() - 4 * _LOG_TAIL_CHARS))
+      text = f.read().decode("utf-8", errors="replace")
+  except OSError:
+    return ""
+  tail = "\n".join(text.rstrip("\n").split("\n")[-_LOG_TAIL_LINES:])
+  return tail[-_LOG_TAIL_CHARS:]
+
+
+def record_failure(point_dir: str, returncode: int, *, command: str = "",
+                   elapsed_s: float | None = None) -> dict[str, Any]:
+  """Writes `point_dir/failed.json` with the exit status and the log tail; returns it."""
+  if returncode == 0:
+    reason = f"exited 0 without writing {SUMMARY_FILE}"
+  elif returncode < 0:
+    reason = f"killed by signal {-returncode}"
+  else:
+    reason = f"exit status {returncode}"
+  record = {
+      "returncode": returncode,
+      "reason": reason,
+      "log_tail": log_tail(point_dir),
+      "command": command,
+      "elapsed_s": elapsed_s,
+      "host": socket.gethostname(),
+      "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+  }
+  write_json_atomic(os.path.join(point_dir, FAILED_FILE), record)
+  return record
+
+
+def _load_module(path: str):
+  spec = importlib.util.spec_from_file_location("_jaxquant_sweep_config", path)
+  if spec is None or spec.loader is None:
+    raise SweepError(f"cannot load {path!r} as a Python config file")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def _has_key(config: Any, dotted_key: str) -> bool:
+  node = config
+  for part in dotted_key.split("."):
+    try:
+      node = node[part]  # ConfigDict and dict both index by name
+    except (KeyError, TypeError, AttributeError, IndexError):
+      return False
+  return True

@@ -1,0 +1,401 @@
+"""Sweep report: a markdown table over seeds, the failures, and two PNG plots.
+
+Reads `DIR/sweep.json` and each point's `summary.json` (or `failed.json`), never
+crashing on a point that has neither ("not run") or whose summary is malformed (a
+warning). From each summary it reads `metrics[<metric>]`, `metrics["serving_<metric>"]`,
+`param_bytes["float"]`, `param_bytes["quantized"]` and, for the bits plot, the config
+key `quant.bits` (missing or None there means float, drawn at 32 bits).
+
+Rows group the points by every swept key except `seed`; a metric cell is the mean ±
+the sample standard deviation (ddof=1) over the finished seeds of the row.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from typing import Any, Optional, Sequence
+
+from matplotlib import ticker
+# No pyplot: no global state; a Figure draws on the Agg canvas when saved.
+from matplotlib.figure import Figure
+import numpy as np
+
+from experiments.sweeps import claims
+from experiments.sweeps.plan import FAILED_FILE, SUMMARY_FILE, read_sweep_json
+
+SEED_KEY = "seed"
+BITS_KEY = "quant.bits"
+FLOAT_BITS = 32
+DEFAULT_METRICS = ("test_accuracy", "test_bits_per_byte")  # first one present wins
+REPORT_FILE = "report.md"
+BITS_PLOT = "accuracy_vs_bits.png"
+BYTES_PLOT = "accuracy_vs_bytes.png"
+_LOWER_IS_BETTER = ("loss", "bits_per_byte", "bpb", "perplexity", "error")
+_MISSING = object()  # a config key that is absent, as opposed to set to None
+
+
+@dataclasses.dataclass
+class PointResult:
+  """One sweep point as found on disk. status: ok, failed, malformed, running, not run."""
+  name: str
+  overrides: dict[str, Any]
+  status: str
+  summary: Optional[dict[str, Any]] = None
+  failure: Optional[dict[str, Any]] = None
+
+  def metric(self, name: str) -> Optional[float]:
+    """`metrics[name]` of a finished run, or None."""
+    value = (self.summary or {}).get("metrics", {}).get(name)
+    return float(value) if _is_number(value) else None
+
+  def param_bytes(self, kind: str) -> Optional[float]:
+    """`param_bytes[kind]` ('float' or 'quantized') of a finished run, or None."""
+    param_bytes = (self.summary or {}).get("param_bytes")
+    value = param_bytes.get(kind) if isinstance(param_bytes, dict) else None
+    return float(value) if _is_number(value) else None
+
+
+@dataclasses.dataclass(frozen=True)
+class Stat:
+  """Mean and sample std (ddof=1; 0 for a single value) over n values."""
+  mean: float
+  std: float
+  n: int
+
+  def __str__(self) -> str:
+    return f"{self.mean:.4f}" if self.n == 1 else f"{self.mean:.4f} ± {self.std:.4f}"
+
+
+@dataclasses.dataclass
+class Row:
+  """The points sharing every swept value except the seed."""
+  values: dict[str, Any]
+  points: list[PointResult]
+
+  @property
+  def ok(self) -> list[PointResult]:
+    """The finished points."""
+    return [p for p in self.points if p.status == "ok"]
+
+  def stat(self, metric: str) -> Optional[Stat]:
+    """The metric over the finished points, or None when none reported it."""
+    return summarize([v for p in self.ok if (v := p.metric(metric)) is not None])
+
+  def mean_bytes(self, kind: str) -> Optional[float]:
+    """Mean of `param_bytes[kind]` over the finished points (they normally agree)."""
+    stat = summarize([v for p in self.ok if (v := p.param_bytes(kind)) is not None])
+    return stat.mean if stat else None
+
+  def bits(self, bits_key: str = BITS_KEY) -> Optional[float]:
+    """Bits in the first finished point's config: None when the key is absent there,
+    FLOAT_BITS when its value is not a number (None: a float run)."""
+    for p in self.ok:
+      value = _lookup(p.summary.get("config"), bits_key)
+      if value is _MISSING:
+        return None
+      return float(value) if _is_number(value) else float(FLOAT_BITS)
+    return None
+
+
+def summarize(values: Sequence[float]) -> Optional[Stat]:
+  """Stat of `values`, None when empty."""
+  if not values:
+    return None
+  array = np.asarray(values, dtype=np.float64)
+  std = float(np.std(array, ddof=1)) if len(array) > 1 else 0.0
+  return Stat(float(np.mean(array)), std, len(array))
+
+
+def load_results(workdir: str) -> tuple[dict[str, Any], list[PointResult], list[str]]:
+  """(sweep.json, one PointResult per listed point, warnings). Raises SweepError."""
+  sweep = read_sweep_json(workdir)
+  results, warnings = [], []
+  for entry in sweep["points"]:
+    directory = os.path.join(workdir, entry["name"])
+    result = PointResult(entry["name"], dict(entry["overrides"]), "not run")
+    summary, problem = _read_json(os.path.join(directory, SUMMARY_FILE))
+    if summary is not None and not (isinstance(summary, dict)
+                                    and isinstance(summary.get("metrics"), dict)):
+      summary, problem = None, "has no 'metrics' object"
+    if summary is not None:
+      result.status, result.summary = "ok", summary
+    elif problem:
+      result.status = "malformed"
+      warnings.append(f"{entry['name']}/{SUMMARY_FILE} is malformed ({problem}); skipped")
+    elif os.path.exists(os.path.join(directory, FAILED_FILE)):
+      failure, problem = _read_json(os.path.join(directory, FAILED_FILE))
+      result.status = "failed"
+      result.failure = failure if isinstance(failure, dict) else {
+          "reason": f"unreadable {FAILED_FILE} ({problem})"}
+    elif (owner := claims.read(directory)) is not None and not owner.is_stale():
+      result.status = "running"
+    results.append(result)
+  return sweep, results, warnings
+
+
+def group_rows(results: Sequence[PointResult], swept_keys: Sequence[str] = (),
+               seed_key: str = SEED_KEY) -> list[Row]:
+  """Rows keyed by the swept keys except `seed_key`, in sweep order.
+
+  `swept_keys` (sweep.json's, in declaration order) orders the columns; keys it lacks
+  are appended in order of appearance.
+  """
+  found = dict.fromkeys(k for r in results for k in r.overrides)
+  keys = [k for k in dict.fromkeys([*(k for k in swept_keys if k in found), *found])
+          if k != seed_key]
+  rows: dict[str, Row] = {}
+  for r in results:
+    values = {k: r.overrides.get(k) for k in keys}
+    key = json.dumps(values, sort_keys=True)
+    rows.setdefault(key, Row(values, [])).points.append(r)
+  return list(rows.values())
+
+
+def choose_metrics(results: Sequence[PointResult]) -> list[str]:
+  """The first of DEFAULT_METRICS that some finished run reports (else the first)."""
+  for metric in DEFAULT_METRICS:
+    if any(r.metric(metric) is not None for r in results):
+      return [metric]
+  return [DEFAULT_METRICS[0]]
+
+
+def is_higher_better(metric: str) -> bool:
+  """Whether higher is better, from the name (loss, bits_per_byte, error: lower)."""
+  return not any(hint in metric for hint in _LOWER_IS_BETTER)
+
+
+def pareto_front(points: Sequence[tuple[float, float]], *, higher_is_better: bool = True
+                 ) -> list[int]:
+  """Indices of (bytes, metric) points on the front, by increasing bytes.
+
+  A point is on it when no point of at most its bytes has a metric as good or better
+  (best metric for <= bytes); NaN metrics never are.
+  """
+  sign = 1.0 if higher_is_better else -1.0
+  order = sorted((i for i, (_, m) in enumerate(points) if not math.isnan(m)),
+                 key=lambda i: (points[i][0], -sign * points[i][1]))
+  front, best = [], -math.inf
+  for i in order:
+    if sign * points[i][1] > best:
+      front.append(i)
+      best = sign * points[i][1]
+  return front
+
+
+def markdown(workdir: str, sweep: dict[str, Any], results: Sequence[PointResult],
+             rows: Sequence[Row], metrics: Sequence[str], warnings: Sequence[str] = (),
+             plots: Sequence[str] = ()) -> str:
+  """The whole report.md text."""
+  counts = {s: sum(r.status == s for r in results)
+            for s in ("ok", "failed", "malformed", "running", "not run")}
+  lines = [f"# Sweep report: {workdir}", "",
+           f"Config `{sweep.get('config', '?')}`, {len(results)} points: "
+           + ", ".join(f"{n} {s}" for s, n in counts.items() if n), ""]
+  value_columns = []
+  for metric in metrics:
+    value_columns.append((metric, metric))
+    if any(r.metric(f"serving_{metric}") is not None for r in results):
+      value_columns.append((f"serving {metric}", f"serving_{metric}"))
+  header = [*(rows[0].values if rows else ()), "runs", *(title for title, _ in value_columns),
+            "quantized bytes", "float/quantized"]
+  lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+  for row in rows:
+    quantized, floating = row.mean_bytes("quantized"), row.mean_bytes("float")
+    cells = [_fmt(v).replace("|", "\\|") for v in row.values.values()]
+    cells.append(f"{len(row.ok)}/{len(row.points)}")
+    cells += [str(s) if (s := row.stat(key)) else "—" for _, key in value_columns]
+    cells.append(f"{quantized:,.0f}" if quantized is not None else "—")
+    cells.append(f"{floating / quantized:.2f}×" if quantized and floating else "—")
+    lines.append("| " + " | ".join(cells) + " |")
+  lines += ["", "Cells: mean ± sample std (ddof=1) over seeds; runs: finished/declared.", ""]
+  lines += [f"![{plot}]({plot})" for plot in plots] + ([""] if plots else [])
+
+  failed = [r for r in results if r.status == "failed"]
+  if failed:
+    lines += ["## Failed points", ""]
+    for r in failed:
+      tail = str(r.failure.get("log_tail", "")).rstrip() or "(empty log)"
+      fence = "~~~~" if "```" in tail else "```"
+      lines += [f"### {r.name}", "", f"{r.failure.get('reason', 'failed')}; "
+                f"rerun the sweep to retry. Log tail:", "", fence, tail, fence, ""]
+  for status, title in (("running", "Running"), ("not run", "Not run")):
+    names = [r.name for r in results if r.status == status]
+    if names:
+      lines += [f"## {title}", ""] + [f"- {n}" for n in names] + [""]
+  if warnings:
+    lines += ["## Warnings", ""] + [f"- {w}" for w in warnings] + [""]
+  return "\n".join(lines)
+
+
+@dataclasses.dataclass(frozen=True)
+class BitsPoint:
+  """One point of the bits plot; `label` names the keys that fixed its bits, if any."""
+  bits: float
+  stat: Stat
+  label: str
+
+
+def bits_series(rows: Sequence[Row], metric: str, bits_key: str = BITS_KEY
+                ) -> dict[str, list[BitsPoint]]:
+  """The bits plot's lines, {name: points by increasing bits}; {} without `bits_key`.
+
+  One line per combination of the other swept keys; a run whose config lacks `bits_key`
+  while others have it is float (32). A key whose every value fixes the bits (a preset
+  name) is the x axis in disguise: it labels the points instead of splitting them into
+  one-point lines.
+  """
+  data = [(row, row.bits(bits_key), s) for row in rows if (s := row.stat(metric))]
+  if all(bits is None for _, bits, _ in data):
+    return {}
+  data = [(row, FLOAT_BITS if bits is None else bits, s) for row, bits, s in data]
+  varying = [k for k in data[0][0].values if k != bits_key
+             and len({json.dumps(row.values[k]) for row, _, _ in data}) > 1]
+  labelling = [k for k in varying if _determines([(row.values[k], b) for row, b, _ in data])]
+  line_keys = [k for k in varying if k not in labelling]
+  lines: dict[str, list[BitsPoint]] = {}
+  for row, bits, s in data:
+    name = ", ".join(f"{k}={_fmt(row.values[k])}" for k in line_keys) or metric
+    label = ", ".join(_fmt(row.values[k]) for k in labelling)
+    lines.setdefault(name, []).append(BitsPoint(bits, s, label))
+  return {name: sorted(pts, key=lambda p: p.bits) for name, pts in lines.items()}
+
+
+def plot_vs_bits(rows: Sequence[Row], metric: str, path: str, *,
+                 bits_key: str = BITS_KEY) -> bool:
+  """Metric against bits (log2 x, error bars = std over seeds); False if no data."""
+  lines = bits_series(rows, metric, bits_key)
+  if not lines:
+    return False
+  fig, ax = _figure()
+  for name, pts in lines.items():
+    ax.errorbar([p.bits for p in pts], [p.stat.mean for p in pts],
+                yerr=[p.stat.std for p in pts], marker="o", capsize=3, label=name)
+    for p in pts:
+      if p.label:
+        ax.annotate(p.label, (p.bits, p.stat.mean), textcoords="offset points",
+                    xytext=(4, 4), fontsize=7)
+  ticks = sorted({p.bits for pts in lines.values() for p in pts})
+  ax.set_xscale("log", base=2)
+  ax.set_xticks(ticks, [f"{t:g}" + ("\n(float)" if t == FLOAT_BITS else "") for t in ticks])
+  ax.minorticks_off()
+  ax.margins(x=0.1)
+  ax.set(xlabel=f"bits ({bits_key})", ylabel=metric, title=f"{metric} vs bits")
+  if len(lines) > 1:
+    ax.legend(fontsize=8)
+  return _save(fig, path)
+
+
+def plot_vs_bytes(rows: Sequence[Row], metric: str, path: str, *,
+                  higher_is_better: bool = True) -> bool:
+  """Metric against quantized bytes (log x) with the Pareto front; False if no data."""
+  data = [(row, b, s) for row in rows
+          if (s := row.stat(metric)) and (b := row.mean_bytes("quantized"))]
+  if not data:
+    return False
+  fig, ax = _figure()
+  ax.errorbar([b for _, b, _ in data], [s.mean for _, _, s in data],
+              yerr=[s.std for _, _, s in data], fmt="o", capsize=3, label="runs")
+  for row, b, s in data:  # values only; the keys go in the title
+    text = ", ".join(_fmt(v) for v in row.values.values())
+    ax.annotate(text, (b, s.mean), textcoords="offset points", xytext=(4, 4), fontsize=7)
+  front = pareto_front([(b, s.mean) for _, b, s in data], higher_is_better=higher_is_better)
+  ax.step([data[i][1] for i in front], [data[i][2].mean for i in front], where="post",
+          color="tab:red", label="Pareto front")
+  ax.set_xscale("log")
+  # Labelled ticks at 1-2-5 steps in bytes: default log labels collide on short ranges.
+  ax.xaxis.set_major_locator(ticker.LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+  ax.xaxis.set_major_formatter(ticker.EngFormatter(unit="B"))
+  ax.xaxis.set_minor_formatter(ticker.NullFormatter())
+  ax.margins(x=0.1)
+  better = "higher" if higher_is_better else "lower"
+  keys = ", ".join(data[0][0].values)
+  ax.set(xlabel="quantized parameter size", ylabel=f"{metric} ({better} is better)",
+         title=f"{metric} vs model size" + (f"\n(points: {keys})" if keys else ""))
+  ax.legend(fontsize=8)
+  return _save(fig, path)
+
+
+def write_report(workdir: str, metrics: Optional[Sequence[str]] = None, *,
+                 bits_key: str = BITS_KEY, higher_is_better: Optional[bool] = None
+                 ) -> tuple[str, list[str]]:
+  """Writes report.md and the plots into `workdir`; returns (markdown, warnings).
+
+  The first metric is the one plotted. Raises SweepError without a usable sweep.json.
+  """
+  sweep, results, warnings = load_results(workdir)
+  metrics = list(metrics or choose_metrics(results))
+  if higher_is_better is None:
+    higher_is_better = is_higher_better(metrics[0])
+  swept_keys = sweep.get("swept_keys")
+  rows = group_rows(results, swept_keys if isinstance(swept_keys, list) else ())
+  plots = []
+  if plot_vs_bits(rows, metrics[0], os.path.join(workdir, BITS_PLOT), bits_key=bits_key):
+    plots.append(BITS_PLOT)
+  else:
+    warnings.append(f"{BITS_PLOT} not drawn: no finished run has {metrics[0]} and a "
+                    f"{bits_key} config key")
+  if plot_vs_bytes(rows, metrics[0], os.path.join(workdir, BYTES_PLOT),
+                   higher_is_better=higher_is_better):
+    plots.append(BYTES_PLOT)
+  else:
+    warnings.append(f"{BYTES_PLOT} not drawn: no finished run has {metrics[0]} and "
+                    "param_bytes.quantized")
+  text = markdown(workdir, sweep, results, rows, metrics, warnings, plots)
+  tmp = os.path.join(workdir, f".{REPORT_FILE}.tmp")
+  with open(tmp, "w") as f:
+    f.write(text)
+  os.replace(tmp, os.path.join(workdir, REPORT_FILE))
+  return text, warnings
+
+
+def _lookup(tree: Any, dotted_key: str) -> Any:
+  for part in dotted_key.split("."):
+    if not isinstance(tree, dict) or part not in tree:
+      return _MISSING
+    tree = tree[part]
+  return tree
+
+
+def _determines(pairs: Sequence[tuple[Any, float]]) -> bool:
+  """Whether each value comes with a single bits value."""
+  by_value: dict[str, set] = {}
+  for value, bits in pairs:
+    by_value.setdefault(json.dumps(value), set()).add(bits)
+  return all(len(b) == 1 for b in by_value.values())
+
+
+def _is_number(value: Any) -> bool:
+  return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _fmt(value: Any) -> str:
+  if value is None:
+    return "—"
+  if isinstance(value, (list, tuple)):
+    return "(" + ",".join(map(str, value)) + ")"
+  return str(value)
+
+
+def _read_json(path: str) -> tuple[Any, Optional[str]]:
+  """(parsed, None), (None, problem) when unreadable, (None, None) when absent."""
+  try:
+    with open(path) as f:
+      return json.load(f), None
+  except FileNotFoundError:
+    return None, None
+  except (OSError, ValueError) as e:
+    return None, f"{type(e).__name__}: {e}"
+
+
+def _figure():
+  fig = Figure(figsize=(6.4, 4.4), layout="constrained")
+  return fig, fig.add_subplot()
+
+
+def _save(fig, path: str) -> bool:
+  tmp = path + ".tmp.png"
+  fig.savefig(tmp, dpi=120)
+  os.replace(tmp, path)
+  return True

@@ -1,0 +1,310 @@
+"""The experiment boundary: a ConfigDict in, typed objects out.
+
+Everything a run needs is checked here before anything touches the workdir:
+`validate_config` compares the config against the declared schema
+(`experiments/training/schema.py`: every key the trainer reads), `rules_from_config`
+turns the `quant` section into `jaxquant.Rule`s, and `build_model` gives the float
+model plus its rules. Each problem raises one `ConfigError` naming the key and what it allows.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Sequence
+
+import ml_collections
+
+import jaxquant as jq
+from jaxquant.spec import FORMATS, MODES
+from experiments.data import DATASET_NAMES
+from experiments.models import MODEL_NAMES, get_model
+from experiments.training import schema
+from experiments.training.optim import OPTIMIZERS, SCHEDULES
+
+# Keys whose contents are free-form (checked by their consumer, not by the schema).
+FREE_FORM_KEYS = ("model.kwargs",)
+# A rule in the config has exactly jaxquant.Rule's fields; a spec, QuantSpec's.
+RULE_KEYS = tuple(f.name for f in dataclasses.fields(jq.Rule))
+SPEC_FIELDS = tuple(f.name for f in dataclasses.fields(jq.QuantSpec))
+FLOAT_BITS = 32  # quant.bits of a float run (no rules)
+
+
+class ConfigError(ValueError):
+  """An invalid experiment config; the message names the key and the allowed values."""
+
+
+def _type_name(value: Any) -> str:
+  return type(value).__name__
+
+
+def _check_value(path: str, value: Any, ref: Any) -> None:
+  """Checks `value` has the declared type of `ref` (ints are accepted for floats)."""
+  if isinstance(ref, bool):
+    ok = isinstance(value, bool)
+  elif isinstance(ref, int):
+    ok = isinstance(value, int) and not isinstance(value, bool)
+  elif isinstance(ref, float):
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+  elif isinstance(ref, str):
+    ok = isinstance(value, str)
+  elif isinstance(ref, (tuple, list)):
+    ok = isinstance(value, (tuple, list)) and len(value) == len(ref)
+    if ok:
+      for i, (v, r) in enumerate(zip(value, ref)):
+        _check_value(f"{path}[{i}]", v, r)
+  else:
+    ok = True
+  if not ok and isinstance(ref, (tuple, list)) and isinstance(value, (tuple, list)):
+    raise ConfigError(f"config key '{path}'={value!r} has {len(value)} entries; expected "
+                      f"{_type_name(ref)} of {len(ref)} like its default {ref!r}")
+  if not ok:
+    raise ConfigError(f"config key '{path}' has type {_type_name(value)} ({value!r}); "
+                      f"expected {_type_name(ref)} like its default {ref!r}")
+
+
+def _check_tree(cfg: ml_collections.ConfigDict, ref: ml_collections.ConfigDict,
+                prefix: str) -> None:
+  cfg_keys, ref_keys = set(cfg.keys()), set(ref.keys())
+  where = f"under '{prefix[:-1]}'" if prefix else "at the top level"
+  for key in sorted(cfg_keys - ref_keys):
+    raise ConfigError(f"unknown config key '{prefix}{key}'; keys allowed {where}: "
+                      f"{sorted(ref_keys)}")
+  for key in sorted(ref_keys - cfg_keys):
+    raise ConfigError(f"missing config key '{prefix}{key}' (declared in "
+                      "experiments/training/schema.py)")
+  for key in sorted(ref_keys):
+    path, value, ref_value = prefix + key, cfg[key], ref[key]
+    if path in FREE_FORM_KEYS:
+      if not isinstance(value, ml_collections.ConfigDict):
+        raise ConfigError(f"config key '{path}' must be a ConfigDict of keyword "
+                          f"arguments, got {_type_name(value)}")
+    elif path == "quant.rules":
+      if not isinstance(value, (list, tuple)):
+        raise ConfigError(f"config key 'quant.rules' must be a list of rules, got "
+                          f"{_type_name(value)}")
+    elif isinstance(ref_value, ml_collections.ConfigDict):
+      if not isinstance(value, ml_collections.ConfigDict):
+        raise ConfigError(f"config key '{path}' must be a ConfigDict, got "
+                          f"{_type_name(value)}")
+      _check_tree(value, ref_value, path + ".")
+    else:
+      _check_value(path, value, ref_value)
+
+
+def _check_choice(path: str, value: Any, allowed: Sequence[Any]) -> None:
+  if value not in allowed:
+    raise ConfigError(f"config key '{path}'={value!r} is not allowed; choose one of "
+                      f"{list(allowed)}")
+
+
+def _check_min(path: str, value: Any, minimum: float, what: str = "") -> None:
+  if value < minimum:
+    raise ConfigError(f"config key '{path}'={value!r} is not allowed; it must be "
+                      f">= {minimum}{what}")
+
+
+def validate_config(config: ml_collections.ConfigDict,
+                    reference: ml_collections.ConfigDict | None = None) -> None:
+  """Raises ConfigError unless `config` matches the schema and its values are allowed.
+
+  Checks keys and types against `reference` (default: the schema,
+  `experiments.training.schema.get_config()`), then value ranges and choices, then
+  builds the quantization rules.
+  """
+  if not isinstance(config, ml_collections.ConfigDict):
+    raise ConfigError(f"config must be an ml_collections.ConfigDict, got "
+                      f"{_type_name(config)}")
+  _check_tree(config, reference if reference is not None else schema.get_config(), "")
+  _check_min("seed", config.seed, 0)
+  _check_choice("dataset.name", config.dataset.name, DATASET_NAMES)
+  _check_min("dataset.seq_len", config.dataset.seq_len, 1)
+  _check_min("dataset.split_seed", config.dataset.split_seed, 0)
+  _check_choice("model.name", config.model.name, MODEL_NAMES)
+  opt = config.optimizer
+  _check_choice("optimizer.name", opt.name, OPTIMIZERS)
+  _check_choice("optimizer.schedule", opt.schedule, SCHEDULES)
+  if not opt.lr > 0:
+    raise ConfigError(f"config key 'optimizer.lr'={opt.lr!r} is not allowed; it must be > 0")
+  _check_min("optimizer.weight_decay", opt.weight_decay, 0.0)
+  _check_min("optimizer.momentum", opt.momentum, 0.0)
+  _check_min("optimizer.warmup_steps", opt.warmup_steps, 0)
+  _check_min("optimizer.grad_clip_norm", opt.grad_clip_norm, 0.0, " (0 disables clipping)")
+  for name in ("b1", "b2"):
+    if not 0.0 <= opt[name] < 1.0:
+      raise ConfigError(f"config key 'optimizer.{name}'={opt[name]!r} is not allowed; "
+                        "it must be in [0, 1)")
+  _check_min("batch_size", config.batch_size, 1)
+  _check_min("num_steps", config.num_steps, 0)
+  _check_min("log_every", config.log_every, 1)
+  _check_min("eval_every", config.eval_every, 0, " (0: evaluate only at the end)")
+  _check_min("checkpoint_every", config.checkpoint_every, 0,
+             " (0: checkpoint only at the end)")
+  _check_min("keep_checkpoints", config.keep_checkpoints, 1)
+  for i, size in enumerate(config.mesh_shape):
+    if size != -1 and size < 1:
+      raise ConfigError(f"config key 'mesh_shape[{i}]'={size!r} is not allowed; use a "
+                        "positive axis size or -1 (all remaining devices)")
+  if list(config.mesh_shape).count(-1) > 1:
+    raise ConfigError(f"config key 'mesh_shape'={tuple(config.mesh_shape)!r} may hold "
+                      "at most one -1")
+  _check_min("debug.nan_at_step", config.debug.nan_at_step, -1, " (-1 disables it)")
+  rules_from_config(config.quant)
+
+
+# --------------------------------------------------------------------------- quant rules
+
+
+@functools.lru_cache(maxsize=None)
+def format_bits(fmt: str) -> tuple[int, ...]:
+  """The values `quant.bits` may take for weights of format `fmt` (float aside).
+
+  Asked of QuantSpec itself: the widths b for which `QuantSpec(format=fmt, bits=b)` is
+  valid and has `effective_bits == b` (int: 2..8, binary: 1, ternary: 2, fp8: 8).
+  """
+  allowed = []
+  for bits in range(1, FLOAT_BITS):
+    try:
+      spec = jq.QuantSpec(format=fmt, bits=bits)
+    except ValueError:
+      continue
+    if spec.effective_bits == bits:
+      allowed.append(bits)
+  return tuple(allowed)
+
+
+def _spec_from_config(path: str, spec_cfg: Any) -> jq.QuantSpec:
+  fields = dict(spec_cfg.items())
+  # QuantSpec's own TypeError would not list the fields it has.
+  for key in sorted(set(fields) - set(SPEC_FIELDS)):
+    raise ConfigError(f"unknown config key '{path}.{key}'; QuantSpec fields allowed: "
+                      f"{list(SPEC_FIELDS)}")
+  try:
+    return jq.QuantSpec(**fields)
+  except (ValueError, TypeError) as e:
+    raise ConfigError(f"config key '{path}': {e}") from None
+
+
+def _check_quant_header(quant_cfg: ml_collections.ConfigDict) -> None:
+  _check_choice("quant.format", quant_cfg.format, FORMATS)
+  _check_choice("quant.mode", quant_cfg.mode, MODES)
+  bits = quant_cfg.bits
+  if bits == FLOAT_BITS:
+    return
+  allowed = format_bits(quant_cfg.format)
+  if bits not in allowed:
+    raise ConfigError(
+        f"config key 'quant.bits'={bits!r} is out of range for "
+        f"quant.format={quant_cfg.format!r}; choose {FLOAT_BITS} (float, no "
+        f"quantization) or one of {list(allowed)}")
+  if quant_cfg.act_bits not in format_bits("int"):
+    raise ConfigError(f"config key 'quant.act_bits'={quant_cfg.act_bits!r} is out of "
+                      f"range; choose one of {list(format_bits('int'))} (activations "
+                      "are integers; it follows quant.bits unless overridden)")
+
+
+def _rule_from_config(path: str, rule_cfg: Any, *, with_specs: bool) -> jq.Rule:
+  """The rule at `path`; every value check is `jaxquant.Rule`'s (and QuantSpec's) own.
+
+  Without specs (a float run) only the pattern and mode are validated: the specs follow
+  quant.bits=32, which no QuantSpec accepts.
+  """
+  if not isinstance(rule_cfg, (ml_collections.ConfigDict, dict)):
+    raise ConfigError(f"config key '{path}' must be a ConfigDict with keys "
+                      f"{list(RULE_KEYS)}, got {_type_name(rule_cfg)}")
+  keys = set(rule_cfg.keys())
+  for key in sorted(keys - set(RULE_KEYS)):
+    raise ConfigError(f"unknown config key '{path}.{key}'; rule keys allowed: "
+                      f"{list(RULE_KEYS)}")
+  for key in RULE_KEYS:
+    if key not in keys:
+      raise ConfigError(f"missing config key '{path}.{key}'; a rule has keys "
+                        f"{list(RULE_KEYS)} (use experiments.training.schema.quant_rule "
+                        "to build one)")
+  fields = {}
+  for key in RULE_KEYS:
+    value = rule_cfg[key]
+    if isinstance(value, (ml_collections.ConfigDict, dict)):  # a spec's fields
+      value = _spec_from_config(f"{path}.{key}", value) if with_specs else None
+    fields[key] = value
+  try:
+    return jq.Rule(**fields)
+  except (ValueError, TypeError) as e:
+    raise ConfigError(f"config key '{path}': {e}") from None
+
+
+def rules_from_config(quant_cfg: ml_collections.ConfigDict) -> list[jq.Rule]:
+  """Turns the `quant` config section into an ordered list of `jaxquant.Rule`s.
+
+  `quant.bits == 32` means float: no rules (the listed rules are ignored, but their
+  patterns and modes are still validated). Otherwise every rule is built; specs that
+  reference `quant.bits` / `quant.format` / `quant.act_bits` already carry their values
+  (ml_collections FieldReferences resolve on access).
+
+  Raises:
+    ConfigError: a bad header value, an unknown/missing rule key, or a value that
+      jaxquant.Rule / QuantSpec rejects; the message names the config key.
+  """
+  if quant_cfg.bits == FLOAT_BITS:
+    # A float run must not be rejected because of specs it does not use, but a typo'd
+    # header or pattern would surprise a later quantized point of the same sweep.
+    _check_quant_header(quant_cfg)
+    for i, rule_cfg in enumerate(quant_cfg.rules):
+      _rule_from_config(f"quant.rules[{i}]", rule_cfg, with_specs=False)
+    return []
+  _check_quant_header(quant_cfg)
+  if not quant_cfg.rules:
+    raise ConfigError(f"config key 'quant.bits'={quant_cfg.bits} asks for quantization "
+                      "but 'quant.rules' is empty; add rules or set quant.bits=32")
+  return [_rule_from_config(f"quant.rules[{i}]", rule_cfg, with_specs=True)
+          for i, rule_cfg in enumerate(quant_cfg.rules)]
+
+
+# --------------------------------------------------------------------------- model
+
+
+def build_model(config: ml_collections.ConfigDict, *, num_classes: int):
+  """Returns `(float_model, rules)` for `config`; `rules == []` means a float run.
+
+  The training loop quantizes with `jaxquant.quantize_model(model, rules)` when
+  `rules` is non-empty (see `loop.maybe_quantize`).
+  """
+  rules = rules_from_config(config.quant)
+  kwargs = config.model.kwargs.to_dict()
+  try:
+    model = get_model(config.model.name, num_classes=num_classes, **kwargs)
+  except (TypeError, ValueError) as e:
+    raise ConfigError(f"config key 'model.kwargs' (model.name={config.model.name!r}): "
+                      f"{e}") from None
+  return model, rules
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def config_to_dict(config: Any) -> Any:
+  """A JSON-serialisable copy: FieldReferences resolved, lists of ConfigDicts recursed."""
+  if isinstance(config, (ml_collections.ConfigDict, dict)):
+    return {str(k): config_to_dict(config[k]) for k in sorted(config.keys())}
+  if isinstance(config, (list, tuple)):
+    return [config_to_dict(v) for v in config]
+  if isinstance(config, ml_collections.FieldReference):
+    return config_to_dict(config.get())
+  if config is None or isinstance(config, (bool, int, float, str)):
+    return config
+  return repr(config)
+
+
+def diagnose_override(config: ml_collections.ConfigDict, dotted_key: str) -> str | None:
+  """Names the problem with a `--config.<dotted_key>=...` override, or None if the key exists."""
+  node, prefix = config, ""
+  for part in dotted_key.split("."):
+    if prefix.rstrip(".") in FREE_FORM_KEYS:
+      return None  # model kwargs: get_model checks them
+    if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+      where = f"under '{prefix[:-1]}'" if prefix else "at the top level"
+      allowed = sorted(node.keys()) if isinstance(node, ml_collections.ConfigDict) else []
+      return (f"unknown config key '{prefix}{part}' (from --config.{dotted_key}); keys "
+              f"allowed {where}: {allowed}")
+    node, prefix = node[part], prefix + part + "."
+  return None

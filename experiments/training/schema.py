@@ -1,0 +1,129 @@
+r"""The experiment config schema: every key the trainer reads, with its default.
+
+`get_config()` is the reference that `config_build.validate_config` checks a config
+against (unknown, missing or mistyped keys are errors), and the starting point of every
+recipe (configs/base.py returns it; the other recipes override it).
+
+Keys (all of them; the trainer never falls back to a default for a missing key):
+
+  seed              PRNG seed: parameter init, training-data order and the per-step
+                    keys `fold_in(key(seed), step)` (stochastic rounding when quantized).
+  dataset.name      'mnist1d' | 'digits' | 'pytext' (see experiments.data.load_dataset).
+  dataset.seq_len   window length for 'lm' datasets (ignored for classification).
+  dataset.split_seed  train/test split seed (only 'digits' uses it); kept apart from
+                    `seed` so runs with different seeds share one test set.
+  model.name        'mlp' | 'cnn1d' | 'resnet' | 'gpt' | 'bert'.
+  model.kwargs      the model's keyword arguments (experiments.models.model_fields lists
+                    them); num_classes comes from the dataset.
+  optimizer.name    'adamw' (b1, b2, decoupled weight_decay) | 'sgd' (momentum; 0 = plain
+                    SGD; weight_decay added to the gradient). Weight decay touches only
+                    'params' leaves with ndim >= 2 (kernels), never biases, norms or the
+                    learned quantization scales.
+  optimizer.lr      peak learning rate.
+  optimizer.schedule  'cosine' (linear warmup, then cosine decay to 0 at num_steps) |
+                    'constant' (linear warmup, then constant).
+  optimizer.warmup_steps  linear warmup length from 0.
+  optimizer.grad_clip_norm  clip the global gradient norm to this; 0 disables.
+  batch_size        global batch (split over the mesh's 'data' axis, so it must be
+                    divisible by it); also the evaluation batch.
+  num_steps         total optimizer steps; the schedule is defined over them.
+  log_every         train metrics (means over the window) to metrics.jsonl/TensorBoard.
+  eval_every        test-set evaluation period in steps; 0: only at the end.
+  checkpoint_every  orbax checkpoint period in steps; 0: only at the end. Rerunning the
+                    same command resumes from the latest readable checkpoint.
+  keep_checkpoints  how many checkpoints to keep (orbax max_to_keep).
+  mesh_shape        (data, model) device mesh; -1 takes all remaining devices. The batch
+                    is sharded over 'data'. Parameters are replicated, except 2-D kernels
+                    (leaves named 'kernel' with ndim 2: Dense layers) whose output dim is
+                    divisible by the 'model' size: those, and their optimizer moments,
+                    are split over 'model' on the last dim.
+  progress          tqdm progress bar on stderr (only when stderr is a terminal).
+  debug.nan_at_step debugging aid: multiply the loss by NaN at this step (1-based, as
+                    logged) to exercise the fail-loudly path; -1 disables it.
+
+Quantization (`quant`) is an ordered list of rules, first match wins, each a ConfigDict
+{pattern, weight, act, grad, mode}; `weight`/`act`/`grad` are None (float) or a dict of
+jaxquant.QuantSpec fields. They become jaxquant.Rule objects at the experiment boundary
+(config_build.rules_from_config). Sweeps are plain overrides because the specs hold
+ml_collections FieldReferences to the header fields:
+
+  quant.bits      weight bits of every spec that follows it; 32 means float: no rules
+                  at all (the list is ignored). --config.quant.bits=4 changes them all.
+  quant.format    weight format of those specs: 'int' (bits 2..8) | 'binary' (bits=1).
+  quant.act_bits  activation bits of the specs that follow it; it follows quant.bits
+                  until overridden itself (binary weights keep e.g. act_bits=8).
+  quant.weight_ste  weight gradient rule of those specs: 'lsq' (learned step size, int
+                  only) | 'identity' | 'clipped' (binary weights need one of the last two).
+  quant.mode      'int' (default: real s8 x s8 -> s32 dots and convs) | 'fake' (float
+                  dot of dequantized operands).
+
+Rules that should not follow the sweep (e.g. first and last layer kept at 8 bits) use
+literal numbers instead of the references; see `configs.base.standard_rules` and
+configs/mnist1d_cnn.py.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import ml_collections
+
+
+def quant_spec(**fields: Any) -> ml_collections.ConfigDict:
+  """A QuantSpec as config: only the given fields; the rest take QuantSpec defaults."""
+  return ml_collections.ConfigDict(fields)
+
+
+def quant_rule(pattern: str, *, weight=None, act=None, grad=None,
+               mode: Any = "int") -> ml_collections.ConfigDict:
+  """One rule as config: {pattern, weight, act, grad, mode}."""
+  return ml_collections.ConfigDict(
+      {"pattern": pattern, "weight": weight, "act": act, "grad": grad, "mode": mode})
+
+
+def get_config() -> ml_collections.ConfigDict:
+  """Every key with its default: a short float MNIST-1D CNN run."""
+  config = ml_collections.ConfigDict()
+  config.seed = 0
+
+  config.dataset = ml_collections.ConfigDict()
+  config.dataset.name = "mnist1d"
+  config.dataset.seq_len = 128
+  config.dataset.split_seed = 0
+
+  config.model = ml_collections.ConfigDict()
+  config.model.name = "cnn1d"
+  config.model.kwargs = ml_collections.ConfigDict()
+
+  config.optimizer = ml_collections.ConfigDict()
+  config.optimizer.name = "adamw"
+  config.optimizer.lr = 1e-2
+  config.optimizer.weight_decay = 0.0
+  config.optimizer.momentum = 0.9
+  config.optimizer.b1 = 0.9
+  config.optimizer.b2 = 0.999
+  config.optimizer.warmup_steps = 0
+  config.optimizer.schedule = "cosine"
+  config.optimizer.grad_clip_norm = 0.0
+
+  config.batch_size = 256
+  config.num_steps = 1000
+  config.log_every = 100
+  config.eval_every = 0
+  config.checkpoint_every = 0
+  config.keep_checkpoints = 2
+  config.mesh_shape = (-1, 1)
+  config.progress = True
+
+  config.quant = ml_collections.ConfigDict()
+  config.quant.bits = ml_collections.FieldReference(32)
+  config.quant.format = ml_collections.FieldReference("int")
+  # A reference to a reference: follows quant.bits until overridden on its own.
+  config.quant.act_bits = ml_collections.FieldReference(config.quant.get_ref("bits"))
+  config.quant.weight_ste = ml_collections.FieldReference("lsq")
+  config.quant.mode = ml_collections.FieldReference("int")
+  config.quant.rules = []
+
+  config.debug = ml_collections.ConfigDict()
+  config.debug.nan_at_step = -1
+  return config

@@ -1,0 +1,170 @@
+"""The sweep report: numbers against numpy on hand-made summaries, the Pareto front,
+tolerance of broken points, the plots, and the failures of a real (fake-trainer) sweep."""
+import json
+import math
+import os
+import pathlib
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from experiments import sweeps
+from experiments.sweeps import report
+from experiments.sweeps import plan
+
+REPO = pathlib.Path(__file__).resolve().parents[2]
+
+
+def summary(accuracy, *, bits=4, quantized=500, serving=None, config=None):
+  metrics = {"test_accuracy": accuracy, "final_loss": 0.1}
+  if serving is not None:
+    metrics["serving_test_accuracy"] = serving
+  return {"config": config if config is not None else {"quant": {"bits": bits}},
+          "metrics": metrics, "param_bytes": {"float": 4000, "quantized": quantized},
+          "wall_time_s": 1.0, "steps": 10, "versions": {}}
+
+
+def make_sweep(workdir, points):
+  """points: [(overrides, summary dict | raw str | None)] -> writes sweep.json + files."""
+  built = sweeps.build_points([o for o, _ in points], config_arg="c.py", workdir=str(workdir))
+  plan.write_sweep_json(str(workdir), built, config_arg="c.py", trainer="t")
+  for point, (_, content) in zip(built, points):
+    if content is None:
+      continue
+    os.makedirs(point.directory, exist_ok=True)
+    text = content if isinstance(content, str) else json.dumps(content)
+    pathlib.Path(point.directory, plan.SUMMARY_FILE).write_text(text)
+  return built
+
+
+def is_png(path):
+  data = pathlib.Path(path).read_bytes()
+  return data.startswith(b"\x89PNG\r\n\x1a\n") and len(data) > 2000
+
+
+def test_table_mean_std_match_numpy(tmp_path):
+  rng = np.random.default_rng(0)
+  acc = {(bits, width): rng.uniform(0.5, 0.9, size=3) for bits in (2, 8) for width in (16, 32)}
+  points = [({"quant.bits": b, "model.width": w, "seed": s},
+             summary(float(acc[b, w][s]), bits=b, quantized=b * 100 + w,
+                     serving=float(acc[b, w][s]) - 0.01))
+            for b in (2, 8) for w in (16, 32) for s in range(3)]
+  make_sweep(tmp_path, points)
+  text, warnings = report.write_report(str(tmp_path))
+  assert warnings == []
+  _, results, _ = report.load_results(str(tmp_path))
+  rows = report.group_rows(results)
+  assert [r.values for r in rows] == [{"quant.bits": b, "model.width": w}
+                                      for b in (2, 8) for w in (16, 32)]
+  for row in rows:
+    values = acc[row.values["quant.bits"], row.values["model.width"]]
+    stat = row.stat("test_accuracy")
+    assert stat.n == 3
+    assert stat.mean == pytest.approx(np.mean(values))
+    assert stat.std == pytest.approx(np.std(values, ddof=1))
+    assert row.stat("serving_test_accuracy").mean == pytest.approx(np.mean(values) - 0.01)
+    b, w = row.values["quant.bits"], row.values["model.width"]
+    ratio = 4000 / (b * 100 + w)
+    cells = (f"| {b} | {w} | 3/3 | {np.mean(values):.4f} ± {np.std(values, ddof=1):.4f} | "
+             f"{np.mean(values) - 0.01:.4f} ± {np.std(values, ddof=1):.4f} | "
+             f"{b * 100 + w:,} | {ratio:.2f}× |")
+    assert cells in text
+  assert "| quant.bits | model.width | runs | test_accuracy | serving test_accuracy |" in text
+  assert (tmp_path / "report.md").read_text() == text
+  assert is_png(tmp_path / report.BITS_PLOT) and is_png(tmp_path / report.BYTES_PLOT)
+  lines = report.bits_series(rows, "test_accuracy")
+  assert sorted(lines) == ["model.width=16", "model.width=32"]
+  assert [p.bits for p in lines["model.width=16"]] == [2.0, 8.0]
+
+
+def test_float_is_32_bits_and_presets_label_points(tmp_path):
+  make_sweep(tmp_path, [
+      ({"quant.preset": "float", "seed": 0}, summary(0.9, config={"quant": {"bits": None}})),
+      ({"quant.preset": "w4a4", "seed": 0}, summary(0.7, bits=4)),
+      ({"quant.preset": "w4a8", "seed": 0}, summary(0.8, bits=4)),
+      ({"quant.preset": "none", "seed": 0}, summary(0.91, config={"model": {}})),
+  ])
+  _, results, _ = report.load_results(str(tmp_path))
+  rows = report.group_rows(results)
+  assert [r.bits() for r in rows] == [32.0, 4.0, 4.0, None]  # None: key absent
+  (line,) = report.bits_series(rows, "test_accuracy").values()
+  assert [(p.bits, p.label) for p in line] == [
+      (4.0, "w4a4"), (4.0, "w4a8"), (32.0, "float"), (32.0, "none")]
+  assert report.plot_vs_bits(rows, "test_accuracy", str(tmp_path / "b.png"))
+  assert is_png(tmp_path / "b.png")
+
+
+def test_pareto_front_hand_made():
+  pts = [(100, .5), (200, .7), (150, .4), (300, .7), (400, .9), (50, .45), (200, .65),
+         (500, math.nan)]
+  assert report.pareto_front(pts) == [5, 0, 1, 4]
+  # Lower is better (e.g. bits per byte): only strict improvements as bytes grow.
+  assert report.pareto_front(pts, higher_is_better=False) == [5, 2]
+  assert report.pareto_front([(10, 2.0), (20, 1.5), (30, 1.7), (40, 1.0)],
+                             higher_is_better=False) == [0, 1, 3]
+  assert report.pareto_front([]) == []
+
+
+def test_pareto_front_matches_brute_force():
+  rng = np.random.default_rng(1)
+  pts = [(float(b), float(m)) for b, m in zip(rng.uniform(1, 1e6, 60), rng.uniform(0, 1, 60))]
+  front = report.pareto_front(pts)
+  brute = [i for i, (b, m) in enumerate(pts)
+           if not any(j != i and bj <= b and mj >= m for j, (bj, mj) in enumerate(pts))]
+  assert sorted(front) == sorted(brute)
+  assert [pts[i][0] for i in front] == sorted(pts[i][0] for i in front)
+
+
+def test_single_point_and_no_bits_key(tmp_path):
+  make_sweep(tmp_path, [({"seed": 0}, summary(0.8, config={"model": {"width": 8}}))])
+  text, warnings = report.write_report(str(tmp_path))
+  assert "| all runs" not in text and "| 1/1 | 0.8000 |" in text
+  assert any(report.BITS_PLOT in w for w in warnings)
+  assert not (tmp_path / report.BITS_PLOT).exists()
+  assert is_png(tmp_path / report.BYTES_PLOT)
+
+
+def test_broken_points_are_reported_not_fatal(tmp_path):
+  built = make_sweep(tmp_path, [
+      ({"quant.bits": 2}, summary(0.6, bits=2)),
+      ({"quant.bits": 3}, "{not json"),
+      ({"quant.bits": 4}, {"metrics": "nope"}),
+      ({"quant.bits": 5}, None),
+      ({"quant.bits": 6}, summary(0.7, bits=6) | {"param_bytes": None}),
+      ({"quant.bits": 7}, None),
+  ])
+  os.makedirs(built[5].directory)
+  plan.record_failure(built[5].directory, 3, command="train")
+  text, warnings = report.write_report(str(tmp_path))
+  assert sum("malformed" in w for w in warnings) == 2
+  assert "## Warnings" in text and "quant.bits=3/summary.json is malformed" in text
+  assert "## Not run\n\n- quant.bits=5\n" in text
+  assert "## Failed points\n\n### quant.bits=7\n\nexit status 3" in text
+  assert "| 6 | 1/1 | 0.7000 | — | — |" in text
+  assert "6 points: 2 ok, 1 failed, 2 malformed, 1 not run" in text
+
+
+def test_cli_lists_failures_of_a_real_sweep_and_needs_sweep_json(tmp_path):
+  env = dict(os.environ, FAKE_TRAIN_LEDGER=str(tmp_path / "ledger.txt"))
+  sweep = subprocess.run(
+      [sys.executable, "-m", "experiments.sweep", "--config=tests/experiments/fixtures/fake_config.py:crash",
+       f"--workdir={tmp_path / 's'}", "--trainer=tests.experiments.fixtures.fake_train"],
+      cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+  assert sweep.returncode == 1, sweep.stdout + sweep.stderr
+  result = subprocess.run(
+      [sys.executable, "-m", "experiments.report", f"--workdir={tmp_path / 's'}",
+       "--metric=test_accuracy,final_loss"],
+      cwd=REPO, capture_output=True, text=True, timeout=120)
+  assert result.returncode == 0, result.stderr
+  assert "| crash | runs | test_accuracy | serving test_accuracy | final_loss |" in result.stdout
+  assert "| False | 2/2 | 0.9100 ± 0.0141 |" in result.stdout  # seeds 0 and 2
+  assert "| True | 0/1 | — |" in result.stdout
+  assert "### crash=True,seed=1" in result.stdout
+  assert "RuntimeError: fake crash at step 3" in result.stdout
+  assert (tmp_path / "s" / "report.md").read_text().strip() == result.stdout.strip()
+  missing = subprocess.run(
+      [sys.executable, "-m", "experiments.report", f"--workdir={tmp_path / 'nope'}"],
+      cwd=REPO, capture_output=True, text=True, timeout=60)
+  assert missing.returncode == 2 and "sweep.json not found" in missing.stderr

@@ -1,0 +1,297 @@
+"""Sweep DSL, naming, planning, and the local / print / slurm launchers over a fake trainer.
+
+The launcher tests start real `python -m experiments.sweep` processes from the repo root
+with `--trainer=tests.experiments.fixtures.fake_train` (no jax; ~0.2 s per point).
+"""
+import collections
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+
+import pytest
+
+from experiments import sweeps
+from experiments.sweeps import claims, grid, plan
+from experiments.sweeps.slurm import sbatch_script
+
+REPO = pathlib.Path(__file__).resolve().parents[2]
+FAKE_CONFIG = "tests/experiments/fixtures/fake_config.py"
+
+
+def sweep_cmd(arg, workdir, *extra):
+  return [sys.executable, "-m", "experiments.sweep", f"--config={FAKE_CONFIG}:{arg}",
+          f"--workdir={workdir}", "--trainer=tests.experiments.fixtures.fake_train", *extra]
+
+
+def run_sweep(arg, workdir, *extra, ledger=None):
+  env = dict(os.environ, FAKE_TRAIN_LEDGER=str(ledger or workdir.parent / "ledger.txt"))
+  return subprocess.run(sweep_cmd(arg, workdir, *extra), cwd=REPO, env=env,
+                        capture_output=True, text=True, timeout=120)
+
+
+def ledger_counts(path):
+  return collections.Counter(path.read_text().split()) if path.exists() else {}
+
+
+def read_json(path):
+  return json.loads(pathlib.Path(path).read_text())
+
+
+# --- the DSL ---------------------------------------------------------------------------
+
+def test_axis_product_zip_chain():
+  bits = sweeps.axis("quant.bits", [2, 4])
+  seeds = sweeps.axis("seed", range(2))
+  assert bits == [{"quant.bits": 2}, {"quant.bits": 4}]
+  assert sweeps.product(bits, seeds) == [
+      {"quant.bits": 2, "seed": 0}, {"quant.bits": 2, "seed": 1},
+      {"quant.bits": 4, "seed": 0}, {"quant.bits": 4, "seed": 1}]
+  lrs = sweeps.axis("lr", [0.1, 0.2])
+  assert sweeps.zip_(bits, lrs) == [{"quant.bits": 2, "lr": 0.1}, {"quant.bits": 4, "lr": 0.2}]
+  mixed = sweeps.chain([{"quant.preset": "float"}],
+                       sweeps.product(sweeps.zip_(bits, lrs), sweeps.axis("seed", [7])))
+  assert mixed == [{"quant.preset": "float"}, {"quant.bits": 2, "lr": 0.1, "seed": 7},
+                   {"quant.bits": 4, "lr": 0.2, "seed": 7}]
+  assert grid.swept_keys(mixed) == ["quant.preset", "quant.bits", "lr", "seed"]
+
+
+@pytest.mark.parametrize("build, message", [
+    (lambda: sweeps.zip_(sweeps.axis("a", [1, 2]), sweeps.axis("b", [1])), "equal length"),
+    (lambda: sweeps.product(sweeps.axis("a", [1]), sweeps.axis("a", [2])), "more than one"),
+    (lambda: sweeps.axis("a", []), "no values"),
+    (lambda: sweeps.axis("a", "abc"), "list of values"),
+    (lambda: sweeps.axis("bad key", [1]), "dotted config key"),
+    (lambda: sweeps.axis("a", [{"x": 1}]), "tuple of those"),
+    (lambda: grid.normalize({"seed": 0}), "list of override dicts"),
+    (lambda: grid.normalize([{"seed": 0}, 3]), "not a dict"),
+    (lambda: grid.normalize([]), "no points"),
+    (lambda: grid.normalize([{"seed": 1}, {"seed": "1"}]), "same run directory"),
+])
+def test_bad_sweeps_raise(build, message):
+  with pytest.raises(ValueError, match=message):
+    build()
+
+
+def test_point_names_are_readable_stable_and_distinct():
+  assert sweeps.point_name({"seed": 1, "quant.preset": "w4a4"}) == "quant.preset=w4a4,seed=1"
+  assert sweeps.point_name({"quant.preset": "w4a4", "seed": 1}) == "quant.preset=w4a4,seed=1"
+  assert sweeps.point_name({}) == "base"
+  assert sweeps.point_name({"lr": 1e-05, "on": True}) == "lr=1e-05,on=True"
+  # Unsafe characters are replaced and a hash keeps lossy names apart.
+  slash, under = sweeps.point_name({"name": "a/b"}), sweeps.point_name({"name": "a_b"})
+  assert slash.startswith("name=a_b~") and under == "name=a_b"
+  assert sweeps.point_name({"name": "a/b"}) == slash  # same overrides, same name
+  assert sweeps.point_name({"name": "a,b=c"}) != sweeps.point_name({"name": "a", "b": "c"})
+  dims = sweeps.point_name({"model.dims": (1, 2)})
+  assert dims.startswith("model.dims=_1_2_~") and "/" not in dims
+  long_name = sweeps.point_name({"name": "x" * 400})
+  assert len(long_name) < 200 and long_name != sweeps.point_name({"name": "x" * 401})
+
+
+def test_format_value_for_absl():
+  assert sweeps.format_value((1, 2)) == "(1,2)"
+  assert sweeps.format_value([4]) == "(4,)"
+  assert sweeps.format_value(("a", 1.5)) == "('a',1.5)"
+  assert sweeps.format_value(False) == "False"
+  assert sweeps.format_value(0.1) == "0.1"
+  assert sweeps.format_value("w4a4") == "w4a4"
+
+
+def test_build_points_commands(tmp_path):
+  points = sweeps.build_points([{"quant.bits": 4, "model.dims": (2, 3)}],
+                               config_arg="c.py:x", workdir=str(tmp_path), trainer="my.train",
+                               python="py")
+  (p,) = points
+  assert p.argv == ("py", "-m", "my.train", "--config=c.py:x", f"--workdir={p.directory}",
+                    "--config.quant.bits=4", "--config.model.dims=(2,3)")
+  assert p.directory == os.path.join(str(tmp_path), p.name)
+
+
+# --- loading config files ---------------------------------------------------------------
+
+def test_load_sweep_errors(tmp_path):
+  with pytest.raises(sweeps.SweepError, match="not found"):
+    sweeps.load_sweep(str(tmp_path / "nope.py"))
+  no_sweep = tmp_path / "no_sweep.py"
+  no_sweep.write_text("def get_config(arg=None):\n  return None\n")
+  with pytest.raises(sweeps.SweepError, match="defines no get_sweep"):
+    sweeps.load_sweep(str(no_sweep))
+  with pytest.raises(sweeps.SweepError, match=r"\['quant.bitz'\] are not in get_config"):
+    sweeps.load_sweep(f"{REPO / FAKE_CONFIG}:typo")
+  with pytest.raises(sweeps.SweepError, match="list of override dicts"):
+    sweeps.load_sweep(f"{REPO / FAKE_CONFIG}:notalist")
+  assert len(sweeps.load_sweep(f"{REPO / FAKE_CONFIG}:grid")) == 6
+
+
+@pytest.mark.parametrize("config, message", [
+    ("tests/experiments/fixtures/missing.py", "not found"),
+    ("{tmp}/no_sweep.py", "defines no get_sweep"),
+])
+def test_cli_bad_config_exits_2(tmp_path, config, message):
+  (tmp_path / "no_sweep.py").write_text("def get_config(arg=None):\n  return None\n")
+  config = config.format(tmp=tmp_path)
+  result = subprocess.run(
+      [sys.executable, "-m", "experiments.sweep", f"--config={config}",
+       f"--workdir={tmp_path / 'w'}"], cwd=REPO, capture_output=True, text=True, timeout=60)
+  assert result.returncode == 2, result.stderr
+  assert message in result.stderr
+  assert not (tmp_path / "w").exists()
+
+
+# --- claims -------------------------------------------------------------------------------
+
+def dead_pid():
+  proc = subprocess.Popen([sys.executable, "-c", "pass"])
+  proc.wait()
+  return proc.pid
+
+
+def test_claims_exclusive_and_stale_takeover(tmp_path):
+  point = str(tmp_path / "p")
+  assert claims.acquire(point) == (True, None)
+  ok, owner = claims.acquire(point)  # held by a live process (us): not stale
+  assert not ok and owner.pid == os.getpid()
+  claims.release(point)
+  assert claims.read(point) is None
+  # A claim left by a dead sweep on this host is taken over.
+  stale = claims.Owner(dead_pid(), claims.socket.gethostname(), dead_pid(), 0.0)
+  (tmp_path / "p" / "claim").write_text(json.dumps(claims.dataclasses.asdict(stale)))
+  assert claims.acquire(point) == (True, None)
+  assert claims.read(point).pid == os.getpid()
+  # One from another host is never judged stale.
+  (tmp_path / "p" / "claim").write_text(json.dumps({"pid": dead_pid(), "host": "elsewhere"}))
+  ok, owner = claims.acquire(point)
+  assert not ok and owner.host == "elsewhere"
+
+
+# --- the local launcher -------------------------------------------------------------------
+
+def test_local_sweep_runs_then_skips_on_rerun(tmp_path):
+  workdir, ledger = tmp_path / "sweep", tmp_path / "ledger.txt"
+  first = run_sweep("grid", workdir, "--parallel=2")
+  assert first.returncode == 0, first.stdout + first.stderr
+  assert "6 ok, 0 skipped" in first.stdout and "start quant.bits=4,seed=1" in first.stdout
+  listed = read_json(workdir / "sweep.json")
+  names = [p["name"] for p in listed["points"]]
+  assert names[0] == "quant.bits=2,seed=0" and len(names) == 6
+  assert listed["points"][0]["overrides"] == {"quant.bits": 2, "seed": 0}
+  assert "--config.quant.bits=2 --config.seed=0" in listed["points"][0]["command"]
+  for name in names:
+    assert (workdir / name / "summary.json").exists()
+    assert not (workdir / name / "claim").exists()
+  assert read_json(workdir / "quant.bits=4,seed=1" / "summary.json")["config"]["quant"] == {
+      "bits": 4, "preset": "w8a8"}
+
+  second = run_sweep("grid", workdir, "--parallel=2")
+  assert second.returncode == 0
+  assert "0 ok, 6 skipped (6 done before" in second.stdout
+  assert all(n == 1 for n in ledger_counts(ledger).values()) and len(ledger_counts(ledger)) == 6
+
+
+def test_override_values_reach_the_trainer(tmp_path):
+  result = run_sweep("types", tmp_path / "sweep")
+  assert result.returncode == 0, result.stdout + result.stderr
+  (point,) = read_json(tmp_path / "sweep" / "sweep.json")["points"]
+  config = read_json(tmp_path / "sweep" / point["name"] / "summary.json")["config"]
+  assert config["model"]["dims"] == [2, 3] and config["lr"] == 0.5
+  assert config["name"] == "a b/c" and config["quant"]["bits"] == 4
+
+
+def test_failed_point_is_recorded_and_sweep_carries_on(tmp_path):
+  workdir, ledger = tmp_path / "sweep", tmp_path / "ledger.txt"
+  result = run_sweep("crash", workdir)
+  assert result.returncode == 1
+  assert "2 ok, 0 skipped (0 done before, 0 left to another sweep), 1 failed" in result.stdout
+  crashed = workdir / "crash=True,seed=1"
+  failure = read_json(crashed / "failed.json")
+  assert failure["returncode"] == 1 and failure["reason"] == "exit status 1"
+  assert "RuntimeError: fake crash at step 3" in failure["log_tail"]
+  assert "--config.crash=True" in failure["command"]
+  assert not (crashed / "summary.json").exists()
+  assert (workdir / "crash=False,seed=2" / "summary.json").exists()  # ran after the crash
+  # A rerun retries only the failed point (and it fails again).
+  again = run_sweep("crash", workdir)
+  assert again.returncode == 1 and "0 ok, 2 skipped" in again.stdout
+  assert ledger_counts(ledger)["crash=True,seed=1"] == 2
+
+
+def test_two_concurrent_sweeps_never_run_a_point_twice(tmp_path):
+  workdir, ledger = tmp_path / "sweep", tmp_path / "ledger.txt"
+  env = dict(os.environ, FAKE_TRAIN_LEDGER=str(ledger))
+  procs = [subprocess.Popen(sweep_cmd("many", workdir, "--parallel=2"), cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+           for _ in range(2)]
+  outputs = [p.communicate(timeout=120)[0] for p in procs]
+  assert [p.returncode for p in procs] == [0, 0], outputs
+  counts = ledger_counts(ledger)
+  assert len(counts) == 8 and set(counts.values()) == {1}, counts
+  ran = sum(int(out.split("sweep: ")[-1].split(" ok")[0]) for out in outputs)
+  assert ran == 8, outputs
+
+
+def test_sigterm_stops_runs_and_frees_claims(tmp_path):
+  workdir = tmp_path / "sweep"
+  env = dict(os.environ, FAKE_TRAIN_LEDGER=str(tmp_path / "ledger.txt"))
+  proc = subprocess.Popen(sweep_cmd("many", workdir, "--parallel=2"), cwd=REPO, env=env,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  for line in proc.stdout:
+    if " start " in line:
+      break
+  proc.send_signal(signal.SIGTERM)
+  rest = proc.communicate(timeout=60)[0]
+  assert proc.returncode == 128 + signal.SIGTERM, rest
+  assert not list(workdir.glob("*/claim"))
+  owners = [claims.read(str(d)) for d in workdir.iterdir() if d.is_dir()]
+  assert owners and not any(owners)
+
+
+# --- print and slurm ----------------------------------------------------------------------
+
+def test_print_launcher_prints_commands_and_writes_nothing(tmp_path):
+  result = run_sweep("grid", tmp_path / "sweep", "--launcher=print")
+  assert result.returncode == 0
+  lines = result.stdout.strip().splitlines()
+  assert len(lines) == 6 and all(" -m tests.experiments.fixtures.fake_train " in line for line in lines)
+  assert lines[1].endswith("--config.quant.bits=2 --config.seed=1")
+  assert not (tmp_path / "sweep").exists() and not (tmp_path / "ledger.txt").exists()
+
+
+def test_slurm_launcher_writes_an_array_script_that_runs_one_point(tmp_path):
+  workdir = tmp_path / "sweep"
+  result = run_sweep("crash", workdir, "--launcher=slurm", "--sbatch=--time=0:10:00")
+  assert result.returncode == 0 and "sbatch " in result.stdout
+  script = (workdir / "sweep.sbatch").read_text()
+  assert script.startswith("#!/bin/bash\n")
+  for line in ["#SBATCH --array=0-2", f"#SBATCH --output={workdir}/slurm-%A_%a.out",
+               f"#SBATCH --chdir={REPO}", "#SBATCH --time=0:10:00",
+               'case "${SLURM_ARRAY_TASK_ID', "  1) POINT=crash=True,seed=1"]:
+    assert line in script
+  assert script.count(" -m tests.experiments.fixtures.fake_train ") == 3
+  assert not (workdir / "crash=False,seed=0").exists()  # nothing ran
+
+  def task(i):
+    env = dict(os.environ, SLURM_ARRAY_TASK_ID=str(i),
+               FAKE_TRAIN_LEDGER=str(tmp_path / "ledger.txt"))
+    return subprocess.run(["bash", str(workdir / "sweep.sbatch")], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=60)
+
+  assert task(0).returncode == 0
+  assert (workdir / "crash=False,seed=0" / "summary.json").exists()
+  assert "skip" in task(0).stdout  # rerun of a done point
+  failed = task(1)
+  assert failed.returncode == 1, failed.stdout + failed.stderr
+  failure = read_json(workdir / "crash=True,seed=1" / "failed.json")
+  assert failure["returncode"] == 1 and "fake crash" in failure["log_tail"]
+  assert task(3).returncode == 2
+
+
+def test_sbatch_script_quotes_unsafe_names(tmp_path):
+  points = sweeps.build_points([{"name": "a b'c"}], config_arg="c.py", workdir=str(tmp_path),
+                               python="py")
+  script = sbatch_script(points, workdir=str(tmp_path), cwd="/repo", config_arg="c.py")
+  assert "#SBATCH --array=0-0" in script
+  assert "'--config.name=a b'\"'\"'c'" in script  # shell-quoted inside CMD=( ... )
+  assert plan.SUMMARY_FILE in script
