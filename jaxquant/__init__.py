@@ -4,7 +4,8 @@ The curated public API; everything else is internal.
 """
 from jaxquant.conv import conv_general_dilated, make_conv
 from jaxquant.convert import SizeReport, TensorSize, calibrate, convert, size_report
-from jaxquant.dot import dot_general, einsum, make_dot_general
+from jaxquant.dot import dot_general, make_dot_general
+from jaxquant.einsum import einsum
 from jaxquant import observers
 from jaxquant.fake_quant import OperandState, dequantize, fake_quant, quantize
 from jaxquant.layout import WeightLayout, make_layout, quantize_weight

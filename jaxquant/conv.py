@@ -165,7 +165,7 @@ def _qconv_bwd(spec, args, res, g):
   d_l, d_r = vjp(g32)
   out = []
   for d, qspec, r, x in ((d_l, spec.lhs, res_l, deq_l), (d_r, spec.rhs, res_r, deq_r)):
-    out.append((d.astype(x.dtype), None) if qspec is None else fq.quantizer_vjp(qspec, None, r, d))
+    out.append((d.astype(x.dtype), None) if qspec is None else fq.quantizer_vjp(qspec, r, d))
   (dl, dll), (dr, drl) = out
   return dl, dr, None, dll, drl, None
 

@@ -99,7 +99,7 @@ def dequantize(q: QTensor, dtype=jnp.float32) -> jax.Array:
   return q.dequantize(dtype)
 
 
-def quantizer_vjp(spec: QuantSpec, axes, res: Residuals, g):
+def quantizer_vjp(spec: QuantSpec, res: Residuals, g):
   """Cotangents (dx, dlearned) of the quantizer given the cotangent `g` of its output."""
   x32 = res.x.astype(jnp.float32)
   g32 = g.astype(jnp.float32)
@@ -176,7 +176,7 @@ def _fake_quant_fwd(spec, axes, x, key, learned):
 
 
 def _fake_quant_bwd(spec, axes, res, g):
-  dx, dlearned = quantizer_vjp(spec, axes, res, g)
+  dx, dlearned = quantizer_vjp(spec, res, g)
   return dx, None, dlearned
 
 

@@ -21,6 +21,7 @@ from flax import nnx
 
 from jaxquant import conv as qconv
 from jaxquant import dot as qdot
+from jaxquant.einsum import einsum, einsum_dimension_numbers
 from jaxquant import layout
 from jaxquant.fake_quant import OperandState
 from jaxquant.spec import Rule
@@ -53,7 +54,7 @@ def _kernel_layout(layer, kernel) -> layout.WeightLayout:
     # it, so take the rank the input subscript spells ('...' standing for no axis).
     lhs_sub = layer.einsum_str.replace(" ", "").split("->")[0].split(",")[0]
     lhs_ndim = len(lhs_sub.replace("...", ""))
-    (_, rc), (_, rb) = qdot.einsum_dimension_numbers(layer.einsum_str, lhs_ndim, kernel.ndim)[0]
+    (_, rc), (_, rb) = einsum_dimension_numbers(layer.einsum_str, lhs_ndim, kernel.ndim)[0]
     return layout.make_layout(kernel.ndim, rc, rb)
   in_features = getattr(layer, "in_features", 0)
   n_in = len(in_features) if isinstance(in_features, tuple) else 1
@@ -77,7 +78,7 @@ def _quantized_call(self, *args, **kwargs):
     fn = qconv.make_conv(spec, rhs_state=state)
   elif attr == "einsum_op":
     fn = lambda subscripts, lhs, rhs, precision=None, preferred_element_type=None, **_: \
-        qdot.einsum(subscripts, lhs, rhs, spec, preferred_element_type=preferred_element_type,
+        einsum(subscripts, lhs, rhs, spec, preferred_element_type=preferred_element_type,
                     rhs_state=state)
   else:
     fn = qdot.make_dot_general(spec, rhs_state=state)

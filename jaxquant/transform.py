@@ -39,6 +39,7 @@ import numpy as np
 
 from jaxquant import conv as qconv
 from jaxquant import dot as qdot
+from jaxquant.einsum import einsum, einsum_dimension_numbers
 from jaxquant import layout
 from jaxquant import numerics
 from jaxquant import observers as obs
@@ -336,9 +337,9 @@ class _LayerCall:
       bias = m.param("bias", m.bias_init, bias_shape, m.param_dtype)
     inputs, kernel, bias = _promote_keeping_qtensors(m.promote_dtype)(
         inputs, kernel, bias, dtype=m.dtype)
-    dims, _, lsum, _ = qdot.einsum_dimension_numbers(einsum_str, inputs.ndim, len(kernel.shape))
+    dims, _, lsum, _ = einsum_dimension_numbers(einsum_str, inputs.ndim, len(kernel.shape))
     kept = inputs if not lsum else jnp.sum(inputs, axis=lsum)
-    y = qdot.einsum(einsum_str, inputs, kernel, self.spec, key=self.key(),
+    y = einsum(einsum_str, inputs, kernel, self.spec, key=self.key(),
                     **self.states(kept, kernel, dims))
     if bias is not None:
       y = y + jnp.reshape(bias, bshape)
