@@ -31,7 +31,7 @@ import numpy as np
 from jax.extend import core as jcore
 
 NORM_MODULES = (nn.GroupNorm, nn.LayerNorm)
-_PASS = ("copy", "copy_p", "optimization_barrier")
+_PASS = ("copy", "copy_p", "optimization_barrier", "stop_gradient")
 _CALLS = ("pjit", "jit", "closed_call", "core_call", "custom_jvp_call", "custom_vjp_call",
           "custom_vjp_call_jaxpr", "remat", "checkpoint")
 _WHY = {
@@ -43,6 +43,10 @@ _WHY = {
     "reduce_max": "max over an axis (softmax)", "argmax": "argmax inside the model",
     "dot_general": "a product of two activations (e.g. attention scores)",
     "mul": "a product of two activations", "div": "a division by an activation",
+    "select_n": "a select (jnp.where) on an activation",
+    "lt": "a comparison of an activation", "gt": "a comparison of an activation",
+    "le": "a comparison of an activation", "ge": "a comparison of an activation",
+    "eq": "a comparison of an activation", "ne": "a comparison of an activation",
 }
 
 
@@ -103,7 +107,8 @@ class Bad:
 
 
 def _strip_root(stack: str, root: str) -> str:
-  parts = [p for p in stack.split("/") if p]
+  # Scopes that are not modules (jnp.einsum names one after its subscripts) are dropped.
+  parts = [p for p in stack.split("/") if p and "->" not in p and "," not in p]
   if parts and parts[0] == root:
     parts = parts[1:]
   return "/".join(parts)
@@ -121,10 +126,13 @@ class _Tracer:
     self.nodes.append(Node(len(self.nodes), kind, tuple(inputs), tuple(shape), layer, attrs))
     return len(self.nodes) - 1
 
-  def fail(self, why, layer) -> Bad:
-    b = Bad(why, layer)
-    self.bad.setdefault(f"{layer}: {why}", b)
-    return b
+  def fail(self, why, layer, shape=None):
+    """Records an op with no integer lowering; returns a stand-in activation of `shape`
+    so the rest of the model is still checked (every problem is reported at once)."""
+    self.bad.setdefault(f"{layer}: {why}", Bad(why, layer))
+    if shape is None:
+      return Bad(why, layer)
+    return Tensor(self.node("bad", [], tuple(shape), layer))
 
   def materialize(self, v) -> int:
     if isinstance(v, Tensor):
@@ -153,6 +161,8 @@ class _Tracer:
 
   # -- affine folding -------------------------------------------------------------------
   def affine(self, v, layer, mult=None, add=None):
+    if isinstance(v, Bad):
+      return v
     shape = self.shape_of(v)
     for c in (mult, add):  # per-channel constants: scalars or batch-free, same rank
       c = None if c is None else np.asarray(c)
@@ -179,7 +189,7 @@ class _Tracer:
 
   def clamp(self, v, layer, lo=None, hi=None):
     for c in (lo, hi):
-      if c is not None and np.ptp(np.asarray(c)) != 0:
+      if c is not None and not np.all(np.asarray(c) == np.asarray(c).reshape(-1)[0]):
         return self.fail("a clamp with per-element bounds", layer)
     lz = self.lazy(v)
     new = Lazy(lz.core, lz.mult, lz.add, lz.lo, lz.hi)
@@ -199,7 +209,7 @@ class _Tracer:
     stack = str(eqn.source_info.name_stack)
     if not prefix:
       return _strip_root(stack, self.root)
-    return "/".join(p for p in (prefix, stack) if p)
+    return "/".join(p for p in [prefix] + stack.split("/") if p and "->" not in p and "," not in p)
 
   def run(self, jaxpr, consts, args, prefix: str):
     env: Dict[Any, Any] = {}
@@ -244,13 +254,12 @@ class _Tracer:
     if len(acts) != 1 or len(outs) != 1:
       for v in outs:
         env[v] = self.fail(f"a normalization with {len(acts)} activation inputs and "
-                           f"{len(outs)} outputs", path)
+                           f"{len(outs)} outputs", path, v.aval.shape)
       return
-    x = env[acts[0]]
-    if isinstance(x, Bad):
-      env[outs[0]] = x
-      return
-    env[outs[0]] = self.norm(x, path)
+    out = self.norm(env[acts[0]], path)
+    if isinstance(out, Bad):
+      out = self.fail(out.why, path, outs[0].aval.shape)
+    env[outs[0]] = out
 
   def norm(self, x, path):
     module = self.norms[path]
@@ -284,9 +293,6 @@ class _Tracer:
       n_in = len(closed.jaxpr.invars)
       return self.run(closed.jaxpr, [Const(np.asarray(c)) for c in closed.consts],
                       vals[len(vals) - n_in:], path)
-    bad = next((v for v in vals if isinstance(v, Bad)), None)
-    if bad is not None:
-      return [bad] * len(eqn.outvars)
     if all(isinstance(v, Const) for v in vals):
       outs = eqn.primitive.bind(*[v.value for v in vals], **eqn.params)
       outs = outs if eqn.primitive.multiple_results else [outs]
@@ -294,6 +300,12 @@ class _Tracer:
     return [self.act_eqn(name, eqn, vals, path)]
 
   def act_eqn(self, name, eqn, vals, path):
+    out = self._act_eqn(name, eqn, vals, path)
+    if isinstance(out, Bad):  # keep checking the layers after it
+      return self.fail(out.why, out.layer, eqn.outvars[0].aval.shape)
+    return out
+
+  def _act_eqn(self, name, eqn, vals, path):
     acts = [v for v in vals if not isinstance(v, Const)]
     consts = [v.value for v in vals if isinstance(v, Const)]
     if name in _PASS:
@@ -408,19 +420,21 @@ def trace(model: nn.Module, variables: Dict[str, Any], x: jax.ShapeDtypeStruct,
     raise IntegerOnlyError(f"the model returns {len(closed.jaxpr.outvars)} arrays; an "
                            "integer program has one output (the logits)")
   tracer = _Tracer(type(model).__name__, norms, variables.get("params", {}))
+  x_val = Tensor(tracer.node("input", [], tuple(x.shape), ""))
   if not np.issubdtype(np.dtype(x.dtype), np.floating):
-    x_val = tracer.fail(f"an input of dtype {x.dtype} (integer programs take float "
-                        "inputs and quantize them)", "")
-  else:
-    x_val = Tensor(tracer.node("input", [], tuple(x.shape), ""))
+    tracer.fail(f"an input of dtype {x.dtype} (integer programs take float inputs and "
+                "quantize them)", "")
   consts = [Const(np.asarray(c)) for c in closed.consts]
   args = [Const(np.asarray(l)) for l in leaves] + [x_val]
   (out,) = tracer.run(closed.jaxpr, consts, args, "")
   if isinstance(out, Const):
     tracer.fail("an output that does not depend on the input", "")
   if tracer.bad:
-    lines = "\n".join(f"  - layer {b.layer or '<top level>'!r}: {b.why}"
-                      for b in tracer.bad.values())
+    by_layer: Dict[str, List[str]] = {}
+    for b in tracer.bad.values():
+      by_layer.setdefault(b.layer, []).append(b.why)
+    lines = "\n".join(f"  - layer {layer or '<top level>'!r}: {'; '.join(whys)}"
+                      for layer, whys in by_layer.items())
     raise IntegerOnlyError(
         f"{type(model).__name__} cannot run as an integer-only program; these ops have "
         f"no integer lowering:\n{lines}\nSupported: Dense / Conv / DenseGeneral (constant "
