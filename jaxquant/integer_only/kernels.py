@@ -127,4 +127,4 @@ def run_graph(graph: g.Graph, x_q: jax.Array, arrays: Mapping[str, Any] = None) 
       if bias is not None:
         out = out + bias
     env[op["out"]] = out
-  return env[graph.output["tensor"]]
+  return env[graph.output["tensor"]].astype(jnp.int32)  # the logits are int32
