@@ -1,0 +1,1 @@
+"""Deployment artifacts that run without JAX (see numpy_runtime.py)."""

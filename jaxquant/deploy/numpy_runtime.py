@@ -1,0 +1,204 @@
+r"""Runs a saved jaxquant integer program with numpy alone (no JAX, no jaxquant).
+
+    python numpy_runtime.py DIR INPUT.npy OUTPUT.npy
+
+DIR is a directory written by `IntegerProgram.save` (graph.json + arrays.npz). INPUT
+holds float inputs, batch first (an int8 INPUT is taken as input codes as they are);
+OUTPUT receives the int32 logits (times graph.json's output scale ≈ the trained model's
+logits). This file imports only numpy and the standard library: copy it next to the
+directory onto any machine with Python and numpy, or load it by path.
+
+Written from the equations (Jacob et al. 2018, "Quantization and Training of Neural
+Networks for Efficient Integer-Arithmetic-Only Inference", §2.2 and gemmlowp's rounding
+rules), in int64 numpy so no intermediate can wrap. Every op of the format, with
+x = q − zp the centered input codes:
+  requantize  y = x·M0·2^(e−31):  e ≤ 0: RDBPOT(SRDHM(x, M0), −e);  e > 0:
+              SRDHM(clamp_int32(x·2^e), M0), where
+              SRDHM(a, b) = floor(a·b/2^31 + 1/2), and 2^31 − 1 for a = b = −2^31;
+              RDBPOT(x, n) = x/2^n rounded to nearest, ties away from zero.
+  requant     codes = zp + clamp(requantize(acc), lo − zp, hi − zp)
+  dot / conv  Σ (q − zp)·w, a conv's input padded with real zeros (x = 0);
+  add         Σ_i requantize((q_i − zp_i)·sign_i·2^L, M_i);  sum: Σ x;  identity: x
+  norm        graph.py's integer normalization (see `norm` below).
+Core ops are followed by acc = sign·raw + bias when those arrays are present.
+"""
+import json
+import math
+import os
+import sys
+
+import numpy as np
+
+INT32_MIN, INT32_MAX = -(2 ** 31), 2 ** 31 - 1
+
+
+def srdhm(a, b):
+  """round(a·b / 2^31), ties toward +inf; the single overflow a = b = −2^31 saturates."""
+  a = np.asarray(a, np.int64)
+  b = np.asarray(b, np.int64)
+  out = np.floor_divide(a * b + 2 ** 30, 2 ** 31)
+  return np.where((a == INT32_MIN) & (b == INT32_MIN), INT32_MAX, out)
+
+
+def rdbpot(x, n):
+  """x / 2^n rounded to nearest, ties away from zero."""
+  x = np.asarray(x, np.int64)
+  p = np.left_shift(np.int64(1), np.asarray(n, np.int64))
+  mag = np.floor_divide(2 * np.abs(x) + p, 2 * p)
+  return np.where(x < 0, -mag, mag)
+
+
+def requantize(x, m0, e):
+  """x · m0 · 2^(e − 31), the fixed-point multiplier of the module docstring."""
+  x = np.asarray(x, np.int64)
+  e = np.asarray(e, np.int64)
+  shifted = np.clip(x * np.left_shift(np.int64(1), np.maximum(e, 0)), INT32_MIN, INT32_MAX)
+  return rdbpot(srdhm(shifted, m0), np.maximum(-e, 0))
+
+
+def rdiv(a, d):
+  """a / d (d > 0) rounded to nearest, ties away from zero."""
+  a = np.asarray(a, np.int64)
+  mag = np.floor_divide(2 * np.abs(a) + d, 2 * d)
+  return np.where(a < 0, -mag, mag)
+
+
+def isqrt(v):
+  """Exact floor square root, elementwise."""
+  v = np.asarray(v, np.int64)
+  return np.array([math.isqrt(int(t)) for t in v.reshape(-1)], np.int64).reshape(v.shape)
+
+
+def dot(op, arrays, q):
+  x = q.astype(np.int64) - op["zp"]
+  w = arrays[op["w"]].astype(np.int64)
+  return np.tensordot(x, w, axes=(op["contract_lhs"], op["contract_rhs"]))
+
+
+def conv(op, arrays, q):
+  lhs, rhs, out_spec = op["lhs_spec"], op["rhs_spec"], op["out_spec"]
+  # Canonical layouts: x (B, spatial..., Cin), w (spatial..., Cin, Cout).
+  x = np.transpose(q.astype(np.int64) - op["zp"], [lhs[0]] + lhs[2:] + [lhs[1]])
+  w = np.transpose(arrays[op["w"]].astype(np.int64), rhs[2:] + [rhs[1], rhs[0]])
+  nd = len(lhs) - 2
+  x = np.pad(x, [(0, 0)] + [tuple(p) for p in op["padding"]] + [(0, 0)])  # real zeros
+  ksize, strides, dil = w.shape[:nd], op["strides"], op["rhs_dilation"]
+  out_sizes = [(x.shape[1 + i] - dil[i] * (ksize[i] - 1) - 1) // strides[i] + 1
+               for i in range(nd)]
+  out = np.zeros((x.shape[0], *out_sizes, w.shape[-1]), np.int64)
+  for tap in np.ndindex(*ksize):
+    window = tuple(slice(t * d, t * d + s * (o - 1) + 1, s)
+                   for t, d, s, o in zip(tap, dil, strides, out_sizes))
+    out += np.tensordot(x[(slice(None),) + window], w[tap], axes=([nd + 1], [0]))
+  canon = [out_spec[0]] + out_spec[2:] + [out_spec[1]]  # output axis of each canonical axis
+  return np.transpose(out, np.argsort(canon))
+
+
+def add(op, arrays, qa, qb):
+  total = 0
+  for q, s in ((qa, "a"), (qb, "b")):
+    x = (q.astype(np.int64) - op["zp_" + s]) * op["sign_" + s] * 2 ** op["left_shift"]
+    total = total + requantize(x, op["m0_" + s], op["e_" + s])
+  return total
+
+
+def reduce_sum(op, arrays, q):
+  return np.sum(q.astype(np.int64) - op["zp"], axis=tuple(op["axes"]))
+
+
+def identity(op, arrays, q):
+  return q.astype(np.int64) - op["zp"]
+
+
+def norm(op, arrays, q):
+  """Integer group / layer normalization: t ≈ 2^T·(x − mean)/sqrt(var + eps)."""
+  p, f, a = op["sigma_bits"], op["mean_bits"], op["pre_shift"]
+  groups, axes = op["groups"], tuple(op["reduce"])
+  x = q.astype(np.int64) - op["zp"]
+  x = x.reshape(q.shape[:-1] + (groups, q.shape[-1] // groups))
+  n = int(np.prod([x.shape[ax] for ax in axes]))
+  s1 = np.sum(x, axis=axes, keepdims=True)
+  mean = rdiv(s1, n)
+  s2 = np.sum((x - mean) ** 2, axis=axes, keepdims=True)
+  r = s1 - n * mean
+  v = s2 - rdiv(r * r, n)  # n · variance, in codes²
+  var = (v // n) * 2 ** (2 * p) + rdiv((v % n) * 2 ** (2 * p), n)
+  sigma = np.maximum(isqrt(var + op["eps"]), 1)  # σ · 2^P
+  inv = (2 ** 30) // sigma
+  x_f = x * 2 ** f - rdiv(s1 * 2 ** f, n)
+  return srdhm(x_f * 2 ** a, inv).reshape(q.shape)
+
+
+def requant(op, arrays, acc):
+  y = requantize(acc, arrays[op["m0"]], arrays[op["e"]])
+  y = np.clip(y, op["lo"] - op["zp"], op["hi"] - op["zp"]) + op["zp"]
+  return y.astype(np.int8 if op["dtype"] == "int8" else np.int32)
+
+
+def reshape(op, arrays, q):
+  return q.reshape((q.shape[0],) + tuple(op["shape"]))
+
+
+def transpose(op, arrays, q):
+  return np.transpose(q, op["perm"])
+
+
+OPS = {"dot": dot, "conv": conv, "add": add, "sum": reduce_sum, "identity": identity,
+       "norm": norm, "requant": requant, "reshape": reshape, "transpose": transpose}
+CORE = ("dot", "conv", "add", "sum", "identity", "norm")
+
+
+def load(directory):
+  """{'graph': the JSON document, 'arrays': {name: ndarray}} of a saved program."""
+  with open(os.path.join(directory, "graph.json")) as fh:
+    graph = json.load(fh)
+  if graph.get("format") != "jaxquant.integer_program" or graph.get("version") != 1:
+    raise ValueError(f"{directory} does not hold a jaxquant.integer_program v1")
+  with np.load(os.path.join(directory, "arrays.npz")) as npz:
+    arrays = {k: npz[k] for k in npz.files}
+  return {"graph": graph, "arrays": arrays}
+
+
+def quantize_input(program, x):
+  """int8 codes of float inputs: clip(round_half_even(x·inv_scale) + zp, qmin, qmax)."""
+  spec = program["graph"]["input"]
+  x = np.asarray(x, np.float32)
+  y = np.rint(x * np.float32(spec["inv_scale"]))
+  y = np.where(np.isnan(y), np.float32(0), y)
+  y = np.clip(y, spec["qmin"] - spec["zp"], spec["qmax"] - spec["zp"]) + spec["zp"]
+  return y.astype(np.int8)
+
+
+def run(program, codes):
+  """int32 logits of int8 input codes (batch first)."""
+  graph, arrays = program["graph"], program["arrays"]
+  codes = np.asarray(codes)
+  if codes.dtype != np.int8:
+    raise ValueError(f"run takes int8 input codes, got {codes.dtype}; use quantize_input")
+  env = {"input": codes}
+  for op in graph["ops"]:
+    out = OPS[op["op"]](op, arrays, *(env[name] for name in op["in"]))
+    if op["op"] in CORE:
+      if op.get("sign") is not None:
+        out = out * arrays[op["sign"]].astype(np.int64)
+      if op.get("bias") is not None:
+        out = out + arrays[op["bias"]].astype(np.int64)
+      if np.any(out < INT32_MIN) or np.any(out > INT32_MAX):
+        raise OverflowError(f"op {op['out']} (layer {op.get('layer')!r}) leaves int32")
+    env[op["out"]] = out
+  return env[graph["output"]["tensor"]].astype(np.int32)
+
+
+def main(argv):
+  if len(argv) != 4:
+    print("usage: python numpy_runtime.py DIR INPUT.npy OUTPUT.npy", file=sys.stderr)
+    return 2
+  program = load(argv[1])
+  x = np.load(argv[2])
+  codes = x if x.dtype == np.int8 else quantize_input(program, x)
+  np.save(argv[3], run(program, codes))
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main(sys.argv))

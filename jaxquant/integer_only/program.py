@@ -1,0 +1,145 @@
+"""`jq.to_integer` and `jq.IntegerProgram`: integer-only inference (Jacob et al. 2018).
+
+    program = jq.to_integer(qmodel, variables, calibration_batches)
+    logits_i32 = program(x)                    # = program.run(program.quantize_input(x))
+    logits = program.output_scale * logits_i32   # ≈ the QAT model's logits
+    program.save("model_int/")                 # graph.json + arrays.npz
+    # anywhere with numpy: python numpy_runtime.py model_int/ x.npy logits.npy
+
+`quantize_input` is the one float → int step (at the boundary); `run` takes int8 codes
+and returns int32 logits with integer operations only: int8 activations between layers,
+s8×s8→s32 contractions with int32 biases at scale s_in·s_w, fixed-point requantization
+(fixed_point.py), ReLU / ReLU6 as the requantization clamp, BatchNorm (inference mode)
+folded into the multiplier and bias, integer residual adds, sums / means and
+normalizations. The op set and file format: graph.py. How a model becomes a program:
+lower.py (and trace.py for what is refused).
+"""
+from __future__ import annotations
+
+from typing import Any, Dict, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxquant.integer_only import graph as g
+from jaxquant.integer_only import kernels
+from jaxquant.integer_only import lower
+
+
+class IntegerProgram:
+  """An integer-only program: int8 codes in, int32 logits out.
+
+  Attributes:
+    graph: the `graph.Graph` (ops, integer arrays, input grid, output scale).
+    output_scale: float; `output_scale * run(x_q)` ≈ the QAT model's logits.
+    input_scale, input_zero_point: the input grid; codes = round(x / scale) + zp.
+  """
+
+  def __init__(self, graph: g.Graph):
+    g.validate(graph)
+    self.graph = graph
+    arrays = {k: jnp.asarray(v) for k, v in g.integer_arrays(graph).items()}
+    self._run = jax.jit(lambda x_q: kernels.run_graph(graph, x_q, arrays))
+    spec = graph.input
+    self._inv_scale = np.float32(spec["inv_scale"])
+    self._quantize = jax.jit(self._quantize_impl)
+
+  @property
+  def output_scale(self) -> float:
+    return float(self.graph.output["scale"])
+
+  @property
+  def input_scale(self) -> float:
+    return float(self.graph.input["scale"])
+
+  @property
+  def input_zero_point(self) -> int:
+    return int(self.graph.input["zp"])
+
+  @property
+  def input_shape(self):
+    """The input's shape without the batch axis."""
+    return tuple(self.graph.input["shape"])
+
+  def _quantize_impl(self, x):
+    spec = self.graph.input
+    y = jnp.round(x.astype(jnp.float32) * self._inv_scale)
+    y = jnp.where(jnp.isnan(y), 0.0, y)
+    y = jnp.clip(y, spec["qmin"] - spec["zp"], spec["qmax"] - spec["zp"]) + spec["zp"]
+    return y.astype(jnp.int8)
+
+  def _check_shape(self, x, what: str):
+    if tuple(np.shape(x)[1:]) != self.input_shape:
+      raise ValueError(f"{what} has shape {tuple(np.shape(x))}; the program takes "
+                       f"(batch,) + {self.input_shape}")
+
+  def quantize_input(self, x) -> jax.Array:
+    """int8 codes of float inputs: clip(round_half_even(x·(1/scale)) + zp, qmin, qmax),
+    the float32 product with the stored float32 reciprocal (graph.py); NaN → zp."""
+    self._check_shape(x, "x")
+    if not jnp.issubdtype(jnp.asarray(x).dtype, jnp.floating):
+      raise ValueError(f"quantize_input takes float inputs, got {jnp.asarray(x).dtype}")
+    return self._quantize(jnp.asarray(x))
+
+  def run(self, x_q) -> jax.Array:
+    """int32 logits of int8 input codes; integer operations only (jittable)."""
+    if jnp.asarray(x_q).dtype != jnp.int8:
+      raise ValueError(f"run takes int8 codes, got {jnp.asarray(x_q).dtype}; use "
+                       "program(x) or program.quantize_input(x) for float inputs")
+    self._check_shape(x_q, "x_q")
+    return self._run(x_q)
+
+  def __call__(self, x) -> jax.Array:
+    return self.run(self.quantize_input(x))
+
+  def predict(self, x_q) -> jax.Array:
+    """Class indices (int32): argmax of the int32 logits, no float involved."""
+    return jnp.argmax(self.run(x_q), axis=-1).astype(jnp.int32)
+
+  def save(self, directory: str) -> None:
+    """Writes `graph.json` + `arrays.npz` (int8 / int32 arrays) into `directory`; run it
+    with jaxquant/deploy/numpy_runtime.py or `IntegerProgram.load`."""
+    g.save(self.graph, directory)
+
+  @classmethod
+  def load(cls, directory: str) -> "IntegerProgram":
+    return cls(g.load(directory))
+
+  def summary(self) -> str:
+    """One line per op: output, op, layer, inputs."""
+    rows = [f"input {self.input_shape} scale={self.input_scale:.4g} zp={self.input_zero_point}"]
+    for op in self.graph.ops:
+      rows.append(f"{op['out']:>5} = {op['op']:<9} {op.get('layer', '') or '-':<28} "
+                  f"{', '.join(op['in'])}")
+    rows.append(f"output {self.graph.output['tensor']} scale={self.output_scale:.4g}")
+    return "\n".join(rows)
+
+
+def to_integer(qmodel, variables, calibration_batches, *, example: Optional[Any] = None,
+               apply_kwargs: Optional[Dict[str, Any]] = None) -> IntegerProgram:
+  """An integer-only program computing `qmodel`'s forward pass (Jacob et al. 2018).
+
+  Args:
+    qmodel: a `jq.quantize_model` result (its rules give each layer's weight and
+      activation specs) or a plain float Linen model (every layer W8A8, calibrated).
+    variables: its variables: 'params' (+ 'batch_stats' etc.), and 'quant' /
+      'quant_stats' for learned steps and activation ranges (jq.calibrate's static
+      range, else the training EMA).
+    calibration_batches: an iterable of input batches (arrays, (x, ...) tuples or
+      {'x': ...} dicts). They fix the input shape (any batch size runs later) and give
+      the ranges QAT has none for: residual sums, normalization outputs, pooled features,
+      layers without activation ranges. None is allowed with `example=` when the
+      variables hold every range.
+    example: an input batch, used only for its shape when there are no batches.
+    apply_kwargs: extra keyword arguments of `model.apply` (e.g. {'train': False}).
+
+  Raises:
+    IntegerOnlyError (a ValueError): an op with no integer lowering (softmax, GELU,
+      embeddings, products of activations...; every one is listed with its layer path),
+      a weight or activation format without integer codes, a missing range, or an
+      accumulator that could overflow int32; the message names the layer.
+  """
+  graph, _ = lower.convert(qmodel, variables, calibration_batches, example=example,
+                           apply_kwargs=apply_kwargs)
+  return IntegerProgram(graph)

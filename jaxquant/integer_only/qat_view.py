@@ -1,0 +1,138 @@
+"""Everything the integer converter reads from a QAT model, in one place.
+
+The converter depends only on public things: the user's float model (a quantized Linen
+model is an instance of a subclass of the float model's class, built with the same
+fields), the rules, the variables' collections ('params' = the float tree; 'quant':
+`weight_lsq`, `act_lsq`, `act_pact`; 'quant_stats': `act_lo`/`act_hi` after
+jq.calibrate, `ema_lo`/`ema_hi`/`ema_count` from training) and `jq.quantize`. When the
+transform's internals change, this file is the one to adapt.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Dict, Optional, Sequence, Tuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax.core import meta, unfreeze
+
+from jaxquant.fake_quant import quantize
+from jaxquant.spec import QuantSpec, Rule
+
+QAT_COLLECTIONS = ("quant", "quant_stats", "serving")
+# One compiled call per shape instead of dozens of eager ops: conversion-time speed only.
+_quantize = jax.jit(quantize, static_argnames=("spec", "reduce_axes"))
+
+
+def is_quantized(model) -> bool:
+  """True for a model made by `jq.quantize_model` (its class carries the rules)."""
+  return getattr(type(model), "_jq_plan", None) is not None
+
+
+def rules_of(model) -> Tuple[Rule, ...]:
+  """The rules of a quantized model, () for a plain float model."""
+  plan = getattr(type(model), "_jq_plan", None)
+  return () if plan is None else tuple(plan.rules)
+
+
+def float_model_of(model) -> nn.Module:
+  """The user's float model: the quantized class's parent class, same fields."""
+  if not isinstance(model, nn.Module):
+    raise ValueError(f"model={type(model).__name__} must be a flax.linen Module (a "
+                     "jq.quantize_model result or a float model); nnx is not supported")
+  if not is_quantized(model):
+    return model
+  base = type(model).__mro__[1]
+  fields = {f.name: getattr(model, f.name) for f in dataclasses.fields(model)
+            if f.init and f.name not in ("parent", "name")}
+  return base(**fields)
+
+
+def plain(variables) -> Dict[str, Any]:
+  """Variables as nested plain dicts with unboxed numpy leaves."""
+  tree = unfreeze(meta.unbox(variables))
+  def conv(t):
+    return {k: conv(v) for k, v in t.items()} if isinstance(t, dict) else np.asarray(t)
+  return conv(tree)
+
+
+def float_variables(variables: Dict[str, Any]) -> Dict[str, Any]:
+  """The collections the float model reads ('params', 'batch_stats', ...)."""
+  return {k: v for k, v in variables.items() if k not in QAT_COLLECTIONS}
+
+
+def rule_for(rules: Sequence[Rule], path: str) -> Optional[Rule]:
+  """First rule whose pattern fully matches `path` (the transform's own order)."""
+  for rule in rules:
+    if rule.matches(path):
+      return rule
+  return None
+
+
+def _layer_vars(variables, collection: str, path: str) -> Dict[str, Any]:
+  node = variables.get(collection, {})
+  for part in path.split("/") if path else []:
+    if not isinstance(node, dict) or part not in node:
+      return {}
+    node = node[part]
+  return node if isinstance(node, dict) else {}
+
+
+def weight_codes(kernel, spec: QuantSpec, reduce_axes, variables, path: str):
+  """(int8 codes, float scale shaped like the kernel with reduced axes of length 1): the
+  kernel's codes exactly as the QAT forward quantizes them (learned LSQ step included;
+  stochastic rounding stored as nearest, as jq.convert does)."""
+  learned = None
+  if spec.learned:
+    learned = _layer_vars(variables, "quant", path).get(f"weight_{spec.learned}")
+  if spec.rounding == "stochastic":
+    spec = dataclasses.replace(spec, rounding="nearest")
+  q = _quantize(jnp.asarray(kernel), spec, reduce_axes=tuple(reduce_axes),
+               learned=None if learned is None else jnp.asarray(learned))
+  return np.asarray(q.values, np.int8), np.asarray(q.scale, np.float64), q.zero_point
+
+
+def act_range(spec: QuantSpec, variables, path: str) -> Optional[Tuple[str, Any]]:
+  """The QAT model's own input range of layer `path`: ('learned', value) for LSQ / PACT,
+  ('range', (lo, hi)) from jq.calibrate's static range, else from the training EMA, or
+  None when the variables hold none."""
+  if spec.learned:
+    value = _layer_vars(variables, "quant", path).get(f"act_{spec.learned}")
+    return None if value is None else ("learned", np.asarray(value).reshape(()))
+  stats = _layer_vars(variables, "quant_stats", path)
+  if "act_hi" in stats:
+    return "range", (float(stats["act_lo"]), float(stats["act_hi"]))
+  if "ema_hi" in stats and int(np.asarray(stats.get("ema_count", 1))) > 0:
+    return "range", (float(stats["ema_lo"]), float(stats["ema_hi"]))
+  return None
+
+
+def grid_of(spec: QuantSpec, source) -> Tuple[float, int]:
+  """(scale, zero point) of a per-tensor activation grid, computed by jq.quantize itself
+  so it equals the QAT forward's: a learned LSQ step / PACT α, or a (lo, hi) range (the
+  absmax range of the two-point tensor [lo, hi] is exactly the static-range grid)."""
+  kind, value = source
+  tensor_spec = dataclasses.replace(spec, granularity="tensor", group_size=None,
+                                    rounding="nearest")
+  if kind == "learned":
+    q = _quantize(jnp.zeros((1,), jnp.float32), tensor_spec, reduce_axes=(0,),
+                 learned=jnp.asarray(value, jnp.float32).reshape(1))
+  else:
+    lo, hi = value
+    tensor_spec = dataclasses.replace(tensor_spec, calibration="absmax", ste="identity")
+    q = _quantize(jnp.asarray([lo, hi], jnp.float32), tensor_spec, reduce_axes=(0,))
+  zp = 0 if q.zero_point is None else int(np.asarray(q.zero_point).reshape(()))
+  return float(np.asarray(q.scale).reshape(())), zp
+
+
+def measured_grid(spec: QuantSpec, samples: np.ndarray) -> Tuple[float, int]:
+  """(scale, zero point) of the per-tensor grid `spec`'s calibration method gives the
+  concatenated calibration samples."""
+  tensor_spec = dataclasses.replace(spec, granularity="tensor", group_size=None,
+                                    rounding="nearest", ste="identity")
+  flat = jnp.asarray(np.asarray(samples, np.float32).reshape(-1))
+  q = _quantize(flat, tensor_spec, reduce_axes=(0,))
+  zp = 0 if q.zero_point is None else int(np.asarray(q.zero_point).reshape(()))
+  return float(np.asarray(q.scale).reshape(())), zp

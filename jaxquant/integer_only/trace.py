@@ -1,0 +1,444 @@
+"""Float model → a small dataflow IR, by interpreting the jaxpr of its forward pass.
+
+The float model (eval mode, parameters and other collections as jaxpr inputs) is traced
+with `jax.make_jaxpr`; its equations are then interpreted over three kinds of value:
+  Const   anything computed from parameters and literals alone (evaluated on the spot
+          by binding the primitive: BatchNorm's rsqrt(var + ε)·γ, reshaped biases, ...),
+  Tensor  a materialized activation (an IR node: the input, a requantization point, or a
+          reshape / transpose of one),
+  Lazy    a core op's output with a pending per-channel affine map and clamp,
+          clip(mult·core + add, lo, hi); adds, subs, muls and divs by constants and
+          max/min with scalars (ReLU, ReLU6) fold into it. It becomes a Tensor (an
+          'affine' node: where the integer program requantizes) when an op needs one.
+Core ops: 'contract' (dot_general / conv with a constant rhs: a layer), 'add' (two
+activations, residuals), 'sum' (reduce_sum: mean pooling once the 1/n folds in),
+'norm' (a whole nn.GroupNorm / nn.LayerNorm call, recognised by its module path in the
+equations' name stack; γ and β become its affine map), 'identity' (an affine map of a
+Tensor). Anything else touching an activation (exp, tanh, erf, rsqrt of activations,
+gathers, products of two activations...) becomes a Bad value; the first of each kind is
+reported, with the layer path from the name stack, in one IntegerOnlyError.
+Axis 0 is the batch everywhere and must stay so (reshape / transpose / reductions that
+mix it are refused).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Dict, List, Optional, Tuple
+
+import flax.linen as nn
+import jax
+import numpy as np
+from jax.extend import core as jcore
+
+NORM_MODULES = (nn.GroupNorm, nn.LayerNorm)
+_PASS = ("copy", "copy_p", "optimization_barrier", "stop_gradient")
+_CALLS = ("pjit", "jit", "closed_call", "core_call", "custom_jvp_call", "custom_vjp_call",
+          "custom_vjp_call_jaxpr", "remat", "checkpoint")
+_WHY = {
+    "exp": "exp (softmax / sigmoid)", "exp2": "exp (softmax)", "log": "log",
+    "logistic": "sigmoid", "tanh": "tanh (GELU approximation / tanh)",
+    "erf": "erf (GELU)", "rsqrt": "rsqrt of an activation (a normalization)",
+    "sqrt": "sqrt of an activation", "integer_pow": "a power of an activation",
+    "pow": "a power of an activation", "gather": "gather (an embedding lookup)",
+    "reduce_max": "max over an axis (softmax)", "argmax": "argmax inside the model",
+    "dot_general": "a product of two activations (e.g. attention scores)",
+    "mul": "a product of two activations", "div": "a division by an activation",
+    "select_n": "a select (jnp.where) on an activation",
+    "lt": "a comparison of an activation", "gt": "a comparison of an activation",
+    "le": "a comparison of an activation", "ge": "a comparison of an activation",
+    "eq": "a comparison of an activation", "ne": "a comparison of an activation",
+}
+
+
+class IntegerOnlyError(ValueError):
+  """The model (or its variables / calibration) cannot become an integer-only program;
+  the message names the layer(s)."""
+
+
+@dataclasses.dataclass
+class Node:
+  id: int
+  kind: str  # input contract add sum norm identity | affine | reshape transpose
+  inputs: Tuple[int, ...]
+  shape: Tuple[int, ...]
+  layer: str
+  attrs: Dict[str, Any]
+
+
+@dataclasses.dataclass
+class IR:
+  nodes: List[Node]
+  input: int
+  output: int
+  input_dtype: Any
+
+  def consumers(self) -> Dict[int, List[int]]:
+    out: Dict[int, List[int]] = {n.id: [] for n in self.nodes}
+    for n in self.nodes:
+      for i in n.inputs:
+        out[i].append(n.id)
+    return out
+
+
+@dataclasses.dataclass
+class Const:
+  value: np.ndarray
+
+
+@dataclasses.dataclass
+class Tensor:
+  node: int
+
+
+@dataclasses.dataclass
+class Lazy:
+  core: int
+  mult: np.ndarray
+  add: np.ndarray
+  lo: float = -np.inf
+  hi: float = np.inf
+  node: Optional[int] = None  # the affine node once materialized
+
+
+@dataclasses.dataclass
+class Bad:
+  why: str
+  layer: str
+
+
+def _strip_root(stack: str, root: str) -> str:
+  # Scopes that are not modules (jnp.einsum names one after its subscripts) are dropped.
+  parts = [p for p in stack.split("/") if p and "->" not in p and "," not in p]
+  if parts and parts[0] == root:
+    parts = parts[1:]
+  return "/".join(parts)
+
+
+class _Tracer:
+  def __init__(self, root_name: str, norms: Dict[str, nn.Module], params: Dict[str, Any]):
+    self.root, self.norms, self.params = root_name, norms, params
+    self.nodes: List[Node] = []
+    self.bad: Dict[str, Bad] = {}  # first problem per (why, layer)
+    self.identity_of: Dict[int, int] = {}
+
+  # -- IR construction ------------------------------------------------------------------
+  def node(self, kind, inputs, shape, layer, **attrs) -> int:
+    self.nodes.append(Node(len(self.nodes), kind, tuple(inputs), tuple(shape), layer, attrs))
+    return len(self.nodes) - 1
+
+  def fail(self, why, layer, shape=None):
+    """Records an op with no integer lowering; returns a stand-in activation of `shape`
+    so the rest of the model is still checked (every problem is reported at once)."""
+    self.bad.setdefault(f"{layer}: {why}", Bad(why, layer))
+    if shape is None:
+      return Bad(why, layer)
+    return Tensor(self.node("bad", [], tuple(shape), layer))
+
+  def materialize(self, v) -> int:
+    if isinstance(v, Tensor):
+      return v.node
+    if v.node is None:
+      core = self.nodes[v.core]
+      trivial = (np.all(v.mult == 1) and np.all(v.add == 0) and v.lo == -np.inf
+                 and v.hi == np.inf)
+      if core.kind == "identity" and trivial:
+        v.node = core.inputs[0]
+      else:
+        v.node = self.node("affine", [v.core], core.shape, core.layer, mult=v.mult,
+                           add=v.add, lo=v.lo, hi=v.hi)
+    return v.node
+
+  def lazy(self, v) -> Lazy:
+    if isinstance(v, Lazy):
+      return v
+    if v.node not in self.identity_of:
+      n = self.nodes[v.node]
+      self.identity_of[v.node] = self.node("identity", [v.node], n.shape, n.layer)
+    return Lazy(self.identity_of[v.node], np.ones(()), np.zeros(()))
+
+  def core_lazy(self, kind, inputs, shape, layer, **attrs) -> Lazy:
+    return Lazy(self.node(kind, inputs, shape, layer, **attrs), np.ones(()), np.zeros(()))
+
+  # -- affine folding -------------------------------------------------------------------
+  def affine(self, v, layer, mult=None, add=None):
+    if isinstance(v, Bad):
+      return v
+    shape = self.shape_of(v)
+    for c in (mult, add):  # per-channel constants: scalars or batch-free, same rank
+      c = None if c is None else np.asarray(c)
+      if c is not None and c.ndim and (c.ndim != len(shape) or c.shape[0] != 1):
+        return self.fail("a constant that varies along the batch axis", layer)
+    lz = self.lazy(v)
+    mult = None if mult is None else np.asarray(mult, np.float64)
+    add = None if add is None else np.asarray(add, np.float64)
+    clipped = lz.lo != -np.inf or lz.hi != np.inf
+    if clipped:
+      relu_like = lz.hi == np.inf and lz.lo == 0.0
+      scalable = mult is not None and np.all(mult > 0) and (mult.ndim == 0 or relu_like)
+      if add is not None or (mult is not None and not scalable):
+        lz = self.lazy(Tensor(self.materialize(lz)))
+        clipped = False
+    new = Lazy(lz.core, lz.mult, lz.add, lz.lo, lz.hi)
+    if mult is not None:
+      new.mult, new.add = new.mult * mult, new.add * mult
+      if clipped and mult.ndim == 0:
+        new.lo, new.hi = new.lo * float(mult), new.hi * float(mult)
+    if add is not None:
+      new.add = new.add + add
+    return new
+
+  def clamp(self, v, layer, lo=None, hi=None):
+    for c in (lo, hi):
+      if c is not None and not np.all(np.asarray(c) == np.asarray(c).reshape(-1)[0]):
+        return self.fail("a clamp with per-element bounds", layer)
+    lz = self.lazy(v)
+    new = Lazy(lz.core, lz.mult, lz.add, lz.lo, lz.hi)
+    if lo is not None:
+      new.lo = max(new.lo, float(np.asarray(lo).reshape(-1)[0]))
+    if hi is not None:
+      new.hi = min(new.hi, float(np.asarray(hi).reshape(-1)[0]))
+    return new
+
+  def shape_of(self, v) -> Tuple[int, ...]:
+    return self.nodes[v.core if isinstance(v, Lazy) else v.node].shape
+
+  # -- the interpreter ------------------------------------------------------------------
+  def path(self, prefix: str, eqn) -> str:
+    """The module path of an equation: its name stack (relative inside a call) after the
+    enclosing call's path, without the root module's own name."""
+    stack = str(eqn.source_info.name_stack)
+    if not prefix:
+      return _strip_root(stack, self.root)
+    return "/".join(p for p in [prefix] + stack.split("/") if p and "->" not in p and "," not in p)
+
+  def run(self, jaxpr, consts, args, prefix: str):
+    env: Dict[Any, Any] = {}
+    read = lambda a: Const(np.asarray(a.val)) if isinstance(a, jcore.Literal) else env[a]
+    for var, val in zip(jaxpr.constvars, consts):
+      env[var] = val
+    for var, val in zip(jaxpr.invars, args):
+      env[var] = val
+    eqns = list(jaxpr.eqns)
+    i = 0
+    while i < len(eqns):
+      eqn = eqns[i]
+      path = self.path(prefix, eqn)
+      region = next((p for p in self.norms if path == p or path.startswith(p + "/")), None)
+      if region is not None:
+        j = i
+        while j < len(eqns):
+          pj = self.path(prefix, eqns[j])
+          if not (pj == region or pj.startswith(region + "/")):
+            break
+          j += 1
+        self.norm_region(eqns[i:j], eqns[j:], jaxpr.outvars, env, read, region)
+        i = j
+        continue
+      outs = self.eqn(eqn, [read(a) for a in eqn.invars], path)
+      for var, val in zip(eqn.outvars, outs):
+        env[var] = val
+      i += 1
+    return [read(v) for v in jaxpr.outvars]
+
+  def norm_region(self, region_eqns, rest, outvars, env, read, path):
+    defined = {v for e in region_eqns for v in e.outvars}
+    inputs = []
+    for e in region_eqns:
+      for a in e.invars:
+        if not isinstance(a, jcore.Literal) and a not in defined and a not in inputs:
+          inputs.append(a)
+    acts = [a for a in inputs if not isinstance(env[a], Const)]
+    used_later = {a for e in rest for a in e.invars if not isinstance(a, jcore.Literal)}
+    used_later |= {v for v in outvars if not isinstance(v, jcore.Literal)}
+    outs = [v for v in defined if v in used_later]
+    if len(acts) != 1 or len(outs) != 1:
+      for v in outs:
+        env[v] = self.fail(f"a normalization with {len(acts)} activation inputs and "
+                           f"{len(outs)} outputs", path, v.aval.shape)
+      return
+    out = self.norm(env[acts[0]], path)
+    if isinstance(out, Bad):
+      out = self.fail(out.why, path, outs[0].aval.shape)
+    env[outs[0]] = out
+
+  def norm(self, x, path):
+    module = self.norms[path]
+    shape = self.shape_of(x)
+    c = shape[-1]
+    if isinstance(module, nn.GroupNorm):
+      if module.reduction_axes is not None:
+        return self.fail("GroupNorm with reduction_axes set", path)
+      groups = module.num_groups or c // module.group_size
+      reduce = tuple(range(1, len(shape) - 1)) + (len(shape),)
+    else:
+      if module.reduction_axes not in (-1, (-1,)) or module.feature_axes not in (-1, (-1,)):
+        return self.fail("LayerNorm over axes other than the last", path)
+      groups, reduce = 1, (len(shape),)
+    params = self.params
+    for part in path.split("/"):
+      params = params.get(part, {}) if isinstance(params, dict) else {}
+    gamma = np.asarray(params.get("scale", np.ones((c,))), np.float64)
+    beta = np.asarray(params.get("bias", np.zeros((c,))), np.float64)
+    bshape = (1,) * (len(shape) - 1) + (c,)
+    core = self.core_lazy("norm", [self.materialize(x)], shape, path, groups=int(groups),
+                          reduce=reduce, eps=float(module.epsilon))
+    return Lazy(core.core, gamma.reshape(bshape), beta.reshape(bshape))
+
+  def eqn(self, eqn, vals, path):
+    name = eqn.primitive.name
+    sub = next((v for v in eqn.params.values()
+                if isinstance(v, (jcore.ClosedJaxpr, jcore.Jaxpr))), None)
+    if name in _CALLS and sub is not None:
+      closed = sub if isinstance(sub, jcore.ClosedJaxpr) else jcore.ClosedJaxpr(sub, ())
+      n_in = len(closed.jaxpr.invars)
+      return self.run(closed.jaxpr, [Const(np.asarray(c)) for c in closed.consts],
+                      vals[len(vals) - n_in:], path)
+    if all(isinstance(v, Const) for v in vals):
+      outs = eqn.primitive.bind(*[v.value for v in vals], **eqn.params)
+      outs = outs if eqn.primitive.multiple_results else [outs]
+      return [Const(np.asarray(o)) for o in outs]
+    return [self.act_eqn(name, eqn, vals, path)]
+
+  def act_eqn(self, name, eqn, vals, path):
+    out = self._act_eqn(name, eqn, vals, path)
+    if isinstance(out, Bad):  # keep checking the layers after it
+      return self.fail(out.why, out.layer, eqn.outvars[0].aval.shape)
+    return out
+
+  def _act_eqn(self, name, eqn, vals, path):
+    acts = [v for v in vals if not isinstance(v, Const)]
+    consts = [v.value for v in vals if isinstance(v, Const)]
+    if name in _PASS:
+      return vals[0]
+    if name == "convert_element_type":
+      ok = np.issubdtype(np.dtype(eqn.params["new_dtype"]), np.floating)
+      return vals[0] if ok else self.fail("a cast of an activation to an integer", path)
+    if name in ("add", "sub") and len(acts) == 1:
+      c = consts[0]
+      if name == "add":
+        return self.affine(acts[0], path, add=c)
+      if isinstance(vals[0], Const):  # c − x
+        return self.affine(self.affine(acts[0], path, mult=-1.0), path, add=c)
+      return self.affine(acts[0], path, add=-np.asarray(c))
+    if name in ("add", "sub"):
+      shapes = [self.shape_of(a) for a in acts]
+      if shapes[0] != shapes[1]:
+        return self.fail("an add of activations that broadcast", path)
+      a, b = (self.materialize(v) for v in acts)
+      return self.core_lazy("add", [a, b], shapes[0], path, sign_b=1 if name == "add" else -1)
+    if name == "mul" and len(acts) == 1:
+      return self.affine(acts[0], path, mult=consts[0])
+    if name == "div" and len(acts) == 1 and isinstance(vals[1], Const):
+      return self.affine(acts[0], path, mult=1.0 / np.asarray(consts[0], np.float64))
+    if name == "neg":
+      return self.affine(acts[0], path, mult=-1.0)
+    if name in ("max", "min") and len(acts) == 1:
+      kw = {"lo" if name == "max" else "hi": consts[0]}
+      return self.clamp(acts[0], path, **kw)
+    if name == "clamp" and isinstance(vals[0], Const) and isinstance(vals[2], Const):
+      return self.clamp(vals[1], path, lo=vals[0].value, hi=vals[2].value)
+    if name in ("reshape", "broadcast_in_dim", "squeeze", "expand_dims") and len(acts) == 1:
+      return self.reshape(acts[0], tuple(eqn.outvars[0].aval.shape), path)
+    if name == "transpose":
+      perm = tuple(eqn.params["permutation"])
+      if perm[0] != 0:
+        return self.fail("a transpose that moves the batch axis", path)
+      x = self.materialize(acts[0])
+      shape = tuple(eqn.outvars[0].aval.shape)
+      return Tensor(self.node("transpose", [x], shape, path, perm=perm))
+    if name == "reduce_sum":
+      axes = tuple(eqn.params["axes"])
+      if 0 in axes:
+        return self.fail("a sum over the batch axis (BatchNorm in training mode?)", path)
+      x = self.materialize(acts[0])
+      return self.core_lazy("sum", [x], tuple(eqn.outvars[0].aval.shape), path, axes=axes)
+    if name in ("dot_general", "conv_general_dilated") and isinstance(vals[1], Const) \
+        and not isinstance(vals[0], Const):
+      return self.contract(name, eqn, vals[0], vals[1].value, path)
+    return self.fail(_WHY.get(name, f"'{name}' of an activation"), path)
+
+  def reshape(self, v, new_shape, path):
+    x = self.materialize(v)
+    shape = self.nodes[x].shape
+    if int(np.prod(shape)) != int(np.prod(new_shape)):
+      return self.fail("a broadcast of an activation", path)
+    if new_shape[0] != shape[0]:
+      return self.fail("a reshape that mixes the batch axis", path)
+    return Tensor(self.node("reshape", [x], new_shape, path))
+
+  def contract(self, name, eqn, x, w, path):
+    p = eqn.params
+    if name == "dot_general":
+      (lc, rc), (lb, rb) = p["dimension_numbers"]
+      if lb or rb or 0 in tuple(lc):
+        return self.fail("a dot_general with batch dimensions or over the batch axis", path)
+      attrs = dict(op="dot", contract_lhs=tuple(lc), contract_rhs=tuple(rc))
+    else:
+      dn = p["dimension_numbers"]
+      if p["feature_group_count"] != 1 or p["batch_group_count"] != 1:
+        return self.fail("a grouped / depthwise convolution", path)
+      if any(d != 1 for d in p["lhs_dilation"]):
+        return self.fail("a transposed (input-dilated) convolution", path)
+      if dn.lhs_spec[0] != 0 or dn.out_spec[0] != 0:
+        return self.fail("a convolution whose batch axis is not axis 0", path)
+      padding = tuple(tuple(int(v) for v in pad) for pad in p["padding"])
+      if any(v < 0 for pad in padding for v in pad):
+        return self.fail("a convolution with negative padding", path)
+      attrs = dict(op="conv", strides=tuple(p["window_strides"]), padding=padding,
+                   rhs_dilation=tuple(p["rhs_dilation"]), lhs_spec=tuple(dn.lhs_spec),
+                   rhs_spec=tuple(dn.rhs_spec), out_spec=tuple(dn.out_spec))
+    node = self.materialize(x)
+    return self.core_lazy("contract", [node], tuple(eqn.outvars[0].aval.shape), path,
+                          w=np.asarray(w, np.float32), eqn_params=dict(p), **attrs)
+
+
+def _norm_modules(model, variables, x, apply_kwargs) -> Dict[str, nn.Module]:
+  """Module path → instance of every GroupNorm / LayerNorm the forward pass calls."""
+  found: Dict[str, nn.Module] = {}
+
+  def record(next_fun, args, kwargs, context):
+    if context.method_name == "__call__" and isinstance(context.module, NORM_MODULES):
+      found["/".join(context.module.path)] = context.module
+    return next_fun(*args, **kwargs)
+
+  with nn.intercept_methods(record):
+    jax.eval_shape(lambda v, x: model.apply(v, x, **apply_kwargs), variables, x)
+  return found
+
+
+def trace(model: nn.Module, variables: Dict[str, Any], x: jax.ShapeDtypeStruct,
+          apply_kwargs: Optional[Dict[str, Any]] = None) -> IR:
+  """The IR of `model.apply(variables, x, **apply_kwargs)`; raises IntegerOnlyError
+  listing every op that has no integer-only lowering, with its layer path."""
+  apply_kwargs = dict(apply_kwargs or {})
+  norms = _norm_modules(model, variables, x, apply_kwargs)
+  leaves, treedef = jax.tree_util.tree_flatten(variables)
+  fn = lambda leaves, x: model.apply(jax.tree_util.tree_unflatten(treedef, leaves), x,
+                                     **apply_kwargs)
+  closed = jax.make_jaxpr(fn)(leaves, x)
+  if len(closed.jaxpr.outvars) != 1:
+    raise IntegerOnlyError(f"the model returns {len(closed.jaxpr.outvars)} arrays; an "
+                           "integer program has one output (the logits)")
+  tracer = _Tracer(type(model).__name__, norms, variables.get("params", {}))
+  x_val = Tensor(tracer.node("input", [], tuple(x.shape), ""))
+  if not np.issubdtype(np.dtype(x.dtype), np.floating):
+    tracer.fail(f"an input of dtype {x.dtype} (integer programs take float inputs and "
+                "quantize them)", "")
+  consts = [Const(np.asarray(c)) for c in closed.consts]
+  args = [Const(np.asarray(l)) for l in leaves] + [x_val]
+  (out,) = tracer.run(closed.jaxpr, consts, args, "")
+  if isinstance(out, Const):
+    tracer.fail("an output that does not depend on the input", "")
+  if tracer.bad:
+    by_layer: Dict[str, List[str]] = {}
+    for b in tracer.bad.values():
+      by_layer.setdefault(b.layer, []).append(b.why)
+    lines = "\n".join(f"  - layer {layer or '<top level>'!r}: {'; '.join(whys)}"
+                      for layer, whys in by_layer.items())
+    raise IntegerOnlyError(
+        f"{type(model).__name__} cannot run as an integer-only program; these ops have "
+        f"no integer lowering:\n{lines}\nSupported: Dense / Conv / DenseGeneral (constant "
+        "weights), bias and BatchNorm (inference mode) folds, ReLU / ReLU6 / clamps, "
+        "residual adds, sums and means, GroupNorm / LayerNorm, reshapes and transposes.")
+  output = tracer.materialize(out)
+  return IR(tracer.nodes, 0, output, x.dtype)
