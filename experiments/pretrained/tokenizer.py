@@ -80,10 +80,11 @@ def embed(apply_fn: Callable, variables, tokenizer: Tokenizer, sentences: Sequen
           batch_size: int = 64, bucket: int = 16) -> np.ndarray:
   """Sentence embeddings float32 `[n, D]` in the order of `sentences`.
 
-  `apply_fn(variables, ids_BxT, mask_BxT) -> [B, D]` is jitted here, e.g.
-  `model.apply` or a quantized model's `apply`.
+  `apply_fn(variables, ids_BxT, mask_BxT) -> [B, D]`, e.g. `model.apply` or a quantized
+  model's `apply`, is jitted here unless it already is (pass one `jax.jit(model.apply)`
+  to many calls to compile each batch shape once).
   """
-  fn = jax.jit(apply_fn)
+  fn = apply_fn if hasattr(apply_fn, "lower") else jax.jit(apply_fn)
   out = None
   for idx, ids, mask in batches(tokenizer, sentences, batch_size, bucket):
     e = np.asarray(fn(variables, ids, mask), np.float32)[:len(idx)]
