@@ -52,11 +52,13 @@ def topk_agreement(float_emb: np.ndarray, quant_emb: np.ndarray, k: int) -> floa
 
 
 def compare(float_emb: np.ndarray, quant_emb: np.ndarray) -> Dict[str, float]:
-  """{'cos_mean', 'cos_min', 'top1', 'top10'} of quantized vs float embeddings."""
+  """{'cos_mean', 'cos_min', 'top1', 'top10'} of quantized vs float embeddings ('top10'
+  uses k = n − 1 when there are fewer than 11 sentences)."""
   cos = cosine_to_float(float_emb, quant_emb)
+  n = np.shape(float_emb)[0]
   return {"cos_mean": float(np.mean(cos)), "cos_min": float(np.min(cos)),
           "top1": topk_agreement(float_emb, quant_emb, 1),
-          "top10": topk_agreement(float_emb, quant_emb, 10)}
+          "top10": topk_agreement(float_emb, quant_emb, min(10, n - 1))}
 
 
 def time_ratio(fn: Callable[[], object], baseline: Callable[[], object], repeats: int = 7) -> float:

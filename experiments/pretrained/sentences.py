@@ -22,6 +22,7 @@ one version; `describe()` records it). The extraction, fixed and deterministic:
 from __future__ import annotations
 
 import ast
+import functools
 import hashlib
 import os
 import platform
@@ -91,8 +92,9 @@ def stdlib_dir() -> str:
   return sysconfig.get_paths()["stdlib"]
 
 
-def all_sentences() -> List[str]:
-  """Every sentence of the extraction (rules 1-5), in order."""
+@functools.lru_cache(maxsize=1)
+def all_sentences() -> Tuple[str, ...]:
+  """Every sentence of the extraction (rules 1-5), in order (parsed once per process)."""
   root, seen, out = stdlib_dir(), set(), []
   for name in MODULES:
     path = os.path.join(root, name + ".py")
@@ -103,7 +105,7 @@ def all_sentences() -> List[str]:
       if keep(s) and s.lower() not in seen:
         seen.add(s.lower())
         out.append(s)
-  return out
+  return tuple(out)
 
 
 def is_calibration(sentence: str) -> bool:

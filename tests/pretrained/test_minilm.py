@@ -119,8 +119,10 @@ def test_truncation_and_tokens(tiny):
   assert tok.max_length == 10  # from sentence_bert_config.json
   (ids,) = tok.token_ids(["the " * 20])
   assert len(ids) == 10 and ids[0] == 2 and ids[-1] == 3  # [CLS] ... [SEP]
-  (ids,) = tok.token_ids(["Foxes"])  # lower-cased, WordPiece ##s
-  assert ids == [2, 5 + WORDS.index("fox"), 5 + WORDS.index("##s"), 3]
+  (ids,) = tok.token_ids(["Dogs"])  # lower-cased, WordPiece ##s
+  assert ids == [2, 5 + WORDS.index("dog"), 5 + WORDS.index("##s"), 3]
+  (ids,) = tok.token_ids(["Foxes"])  # no '##es' piece: the whole word is [UNK]
+  assert ids == [2, 1, 3]
   with pytest.raises(ValueError, match="one str"):
     tok.token_ids("a sentence")
 
