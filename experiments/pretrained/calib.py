@@ -21,7 +21,7 @@ import numpy as np
 import jaxquant as jq
 from jaxquant.ptq import awq, gptq, stats
 
-METHODS = ("rtn", "gptq", "gptq_act_order", "awq", "awq_gptq")
+METHODS = ("rtn", "gptq", "gptq_act_order", "awq", "awq_clip", "awq_gptq")
 
 
 def _contracting(module) -> int:
@@ -76,8 +76,8 @@ def quantize_kernel(kernel, n_contracting: int, spec: jq.QuantSpec, method: str,
     res = gptq.gptq(w, stats.hessian(st), spec, percdamp=percdamp,
                     act_order=method == "gptq_act_order")
     w_hat = res.weight
-  elif method in ("awq", "awq_gptq"):
-    res = awq.awq_search(w, st.xtx, stats.mean_abs(st), spec)
+  elif method in ("awq", "awq_clip", "awq_gptq"):
+    res = awq.awq_search(w, st.xtx, stats.mean_abs(st), spec, clip=method == "awq_clip")
     info["alpha"] = res.alpha
     w_hat = res.weight
     if method == "awq_gptq":  # GPTQ on diag(s) W, whose input is x / s: H' = S⁻¹ H S⁻¹

@@ -32,6 +32,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from jaxquant import numerics
 from jaxquant.fake_quant import quantize
 from jaxquant.ptq.gptq import check_spec
 from jaxquant.qtensor import QTensor
@@ -84,7 +85,8 @@ def _layer_error(xtx, w, w_hat):
   return jnp.sum((xtx @ e) * e)
 
 
-def awq_search(w_KxN, xtx_KxK, act_mean_K, spec: QuantSpec, *, grid: int = 20) -> AWQResult:
+def awq_search(w_KxN, xtx_KxK, act_mean_K, spec: QuantSpec, *, grid: int = 20,
+               clip: bool = False) -> AWQResult:
   """Searches α ∈ {0, 1/grid, …, 1} for the per-input-channel scale s = mean|x|^α that
   minimizes the layer's output error on the calibration data.
 
@@ -95,6 +97,7 @@ def awq_search(w_KxN, xtx_KxK, act_mean_K, spec: QuantSpec, *, grid: int = 20) -
     act_mean_K: mean |x| per input channel (`ptq.stats.mean_abs`).
     spec: the weight quantizer (format 'int', nearest rounding, calibrated grid).
     grid: number of steps in [0, 1].
+    clip: then also search each grid entry's clip ratio (`clip_search`) on diag(s) W.
   """
   w = jnp.asarray(w_KxN, jnp.float32)
   xtx = jnp.asarray(xtx_KxK, jnp.float32)
@@ -109,8 +112,63 @@ def awq_search(w_KxN, xtx_KxK, act_mean_K, spec: QuantSpec, *, grid: int = 20) -
   errors = _errors(w, xtx, a, alphas, spec)
   best = int(jnp.argmin(errors))  # first minimum: ties go to the smaller α
   s = scales_for(a, alphas[best])
-  q, w_eff = scaled_quantize(w, s, spec)
+  if clip:  # diag(s) W sees inputs x / s, whose XᵀX is S⁻¹ XᵀX S⁻¹
+    q, w_s, _ = clip_search(w * s[:, None], xtx / s[:, None] / s[None, :], spec)
+    w_eff = w_s / s[:, None]
+  else:
+    q, w_eff = scaled_quantize(w, s, spec)
   return AWQResult(s, float(alphas[best]), alphas, errors, q, w_eff)
+
+
+def clip_search(w_KxN, xtx_KxK, spec: QuantSpec, *, grid: int = 20, max_shrink: float = 0.5):
+  """AWQ's weight clipping: per grid entry, the clip ratio r ∈ {1, 1 − 1/grid, …} (down
+  to 1 − max_shrink, exclusive) minimizing that entry's output error.
+
+  The entry (a column n, or a column's group g of rows) is requantized on its calibrated
+  grid shrunk by r (scale·r; an asymmetric zero point is unchanged by the shrink) and
+  scored by e_gnᵀ (XᵀX)_gg e_gn, the error of its own rows' inputs (cross-group terms
+  ignored, as in the paper's reference code). Returns (QTensor on the chosen grids,
+  its dequantization [K, N], chosen r shaped like the scale). 'tensor' grids (one scale
+  for all columns) are not searched per entry: ValueError.
+  """
+  w = jnp.asarray(w_KxN, jnp.float32)
+  xtx = jnp.asarray(xtx_KxK, jnp.float32)
+  check_spec(spec, w.shape[0], "clip_search")
+  if spec.granularity == "tensor":
+    raise ValueError("clip_search: granularity='tensor' has one grid for all columns; "
+                     "choose 'channel' or 'group'")
+  if not isinstance(grid, int) or grid < 1 or not 0.0 < max_shrink < 1.0:
+    raise ValueError(f"clip_search: grid={grid!r} must be a positive int and "
+                     f"max_shrink={max_shrink!r} in (0, 1)")
+  n_ratios = max(1, int(round(max_shrink * grid)))
+  ratios = 1.0 - jnp.arange(n_ratios, dtype=jnp.float32) / grid
+  codes, scale, zp, best = _clip(w, xtx, ratios, spec)
+  q = QTensor(codes.astype(jnp.int8), scale, zp)
+  return q, q.dequantize(), best
+
+
+@functools.partial(jax.jit, static_argnames=("spec",))
+def _clip(w, xtx, ratios, spec):
+  k, n = w.shape
+  scale0, zp = numerics.calibrate(w, spec, (0,))
+  g = scale0.shape[0]  # 1 for 'channel', K / group_size for 'group'
+  gs = k // g
+  rows = jnp.arange(k) // gs
+  h_blocks = jnp.where(rows[:, None] == rows[None, :], xtx, 0.0)  # keep (XᵀX)_gg only
+  zp_full = None if zp is None else numerics.expand_to(zp, (k, n))
+
+  def quant(scale):
+    codes = numerics.encode(w, scale, zp, spec, None)
+    return codes, numerics.decode(codes, numerics.expand_to(scale, (k, n)), zp_full)
+
+  def entry_errors(r):
+    e = w - quant(scale0 * r)[1]
+    return numerics.block_sum((h_blocks @ e) * e, scale0.shape)  # [G, N]
+
+  errs = jax.lax.map(entry_errors, ratios)  # [R, G, N]
+  best = ratios[jnp.argmin(errs, axis=0)]   # first minimum: ties keep the wider grid
+  scale = scale0 * best
+  return quant(scale)[0], scale, zp, best
 
 
 @functools.partial(jax.jit, static_argnames=("spec",))

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 import jaxquant as jq
+from jaxquant import numerics
 from jaxquant.ptq import awq, fold, smoothquant, stats
 from ptq_reference import correlated_inputs, np_fake_quant
 
@@ -60,6 +61,39 @@ def test_awq_result_is_consistent():
                              np.asarray(ref.dequantize()) / s[:, None], rtol=1e-6)
   err = float(stats.output_error(st.xtx, w, res.weight))
   assert err == pytest.approx(float(np.min(res.errors)), rel=1e-4)
+
+
+@pytest.mark.parametrize("spec", [jq.QuantSpec(bits=3), jq.QuantSpec(bits=3, symmetric=False, granularity="group", group_size=8)],
+                         ids=["channel_sym", "group_asym"])
+def test_clip_search_matches_numpy(spec):
+  x, w = _data(6)
+  st = stats.from_inputs(x)
+  q, w_hat, ratio = awq.clip_search(w, st.xtx, spec, grid=10, max_shrink=0.5)
+  ref = jq.quantize(jnp.asarray(w), spec, reduce_axes=(0,))  # the unclipped grid
+  assert q.scale.shape == ref.scale.shape and ratio.shape == ref.scale.shape
+  gs = K if spec.granularity == "channel" else spec.group_size
+  x64, w64 = x.astype(np.float64), w.astype(np.float64)
+  s0 = np.asarray(ref.scale, np.float64)
+  z0 = None if ref.zero_point is None else np.asarray(ref.zero_point, np.float64)
+  qmin, qmax = (-3, 3) if spec.symmetric else (-4, 3)
+  for g in range(K // gs):
+    rows = slice(g * gs, (g + 1) * gs)
+    for n in range(N):
+      best_err, best_r = None, None
+      for r in 1.0 - np.arange(5) / 10:  # 1.0 .. 0.6
+        sc, zp = s0[g, n] * r, (0.0 if z0 is None else z0[g, n])
+        deq = (np.clip(np.round(w64[rows, n] / sc + zp), qmin, qmax) - zp) * sc
+        err = np.sum((x64[:, rows] @ (w64[rows, n] - deq)) ** 2)
+        if best_err is None or err < best_err * (1 - 1e-4):
+          best_err, best_r = err, r
+      assert float(ratio[g, n]) == pytest.approx(best_r), (g, n)
+  # Clipping only ever lowers each entry's own error, so the layer error drops too here.
+  err_clip = float(stats.output_error(st.xtx, w, w_hat))
+  err_rtn = float(stats.output_error(st.xtx, w, ref.dequantize()))
+  assert err_clip < err_rtn
+  # The codes are on q's own grid: re-encoding the dequantized weight gives them back.
+  codes = numerics.encode(w_hat, q.scale, q.zero_point, spec, None)
+  np.testing.assert_array_equal(np.asarray(codes), np.asarray(q.values, np.float32))
 
 
 def test_awq_scales_skip_dead_channels():
