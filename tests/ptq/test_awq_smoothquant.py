@@ -6,7 +6,7 @@ import pytest
 import jaxquant as jq
 from jaxquant import numerics
 from jaxquant.ptq import awq, fold, smoothquant, stats
-from ptq_reference import correlated_inputs, np_fake_quant
+from tests.ptq.ptq_reference import correlated_inputs, np_fake_quant
 
 K, N, SAMPLES = 32, 16, 256
 W4 = jq.QuantSpec(bits=4)

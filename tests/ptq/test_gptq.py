@@ -9,7 +9,7 @@ import jaxquant as jq
 from jaxquant import numerics
 from jaxquant.ptq import gptq as G
 from jaxquant.ptq import stats as S
-from ptq_reference import correlated_inputs, np_fake_quant, np_gptq
+from tests.ptq.ptq_reference import correlated_inputs, np_fake_quant, np_gptq
 
 K, N, SAMPLES = 32, 8, 256
 
