@@ -16,7 +16,8 @@ x = q − zp the centered input codes:
               SRDHM(clamp_int32(x·2^e), M0), where
               SRDHM(a, b) = floor(a·b/2^31 + 1/2), and 2^31 − 1 for a = b = −2^31;
               RDBPOT(x, n) = x/2^n rounded to nearest, ties away from zero.
-  requant     codes = zp + clamp(requantize(acc), lo − zp, hi − zp)
+  requant     codes = zp + clamp(RDBPOT(SRDHM(clamp_int32(acc·2^left), M0), right),
+              lo − zp, hi − zp)   (the multiplier M0·2^(left − right − 31))
   dot / conv  Σ (q − zp)·w, a conv's input padded with real zeros (x = 0);
   add         Σ_i requantize((q_i − zp_i)·sign_i·2^L, M_i);  sum: Σ x;  identity: x
   norm        graph.py's integer normalization (see `norm` below).
@@ -130,7 +131,10 @@ def norm(op, arrays, q):
 
 
 def requant(op, arrays, acc):
-  y = requantize(acc, arrays[op["m0"]], arrays[op["e"]])
+  left = arrays[op["left"]].astype(np.int64)
+  shifted = np.clip(np.asarray(acc, np.int64) * np.left_shift(np.int64(1), left), INT32_MIN,
+                    INT32_MAX)
+  y = rdbpot(srdhm(shifted, arrays[op["m0"]]), arrays[op["right"]])
   y = np.clip(y, op["lo"] - op["zp"], op["hi"] - op["zp"]) + op["zp"]
   return y.astype(np.int8 if op["dtype"] == "int8" else np.int32)
 

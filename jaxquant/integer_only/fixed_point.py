@@ -17,6 +17,14 @@ semantics, which the paper's §2.2 cites; the rules are restated here exactly):
       = RDBPOT(SRDHM(x, M0), −e)                        if e ≤ 0
       = SRDHM(SaturatingLeftShift(x, e), M0)            if e > 0
 
+The requantization of integer programs is the same arithmetic with the shift split in two,
+  Requantize(x, M0, left, right) = RDBPOT(SRDHM(SaturatingLeftShift(x, left), M0), right)
+for a multiplier M0·2^(left − right − 31): `requant_shifts` shifts small accumulators
+(|x| ≤ a known bound) left first, so SRDHM keeps `left` extra fractional bits and the
+result is x·M rounded once (to within 2^-(right+1)) instead of twice: with 4-bit codes an
+accumulator can be ~10 and M ~ 0.3, where MultiplyByQuantizedMultiplier's intermediate
+x·M0/2^31 would carry only 1–2 fractional bits.
+
 `quantize_multiplier` chooses (M0, e) on the host: M = m·2^e with m ∈ [1/2, 1) and
 M0 = round(m·2^31) (an M0 of 2^31 becomes 2^30 with e + 1). Multipliers below 2^-32
 give M0 = 0 (every product rounds to 0 or ±1 anyway); above 2^30 they are refused.
@@ -68,6 +76,22 @@ def quantize_multipliers(m: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
   m0 = np.array([p[0] for p in pairs], np.int64).reshape(m.shape)
   e = np.array([p[1] for p in pairs], np.int64).reshape(m.shape)
   return m0.astype(np.int32), e.astype(np.int32)
+
+
+def requant_shifts(m: np.ndarray, bound: float) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """(M0, left, right) int32 arrays for multipliers `m` applied to accumulators with
+  |x| ≤ `bound`: left is the largest shift with bound·2^left < 2^31 (at most 30), so the
+  saturating shift never saturates, unless the multiplier itself needs a larger one."""
+  m0, e = quantize_multipliers(m)
+  headroom = 0
+  while headroom < MAX_LEFT_SHIFT and float(bound) * 2.0 ** (headroom + 1) < 2.0 ** 31:
+    headroom += 1
+  e = e.astype(np.int64)
+  left = np.maximum(np.minimum(headroom, e + MAX_RIGHT_SHIFT), e).clip(0, MAX_LEFT_SHIFT)
+  right = left - e
+  left = np.where(m0 == 0, 0, left)
+  right = np.where(m0 == 0, 0, right)
+  return m0, left.astype(np.int32), right.astype(np.int32)
 
 
 def _u32(x):
@@ -141,6 +165,11 @@ def multiply_by_quantized_multiplier(x: jax.Array, m0, e) -> jax.Array:
   e = jnp.asarray(e, jnp.int32)
   left = jnp.maximum(e, 0)
   right = jnp.maximum(-e, 0)
+  return rounding_divide_by_pot(srdhm(saturating_left_shift(x, left), m0), right)
+
+
+def requantize(x: jax.Array, m0, left, right) -> jax.Array:
+  """RDBPOT(SRDHM(SaturatingLeftShift(x, left), m0), right): x·m0·2^(left−right−31)."""
   return rounding_divide_by_pot(srdhm(saturating_left_shift(x, left), m0), right)
 
 

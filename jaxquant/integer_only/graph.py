@@ -19,8 +19,9 @@ int32 arrays that broadcast against raw, each optional), where raw is:
   identity  x − zp.
   norm      the integer group / layer normalization below; output t ≈ 2^T·(x − mean)/σ.
 Then
-  requant   codes = clamp(MBQM(acc, m0, e), lo − zp, hi − zp) + zp, as `dtype` ('int8'
-            or 'int32'); m0, e int32 arrays broadcasting against acc.
+  requant   codes = clamp(RQ(acc), lo − zp, hi − zp) + zp, as `dtype` ('int8' or
+            'int32'), RQ(x) = RDBPOT(SRDHM(SaturatingLeftShift(x, left), m0), right)
+            (fixed_point.requantize); m0, left, right int32 arrays broadcasting against acc.
   reshape   to (batch,) + `shape`.     transpose  by `perm` (perm[0] = 0).
 
 norm (Jacob et al. give none; this follows I-BERT's idea of an integer square root,
@@ -65,11 +66,11 @@ FIELDS = {
     "sum": ("zp", "axes"),
     "identity": ("zp",),
     "norm": ("zp", "groups", "reduce", "eps", "sigma_bits", "mean_bits", "pre_shift"),
-    "requant": ("m0", "e", "zp", "lo", "hi", "dtype"),
+    "requant": ("m0", "left", "right", "zp", "lo", "hi", "dtype"),
     "reshape": ("shape",),
     "transpose": ("perm",),
 }
-ARRAY_FIELDS = {"dot": ("w",), "conv": ("w",), "requant": ("m0", "e")}
+ARRAY_FIELDS = {"dot": ("w",), "conv": ("w",), "requant": ("m0", "left", "right")}
 EPILOGUE_FIELDS = ("sign", "bias")  # optional, core ops only
 ARITY = {"add": 2}
 

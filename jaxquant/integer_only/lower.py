@@ -115,7 +115,7 @@ class _Emitter:
     self.ops: List[Dict[str, Any]] = []
     self.arrays: Dict[str, np.ndarray] = {}
     self.memo: Dict[Tuple[int, Grid], str] = {}
-    self.acc_memo: Dict[int, Tuple[str, np.ndarray]] = {}
+    self.acc_memo: Dict[int, Tuple[str, np.ndarray, float]] = {}
     self.output_scale: Optional[float] = None
     self.demands_of: Dict[int, List[Grid]] = {}
     for cid, grid in demand.items():
@@ -176,16 +176,16 @@ class _Emitter:
   def requant(self, i: int, grid: Grid) -> str:
     node = self.ir.nodes[i]
     if node.kind == "input":
-      acc, scale = self.identity_acc(i)
+      acc, scale, bound = self.identity_acc(i)
       lo, hi = -np.inf, np.inf
     else:
-      acc, scale = self.acc(i)
+      acc, scale, bound = self.acc(i)
       lo, hi = node.attrs["lo"], node.attrs["hi"]
     if grid == OUTPUT:
       self.output_scale = float(np.max(scale)) * OUTPUT_HEADROOM
       grid = OUTPUT._replace(scale=self.output_scale)
     try:
-      m0, e = fp.quantize_multipliers(scale / grid.scale)
+      m0, left, right = fp.requant_shifts(scale / grid.scale, bound)
     except ValueError as err:
       raise IntegerOnlyError(f"layer {node.layer!r}: requantization {err}") from None
     q_lo, q_hi = grid.qmin, grid.qmax
@@ -195,18 +195,19 @@ class _Emitter:
       q_hi = int(np.clip(grid.zp + np.rint(hi / grid.scale), grid.qmin, grid.qmax))
     op = {"op": "requant", "in": [acc], "layer": node.layer, "zp": grid.zp, "lo": q_lo,
           "hi": max(q_lo, q_hi), "dtype": grid.dtype}
-    return self.add_op(op, m0=m0, e=e)
+    return self.add_op(op, m0=m0, left=left, right=right)
 
-  def identity_acc(self, i: int) -> Tuple[str, np.ndarray]:
+  def identity_acc(self, i: int) -> Tuple[str, np.ndarray, float]:
     grid = self.natural(i)
     t = self.emit(i, grid)
     rank = len(self.ir.nodes[i].shape)
     out = self.add_op({"op": "identity", "in": [t], "layer": "", "zp": grid.zp})
-    return out, np.full((1,) * rank, grid.scale)
+    return out, np.full((1,) * rank, grid.scale), float(grid.qmax - grid.qmin)
 
   # -- accumulators ---------------------------------------------------------------------
-  def acc(self, i: int) -> Tuple[str, np.ndarray]:
-    """(int32 tensor, its scale) of an affine node: a core op with the epilogue."""
+  def acc(self, i: int) -> Tuple[str, np.ndarray, float]:
+    """(int32 tensor, its scale, a bound on |acc|) of an affine node: a core op with the
+    epilogue."""
     if i in self.acc_memo:
       return self.acc_memo[i]
     affine = self.ir.nodes[i]
@@ -230,7 +231,8 @@ class _Emitter:
       scale = np.where(degenerate, const_scale, scale)
       sign = np.where(degenerate, 0, sign)
       bias = np.where(degenerate, np.rint(add / const_scale), bias)
-    if bound + float(np.max(np.abs(bias), initial=0.0)) >= 2.0 ** 31:
+    bound = bound + float(np.max(np.abs(bias), initial=0.0))
+    if bound >= 2.0 ** 31:
       raise IntegerOnlyError(f"layer {core.layer!r}: the int32 accumulator could overflow "
                              f"(|raw| ≤ {bound:.3g}); fewer inputs per output or a smaller "
                              "bias would fit")
@@ -240,7 +242,7 @@ class _Emitter:
     if np.any(bias != 0):
       arrays["bias"] = bias.astype(np.int32)
     out = self.add_op(op, **arrays)
-    self.acc_memo[i] = (out, scale)
+    self.acc_memo[i] = (out, scale, bound)
     return self.acc_memo[i]
 
   def core_contract(self, node: Node):

@@ -46,6 +46,11 @@ def ref_rounding_divide(a: int, d: int) -> int:
   return mag if q >= 0 else -mag
 
 
+def ref_requantize(x: int, m0: int, left: int, right: int) -> int:
+  """RDBPOT(SRDHM(clamp_int32(x·2^left), m0), right)."""
+  return ref_rdbpot(ref_srdhm(max(-2 ** 31, min(2 ** 31 - 1, x * 2 ** left)), m0), right)
+
+
 def ref_mbqm(x: int, m0: int, e: int) -> int:
   if e > 0:
     return ref_srdhm(max(-2 ** 31, min(2 ** 31 - 1, x * 2 ** e)), m0)
@@ -118,6 +123,22 @@ def train_qat(model, rule_list, x, y, steps=20, batch=16, lr=1e-2, seed=0):
     lo = (i * batch) % (n - batch + 1)
     train, other, opt = step(train, other, opt, x[lo:lo + batch], y[lo:lo + batch])
   return qm, jax.tree.map(np.asarray, {**train, **other})
+
+
+def qat_forward_ranges(model, rule_list, batches, seed=0):
+  """A QAT model at init whose activation-range EMAs have seen `batches` (forward passes
+  with 'quant_stats' mutable; no gradient step: one compile instead of a train step's)."""
+  qm = jq.quantize_model(model, rule_list)
+  variables = dict(qm.init(jax.random.key(seed), batches[0]))
+
+  @jax.jit
+  def update(variables, xb):
+    _, upd = qm.apply(variables, xb, mutable=["quant_stats"])
+    return {**variables, **upd}
+
+  for xb in batches:
+    variables = update(variables, xb)
+  return qm, jax.tree.map(np.asarray, variables)
 
 
 def ema_as_static(variables):

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from jaxquant.integer_only import fixed_point as fp
-from tests.integer_only.int_helpers import numpy_runtime, ref_mbqm, ref_rdbpot, ref_rounding_divide, ref_srdhm
+from tests.integer_only.int_helpers import (numpy_runtime, ref_mbqm, ref_rdbpot, ref_requantize,
+                         ref_rounding_divide, ref_srdhm)
 
 MIN, MAX = -2 ** 31, 2 ** 31 - 1
 EDGES = [MIN, MIN + 1, -2 ** 30 - 1, -2 ** 30, -2 ** 30 + 1, -3 * 2 ** 29, -3, -2, -1, 0, 1,
@@ -107,3 +108,23 @@ def test_isqrt_and_rounding_divide_exact():
     want = [ref_rounding_divide(int(t), d) for t in a]
     np.testing.assert_array_equal(np.asarray(fp.rounding_divide(a, d)), want)
     np.testing.assert_array_equal(NR.rdiv(a, d), want)
+
+
+@pytest.mark.parametrize("bound", [7, 300, 2 ** 20, 2 ** 30])
+def test_requant_shifts_round_once(bound):
+  # Multipliers like those of 4-bit layers (M ~ 0.1–0.5 on accumulators of ~10): with the
+  # pre-shift the result is x·M rounded once, off by at most 1/2 + 2^-(right+1) (+ M0's
+  # relative error), where a single right shift could be off by up to 3/4.
+  m = np.array([0.1234, 0.26, 0.4999, 0.75, 1.0, 3.3, 2.0 ** -20, 0.0])
+  m0, left, right = fp.requant_shifts(m, bound)
+  assert np.all((left >= 0) & (left <= 30) & (right >= 0) & (right <= 31))
+  np.testing.assert_allclose(m0 * 2.0 ** (left.astype(float) - right - 31), m, rtol=1e-9)
+  assert np.all(bound * 2.0 ** left.astype(float) < 2 ** 31) or bound == 2 ** 30
+  x = np.linspace(-bound, bound, 41).round().astype(np.int64)
+  for j in range(m.size):
+    got = np.asarray(fp.requantize(x.astype(np.int32), m0[j], left[j], right[j]))
+    ref = [ref_requantize(int(v), int(m0[j]), int(left[j]), int(right[j])) for v in x]
+    np.testing.assert_array_equal(got, ref)
+    fits = np.abs(x * 2.0 ** left[j]) < 2 ** 31  # beyond: the shift saturates, as specified
+    err = np.abs(got - x * m[j])[fits]
+    assert np.all(err <= 0.5 + 2.0 ** -(right[j] + 1) + 1e-9 * np.abs(x * m[j])[fits])

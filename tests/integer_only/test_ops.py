@@ -9,11 +9,11 @@ from jax import lax
 
 from jaxquant.integer_only import IntegerProgram
 from jaxquant.integer_only import graph as g
-from tests.integer_only.int_helpers import numpy_runtime, ref_mbqm
+from tests.integer_only.int_helpers import numpy_runtime, ref_mbqm, ref_requantize
 
 NR = numpy_runtime()
 RNG = np.random.default_rng(1)
-IDENTITY_M0, IDENTITY_E = 2 ** 30, 1  # M = 1 exactly: requant to int32 keeps the value
+IDENTITY_M0, IDENTITY_LEFT = 2 ** 30, 1  # M = 2^30·2^(1−31) = 1: requant keeps the value
 
 
 def _program(shape, ops, arrays, out, zp=0):
@@ -26,9 +26,11 @@ def _program(shape, ops, arrays, out, zp=0):
 def _to_int32(src, name, rank):
   """A requant op that passes an int32 accumulator through unchanged (M = 1)."""
   arrays = {f"{name}.m0": np.full((1,) * rank, IDENTITY_M0, np.int32),
-            f"{name}.e": np.full((1,) * rank, IDENTITY_E, np.int32)}
+            f"{name}.left": np.full((1,) * rank, IDENTITY_LEFT, np.int32),
+            f"{name}.right": np.zeros((1,) * rank, np.int32)}
   op = {"op": "requant", "in": [src], "out": name, "layer": "", "m0": f"{name}.m0",
-        "e": f"{name}.e", "zp": 0, "lo": -2 ** 31, "hi": 2 ** 31 - 1, "dtype": "int32"}
+        "left": f"{name}.left", "right": f"{name}.right", "zp": 0, "lo": -2 ** 31,
+        "hi": 2 ** 31 - 1, "dtype": "int32"}
   return op, arrays
 
 
@@ -85,20 +87,23 @@ def test_dot_over_two_axes_with_zero_point(tmp_path):
 
 
 def test_requant_saturation_and_negative_ties(tmp_path):
-  # Every int8 code through x − zp, then four per-channel multipliers: 1/2 and 1/4 (ties,
-  # both signs), 1 (a left shift) and ~32 (saturates the int8 clamp), plus a bias.
-  codes = np.repeat(np.arange(-128, 128, dtype=np.int8)[:, None], 4, axis=1)
-  m0 = np.array([[2 ** 30, 2 ** 30, 2 ** 30, 2 ** 31 - 1]], np.int32)
-  e = np.array([[0, -1, 1, 5]], np.int32)
-  bias = np.array([[-1, 0, 3, 0]], np.int32)
+  # Every int8 code through x − zp, then per-channel multipliers: 1/2 and 1/4 (ties, both
+  # signs), 1 (a left shift), ~32 (saturates the int8 clamp), 1/4 again with 10 bits of
+  # pre-shift, and ~1/3 shifted left into int32 saturation; plus a bias.
+  codes = np.repeat(np.arange(-128, 128, dtype=np.int8)[:, None], 6, axis=1)
+  m0 = np.array([[2 ** 30, 2 ** 30, 2 ** 30, 2 ** 31 - 1, 2 ** 30, 1431655765]], np.int32)
+  left = np.array([[0, 0, 1, 5, 10, 25]], np.int32)
+  right = np.array([[0, 1, 0, 0, 11, 26]], np.int32)
+  bias = np.array([[-1, 0, 3, 0, 1, 0]], np.int32)
   ident = {"op": "identity", "in": ["input"], "out": "a", "layer": "", "zp": 3, "bias": "a.bias"}
-  req = {"op": "requant", "in": ["a"], "out": "q", "layer": "", "m0": "q.m0", "e": "q.e",
-         "zp": -7, "lo": -128, "hi": 100, "dtype": "int8"}
-  prog = _program((4,), [ident, req], {"a.bias": bias, "q.m0": m0, "q.e": e}, "q", zp=3)
-  got = _both(prog, codes, tmp_path)
+  req = {"op": "requant", "in": ["a"], "out": "q", "layer": "", "m0": "q.m0", "left": "q.l",
+         "right": "q.r", "zp": -7, "lo": -128, "hi": 100, "dtype": "int8"}
+  arrays = {"a.bias": bias, "q.m0": m0, "q.l": left, "q.r": right}
+  got = _both(_program((6,), [ident, req], arrays, "q", zp=3), codes, tmp_path)
   acc = codes.astype(np.int64) - 3 + bias
-  ref = np.array([[min(max(ref_mbqm(int(acc[i, c]), int(m0[0, c]), int(e[0, c])), -128 + 7),
-                       100 + 7) - 7 for c in range(4)] for i in range(256)])
+  ref = np.array([[min(max(ref_requantize(int(acc[i, c]), int(m0[0, c]), int(left[0, c]),
+                                          int(right[0, c])), -128 + 7), 100 + 7) - 7
+                   for c in range(6)] for i in range(256)])
   np.testing.assert_array_equal(got, ref)
   assert np.sum(got == 100) > 1 and np.sum(got == -128) > 1  # both clamps reached
   assert np.any((acc[:, 0] < 0) & (acc[:, 0] % 2 == 1))  # negative ties of 1/2 exercised
