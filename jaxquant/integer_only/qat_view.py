@@ -28,13 +28,13 @@ _quantize = jax.jit(quantize, static_argnames=("spec", "reduce_axes"))
 
 def is_quantized(model) -> bool:
   """True for a model made by `jq.quantize_model` (its class carries the rules)."""
-  return getattr(type(model), "_jq_plan", None) is not None
+  return getattr(type(model), "_jq_config", None) is not None
 
 
 def rules_of(model) -> Tuple[Rule, ...]:
   """The rules of a quantized model, () for a plain float model."""
-  plan = getattr(type(model), "_jq_plan", None)
-  return () if plan is None else tuple(plan.rules)
+  plan = getattr(type(model), "_jq_config", None)
+  return () if plan is None else tuple(plan.rules)  # plan: the QuantConfig
 
 
 def float_model_of(model) -> nn.Module:
