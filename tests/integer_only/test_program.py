@@ -15,7 +15,7 @@ import pytest
 
 import jaxquant as jq
 from jaxquant.integer_only import IntegerOnlyError, IntegerProgram, to_integer
-from jaxquant.models import CNN1D, GPT, MLP, ResNet
+from experiments.models import CNN1D, GPT, MLP, ResNet
 from tests.integer_only.int_helpers import RUNTIME_PATH, ema_as_static, float_dtypes_in, qat_forward_ranges, rules
 
 RNG = np.random.default_rng(0)
