@@ -5,7 +5,9 @@ The curated public API; everything else is internal.
 from jaxquant.conv import conv_general_dilated, make_conv
 from jaxquant.convert import SizeReport, TensorSize, calibrate, convert, size_report
 from jaxquant.dot import dot_general, einsum, make_dot_general
+from jaxquant.export import export_serving, load_exported
 from jaxquant.fake_quant import dequantize, fake_quant, quantize
+from jaxquant.integer_only import IntegerOnlyError, IntegerProgram, to_integer
 from jaxquant.qtensor import QTensor, pack, unpack
 from jaxquant.spec import DotSpec, QuantSpec, Rule
 from jaxquant.transform import quantize_model
@@ -14,5 +16,6 @@ __all__ = [
     "QuantSpec", "DotSpec", "Rule", "QTensor", "quantize", "dequantize", "fake_quant",
     "pack", "unpack", "dot_general", "einsum", "conv_general_dilated", "make_dot_general",
     "make_conv", "quantize_model", "calibrate", "convert", "size_report", "SizeReport", "TensorSize",
+    "to_integer", "IntegerProgram", "IntegerOnlyError", "export_serving", "load_exported",
 ]
 __version__ = "0.1.0"
