@@ -69,6 +69,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     raise ValueError(f"integer.ranges={int_cfg.ranges!r}; choose 'calibrate' or 'ema'")
   if int_cfg.ranges == "calibrate":
     variables = jq.calibrate(setup.model, variables, batches)
+  else:  # the same grids to_integer takes from the EMA, for the QAT comparison below
+    from jaxquant.integer_only import qat_view  # pylint: disable=g-import-not-at-top
+    variables = qat_view.ema_as_static(variables)
   program = jq.to_integer(setup.model, variables, batches)
   out_dir = os.path.join(os.path.abspath(workdir), "integer_program")
   program.save(out_dir)

@@ -62,10 +62,12 @@ def export_serving(model, variables, example, path: str, *,
     exported = jax.export.export(fn)(leaf_specs, jax.ShapeDtypeStruct(example.shape,
                                                                        example.dtype))
   header = {"format": FORMAT, "version": VERSION, "num_leaves": len(leaves),
+            # Raw bytes + dtype names: npz has no float8 / bfloat16 (ml_dtypes) types.
+            "leaves": [{"dtype": str(l.dtype), "shape": list(l.shape)} for l in leaves],
             "input_shape": [str(d) for d in exported.in_avals[-1].shape],
             "input_dtype": str(example.dtype),
             "output_shapes": [[str(d) for d in a.shape] for a in exported.out_avals]}
-  arrays = {_leaf_key(i): l for i, l in enumerate(leaves)}
+  arrays = {_leaf_key(i): np.frombuffer(l.tobytes(), np.uint8) for i, l in enumerate(leaves)}
   arrays[_MODULE_KEY] = np.frombuffer(bytes(exported.serialize()), np.uint8)
   arrays[_HEADER_KEY] = np.frombuffer(json.dumps(header).encode(), np.uint8)
   directory = os.path.dirname(os.path.abspath(path))
@@ -97,6 +99,7 @@ def load_exported(path: str) -> Callable[[Any], Any]:
     if header.get("format") != FORMAT or header.get("version") != VERSION:
       raise ValueError(f"{path} is not a {FORMAT} v{VERSION} file (header {header})")
     module = bytes(npz[_MODULE_KEY])
-    leaves = [npz[_leaf_key(i)] for i in range(header["num_leaves"])]
+    leaves = [np.frombuffer(npz[_leaf_key(i)].tobytes(), jax.numpy.dtype(spec["dtype"]))
+              .reshape(spec["shape"]) for i, spec in enumerate(header["leaves"])]
   exported = jax.export.deserialize(bytearray(module))
   return LoadedServing(exported, leaves, header)
