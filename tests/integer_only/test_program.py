@@ -58,15 +58,19 @@ def test_run_is_integer_only(trained, name):
 @pytest.mark.parametrize("name", sorted(MODELS))
 def test_matches_the_qat_model(trained, name):
   qm, variables, program = trained[name]
-  # Same codes and grids as QAT up to rounding: the fixed-point multiplier, the int32
-  # bias, QAT's float rounding near ties (one code of a 4-bit activation is 1/16 of its
-  # range), and for the ResNet the calibrated grids of norm and residual outputs.
   qat = np.asarray(qm.apply(variables, X[name]))
   got = np.asarray(program(X[name])) * program.output_scale
-  tol = {"mlp": 0.02, "cnn": 0.1, "resnet": 0.1}[name]
-  assert np.abs(got - qat).max() <= tol * np.abs(qat).max()
-  assert np.mean(np.abs(got - qat)) <= tol / 4 * np.abs(qat).max()
-  assert np.mean(got.argmax(-1) == qat.argmax(-1)) >= 0.9
+  err, top = np.abs(got - qat), np.abs(qat).max()
+  if name == "resnet":
+    # Integer normalization (σ to 7 fractional bits) and calibrated grids for the norm
+    # and residual outputs, which QAT keeps in float.
+    assert err.max() <= 0.05 * top and err.mean() <= 0.015 * top
+    assert np.mean(got.argmax(-1) == qat.argmax(-1)) >= 0.95
+  else:
+    # Every activation code equals QAT's (same grids, one rounding of (acc + bias)·M):
+    # only the int32 logits' own rounding (half a step) and float32 noise remain.
+    assert err.max() <= program.output_scale + 1e-5 * top
+    np.testing.assert_array_equal(got.argmax(-1), qat.argmax(-1))
   # Its int32 logits scale back through output_scale; predict is their argmax.
   np.testing.assert_array_equal(program.predict(program.quantize_input(X[name])),
                                 np.asarray(program(X[name])).argmax(-1))
