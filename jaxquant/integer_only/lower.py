@@ -27,13 +27,16 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Dict, Iterable, List, NamedTuple, Optional, Tuple
 
+import jax
 import numpy as np
 
 from jaxquant.integer_only import calibrate as calib
 from jaxquant.integer_only import fixed_point as fp
 from jaxquant.integer_only import graph as g
 from jaxquant.integer_only import qat_view
-from jaxquant.integer_only.trace import IR, IntegerOnlyError, Node
+from jaxquant.integer_only import trace as tr
+from jaxquant.integer_only.ir import IR, IntegerOnlyError, Node
+from jaxquant.numerics import int_range
 from jaxquant.spec import QuantSpec
 
 DEFAULT_WEIGHT = QuantSpec(bits=8)  # layers no rule quantizes: per-channel int8
@@ -64,7 +67,6 @@ class Layer:
 
 
 def _grid_from_spec(spec: QuantSpec, scale: float, zp: int) -> Grid:
-  from jaxquant.numerics import int_range
   qmin, qmax = int_range(spec)
   return Grid(float(scale), int(zp), int(qmin), int(qmax))
 
@@ -329,8 +331,6 @@ def _batches(calibration_batches) -> List[np.ndarray]:
 def convert(qmodel, variables, calibration_batches, *, example=None,
             apply_kwargs=None) -> Tuple[g.Graph, Dict[str, Any]]:
   """(integer graph, info) for `to_integer`; see program.to_integer."""
-  import jax
-  from jaxquant.integer_only import trace as tr
   batches = _batches(calibration_batches)
   if example is None and not batches:
     raise IntegerOnlyError("to_integer needs calibration_batches (at least one batch of "

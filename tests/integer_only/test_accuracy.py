@@ -47,4 +47,5 @@ def test_recipe_within_0p3_points_of_qat(variant, tmp_path):
   assert summary["numpy_runtime_bit_exact"]
   assert summary["numpy_runtime_test_accuracy"] == summary["integer_test_accuracy"]
   assert abs(summary["integer_test_accuracy"] - summary["qat_test_accuracy"]) <= 0.003 + 1e-9
+  assert summary["prediction_agreement_with_qat_static"] >= 0.999  # the same model, in integers
   assert os.path.exists(os.path.join(tmp_path, "integer_program", "graph.json"))
