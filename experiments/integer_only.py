@@ -1,6 +1,11 @@
 r"""Train (QAT), convert to an integer-only program, save it and evaluate it: one command.
 
     python -m experiments.integer_only --config=configs/mnist1d_integer.py:w8a8 --workdir=DIR
+    python -m experiments.integer_only --config=configs/digits_resnet.py:w8a8 --workdir=DIR
+
+Any training config works; one without an `integer` section (configs/mnist1d_integer.py
+documents its keys) gets its defaults: jq.calibrate on the whole training split in
+batches of the training batch size.
 
 Steps: `train_and_evaluate` on the config without its `integer` section (a finished run in
 DIR is reused: rerunning resumes from its last checkpoint); restore the trained variables;
@@ -53,9 +58,14 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   import jaxquant as jq  # pylint: disable=g-import-not-at-top
 
   loop = _training()
-  int_cfg = config.integer
   train_config = ml_collections.ConfigDict(config.to_dict())
-  del train_config["integer"]
+  if "integer" in train_config:
+    int_cfg = config.integer
+    del train_config["integer"]
+  else:  # any training config: the recipe's defaults
+    int_cfg = ml_collections.ConfigDict({"ranges": "calibrate", "calibration_batches": -1,
+                                         "calibration_batch_size": config.batch_size,
+                                         "eval_batch_size": 500})
   summary = loop.train_and_evaluate(train_config, workdir)
   step, state, setup = loop.load_checkpoint(train_config, workdir)
   variables = {**state["trainable"], **state["state"]}
