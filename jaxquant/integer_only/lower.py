@@ -144,6 +144,20 @@ class _Emitter:
     scale, zp = qat_view.grid_of(CALIBRATED_ACT, ("range", (lo, hi)))
     return _grid_from_spec(CALIBRATED_ACT, scale, zp)
 
+  def check_ranges(self) -> None:
+    """Names the first tensor (in forward order) that needs a measured range and has
+    none, before any emission."""
+    for node in self.ir.nodes:
+      needs = []
+      if node.kind in ("add", "sum", "norm", "identity"):
+        needs = list(node.inputs)
+      elif node.kind == "contract" and node.id not in self.demand:
+        needs = [node.inputs[0]]
+      elif node.kind == "input":
+        needs = [node.id]
+      for i in needs:
+        self.natural(i)
+
   def name(self) -> str:
     return f"t{len(self.ops)}"
 
@@ -370,6 +384,7 @@ def convert(qmodel, variables, calibration_batches, *, example=None,
                              "training EMA): pass calibration_batches to measure it")
     demand[cid] = _grid_from_spec(spec, *qat_view.measured_grid(spec, samples[src]))
   em = _Emitter(ir, layers, demand, ranges, bool(batches))
+  em.check_ranges()
   input_grid = em.natural(ir.input)
   out = em.emit(ir.output, OUTPUT)
   graph = g.Graph(
