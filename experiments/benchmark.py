@@ -12,6 +12,11 @@ interleaved in the same process (ratio < 1 means faster than float):
                       float train step
   qat_int8_full       SGD train step, int8 forward and both int8 backward dots
                       (stochastic-rounded int8 gradients) vs the float train step
+  integer_only_{mlp,cnn}_vs_float / _vs_w8a8
+                      jq.to_integer program (int8 codes in, int32 logits out, every op
+                      integer) vs the float Flax forward, and vs the dynamic W8A8 serving
+                      model (jq.convert); MLP: the MLP above as experiments.models.MLP;
+                      cnn: the MNIST-1D CNN (Greydanus 2020, 25 channels) on [batch, 40]
 """
 from __future__ import annotations
 
@@ -24,6 +29,7 @@ import jax
 import jax.numpy as jnp
 
 import jaxquant as jq
+from experiments.models import CNN1D, MLP
 
 FLAGS = flags.FLAGS
 flags.DEFINE_integer("batch", 512, "Batch size (rows of the activations).")
@@ -115,7 +121,31 @@ def run(batch: int = 512, repeats: int = 15) -> dict:
   t_f, t_q, t_full = _time([(float_step, args), (qat_step, args), (full_step, args)], repeats)
   results["qat_int8_forward"] = (t_q, t_f)
   results["qat_int8_full"] = (t_full, t_f)
+  results.update(_integer_only_rows(batch, repeats))
   return {k: {"ratio": q / f, "ms": q * 1e3, "baseline_ms": f * 1e3} for k, (q, f) in results.items()}
+
+
+def _integer_only_rows(batch: int, repeats: int) -> dict:
+  """Integer-only programs vs float and vs dynamic W8A8 serving, same Flax models."""
+  rows = {}
+  w8a8 = [jq.Rule(".*", weight=jq.QuantSpec(bits=8), act=jq.QuantSpec(bits=8, granularity="tensor"))]
+  cases = {"mlp": (MLP(num_classes=SIZES[-1], features=SIZES[1:-1]), (batch, SIZES[0])),
+           "cnn": (CNN1D(num_classes=10), (batch, 40))}
+  for name, (model, shape) in cases.items():
+    x = jax.random.normal(jax.random.key(3), shape, jnp.float32)
+    float_vars = model.init(jax.random.key(4), x)
+    qmodel = jq.quantize_model(model, w8a8)
+    qvars = qmodel.init(jax.random.key(4), x)
+    serving_model, serving_vars = jq.convert(qmodel, qvars)  # dynamic activation ranges
+    program = jq.to_integer(qmodel, qvars, [x])  # static ranges measured on x
+    x_q = program.quantize_input(x)
+    fwd_float = jax.jit(model.apply)
+    fwd_w8a8 = jax.jit(serving_model.apply)
+    t_f, t_s, t_i = _time([(fwd_float, (float_vars, x)), (fwd_w8a8, (serving_vars, x)),
+                           (program.run, (x_q,))], repeats)
+    rows[f"integer_only_{name}_vs_float"] = (t_i, t_f)
+    rows[f"integer_only_{name}_vs_w8a8"] = (t_i, t_s)
+  return rows
 
 
 def main(argv):
@@ -128,9 +158,9 @@ def main(argv):
     return
   print(f"backend={meta['backend']} device={meta['device']} jax={meta['jax']} "
         f"batch={FLAGS.batch} (median of {FLAGS.repeats}, ratio = path / float)")
-  print(f"{'path':<20}{'ratio':>8}{'ms':>10}{'float ms':>10}")
+  print(f"{'path':<28}{'ratio':>8}{'ms':>10}{'base ms':>10}")
   for k, v in res.items():
-    print(f"{k:<20}{v['ratio']:>8.3f}{v['ms']:>10.2f}{v['baseline_ms']:>10.2f}")
+    print(f"{k:<28}{v['ratio']:>8.3f}{v['ms']:>10.2f}{v['baseline_ms']:>10.2f}")
 
 
 if __name__ == "__main__":

@@ -4,10 +4,12 @@ The curated public API; everything else is internal.
 """
 from jaxquant.conv import conv_general_dilated, make_conv
 from jaxquant.convert import SizeReport, TensorSize, calibrate, convert, size_report
+from jaxquant import observers
 from jaxquant.dot import dot_general, make_dot_general
 from jaxquant.einsum import einsum
-from jaxquant import observers
+from jaxquant.export import export_serving, load_exported
 from jaxquant.fake_quant import OperandState, dequantize, fake_quant, quantize
+from jaxquant.integer_only import IntegerOnlyError, IntegerProgram, to_integer
 from jaxquant.layout import WeightLayout, make_layout, quantize_weight
 from jaxquant.qtensor import QTensor, pack, unpack
 from jaxquant.spec import DotSpec, QuantSpec, Rule
@@ -18,5 +20,6 @@ __all__ = [
     "pack", "unpack", "dot_general", "einsum", "conv_general_dilated", "make_dot_general",
     "make_conv", "quantize_model", "calibrate", "convert", "size_report", "SizeReport", "TensorSize",
     "OperandState", "WeightLayout", "make_layout", "quantize_weight", "observers",
+    "to_integer", "IntegerProgram", "IntegerOnlyError", "export_serving", "load_exported",
 ]
 __version__ = "0.1.0"

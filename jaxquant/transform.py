@@ -33,6 +33,7 @@ import warnings
 from typing import Any, Dict, Optional, Sequence, Tuple
 
 import flax.linen as nn
+from flax import nnx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -41,6 +42,7 @@ from jaxquant import conv as qconv
 from jaxquant import dot as qdot
 from jaxquant.einsum import einsum, einsum_dimension_numbers
 from jaxquant import layout
+from jaxquant import nnx_transform
 from jaxquant import numerics
 from jaxquant import observers as obs
 from jaxquant.fake_quant import OperandState
@@ -151,9 +153,7 @@ def quantize_model(model, rules: Sequence[Rule], *, observers=DEFAULT_OBSERVERS)
   `mutable=['quant_stats']` while training to track activation ranges.
   """
   rules = check_rules(rules)
-  from flax import nnx  # pylint: disable=g-import-not-at-top
   if isinstance(model, nnx.Module):
-    from jaxquant import nnx_transform  # pylint: disable=g-import-not-at-top  (nnx imports us)
     return nnx_transform.quantize_nnx(model, rules)
   if not isinstance(model, nn.Module):
     raise ValueError(f"model={type(model).__name__} must be a flax.linen.Module or nnx.Module")

@@ -16,8 +16,9 @@ x = q − zp the centered input codes:
               SRDHM(clamp_int32(x·2^e), M0), where
               SRDHM(a, b) = floor(a·b/2^31 + 1/2), and 2^31 − 1 for a = b = −2^31;
               RDBPOT(x, n) = x/2^n rounded to nearest, ties away from zero.
-  requant     codes = zp + clamp(RDBPOT(SRDHM(clamp_int32(acc·2^left), M0), right),
-              lo − zp, hi − zp)   (the multiplier M0·2^(left − right − 31))
+  requant     codes = zp + clamp(RDBPOT(SRDHM(clamp_int32(acc·2^left) + offset, M0),
+              right), lo − zp, hi − zp)   (multiplier M0·2^(left − right − 31), offset:
+              a bias in units of 2^-left of acc, 0 when absent)
   dot / conv  Σ (q − zp)·w, a conv's input padded with real zeros (x = 0);
   add         Σ_i requantize((q_i − zp_i)·sign_i·2^L, M_i);  sum: Σ x;  identity: x
   norm        graph.py's integer normalization (see `norm` below).
@@ -134,6 +135,10 @@ def requant(op, arrays, acc):
   left = arrays[op["left"]].astype(np.int64)
   shifted = np.clip(np.asarray(acc, np.int64) * np.left_shift(np.int64(1), left), INT32_MIN,
                     INT32_MAX)
+  if op.get("offset") is not None:
+    shifted = shifted + arrays[op["offset"]].astype(np.int64)
+    if np.any(shifted < INT32_MIN) or np.any(shifted > INT32_MAX):
+      raise OverflowError(f"requant {op['out']} (layer {op.get('layer')!r}) leaves int32")
   y = rdbpot(srdhm(shifted, arrays[op["m0"]]), arrays[op["right"]])
   y = np.clip(y, op["lo"] - op["zp"], op["hi"] - op["zp"]) + op["zp"]
   return y.astype(np.int8 if op["dtype"] == "int8" else np.int32)

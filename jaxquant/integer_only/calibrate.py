@@ -12,7 +12,7 @@ from typing import Callable, Dict, Iterable, Optional, Tuple
 import jax
 import numpy as np
 
-from jaxquant.integer_only.trace import IR, Node
+from jaxquant.integer_only.ir import IR, Node
 
 
 def fake_quant(x: np.ndarray, grid) -> np.ndarray:

@@ -17,13 +17,16 @@ semantics, which the paper's §2.2 cites; the rules are restated here exactly):
       = RDBPOT(SRDHM(x, M0), −e)                        if e ≤ 0
       = SRDHM(SaturatingLeftShift(x, e), M0)            if e > 0
 
-The requantization of integer programs is the same arithmetic with the shift split in two,
-  Requantize(x, M0, left, right) = RDBPOT(SRDHM(SaturatingLeftShift(x, left), M0), right)
-for a multiplier M0·2^(left − right − 31): `requant_shifts` shifts small accumulators
-(|x| ≤ a known bound) left first, so SRDHM keeps `left` extra fractional bits and the
-result is x·M rounded once (to within 2^-(right+1)) instead of twice: with 4-bit codes an
-accumulator can be ~10 and M ~ 0.3, where MultiplyByQuantizedMultiplier's intermediate
-x·M0/2^31 would carry only 1–2 fractional bits.
+The requantization of integer programs is the same arithmetic with the shift split in two
+and a bias added at the finer resolution,
+  Requantize(x, M0, left, right, c) = RDBPOT(SRDHM(SaturatingLeftShift(x, left) + c, M0), right)
+for a multiplier M0·2^(left − right − 31) and an offset c in units of 2^-left of x:
+`requant_shifts` shifts small accumulators (|x| ≤ a known bound) left first, so SRDHM
+keeps `left` extra fractional bits and the result is (x + bias)·M rounded once (to within
+2^-(right+1)) instead of twice: with 4-bit codes an accumulator can be ~10 and M ~ 0.3,
+where MultiplyByQuantizedMultiplier's intermediate x·M0/2^31 would carry only 1–2
+fractional bits, and a bias rounded to whole accumulator units would be off by up to M/2
+output codes.
 
 `quantize_multiplier` chooses (M0, e) on the host: M = m·2^e with m ∈ [1/2, 1) and
 M0 = round(m·2^31) (an M0 of 2^31 becomes 2^30 with e + 1). Multipliers below 2^-32
@@ -78,16 +81,22 @@ def quantize_multipliers(m: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
   return m0.astype(np.int32), e.astype(np.int32)
 
 
-def requant_shifts(m: np.ndarray, bound: float) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
-  """(M0, left, right) int32 arrays for multipliers `m` applied to accumulators with
-  |x| ≤ `bound`: left is the largest shift with bound·2^left < 2^31 (at most 30), so the
-  saturating shift never saturates, unless the multiplier itself needs a larger one."""
+def requant_shifts(m: np.ndarray, bound) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """(M0, left, right) int32 arrays for multipliers `m` applied to values with |x| ≤
+  `bound` (a scalar or an array broadcasting against `m`): left is the largest shift
+  (≤ 30) with bound·2^left ≤ 2^30, so the shifted value plus a rounding offset of the same
+  bound stays inside int32; right = left − e. Raises ValueError when a multiplier needs
+  a larger left shift than that headroom (it would saturate)."""
   m0, e = quantize_multipliers(m)
-  headroom = 0
-  while headroom < MAX_LEFT_SHIFT and float(bound) * 2.0 ** (headroom + 1) < 2.0 ** 31:
-    headroom += 1
+  bound = np.broadcast_to(np.asarray(bound, np.float64), m0.shape)
+  headroom = np.zeros(m0.shape, np.int64)
+  for shift in range(1, MAX_LEFT_SHIFT + 1):  # exact in float64: 2^shift is a power of two
+    headroom += (bound * 2.0 ** shift <= 2.0 ** 30).astype(np.int64)
   e = e.astype(np.int64)
-  left = np.maximum(np.minimum(headroom, e + MAX_RIGHT_SHIFT), e).clip(0, MAX_LEFT_SHIFT)
+  if np.any((e > headroom) & (m0 != 0)):
+    raise ValueError(f"multiplier {float(np.max(m)):.4g} needs a left shift of "
+                     f"{int(np.max(e))} bits on values bounded by {float(np.max(bound)):.4g}")
+  left = np.maximum(np.minimum(headroom, e + MAX_RIGHT_SHIFT), e)
   right = left - e
   left = np.where(m0 == 0, 0, left)
   right = np.where(m0 == 0, 0, right)
@@ -168,9 +177,14 @@ def multiply_by_quantized_multiplier(x: jax.Array, m0, e) -> jax.Array:
   return rounding_divide_by_pot(srdhm(saturating_left_shift(x, left), m0), right)
 
 
-def requantize(x: jax.Array, m0, left, right) -> jax.Array:
-  """RDBPOT(SRDHM(SaturatingLeftShift(x, left), m0), right): x·m0·2^(left−right−31)."""
-  return rounding_divide_by_pot(srdhm(saturating_left_shift(x, left), m0), right)
+def requantize(x: jax.Array, m0, left, right, offset=None) -> jax.Array:
+  """RDBPOT(SRDHM(SaturatingLeftShift(x, left) + offset, m0), right):
+  (x + offset·2^-left)·m0·2^(left−right−31), the offset being a bias in units of 2^-left
+  (callers bound |x·2^left| + |offset| below 2^31)."""
+  shifted = saturating_left_shift(x, left)
+  if offset is not None:
+    shifted = shifted + jnp.asarray(offset, jnp.int32)
+  return rounding_divide_by_pot(srdhm(shifted, m0), right)
 
 
 def isqrt(v: jax.Array) -> jax.Array:

@@ -20,8 +20,9 @@ int32 arrays that broadcast against raw, each optional), where raw is:
   norm      the integer group / layer normalization below; output t ≈ 2^T·(x − mean)/σ.
 Then
   requant   codes = clamp(RQ(acc), lo − zp, hi − zp) + zp, as `dtype` ('int8' or
-            'int32'), RQ(x) = RDBPOT(SRDHM(SaturatingLeftShift(x, left), m0), right)
-            (fixed_point.requantize); m0, left, right int32 arrays broadcasting against acc.
+            'int32'), RQ(x) = RDBPOT(SRDHM(SaturatingLeftShift(x, left) + offset, m0),
+            right) (fixed_point.requantize); m0, left, right and the optional offset (a
+            bias in units of 2^-left of acc) are int32 arrays broadcasting against acc.
   reshape   to (batch,) + `shape`.     transpose  by `perm` (perm[0] = 0).
 
 norm (Jacob et al. give none; this follows I-BERT's idea of an integer square root,
@@ -70,7 +71,7 @@ FIELDS = {
     "reshape": ("shape",),
     "transpose": ("perm",),
 }
-ARRAY_FIELDS = {"dot": ("w",), "conv": ("w",), "requant": ("m0", "left", "right")}
+ARRAY_FIELDS = {"dot": ("w",), "conv": ("w",), "requant": ("m0", "left", "right", "offset")}
 EPILOGUE_FIELDS = ("sign", "bias")  # optional, core ops only
 ARITY = {"add": 2}
 

@@ -91,7 +91,7 @@ def _norm(op, arr, x):
 
 
 def _requant(op, arr, acc):
-  y = fp.requantize(acc, arr(op, "m0"), arr(op, "left"), arr(op, "right"))
+  y = fp.requantize(acc, arr(op, "m0"), arr(op, "left"), arr(op, "right"), arr(op, "offset"))
   zp = op["zp"]
   y = jnp.clip(y, op["lo"] - zp, op["hi"] - zp) + jnp.int32(zp)
   return y.astype(jnp.int8 if op["dtype"] == "int8" else jnp.int32)

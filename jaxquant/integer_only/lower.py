@@ -10,10 +10,12 @@
 3. calibrate.py evaluates the IR on `calibration_batches` as QAT computes it and records
    the range of every tensor that QAT gives no grid: int8 asymmetric per-tensor grids.
 4. Emission: each requantization point ('affine' node) becomes a core op whose int32
-   result is acc = sign·raw + bias (per channel: the affine map's sign and its offset in
-   accumulator units; the layer bias is the offset in units of s_in·s_w), then a
-   `requant` op with the per-channel multiplier M = s_acc·|mult| / s_out as (M0, e) and
-   the clamp [qmin, qmax] ∩ quantize([lo, hi]) (ReLU: the zero point). A tensor asked
+   result is acc = sign·raw (the affine map's sign per channel), then a `requant` op
+   with the per-channel multiplier M = s_acc·|mult| / s_out as (M0, left, right), the
+   affine offset (layer bias, BatchNorm shift, β) in units of 2^-left of the accumulator
+   (the layer bias at scale s_in·s_w·2^-left: finer than int32-at-s_in·s_w, so a coarse
+   4-bit accumulator scale does not round the bias), and the clamp
+   [qmin, qmax] ∩ quantize([lo, hi]) (ReLU: the zero point). A tensor asked
    for on several grids is requantized once per grid from the same accumulator. The
    output is requantized to int32 at one scale s_out slightly above the largest
    accumulator scale (so every multiplier is < 1 and nothing saturates).
@@ -25,13 +27,16 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Dict, Iterable, List, NamedTuple, Optional, Tuple
 
+import jax
 import numpy as np
 
 from jaxquant.integer_only import calibrate as calib
 from jaxquant.integer_only import fixed_point as fp
 from jaxquant.integer_only import graph as g
 from jaxquant.integer_only import qat_view
-from jaxquant.integer_only.trace import IR, IntegerOnlyError, Node
+from jaxquant.integer_only import trace as tr
+from jaxquant.integer_only.ir import IR, IntegerOnlyError, Node
+from jaxquant.numerics import int_range
 from jaxquant.spec import QuantSpec
 
 DEFAULT_WEIGHT = QuantSpec(bits=8)  # layers no rule quantizes: per-channel int8
@@ -62,7 +67,6 @@ class Layer:
 
 
 def _grid_from_spec(spec: QuantSpec, scale: float, zp: int) -> Grid:
-  from jaxquant.numerics import int_range
   qmin, qmax = int_range(spec)
   return Grid(float(scale), int(zp), int(qmin), int(qmax))
 
@@ -115,7 +119,7 @@ class _Emitter:
     self.ops: List[Dict[str, Any]] = []
     self.arrays: Dict[str, np.ndarray] = {}
     self.memo: Dict[Tuple[int, Grid], str] = {}
-    self.acc_memo: Dict[int, Tuple[str, np.ndarray, float]] = {}
+    self.acc_memo: Dict[int, Tuple[str, np.ndarray, float, np.ndarray]] = {}
     self.output_scale: Optional[float] = None
     self.demands_of: Dict[int, List[Grid]] = {}
     for cid, grid in demand.items():
@@ -139,6 +143,20 @@ class _Emitter:
     lo, hi = self.ranges[r]
     scale, zp = qat_view.grid_of(CALIBRATED_ACT, ("range", (lo, hi)))
     return _grid_from_spec(CALIBRATED_ACT, scale, zp)
+
+  def check_ranges(self) -> None:
+    """Names the first tensor (in forward order) that needs a measured range and has
+    none, before any emission."""
+    for node in self.ir.nodes:
+      needs = []
+      if node.kind in ("add", "sum", "norm", "identity"):
+        needs = list(node.inputs)
+      elif node.kind == "contract" and node.id not in self.demand:
+        needs = [node.inputs[0]]
+      elif node.kind == "input":
+        needs = [node.id]
+      for i in needs:
+        self.natural(i)
 
   def name(self) -> str:
     return f"t{len(self.ops)}"
@@ -176,18 +194,19 @@ class _Emitter:
   def requant(self, i: int, grid: Grid) -> str:
     node = self.ir.nodes[i]
     if node.kind == "input":
-      acc, scale, bound = self.identity_acc(i)
+      acc, scale, bound, bias = self.identity_acc(i)
       lo, hi = -np.inf, np.inf
     else:
-      acc, scale, bound = self.acc(i)
+      acc, scale, bound, bias = self.acc(i)
       lo, hi = node.attrs["lo"], node.attrs["hi"]
     if grid == OUTPUT:
       self.output_scale = float(np.max(scale)) * OUTPUT_HEADROOM
       grid = OUTPUT._replace(scale=self.output_scale)
     try:
-      m0, left, right = fp.requant_shifts(scale / grid.scale, bound)
+      m0, left, right = fp.requant_shifts(scale / grid.scale, bound + np.abs(bias))
     except ValueError as err:
       raise IntegerOnlyError(f"layer {node.layer!r}: requantization {err}") from None
+    offset = np.rint(bias * 2.0 ** left.astype(np.float64)).astype(np.int64)
     q_lo, q_hi = grid.qmin, grid.qmax
     if np.isfinite(lo):
       q_lo = int(np.clip(grid.zp + np.rint(lo / grid.scale), grid.qmin, grid.qmax))
@@ -195,19 +214,21 @@ class _Emitter:
       q_hi = int(np.clip(grid.zp + np.rint(hi / grid.scale), grid.qmin, grid.qmax))
     op = {"op": "requant", "in": [acc], "layer": node.layer, "zp": grid.zp, "lo": q_lo,
           "hi": max(q_lo, q_hi), "dtype": grid.dtype}
-    return self.add_op(op, m0=m0, left=left, right=right)
+    return self.add_op(op, m0=m0, left=left, right=right,
+                       offset=offset.astype(np.int32) if np.any(offset) else None)
 
-  def identity_acc(self, i: int) -> Tuple[str, np.ndarray, float]:
+  def identity_acc(self, i: int):
     grid = self.natural(i)
     t = self.emit(i, grid)
     rank = len(self.ir.nodes[i].shape)
     out = self.add_op({"op": "identity", "in": [t], "layer": "", "zp": grid.zp})
-    return out, np.full((1,) * rank, grid.scale), float(grid.qmax - grid.qmin)
+    return out, np.full((1,) * rank, grid.scale), float(grid.qmax - grid.qmin), np.zeros(())
 
   # -- accumulators ---------------------------------------------------------------------
-  def acc(self, i: int) -> Tuple[str, np.ndarray, float]:
-    """(int32 tensor, its scale, a bound on |acc|) of an affine node: a core op with the
-    epilogue."""
+  def acc(self, i: int):
+    """(int32 tensor, its scale, a bound on |acc|, the affine offset in units of acc) of
+    an affine node: its core op with the sign of the affine map as the epilogue; the
+    offset is added by each requant at its finer resolution."""
     if i in self.acc_memo:
       return self.acc_memo[i]
     affine = self.ir.nodes[i]
@@ -219,30 +240,25 @@ class _Emitter:
     shape = np.broadcast_shapes(mult.shape, add.shape, s_core.shape)
     mult, add, s_core = (np.broadcast_to(v, shape) for v in (mult, add, s_core))
     scale = s_core * np.abs(mult)
-    limit = 2.0 ** 30 - bound
-    with np.errstate(divide="ignore", invalid="ignore"):
-      bias = np.where(scale > 0, np.rint(add / np.where(scale > 0, scale, 1.0)), np.inf)
     sign = np.sign(mult).astype(np.int64)
-    degenerate = ~(np.abs(bias) <= limit)  # the map has no usable slope: a constant
+    with np.errstate(divide="ignore", invalid="ignore"):
+      bias = np.where(scale > 0, add / np.where(scale > 0, scale, 1.0), np.inf)
+    # No usable slope (a zero multiplier, or an offset beyond 2^29 accumulator units): the
+    # element is the constant `add`, carried by the offset at a scale of its own.
+    degenerate = ~(np.abs(bias) <= 2.0 ** 29)
     if np.any(degenerate):
       usable = scale[~degenerate]
       filler = float(usable.max()) if usable.size else 1.0
       const_scale = np.where(add != 0, np.abs(add) / 2.0 ** 20, filler)
       scale = np.where(degenerate, const_scale, scale)
       sign = np.where(degenerate, 0, sign)
-      bias = np.where(degenerate, np.rint(add / const_scale), bias)
-    bound = bound + float(np.max(np.abs(bias), initial=0.0))
-    if bound >= 2.0 ** 31:
+      bias = np.where(degenerate, add / const_scale, bias)
+    if bound + float(np.max(np.abs(bias), initial=0.0)) >= 2.0 ** 30:
       raise IntegerOnlyError(f"layer {core.layer!r}: the int32 accumulator could overflow "
                              f"(|raw| ≤ {bound:.3g}); fewer inputs per output or a smaller "
                              "bias would fit")
-    arrays = {}
-    if np.any(sign != 1):
-      arrays["sign"] = sign.astype(np.int32)
-    if np.any(bias != 0):
-      arrays["bias"] = bias.astype(np.int32)
-    out = self.add_op(op, **arrays)
-    self.acc_memo[i] = (out, scale, bound)
+    out = self.add_op(op, sign=sign.astype(np.int32) if np.any(sign != 1) else None)
+    self.acc_memo[i] = (out, scale, bound, bias)
     return self.acc_memo[i]
 
   def core_contract(self, node: Node):
@@ -329,8 +345,6 @@ def _batches(calibration_batches) -> List[np.ndarray]:
 def convert(qmodel, variables, calibration_batches, *, example=None,
             apply_kwargs=None) -> Tuple[g.Graph, Dict[str, Any]]:
   """(integer graph, info) for `to_integer`; see program.to_integer."""
-  import jax
-  from jaxquant.integer_only import trace as tr
   batches = _batches(calibration_batches)
   if example is None and not batches:
     raise IntegerOnlyError("to_integer needs calibration_batches (at least one batch of "
@@ -370,6 +384,7 @@ def convert(qmodel, variables, calibration_batches, *, example=None,
                              "training EMA): pass calibration_batches to measure it")
     demand[cid] = _grid_from_spec(spec, *qat_view.measured_grid(spec, samples[src]))
   em = _Emitter(ir, layers, demand, ranges, bool(batches))
+  em.check_ranges()
   input_grid = em.natural(ir.input)
   out = em.emit(ir.output, OUTPUT)
   graph = g.Graph(

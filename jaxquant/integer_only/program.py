@@ -10,8 +10,10 @@
 and returns int32 logits with integer operations only: int8 activations between layers,
 s8×s8→s32 contractions with int32 biases at scale s_in·s_w, fixed-point requantization
 (fixed_point.py), ReLU / ReLU6 as the requantization clamp, BatchNorm (inference mode)
-folded into the multiplier and bias, integer residual adds, sums / means and
-normalizations. The op set and file format: graph.py. How a model becomes a program:
+folded into the multiplier and bias, integer residual adds, sums / means, and
+GroupNorm / LayerNorm as an integer normalization (integer mean, variance and square
+root; graph.py). Softmax, GELU / tanh, embedding lookups and products of two activations
+have no integer lowering here and are refused with the layers named. The op set and file format: graph.py. How a model becomes a program:
 lower.py (and trace.py for what is refused).
 """
 from __future__ import annotations

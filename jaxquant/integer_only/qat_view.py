@@ -63,6 +63,21 @@ def float_variables(variables: Dict[str, Any]) -> Dict[str, Any]:
   return {k: v for k, v in variables.items() if k not in QAT_COLLECTIONS}
 
 
+def ema_as_static(variables) -> Dict[str, Any]:
+  """The variables with every layer's training EMA range also stored as its static range
+  (what jq.calibrate writes): the QAT model then quantizes activations on exactly the
+  grids an integer program made from the EMA uses."""
+  def visit(t):
+    if not isinstance(t, dict):
+      return t
+    out = {k: visit(v) for k, v in t.items()}
+    if "ema_lo" in t and "act_hi" not in t:
+      out.update(act_lo=t["ema_lo"], act_hi=t["ema_hi"], act_count=t["ema_count"])
+    return out
+  variables = plain(variables)
+  return {**variables, "quant_stats": visit(variables.get("quant_stats", {}))}
+
+
 def rule_for(rules: Sequence[Rule], path: str) -> Optional[Rule]:
   """First rule whose pattern fully matches `path` (the transform's own order)."""
   for rule in rules:

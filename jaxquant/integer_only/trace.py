@@ -15,20 +15,22 @@ activations, residuals), 'sum' (reduce_sum: mean pooling once the 1/n folds in),
 'norm' (a whole nn.GroupNorm / nn.LayerNorm call, recognised by its module path in the
 equations' name stack; γ and β become its affine map), 'identity' (an affine map of a
 Tensor). Anything else touching an activation (exp, tanh, erf, rsqrt of activations,
-gathers, products of two activations...) becomes a Bad value; the first of each kind is
-reported, with the layer path from the name stack, in one IntegerOnlyError.
+gathers, products of two activations...) is recorded with the layer path from the name
+stack and replaced by a stand-in tensor so the rest of the model is still checked; every
+problem is then reported at once in one IntegerOnlyError.
 Axis 0 is the batch everywhere and must stay so (reshape / transpose / reductions that
 mix it are refused).
 """
 from __future__ import annotations
 
-import dataclasses
 from typing import Any, Dict, List, Optional, Tuple
 
 import flax.linen as nn
 import jax
 import numpy as np
 from jax.extend import core as jcore
+
+from jaxquant.integer_only.ir import IR, Bad, Const, IntegerOnlyError, Lazy, Node, Tensor
 
 NORM_MODULES = (nn.GroupNorm, nn.LayerNorm)
 _PASS = ("copy", "copy_p", "optimization_barrier", "stop_gradient")
@@ -48,62 +50,6 @@ _WHY = {
     "le": "a comparison of an activation", "ge": "a comparison of an activation",
     "eq": "a comparison of an activation", "ne": "a comparison of an activation",
 }
-
-
-class IntegerOnlyError(ValueError):
-  """The model (or its variables / calibration) cannot become an integer-only program;
-  the message names the layer(s)."""
-
-
-@dataclasses.dataclass
-class Node:
-  id: int
-  kind: str  # input contract add sum norm identity | affine | reshape transpose
-  inputs: Tuple[int, ...]
-  shape: Tuple[int, ...]
-  layer: str
-  attrs: Dict[str, Any]
-
-
-@dataclasses.dataclass
-class IR:
-  nodes: List[Node]
-  input: int
-  output: int
-  input_dtype: Any
-
-  def consumers(self) -> Dict[int, List[int]]:
-    out: Dict[int, List[int]] = {n.id: [] for n in self.nodes}
-    for n in self.nodes:
-      for i in n.inputs:
-        out[i].append(n.id)
-    return out
-
-
-@dataclasses.dataclass
-class Const:
-  value: np.ndarray
-
-
-@dataclasses.dataclass
-class Tensor:
-  node: int
-
-
-@dataclasses.dataclass
-class Lazy:
-  core: int
-  mult: np.ndarray
-  add: np.ndarray
-  lo: float = -np.inf
-  hi: float = np.inf
-  node: Optional[int] = None  # the affine node once materialized
-
-
-@dataclasses.dataclass
-class Bad:
-  why: str
-  layer: str
 
 
 def _strip_root(stack: str, root: str) -> str:

@@ -46,9 +46,10 @@ def ref_rounding_divide(a: int, d: int) -> int:
   return mag if q >= 0 else -mag
 
 
-def ref_requantize(x: int, m0: int, left: int, right: int) -> int:
-  """RDBPOT(SRDHM(clamp_int32(x·2^left), m0), right)."""
-  return ref_rdbpot(ref_srdhm(max(-2 ** 31, min(2 ** 31 - 1, x * 2 ** left)), m0), right)
+def ref_requantize(x: int, m0: int, left: int, right: int, offset: int = 0) -> int:
+  """RDBPOT(SRDHM(clamp_int32(x·2^left) + offset, m0), right)."""
+  shifted = max(-2 ** 31, min(2 ** 31 - 1, x * 2 ** left)) + offset
+  return ref_rdbpot(ref_srdhm(shifted, m0), right)
 
 
 def ref_mbqm(x: int, m0: int, e: int) -> int:

@@ -110,7 +110,7 @@ def test_isqrt_and_rounding_divide_exact():
     np.testing.assert_array_equal(NR.rdiv(a, d), want)
 
 
-@pytest.mark.parametrize("bound", [7, 300, 2 ** 20, 2 ** 30])
+@pytest.mark.parametrize("bound", [7, 300, 2 ** 20, 2 ** 27])
 def test_requant_shifts_round_once(bound):
   # Multipliers like those of 4-bit layers (M ~ 0.1–0.5 on accumulators of ~10): with the
   # pre-shift the result is x·M rounded once, off by at most 1/2 + 2^-(right+1) (+ M0's
@@ -119,7 +119,7 @@ def test_requant_shifts_round_once(bound):
   m0, left, right = fp.requant_shifts(m, bound)
   assert np.all((left >= 0) & (left <= 30) & (right >= 0) & (right <= 31))
   np.testing.assert_allclose(m0 * 2.0 ** (left.astype(float) - right - 31), m, rtol=1e-9)
-  assert np.all(bound * 2.0 ** left.astype(float) < 2 ** 31) or bound == 2 ** 30
+  assert np.all(bound * 2.0 ** left.astype(float) <= 2 ** 30)
   x = np.linspace(-bound, bound, 41).round().astype(np.int64)
   for j in range(m.size):
     got = np.asarray(fp.requantize(x.astype(np.int32), m0[j], left[j], right[j]))
@@ -128,3 +128,17 @@ def test_requant_shifts_round_once(bound):
     fits = np.abs(x * 2.0 ** left[j]) < 2 ** 31  # beyond: the shift saturates, as specified
     err = np.abs(got - x * m[j])[fits]
     assert np.all(err <= 0.5 + 2.0 ** -(right[j] + 1) + 1e-9 * np.abs(x * m[j])[fits])
+
+
+def test_requant_offset_and_headroom():
+  # A bias carried at 2^-left of the accumulator: (x + 0.3)·M rounded once.
+  m0, left, right = fp.requant_shifts(np.array([0.05]), 100 + 1)
+  offset = int(round(0.3 * 2 ** int(left[0])))
+  x = np.arange(-100, 101, dtype=np.int32)
+  got = np.asarray(fp.requantize(x, m0[0], left[0], right[0], offset))
+  ref = [ref_rdbpot(ref_srdhm(int(v) * 2 ** int(left[0]) + offset, int(m0[0])), int(right[0]))
+         for v in x]
+  np.testing.assert_array_equal(got, ref)
+  assert np.all(np.abs(got - (x + 0.3) * 0.05) <= 0.5 + 1e-6)
+  with pytest.raises(ValueError, match="left shift"):
+    fp.requant_shifts(np.array([4.0]), 2 ** 29)  # M = 4 needs 3 bits; only 1 is free

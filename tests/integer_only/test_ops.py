@@ -95,15 +95,16 @@ def test_requant_saturation_and_negative_ties(tmp_path):
   left = np.array([[0, 0, 1, 5, 10, 25]], np.int32)
   right = np.array([[0, 1, 0, 0, 11, 26]], np.int32)
   bias = np.array([[-1, 0, 3, 0, 1, 0]], np.int32)
+  offset = np.array([[0, 0, 0, 0, -700, 0]], np.int32)  # −0.68 in units of 2^-10
   ident = {"op": "identity", "in": ["input"], "out": "a", "layer": "", "zp": 3, "bias": "a.bias"}
   req = {"op": "requant", "in": ["a"], "out": "q", "layer": "", "m0": "q.m0", "left": "q.l",
-         "right": "q.r", "zp": -7, "lo": -128, "hi": 100, "dtype": "int8"}
-  arrays = {"a.bias": bias, "q.m0": m0, "q.l": left, "q.r": right}
+         "right": "q.r", "offset": "q.o", "zp": -7, "lo": -128, "hi": 100, "dtype": "int8"}
+  arrays = {"a.bias": bias, "q.m0": m0, "q.l": left, "q.r": right, "q.o": offset}
   got = _both(_program((6,), [ident, req], arrays, "q", zp=3), codes, tmp_path)
   acc = codes.astype(np.int64) - 3 + bias
   ref = np.array([[min(max(ref_requantize(int(acc[i, c]), int(m0[0, c]), int(left[0, c]),
-                                          int(right[0, c])), -128 + 7), 100 + 7) - 7
-                   for c in range(6)] for i in range(256)])
+                                          int(right[0, c]), int(offset[0, c])), -128 + 7),
+                           100 + 7) - 7 for c in range(6)] for i in range(256)])
   np.testing.assert_array_equal(got, ref)
   assert np.sum(got == 100) > 1 and np.sum(got == -128) > 1  # both clamps reached
   assert np.any((acc[:, 0] < 0) & (acc[:, 0] % 2 == 1))  # negative ties of 1/2 exercised

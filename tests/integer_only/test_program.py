@@ -58,15 +58,19 @@ def test_run_is_integer_only(trained, name):
 @pytest.mark.parametrize("name", sorted(MODELS))
 def test_matches_the_qat_model(trained, name):
   qm, variables, program = trained[name]
-  # Same codes and grids as QAT up to rounding: the fixed-point multiplier, the int32
-  # bias, QAT's float rounding near ties (one code of a 4-bit activation is 1/16 of its
-  # range), and for the ResNet the calibrated grids of norm and residual outputs.
   qat = np.asarray(qm.apply(variables, X[name]))
   got = np.asarray(program(X[name])) * program.output_scale
-  tol = {"mlp": 0.02, "cnn": 0.1, "resnet": 0.1}[name]
-  assert np.abs(got - qat).max() <= tol * np.abs(qat).max()
-  assert np.mean(np.abs(got - qat)) <= tol / 4 * np.abs(qat).max()
-  assert np.mean(got.argmax(-1) == qat.argmax(-1)) >= 0.9
+  err, top = np.abs(got - qat), np.abs(qat).max()
+  if name == "resnet":
+    # Integer normalization (σ to 7 fractional bits) and calibrated grids for the norm
+    # and residual outputs, which QAT keeps in float.
+    assert err.max() <= 0.05 * top and err.mean() <= 0.015 * top
+    assert np.mean(got.argmax(-1) == qat.argmax(-1)) >= 0.95
+  else:
+    # Every activation code equals QAT's (same grids, one rounding of (acc + bias)·M):
+    # only the int32 logits' own rounding (half a step) and float32 noise remain.
+    assert err.max() <= program.output_scale + 1e-5 * top
+    np.testing.assert_array_equal(got.argmax(-1), qat.argmax(-1))
   # Its int32 logits scale back through output_scale; predict is their argmax.
   np.testing.assert_array_equal(program.predict(program.quantize_input(X[name])),
                                 np.asarray(program(X[name])).argmax(-1))
@@ -85,12 +89,13 @@ def test_numpy_runtime_bit_exact_without_jax(trained, name, tmp_path):
   x = _edge_inputs(name, program)
   program.save(str(tmp_path / "prog"))
   np.save(tmp_path / "x.npy", x)
-  blocker = tmp_path / "blocked"
-  for pkg in ("jax", "jaxlib", "jaxquant", "flax"):
-    (blocker / pkg).mkdir(parents=True)
-    (blocker / pkg / "__init__.py").write_text(f"raise ImportError('{pkg} is blocked here')\n")
   script = textwrap.dedent(f"""
-      import runpy, sys
+      import importlib.abc, runpy, sys
+      class Block(importlib.abc.MetaPathFinder):  # first on the path: beats any install
+        def find_spec(self, name, path, target=None):
+          if name.split(".")[0] in ("jax", "jaxlib", "jaxquant", "flax"):
+            raise ImportError(name + " is blocked in this process")
+      sys.meta_path.insert(0, Block())
       try:
         import jax
       except ImportError:
@@ -101,9 +106,8 @@ def test_numpy_runtime_bit_exact_without_jax(trained, name, tmp_path):
                   {str(tmp_path / 'out.npy')!r}]
       runpy.run_path({RUNTIME_PATH!r}, run_name="__main__")
       """)
-  env = {**os.environ, "PYTHONPATH": str(blocker)}
-  res = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
-                       text=True, timeout=120)
+  res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                       timeout=120)
   assert res.returncode == 0, res.stderr
   got = np.load(tmp_path / "out.npy")
   want = np.asarray(program(x))
@@ -117,6 +121,8 @@ def test_numpy_runtime_bit_exact_without_jax(trained, name, tmp_path):
 def test_any_batch_size_and_save_load(trained, tmp_path):
   program = trained["cnn"][2]
   full = np.asarray(program(X["cnn"][:7]))
+  codes = program.quantize_input(X["cnn"][:7])
+  np.testing.assert_array_equal(np.asarray(jax.jit(program.run)(codes)), full)  # jittable
   for b in (1, 3):
     np.testing.assert_array_equal(np.asarray(program(X["cnn"][:b])), full[:b])
   program.save(str(tmp_path))
@@ -176,7 +182,8 @@ def test_transformer_refused_naming_layers():
 
 def test_missing_calibration_names_the_layer(trained):
   qm, variables, _ = trained["resnet"]
-  with pytest.raises(IntegerOnlyError, match="no activation range for the output of layer '[a-z_0-9/]+'.*calibration_batches"):
+  with pytest.raises(IntegerOnlyError, match="no activation range for the output of layer "
+                     "'stem'.*calibration_batches"):  # the first one in forward order
     to_integer(qm, variables, None, example=X["resnet"][:2])
   # The MLP's ranges all come from QAT: no calibration is needed at all.
   qm, variables, program = trained["mlp"]

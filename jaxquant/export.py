@@ -1,0 +1,105 @@
+"""Serialize a serving model with `jax.export`; reload it anywhere jax runs.
+
+    jq.export_serving(serving_model, serving_vars, x_example, "model.jqx")
+    # later, in a process that has jax and numpy only (no jaxquant, no Flax class):
+    fn = jq.load_exported("model.jqx")       # or load this file by path: see below
+    logits = fn(x)                           # bit-identical to serving_model.apply
+
+The file is one npz archive: the serialized StableHLO module (`jax.export`; the forward
+with the variables as arguments, int8 / packed codes and all), every variable leaf as an
+array, and a small JSON header. Variables travel as arguments, not constants, so the
+reloaded computation is the very one `jax.jit(lambda v, x: model.apply(v, x))` runs in
+process, and its outputs are bit-identical. The batch axis is exported symbolic
+(`batch_polymorphic=True`) when the model traces with it; otherwise the example's batch
+size is fixed.
+
+This module imports only jax, numpy and the standard library, so a deployment can copy
+it (or load it by path) without jaxquant's model code.
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+from typing import Any, Callable
+
+import jax
+import numpy as np
+
+FORMAT = "jaxquant.exported_serving"
+VERSION = 1
+_MODULE_KEY = "__module__"
+_HEADER_KEY = "__header__"
+
+
+def _leaf_key(i: int) -> str:
+  return f"leaf_{i:05d}"
+
+
+def export_serving(model, variables, example, path: str, *,
+                   batch_polymorphic: bool = True) -> jax.export.Exported:
+  """Exports `model.apply(variables, x)` (or `model(variables, x)` for a callable) for
+  inputs shaped like `example` and writes it to `path`; returns the `jax.export.Exported`.
+
+  `variables` may hold any arrays (int8 codes, packed uint8, float scales) in any pytree
+  of registered nodes; only its leaves are stored, the structure lives in the module.
+  """
+  apply = model.apply if hasattr(model, "apply") else model
+  leaves, treedef = jax.tree_util.tree_flatten(variables)
+  leaves = [np.asarray(l) for l in leaves]
+  fn = jax.jit(lambda leaves, x: apply(jax.tree_util.tree_unflatten(treedef, leaves), x))
+  example = np.asarray(example)
+  leaf_specs = [jax.ShapeDtypeStruct(l.shape, l.dtype) for l in leaves]
+  exported = None
+  if batch_polymorphic:
+    dims = ", ".join(["b"] + [str(d) for d in example.shape[1:]])
+    x_spec = jax.ShapeDtypeStruct(jax.export.symbolic_shape(dims), example.dtype)
+    try:
+      exported = jax.export.export(fn)(leaf_specs, x_spec)
+    except Exception:  # pylint: disable=broad-except
+      exported = None  # a model that needs concrete shapes: export the example's batch
+  if exported is None:
+    exported = jax.export.export(fn)(leaf_specs, jax.ShapeDtypeStruct(example.shape,
+                                                                       example.dtype))
+  header = {"format": FORMAT, "version": VERSION, "num_leaves": len(leaves),
+            # Raw bytes + dtype names: npz has no float8 / bfloat16 (ml_dtypes) types.
+            "leaves": [{"dtype": str(l.dtype), "shape": list(l.shape)} for l in leaves],
+            "input_shape": [str(d) for d in exported.in_avals[-1].shape],
+            "input_dtype": str(example.dtype),
+            "output_shapes": [[str(d) for d in a.shape] for a in exported.out_avals]}
+  arrays = {_leaf_key(i): np.frombuffer(l.tobytes(), np.uint8) for i, l in enumerate(leaves)}
+  arrays[_MODULE_KEY] = np.frombuffer(bytes(exported.serialize()), np.uint8)
+  arrays[_HEADER_KEY] = np.frombuffer(json.dumps(header).encode(), np.uint8)
+  directory = os.path.dirname(os.path.abspath(path))
+  os.makedirs(directory, exist_ok=True)
+  buf = io.BytesIO()
+  np.savez(buf, **arrays)
+  tmp = path + ".tmp"
+  with open(tmp, "wb") as f:
+    f.write(buf.getvalue())
+  os.replace(tmp, path)  # never a half-written file under the final name
+  return exported
+
+
+class LoadedServing:
+  """A reloaded serving model: `fn(x)` runs it; `exported` is the jax.export.Exported."""
+
+  def __init__(self, exported: jax.export.Exported, leaves, header):
+    self.exported, self.leaves, self.header = exported, leaves, header
+    self._call = jax.jit(exported.call)
+
+  def __call__(self, x) -> Any:
+    return self._call(self.leaves, x)
+
+
+def load_exported(path: str) -> Callable[[Any], Any]:
+  """Reads a file written by `export_serving`; returns a callable of the input."""
+  with np.load(path) as npz:
+    header = json.loads(bytes(npz[_HEADER_KEY]).decode())
+    if header.get("format") != FORMAT or header.get("version") != VERSION:
+      raise ValueError(f"{path} is not a {FORMAT} v{VERSION} file (header {header})")
+    module = bytes(npz[_MODULE_KEY])
+    leaves = [np.frombuffer(npz[_leaf_key(i)].tobytes(), jax.numpy.dtype(spec["dtype"]))
+              .reshape(spec["shape"]) for i, spec in enumerate(header["leaves"])]
+  exported = jax.export.deserialize(bytearray(module))
+  return LoadedServing(exported, leaves, header)

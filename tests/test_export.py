@@ -1,0 +1,107 @@
+"""jq.export_serving / jq.load_exported: the converted serving model (int8, packed int4,
+binary, fp8 weights) serialized with jax.export, reloaded in a fresh process that can
+import neither jaxquant nor Flax, and bit-identical to the in-process serving model."""
+import os
+import subprocess
+import sys
+import textwrap
+
+import flax.linen as nn
+import jax
+import numpy as np
+import pytest
+
+import jaxquant as jq
+from experiments.models import CNN1D
+
+EXPORT_PY = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                         "jaxquant", "export.py")
+A8 = jq.QuantSpec(bits=8, granularity="tensor")
+RULES = {
+    "w8a8_static": [jq.Rule(".*", weight=jq.QuantSpec(bits=8), act=A8)],
+    "mixed": [
+        jq.Rule("conv_0", weight=jq.QuantSpec(bits=8), act=A8),
+        jq.Rule("conv_1", weight=jq.QuantSpec(bits=4, ste="lsq"),
+                act=jq.QuantSpec(bits=4, symmetric=False, granularity="tensor")),
+        jq.Rule("conv_2", weight=jq.QuantSpec(format="binary")),
+        jq.Rule("head", weight=jq.QuantSpec(format="fp8_e4m3"), mode="fake"),
+    ],
+}
+X = np.random.default_rng(0).normal(size=(6, 40)).astype(np.float32)
+
+
+BLOCK = textwrap.dedent("""
+    import importlib.abc, sys
+    class Block(importlib.abc.MetaPathFinder):  # first on the path: beats editable installs
+      def find_spec(self, name, path, target=None):
+        if name.split(".")[0] in BLOCKED:
+          raise ImportError(name + " is blocked in this process")
+    sys.meta_path.insert(0, Block())
+    """)
+
+
+def _fresh_process(tmp_path, model_file, x):
+  """Runs the exported file in a new interpreter where jaxquant and flax cannot be
+  imported (export.py is loaded by path); returns its output."""
+  np.save(tmp_path / "x.npy", x)
+  script = "BLOCKED = ('jaxquant', 'flax')\n" + BLOCK + textwrap.dedent(f"""
+      import importlib.util
+      import numpy as np
+      for pkg in ("jaxquant", "flax"):
+        try:
+          __import__(pkg)
+        except ImportError:
+          pass
+        else:
+          sys.exit(pkg + " is importable")
+      spec = importlib.util.spec_from_file_location("jq_export", {EXPORT_PY!r})
+      mod = importlib.util.module_from_spec(spec)
+      spec.loader.exec_module(mod)
+      fn = mod.load_exported({str(model_file)!r})
+      np.save({str(tmp_path / 'out.npy')!r}, np.asarray(fn(np.load({str(tmp_path / 'x.npy')!r}))))
+      leaked = [m for m in sys.modules if m.split(".")[0] in ("jaxquant", "flax")]
+      assert not leaked, leaked
+      """)
+  res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                       timeout=180)
+  assert res.returncode == 0, res.stderr[-3000:]
+  return np.load(tmp_path / "out.npy")
+
+
+@pytest.mark.parametrize("name", sorted(RULES))
+def test_serving_model_round_trip_bit_identical(name, tmp_path):
+  qm = jq.quantize_model(CNN1D(num_classes=4, channels=8), RULES[name])
+  variables = qm.init(jax.random.key(0), X)
+  if name == "w8a8_static":
+    variables = jq.calibrate(qm, variables, [X])
+  serving_model, serving_vars = jq.convert(qm, variables)
+  want = np.asarray(jax.jit(serving_model.apply)(serving_vars, X))
+  path = tmp_path / "model.jqx"
+  exported = jq.export_serving(serving_model, serving_vars, X, str(path))
+  assert path.exists() and not os.path.exists(str(path) + ".tmp")
+  # Integer weights travel as integers: int8 codes / packed uint8 are module inputs.
+  dtypes = {str(a.dtype) for a in exported.in_avals}
+  assert "int8" in dtypes and (name == "w8a8_static" or "uint8" in dtypes)
+  got = _fresh_process(tmp_path, path, X)
+  assert got.dtype == want.dtype
+  np.testing.assert_array_equal(got, want)
+  np.testing.assert_array_equal(np.asarray(jq.load_exported(str(path))(X)), want)
+
+
+def test_batch_polymorphic_when_the_model_allows(tmp_path):
+  model = nn.Dense(3)
+  variables = model.init(jax.random.key(1), X)
+  path = tmp_path / "dense.jqx"
+  exported = jq.export_serving(model, variables, X, str(path))
+  assert str(exported.in_avals[-1].shape[0]) == "b"
+  fn = jq.load_exported(str(path))
+  for rows in (1, 6, 9):
+    x = np.tile(X, (2, 1))[:rows]
+    np.testing.assert_array_equal(np.asarray(fn(x)), np.asarray(jax.jit(model.apply)(variables, x)))
+
+
+def test_load_rejects_other_files(tmp_path):
+  path = tmp_path / "other.npz"
+  np.savez(path, __header__=np.frombuffer(b'{"format": "something else"}', np.uint8))
+  with pytest.raises(ValueError, match="not a jaxquant.exported_serving v1 file"):
+    jq.load_exported(str(path))
