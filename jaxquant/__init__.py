@@ -12,7 +12,8 @@ from jaxquant.fake_quant import OperandState, dequantize, fake_quant, quantize
 from jaxquant.integer_only import IntegerOnlyError, IntegerProgram, to_integer
 from jaxquant.layout import WeightLayout, make_layout, quantize_weight
 from jaxquant.qtensor import QTensor, pack, unpack
-from jaxquant.spec import DotSpec, QuantSpec, Rule
+from jaxquant import ptq
+from jaxquant.spec import PTQ, DotSpec, QuantSpec, Rule
 from jaxquant.transform import quantize_model
 
 __all__ = [
@@ -20,6 +21,6 @@ __all__ = [
     "pack", "unpack", "dot_general", "einsum", "conv_general_dilated", "make_dot_general",
     "make_conv", "quantize_model", "calibrate", "convert", "size_report", "SizeReport", "TensorSize",
     "OperandState", "WeightLayout", "make_layout", "quantize_weight", "observers",
-    "to_integer", "IntegerProgram", "IntegerOnlyError", "export_serving", "load_exported",
+    "PTQ", "ptq", "to_integer", "IntegerProgram", "IntegerOnlyError", "export_serving", "load_exported",
 ]
 __version__ = "0.1.0"

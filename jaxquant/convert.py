@@ -24,9 +24,12 @@ from flax.core import meta, unfreeze
 from jaxquant import layout
 from jaxquant import observers as obs
 from jaxquant import transform
+from jaxquant.ptq import layer as ptq_layer
 from jaxquant.qtensor import QTensor
+from jaxquant.spec import PTQ_METHODS
 
 CALIBRATION = "calib"  # name of the calibration observer's state in 'quant_stats'
+PTQ_STATS = "ptq"      # name of the PTQ statistics (XᵀX, Σ|x|, max|x|) there
 
 
 def _plain(variables) -> Dict[str, Any]:
@@ -41,7 +44,7 @@ def _layers(tree, prefix=""):
   for k, v in sorted(tree.items()):
     if isinstance(v, dict):
       p = f"{prefix}/{k}" if prefix else k
-      if "kernel_axes" in v or f"{CALIBRATION}_hi" in v or "act_hi" in v:
+      if any(n in v for n in ("kernel_axes", f"{CALIBRATION}_hi", "act_hi", f"{PTQ_STATS}_xtx")):
         yield p, v
       yield from _layers(v, p)
 
@@ -60,13 +63,17 @@ def calibrate(qmodel, variables, batches: Iterable, *, rngs=None, observers=()):
   'act_lo' / 'act_hi' / 'act_count' in 'quant_stats' (`observers.calibration_range`:
   min/max over batches for absmax, the mean of per-batch clip ranges for percentile /
   MSE). Calibrated layers then quantize activations with that fixed range instead of the
-  batch's own. `observers` adds named observer factories (e.g.
-  `('xtx', jq.observers.second_moment())`); their states are kept in 'quant_stats'.
+  batch's own. Layers whose rule names a PTQ algorithm also collect its statistics
+  (`observers.ptq_stats`, under 'ptq_*'). `observers` adds named observer factories; their
+  states are kept in 'quant_stats'.
   Earlier static ranges are dropped first. Raises ValueError for an empty set of
   batches, and names the layer whose calibration input held NaN or Inf.
   """
+  ptq_names = () if not any(r.ptq for r in transform.config_of(qmodel).rules) else (
+      (PTQ_STATS, obs.ptq_stats(methods=PTQ_METHODS)),)
+  observers = ptq_names + tuple(observers)
   view = transform.with_observers(
-      qmodel, ((CALIBRATION, obs.calibration_range()),) + tuple(observers))
+      qmodel, ((CALIBRATION, obs.calibration_range()),) + observers)
   variables = _plain(variables)
   names = [CALIBRATION] + [name for name, _ in observers]
   stats = _drop(variables.pop("quant_stats", {}), names)
@@ -86,6 +93,10 @@ def calibrate(qmodel, variables, batches: Iterable, *, rngs=None, observers=()):
     raise ValueError("calibrate needs at least one batch; got an empty iterable")
   stats = _plain(jax.device_get(stats))
   for path, node in _layers(stats):
+    xtx = node.get(f"{PTQ_STATS}_xtx")
+    if xtx is not None and not np.all(np.isfinite(xtx)):
+      raise ValueError(f"calibration input of layer {path!r} holds NaN/Inf values (its PTQ "
+                       "statistics are not finite); clean the calibration batches")
     if f"{CALIBRATION}_hi" not in node:
       continue
     lo, hi = node.pop(f"{CALIBRATION}_lo"), node.pop(f"{CALIBRATION}_hi")
@@ -147,11 +158,34 @@ def convert(qmodel, variables, *example_args, **example_kwargs):
       # Serving weights are fixed: store the nearest codes (the expected value of the
       # stochastic ones), not one random draw.
       spec = dataclasses.replace(spec, rounding="nearest")
-    todo.append((path, spec, _recorded_layout(path, node["kernel_axes"])))
+    w_layout = _recorded_layout(path, node["kernel_axes"])
+    if rule.ptq is not None:
+      _run_ptq(path, node, _node(params, path), spec, rule.ptq, w_layout)
+      continue
+    todo.append((path, spec, w_layout))
     kernels.append(kernel)
   for (path, _, _), q in zip(todo, _quantize_weights(tuple(todo), kernels, learned)):
     _node(params, path)["kernel"] = q
   return qmodel, variables
+
+
+def _run_ptq(path, stats_node, layer_params, spec, ptq, w_layout):
+  """The rule's PTQ algorithm on one layer (`jaxquant.ptq.layer`); its input scale and,
+  for SmoothQuant, the static range of the scaled input go to 'quant_stats'."""
+  prefix = f"{PTQ_STATS}_"
+  stats = {k[len(prefix):]: v for k, v in stats_node.items() if k.startswith(prefix)}
+  if not stats:
+    raise ValueError(f"layer {path!r}: ptq={ptq.method!r} has no calibration statistics; "
+                     "run jq.calibrate(qmodel, variables, batches) before jq.convert")
+  result = ptq_layer.quantize_layer(path, layer_params["kernel"], spec, ptq, w_layout, stats)
+  layer_params["kernel"] = result.weight.pack()
+  if result.input_scale is not None:
+    stats_node["input_scale"] = result.input_scale
+    if ptq.method == "smoothquant" and "act_hi" in stats_node:
+      stats_node["act_lo"], stats_node["act_hi"] = ptq_layer.smoothed_range(
+          stats, result.input_scale)
+  for k in [k for k in stats_node if k.startswith(prefix)]:
+    del stats_node[k]  # the statistics served their purpose: not serving state
 
 
 @functools.partial(jax.jit, static_argnums=0)

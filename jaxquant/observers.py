@@ -11,9 +11,8 @@ a contraction shares with its weight (1 for ordinary layers).
 quantized layer whose 'quant_stats' collection is mutable; each factory maps the layer's
 `Rule` to an `Observer` (or None where it does not apply) and its state is stored under
 'quant_stats/<layer path>/<name>_<field>'. Training uses `ema_range` (the default);
-`jq.calibrate` uses `calibration_range` and whatever PTQ statistics a caller asks for
-(`second_moment` for GPTQ's XᵀX, `channel_absmax` / `channel_mean_abs` for SmoothQuant and
-AWQ).
+`jq.calibrate` uses `calibration_range`, plus `ptq_stats` (XᵀX, per-channel Σ|x| and
+max|x|) at the layers whose rule names a PTQ algorithm.
 """
 from __future__ import annotations
 
@@ -24,6 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxquant import numerics
+from jaxquant.ptq import stats as ptq_stats_lib
 from jaxquant.spec import QuantSpec, Rule
 
 State = Dict[str, jax.Array]
@@ -110,50 +110,19 @@ def calibration_range() -> ObserverFactory:
   return factory
 
 
-def _rows(x_BMK):
-  """[B·M, K] float32 with non-finite entries as 0 (they would poison every sum)."""
-  x = jax.lax.stop_gradient(x_BMK).astype(jnp.float32)
-  x = x.reshape(-1, x.shape[-1])
-  return jnp.where(jnp.isfinite(x), x, 0.0)
-
-
-def second_moment() -> ObserverFactory:
-  """Σ xᵀx over every input row ('xtx', [K, K]) and the row count ('rows'): GPTQ's
-  Hessian is H = 2·xtx/rows (Frantar et al. 2022)."""
-  def init(x):
-    k = x.shape[-1]
-    return {"xtx": jnp.zeros((k, k), jnp.float32), "rows": jnp.zeros((), jnp.int32)}
-
-  def update(state, x):
-    r = _rows(x)
-    xtx = jax.lax.dot_general(r, r, (((0,), (0,)), ((), ())),
-                              precision=jax.lax.Precision.HIGHEST)
-    return {"xtx": state["xtx"] + xtx, "rows": state["rows"] + r.shape[0]}
-  return lambda rule: Observer(init, update)
-
-
-def channel_absmax() -> ObserverFactory:
-  """max |x| per input channel ('absmax', [K]): SmoothQuant's activation statistic."""
-  def init(x):
-    return {"absmax": jnp.zeros((x.shape[-1],), jnp.float32)}
-
-  def update(state, x):
-    return {"absmax": jnp.maximum(state["absmax"], jnp.max(jnp.abs(_rows(x)), axis=0))}
-  return lambda rule: Observer(init, update)
-
-
-def channel_mean_abs() -> ObserverFactory:
-  """Σ |x| per input channel ('abs_sum', [K]) and the row count ('rows'): AWQ's
-  activation magnitude is abs_sum / rows."""
-  def init(x):
-    return {"abs_sum": jnp.zeros((x.shape[-1],), jnp.float32),
-            "rows": jnp.zeros((), jnp.int32)}
-
-  def update(state, x):
-    r = _rows(x)
-    return {"abs_sum": state["abs_sum"] + jnp.sum(jnp.abs(r), axis=0),
-            "rows": state["rows"] + r.shape[0]}
-  return lambda rule: Observer(init, update)
+def ptq_stats(methods=None) -> ObserverFactory:
+  """The statistics the PTQ algorithms need (`jaxquant.ptq.stats`): XᵀX [K, K] (GPTQ's
+  Hessian, AWQ's output error), Σ|x| and max|x| per input channel [K] (AWQ, SmoothQuant)
+  and the row count. With `methods` (a tuple of `PTQ.method` names) it runs only at
+  layers whose rule asks for one of them."""
+  def factory(rule: Rule) -> Optional[Observer]:
+    if methods is not None and (rule.ptq is None or rule.ptq.method not in methods):
+      return None
+    init = lambda x: ptq_stats_lib.init(x.shape[-1])._asdict()
+    update = lambda state, x: ptq_stats_lib.update(
+        ptq_stats_lib.Stats(**state), jax.lax.stop_gradient(x))._asdict()
+    return Observer(init, update)
+  return factory
 
 
 def prefixed(name: str, state: State) -> Dict[str, Any]:

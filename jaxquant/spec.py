@@ -159,18 +159,58 @@ class DotSpec:
                            "integer codes); choose mode='fake' for fp8")
 
 
+PTQ_METHODS = ("gptq", "awq", "smoothquant")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class PTQ:
+  """A post-training algorithm that `jq.convert` runs on a layer's weight, from the
+  statistics `jq.calibrate` collected for it.
+
+  Attributes:
+    method: 'gptq' (Frantar et al. 2022: error-compensating, row-by-row quantization
+      with the inverse Hessian of the layer inputs), 'awq' (Lin et al. 2023: per-input-
+      channel scales s = mean|x|^α, α searched on a grid to minimize the layer's output
+      error; the input is divided by s), or 'smoothquant' (Xiao et al. 2022: s_j =
+      max|x_j|^α / max|w_j|^(1−α) moves activation outliers into the weight; W8A8).
+    percdamp: GPTQ damping, λ = percdamp · mean(diag H).
+    act_order: GPTQ processes rows by decreasing diag H.
+    alpha: SmoothQuant's migration strength, in [0, 1].
+    grid: AWQ's number of α steps in [0, 1].
+  """
+  method: str = "gptq"
+  percdamp: float = 0.01
+  act_order: bool = True
+  alpha: float = 0.5
+  grid: int = 20
+
+  def __post_init__(self):
+    _check_choice("method", self.method, PTQ_METHODS)
+    if not isinstance(self.percdamp, (int, float)) or not 0.0 <= float(self.percdamp) < 1.0:
+      raise ValueError(f"percdamp={self.percdamp!r} must be a float in [0, 1)")
+    if not isinstance(self.act_order, bool):
+      raise ValueError(f"act_order={self.act_order!r} must be a bool")
+    if not isinstance(self.alpha, (int, float)) or not 0.0 <= float(self.alpha) <= 1.0:
+      raise ValueError(f"alpha={self.alpha!r} must be a float in [0, 1]")
+    if not isinstance(self.grid, int) or isinstance(self.grid, bool) or self.grid < 1:
+      raise ValueError(f"grid={self.grid!r} must be a positive int")
+
+
 @dataclasses.dataclass(frozen=True)
 class Rule:
   """Quantize the layers whose '/'-joined module path fully matches `pattern`.
 
   `weight=None` with `act` set is activation-only; `act=None` is weight-only; `grad` set
-  runs the backward contractions quantized too. First matching rule wins.
+  runs the backward contractions quantized too; `ptq` names a post-training algorithm
+  that `jq.convert` runs on the weight (statistics from `jq.calibrate`). First matching
+  rule wins.
   """
   pattern: str
   weight: Optional[QuantSpec] = dataclasses.field(default=None, kw_only=True)
   act: Optional[QuantSpec] = dataclasses.field(default=None, kw_only=True)
   grad: Optional[QuantSpec] = dataclasses.field(default=None, kw_only=True)
   mode: str = dataclasses.field(default="int", kw_only=True)
+  ptq: Optional[PTQ] = dataclasses.field(default=None, kw_only=True)
 
   def __post_init__(self):
     if not isinstance(self.pattern, str):
@@ -196,6 +236,16 @@ class Rule:
     if self.grad is not None and (act is None or self.weight is None):
       raise ValueError(f"Rule({self.pattern!r}): grad= (quantized backward) needs both "
                        "weight= and act= specs")
+    if self.ptq is not None:
+      if not isinstance(self.ptq, PTQ):
+        raise ValueError(f"Rule({self.pattern!r}): ptq={self.ptq!r} must be a jaxquant.PTQ")
+      w = self.weight
+      if w is None or w.format != "int" or w.rounding != "nearest" or w.learned:
+        raise ValueError(f"Rule({self.pattern!r}): ptq={self.ptq.method!r} needs an int "
+                         "weight= spec with nearest rounding and no learned scale")
+      if self.ptq.method == "smoothquant" and act is None:
+        raise ValueError(f"Rule({self.pattern!r}): ptq='smoothquant' migrates activation "
+                         "outliers into the weight; it needs an act= spec (W8A8)")
 
   def dot_spec(self) -> DotSpec:
     """The DotSpec this rule gives a matched layer (activations lhs, weights rhs)."""

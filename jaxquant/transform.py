@@ -313,6 +313,11 @@ class _LayerCall:
   def rhs_state(self, kernel, w_layout: layout.WeightLayout) -> OperandState:
     """Records the kernel's layout; the weight's learned quantity (float kernels only)."""
     m, w = self.module, self.rule.weight
+    if w is not None and w.granularity == "group":
+      k = layout.canonical_shape(kernel.shape, w_layout)[1]
+      if k % w.group_size:
+        raise ValueError(f"layer {self.path!r}: weight group_size={w.group_size} does not "
+                         f"divide its {k} contracted input features")
     if self._tracking():
       axes = np.zeros(w_layout.ndim, np.int32)
       axes[list(w_layout.contracting)] = np.arange(1, len(w_layout.contracting) + 1)
@@ -338,12 +343,28 @@ class _LayerCall:
     inputs, kernel, bias = _promote_keeping_qtensors(m.promote_dtype)(
         inputs, kernel, bias, dtype=m.dtype)
     dims, _, lsum, _ = einsum_dimension_numbers(einsum_str, inputs.ndim, len(kernel.shape))
+    if m.has_variable("quant_stats", "input_scale"):
+      raise ValueError(f"layer {self.path!r}: PTQ input scales are supported for "
+                       "Dense / DenseGeneral layers, not nn.Einsum")
     kept = inputs if not lsum else jnp.sum(inputs, axis=lsum)
     y = einsum(einsum_str, inputs, kernel, self.spec, key=self.key(),
                     **self.states(kept, kernel, dims))
     if bias is not None:
       y = y + jnp.reshape(bias, bshape)
     return y
+
+  def scaled_input(self, lhs, dimension_numbers):
+    """lhs / s when `convert` stored a PTQ input scale s [K] (AWQ, SmoothQuant) for this
+    layer: its weight rows were multiplied by s."""
+    m = self.module
+    if not m.has_variable("quant_stats", "input_scale"):
+      return lhs
+    (lc, _), _ = dimension_numbers
+    lc = tuple(int(a) % lhs.ndim for a in lc)
+    s = m.get_variable("quant_stats", "input_scale").reshape([lhs.shape[a] for a in lc])
+    s = jnp.transpose(s, tuple(int(i) for i in np.argsort(lc)))
+    shape = [lhs.shape[a] if a in lc else 1 for a in range(lhs.ndim)]
+    return lhs / s.reshape(shape).astype(lhs.dtype)
 
   def states(self, lhs, rhs, dimension_numbers) -> Dict[str, OperandState]:
     """lhs_state / rhs_state of a dot_general call."""
@@ -369,6 +390,7 @@ class _Contraction:
     if isinstance(c.module, nn.Conv):
       return self.conv(lhs, rhs, *args, **kwargs)
     dimension_numbers = args[0] if args else kwargs.pop("dimension_numbers")
+    lhs = c.scaled_input(lhs, dimension_numbers)
     return qdot.dot_general(lhs, rhs, dimension_numbers, c.spec, key=c.key(),
                             preferred_element_type=kwargs.get("preferred_element_type"),
                             **c.states(lhs, rhs, dimension_numbers))

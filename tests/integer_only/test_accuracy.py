@@ -13,7 +13,7 @@ import sys
 import numpy as np
 import pytest
 
-from jaxquant.data import load_dataset
+from experiments.data import load_dataset
 from jaxquant.integer_only import qat_view, to_integer
 from experiments.models import CNN1D
 from tests.integer_only.int_helpers import ROOT, rules, train_qat
