@@ -25,7 +25,9 @@ from experiments.training.optim import OPTIMIZERS, SCHEDULES
 # Keys whose contents are free-form (checked by their consumer, not by the schema).
 FREE_FORM_KEYS = ("model.kwargs",)
 # A rule in the config has exactly jaxquant.Rule's fields; a spec, QuantSpec's.
-RULE_KEYS = tuple(f.name for f in dataclasses.fields(jq.Rule))
+# A config rule spells every Rule field but `ptq`: PTQ algorithms are chosen in Python
+# recipes (configs/minilm_ptq.py), where `jq.PTQ` objects are written out.
+RULE_KEYS = tuple(f.name for f in dataclasses.fields(jq.Rule) if f.name != "ptq")
 SPEC_FIELDS = tuple(f.name for f in dataclasses.fields(jq.QuantSpec))
 FLOAT_BITS = 32  # quant.bits of a float run (no rules)
 

@@ -1,0 +1,62 @@
+r"""One post-training quantization run of the pretrained MiniLM encoder, as a trainer.
+
+    python -m experiments.ptq --config=configs/minilm_ptq.py:w4_g128_gptq --workdir=DIR
+
+Loads the model, `jq.calibrate`s it on the recipe's calibration sentences (the rules'
+PTQ algorithms collect their statistics there), `jq.convert`s it, embeds the evaluation
+sentences with the float and the converted model, and writes DIR/summary.json in the
+trainer's format (`config`, `metrics`, `param_bytes`, `wall_time_s`), so
+`experiments.sweep --trainer=experiments.ptq` and `experiments.report` work unchanged.
+"""
+from __future__ import annotations
+
+import os
+import time
+
+from absl import app, flags
+import jax
+from ml_collections import config_flags
+
+import jaxquant as jq
+from experiments.pretrained import metrics, sentences, tokenizer
+from experiments.pretrained.ptq_run import quantized_encoder, recipe_rules
+from experiments.training.results import write_json_atomic
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "configs/minilm_ptq.py:VARIANT",
+                                          lock_config=False)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Output directory (created if missing).")
+
+
+def main(argv):
+  del argv
+  config, workdir = _CONFIG.value, _WORKDIR.value
+  if config is None or workdir is None:
+    raise app.UsageError("--config and --workdir are required")
+  os.makedirs(workdir, exist_ok=True)
+  start = time.time()
+  rules = recipe_rules(config_flags.get_config_filename(flags.FLAGS["config"]), config)
+  model, params, tok, smodel, svars = quantized_encoder(config, rules)
+  evaluation = sentences.evaluation(config.n_eval)
+  f_float = jax.jit(model.apply)
+  f_quant = jax.jit(smodel.apply)
+  e_float = tokenizer.embed(f_float, {"params": params}, tok, evaluation, config.batch_size)
+  e_quant = tokenizer.embed(f_quant, svars, tok, evaluation, config.batch_size)
+  result = metrics.compare(e_float, e_quant)
+  ids, mask = tok(evaluation[:config.batch_size])
+  ratio = metrics.time_ratio(lambda: f_quant(svars, ids, mask).block_until_ready(),
+                             lambda: f_float({"params": params}, ids, mask).block_until_ready())
+  report = jq.size_report(svars)
+  summary = {
+      "config": config.to_dict(),
+      "metrics": {**{k: float(v) for k, v in result.items()}, "time_vs_float": ratio},
+      "param_bytes": {"float": report.total_float_bytes,
+                      "quantized": report.total_quantized_bytes},
+      "wall_time_s": round(time.time() - start, 3),
+      "quantized": bool(rules),
+  }
+  write_json_atomic(os.path.join(workdir, "summary.json"), summary)
+  print({k: round(v, 5) for k, v in summary["metrics"].items()}, flush=True)
+
+
+if __name__ == "__main__":
+  app.run(main)
