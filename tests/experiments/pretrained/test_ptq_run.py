@@ -1,0 +1,74 @@
+"""PTQ of a (tiny, random) BERT checkpoint through the harness: every algorithm through
+the rules, and the `experiments.embed` command end to end."""
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import jaxquant as jq
+from experiments.pretrained import metrics, sentences, tokenizer
+from experiments.pretrained.ptq_run import quantized_encoder
+from configs import minilm_ptq
+from tests.experiments.pretrained.test_minilm import _write_tiny_checkpoint
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+LAYERS = minilm_ptq.LAYERS
+G8 = jq.QuantSpec(bits=4, granularity="group", group_size=8, symmetric=False)
+CASES = {
+    "rtn": [jq.Rule(LAYERS, weight=G8)],
+    "gptq": [jq.Rule(LAYERS, weight=G8, ptq=jq.PTQ(method="gptq"))],
+    "awq": [jq.Rule(LAYERS, weight=G8, ptq=jq.PTQ(method="awq", grid=4))],
+    "smoothquant": [jq.Rule(LAYERS, weight=minilm_ptq.W8, act=minilm_ptq.A8_STATIC,
+                            ptq=jq.PTQ(method="smoothquant", alpha=0.8))],
+    "w8a8_token": minilm_ptq.VARIANTS["w8a8"],
+}
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+  path = str(tmp_path_factory.mktemp("tiny_bert_ptq"))
+  _write_tiny_checkpoint(path)
+  return path
+
+
+def _config(path):
+  c = minilm_ptq.get_config("w8a8")
+  c.model_dir, c.n_calib, c.n_eval, c.batch_size = path, 16, 24, 8
+  return c
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_every_algorithm_runs_on_a_bert_and_stays_close_to_float(tiny_dir, case):
+  config = _config(tiny_dir)
+  model, params, tok, smodel, svars = quantized_encoder(config, CASES[case], progress=False)
+  kernels = [v for v in __import__("jax").tree.leaves(
+      svars["params"], is_leaf=lambda x: isinstance(x, jq.QTensor)) if isinstance(v, jq.QTensor)]
+  assert len(kernels) == 6 * 2  # q, k, v, out, fc1, fc2 in each of the 2 blocks
+  evaluation = sentences.evaluation(config.n_eval)
+  e_f = tokenizer.embed(model.apply, {"params": params}, tok, evaluation, config.batch_size)
+  e_q = tokenizer.embed(smodel.apply, svars, tok, evaluation, config.batch_size)
+  result = metrics.compare(e_f, e_q)
+  assert result["cos_mean"] > 0.9, result
+  assert result["cos_mean"] < 1.0  # quantization did happen
+  if case in ("awq", "smoothquant"):
+    assert "input_scale" in svars["quant_stats"]["block_0"]["mlp"]["fc1"]
+
+
+def test_embed_command_writes_normalized_float32_rows_in_input_order(tiny_dir, tmp_path):
+  lines = ["The quick brown fox.", "", "a dog jumps over the lazy foxes!", "lists ? returned"]
+  src, out = tmp_path / "in.txt", tmp_path / "out.npy"
+  src.write_text("\n".join(lines), encoding="utf-8")
+  cmd = [sys.executable, "-m", "experiments.embed", "--config=configs/minilm_ptq.py:w8a8",
+         f"--config.model_dir={tiny_dir}", "--config.n_calib=16", "--config.batch_size=2",
+         f"--input={src}", f"--output={out}"]
+  proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  e = np.load(out)
+  assert e.dtype == np.float32 and e.shape[0] == len(lines)
+  np.testing.assert_allclose(np.linalg.norm(e, axis=1), 1.0, rtol=1e-5)
+  config = _config(tiny_dir)
+  model, params, tok, _, _ = quantized_encoder(config, [], progress=False)
+  ref = tokenizer.embed(model.apply, {"params": params}, tok, lines, 2)
+  assert metrics.compare(ref, e)["cos_mean"] > 0.9  # row i is line i
