@@ -237,7 +237,7 @@ def xy_series(rows: Sequence[Row], metric: str, x: str = "bits",
   `x` and `series` are axes as axes.resolve_key takes them (derived 'bits' / 'label',
   a config key or a unique suffix of a swept key). `series` None: the varying swept
   keys that are neither x, the seed nor quant.* (axes.default_series). Each point is
-  annotated with its row's human label minus the axes, when those labels differ.
+  annotated with its row's human label minus the axes, when those differ along its line.
   """
   x = axes.resolve_key(x, rows)
   series = ([axes.resolve_key(k, rows) for k in series] if series is not None
@@ -248,11 +248,14 @@ def xy_series(rows: Sequence[Row], metric: str, x: str = "bits",
   data = [d for d in data if d[2] is not None]
   if not data:
     return {}
-  annotate = len({label for _, label, _, _ in data}) > 1
   lines: dict[str, list[XYPoint]] = {}
   for row, label, value, s in data:
     name = axes.series_name(rows, row, series, bits_key) or metric
-    lines.setdefault(name, []).append(XYPoint(value, s, label if annotate else ""))
+    lines.setdefault(name, []).append(XYPoint(value, s, label))
+  # Labels shared by a whole line say nothing the legend does not.
+  lines = {name: pts if len({p.label for p in pts}) > 1
+           else [dataclasses.replace(p, label="") for p in pts]
+           for name, pts in lines.items()}
   if all(_is_number(p.x) for pts in lines.values() for p in pts):
     lines = {name: sorted(pts, key=lambda p: p.x) for name, pts in lines.items()}
   return lines
