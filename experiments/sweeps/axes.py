@@ -19,8 +19,8 @@ hand-made summary) is labelled from the bits alone.
 Derived axes: 'bits' (the catch-all's weight bits: binary 1, ternary 2, int b, its
 activation bits when the weights stay float, 32 for float) and 'label' (the quant label).
 Any other axis is a dotted config key, taken from a point's overrides or else from its
-resolved config; a unique suffix of a swept key also names it ('lr' for
-'optimizer.lr').
+resolved config; a unique suffix of a swept key starting after a '.' or '_' also names
+it ('lr' for 'optimizer.lr', 'noise_std' for 'eval.input_noise_std').
 """
 from __future__ import annotations
 
@@ -137,7 +137,7 @@ def resolve_key(key: str, rows: Sequence[Any]) -> str:
   swept = list(dict.fromkeys(k for row in rows for k in row.values))
   if key in swept:
     return key
-  matches = [k for k in swept if k.endswith("." + key)]
+  matches = [k for k in swept if k.endswith(key) and k[-len(key) - 1] in "._"]
   if len(matches) == 1:
     return matches[0]
   if len(matches) > 1:
