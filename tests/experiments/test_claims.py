@@ -14,7 +14,9 @@ import sys
 
 import pytest
 
-from experiments.sweeps import build_points, load_sweep
+from experiments.sweeps import build_points, load_sweep, plan
+from experiments.training.config_build import rules_from_config, validate_config
+from tests.experiments.test_configs import _apply
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 RECIPES = sorted(os.path.relpath(p, REPO) for p in glob.glob(str(REPO / "configs/claims/*.py"))
@@ -45,6 +47,14 @@ def test_claim_recipe_plans(recipe, tmp_path):
   assert printed.returncode == 0, printed.stderr
   assert len(printed.stdout.strip().splitlines()) == len(points)
   assert not (tmp_path / "p").exists()  # print writes nothing
+  # Every point's config (its variant, then its overrides) passes the trainer's checks,
+  # which build the jaxquant Rules, so an invalid spec fails here, not in the sweep.
+  module = plan._load_module(recipe)
+  for p in points:
+    overrides = {k: v for k, v in p.items() if k != "config_arg"}
+    config = _apply(module.get_config(p.get("config_arg")), overrides)
+    validate_config(config)
+    assert bool(rules_from_config(config.quant)) == (p.get("quant.bits") != 32)
 
 
 # ~45 s per recipe on a loaded 2-core CPU (jit compiles of the QAT, eval and serving
