@@ -1,7 +1,8 @@
 """The sweep DSL: axes of config overrides composed into a list of points.
 
 A point is a plain dict of dotted config keys to values, `{"quant.bits": 4, "seed": 0}`;
-a sweep is a list of points. Every helper takes and returns lists of points, so a
+a sweep is a list of points. The one key that is not a config key, `config_arg`, picks
+the ARG the point's config is built with (`--config=FILE:ARG`). Every helper takes and returns lists of points, so a
 `get_sweep` may use them or just return a hand-written list.
 """
 from __future__ import annotations
@@ -20,6 +21,9 @@ _KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
 _SAFE_VALUE_RE = re.compile(r"[^A-Za-z0-9._+-]")
 _MAX_NAME_CHARS = 150  # well under the usual 255-byte file name limit
 BASE_NAME = "base"  # the name of the point with no overrides
+# Not a config key: the point's get_config ARG (`--config=FILE:ARG`), for recipes whose
+# variants differ in structure (which operands a rule quantizes) rather than in a value.
+ARG_KEY = "config_arg"
 
 
 def axis(key: str, values: Iterable[Any]) -> list[Point]:
@@ -149,6 +153,9 @@ def _check_key(key: Any) -> None:
 
 
 def _check_value(key: str, value: Any) -> Any:
+  if key == ARG_KEY and not (isinstance(value, str) and value and ":" not in value):
+    raise ValueError(f"sweep value {value!r} for {ARG_KEY!r} must be a non-empty str "
+                     "without ':' (it becomes --config=FILE:ARG)")
   # Only what `--config.KEY=VALUE` can carry and JSON can record.
   scalar = (bool, int, float, str, type(None))
   ok = isinstance(value, scalar) or (

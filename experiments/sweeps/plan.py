@@ -80,10 +80,20 @@ def load_sweep(config_arg: str) -> list[grid.Point]:
     raise SweepError(f"{path}: get_sweep({', '.join(map(repr, args))}): {e}") from None
   get_config = getattr(module, "get_config", None)
   if callable(get_config):
-    config = get_config(*args)
-    unknown = [k for k in grid.swept_keys(points) if not _has_key(config, k)]
-    if unknown:
-      raise SweepError(f"{path}: swept key(s) {unknown} are not in get_config()'s config")
+    by_arg: dict[tuple[str, ...], list[grid.Point]] = {}
+    for p in points:  # a point's config_arg replaces the sweep's ARG
+      arg = (p[grid.ARG_KEY],) if grid.ARG_KEY in p else args
+      by_arg.setdefault(arg, []).append(p)
+    for arg, group in by_arg.items():
+      try:
+        config = get_config(*arg)
+      except ValueError as e:
+        raise SweepError(f"{path}: get_config({', '.join(map(repr, arg))}): {e}") from None
+      unknown = [k for k in grid.swept_keys(group)
+                 if k != grid.ARG_KEY and not _has_key(config, k)]
+      if unknown:
+        raise SweepError(f"{path}: swept key(s) {unknown} are not in get_config("
+                         f"{', '.join(map(repr, arg))})'s config")
   return points
 
 
@@ -93,14 +103,19 @@ def build_points(points: Sequence[grid.Point], *, config_arg: str, workdir: str,
   """One SweepPoint per override dict, each with its own directory under `workdir`.
 
   The command is `python -m TRAINER --config=FILE[:ARG] --workdir=DIR --config.KEY=VALUE..`,
-  run from the sweep's working directory (so `configs/` and `experiments/` import).
+  run from the sweep's working directory (so `configs/` and `experiments/` import); a
+  point's `config_arg` becomes its ARG.
   """
   result = []
   for i, overrides in enumerate(points):
     name = grid.point_name(overrides)
     directory = os.path.join(workdir, name)
-    argv = [python, "-m", trainer, f"--config={config_arg}", f"--workdir={directory}"]
-    argv += [f"--config.{k}={grid.format_value(v)}" for k, v in overrides.items()]
+    config = config_arg
+    if grid.ARG_KEY in overrides:
+      config = f"{split_config_arg(config_arg)[0]}:{overrides[grid.ARG_KEY]}"
+    argv = [python, "-m", trainer, f"--config={config}", f"--workdir={directory}"]
+    argv += [f"--config.{k}={grid.format_value(v)}" for k, v in overrides.items()
+             if k != grid.ARG_KEY]
     result.append(SweepPoint(i, name, dict(overrides), directory, tuple(argv)))
   return result
 

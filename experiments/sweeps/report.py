@@ -3,11 +3,14 @@
 Reads `DIR/sweep.json` and each point's `summary.json` (or `failed.json`), never
 crashing on a point that has neither ("not run") or whose summary is malformed (a
 warning). From each summary it reads `metrics[<metric>]`, `metrics["serving_<metric>"]`,
-`param_bytes["float"]`, `param_bytes["quantized"]` and, for the bits plot, the config
-key `quant.bits` (missing or None there means float, drawn at 32 bits).
+`param_bytes["float"]`, `param_bytes["quantized"]` and its resolved `config`.
 
 Rows group the points by every swept key except `seed`; a metric cell is the mean ±
-the sample standard deviation (ddof=1) over the finished seeds of the row.
+the sample standard deviation (ddof=1) over the finished seeds of the row. Each row is
+labelled as a person would write it ('float', 'W4A4', 'binary W1A8', plus the swept
+keys that label does not imply; experiments/sweeps/axes.py). The first metric is
+plotted against a chosen x axis (default 'bits': the quantized layers' weight bits,
+float at 32) with one line per chosen series, and against quantized bytes.
 """
 from __future__ import annotations
 
@@ -22,7 +25,7 @@ from matplotlib import ticker
 from matplotlib.figure import Figure
 import numpy as np
 
-from experiments.sweeps import claims
+from experiments.sweeps import axes, claims
 from experiments.sweeps.plan import FAILED_FILE, SUMMARY_FILE, read_sweep_json
 
 SEED_KEY = "seed"
@@ -33,7 +36,6 @@ REPORT_FILE = "report.md"
 BITS_PLOT = "accuracy_vs_bits.png"
 BYTES_PLOT = "accuracy_vs_bytes.png"
 _LOWER_IS_BETTER = ("loss", "bits_per_byte", "bpb", "perplexity", "error")
-_MISSING = object()  # a config key that is absent, as opposed to set to None
 
 
 @dataclasses.dataclass
@@ -87,16 +89,6 @@ class Row:
     """Mean of `param_bytes[kind]` over the finished points (they normally agree)."""
     stat = summarize([v for p in self.ok if (v := p.param_bytes(kind)) is not None])
     return stat.mean if stat else None
-
-  def bits(self, bits_key: str = BITS_KEY) -> Optional[float]:
-    """Bits in the first finished point's config: None when the key is absent there,
-    FLOAT_BITS when its value is not a number (None: a float run)."""
-    for p in self.ok:
-      value = _lookup(p.summary.get("config"), bits_key)
-      if value is _MISSING:
-        return None
-      return float(value) if _is_number(value) else float(FLOAT_BITS)
-    return None
 
 
 def summarize(values: Sequence[float]) -> Optional[Stat]:
@@ -198,12 +190,12 @@ def markdown(workdir: str, sweep: dict[str, Any], results: Sequence[PointResult]
     value_columns.append((metric, metric))
     if any(r.metric(f"serving_{metric}") is not None for r in results):
       value_columns.append((f"serving {metric}", f"serving_{metric}"))
-  header = [*(rows[0].values if rows else ()), "runs", *(title for title, _ in value_columns),
-            "quantized bytes", "float/quantized"]
+  header = ["setting", *(rows[0].values if rows else ()), "runs",
+            *(title for title, _ in value_columns), "quantized bytes", "float/quantized"]
   lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-  for row in rows:
+  for row, label in zip(rows, axes.row_labels(rows)):
     quantized, floating = row.mean_bytes("quantized"), row.mean_bytes("float")
-    cells = [_fmt(v).replace("|", "\\|") for v in row.values.values()]
+    cells = [_fmt(v).replace("|", "\\|") for v in (label, *row.values.values())]
     cells.append(f"{len(row.ok)}/{len(row.points)}")
     cells += [str(s) if (s := row.stat(key)) else "—" for _, key in value_columns]
     cells.append(f"{quantized:,.0f}" if quantized is not None else "—")
@@ -230,61 +222,86 @@ def markdown(workdir: str, sweep: dict[str, Any], results: Sequence[PointResult]
 
 
 @dataclasses.dataclass(frozen=True)
-class BitsPoint:
-  """One point of the bits plot; `label` names the keys that fixed its bits, if any."""
-  bits: float
+class XYPoint:
+  """One point of a metric-vs-x plot; `label` names the row when the axes do not."""
+  x: Any
   stat: Stat
   label: str
 
 
-def bits_series(rows: Sequence[Row], metric: str, bits_key: str = BITS_KEY
-                ) -> dict[str, list[BitsPoint]]:
-  """The bits plot's lines, {name: points by increasing bits}; {} without `bits_key`.
+def xy_series(rows: Sequence[Row], metric: str, x: str = "bits",
+              series: Optional[Sequence[str]] = None, *, bits_key: str = BITS_KEY
+              ) -> dict[str, list[XYPoint]]:
+  """The plot's lines, {name: points by increasing x}; {} when no row has an x value.
 
-  One line per combination of the other swept keys; a run whose config lacks `bits_key`
-  while others have it is float (32). A key whose every value fixes the bits (a preset
-  name) is the x axis in disguise: it labels the points instead of splitting them into
-  one-point lines.
+  `x` and `series` are axes as axes.resolve_key takes them (derived 'bits' / 'label',
+  a config key or a unique suffix of a swept key). `series` None: the varying swept
+  keys that are neither x, the seed nor quant.* (axes.default_series). Each point is
+  annotated with its row's human label minus the axes, when those differ along its line.
   """
-  data = [(row, row.bits(bits_key), s) for row in rows if (s := row.stat(metric))]
-  if all(bits is None for _, bits, _ in data):
+  x = axes.resolve_key(x, rows)
+  series = ([axes.resolve_key(k, rows) for k in series] if series is not None
+            else axes.default_series(rows, x))
+  labels = axes.row_labels(rows, exclude=[x, *series])
+  data = [(row, label, axes.row_value(row, x, bits_key), s)
+          for row, label in zip(rows, labels) if (s := row.stat(metric))]
+  data = [d for d in data if d[2] is not None]
+  if not data:
     return {}
-  data = [(row, FLOAT_BITS if bits is None else bits, s) for row, bits, s in data]
-  varying = [k for k in data[0][0].values if k != bits_key
-             and len({json.dumps(row.values[k]) for row, _, _ in data}) > 1]
-  labelling = [k for k in varying if _determines([(row.values[k], b) for row, b, _ in data])]
-  line_keys = [k for k in varying if k not in labelling]
-  lines: dict[str, list[BitsPoint]] = {}
-  for row, bits, s in data:
-    name = ", ".join(f"{k}={_fmt(row.values[k])}" for k in line_keys) or metric
-    label = ", ".join(_fmt(row.values[k]) for k in labelling)
-    lines.setdefault(name, []).append(BitsPoint(bits, s, label))
-  return {name: sorted(pts, key=lambda p: p.bits) for name, pts in lines.items()}
+  lines: dict[str, list[XYPoint]] = {}
+  for row, label, value, s in data:
+    name = axes.series_name(rows, row, series, bits_key) or metric
+    lines.setdefault(name, []).append(XYPoint(value, s, label))
+  # Labels shared by a whole line say nothing the legend does not.
+  lines = {name: pts if len({p.label for p in pts}) > 1
+           else [dataclasses.replace(p, label="") for p in pts]
+           for name, pts in lines.items()}
+  if all(_is_number(p.x) for pts in lines.values() for p in pts):
+    lines = {name: sorted(pts, key=lambda p: p.x) for name, pts in lines.items()}
+  return lines
 
 
-def plot_vs_bits(rows: Sequence[Row], metric: str, path: str, *,
-                 bits_key: str = BITS_KEY) -> bool:
-  """Metric against bits (log2 x, error bars = std over seeds); False if no data."""
-  lines = bits_series(rows, metric, bits_key)
+def plot_xy(rows: Sequence[Row], metric: str, path: str, *, x: str = "bits",
+            series: Optional[Sequence[str]] = None, bits_key: str = BITS_KEY) -> bool:
+  """Metric against `x` (error bars = std over seeds), one line per series; False if
+  no data. 'bits' is drawn on a log2 axis with float at 32; other numeric axes
+  linearly; text values as evenly spaced categories in order of appearance."""
+  lines = xy_series(rows, metric, x, series, bits_key=bits_key)
   if not lines:
     return False
+  x = axes.resolve_key(x, rows)
+  values = list(dict.fromkeys(p.x for pts in lines.values() for p in pts))
+  numeric = all(_is_number(v) for v in values)
+  position = (lambda v: v) if numeric else {v: i for i, v in enumerate(values)}.get
   fig, ax = _figure()
   for name, pts in lines.items():
-    ax.errorbar([p.bits for p in pts], [p.stat.mean for p in pts],
+    ax.errorbar([position(p.x) for p in pts], [p.stat.mean for p in pts],
                 yerr=[p.stat.std for p in pts], marker="o", capsize=3, label=name)
     for p in pts:
       if p.label:
-        ax.annotate(p.label, (p.bits, p.stat.mean), textcoords="offset points",
+        ax.annotate(p.label, (position(p.x), p.stat.mean), textcoords="offset points",
                     xytext=(4, 4), fontsize=7)
-  ticks = sorted({p.bits for pts in lines.values() for p in pts})
-  ax.set_xscale("log", base=2)
-  ax.set_xticks(ticks, [f"{t:g}" + ("\n(float)" if t == FLOAT_BITS else "") for t in ticks])
-  ax.minorticks_off()
+  if x == "bits":
+    ticks = sorted(values)
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(ticks, [f"{t:g}" + ("\n(float)" if t == FLOAT_BITS else "") for t in ticks])
+    ax.minorticks_off()
+  elif not numeric:
+    ax.set_xticks(range(len(values)), [_fmt(v) for v in values])
   ax.margins(x=0.1)
-  ax.set(xlabel=f"bits ({bits_key})", ylabel=metric, title=f"{metric} vs bits")
+  ax.set(xlabel="bits (float = 32)" if x == "bits" else x, ylabel=metric,
+         title=f"{metric} vs {x}")
   if len(lines) > 1:
     ax.legend(fontsize=8)
   return _save(fig, path)
+
+
+def plot_file(metric: str, x: str = "bits") -> str:
+  """The plot's file name: accuracy_vs_bits.png for x='bits' (whatever the metric),
+  else METRIC_vs_X.png."""
+  if x == "bits":
+    return BITS_PLOT
+  return f"{metric}_vs_{x.replace('.', '_')}.png"
 
 
 def plot_vs_bytes(rows: Sequence[Row], metric: str, path: str, *,
@@ -318,11 +335,14 @@ def plot_vs_bytes(rows: Sequence[Row], metric: str, path: str, *,
 
 
 def write_report(workdir: str, metrics: Optional[Sequence[str]] = None, *,
+                 x: str = "bits", series: Optional[Sequence[str]] = None,
                  bits_key: str = BITS_KEY, higher_is_better: Optional[bool] = None
                  ) -> tuple[str, list[str]]:
   """Writes report.md and the plots into `workdir`; returns (markdown, warnings).
 
-  The first metric is the one plotted. Raises SweepError without a usable sweep.json.
+  The first metric is the one plotted, against `x` with one line per `series` (see
+  xy_series), and against quantized bytes. Raises SweepError without a usable
+  sweep.json, ValueError for an axis that names nothing.
   """
   sweep, results, warnings = load_results(workdir)
   metrics = list(metrics or choose_metrics(results))
@@ -331,11 +351,14 @@ def write_report(workdir: str, metrics: Optional[Sequence[str]] = None, *,
   swept_keys = sweep.get("swept_keys")
   rows = group_rows(results, swept_keys if isinstance(swept_keys, list) else ())
   plots = []
-  if plot_vs_bits(rows, metrics[0], os.path.join(workdir, BITS_PLOT), bits_key=bits_key):
-    plots.append(BITS_PLOT)
+  x = axes.resolve_key(x, rows)
+  x_plot = plot_file(metrics[0], x)
+  if plot_xy(rows, metrics[0], os.path.join(workdir, x_plot), x=x, series=series,
+             bits_key=bits_key):
+    plots.append(x_plot)
   else:
-    warnings.append(f"{BITS_PLOT} not drawn: no finished run has {metrics[0]} and a "
-                    f"{bits_key} config key")
+    warnings.append(f"{x_plot} not drawn: no finished run has {metrics[0]} and a value "
+                    f"of {x!r}" + (f" (or a {bits_key} config key)" if x == "bits" else ""))
   if plot_vs_bytes(rows, metrics[0], os.path.join(workdir, BYTES_PLOT),
                    higher_is_better=higher_is_better):
     plots.append(BYTES_PLOT)
@@ -348,22 +371,6 @@ def write_report(workdir: str, metrics: Optional[Sequence[str]] = None, *,
     f.write(text)
   os.replace(tmp, os.path.join(workdir, REPORT_FILE))
   return text, warnings
-
-
-def _lookup(tree: Any, dotted_key: str) -> Any:
-  for part in dotted_key.split("."):
-    if not isinstance(tree, dict) or part not in tree:
-      return _MISSING
-    tree = tree[part]
-  return tree
-
-
-def _determines(pairs: Sequence[tuple[Any, float]]) -> bool:
-  """Whether each value comes with a single bits value."""
-  by_value: dict[str, set] = {}
-  for value, bits in pairs:
-    by_value.setdefault(json.dumps(value), set()).add(bits)
-  return all(len(b) == 1 for b in by_value.values())
 
 
 def _is_number(value: Any) -> bool:

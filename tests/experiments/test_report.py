@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from experiments import sweeps
-from experiments.sweeps import report
+from experiments.sweeps import axes, report
 from experiments.sweeps import plan
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
@@ -74,9 +74,11 @@ def test_table_mean_std_match_numpy(tmp_path):
   assert "| quant.bits | model.width | runs | test_accuracy | serving test_accuracy |" in text
   assert (tmp_path / "report.md").read_text() == text
   assert is_png(tmp_path / report.BITS_PLOT) and is_png(tmp_path / report.BYTES_PLOT)
-  lines = report.bits_series(rows, "test_accuracy")
-  assert sorted(lines) == ["model.width=16", "model.width=32"]
-  assert [p.bits for p in lines["model.width=16"]] == [2.0, 8.0]
+  lines = report.xy_series(rows, "test_accuracy")
+  assert sorted(lines) == ["width=16", "width=32"]
+  assert [p.x for p in lines["width=16"]] == [2.0, 8.0]
+  # No rules in these configs: the bits alone, and the width it does not imply.
+  assert "| 2 bits, width=16 | 2 | 16 | 3/3 |" in text
 
 
 def test_float_is_32_bits_and_presets_label_points(tmp_path):
@@ -88,11 +90,12 @@ def test_float_is_32_bits_and_presets_label_points(tmp_path):
   ])
   _, results, _ = report.load_results(str(tmp_path))
   rows = report.group_rows(results)
-  assert [r.bits() for r in rows] == [32.0, 4.0, 4.0, None]  # None: key absent
-  (line,) = report.bits_series(rows, "test_accuracy").values()
-  assert [(p.bits, p.label) for p in line] == [
-      (4.0, "w4a4"), (4.0, "w4a8"), (32.0, "float"), (32.0, "none")]
-  assert report.plot_vs_bits(rows, "test_accuracy", str(tmp_path / "b.png"))
+  # None: the key is absent, so that row has no x and is left off the plot.
+  assert [axes.row_value(r, "bits") for r in rows] == [32.0, 4.0, 4.0, None]
+  (line,) = report.xy_series(rows, "test_accuracy").values()
+  assert [(p.x, p.label) for p in line] == [
+      (4.0, "4 bits, preset=w4a4"), (4.0, "4 bits, preset=w4a8"), (32.0, "float, preset=float")]
+  assert report.plot_xy(rows, "test_accuracy", str(tmp_path / "b.png"))
   assert is_png(tmp_path / "b.png")
 
 
@@ -168,3 +171,85 @@ def test_cli_lists_failures_of_a_real_sweep_and_needs_sweep_json(tmp_path):
       [sys.executable, "-m", "experiments.report", f"--workdir={tmp_path / 'nope'}"],
       cwd=REPO, capture_output=True, text=True, timeout=60)
   assert missing.returncode == 2 and "sweep.json not found" in missing.stderr
+
+
+def _resolved(overrides, make=None):
+  """A recipe config with overrides applied, as the trainer writes it to summary.json."""
+  from configs import quickstart
+  from experiments.training.config_build import config_to_dict
+  from tests.experiments.test_configs import _apply
+  return config_to_dict(_apply((make or quickstart.get_config)(), overrides))
+
+
+def test_quant_labels_of_real_configs():
+  from configs import quickstart
+  got = {name: axes.quant_label(_resolved(o)) for name, o in quickstart.SETTINGS.items()}
+  assert got == {"float": "float", "w8a8": "W8A8", "w4a4": "W4A4", "w2a2": "W2A2",
+                 "binary": "binary W1A8"}
+  assert axes.quant_label(_resolved({"quant.bits": 3, "quant.act_bits": 8})) == "W3A8"
+  config = _resolved({"quant.bits": 4})
+  last = config["quant"]["rules"][-1]
+  assert axes.quant_label(config | {"quant": config["quant"] | {
+      "rules": [{**last, "act": None}]}}) == "W4 weight-only"
+  assert axes.quant_label(config | {"quant": config["quant"] | {
+      "rules": [{**last, "weight": None}]}}) == "A4 activation-only"
+  grad = {"format": "int", "bits": 8, "rounding": "stochastic"}
+  assert axes.quant_label(config | {"quant": config["quant"] | {
+      "rules": [{**last, "grad": grad}]}}) == "W4A4, G8 grads (stochastic)"
+  assert [axes.config_bits(_resolved(o)) for o in quickstart.SETTINGS.values()] == [
+      32.0, 8.0, 4.0, 2.0, 1.0]
+  assert axes.quant_label({"model": {}}) is None
+
+
+def test_quickstart_shape_is_one_labelled_line(tmp_path):
+  """The quickstart's points all differ in quant.* keys only: one line, each point
+  annotated with its human label (not `quant.format=int, quant.act_bits=32, ...`)."""
+  from configs import quickstart
+  accs = {"float": .94, "w8a8": .95, "w4a4": .93, "w2a2": .88, "binary": .91}
+  make_sweep(tmp_path, [({**o, "seed": s}, summary(accs[n] + s / 100, config=_resolved(o)))
+                        for n, o in quickstart.SETTINGS.items() for s in range(2)])
+  text, warnings = report.write_report(str(tmp_path))
+  assert warnings == []
+  _, results, _ = report.load_results(str(tmp_path))
+  lines = report.xy_series(report.group_rows(results), "test_accuracy")
+  assert list(lines) == ["test_accuracy"]
+  assert [(p.x, p.label) for p in lines["test_accuracy"]] == [
+      (1.0, "binary W1A8"), (2.0, "W2A2"), (4.0, "W4A4"), (8.0, "W8A8"), (32.0, "float")]
+  assert [round(p.stat.mean, 4) for p in lines["test_accuracy"]] == [.915, .885, .935, .955,
+                                                                     .945]
+  assert "| float | 32 | int | 32 | lsq | 2/2 |" in text
+  assert "| binary W1A8 | 1 | binary | 8 | identity | 2/2 |" in text
+
+
+def test_chosen_x_and_series(tmp_path):
+  """--x=lr --series=quant.bits: lines per bits over the lr values; a text axis is
+  categorical; an ambiguous or unknown axis is an error naming the keys."""
+  acc = {(b, lr): 0.5 + b / 100 + lr for b in (2, 4) for lr in (0.01, 0.03)}
+  make_sweep(tmp_path, [
+      ({"quant.bits": b, "optimizer.lr": lr, "eval.input_noise_std": 0.0,
+        "eval.weight_noise_std": 0.0, "seed": s},
+       summary(acc[b, lr] + s / 1000, config=_resolved({"quant.bits": b})))
+      for b in (2, 4) for lr in (0.03, 0.01) for s in range(3)])
+  text, _ = report.write_report(str(tmp_path), x="lr", series=["quant.bits"])
+  assert is_png(tmp_path / "test_accuracy_vs_optimizer_lr.png")
+  assert "![test_accuracy_vs_optimizer_lr.png]" in text
+  _, results, _ = report.load_results(str(tmp_path))
+  rows = report.group_rows(results)
+  lines = report.xy_series(rows, "test_accuracy", "lr", ["quant.bits"])
+  assert sorted(lines) == ["bits=2", "bits=4"]
+  for b in (2, 4):
+    pts = lines[f"bits={b}"]
+    assert [p.x for p in pts] == [0.01, 0.03]  # sorted numerically
+    assert [p.stat.mean for p in pts] == pytest.approx([acc[b, .01] + .001, acc[b, .03] + .001])
+    assert all(p.label == "" for p in pts)  # the axes already say everything
+  by_label = report.xy_series(rows, "test_accuracy", "label", [])
+  assert [p.x for p in by_label["test_accuracy"]] == ["W2A2", "W2A2", "W4A4", "W4A4"]
+  assert report.plot_xy(rows, "test_accuracy", str(tmp_path / "l.png"), x="label", series=[])
+  with pytest.raises(ValueError, match="ambiguous.*input_noise_std.*weight_noise_std"):
+    report.xy_series(rows, "test_accuracy", "noise_std")
+  with pytest.raises(ValueError, match="neither.*optimizer.lr"):
+    report.xy_series(rows, "test_accuracy", "nonsense")
+  result = subprocess.run(
+      [sys.executable, "-m", "experiments.report", f"--workdir={tmp_path}", "--x=nonsense"],
+      cwd=REPO, capture_output=True, text=True, timeout=120)
+  assert result.returncode == 2 and "nonsense" in result.stderr

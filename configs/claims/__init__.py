@@ -1,0 +1,1 @@
+"""One recipe per published claim; see README.md for the list and what is missing."""

@@ -1,0 +1,75 @@
+"""Every claim recipe in configs/claims/: its sweep plans (the --launcher=print path)
+and one point trains end to end for 2 steps, so no recipe rots.
+
+The point run (marked slow: ~45 s each, compile-dominated) is the sweep's own command
+for its first quantized point with tiny overrides appended (2 steps, batch 8; the GPT
+claim with a one-layer, 16-wide model).
+"""
+import glob
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+from experiments.sweeps import build_points, load_sweep, plan
+from experiments.training.config_build import rules_from_config, validate_config
+from tests.experiments.test_configs import _apply
+
+REPO = pathlib.Path(__file__).resolve().parents[2]
+RECIPES = sorted(os.path.relpath(p, REPO) for p in glob.glob(str(REPO / "configs/claims/*.py"))
+                 if os.path.basename(p) not in ("__init__.py", "common.py"))
+TINY = ["--config.num_steps=2", "--config.batch_size=8", "--config.log_every=1",
+        "--config.eval_every=0", "--config.checkpoint_every=0"]
+TINY_GPT = ["--config.model.kwargs.d_model=16", "--config.model.kwargs.num_layers=1",
+            "--config.model.kwargs.num_heads=2", "--config.dataset.seq_len=16",
+            "--config.model.kwargs.max_len=16"]
+
+
+def test_every_claim_is_listed():
+  names = {pathlib.Path(p).stem for p in RECIPES}
+  assert {"bit_ladder", "four_ways", "estimators", "edge_layers", "quantized_grads",
+          "lr_clipping", "size_savings", "gpt_bytes"} <= names
+  readme = (REPO / "configs/claims/README.md").read_text()
+  for name in names:
+    assert f"{name}.py" in readme, name
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_claim_recipe_plans(recipe, tmp_path):
+  points = load_sweep(recipe)
+  assert len({p["seed"] for p in points}) >= 3, "a claim runs >= 3 seeds"
+  printed = subprocess.run([sys.executable, "-m", "experiments.sweep", f"--config={recipe}",
+                            f"--workdir={tmp_path / 'p'}", "--launcher=print"],
+                           cwd=REPO, capture_output=True, text=True, timeout=120)
+  assert printed.returncode == 0, printed.stderr
+  assert len(printed.stdout.strip().splitlines()) == len(points)
+  assert not (tmp_path / "p").exists()  # print writes nothing
+  # Every point's config (its variant, then its overrides) passes the trainer's checks,
+  # which build the jaxquant Rules, so an invalid spec fails here, not in the sweep.
+  module = plan._load_module(recipe)
+  for p in points:
+    overrides = {k: v for k, v in p.items() if k != "config_arg"}
+    config = _apply(module.get_config(p.get("config_arg")), overrides)
+    validate_config(config)
+    assert bool(rules_from_config(config.quant)) == (p.get("quant.bits") != 32)
+
+
+# ~45 s per recipe on a loaded 2-core CPU (jit compiles of the QAT, eval and serving
+# steps), so slow: eight of them would not fit the default suite's budget.
+@pytest.mark.slow
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_claim_recipe_one_point_trains(recipe, tmp_path):
+  built = build_points(load_sweep(recipe), config_arg=recipe, workdir=str(tmp_path))
+  # The first point whose config quantizes (the float baseline exercises less).
+  point = next(p for p in built if p.overrides.get("quant.bits") != 32)
+  extra = TINY + (TINY_GPT if "gpt" in recipe else [])
+  run = subprocess.run([*point.argv, *extra], cwd=REPO, capture_output=True, text=True,
+                       timeout=300, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+  summary = json.loads(pathlib.Path(point.directory, "summary.json").read_text())
+  assert summary["steps"] == 2
+  assert summary["config"]["quant"]["bits"] == point.overrides["quant.bits"]
+  assert summary["param_bytes"]["quantized"] < summary["param_bytes"]["float"]
