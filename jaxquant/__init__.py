@@ -2,6 +2,7 @@
 
 The curated public API; everything else is internal.
 """
+from jaxquant.bn_fold import FoldedConvBN, FoldedDenseBN
 from jaxquant.conv import conv_general_dilated, make_conv
 from jaxquant.convert import SizeReport, TensorSize, calibrate, convert, size_report
 from jaxquant import observers
@@ -21,5 +22,6 @@ __all__ = [
     "make_conv", "quantize_model", "calibrate", "convert", "size_report", "SizeReport", "TensorSize",
     "OperandState", "WeightLayout", "make_layout", "quantize_weight", "observers",
     "to_integer", "IntegerProgram", "IntegerOnlyError", "export_serving", "load_exported",
+    "FoldedConvBN", "FoldedDenseBN",
 ]
 __version__ = "0.1.0"
