@@ -175,3 +175,11 @@ def test_to_integer_and_numpy_runtime(trained, tmp_path):
   loaded = nr.load(str(tmp_path / "prog"))
   out = nr.run(loaded, nr.quantize_input(loaded, x))
   np.testing.assert_array_equal(out, np.asarray(program(x)))
+
+
+def test_serving_qtensor_kernel_is_refused(trained):
+  # jq.convert stores the unfolded kernel's codes; running on them would be silently wrong.
+  x, _, qm, v, _ = trained
+  serving_model, serving_vars = jq.convert(qm, v)
+  with pytest.raises(ValueError, match="conv_0.*stored QTensor kernel"):
+    serving_model.apply(serving_vars, x[:4], train=False)
