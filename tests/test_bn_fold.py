@@ -183,3 +183,20 @@ def test_serving_qtensor_kernel_is_refused(trained):
   serving_model, serving_vars = jq.convert(qm, v)
   with pytest.raises(ValueError, match="conv_0.*stored QTensor kernel"):
     serving_model.apply(serving_vars, x[:4], train=False)
+
+
+def test_dense_eval_closed_form_and_train_equals_batchnorm():
+  x = RNG.normal(size=(16, 7)).astype(np.float32)
+  layer = jq.FoldedDenseBN(5, dot_general=jq.make_dot_general(W8))
+  v = _random_stats(layer.init(jax.random.key(2), x, use_running_average=False))
+  got = layer.apply(v, x, use_running_average=True)
+  p, s = jax.tree.map(np.asarray, (v["params"], v["batch_stats"]))
+  inv = p["scale"].astype(np.float64) / np.sqrt(s["var"].astype(np.float64) + 1e-5)
+  w_q = np_quant_keep((p["kernel"] * inv).astype(np.float32), jq.QuantSpec(bits=8), 1)
+  want = x.astype(np.float64) @ w_q + (p["bias"] - s["mean"] * inv)
+  np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+  # Training, float: Dense then BatchNorm over the batch (biased variance).
+  got, _ = jq.FoldedDenseBN(5).apply(v, x, use_running_average=False, mutable=["batch_stats"])
+  y = x.astype(np.float64) @ p["kernel"]
+  want = p["scale"] * (y - y.mean(0)) / np.sqrt(y.var(0) + 1e-5) + p["bias"]
+  np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
