@@ -2,9 +2,10 @@
 
 The curated public API; everything else is internal.
 """
+from jaxquant import observers, ptq
+from jaxquant.bn_fold import FoldedConvBN, FoldedDenseBN
 from jaxquant.conv import conv_general_dilated, make_conv
 from jaxquant.convert import SizeReport, TensorSize, calibrate, convert, size_report
-from jaxquant import observers
 from jaxquant.dot import dot_general, make_dot_general
 from jaxquant.einsum import einsum
 from jaxquant.export import export_serving, load_exported
@@ -12,7 +13,6 @@ from jaxquant.fake_quant import OperandState, dequantize, fake_quant, quantize
 from jaxquant.integer_only import IntegerOnlyError, IntegerProgram, to_integer
 from jaxquant.layout import WeightLayout, make_layout, quantize_weight
 from jaxquant.qtensor import QTensor, pack, unpack
-from jaxquant import ptq
 from jaxquant.spec import PTQ, DotSpec, QuantSpec, Rule
 from jaxquant.transform import quantize_model
 
@@ -21,6 +21,7 @@ __all__ = [
     "pack", "unpack", "dot_general", "einsum", "conv_general_dilated", "make_dot_general",
     "make_conv", "quantize_model", "calibrate", "convert", "size_report", "SizeReport", "TensorSize",
     "OperandState", "WeightLayout", "make_layout", "quantize_weight", "observers",
-    "PTQ", "ptq", "to_integer", "IntegerProgram", "IntegerOnlyError", "export_serving", "load_exported",
+    "PTQ", "ptq", "to_integer", "IntegerProgram", "IntegerOnlyError", "export_serving",
+    "load_exported", "FoldedConvBN", "FoldedDenseBN",
 ]
 __version__ = "0.1.0"

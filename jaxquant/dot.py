@@ -57,7 +57,7 @@ def _canonicalize(lhs_shape, rhs_shape, dimension_numbers) -> _Canon:
                        f"!= rhs dim {b} ({rhs_shape[b]})")
   lf = tuple(i for i in range(len(lhs_shape)) if i not in lc and i not in lb)
   rf = tuple(i for i in range(len(rhs_shape)) if i not in rc and i not in rb)
-  size = lambda shape, dims: int(functools.reduce(lambda p, d: p * shape[d], dims, 1))
+  size = lambda shape, dims: layout.prod(shape[d] for d in dims)  # symbolic batch: no int()
   b, m, k, n = size(lhs_shape, lb), size(lhs_shape, lf), size(lhs_shape, lc), size(rhs_shape, rf)
   out_shape = tuple(lhs_shape[d] for d in lb + lf) + tuple(rhs_shape[d] for d in rf)
   return _Canon(lb + lf + lc, rb + rc + rf, (b, m, k), (b, k, n), out_shape)
@@ -80,7 +80,7 @@ def _learned_to_canon(learned, perm, ndim, n_lead, n_mid):
     raise ValueError(f"learned scale of shape {learned.shape} must have the operand's rank {ndim}")
   t = jnp.transpose(learned, perm)
   s = t.shape
-  p = lambda dims: int(functools.reduce(lambda a, d: a * d, dims, 1))
+  p = layout.prod
   return t.reshape(p(s[:n_lead]), p(s[n_lead:n_lead + n_mid]), p(s[n_lead + n_mid:]))
 
 

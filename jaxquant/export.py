@@ -10,8 +10,10 @@ with the variables as arguments, int8 / packed codes and all), every variable le
 array, and a small JSON header. Variables travel as arguments, not constants, so the
 reloaded computation is the very one `jax.jit(lambda v, x: model.apply(v, x))` runs in
 process, and its outputs are bit-identical. The batch axis is exported symbolic
-(`batch_polymorphic=True`) when the model traces with it; otherwise the example's batch
-size is fixed.
+(`batch_polymorphic=True`, jax.export shape polymorphism): jaxquant's quantized
+contractions (dynamic or static activation ranges, packed weights) trace with it, so one
+file serves any batch size. A model that does not (Python control flow on the batch
+size) is exported with the example's fixed batch, with a warning.
 
 This module imports only jax, numpy and the standard library, so a deployment can copy
 it (or load it by path) without jaxquant's model code.
@@ -21,6 +23,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import warnings
 from typing import Any, Callable
 
 import jax
@@ -56,8 +59,13 @@ def export_serving(model, variables, example, path: str, *,
     x_spec = jax.ShapeDtypeStruct(jax.export.symbolic_shape(dims), example.dtype)
     try:
       exported = jax.export.export(fn)(leaf_specs, x_spec)
-    except Exception:  # pylint: disable=broad-except
-      exported = None  # a model that needs concrete shapes: export the example's batch
+    except Exception as e:  # pylint: disable=broad-except
+      # A model that needs a concrete batch (Python control flow on it, int() of it):
+      # export the example's batch, and say so.
+      warnings.warn(f"jaxquant.export_serving: the model does not trace with a symbolic "
+                    f"batch ({type(e).__name__}: {str(e).splitlines()[0]}); exporting the "
+                    f"fixed input shape {example.shape}", stacklevel=2)
+      exported = None
   if exported is None:
     exported = jax.export.export(fn)(leaf_specs, jax.ShapeDtypeStruct(example.shape,
                                                                        example.dtype))

@@ -16,7 +16,7 @@ construction. The QTensor it returns records the layout (`contracting`, `batch`,
 """
 from __future__ import annotations
 
-import functools
+import math
 from typing import NamedTuple, Sequence, Tuple
 
 import jax
@@ -29,8 +29,12 @@ from jaxquant.qtensor import QTensor
 from jaxquant.spec import QuantSpec
 
 
-def _prod(dims) -> int:
-  return int(functools.reduce(lambda a, d: a * d, dims, 1))
+def prod(dims):
+  """The product of axis sizes: a Python int for static sizes, a symbolic dimension
+  expression when a size is symbolic (jax.export shape polymorphism: `int()` of one
+  raises, so it is only taken of static sizes)."""
+  p = math.prod(dims)
+  return int(p) if isinstance(p, (int, np.integer)) else p
 
 
 class WeightLayout(NamedTuple):
@@ -65,8 +69,8 @@ def make_layout(ndim: int, contracting: Sequence[int], batch: Sequence[int] = ()
 
 
 def canonical_shape(shape, layout: WeightLayout) -> Tuple[int, int, int]:
-  return (_prod(shape[a] for a in layout.batch), _prod(shape[a] for a in layout.contracting),
-          _prod(shape[a] for a in layout.free))
+  return (prod(shape[a] for a in layout.batch), prod(shape[a] for a in layout.contracting),
+          prod(shape[a] for a in layout.free))
 
 
 def canonical(w, layout: WeightLayout):
@@ -84,8 +88,8 @@ def canonical_lhs(x, dimension_numbers):
   lc, lb = tuple(int(a) % x.ndim for a in lc), tuple(int(a) % x.ndim for a in lb)
   lf = tuple(a for a in range(x.ndim) if a not in lc and a not in lb)
   perm = lb + lf + lc
-  shape = (_prod(x.shape[a] for a in lb), _prod(x.shape[a] for a in lf),
-           _prod(x.shape[a] for a in lc))
+  shape = (prod(x.shape[a] for a in lb), prod(x.shape[a] for a in lf),
+           prod(x.shape[a] for a in lc))
   if perm != tuple(range(x.ndim)):
     x = jnp.transpose(x, perm)
   return x.reshape(shape)
@@ -102,7 +106,7 @@ def canonical_scale(s, layout: WeightLayout):
     raise ValueError(f"a scale of shape {s.shape} must have the weight's rank {layout.ndim}")
   t = jnp.transpose(s, layout.perm)
   nb, nk = len(layout.batch), len(layout.contracting)
-  return t.reshape(_prod(t.shape[:nb]), _prod(t.shape[nb:nb + nk]), _prod(t.shape[nb + nk:]))
+  return t.reshape(prod(t.shape[:nb]), prod(t.shape[nb:nb + nk]), prod(t.shape[nb + nk:]))
 
 
 def _group_split(sizes, group_size):

@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import warnings
 
 import flax.linen as nn
 import jax
@@ -98,6 +99,30 @@ def test_batch_polymorphic_when_the_model_allows(tmp_path):
   for rows in (1, 6, 9):
     x = np.tile(X, (2, 1))[:rows]
     np.testing.assert_array_equal(np.asarray(fn(x)), np.asarray(jax.jit(model.apply)(variables, x)))
+
+
+@pytest.mark.parametrize("name", sorted(RULES))
+def test_quantized_serving_model_is_batch_polymorphic(name, tmp_path):
+  # Dynamic per-row / per-tensor activation ranges, static ranges, packed int4, binary
+  # and fp8 weights all trace with a symbolic batch (the contraction's canonical shapes
+  # are symbolic products, layout.prod).
+  qm = jq.quantize_model(CNN1D(num_classes=4, channels=8), RULES[name])
+  variables = qm.init(jax.random.key(0), X)
+  if name == "w8a8_static":
+    variables = jq.calibrate(qm, variables, [X])
+  serving_model, serving_vars = jq.convert(qm, variables)
+  path = tmp_path / "model.jqx"
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")  # no fallback to a fixed batch
+    exported = jq.export_serving(serving_model, serving_vars, X, str(path))
+  assert str(exported.in_avals[-1].shape[0]) == "b"
+  fn = jq.load_exported(str(path))
+  serve = jax.jit(serving_model.apply)
+  for rows in (1, 9):
+    x = np.tile(X, (2, 1))[:rows]
+    got = np.asarray(fn(x))
+    assert got.shape[0] == rows
+    np.testing.assert_array_equal(got, np.asarray(serve(serving_vars, x)))
 
 
 def test_load_rejects_other_files(tmp_path):
