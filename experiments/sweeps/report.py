@@ -287,7 +287,10 @@ def plot_xy(rows: Sequence[Row], metric: str, path: str, *, x: str = "bits",
     ax.set_xticks(ticks, [f"{t:g}" + ("\n(float)" if t == FLOAT_BITS else "") for t in ticks])
     ax.minorticks_off()
   elif not numeric:
-    ax.set_xticks(range(len(values)), [_fmt(v) for v in values])
+    labels = [_fmt(v) for v in values]
+    long = sum(len(t) for t in labels) > 60  # would overlap: slant them
+    ax.set_xticks(range(len(values)), labels, rotation=30 if long else 0,
+                  ha="right" if long else "center")
   ax.margins(x=0.1)
   ax.set(xlabel="bits (float = 32)" if x == "bits" else x, ylabel=metric,
          title=f"{metric} vs {x}")
@@ -403,6 +406,6 @@ def _figure():
 
 def _save(fig, path: str) -> bool:
   tmp = path + ".tmp.png"
-  fig.savefig(tmp, dpi=120)
+  fig.savefig(tmp, dpi=120, bbox_inches="tight")  # slanted labels stay inside
   os.replace(tmp, path)
   return True
