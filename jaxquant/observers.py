@@ -87,9 +87,13 @@ def calibration_range() -> ObserverFactory:
   """The static activation range of PTQ: over the calibration batches, the min / max of
   the per-batch ranges for absmax calibration, and their mean for percentile / MSE (a
   clip range is a statistic of one batch; its mean is the usual estimate). It also
-  counts non-finite inputs ('nonfinite'), which `jq.calibrate` refuses."""
+  counts non-finite inputs ('nonfinite'), which `jq.calibrate` refuses.
+
+  Only per-tensor activation specs get a static range. A per-token ('channel') spec has
+  one scale per row of the batch, which no fixed range can stand for, so such layers
+  stay dynamic: static or dynamic is the spec's granularity, never a silent collapse."""
   def factory(rule: Rule) -> Optional[Observer]:
-    if not _has_range(rule):
+    if not _has_range(rule) or rule.act.granularity != "tensor":
       return None
 
     def update(state, x):

@@ -507,3 +507,16 @@ def test_ema_statistics_update_only_when_mutable():
   # Not mutable: apply returns only the output and the statistics stay as they were.
   out = run(qmodel, qvars, x1)
   assert not isinstance(out, tuple)
+
+
+def test_calibrating_a_per_token_activation_spec_keeps_it_dynamic():
+  """A per-row ('channel') activation spec has no single static range: calibrate leaves
+  such a layer dynamic (no act_lo/act_hi), instead of silently storing a per-tensor one."""
+  x = normal((8, 10), 31)
+  qmodel = jq.quantize_model(Two(), [jq.Rule("fc0", weight=jq.QuantSpec(bits=8),
+                                             act=jq.QuantSpec(bits=8, granularity="channel")),
+                                     jq.Rule("fc1", weight=jq.QuantSpec(bits=8),
+                                             act=jq.QuantSpec(bits=8, granularity="tensor"))])
+  qvars = qinit(qmodel, fill_params(Two(), x), x)
+  stats = jq.calibrate(qmodel, qvars, [x])["quant_stats"]
+  assert "act_hi" not in stats["fc0"] and "act_hi" in stats["fc1"]

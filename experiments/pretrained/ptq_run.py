@@ -27,16 +27,6 @@ def quantized_encoder(config, rules, *, progress=True):
   batches = [(ids, mask) for _, ids, mask in tokenizer.batches(tok, calib, config.batch_size)]
   if progress:
     print(f"calibrating on {len(calib)} sentences ({len(batches)} batches)...", flush=True)
-  variables = jq.calibrate(qmodel, {"params": params}, batches)
-  if not any(r.act is not None and r.act.granularity == "tensor" for r in rules):
-    variables = _dynamic(variables)  # per-token activations: no static ranges
+  variables = jq.calibrate(qmodel, {"params": params}, batches)  # per-token: stays dynamic
   smodel, svars = jq.convert(qmodel, variables, *batches[0])
   return model, params, tok, smodel, svars
-
-
-def _dynamic(variables):
-  def drop(t):
-    if not isinstance(t, dict):
-      return t
-    return {k: drop(v) for k, v in t.items() if k not in ("act_lo", "act_hi", "act_count")}
-  return {**variables, "quant_stats": drop(variables.get("quant_stats", {}))}
