@@ -188,11 +188,7 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
   """
   if spec is not None and not isinstance(spec, DotSpec):  # before reading spec.lhs
     raise ValueError(f"spec={spec!r} must be a jaxquant.DotSpec")
-  lhs_state = lhs_state or OperandState()
-  rhs_state = rhs_state or OperandState()
-  if rhs_state.range is not None:
-    raise ValueError("rhs_state.range is not supported: kernels are calibrated from "
-                     "their own values")
+  lhs_state, rhs_state = fq.operand_states(lhs_state, rhs_state)
   args = _ConvArgs(_freeze(window_strides), _freeze(padding), _freeze(lhs_dilation),
                    _freeze(rhs_dilation), _freeze(dimension_numbers), int(feature_group_count),
                    int(batch_group_count))

@@ -310,11 +310,7 @@ def dot_general(lhs, rhs, dimension_numbers, spec: Optional[DotSpec] = None, *,
   """
   if spec is not None and not isinstance(spec, DotSpec):  # before reading spec.lhs
     raise ValueError(f"spec={spec!r} must be a jaxquant.DotSpec")
-  lhs_state = lhs_state or OperandState()
-  rhs_state = rhs_state or OperandState()
-  if rhs_state.range is not None:
-    raise ValueError("rhs_state.range is not supported: weights are calibrated from "
-                     "their own values")
+  lhs_state, rhs_state = fq.operand_states(lhs_state, rhs_state)
   if isinstance(rhs, QTensor):
     return _serving_dot(lhs, rhs, dimension_numbers, spec, key, preferred_element_type,
                         lhs_state)

@@ -38,6 +38,16 @@ class OperandState(NamedTuple):
   range: Optional[Tuple[jax.Array, jax.Array]] = None
 
 
+def operand_states(lhs_state: Optional[OperandState], rhs_state: Optional[OperandState]):
+  """The two states of a contraction, None as empty; a weight takes no static range."""
+  lhs_state = lhs_state or OperandState()
+  rhs_state = rhs_state or OperandState()
+  if rhs_state.range is not None:
+    raise ValueError("rhs_state.range is not supported: weights are calibrated from "
+                     "their own values")
+  return lhs_state, rhs_state
+
+
 class Residuals(NamedTuple):
   """What the quantizer VJP needs from the forward pass."""
   x: jax.Array
