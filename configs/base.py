@@ -19,14 +19,16 @@ from experiments.training import schema
 from experiments.training.schema import quant_rule, quant_spec
 
 
-def weight_spec(bits: Any, fmt: Any = "int", ste: Any = "identity") -> ml_collections.ConfigDict:
-  """Per-output-channel symmetric absmax weights; `ste` 'identity' or 'lsq' (learned step)."""
-  return quant_spec(format=fmt, bits=bits, symmetric=True, granularity="channel",
+def weight_spec(bits: Any, fmt: Any = "int", ste: Any = "identity",
+                granularity: Any = "channel") -> ml_collections.ConfigDict:
+  """Symmetric absmax weights, per output channel unless `granularity='tensor'`; `ste`
+  'identity' or 'lsq' (learned step)."""
+  return quant_spec(format=fmt, bits=bits, symmetric=True, granularity=granularity,
                     calibration="absmax", ste=ste)
 
 
 def act_spec(bits: Any, *, symmetric: bool = False,
-             calibration: str = "absmax") -> ml_collections.ConfigDict:
+             calibration: Any = "absmax") -> ml_collections.ConfigDict:
   """Per-tensor activations, clipped STE; asymmetric (a zero point) by default, which
   spends no level on the empty negative half after a ReLU. 'percentile' clips the top
   1% of |x| (99th percentile), which low bit widths need."""
@@ -38,8 +40,8 @@ def standard_rules(quant: ml_collections.ConfigDict, *, first: str,
                    last: str) -> list[ml_collections.ConfigDict]:
   """First layer `first` and head `last` at W8A8; every other layer follows the sweep.
 
-  The swept layers use LSQ weights (quant.weight_ste) and 99th-percentile activation
-  ranges: on the MNIST-1D CNN at W2A2 that is 0.89 test accuracy against 0.54 for
+  The swept layers use LSQ weights (quant.weight_ste, per quant.weight_granularity) and
+  99th-percentile activation ranges (quant.act_calibration): on the MNIST-1D CNN at W2A2 that is 0.89 test accuracy against 0.54 for
   absmax ranges with plain straight-through weights (W8A8/W4A4 unchanged, ~0.94).
 
   Args:
@@ -52,8 +54,10 @@ def standard_rules(quant: ml_collections.ConfigDict, *, first: str,
       quant_rule(first, weight=weight_spec(8), act=act_spec(8, symmetric=True), mode=mode),
       quant_rule(last, weight=weight_spec(8), act=act_spec(8), mode=mode),
       quant_rule(".*", weight=weight_spec(quant.get_ref("bits"), quant.get_ref("format"),
-                                          quant.get_ref("weight_ste")),
-                 act=act_spec(quant.get_ref("act_bits"), calibration="percentile"),
+                                          quant.get_ref("weight_ste"),
+                                          quant.get_ref("weight_granularity")),
+                 act=act_spec(quant.get_ref("act_bits"),
+                              calibration=quant.get_ref("act_calibration")),
                  mode=mode),
   ]
 

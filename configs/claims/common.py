@@ -29,11 +29,12 @@ def swept_rule(quant, pattern=".*", *, weight=True, act=True, act_symmetric=Fals
   activations quant.act_bits (99th-percentile range); weight=False / act=False keep
   that operand float."""
   w = base.weight_spec(quant.get_ref("bits"), quant.get_ref("format"),
-                       weight_ste or quant.get_ref("weight_ste")) if weight else None
+                       weight_ste or quant.get_ref("weight_ste"),
+                       quant.get_ref("weight_granularity")) if weight else None
   a = None
   if act:
     a = base.act_spec(quant.get_ref("act_bits"), symmetric=act_symmetric,
-                      calibration="percentile")
+                      calibration=quant.get_ref("act_calibration"))
     a.ste = act_ste
   return quant_rule(pattern, weight=w, act=a, grad=grad, mode=quant.get_ref("mode"))
 

@@ -16,7 +16,7 @@ from typing import Any, Sequence
 import ml_collections
 
 import jaxquant as jq
-from jaxquant.spec import FORMATS, MODES
+from jaxquant.spec import CALIBRATIONS, FORMATS, MODES
 from experiments.data import DATASET_NAMES
 from experiments.models import MODEL_NAMES, get_model
 from experiments.training import schema
@@ -151,7 +151,20 @@ def validate_config(config: ml_collections.ConfigDict,
     raise ConfigError(f"config key 'mesh_shape'={tuple(config.mesh_shape)!r} may hold "
                       "at most one -1")
   _check_min("debug.nan_at_step", config.debug.nan_at_step, -1, " (-1 disables it)")
-  rules_from_config(config.quant)
+  _check_min("ptq.calib_batches", config.ptq.calib_batches, 1)
+  rules = rules_from_config(config.quant)
+  if config.ptq.from_workdir and not config.ptq.enabled:
+    raise ConfigError(f"config key 'ptq.from_workdir'={config.ptq.from_workdir!r} needs "
+                      "ptq.enabled=True (it names the float run to quantize)")
+  if config.ptq.enabled:
+    for i, rule in enumerate(rules):
+      for name in ("weight", "act", "grad"):
+        spec = getattr(rule, name)
+        if spec is not None and spec.learned:
+          raise ConfigError(
+              f"config key 'quant.rules[{i}].{name}' has ste={spec.ste!r}, a learned "
+              "quantizer, but ptq.enabled quantizes after training: use ste='identity' "
+              "or 'clipped' (e.g. --config.quant.weight_ste=identity)")
 
 
 # --------------------------------------------------------------------------- quant rules
@@ -190,6 +203,8 @@ def _spec_from_config(path: str, spec_cfg: Any) -> jq.QuantSpec:
 def _check_quant_header(quant_cfg: ml_collections.ConfigDict) -> None:
   _check_choice("quant.format", quant_cfg.format, FORMATS)
   _check_choice("quant.mode", quant_cfg.mode, MODES)
+  _check_choice("quant.weight_granularity", quant_cfg.weight_granularity, ("channel", "tensor"))
+  _check_choice("quant.act_calibration", quant_cfg.act_calibration, CALIBRATIONS)
   bits = quant_cfg.bits
   if bits == FLOAT_BITS:
     return

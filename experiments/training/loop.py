@@ -11,12 +11,16 @@ Order of work, so that a bad config never touches the workdir:
      bad state is checkpointed.
   4. Evaluate the QAT model and (when quantized) the converted serving model; write
      summary.json atomically as the very last act.
+With `ptq.enabled` the model trains in float and step 4 quantizes it after training
+(`post_training_quantize`: calibrate, evaluate, convert, evaluate); with
+`ptq.from_workdir` steps 2-3 restore a finished float run instead of training.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import math
 import os
 import platform
@@ -52,7 +56,7 @@ class Setup:
   config: ml_collections.ConfigDict
   dataset: Any
   model: Any  # quantized when `rules` is non-empty
-  rules: list
+  rules: list  # the rules training applies (none when ptq.enabled)
   mesh: Any
   tx: optax.GradientTransformation
   schedule: optax.Schedule
@@ -60,6 +64,8 @@ class Setup:
   example_batch: dict[str, np.ndarray]
   abstract_state: Any
   state_shardings: Any
+  float_model: Any = None
+  ptq_rules: list = dataclasses.field(default_factory=list)  # applied after training
 
   @property
   def quantized(self) -> bool:
@@ -86,6 +92,7 @@ def prepare(config: ml_collections.ConfigDict) -> Setup:
   except ValueError as e:
     raise ConfigError(f"config key 'dataset': {e}") from None
   float_model, rules = config_build.build_model(config, num_classes=ds.num_classes)
+  ptq_rules, rules = (rules, []) if config.ptq.enabled else ([], rules)
   model = maybe_quantize(float_model, rules)
   try:
     mesh = sharding.build_mesh(config.mesh_shape)
@@ -115,7 +122,8 @@ def prepare(config: ml_collections.ConfigDict) -> Setup:
       lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
   return Setup(config=config, dataset=ds, model=model, rules=rules, mesh=mesh, tx=tx,
                schedule=schedule, init_fn=init_fn, example_batch=example,
-               abstract_state=abstract, state_shardings=shardings)
+               abstract_state=abstract, state_shardings=shardings,
+               float_model=float_model, ptq_rules=ptq_rules)
 
 
 # --------------------------------------------------------------------------- evaluation
@@ -186,6 +194,61 @@ def evaluate_serving(setup: Setup, state, qat_metrics: dict[str, float]):
   report = jq.size_report(serving_vars)  # float bytes vs the bytes serving stores
   return metrics, {"float": int(report.total_float_bytes),
                    "quantized": int(report.total_quantized_bytes)}
+
+
+def post_training_quantize(setup: Setup, state) -> tuple[dict, dict, dict]:
+  """PTQ of a trained float state with `setup.ptq_rules` (round to nearest).
+
+  Calibrates the static activation ranges on the first `ptq.calib_batches` training
+  batches (`jaxquant.calibrate`), evaluates that model, converts it (`jaxquant.convert`)
+  and evaluates the serving model. Returns (PTQ metrics, serving metrics, param bytes).
+  """
+  config = setup.config
+  qmodel = jq.quantize_model(setup.float_model, setup.ptq_rules)
+  example_x = np.asarray(setup.example_batch["x"][:1])
+  key = jax.random.key(config.seed)
+  qvars = dict(qmodel.init({"params": key, "quant": key}, example_x))
+  trained = jax.device_get(_qat_variables(state))
+  if (jax.tree_util.tree_structure(qvars["params"])
+      != jax.tree_util.tree_structure(trained["params"])):
+    raise ValueError("the quantized model's parameters do not match the trained float "
+                     "model's; PTQ cannot map the weights")
+  qvars.update(trained)  # float params (and e.g. batch_stats); quant_stats from init
+  data = BatchIterator(setup.dataset, batch_size=config.batch_size, seed=config.seed)
+  batches = [np.asarray(next(data)["x"]) for _ in range(config.ptq.calib_batches)]
+  calibrated = jq.calibrate(qmodel, qvars, batches, rngs={"quant": key})
+  replicated = sharding.replicated(setup.mesh)
+  ptq_metrics = make_evaluator(setup, qmodel.apply, replicated, quantized=True)(
+      jax.device_put(calibrated, replicated))
+  serving_model, serving_vars = jq.convert(qmodel, calibrated)
+  serving_vars = jax.device_put(serving_vars, replicated)
+  serving = make_evaluator(setup, serving_model.apply, replicated, quantized=True)(serving_vars)
+  report = jq.size_report(serving_vars)
+  return ptq_metrics, serving, {"float": int(report.total_float_bytes),
+                                "quantized": int(report.total_quantized_bytes)}
+
+
+def _restore_float_run(setup: Setup, source: str):
+  """`(step, state)` of the finished float run in `source` (ptq.from_workdir)."""
+  source = os.path.abspath(source)
+  config_path = os.path.join(source, "config.json")
+  if not os.path.exists(config_path):
+    raise ConfigError(f"config key 'ptq.from_workdir'={source!r} is not a run directory "
+                      "(no config.json)")
+  with open(config_path) as f:
+    bits = json.load(f).get("quant", {}).get("bits")
+  if bits != config_build.FLOAT_BITS:
+    raise ConfigError(f"config key 'ptq.from_workdir'={source!r} is a quantized run "
+                      f"(quant.bits={bits}); PTQ starts from a float run (quant.bits=32)")
+  ckpt = Checkpointer(os.path.join(source, "checkpoints"),
+                      max_to_keep=setup.config.keep_checkpoints)
+  try:
+    restored = ckpt.restore_latest(setup.abstract_state)
+  finally:
+    ckpt.close()
+  if restored is None:
+    raise ConfigError(f"config key 'ptq.from_workdir'={source!r} has no checkpoint")
+  return restored[0], restored[1]
 
 
 # --------------------------------------------------------------------------- training
@@ -268,6 +331,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     config = ml_collections.ConfigDict(config)
   setup = prepare(config)
   is_writer = jax.process_index() == 0
+  if config.ptq.from_workdir:
+    return _quantize_float_run(setup, workdir, start_time)
 
   # ---- workdir: nothing above this line writes to disk.
   workdir = os.path.abspath(workdir)
@@ -357,16 +422,68 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     if pending is not None:
       process(*pending)
     final_step = int(jax.device_get(state["step"]))
-    test = evaluate_qat(state)
-    metrics_logger.write(final_step, "test", test)
-    serving, param_bytes = evaluate_serving(setup, state, test)
-    metrics_logger.write(final_step, "serving_test", serving)
+    test, serving, param_bytes, extra = _final_evaluation(setup, state, evaluate_qat,
+                                                          metrics_logger, final_step)
   finally:
     metrics_logger.close()
     ckpt.close()
 
+  summary = _summary(setup, config_dict, test, serving, param_bytes, extra, last_train,
+                     start_time=start_time, final_step=final_step,
+                     resumed_from=start_step if restored is not None else None)
+  if is_writer:
+    write_json_atomic(os.path.join(workdir, "summary.json"), summary)
+  return summary
+
+
+def _final_evaluation(setup: Setup, state, evaluate_qat, metrics_logger, step: int):
+  """(test, serving, param bytes, extra metrics) at the end of a run, logged as it goes.
+
+  QAT: the trained model and its converted serving model. PTQ: 'test' is the
+  post-training-quantized model and the float model's metrics are kept as 'float_test'.
+  """
+  test = evaluate_qat(state)
+  extra = {}
+  if setup.ptq_rules:
+    metrics_logger.write(step, "float_test", test)
+    extra = {f"float_test_{k}": v for k, v in test.items()}
+    test, serving, param_bytes = post_training_quantize(setup, state)
+  else:
+    serving, param_bytes = evaluate_serving(setup, state, test)
+  metrics_logger.write(step, "test", test)
+  metrics_logger.write(step, "serving_test", serving)
+  return test, serving, param_bytes, extra
+
+
+def _quantize_float_run(setup: Setup, workdir: str, start_time: float) -> dict[str, Any]:
+  """ptq.from_workdir: PTQ of another workdir's finished float run; nothing trains."""
+  source_step, state = _restore_float_run(setup, setup.config.ptq.from_workdir)
+  is_writer = jax.process_index() == 0
+  workdir = os.path.abspath(workdir)
+  os.makedirs(workdir, exist_ok=True)
+  config_dict = config_build.config_to_dict(setup.config)
+  if is_writer:
+    write_json_atomic(os.path.join(workdir, "config.json"), config_dict)
+  metrics_logger = MetricsLogger(workdir, total_steps=0, initial_step=0, progress=False)
+  try:
+    metrics_logger.event(source_step, "ptq", "float weights from "
+                         f"{os.path.abspath(setup.config.ptq.from_workdir)} step {source_step}")
+    test, serving, param_bytes, extra = _final_evaluation(
+        setup, state, qat_evaluator(setup), metrics_logger, source_step)
+  finally:
+    metrics_logger.close()
+  summary = _summary(setup, config_dict, test, serving, param_bytes, extra, {},
+                     start_time=start_time, final_step=source_step, resumed_from=None)
+  if is_writer:
+    write_json_atomic(os.path.join(workdir, "summary.json"), summary)
+  return summary
+
+
+def _summary(setup: Setup, config_dict, test, serving, param_bytes, extra, last_train, *,
+             start_time: float, final_step: int, resumed_from) -> dict[str, Any]:
+  """summary.json's contents (the schema every report reads)."""
   key = "bits_per_byte" if setup.lm else "accuracy"
-  summary = {
+  return {
       "config": config_dict,
       "metrics": {
           f"test_{key}": test[key],
@@ -376,18 +493,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
           "test_accuracy": test["accuracy"],
           "final_loss": last_train.get("loss", float("nan")),
           "final_train_accuracy": last_train.get("accuracy", float("nan")),
+          **extra,
       },
       "param_bytes": param_bytes,
       "wall_time_s": round(time.time() - start_time, 3),
       "steps": final_step,
-      "resumed_from_step": start_step if restored is not None else None,
-      "quantized": setup.quantized,
+      "resumed_from_step": resumed_from,
+      "quantized": setup.quantized or bool(setup.ptq_rules),
       "mesh": {"shape": dict(setup.mesh.shape), "num_devices": jax.device_count(),
                "num_processes": jax.process_count()},
       "versions": _versions(),
       "data": {"name": setup.dataset.name, "kind": setup.dataset.kind,
                **setup.dataset.metadata},
   }
-  if is_writer:
-    write_json_atomic(os.path.join(workdir, "summary.json"), summary)
-  return summary

@@ -56,6 +56,24 @@ ml_collections FieldReferences to the header fields:
                   only) | 'identity' | 'clipped' (binary weights need one of the last two).
   quant.mode      'int' (default: real s8 x s8 -> s32 dots and convs) | 'fake' (float
                   dot of dequantized operands).
+  quant.weight_granularity  'channel' (default: one scale per output channel) |
+                  'tensor' (one scale per weight) of the swept weight specs.
+  quant.act_calibration  range estimator of the swept activation specs: 'percentile'
+                  (default: 99th percentile of |x|) | 'absmax' | 'mse'.
+
+Post-training quantization (`ptq`): with `ptq.enabled` the model trains in float (the
+rules are not applied during training), then the trained float weights are quantized
+with the `quant` rules (round to nearest): `jaxquant.calibrate` on `ptq.calib_batches`
+training batches fixes the static activation ranges, `jaxquant.convert` makes the
+serving model, and both are evaluated. summary.json's `test_*` metrics are then the PTQ
+model's, `float_test_*` the float model's. Learned quantizers (LSQ, PACT) need training
+and are refused.
+
+  ptq.enabled       False: quantization-aware training with the rules (the default).
+  ptq.calib_batches number of training batches (of batch_size) to calibrate on.
+  ptq.from_workdir  '' trains the float model here; a path takes the float weights
+                    from that finished float run's newest checkpoint instead (same
+                    model, optimizer and dataset; nothing is trained).
 
 Rules that should not follow the sweep (e.g. first and last layer kept at 8 bits) use
 literal numbers instead of the references; see `configs.base.standard_rules` and
@@ -122,7 +140,14 @@ def get_config() -> ml_collections.ConfigDict:
   config.quant.act_bits = ml_collections.FieldReference(config.quant.get_ref("bits"))
   config.quant.weight_ste = ml_collections.FieldReference("lsq")
   config.quant.mode = ml_collections.FieldReference("int")
+  config.quant.weight_granularity = ml_collections.FieldReference("channel")
+  config.quant.act_calibration = ml_collections.FieldReference("percentile")
   config.quant.rules = []
+
+  config.ptq = ml_collections.ConfigDict()
+  config.ptq.enabled = False
+  config.ptq.calib_batches = 8
+  config.ptq.from_workdir = ""
 
   config.debug = ml_collections.ConfigDict()
   config.debug.nan_at_step = -1

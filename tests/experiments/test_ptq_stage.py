@@ -1,0 +1,92 @@
+"""The harness's post-training quantization stage (`ptq.enabled`, `ptq.from_workdir`)."""
+
+import json
+
+import pytest
+
+from configs import base
+from experiments.training import loop
+from experiments.training.config_build import ConfigError
+from experiments.training.results import read_jsonl
+from tests.experiments.test_train import tiny_config
+
+
+def _digits_config(**overrides):
+  """60 steps of a small MLP on the 8x8 digits: trained well above chance (0.1)."""
+  config = tiny_config(**{"dataset.name": "digits", "model.kwargs.features": (32, 32),
+                          "num_steps": 60, "log_every": 10, "eval_every": 0,
+                          "checkpoint_every": 0, **overrides})
+  config.quant.rules = base.standard_rules(config.quant, first="dense_0", last="head")
+  return config
+
+
+def _ptq_config(bits, **overrides):
+  config = _digits_config(**{"ptq.enabled": True, "quant.weight_ste": "identity",
+                             "quant.act_calibration": "absmax", **overrides})
+  config.quant.bits = bits
+  return config
+
+
+@pytest.fixture(scope="module")
+def float_run(tmp_path_factory):
+  workdir = tmp_path_factory.mktemp("float")
+  summary = loop.train_and_evaluate(_digits_config(), str(workdir))
+  assert summary["metrics"]["test_accuracy"] > 0.5, summary["metrics"]
+  return str(workdir), summary
+
+
+def test_ptq_of_a_finished_float_run(float_run, tmp_path):
+  source, float_summary = float_run
+  float_acc = float_summary["metrics"]["test_accuracy"]
+  summary = loop.train_and_evaluate(_ptq_config(8, **{"ptq.from_workdir": source}),
+                                    str(tmp_path / "w8a8"))
+  m = summary["metrics"]
+  # The float weights are the source run's own: the same evaluation gives the same number.
+  assert m["float_test_accuracy"] == float_acc
+  assert summary["steps"] == float_summary["steps"] and summary["quantized"]
+  # 8-bit weights (per channel) and 8-bit static activation ranges barely move a model:
+  # their rounding error is ~0.4% of each range.
+  assert abs(m["test_accuracy"] - float_acc) <= 0.03, m
+  assert abs(m["serving_test_accuracy"] - m["test_accuracy"]) <= 0.01, m
+  assert m["test_loss"] != m["float_test_loss"]  # it did quantize
+  assert summary["param_bytes"]["quantized"] < summary["param_bytes"]["float"] / 2
+  splits = [r["split"] for r in read_jsonl(tmp_path / "w8a8" / "metrics.jsonl")
+            if "split" in r]
+  assert splits == ["float_test", "test", "serving_test"], splits
+
+  # 2-bit weights, one scale per tensor: far coarser, so far worse than W8A8.
+  low = loop.train_and_evaluate(
+      _ptq_config(2, **{"ptq.from_workdir": source, "quant.weight_granularity": "tensor"}),
+      str(tmp_path / "w2_tensor"))["metrics"]
+  assert low["float_test_accuracy"] == float_acc
+  assert low["test_loss"] > m["test_loss"], (low, m)
+
+
+def test_ptq_enabled_trains_float_then_quantizes(float_run, tmp_path):
+  _, float_summary = float_run
+  summary = loop.train_and_evaluate(_ptq_config(8), str(tmp_path / "run"))
+  # Training is the float run's (same seed, same steps): PTQ is applied only afterwards.
+  assert summary["metrics"]["float_test_accuracy"] == float_summary["metrics"]["test_accuracy"]
+  assert summary["metrics"]["final_loss"] == float_summary["metrics"]["final_loss"]
+  _, state, _ = loop.load_checkpoint(_ptq_config(8), str(tmp_path / "run"))
+  assert "quant" not in state["trainable"] and "quant_stats" not in state["state"]
+
+
+def test_ptq_config_errors(float_run, tmp_path):
+  source, _ = float_run
+  with pytest.raises(ConfigError, match="needs ptq.enabled"):
+    loop.train_and_evaluate(_digits_config(**{"ptq.from_workdir": source}), str(tmp_path / "a"))
+  config = _ptq_config(4, **{"quant.weight_ste": "lsq"})
+  with pytest.raises(ConfigError, match=r"quant.rules\[2\].weight.*learned"):
+    loop.train_and_evaluate(config, str(tmp_path / "b"))
+  with pytest.raises(ConfigError, match="not a run directory"):
+    loop.train_and_evaluate(_ptq_config(8, **{"ptq.from_workdir": str(tmp_path / "none")}),
+                            str(tmp_path / "c"))
+  (tmp_path / "qat").mkdir()  # the check reads the run's config.json
+  (tmp_path / "qat" / "config.json").write_text(json.dumps({"quant": {"bits": 4}}))
+  with pytest.raises(ConfigError, match="is a quantized run"):
+    loop.train_and_evaluate(_ptq_config(8, **{"ptq.from_workdir": str(tmp_path / "qat")}),
+                            str(tmp_path / "d"))
+  with pytest.raises(ConfigError, match="quant.act_calibration"):
+    loop.train_and_evaluate(_ptq_config(8, **{"quant.act_calibration": "max"}),
+                            str(tmp_path / "e"))
