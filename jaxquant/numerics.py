@@ -229,28 +229,34 @@ def calibrate(x: jax.Array, spec: QuantSpec, reduce_axes: Sequence[int]):
 
 
 def _mse_search(x32, lo, hi, spec):
-  """Per scale entry, the clip ratio r·[lo, hi] with least squared quantization error."""
-  best_err, best_lo, best_hi = None, lo, hi
+  """Per scale entry, the clip ratio r·[lo, hi] with least squared quantization error.
+
+  The ratios run in a `lax.scan` (one compiled body, not one copy per ratio); ties keep
+  the earlier (smaller) ratio."""
   spec = dataclasses.replace(spec, rounding="nearest")  # the search needs no PRNG key
   # Errors in units of the entry's range: squares of ±3e38 would overflow float32 (and of
   # tiny values underflow), making every ratio tie.
   unit = jnp.maximum(-lo, hi)
   unit = expand_to(jnp.where(unit > 0, unit, 1.0), x32.shape)
-  for r in MSE_CLIP_RATIOS:
+
+  def error(r):
     rlo, rhi = lo * r, hi * r
     scale, zp = scale_zero_point(rlo, rhi, spec)
     xq = decode(encode(x32, scale, zp, spec, None), expand_to(scale, x32.shape),
                 None if zp is None else expand_to(zp, x32.shape))
     xq = jnp.clip(xq, -FLT_MAX, FLT_MAX)  # as QTensor.dequantize saturates a grid edge
     err = jnp.where(jnp.isfinite(x32), divide_by_scale(xq - x32, unit) ** 2, 0.0)
-    err = block_sum(err, scale.shape)
-    if best_err is None:  # the first ratio is a candidate too
-      best_err, best_lo, best_hi = err, rlo, rhi
-    else:
-      better = err < best_err
-      best_err = jnp.where(better, err, best_err)
-      best_lo, best_hi = jnp.where(better, rlo, best_lo), jnp.where(better, rhi, best_hi)
-  return best_lo, best_hi
+    return block_sum(err, scale.shape), rlo, rhi
+
+  def step(best, r):
+    err, rlo, rhi = error(r)
+    better = err < best[0]
+    return tuple(jnp.where(better, new, old) for new, old in
+                 zip((err, rlo, rhi), best)), None
+
+  ratios = jnp.asarray(MSE_CLIP_RATIOS, jnp.float32)
+  best, _ = jax.lax.scan(step, error(ratios[0]), ratios[1:])
+  return best[1], best[2]
 
 
 def block_sum(err, scale_shape):
