@@ -10,12 +10,16 @@ Variants (`--config=configs/mnist1d_cnn.py:ARG`), first conv and head kept at W8
                    percentile range) at 8/4/2 bits
   binary           binary weights (sign * scale per channel, straight-through), 8-bit
                    activations
+  ptq_w8a8, ptq_w4a4  post-training quantization: train the float model, then
+                   calibrate static activation ranges on 8 training batches and round
+                   the weights (per channel, absmax) to nearest (ptq.enabled); the same
+                   rules as w8a8 / w4a4 without LSQ
 Any variant's bits can be swept from the command line: --config.quant.bits=3.
 """
 
 from configs import base
 
-VARIANTS = ("float", "w8a8", "w4a4", "w2a2", "binary")
+VARIANTS = ("float", "w8a8", "w4a4", "w2a2", "binary", "ptq_w8a8", "ptq_w4a4")
 
 # quant header overrides of each variant: (bits, format, act_bits or None = follow bits,
 # weight_ste)
@@ -25,6 +29,8 @@ _QUANT = {
     "w4a4": (4, "int", None, "lsq"),
     "w2a2": (2, "int", None, "lsq"),
     "binary": (1, "binary", 8, "identity"),
+    "ptq_w8a8": (8, "int", None, "identity"),
+    "ptq_w4a4": (4, "int", None, "identity"),
 }
 
 
@@ -38,6 +44,7 @@ def set_quant(config, variant):
   config.quant.weight_ste = weight_ste
   if act_bits is not None:
     config.quant.act_bits = act_bits
+  config.ptq.enabled = variant.startswith("ptq_")
   return config
 
 

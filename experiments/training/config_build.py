@@ -152,6 +152,8 @@ def validate_config(config: ml_collections.ConfigDict,
                       "at most one -1")
   _check_min("debug.nan_at_step", config.debug.nan_at_step, -1, " (-1 disables it)")
   _check_min("ptq.calib_batches", config.ptq.calib_batches, 1)
+  _check_min("eval.input_noise_std", config.eval.input_noise_std, 0.0, " (0 disables it)")
+  _check_min("eval.weight_noise_std", config.eval.weight_noise_std, 0.0, " (0 disables it)")
   rules = rules_from_config(config.quant)
   if config.ptq.from_workdir and not config.ptq.enabled:
     raise ConfigError(f"config key 'ptq.from_workdir'={config.ptq.from_workdir!r} needs "

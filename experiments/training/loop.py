@@ -91,6 +91,10 @@ def prepare(config: ml_collections.ConfigDict) -> Setup:
                       seq_len=config.dataset.seq_len)
   except ValueError as e:
     raise ConfigError(f"config key 'dataset': {e}") from None
+  if ds.kind == "lm" and config.eval.input_noise_std:
+    raise ConfigError(f"config key 'eval.input_noise_std'={config.eval.input_noise_std} "
+                      f"needs a classification dataset; {config.dataset.name!r} is byte "
+                      "tokens (use eval.weight_noise_std)")
   float_model, rules = config_build.build_model(config, num_classes=ds.num_classes)
   ptq_rules, rules = (rules, []) if config.ptq.enabled else ([], rules)
   model = maybe_quantize(float_model, rules)
@@ -142,10 +146,13 @@ def _padded_eval_batches(ds, batch_size: int):
 
 
 def make_evaluator(setup: Setup, apply_fn: Callable, variable_shardings: Any, *,
-                   quantized: bool) -> Callable[[Any], dict[str, float]]:
+                   quantized: bool, input_noise_std: float = 0.0
+                   ) -> Callable[[Any], dict[str, float]]:
   """`evaluator(variables)`: loss / accuracy (/ bits per byte for 'lm') on the test split.
 
-  The eval step is jitted once here and reused by every evaluation of the run.
+  The eval step is jitted once here and reused by every evaluation of the run. With
+  `input_noise_std` > 0 every test input gets Gaussian noise of that many standard
+  deviations of the training inputs (draws fixed by the config's seed).
   """
   batch_sh = sharding.batch_sharding(setup.mesh)
   eval_step = jax.jit(
@@ -153,9 +160,15 @@ def make_evaluator(setup: Setup, apply_fn: Callable, variable_shardings: Any, *,
       in_shardings=(variable_shardings, batch_sh, batch_sh),
       out_shardings=sharding.replicated(setup.mesh))
 
+  sigma = input_noise_std * float(np.std(setup.dataset.train_x)) if input_noise_std else 0.0
+
   def evaluator(variables) -> dict[str, float]:
     totals: dict[str, float] = {}
+    noise = np.random.default_rng(setup.config.seed)
     for batch, mask in _padded_eval_batches(setup.dataset, setup.config.batch_size):
+      if sigma:
+        x = batch["x"]
+        batch = {**batch, "x": (x + sigma * noise.standard_normal(x.shape)).astype(x.dtype)}
       placed = sharding.global_batch({**batch, "mask": mask}, batch_sh)
       mask_arr = placed.pop("mask")
       # Fetched per batch (float64 sums on the host): it also keeps a single computation
@@ -170,6 +183,27 @@ def make_evaluator(setup: Setup, apply_fn: Callable, variable_shardings: Any, *,
 
 def _qat_variables(state):
   return {**state["trainable"], **state["state"]}
+
+
+def noisy_weights(variables, std: float, seed: int):
+  """Every kernel ('params' leaf with ndim >= 2) as w * (1 + std * N(0, 1))."""
+  leaves, treedef = jax.tree_util.tree_flatten(variables["params"])
+  keys = jax.random.split(jax.random.fold_in(jax.random.key(seed), 1), max(len(leaves), 1))
+  noisy = [w * (1 + std * jax.random.normal(k, w.shape, w.dtype)) if w.ndim >= 2 else w
+           for w, k in zip(leaves, keys)]
+  return {**variables, "params": jax.tree_util.tree_unflatten(treedef, noisy)}
+
+
+def noisy_evaluation(setup: Setup, state) -> dict[str, float]:
+  """The trained model's test metrics under the config's eval noise (see schema.py)."""
+  config = setup.config
+  evaluator = make_evaluator(setup, setup.model.apply, _qat_variables(setup.state_shardings),
+                             quantized=setup.quantized,
+                             input_noise_std=config.eval.input_noise_std)
+  variables = _qat_variables(state)
+  if config.eval.weight_noise_std:
+    variables = noisy_weights(variables, config.eval.weight_noise_std, config.seed)
+  return evaluator(variables)
 
 
 def qat_evaluator(setup: Setup) -> Callable[[Any], dict[str, float]]:
@@ -444,9 +478,13 @@ def _final_evaluation(setup: Setup, state, evaluate_qat, metrics_logger, step: i
   """
   test = evaluate_qat(state)
   extra = {}
+  if setup.config.eval.input_noise_std or setup.config.eval.weight_noise_std:
+    noisy = noisy_evaluation(setup, state)
+    metrics_logger.write(step, "noisy_test", noisy)
+    extra.update({f"noisy_test_{k}": v for k, v in noisy.items()})
   if setup.ptq_rules:
     metrics_logger.write(step, "float_test", test)
-    extra = {f"float_test_{k}": v for k, v in test.items()}
+    extra.update({f"float_test_{k}": v for k, v in test.items()})
     test, serving, param_bytes = post_training_quantize(setup, state)
   else:
     serving, param_bytes = evaluate_serving(setup, state, test)

@@ -38,6 +38,15 @@ Keys (all of them; the trainer never falls back to a default for a missing key):
                     divisible by the 'model' size: those, and their optimizer moments,
                     are split over 'model' on the last dim.
   progress          tqdm progress bar on stderr (only when stderr is a terminal).
+  eval.input_noise_std   robustness at evaluation: Gaussian noise of this many standard
+                    deviations of the training inputs is added to every test input
+                    ('classification' datasets only); 0 disables it.
+  eval.weight_noise_std  multiplicative weight noise at evaluation: every kernel (a
+                    'params' leaf with ndim >= 2) becomes w * (1 + std * N(0, 1)) before
+                    its quantization; 0 disables it.
+                    With either set, the end of the run also evaluates the trained model
+                    (float or QAT; for ptq.enabled the float model) under that noise,
+                    reported as noisy_test_* metrics; the noise draws are fixed by `seed`.
   debug.nan_at_step debugging aid: multiply the loss by NaN at this step (1-based, as
                     logged) to exercise the fail-loudly path; -1 disables it.
 
@@ -148,6 +157,10 @@ def get_config() -> ml_collections.ConfigDict:
   config.ptq.enabled = False
   config.ptq.calib_batches = 8
   config.ptq.from_workdir = ""
+
+  config.eval = ml_collections.ConfigDict()
+  config.eval.input_noise_std = 0.0
+  config.eval.weight_noise_std = 0.0
 
   config.debug = ml_collections.ConfigDict()
   config.debug.nan_at_step = -1

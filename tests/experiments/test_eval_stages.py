@@ -1,7 +1,11 @@
-"""The harness's post-training quantization stage (`ptq.enabled`, `ptq.from_workdir`)."""
+"""The harness's end-of-run stages: post-training quantization (`ptq.enabled`,
+`ptq.from_workdir`) and evaluation under noise (`eval.input_noise_std`,
+`eval.weight_noise_std`)."""
 
 import json
 
+import jax
+import numpy as np
 import pytest
 
 from configs import base
@@ -90,3 +94,34 @@ def test_ptq_config_errors(float_run, tmp_path):
   with pytest.raises(ConfigError, match="quant.act_calibration"):
     loop.train_and_evaluate(_ptq_config(8, **{"quant.act_calibration": "max"}),
                             str(tmp_path / "e"))
+
+
+def test_noisy_weights_follow_the_formula():
+  w = jax.random.normal(jax.random.key(0), (64, 64))
+  variables = {"params": {"dense": {"kernel": w, "bias": jax.numpy.ones((64,))}},
+               "quant_stats": {"x": w}}
+  out = loop.noisy_weights(variables, 0.2, seed=3)
+  relative = np.asarray(out["params"]["dense"]["kernel"] / w - 1) / 0.2  # the N(0, 1) draws
+  assert abs(relative.mean()) < 0.05 and abs(relative.std() - 1) < 0.05
+  np.testing.assert_array_equal(out["params"]["dense"]["bias"], 1.0)  # biases untouched
+  assert out["quant_stats"]["x"] is w  # only 'params'
+  again = loop.noisy_weights(variables, 0.2, seed=3)["params"]["dense"]["kernel"]
+  np.testing.assert_array_equal(again, out["params"]["dense"]["kernel"])
+
+
+def test_noisy_evaluation(float_run):
+  source, float_summary = float_run
+  clean_acc = float_summary["metrics"]["test_accuracy"]
+
+  def noisy(input_std, weight_std):
+    config = _digits_config(**{"eval.input_noise_std": input_std,
+                               "eval.weight_noise_std": weight_std})
+    _, state, setup = loop.load_checkpoint(config, source)
+    return loop.noisy_evaluation(setup, state)["accuracy"]
+
+  assert noisy(0.0, 0.0) == clean_acc  # no noise: the plain evaluation
+  # Noise 3x the input std (SNR 1/9) leaves little of the 8x8 digits; weights scaled by
+  # 1 + 2 N(0, 1) are mostly sign-flipped or doubled. Both fall far below clean.
+  assert noisy(3.0, 0.0) < clean_acc - 0.2
+  assert noisy(0.0, 2.0) < clean_acc - 0.2
+  assert noisy(0.1, 0.05) == noisy(0.1, 0.05)  # draws fixed by the seed
