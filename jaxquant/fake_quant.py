@@ -134,7 +134,7 @@ def quantizer_vjp(spec: QuantSpec, res: Residuals, g):
       y = numerics.divide_by_scale(jnp.where(jnp.isnan(x32), 0.0, x32), scale)
       dy = jnp.where(y <= qmin, float(qmin), jnp.where(y >= qmax, float(qmax), jnp.round(y) - y))
       n = numerics.elements_per_scale(x32.shape, res.learned.shape)
-      grad_scale = 1.0 / np.sqrt(max(n, 1) * qmax)  # n = 0: empty x, a zero gradient
+      grad_scale = 1.0 / np.sqrt(max(n, 1) * qmax) if spec.lsq_grad_scale else 1.0
       ds = _sum_to_learned(g32 * dy, res.learned) * grad_scale
       dlearned = ds * jnp.sign(res.learned)  # d|s|/ds
   dx = jnp.where(jnp.isnan(x32), g32, dx)

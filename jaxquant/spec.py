@@ -44,6 +44,9 @@ class QuantSpec:
     ste: gradient rule: 'identity' (straight-through), 'clipped' (zero outside the clip
       range), 'lsq' (learned step size, Esser et al. 2019) or 'pact' (learned clip α,
       Choi et al. 2018).
+    lsq_grad_scale: LSQ multiplies the step size's gradient by 1/sqrt(N·Q_P) (Esser et
+      al. 2019, sec. 2.2; N elements per step, Q_P the top code); False drops that
+      factor (the paper's ablation). Only meaningful with ste='lsq'.
   """
   format: str = "int"
   bits: int = 8
@@ -54,6 +57,7 @@ class QuantSpec:
   percentile: float = 99.9
   rounding: str = "nearest"
   ste: str = "identity"
+  lsq_grad_scale: bool = True
 
   def __post_init__(self):
     _check_choice("format", self.format, FORMATS)
@@ -83,6 +87,11 @@ class QuantSpec:
     if self.format != "int" and self.learned:
       raise ValueError(f"ste={self.ste!r} is only allowed with format='int'; "
                        "choose one of ['identity', 'clipped']")
+    if not isinstance(self.lsq_grad_scale, bool):
+      raise ValueError(f"lsq_grad_scale={self.lsq_grad_scale!r} must be a bool")
+    if not self.lsq_grad_scale and self.ste != "lsq":
+      raise ValueError(f"lsq_grad_scale=False only applies to ste='lsq' (got "
+                       f"ste={self.ste!r}); leave it at True")
     if self.ste == "lsq" and not self.symmetric:
       raise ValueError("ste='lsq' is not allowed with symmetric=False; LSQ learns a step "
                        "size with no offset (for [0, α] ranges use ste='pact', "

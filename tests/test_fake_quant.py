@@ -180,6 +180,21 @@ def test_lsq_forward_and_gradients(bits):
   np.testing.assert_allclose(np.asarray(dx), fd_x, rtol=1e-5, atol=1e-5)
 
 
+def test_lsq_without_gradient_scale():
+  """lsq_grad_scale=False: the step's gradient is Esser's eq. 3 without 1/sqrt(N·Q_P);
+  the input gradient and the forward are unchanged."""
+  x = rng_x((64, 32), seed=11) * 2
+  g = rng_x((64, 32), seed=12)
+  s = np.full((1, 32), 0.3, np.float32)
+  dx, ds = grads(QS(bits=4, ste="lsq"), x, g, learned=jnp.asarray(s))
+  dx0, ds0 = grads(QS(bits=4, ste="lsq", lsq_grad_scale=False), x, g, learned=jnp.asarray(s))
+  np.testing.assert_array_equal(np.asarray(dx0), np.asarray(dx))
+  _, ref_ds = np_lsq_grads(x, 0.3, g, 4, n_per_step=64)
+  np.testing.assert_allclose(np.asarray(ds0), ref_ds * np.sqrt(64 * 7), rtol=2e-4, atol=1e-5)
+  with pytest.raises(ValueError, match="lsq_grad_scale"):
+    QS(bits=4, ste="clipped", lsq_grad_scale=False)
+
+
 def test_lsq_group_steps_and_sign():
   x = rng_x((64, 32), seed=14)
   g = rng_x((64, 32), seed=15)
