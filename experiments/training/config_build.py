@@ -152,6 +152,12 @@ def validate_config(config: ml_collections.ConfigDict,
                       "at most one -1")
   _check_min("debug.nan_at_step", config.debug.nan_at_step, -1, " (-1 disables it)")
   _check_min("ptq.calib_batches", config.ptq.calib_batches, 1)
+  if not config.distill.temperature > 0:
+    raise ConfigError(f"config key 'distill.temperature'={config.distill.temperature!r} is "
+                      "not allowed; it must be > 0")
+  if not 0.0 <= config.distill.weight <= 1.0:
+    raise ConfigError(f"config key 'distill.weight'={config.distill.weight!r} is not "
+                      "allowed; it must be in [0, 1]")
   _check_min("eval.input_noise_std", config.eval.input_noise_std, 0.0, " (0 disables it)")
   _check_min("eval.weight_noise_std", config.eval.weight_noise_std, 0.0, " (0 disables it)")
   rules = rules_from_config(config.quant)
@@ -312,6 +318,26 @@ def config_to_dict(config: Any) -> Any:
   if config is None or isinstance(config, (bool, int, float, str)):
     return config
   return repr(config)
+
+
+def config_from_json(saved: dict) -> ml_collections.ConfigDict:
+  """A run's config from its config.json (a resolved dict): the schema's defaults with
+  the saved values on top, so runs written before a key existed still load."""
+  config = schema.get_config()
+
+  def fill(node, values, prefix):
+    for key, value in values.items():
+      if key not in node:
+        raise ConfigError(f"saved config key '{prefix}{key}' is not in the schema")
+      if isinstance(node[key], ml_collections.ConfigDict) and isinstance(value, dict):
+        if prefix + key in FREE_FORM_KEYS:
+          node[key] = ml_collections.ConfigDict(value)
+        else:
+          fill(node[key], value, f"{prefix}{key}.")
+      else:
+        node[key] = tuple(value) if isinstance(node[key], tuple) else value
+  fill(config, saved, "")
+  return config
 
 
 def diagnose_override(config: ml_collections.ConfigDict, dotted_key: str) -> str | None:

@@ -285,6 +285,48 @@ def _restore_float_run(setup: Setup, source: str):
   return restored[0], restored[1]
 
 
+def load_teacher(setup: Setup):
+  """`teacher(x) -> logits` from distill.teacher_workdir's newest checkpoint, or None.
+
+  The teacher is a float run on the same dataset; it runs on this run's mesh, jitted
+  once with its variables as arguments (no constant folding)."""
+  source = setup.config.distill.teacher_workdir
+  if not source:
+    return None
+  source = os.path.abspath(source)
+  config_path = os.path.join(source, "config.json")
+  if not os.path.exists(config_path):
+    raise ConfigError(f"config key 'distill.teacher_workdir'={source!r} is not a run "
+                      "directory (no config.json)")
+  with open(config_path) as f:
+    try:
+      teacher_config = config_build.config_from_json(json.load(f))
+    except ConfigError as e:
+      raise ConfigError(f"config key 'distill.teacher_workdir': {e}") from None
+  if teacher_config.quant.bits != config_build.FLOAT_BITS or teacher_config.ptq.enabled:
+    raise ConfigError(f"config key 'distill.teacher_workdir'={source!r} is a quantized run; "
+                      "the teacher must be a float run (quant.bits=32)")
+  if teacher_config.dataset.name != setup.config.dataset.name:
+    raise ConfigError(f"config key 'distill.teacher_workdir': the teacher was trained on "
+                      f"{teacher_config.dataset.name!r}, this run on "
+                      f"{setup.config.dataset.name!r}")
+  teacher_config.mesh_shape = tuple(setup.config.mesh_shape)
+  teacher_config.batch_size = setup.config.batch_size
+  teacher_config.distill.teacher_workdir = ""
+  teacher_setup = prepare(teacher_config)
+  ckpt = Checkpointer(os.path.join(source, "checkpoints"),
+                      max_to_keep=teacher_config.keep_checkpoints)
+  try:
+    restored = ckpt.restore_latest(teacher_setup.abstract_state)
+  finally:
+    ckpt.close()
+  if restored is None:
+    raise ConfigError(f"config key 'distill.teacher_workdir'={source!r} has no checkpoint")
+  variables = _qat_variables(restored[1])
+  forward = jax.jit(lambda v, x: teacher_setup.model.apply(v, x))
+  return lambda x: forward(variables, x)
+
+
 # --------------------------------------------------------------------------- training
 
 
@@ -364,6 +406,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   if isinstance(config, dict):
     config = ml_collections.ConfigDict(config)
   setup = prepare(config)
+  teacher = load_teacher(setup)
   is_writer = jax.process_index() == 0
   if config.ptq.from_workdir:
     return _quantize_float_run(setup, workdir, start_time)
@@ -397,7 +440,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   train_step = jax.jit(
       steps.make_train_step(setup.model, setup.tx, setup.schedule,
                             quantized=setup.quantized, seed=config.seed,
-                            nan_at_step=config.debug.nan_at_step),
+                            nan_at_step=config.debug.nan_at_step,
+                            distill=None if teacher is None else (
+                                config.distill.temperature, config.distill.weight)),
       in_shardings=(setup.state_shardings, batch_sh),
       out_shardings=(setup.state_shardings, sharding.replicated(setup.mesh)),
       donate_argnums=(0,))
@@ -439,7 +484,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     for step in range(start_step + 1, config.num_steps + 1):
       batch = next(data_iter)
       _check_batch(batch, config.batch_size, setup.dataset)
-      state, metrics = train_step(state, sharding.global_batch(batch, batch_sh))
+      placed = sharding.global_batch(batch, batch_sh)
+      if teacher is not None:
+        placed["teacher_logits"] = teacher(placed["x"])
+      state, metrics = train_step(state, placed)
       if pending is not None:
         process(*pending)  # the previous step: reading it does not wait for this one
       pending = (step, metrics)

@@ -38,6 +38,16 @@ Keys (all of them; the trainer never falls back to a default for a missing key):
                     divisible by the 'model' size: those, and their optimizer moments,
                     are split over 'model' on the last dim.
   progress          tqdm progress bar on stderr (only when stderr is a terminal).
+Knowledge distillation (`distill`, Hinton et al. 2015): with a teacher, the training
+loss is (1 - weight) * CE(labels) + weight * T^2 * KL(softmax(teacher / T) ||
+softmax(student / T)); the teacher's logits come from a separate jitted forward of the
+teacher's float weights on the same batch. Metrics add `distill_loss` (the KL term).
+
+  distill.teacher_workdir  '' disables it; else a finished float run (quant.bits=32) on
+                    the same dataset, whose newest checkpoint is the teacher.
+  distill.temperature  T > 0.
+  distill.weight    in [0, 1]; 0 trains on the labels alone, 1 on the teacher alone.
+
   eval.input_noise_std   robustness at evaluation: Gaussian noise of this many standard
                     deviations of the training inputs is added to every test input
                     ('classification' datasets only); 0 disables it.
@@ -157,6 +167,11 @@ def get_config() -> ml_collections.ConfigDict:
   config.ptq.enabled = False
   config.ptq.calib_batches = 8
   config.ptq.from_workdir = ""
+
+  config.distill = ml_collections.ConfigDict()
+  config.distill.teacher_workdir = ""
+  config.distill.temperature = 4.0
+  config.distill.weight = 0.5
 
   config.eval = ml_collections.ConfigDict()
   config.eval.input_noise_std = 0.0

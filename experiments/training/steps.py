@@ -66,15 +66,29 @@ def make_init_fn(model: nn.Module, quantized: bool) -> Callable:
   return init
 
 
+def distillation_loss(student_logits: jax.Array, teacher_logits: jax.Array,
+                      temperature: float) -> jax.Array:
+  """Per-example T² · KL(softmax(teacher/T) ‖ softmax(student/T)) (Hinton et al. 2015;
+  the T² keeps its gradient, T·(p_s − p_t) per logit, on the scale of the label loss)."""
+  t = jnp.float32(temperature)
+  log_ps = jax.nn.log_softmax(student_logits.astype(jnp.float32) / t, axis=-1)
+  log_pt = jax.nn.log_softmax(jax.lax.stop_gradient(teacher_logits).astype(jnp.float32) / t,
+                              axis=-1)
+  return t * t * jnp.sum(jnp.exp(log_pt) * (log_pt - log_ps), axis=-1)
+
+
 def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
                     schedule: optax.Schedule, *, quantized: bool, seed: int,
-                    nan_at_step: int) -> Callable:
+                    nan_at_step: int, distill: tuple[float, float] | None = None
+                    ) -> Callable:
   """`train_step(state, batch) -> (state, metrics)`.
 
   The step key is `fold_in(key(seed), step)`, built inside the jitted step so no key
   array has to be placed on the mesh; quantized models get it as the 'quant' rng
   (stochastic rounding). Metrics include per-leaf non-finite flags for the gradients
-  and the updated trainables so the host can name the first bad layer.
+  and the updated trainables so the host can name the first bad layer. With
+  `distill=(temperature, weight)` the batch carries 'teacher_logits' and the loss is
+  (1 − weight)·CE + weight·`distillation_loss` (metric 'distill_loss').
   """
   def train_step(state, batch):
     step = state["step"]
@@ -92,12 +106,18 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
       chex.assert_shape(logits, (*y.shape, None))
       per_token = _per_token_loss(logits, y)
       loss = jnp.mean(per_token)
+      aux = {}
+      if distill is not None:
+        temperature, weight = distill
+        kd = jnp.mean(distillation_loss(logits, batch["teacher_logits"], temperature))
+        loss = (1.0 - weight) * loss + weight * kd
+        aux["distill_loss"] = kd
       if nan_at_step >= 0:  # debugging aid: debug.nan_at_step (1-based)
         loss = loss * jnp.where(step + 1 == nan_at_step, jnp.nan, 1.0)
       accuracy = jnp.mean((jnp.argmax(logits, -1) == y).astype(jnp.float32))
-      return loss, (accuracy, dict(new_state))
+      return loss, (accuracy, dict(new_state), aux)
 
-    (loss, (accuracy, new_state)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+    (loss, (accuracy, new_state, aux)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
         state["trainable"])
     updates, opt_state = tx.update(grads, state["opt_state"], state["trainable"])
     trainable = optax.apply_updates(state["trainable"], updates)
@@ -105,6 +125,7 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
     metrics = {
         "loss": loss,
         "accuracy": accuracy,
+        **aux,
         "grad_norm": optax.tree.norm(grads),
         "lr": jnp.asarray(schedule(step), jnp.float32),
         "grads_nonfinite": _nonfinite_flags(grads),

@@ -1,6 +1,6 @@
-"""The harness's end-of-run stages: post-training quantization (`ptq.enabled`,
-`ptq.from_workdir`) and evaluation under noise (`eval.input_noise_std`,
-`eval.weight_noise_std`)."""
+"""Harness run options beyond plain QAT: post-training quantization (`ptq.enabled`,
+`ptq.from_workdir`), evaluation under noise (`eval.input_noise_std`,
+`eval.weight_noise_std`) and knowledge distillation (`distill.*`)."""
 
 import json
 
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from configs import base
-from experiments.training import loop
+from experiments.training import loop, steps
 from experiments.training.config_build import ConfigError
 from experiments.training.results import read_jsonl
 from tests.experiments.test_train import tiny_config
@@ -125,3 +125,45 @@ def test_noisy_evaluation(float_run):
   assert noisy(3.0, 0.0) < clean_acc - 0.2
   assert noisy(0.0, 2.0) < clean_acc - 0.2
   assert noisy(0.1, 0.05) == noisy(0.1, 0.05)  # draws fixed by the seed
+
+
+def test_distillation_loss_closed_form():
+  rng = np.random.default_rng(0)
+  zs, zt = rng.normal(size=(5, 10)) * 3, rng.normal(size=(5, 10)) * 3
+  t = 4.0
+  softmax = lambda z: np.exp(z - z.max(-1, keepdims=True)) / np.exp(
+      z - z.max(-1, keepdims=True)).sum(-1, keepdims=True)
+  ps, pt = softmax(zs / t), softmax(zt / t)
+  expected = t * t * np.sum(pt * (np.log(pt) - np.log(ps)), axis=-1)
+  got = steps.distillation_loss(jax.numpy.asarray(zs, np.float32),
+                                jax.numpy.asarray(zt, np.float32), t)
+  np.testing.assert_allclose(np.asarray(got), expected, rtol=1e-5, atol=1e-6)
+  # d/dz_s of T²·KL is T·(p_s − p_t); the teacher gets no gradient.
+  gs, gt = jax.grad(lambda a, b: steps.distillation_loss(a, b, t).sum(), argnums=(0, 1))(
+      jax.numpy.asarray(zs, np.float32), jax.numpy.asarray(zt, np.float32))
+  np.testing.assert_allclose(np.asarray(gs), t * (ps - pt), rtol=1e-4, atol=1e-6)
+  np.testing.assert_array_equal(np.asarray(gt), 0.0)
+
+
+def test_distillation_from_a_float_teacher(float_run, tmp_path):
+  """weight=1: the student never sees a label, only the teacher's soft targets, and
+  still learns the task (accuracy well above chance, its distillation loss falls)."""
+  source, _ = float_run
+  config = _digits_config(**{"distill.teacher_workdir": source, "distill.weight": 1.0,
+                             "log_every": 1})
+  summary = loop.train_and_evaluate(config, str(tmp_path / "student"))
+  kd = [r["distill_loss"] for r in read_jsonl(tmp_path / "student" / "metrics.jsonl")
+        if r.get("split") == "train"]
+  assert len(kd) == 60 and np.mean(kd[-10:]) < 0.8 * kd[0], (kd[0], kd[-10:])
+  assert summary["metrics"]["test_accuracy"] > 0.5, summary["metrics"]
+
+  with pytest.raises(ConfigError, match="not a run directory"):
+    loop.train_and_evaluate(_digits_config(**{"distill.teacher_workdir": str(tmp_path)}),
+                            str(tmp_path / "a"))
+  (tmp_path / "q").mkdir()
+  (tmp_path / "q" / "config.json").write_text(json.dumps({"quant": {"bits": 4}}))
+  with pytest.raises(ConfigError, match="must be a float run"):
+    loop.train_and_evaluate(_digits_config(**{"distill.teacher_workdir": str(tmp_path / "q")}),
+                            str(tmp_path / "b"))
+  with pytest.raises(ConfigError, match="distill.weight"):
+    loop.train_and_evaluate(_digits_config(**{"distill.weight": 1.5}), str(tmp_path / "c"))
