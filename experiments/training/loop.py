@@ -264,25 +264,77 @@ def post_training_quantize(setup: Setup, state) -> tuple[dict, dict, dict]:
 
 def _restore_float_run(setup: Setup, source: str):
   """`(step, state)` of the finished float run in `source` (ptq.from_workdir)."""
+  _, _, step, state = _other_run(setup, "ptq.from_workdir", source, float_only=True)
+  return step, state
+
+
+def _other_run(setup: Setup, key: str, source: str, *, float_only: bool):
+  """`(config, setup, step, state)` of the finished run in `source` (config key `key`),
+  on this run's mesh and batch size. ConfigError when it is not a usable run."""
   source = os.path.abspath(source)
   config_path = os.path.join(source, "config.json")
   if not os.path.exists(config_path):
-    raise ConfigError(f"config key 'ptq.from_workdir'={source!r} is not a run directory "
+    raise ConfigError(f"config key '{key}'={source!r} is not a run directory "
                       "(no config.json)")
   with open(config_path) as f:
-    bits = json.load(f).get("quant", {}).get("bits")
-  if bits != config_build.FLOAT_BITS:
-    raise ConfigError(f"config key 'ptq.from_workdir'={source!r} is a quantized run "
-                      f"(quant.bits={bits}); PTQ starts from a float run (quant.bits=32)")
-  ckpt = Checkpointer(os.path.join(source, "checkpoints"),
-                      max_to_keep=setup.config.keep_checkpoints)
+    try:
+      other = config_build.config_from_json(json.load(f))
+    except ConfigError as e:
+      raise ConfigError(f"config key '{key}': {e}") from None
+  if float_only and (other.quant.bits != config_build.FLOAT_BITS or other.ptq.enabled):
+    raise ConfigError(f"config key '{key}'={source!r} is a quantized run; it must be a "
+                      "float run (quant.bits=32)")
+  if other.dataset.name != setup.config.dataset.name:
+    raise ConfigError(f"config key '{key}': that run used {other.dataset.name!r}, this "
+                      f"one {setup.config.dataset.name!r}")
+  other.mesh_shape = tuple(setup.config.mesh_shape)
+  other.batch_size = setup.config.batch_size
+  other.distill.teacher_workdir = ""
+  other.init.from_workdir = ""
+  other.ptq.from_workdir = ""
+  other_setup = prepare(other)
+  ckpt = Checkpointer(os.path.join(source, "checkpoints"), max_to_keep=other.keep_checkpoints)
   try:
-    restored = ckpt.restore_latest(setup.abstract_state)
+    restored = ckpt.restore_latest(other_setup.abstract_state)
   finally:
     ckpt.close()
   if restored is None:
-    raise ConfigError(f"config key 'ptq.from_workdir'={source!r} has no checkpoint")
-  return restored[0], restored[1]
+    raise ConfigError(f"config key '{key}'={source!r} has no checkpoint")
+  return other, other_setup, restored[0], restored[1]
+
+
+def _warm_variables(setup: Setup, other) -> dict[str, Any]:
+  """The collections of a restored state that a warm start takes (all but the
+  quantizers'), checked against this model's shapes; ConfigError when they differ."""
+  loaded = {k: v for k, v in {**other["trainable"], **other["state"]}.items()
+            if k not in ("quant", "quant_stats")}
+  abstract = setup.abstract_state
+  for name, tree in loaded.items():
+    mine = abstract["trainable"].get(name, abstract["state"].get(name))
+    if mine is None or (jax.tree_util.tree_structure(mine)
+                        != jax.tree_util.tree_structure(tree)) or any(
+        a.shape != b.shape for a, b in zip(jax.tree_util.tree_leaves(mine),
+                                           jax.tree_util.tree_leaves(tree))):
+      raise ConfigError(f"config key 'init.from_workdir': its '{name}' variables do not "
+                        "match this model's (a different model or size)")
+  return loaded
+
+
+def warm_start(setup: Setup, state, other, rng: jax.Array):
+  """`state` with the weights of `other`, init.from_workdir's restored state (see
+  schema.py, `init`)."""
+  loaded = _warm_variables(setup, other)
+  ours = jax.device_get(state)
+  trainable = {k: loaded.get(k, v) for k, v in ours["trainable"].items()}
+  other_state = {k: loaded.get(k, v) for k, v in ours["state"].items()}
+  if "quant" in trainable:  # learned quantizers, initialised from the loaded weights
+    variables = {k: v for k, v in {**trainable, **other_state}.items() if k != "quant"}
+    _, new = setup.model.apply(variables, setup.example_batch["x"], mutable=["quant"],
+                               rngs={"quant": rng})
+    trainable["quant"] = new["quant"]
+  fresh = {"step": ours["step"], "trainable": trainable, "state": other_state,
+           "opt_state": setup.tx.init(trainable)}
+  return jax.device_put(fresh, setup.state_shardings)
 
 
 def load_teacher(setup: Setup):
@@ -290,39 +342,12 @@ def load_teacher(setup: Setup):
 
   The teacher is a float run on the same dataset; it runs on this run's mesh, jitted
   once with its variables as arguments (no constant folding)."""
-  source = setup.config.distill.teacher_workdir
-  if not source:
+  if not setup.config.distill.teacher_workdir:
     return None
-  source = os.path.abspath(source)
-  config_path = os.path.join(source, "config.json")
-  if not os.path.exists(config_path):
-    raise ConfigError(f"config key 'distill.teacher_workdir'={source!r} is not a run "
-                      "directory (no config.json)")
-  with open(config_path) as f:
-    try:
-      teacher_config = config_build.config_from_json(json.load(f))
-    except ConfigError as e:
-      raise ConfigError(f"config key 'distill.teacher_workdir': {e}") from None
-  if teacher_config.quant.bits != config_build.FLOAT_BITS or teacher_config.ptq.enabled:
-    raise ConfigError(f"config key 'distill.teacher_workdir'={source!r} is a quantized run; "
-                      "the teacher must be a float run (quant.bits=32)")
-  if teacher_config.dataset.name != setup.config.dataset.name:
-    raise ConfigError(f"config key 'distill.teacher_workdir': the teacher was trained on "
-                      f"{teacher_config.dataset.name!r}, this run on "
-                      f"{setup.config.dataset.name!r}")
-  teacher_config.mesh_shape = tuple(setup.config.mesh_shape)
-  teacher_config.batch_size = setup.config.batch_size
-  teacher_config.distill.teacher_workdir = ""
-  teacher_setup = prepare(teacher_config)
-  ckpt = Checkpointer(os.path.join(source, "checkpoints"),
-                      max_to_keep=teacher_config.keep_checkpoints)
-  try:
-    restored = ckpt.restore_latest(teacher_setup.abstract_state)
-  finally:
-    ckpt.close()
-  if restored is None:
-    raise ConfigError(f"config key 'distill.teacher_workdir'={source!r} has no checkpoint")
-  variables = _qat_variables(restored[1])
+  _, teacher_setup, _, state = _other_run(setup, "distill.teacher_workdir",
+                                          setup.config.distill.teacher_workdir,
+                                          float_only=True)
+  variables = _qat_variables(state)
   forward = jax.jit(lambda v, x: teacher_setup.model.apply(v, x))
   return lambda x: forward(variables, x)
 
@@ -407,6 +432,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     config = ml_collections.ConfigDict(config)
   setup = prepare(config)
   teacher = load_teacher(setup)
+  warm_source = None
+  if config.init.from_workdir:  # read (and checked) before the workdir is touched
+    warm_source = _other_run(setup, "init.from_workdir", config.init.from_workdir,
+                             float_only=False)[3]
+    _warm_variables(setup, warm_source)
   is_writer = jax.process_index() == 0
   if config.ptq.from_workdir:
     return _quantize_float_run(setup, workdir, start_time)
@@ -431,6 +461,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     init = jax.jit(setup.init_fn, out_shardings=setup.state_shardings)
     state = init(jax.random.key(config.seed),
                  sharding.global_batch(setup.example_batch, batch_sh)["x"])
+    if warm_source is not None:
+      state = warm_start(setup, state, warm_source, jax.random.key(config.seed))
     start_step = 0
   else:
     start_step, state, meta = restored

@@ -38,6 +38,14 @@ Keys (all of them; the trainer never falls back to a default for a missing key):
                     divisible by the 'model' size: those, and their optimizer moments,
                     are split over 'model' on the last dim.
   progress          tqdm progress bar on stderr (only when stderr is a terminal).
+Warm start (`init`): `init.from_workdir` '' starts from random weights; a path starts
+from the 'params' (and other non-quantization collections, e.g. batch statistics) of
+that finished run's newest checkpoint, for example QAT fine-tuning of a float run or
+one stage of progressive precision (8 -> 4 -> 2 bits). Same model required; learned
+quantizer variables (LSQ steps, PACT clips) are initialised from the loaded weights,
+and the optimizer starts fresh. It applies only to a fresh run: resuming this run's own
+checkpoint takes precedence.
+
 Knowledge distillation (`distill`, Hinton et al. 2015): with a teacher, the training
 loss is (1 - weight) * CE(labels) + weight * T^2 * KL(softmax(teacher / T) ||
 softmax(student / T)); the teacher's logits come from a separate jitted forward of the
@@ -167,6 +175,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.ptq.enabled = False
   config.ptq.calib_batches = 8
   config.ptq.from_workdir = ""
+
+  config.init = ml_collections.ConfigDict()
+  config.init.from_workdir = ""
 
   config.distill = ml_collections.ConfigDict()
   config.distill.teacher_workdir = ""

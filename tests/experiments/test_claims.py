@@ -75,7 +75,7 @@ def _first_quantized_config(recipe, extra):
 def test_claim_recipe_trains_two_steps(recipe):
   """The recipe's first quantized point builds (model, rules, optimizer) and two jitted
   training steps run: finite losses, and the trainable variables move."""
-  extra = {"batch_size": 8, "mesh_shape": (1, 1), "distill.teacher_workdir": ""}
+  extra = {"batch_size": 8, "mesh_shape": (1, 1), "distill.teacher_workdir": "", "init.from_workdir": ""}
   if "gpt" in recipe:
     extra.update({"model.kwargs.d_model": 16, "model.kwargs.num_layers": 1,
                   "model.kwargs.num_heads": 2, "model.kwargs.max_len": 16,

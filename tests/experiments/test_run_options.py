@@ -167,3 +167,31 @@ def test_distillation_from_a_float_teacher(float_run, tmp_path):
                             str(tmp_path / "b"))
   with pytest.raises(ConfigError, match="distill.weight"):
     loop.train_and_evaluate(_digits_config(**{"distill.weight": 1.5}), str(tmp_path / "c"))
+
+
+def test_warm_start_from_a_float_run(float_run, tmp_path):
+  """init.from_workdir: the float run's weights, LSQ steps initialised from them (Esser
+  et al. 2019: 2·mean|w|/sqrt(Q_P) per output channel), a fresh optimizer."""
+  source, _ = float_run
+  config = _digits_config(**{"init.from_workdir": source})
+  config.quant.bits = 4  # dense_1 at W4A4 with LSQ weights
+  setup = loop.prepare(config)
+  state = setup.init_fn(jax.random.key(0), setup.example_batch["x"])
+  _, float_state, _ = loop.load_checkpoint(_digits_config(), source)
+  other = loop._other_run(setup, "init.from_workdir", source, float_only=False)[3]
+  warm = loop.warm_start(setup, state, other, jax.random.key(0))
+  got, want = warm["trainable"]["params"], float_state["trainable"]["params"]
+  jax.tree_util.tree_map(np.testing.assert_array_equal, got, want)
+  w = np.asarray(want["dense_1"]["kernel"])
+  step = np.asarray(warm["trainable"]["quant"]["dense_1"]["weight_lsq"]).reshape(-1)
+  np.testing.assert_allclose(step, 2 * np.abs(w).mean(axis=0) / np.sqrt(7), rtol=1e-5)
+  assert int(warm["step"]) == 0
+  assert all(not np.any(np.asarray(m)) for m in jax.tree_util.tree_leaves(
+      warm["opt_state"]) if np.asarray(m).dtype.kind == "f")  # fresh Adam moments
+
+  summary = loop.train_and_evaluate(config, str(tmp_path / "ft"))  # 60 QAT steps
+  assert summary["metrics"]["test_accuracy"] > 0.5
+  wider = _digits_config(**{"init.from_workdir": source, "model.kwargs.features": (48, 32)})
+  with pytest.raises(ConfigError, match="do not match this model"):
+    loop.train_and_evaluate(wider, str(tmp_path / "wider"))
+  assert not (tmp_path / "wider").exists()  # refused before the workdir is touched
