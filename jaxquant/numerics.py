@@ -212,6 +212,8 @@ def calibrate(x: jax.Array, spec: QuantSpec, reduce_axes: Sequence[int]):
   axes = normalize_axes(reduce_axes, x.ndim)
   x32 = x.astype(jnp.float32)
   xb, stat_axes, shape = blocked(x32, spec, axes)
+  if spec.format in ("binary", "ternary") and not spec.scaled:
+    return jnp.ones(shape, jnp.float32), None  # the codes themselves: ±1 (BinaryConnect)
   if spec.format == "binary":
     alpha, n = _finite_mean_abs(xb, stat_axes)
     alpha = jnp.where(jnp.isfinite(alpha) & (n > 0), alpha, 1.0)  # all-zero slice: α = 0
@@ -279,6 +281,12 @@ def encode(x32, scale, zp, spec: QuantSpec, key, axes=()):
     y = jnp.clip(divide_by_scale(jnp.where(jnp.isnan(x32), 0.0, x32), scale), -fmax, fmax)
     return y.astype(FP8_DTYPES[spec.format])
   if spec.format == "binary":
+    if spec.rounding == "stochastic":
+      # BinaryConnect (Courbariaux et al. 2015, eq. 3): +1 with probability
+      # hard_sigmoid(x/α) = clip((x/α + 1) / 2, 0, 1), else −1: stochastic rounding of
+      # that probability on the grid {0, 1}.
+      t = (jnp.clip(divide_by_scale(jnp.nan_to_num(x32), scale), -1.0, 1.0) + 1.0) * 0.5
+      return 2.0 * round_values(t, spec, key) - 1.0
     return jnp.where(x32 < 0, -1.0, 1.0)
   if spec.format == "ternary":
     ax = jnp.abs(jnp.where(jnp.isnan(x32), 0.0, x32))  # ±Inf exceed Δ: they saturate

@@ -40,10 +40,15 @@ class QuantSpec:
     group_size: required for 'group'; must divide the reduced axis length.
     calibration: 'absmax', 'percentile' (of |x|) or 'mse' (best clip ratio on a grid).
     percentile: for 'percentile' calibration, in (0, 100].
-    rounding: 'nearest' or 'stochastic' (needs a PRNG key; unbiased).
+    rounding: 'nearest' or 'stochastic' (needs a PRNG key; unbiased). For 'binary',
+      stochastic is BinaryConnect's: +1 with probability clip((x/α + 1)/2, 0, 1).
     ste: gradient rule: 'identity' (straight-through), 'clipped' (zero outside the clip
       range), 'lsq' (learned step size, Esser et al. 2019) or 'pact' (learned clip α,
       Choi et al. 2018).
+    scaled: binary / ternary only. True (default): codes times a scale α per slice
+      (XNOR-Net's mean|x|, TWN's mean of the kept |x|). False: the codes themselves,
+      ±1 or {−1, 0, 1} (BinaryConnect, Courbariaux et al. 2015; BNN activations,
+      Hubara et al. 2016).
     lsq_grad_scale: LSQ multiplies the step size's gradient by 1/sqrt(N·Q_P) (Esser et
       al. 2019, sec. 2.2; N elements per step, Q_P the top code); False drops that
       factor (the paper's ablation). Only meaningful with ste='lsq'.
@@ -57,6 +62,7 @@ class QuantSpec:
   percentile: float = 99.9
   rounding: str = "nearest"
   ste: str = "identity"
+  scaled: bool = True
   lsq_grad_scale: bool = True
 
   def __post_init__(self):
@@ -77,9 +83,14 @@ class QuantSpec:
     if not isinstance(self.percentile, (int, float)) or not 0.0 < float(self.percentile) <= 100.0:
       raise ValueError(f"percentile={self.percentile!r} is not allowed; choose a float in (0, 100]")
     _check_choice("rounding", self.rounding, ROUNDINGS)
-    if self.rounding == "stochastic" and self.format != "int":
-      raise ValueError(f"rounding='stochastic' is only allowed with format='int' "
-                       f"(got format={self.format!r}); choose rounding='nearest'")
+    if self.rounding == "stochastic" and self.format not in ("int", "binary"):
+      raise ValueError(f"rounding='stochastic' is only allowed with format='int' or "
+                       f"'binary' (got format={self.format!r}); choose rounding='nearest'")
+    if not isinstance(self.scaled, bool):
+      raise ValueError(f"scaled={self.scaled!r} must be a bool")
+    if not self.scaled and self.format not in ("binary", "ternary"):
+      raise ValueError(f"scaled=False is only allowed with format='binary' or 'ternary' "
+                       f"(got format={self.format!r})")
     _check_choice("ste", self.ste, STES)
     if self.format in ("binary", "ternary", "fp8_e4m3", "fp8_e5m2") and not self.symmetric:
       raise ValueError(f"symmetric=False is not allowed for format={self.format!r}; "

@@ -268,7 +268,9 @@ class _LayerCall:
 
   # -- state ------------------------------------------------------------------------------
   def key(self):
-    specs = (self.rule.act, self.rule.weight, self.rule.grad)
+    # A stored (serving) kernel was rounded once at convert: its spec draws nothing.
+    stored = isinstance(self.module.variables.get("params", {}).get("kernel"), QTensor)
+    specs = (self.rule.act, None if stored else self.rule.weight, self.rule.grad)
     if any(s is not None and s.rounding == "stochastic" for s in specs):
       if not self.module.has_rng("quant"):
         raise ValueError(f"layer {self.path!r} uses stochastic rounding: pass "

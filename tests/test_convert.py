@@ -1,6 +1,7 @@
 """Tests for jaxquant.calibrate / convert / size_report: serving forward == QAT forward,
 no float copy of quantized weights, exact stored bytes, orbax round trip, static vs
 dynamic activation ranges and EMA statistics."""
+import dataclasses
 import functools
 
 import flax.linen as nn
@@ -520,3 +521,25 @@ def test_calibrating_a_per_token_activation_spec_keeps_it_dynamic():
   qvars = qinit(qmodel, fill_params(Two(), x), x)
   stats = jq.calibrate(qmodel, qvars, [x])["quant_stats"]
   assert "act_hi" not in stats["fc0"] and "act_hi" in stats["fc1"]
+
+
+def test_stochastic_weights_serve_without_a_key():
+  """Stochastic rounding (int) and BinaryConnect's stochastic binarization draw at every
+  QAT forward; convert rounds once to nearest, so serving needs no 'quant' rng and is the
+  deterministic quantizer (sign for binary)."""
+  class One(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      return nn.Dense(8)(x)
+
+  x = jax.random.normal(jax.random.key(0), (4, 16))
+  for weight in (jq.QuantSpec(bits=4, rounding="stochastic"),
+                 jq.QuantSpec(format="binary", rounding="stochastic", scaled=False,
+                              ste="clipped")):
+    qmodel = jq.quantize_model(One(), [jq.Rule(".*", weight=weight)])
+    variables = qmodel.init({"params": jax.random.key(1), "quant": jax.random.key(2)}, x)
+    smodel, svars = jq.convert(qmodel, variables)
+    nearest = dataclasses.replace(weight, rounding="nearest")
+    want = jq.quantize_model(One(), [jq.Rule(".*", weight=nearest)]).apply(variables, x)
+    np.testing.assert_allclose(np.asarray(smodel.apply(svars, x)), np.asarray(want),
+                               rtol=1e-6, atol=1e-6)

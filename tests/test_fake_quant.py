@@ -329,3 +329,34 @@ def test_nan_gradient_passes_and_output_keeps_nan():
   assert np.isnan(out[3, 1]) and np.sum(np.isnan(out)) == 1
   dx, _ = grads(QS(ste="clipped"), x, g)
   assert np.all(np.isfinite(np.asarray(dx)))
+
+
+# ------------------------------------------------------------------ BinaryConnect
+
+
+def test_binary_unscaled_is_plain_sign():
+  x = rng_x((64, 32), seed=21)
+  out = jq.fake_quant(x, QS(format="binary", scaled=False), reduce_axes=(0,))
+  np.testing.assert_array_equal(np.asarray(out), np.where(x < 0, -1.0, 1.0))
+  scaled = jq.fake_quant(x, QS(format="binary"), reduce_axes=(0,))  # XNOR: α = mean|x|
+  np.testing.assert_allclose(np.asarray(scaled),
+                             np.where(x < 0, -1.0, 1.0) * np.abs(x).mean(0), rtol=1e-6)
+
+
+@pytest.mark.parametrize("scaled", [False, True])
+def test_binary_stochastic_is_hard_sigmoid(scaled):
+  """Courbariaux et al. 2015, eq. 3: P(+1) = clip((x/α + 1)/2, 0, 1), so the expected
+  code is clip(x/α, −1, 1) (unbiased inside [−α, α])."""
+  levels = np.linspace(-1.5, 1.5, 13).astype(np.float32)
+  n = 20000
+  x = np.repeat(levels[None, :], n, axis=0)  # one column per level
+  spec = QS(format="binary", rounding="stochastic", scaled=scaled, granularity="tensor")
+  out = np.asarray(jq.fake_quant(x, spec, reduce_axes=(0, 1), key=jax.random.key(0)))
+  alpha = 1.0 if not scaled else float(np.abs(levels).mean())
+  codes = out / alpha
+  assert set(np.unique(codes).tolist()) <= {-1.0, 1.0}
+  p = np.clip((levels / alpha + 1) / 2, 0, 1)
+  sd = np.sqrt(np.maximum(p * (1 - p), 1e-12) / n)
+  np.testing.assert_array_less(np.abs((codes == 1).mean(0) - p), 5 * sd + 1e-9)
+  with pytest.raises(ValueError, match="PRNG key"):
+    jq.fake_quant(x, spec, reduce_axes=(0, 1))
