@@ -149,6 +149,9 @@ def convert(qmodel, variables, *example_args, **example_kwargs):
   todo, kernels, learned = [], [], []
   for path, node in layers:
     rule = config.rule_for(path)
+    if rule is not None and rule.act is not None and rule.act.static and "act_hi" not in node:
+      raise ValueError(f"layer {path!r}: act spec has static=True but no calibrated range; "
+                       "run jq.calibrate(qmodel, variables, batches) before jq.convert")
     spec = None if rule is None else rule.weight
     kernel = _node(params, path)["kernel"]
     if spec is None or isinstance(kernel, QTensor):  # float layer, or already converted

@@ -51,7 +51,8 @@ def batch_range(x, spec: QuantSpec):
     return -hi, hi
   qmin, qmax = numerics.int_range(tensor_spec)
   if zp is None:
-    return -scale * qmax, scale * qmax
+    hi = scale * numerics.symmetric_levels(tensor_spec)
+    return -hi, hi
   zp = zp.reshape(()).astype(jnp.float32)
   return (qmin - zp) * scale, (qmax - zp) * scale
 
@@ -89,11 +90,13 @@ def calibration_range() -> ObserverFactory:
   clip range is a statistic of one batch; its mean is the usual estimate). It also
   counts non-finite inputs ('nonfinite'), which `jq.calibrate` refuses.
 
-  Only per-tensor activation specs get a static range. A per-token ('channel') spec has
-  one scale per row of the batch, which no fixed range can stand for, so such layers
-  stay dynamic: static or dynamic is the spec's granularity, never a silent collapse."""
+  Only per-tensor activation specs get a static range, and not those with
+  `static=False` (`QuantSpec.static`). A per-token ('channel') spec has one scale per row
+  of the batch, which no fixed range can stand for, so such layers stay dynamic (and
+  `static=True` is refused for them): never a silent collapse."""
   def factory(rule: Rule) -> Optional[Observer]:
-    if not _has_range(rule) or rule.act.granularity != "tensor":
+    if (not _has_range(rule) or rule.act.granularity != "tensor"
+        or rule.act.static is False):
       return None
 
     def update(state, x):

@@ -305,9 +305,14 @@ class _LayerCall:
                                          tuple(range(x.ndim))).reshape(shape)
       learned = m.variable("quant", f"act_{act.learned}", init).value.reshape(shape)
     static = None
-    if m.has_variable("quant_stats", "act_hi"):
+    if m.has_variable("quant_stats", "act_hi") and act.static is not False:
       static = (m.get_variable("quant_stats", "act_lo").reshape(shape),
                 m.get_variable("quant_stats", "act_hi").reshape(shape))
+    elif act.static and not self._tracking():
+      raise ValueError(f"layer {self.path!r}: act spec has static=True but no calibrated "
+                       "range in 'quant_stats' (act_lo / act_hi): run jq.calibrate(qmodel, "
+                       "variables, batches) first (while 'quant_stats' is mutable, in "
+                       "training or calibration, the batch's own range is used)")
     return OperandState(learned=learned, range=static)
 
   def rhs_state(self, kernel, w_layout: layout.WeightLayout) -> OperandState:
