@@ -55,7 +55,7 @@ def _node(tree, path: str):
   return tree
 
 
-def calibrate(qmodel, variables, batches: Iterable, *, rngs=None, observers=()):
+def calibrate(qmodel, variables, batches: Iterable, *, masks=None, rngs=None, observers=()):
   """Post-training calibration of static activation ranges (and PTQ statistics).
 
   Runs `qmodel` on every batch (each a positional input, or a tuple of them) and returns
@@ -68,29 +68,51 @@ def calibrate(qmodel, variables, batches: Iterable, *, rngs=None, observers=()):
   states are kept in 'quant_stats'.
   Earlier static ranges are dropped first. Raises ValueError for an empty set of
   batches, and names the layer whose calibration input held NaN or Inf.
+
+  `masks`: None, or one array per batch (same order) marking the real rows (1 / True)
+  of every quantized layer's input, e.g. the [batch, tokens] attention mask of a padded
+  text batch. Rows a mask leaves out (padding) count in no statistic: not in the static
+  ranges, nor in XᵀX, Σ|x|, max|x| or their row count, nor in the NaN/Inf check. Each
+  mask's shape must equal the leading axes of every quantized layer's input rows (its
+  non-contracted axes; it is broadcast over the rest); a layer where it does not gets a
+  ValueError naming it.
   """
   ptq_names = () if not any(r.ptq for r in transform.config_of(qmodel).rules) else (
       (PTQ_STATS, obs.ptq_stats(methods=PTQ_METHODS)),)
   observers = ptq_names + tuple(observers)
   view = transform.with_observers(
-      qmodel, ((CALIBRATION, obs.calibration_range()),) + observers)
+      qmodel, ((CALIBRATION, obs.calibration_range()),) + observers)  # no mask
   variables = _plain(variables)
   names = [CALIBRATION] + [name for name, _ in observers]
   stats = _drop(variables.pop("quant_stats", {}), names)
 
+  observer_list = ((CALIBRATION, obs.calibration_range()),) + observers
+
   @jax.jit
-  def step(others, stats, *batch):  # parameters are arguments: no constant folding
-    _, upd = view.apply({**others, "quant_stats": stats}, *batch, mutable=["quant_stats"],
-                        rngs=rngs)
+  def step(others, stats, mask, *batch):  # parameters are arguments: no constant folding
+    run = view if mask is None else transform.with_observers(qmodel, observer_list, mask)
+    _, upd = run.apply({**others, "quant_stats": stats}, *batch, mutable=["quant_stats"],
+                       rngs=rngs)
     return upd["quant_stats"]
 
+  mask_iter = None if masks is None else iter(masks)
   n = 0
   for batch in batches:
     batch = batch if isinstance(batch, tuple) else (batch,)
-    stats = step(variables, stats, *batch)
+    mask = None
+    if mask_iter is not None:
+      mask = next(mask_iter, None)
+      if mask is None:
+        raise ValueError(f"calibrate: masks has {n} entries but batches has more; give "
+                         "one mask per batch")
+      mask = jnp.asarray(mask).astype(bool)
+    stats = step(variables, stats, mask, *batch)
     n += 1
   if n == 0:
     raise ValueError("calibrate needs at least one batch; got an empty iterable")
+  if mask_iter is not None and next(mask_iter, None) is not None:
+    raise ValueError(f"calibrate: masks has more entries than the {n} batches; give one "
+                     "mask per batch")
   stats = _plain(jax.device_get(stats))
   for path, node in _layers(stats):
     xtx = node.get(f"{PTQ_STATS}_xtx")

@@ -55,9 +55,11 @@ DEFAULT_OBSERVERS = (("ema", obs.ema_range()),)
 
 @dataclasses.dataclass(frozen=True)
 class QuantConfig:
-  """What a quantized model class carries: its rules and the observers it runs."""
+  """What a quantized model class carries: its rules, the observers it runs and, for one
+  calibration step, the token mask its observers apply (`jq.calibrate(masks=...)`)."""
   rules: Tuple[Rule, ...]
   observers: Tuple[Tuple[str, obs.ObserverFactory], ...] = DEFAULT_OBSERVERS
+  mask: Any = dataclasses.field(default=None, compare=False)
 
   def match(self, path: str) -> Optional[int]:
     """Index of the first rule matching `path`, or None."""
@@ -175,9 +177,12 @@ def float_class(model):
   return cls.__mro__[1] if getattr(cls, "_jq_config", None) is not None else cls
 
 
-def with_observers(qmodel, observers) -> nn.Module:
-  """The same quantized model running other observers (e.g. calibration statistics)."""
-  config = dataclasses.replace(config_of(qmodel), observers=tuple(observers))
+def with_observers(qmodel, observers, mask=None) -> nn.Module:
+  """The same quantized model running other observers (e.g. calibration statistics),
+  optionally with a token `mask` (1 = a real row) that every observer applies: its
+  shape must be the leading axes of each quantized layer's input rows (see
+  `jq.calibrate`). Build it where the mask lives (inside the jitted step)."""
+  config = dataclasses.replace(config_of(qmodel), observers=tuple(observers), mask=mask)
   return _make_view(qmodel, config)
 
 
@@ -280,11 +285,34 @@ class _LayerCall:
     m = self.module
     return m.is_mutable_collection("quant_stats") or m.is_initializing()
 
-  def lhs_state(self, x, x_BMK) -> OperandState:
-    """The activation's learned quantity and static range; runs the observers."""
+  def row_mask(self, rows_shape, x_BMK):
+    """The config's token mask as [1, M] over this layer's input rows, or None.
+
+    `rows_shape` is the shape of the input's row axes (its free axes, in order, that M
+    flattens); the mask must equal their leading axes and is broadcast over the rest."""
+    mask = self.config.mask
+    if mask is None:
+      return None
+    mask = jnp.asarray(mask)
+    rows_shape = tuple(rows_shape)
+    if x_BMK.shape[0] != 1 or mask.shape != rows_shape[:mask.ndim]:
+      raise ValueError(f"calibrate: a mask of shape {tuple(mask.shape)} does not match layer "
+                       f"{self.path!r}, whose input rows have shape {rows_shape}"
+                       + (" and batch axes shared with its weight" if x_BMK.shape[0] != 1
+                          else "") + "; the mask must be the leading axes of every "
+                       "quantized layer's input (e.g. [batch, tokens])")
+    keep = mask.astype(bool).reshape(mask.shape + (1,) * (len(rows_shape) - mask.ndim))
+    return jnp.broadcast_to(keep, rows_shape).reshape(1, -1)
+
+  def lhs_state(self, x, x_BMK, rows_shape=None) -> OperandState:
+    """The activation's learned quantity and static range; runs the observers (with the
+    config's token mask over `rows_shape`, when calibration gave one)."""
     m, act = self.module, self.rule.act
     if self._tracking():
       updating = not m.is_initializing()
+      mask_BM = None
+      if updating and self.config.mask is not None:
+        mask_BM = self.row_mask(x_BMK.shape[:-1] if rows_shape is None else rows_shape, x_BMK)
       for name, factory in self.config.observers:
         observer = factory(self.rule)
         if observer is None:
@@ -293,7 +321,9 @@ class _LayerCall:
         refs = {k: m.variable("quant_stats", f"{name}_{k}", lambda v=v: v)
                 for k, v in state.items()}
         if updating:
-          new = observer.update({k: r.value for k, r in refs.items()}, x_BMK)
+          old = {k: r.value for k, r in refs.items()}
+          new = (observer.update(old, x_BMK) if mask_BM is None
+                 else observer.update(old, x_BMK, mask_BM))
           for k, r in refs.items():
             r.value = new[k]
     if act is None:
@@ -375,8 +405,11 @@ class _LayerCall:
     """lhs_state / rhs_state of a dot_general call."""
     (lc, rc), (lb, rb) = dimension_numbers
     w_layout = layout.make_layout(len(rhs.shape), rc, rb)
+    used = {int(a) % lhs.ndim for a in tuple(lc) + tuple(lb)}
+    rows_shape = tuple(d for a, d in enumerate(lhs.shape) if a not in used)
     return {"rhs_state": self.rhs_state(rhs, w_layout),
-            "lhs_state": self.lhs_state(lhs, layout.canonical_lhs(lhs, dimension_numbers))}
+            "lhs_state": self.lhs_state(lhs, layout.canonical_lhs(lhs, dimension_numbers),
+                                        rows_shape)}
 
 
 class _Contraction:
@@ -408,7 +441,8 @@ class _Contraction:
     w_layout = qconv.kernel_layout(len(rhs.shape), dn)
     rhs_state = c.rhs_state(rhs, w_layout)
     channels_last = jnp.moveaxis(lhs, dn.lhs_spec[1], -1)
-    lhs_state = c.lhs_state(lhs, channels_last.reshape(1, -1, channels_last.shape[-1]))
+    lhs_state = c.lhs_state(lhs, channels_last.reshape(1, -1, channels_last.shape[-1]),
+                            channels_last.shape[:-1])
     return qconv.conv_general_dilated(
         lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
         feature_group_count, batch_group_count, precision, preferred_element_type,

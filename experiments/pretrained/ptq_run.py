@@ -27,6 +27,8 @@ def quantized_encoder(config, rules, *, progress=True):
   batches = [(ids, mask) for _, ids, mask in tokenizer.batches(tok, calib, config.batch_size)]
   if progress:
     print(f"calibrating on {len(calib)} sentences ({len(batches)} batches)...", flush=True)
-  variables = jq.calibrate(qmodel, {"params": params}, batches)  # per-token: stays dynamic
+  # Padding tokens are masked out of every statistic (ranges, XᵀX, Σ|x|, max|x|).
+  variables = jq.calibrate(qmodel, {"params": params}, batches,
+                           masks=[mask for _, mask in batches])
   smodel, svars = jq.convert(qmodel, variables, *batches[0])
   return model, params, tok, smodel, svars
