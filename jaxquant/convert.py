@@ -144,7 +144,8 @@ def convert(qmodel, variables, *example_args, **example_kwargs):
   """QAT model + variables → (serving model, serving variables).
 
   Every weight a rule quantizes becomes a `QTensor` in 'params' (see the module
-  docstring). The kernels' layouts come from 'quant_stats' (`qmodel.init` and
+  docstring); an `nn.Embed` table becomes one too (per-row scales, `embedding` kept as
+  its name), from which serving gathers and dequantizes only the rows it looks up. The kernels' layouts come from 'quant_stats' (`qmodel.init` and
   `jq.calibrate` record them); for variables made without them (e.g. a float model's
   'params'), pass example inputs to trace the model once. The serving model is `qmodel`
   itself: a layer whose kernel is a QTensor computes on its codes, with the same
@@ -168,14 +169,15 @@ def convert(qmodel, variables, *example_args, **example_kwargs):
                      "from qmodel.init / jq.calibrate, or example inputs: "
                      "jq.convert(qmodel, variables, x)")
   params, quant = variables["params"], variables.get("quant", {})
-  todo, kernels, learned = [], [], []
+  todo, kernels, learned, names = [], [], [], []
   for path, node in layers:
     rule = config.rule_for(path)
     if rule is not None and rule.act is not None and rule.act.static and "act_hi" not in node:
       raise ValueError(f"layer {path!r}: act spec has static=True but no calibrated range; "
                        "run jq.calibrate(qmodel, variables, batches) before jq.convert")
     spec = None if rule is None else rule.weight
-    kernel = _node(params, path)["kernel"]
+    name = _weight_name(_node(params, path))
+    kernel = _node(params, path)[name]
     if spec is None or isinstance(kernel, QTensor):  # float layer, or already converted
       continue
     learned.append(_node(quant, path).pop(f"weight_{spec.learned}") if spec.learned else None)
@@ -189,9 +191,15 @@ def convert(qmodel, variables, *example_args, **example_kwargs):
       continue
     todo.append((path, spec, w_layout))
     kernels.append(kernel)
-  for (path, _, _), q in zip(todo, _quantize_weights(tuple(todo), kernels, learned)):
-    _node(params, path)["kernel"] = q
+    names.append(name)
+  for (path, _, _), name, q in zip(todo, names, _quantize_weights(tuple(todo), kernels, learned)):
+    _node(params, path)[name] = q
   return qmodel, variables
+
+
+def _weight_name(layer_params) -> str:
+  """The layer's weight: 'kernel' (Dense, Conv, Einsum), or 'embedding' (nn.Embed)."""
+  return "kernel" if "kernel" in layer_params else "embedding"
 
 
 def _run_ptq(path, stats_node, layer_params, spec, ptq, w_layout):
