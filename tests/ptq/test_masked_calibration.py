@@ -73,3 +73,21 @@ def test_a_mask_over_the_batch_axis_alone_broadcasts_over_tokens():
   assert int(got["quant_stats"]["fc"]["ptq_count"]) == len(rows)
   np.testing.assert_allclose(np.asarray(got["quant_stats"]["fc"]["ptq_xtx"]), rows.T @ rows,
                              rtol=1e-5, atol=1e-4)
+
+
+def test_forward_float_collects_the_float_models_activations():
+  """fc quantized to 4 bits: with forward='float' the 'out' layer's statistics are those
+  of the float fc's output; with the default 'quantized' forward they are not."""
+  qmodel = jq.quantize_model(Seq(), RULES)
+  batches = [jnp.asarray(b) for b in X]
+  keep = MASKS.reshape(-1) > 0
+  rows = X.reshape(-1, 6)[keep]
+  h = np.maximum(rows @ np.asarray(PARAMS["fc"]["kernel"]) + np.asarray(PARAMS["fc"]["bias"]), 0)
+  got = jq.calibrate(qmodel, {"params": PARAMS}, batches, masks=list(MASKS), forward="float")
+  np.testing.assert_allclose(np.asarray(got["quant_stats"]["out"]["ptq_xtx"]), h.T @ h,
+                             rtol=1e-4, atol=1e-3)
+  quant = jq.calibrate(qmodel, {"params": PARAMS}, batches, masks=list(MASKS))
+  assert not np.allclose(np.asarray(quant["quant_stats"]["out"]["ptq_xtx"]), h.T @ h,
+                         rtol=1e-3, atol=1e-2)
+  with pytest.raises(ValueError, match="forward='fp32'"):
+    jq.calibrate(qmodel, {"params": PARAMS}, batches, forward="fp32")
