@@ -22,8 +22,8 @@ CASES = {
     "awq": [jq.Rule(LAYERS, weight=G8, ptq=jq.PTQ(method="awq", grid=4))],
     "smoothquant": [jq.Rule(LAYERS, weight=minilm_ptq.W8, act=minilm_ptq.A8_STATIC,
                             ptq=jq.PTQ(method="smoothquant", alpha=0.8))],
-    "w8a8_token": minilm_ptq.VARIANTS["w8a8"],
-    "w8_embed8": minilm_ptq.EXTRA["w8_embed8"],
+    "w8a8_token": [jq.Rule(LAYERS, weight=minilm_ptq.W8, act=minilm_ptq.A8_TOKEN)],
+    "w8_embed8": minilm_ptq.VARIANTS["w8"],
     "w4_full_range_gptq": [jq.Rule(
         LAYERS, weight=jq.QuantSpec(bits=4, granularity="group", group_size=8,
                                     full_range=True), ptq=jq.PTQ(method="gptq"))],
