@@ -23,6 +23,7 @@ embedding as a per-row int8 table; position / type embeddings and LayerNorms sta
   w8a8_smoothquant      ... static ranges after SmoothQuant (α = 0.8)
   w8a8_smoothquant_token  SmoothQuant (α = 0.5) then per-token dynamic activations
   w8                    int8 per-channel weight-only
+  w8_gptq               ... with GPTQ
   w4_g128_{rtn,awq,gptq}, w3_g128_{rtn,gptq}  asymmetric group-128 weight-only
 """
 import ml_collections
@@ -59,6 +60,7 @@ VARIANTS = {  # every quantized variant also stores the word embedding as per-ro
     "w8a8_smoothquant_token": [jq.Rule(LAYERS, weight=W8, act=A8_TOKEN,
                                        ptq=jq.PTQ(method="smoothquant", alpha=0.5))] + _embed(),
     "w8": _w(W8) + _embed(),
+    "w8_gptq": _w(W8, "gptq") + _embed(),
     "w4_g128_rtn": _w(_group(4)) + _embed(),
     "w4_g128_awq": _w(_group(4), "awq") + _embed(),
     "w4_g128_gptq": _w(_group(4), "gptq") + _embed(),
@@ -82,7 +84,6 @@ EXTRA = {
     "w3_g128_gptq_sym": _w(jq.QuantSpec(bits=3, granularity="group", group_size=128), "gptq"),
     # W8A8 with per-token dynamic activations after SmoothQuant's migration (α), and with
     # MSE-clipped per-channel weights.
-    "w8_gptq": _w(W8, "gptq") + _embed(),       # W8 weight-only with GPTQ's compensation
     "w8_g128": _w(jq.QuantSpec(bits=8, granularity="group", group_size=128)) + _embed(),
     "w8a8_sq80": [jq.Rule(LAYERS, weight=W8, act=A8_TOKEN,
                           ptq=jq.PTQ(method="smoothquant", alpha=0.8))],
