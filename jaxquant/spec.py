@@ -52,8 +52,9 @@ class QuantSpec:
     static: activation specs only: how the quantization range is chosen. None (default):
       static for a per-tensor spec once `jq.calibrate` stored a range, else dynamic (the
       batch's own range). True: static, a range from `jq.calibrate` (per-tensor only;
-      serving or `jq.convert` without one is an error). False: always dynamic
-      (`jq.calibrate` stores no range).
+      serving or `jq.convert` without one is an error; while 'quant_stats' is mutable,
+      in training and calibration, the batch's own range is used until one exists).
+      False: always dynamic (`jq.calibrate` stores no range). Weight specs leave it None.
   """
   format: str = "int"
   bits: int = 8
