@@ -85,8 +85,9 @@ EXTRA = {
     # W8A8 with per-token dynamic activations after SmoothQuant's migration (α), and with
     # MSE-clipped per-channel weights.
     "w8_g128": _w(jq.QuantSpec(bits=8, granularity="group", group_size=128)) + _embed(),
-    "w8a8_sq80": [jq.Rule(LAYERS, weight=W8, act=A8_TOKEN,
-                          ptq=jq.PTQ(method="smoothquant", alpha=0.8))],
+    **{f"w8a8_sq{round(100 * a)}": [jq.Rule(LAYERS, weight=W8, act=A8_TOKEN,
+                                            ptq=jq.PTQ(method="smoothquant", alpha=a))]
+       for a in (0.3, 0.4, 0.6, 0.8)},
     "w8a8_wmse": [jq.Rule(LAYERS, weight=jq.QuantSpec(bits=8, calibration="mse"),
                           act=A8_TOKEN)],
 }
