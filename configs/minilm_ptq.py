@@ -21,7 +21,8 @@ embedding as a per-row int8 table; position / type embeddings and LayerNorms sta
   w8a8                  int8 per-channel weights, int8 per-token dynamic activations
   w8a8_static           ... static per-tensor activation ranges (absmax calibration)
   w8a8_smoothquant      ... static ranges after SmoothQuant (α = 0.8)
-  w8a8_smoothquant_token  SmoothQuant (α = 0.5) then per-token dynamic activations
+  w8a8_smoothquant_token  SmoothQuant (α = 0.6, chosen on the dev split) then per-token
+                        dynamic activations
   w8                    int8 per-channel weight-only
   w8_gptq               ... with GPTQ
   w4_g128_{rtn,awq,gptq}, w3_g128_{rtn,gptq}  asymmetric group-128 weight-only
@@ -58,7 +59,7 @@ VARIANTS = {  # every quantized variant also stores the word embedding as per-ro
     "w8a8_smoothquant": [jq.Rule(LAYERS, weight=W8, act=A8_STATIC,
                                  ptq=jq.PTQ(method="smoothquant", alpha=0.8))] + _embed(),
     "w8a8_smoothquant_token": [jq.Rule(LAYERS, weight=W8, act=A8_TOKEN,
-                                       ptq=jq.PTQ(method="smoothquant", alpha=0.5))] + _embed(),
+                                       ptq=jq.PTQ(method="smoothquant", alpha=0.6))] + _embed(),
     "w8": _w(W8) + _embed(),
     "w8_gptq": _w(W8, "gptq") + _embed(),
     "w4_g128_rtn": _w(_group(4)) + _embed(),
