@@ -55,7 +55,11 @@ def _node(tree, path: str):
   return tree
 
 
-def calibrate(qmodel, variables, batches: Iterable, *, rngs=None, observers=()):
+FORWARDS = ("quantized", "float")
+
+
+def calibrate(qmodel, variables, batches: Iterable, *, masks=None, forward="quantized",
+              rngs=None, observers=()):
   """Post-training calibration of static activation ranges (and PTQ statistics).
 
   Runs `qmodel` on every batch (each a positional input, or a tuple of them) and returns
@@ -68,29 +72,64 @@ def calibrate(qmodel, variables, batches: Iterable, *, rngs=None, observers=()):
   states are kept in 'quant_stats'.
   Earlier static ranges are dropped first. Raises ValueError for an empty set of
   batches, and names the layer whose calibration input held NaN or Inf.
+
+  `masks`: None, or one array per batch (same order) marking the real rows (1 / True)
+  of every quantized layer's input, e.g. the [batch, tokens] attention mask of a padded
+  text batch. Rows a mask leaves out (padding) count in no statistic: not in the static
+  ranges, nor in XᵀX, Σ|x|, max|x| or their row count, nor in the NaN/Inf check. Each
+  mask's shape must equal the leading axes of every quantized layer's input rows (its
+  non-contracted axes; it is broadcast over the rest); a layer where it does not gets a
+  ValueError naming it.
+
+  `forward`: which model the calibration batches run through. 'quantized' (default):
+  every layer computes as its rule says (weights round-to-nearest, activations with
+  their own dynamic ranges), so each layer's statistics are of the inputs the
+  quantized model feeds it. 'float': every matched layer computes in float, so each
+  layer's statistics are of the float model's activations (the one-pass calibration
+  of the GPTQ, AWQ and SmoothQuant papers; each layer's error is then measured
+  against the float model's own inputs).
   """
+  if forward not in FORWARDS:
+    raise ValueError(f"forward={forward!r} is not allowed; choose one of {list(FORWARDS)}")
+  float_forward = forward == "float"
   ptq_names = () if not any(r.ptq for r in transform.config_of(qmodel).rules) else (
       (PTQ_STATS, obs.ptq_stats(methods=PTQ_METHODS)),)
   observers = ptq_names + tuple(observers)
-  view = transform.with_observers(
-      qmodel, ((CALIBRATION, obs.calibration_range()),) + observers)
+  view = transform.with_observers(  # no mask
+      qmodel, ((CALIBRATION, obs.calibration_range()),) + observers,
+      float_forward=float_forward)
   variables = _plain(variables)
   names = [CALIBRATION] + [name for name, _ in observers]
   stats = _drop(variables.pop("quant_stats", {}), names)
 
+  observer_list = ((CALIBRATION, obs.calibration_range()),) + observers
+
   @jax.jit
-  def step(others, stats, *batch):  # parameters are arguments: no constant folding
-    _, upd = view.apply({**others, "quant_stats": stats}, *batch, mutable=["quant_stats"],
-                        rngs=rngs)
+  def step(others, stats, mask, *batch):  # parameters are arguments: no constant folding
+    run = view if mask is None else transform.with_observers(qmodel, observer_list, mask,
+                                                             float_forward)
+    _, upd = run.apply({**others, "quant_stats": stats}, *batch, mutable=["quant_stats"],
+                       rngs=rngs)
     return upd["quant_stats"]
 
+  mask_iter = None if masks is None else iter(masks)
   n = 0
   for batch in batches:
     batch = batch if isinstance(batch, tuple) else (batch,)
-    stats = step(variables, stats, *batch)
+    mask = None
+    if mask_iter is not None:
+      mask = next(mask_iter, None)
+      if mask is None:
+        raise ValueError(f"calibrate: masks has {n} entries but batches has more; give "
+                         "one mask per batch")
+      mask = jnp.asarray(mask).astype(bool)
+    stats = step(variables, stats, mask, *batch)
     n += 1
   if n == 0:
     raise ValueError("calibrate needs at least one batch; got an empty iterable")
+  if mask_iter is not None and next(mask_iter, None) is not None:
+    raise ValueError(f"calibrate: masks has more entries than the {n} batches; give one "
+                     "mask per batch")
   stats = _plain(jax.device_get(stats))
   for path, node in _layers(stats):
     xtx = node.get(f"{PTQ_STATS}_xtx")
@@ -122,7 +161,8 @@ def convert(qmodel, variables, *example_args, **example_kwargs):
   """QAT model + variables → (serving model, serving variables).
 
   Every weight a rule quantizes becomes a `QTensor` in 'params' (see the module
-  docstring). The kernels' layouts come from 'quant_stats' (`qmodel.init` and
+  docstring); an `nn.Embed` table becomes one too (per-row scales, `embedding` kept as
+  its name), from which serving gathers and dequantizes only the rows it looks up. The kernels' layouts come from 'quant_stats' (`qmodel.init` and
   `jq.calibrate` record them); for variables made without them (e.g. a float model's
   'params'), pass example inputs to trace the model once. The serving model is `qmodel`
   itself: a layer whose kernel is a QTensor computes on its codes, with the same
@@ -151,11 +191,15 @@ def convert(qmodel, variables, *example_args, **example_kwargs):
                      "from qmodel.init / jq.calibrate, or example inputs: "
                      "jq.convert(qmodel, variables, x)")
   params, quant = variables["params"], variables.get("quant", {})
-  todo, kernels, learned = [], [], []
+  todo, kernels, learned, names = [], [], [], []
   for path, node in layers:
     rule = config.rule_for(path)
+    if rule is not None and rule.act is not None and rule.act.static and "act_hi" not in node:
+      raise ValueError(f"layer {path!r}: act spec has static=True but no calibrated range; "
+                       "run jq.calibrate(qmodel, variables, batches) before jq.convert")
     spec = None if rule is None else rule.weight
-    kernel = _node(params, path)["kernel"]
+    name = _weight_name(_node(params, path))
+    kernel = _node(params, path)[name]
     if spec is None or isinstance(kernel, QTensor):  # float layer, or already converted
       continue
     learned.append(_node(quant, path).pop(f"weight_{spec.learned}") if spec.learned else None)
@@ -169,9 +213,15 @@ def convert(qmodel, variables, *example_args, **example_kwargs):
       continue
     todo.append((path, spec, w_layout))
     kernels.append(kernel)
-  for (path, _, _), q in zip(todo, _quantize_weights(tuple(todo), kernels, learned)):
-    _node(params, path)["kernel"] = q
+    names.append(name)
+  for (path, _, _), name, q in zip(todo, names, _quantize_weights(tuple(todo), kernels, learned)):
+    _node(params, path)[name] = q
   return qmodel, variables
+
+
+def _weight_name(layer_params) -> str:
+  """The layer's weight: 'kernel' (Dense, Conv, Einsum), or 'embedding' (nn.Embed)."""
+  return "kernel" if "kernel" in layer_params else "embedding"
 
 
 def _run_ptq(path, stats_node, layer_params, spec, ptq, w_layout):

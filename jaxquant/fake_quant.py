@@ -64,7 +64,7 @@ def _learned_grid(x32, spec, learned):
     return x32, learned, None
   alpha = numerics.expand_to(learned, x32.shape)
   if spec.symmetric:
-    return jnp.clip(x32, -alpha, alpha), learned / qmax, None
+    return jnp.clip(x32, -alpha, alpha), learned / numerics.symmetric_levels(spec), None
   zp = jnp.full(learned.shape, qmin, jnp.int32)  # 0.0 maps to q_min: the range is [0, α]
   return jnp.clip(x32, 0.0, alpha), learned / (qmax - qmin), zp
 
@@ -152,6 +152,8 @@ def _inside(x32, scale, zp, spec):
     qmin, qmax = -numerics.FP8_MAX[spec.format], numerics.FP8_MAX[spec.format]
   else:
     qmin, qmax = numerics.int_range(spec)
+    if spec.symmetric and spec.full_range:  # ±absmax sit half a step beyond the codes
+      qmin, qmax = -numerics.symmetric_levels(spec), numerics.symmetric_levels(spec)
   z = 0.0 if zp is None else numerics.expand_to(zp, x32.shape).astype(jnp.float32)
   # In code space with a few float32 ulps of slack: scale = absmax/qmax is rounded (XLA
   # turns the division by a constant into a multiply), so qmax·scale can fall an ulp short

@@ -41,8 +41,9 @@ def int_range(spec: QuantSpec) -> Tuple[int, int]:
   """Integer code range [qmin, qmax] held in an int8 container.
 
   Symmetric 'int' uses the restricted range ±(2^(b-1) − 1) so negation is exact and the
-  grid is centred on 0; asymmetric uses the full signed range with an integer zero point.
-  Binary codes are ±1, ternary {−1, 0, 1}.
+  grid is centred on 0, or with `full_range` every code −2^(b−1) .. 2^(b−1) − 1;
+  asymmetric uses the full signed range with an integer zero point. Binary codes are ±1,
+  ternary {−1, 0, 1}.
   """
   if spec.format == "binary":
     return -1, 1
@@ -50,10 +51,18 @@ def int_range(spec: QuantSpec) -> Tuple[int, int]:
     return -1, 1
   if spec.format != "int":
     raise ValueError(f"format={spec.format!r} has no integer range")
-  if spec.symmetric:
+  if spec.symmetric and not spec.full_range:
     q = 2 ** (spec.bits - 1) - 1
     return -q, q
   return -(2 ** (spec.bits - 1)), 2 ** (spec.bits - 1) - 1
+
+
+def symmetric_levels(spec: QuantSpec) -> float:
+  """The divisor of a symmetric int scale, scale = absmax / levels: qmax for the
+  restricted range, qmax + 0.5 with `full_range` (both ends then round within half a
+  step: +absmax to qmax, −absmax to qmin = −qmax − 1)."""
+  _, qmax = int_range(spec)
+  return qmax + 0.5 if spec.full_range else float(qmax)
 
 
 def normalize_axes(reduce_axes: Sequence[int], ndim: int) -> Tuple[int, ...]:
@@ -170,7 +179,7 @@ def scale_zero_point(lo, hi, spec: QuantSpec):
     return _safe_scale(hi / FP8_MAX[spec.format]), None
   qmin, qmax = int_range(spec)
   if spec.symmetric:
-    return _safe_scale(hi / qmax), None
+    return _safe_scale(hi / symmetric_levels(spec)), None
   n = qmax - qmin
   span = hi - lo  # overflows float32 for ranges like ±3e38: divide first there
   scale = _safe_scale(jnp.where(jnp.isfinite(span), span / n, hi / n - lo / n))

@@ -3,9 +3,12 @@
 An `Observer` is a pair of pure functions over a dict of arrays:
     state = observer.init(x_BMK)          # zeros of the right shapes
     state = observer.update(state, x_BMK) # after one more batch
+    state = observer.update(state, x_BMK, mask_BM)  # rows where mask_BM is False left out
 where `x_BMK` is the layer's input viewed as [B, M, K]: K the contracted features (for a
 convolution, its input channels), M the rows (tokens, examples, pixels), B the batch axes
-a contraction shares with its weight (1 for ordinary layers).
+a contraction shares with its weight (1 for ordinary layers). The third argument is only
+passed when `jq.calibrate(..., masks=...)` gives a token mask (padding excluded from the
+statistics); the built-in observers accept it.
 
 `jq.quantize_model(..., observers=...)` runs a tuple of named observer factories at every
 quantized layer whose 'quant_stats' collection is mutable; each factory maps the layer's
@@ -51,9 +54,18 @@ def batch_range(x, spec: QuantSpec):
     return -hi, hi
   qmin, qmax = numerics.int_range(tensor_spec)
   if zp is None:
-    return -scale * qmax, scale * qmax
+    hi = scale * numerics.symmetric_levels(tensor_spec)
+    return -hi, hi
   zp = zp.reshape(()).astype(jnp.float32)
   return (qmin - zp) * scale, (qmax - zp) * scale
+
+
+def masked(x_BMK, mask_BM):
+  """x with the rows a mask leaves out set to NaN: every range statistic here looks only
+  at finite entries, so those rows count for nothing (and hold no range)."""
+  if mask_BM is None:
+    return x_BMK
+  return jnp.where(mask_BM[..., None], x_BMK, jnp.nan)
 
 
 def _range_state(x) -> State:
@@ -73,8 +85,9 @@ def ema_range(decay: float = EMA_DECAY) -> ObserverFactory:
     if not _has_range(rule):
       return None
 
-    def update(state, x):
-      lo, hi = batch_range(jax.lax.stop_gradient(x).astype(jnp.float32), rule.act)
+    def update(state, x, mask=None):
+      x = masked(jax.lax.stop_gradient(x).astype(jnp.float32), mask)
+      lo, hi = batch_range(x, rule.act)
       first = state["count"] == 0
       return {"lo": jnp.where(first, lo, decay * state["lo"] + (1 - decay) * lo),
               "hi": jnp.where(first, hi, decay * state["hi"] + (1 - decay) * hi),
@@ -89,15 +102,18 @@ def calibration_range() -> ObserverFactory:
   clip range is a statistic of one batch; its mean is the usual estimate). It also
   counts non-finite inputs ('nonfinite'), which `jq.calibrate` refuses.
 
-  Only per-tensor activation specs get a static range. A per-token ('channel') spec has
-  one scale per row of the batch, which no fixed range can stand for, so such layers
-  stay dynamic: static or dynamic is the spec's granularity, never a silent collapse."""
+  Only per-tensor activation specs get a static range, and not those with
+  `static=False` (`QuantSpec.static`). A per-token ('channel') spec has one scale per row
+  of the batch, which no fixed range can stand for, so such layers stay dynamic (and
+  `static=True` is refused for them): never a silent collapse."""
   def factory(rule: Rule) -> Optional[Observer]:
-    if not _has_range(rule) or rule.act.granularity != "tensor":
+    if (not _has_range(rule) or rule.act.granularity != "tensor"
+        or rule.act.static is False):
       return None
 
-    def update(state, x):
-      lo, hi = batch_range(jax.lax.stop_gradient(x).astype(jnp.float32), rule.act)
+    def update(state, x, mask=None):
+      x = jax.lax.stop_gradient(x).astype(jnp.float32)
+      lo, hi = batch_range(masked(x, mask), rule.act)
       first = state["count"] == 0
       n = state["count"].astype(jnp.float32)
       if rule.act.calibration == "absmax":
@@ -106,7 +122,10 @@ def calibration_range() -> ObserverFactory:
       else:
         new_lo = (state["lo"] * n + lo) / (n + 1)
         new_hi = (state["hi"] * n + hi) / (n + 1)
-      bad = jnp.sum(~jnp.isfinite(x)).astype(jnp.int32)
+      bad = ~jnp.isfinite(x)
+      if mask is not None:  # padding rows may hold anything
+        bad = bad & mask[..., None]
+      bad = jnp.sum(bad).astype(jnp.int32)
       return {"lo": new_lo, "hi": new_hi, "count": state["count"] + 1,
               "nonfinite": state["nonfinite"] + bad}
     init = lambda x: {**_range_state(x), "nonfinite": jnp.zeros((), jnp.int32)}
@@ -123,8 +142,8 @@ def ptq_stats(methods=None) -> ObserverFactory:
     if methods is not None and (rule.ptq is None or rule.ptq.method not in methods):
       return None
     init = lambda x: ptq_stats_lib.init(x.shape[-1])._asdict()
-    update = lambda state, x: ptq_stats_lib.update(
-        ptq_stats_lib.Stats(**state), jax.lax.stop_gradient(x))._asdict()
+    update = lambda state, x, mask=None: ptq_stats_lib.update(
+        ptq_stats_lib.Stats(**state), jax.lax.stop_gradient(x), mask)._asdict()
     return Observer(init, update)
   return factory
 

@@ -52,6 +52,17 @@ class QuantSpec:
     lsq_grad_scale: LSQ multiplies the step size's gradient by 1/sqrt(N·Q_P) (Esser et
       al. 2019, sec. 2.2; N elements per step, Q_P the top code); False drops that
       factor (the paper's ablation). Only meaningful with ste='lsq'.
+    full_range: symmetric 'int' only. False (default): the restricted codes
+      ±(2^(b−1) − 1) with scale = absmax / (2^(b−1) − 1) (15 levels at 4 bits, {−1, 0, 1}
+      at 2). True: all 2^b codes −2^(b−1) .. 2^(b−1) − 1 with scale = absmax / (qmax + 0.5),
+      qmax = 2^(b−1) − 1, so +absmax rounds to qmax and −absmax to −qmax − 1, each within
+      half a step (16 levels −8..7 at 4 bits, −2..1 at 2). Zero stays exact.
+    static: activation specs only: how the quantization range is chosen. None (default):
+      static for a per-tensor spec once `jq.calibrate` stored a range, else dynamic (the
+      batch's own range). True: static, a range from `jq.calibrate` (per-tensor only;
+      serving or `jq.convert` without one is an error; while 'quant_stats' is mutable,
+      in training and calibration, the batch's own range is used until one exists).
+      False: always dynamic (`jq.calibrate` stores no range). Weight specs leave it None.
   """
   format: str = "int"
   bits: int = 8
@@ -64,6 +75,8 @@ class QuantSpec:
   ste: str = "identity"
   scaled: bool = True
   lsq_grad_scale: bool = True
+  full_range: bool = False
+  static: Optional[bool] = None
 
   def __post_init__(self):
     _check_choice("format", self.format, FORMATS)
@@ -107,6 +120,23 @@ class QuantSpec:
       raise ValueError("ste='lsq' is not allowed with symmetric=False; LSQ learns a step "
                        "size with no offset (for [0, α] ranges use ste='pact', "
                        "symmetric=False)")
+    if not isinstance(self.full_range, bool):
+      raise ValueError(f"full_range={self.full_range!r} must be a bool (True or False)")
+    if self.full_range and (self.format != "int" or not self.symmetric):
+      raise ValueError(f"full_range=True is only allowed with format='int', symmetric=True "
+                       f"(got format={self.format!r}, symmetric={self.symmetric}); "
+                       "asymmetric int already uses every code")
+    if self.static not in (None, True, False):
+      raise ValueError(f"static={self.static!r} must be None (static once calibrated, for "
+                       "per-tensor specs), True or False")
+    if self.static and self.granularity != "tensor":
+      raise ValueError(f"static=True needs granularity='tensor' (got "
+                       f"{self.granularity!r}): a per-token or per-group range depends on "
+                       "the rows of each batch, so no calibrated range can stand for it; "
+                       "use static=False (dynamic) for per-token activations")
+    if self.static and self.learned:
+      raise ValueError(f"static=True is not allowed with ste={self.ste!r}: the learned "
+                       "scale is the range; leave static=None")
 
   @property
   def effective_bits(self) -> int:
@@ -253,6 +283,12 @@ class Rule:
     if act is not None and act.granularity == "group":
       raise ValueError(f"Rule({self.pattern!r}): act granularity='group' is not supported; "
                        "choose 'tensor' or 'channel' (one scale per row)")
+    for name in ("weight", "grad"):
+      value = getattr(self, name)
+      if value is not None and value.static is not None:
+        raise ValueError(f"Rule({self.pattern!r}): {name}.static={value.static!r} is only "
+                         f"meaningful for act= specs ({name}s are quantized from their own "
+                         "values); leave it None")
     if self.grad is not None and (act is None or self.weight is None):
       raise ValueError(f"Rule({self.pattern!r}): grad= (quantized backward) needs both "
                        "weight= and act= specs")

@@ -2,7 +2,8 @@
 
 `quantize_model(model, rules)` returns an instance of a subclass of the model's own class
 whose public methods run under `flax.linen.intercept_methods`. The interceptor sees every
-`nn.Dense`, `nn.DenseGeneral`, `nn.Conv` and `nn.Einsum` call, matches the layer's
+`nn.Dense`, `nn.DenseGeneral`, `nn.Conv` and `nn.Einsum` call (and `nn.Embed`'s
+`__call__` / `attend`: its table is quantized per row, see `_EmbedCall`), matches the layer's
 '/'-joined path against the rules (first full match wins) and runs a copy of the layer,
 bound to the layer's own scope, whose `dot_general` / `conv_general_dilated` argument is
 jaxquant's contraction (`nn.Einsum`, which takes none, runs its two-line computation
@@ -45,9 +46,10 @@ from jaxquant import layout
 from jaxquant import nnx_transform
 from jaxquant import numerics
 from jaxquant import observers as obs
+from jaxquant import fake_quant as fake_quant_lib
 from jaxquant.fake_quant import OperandState
-from jaxquant.qtensor import QTensor
-from jaxquant.spec import Rule
+from jaxquant.qtensor import QTensor, unpack
+from jaxquant.spec import DotSpec, Rule
 
 QUANTIZABLE = (nn.Dense, nn.DenseGeneral, nn.Conv, nn.Einsum)
 DEFAULT_OBSERVERS = (("ema", obs.ema_range()),)
@@ -55,9 +57,12 @@ DEFAULT_OBSERVERS = (("ema", obs.ema_range()),)
 
 @dataclasses.dataclass(frozen=True)
 class QuantConfig:
-  """What a quantized model class carries: its rules and the observers it runs."""
+  """What a quantized model class carries: its rules, the observers it runs and, for one
+  calibration step, the token mask its observers apply (`jq.calibrate(masks=...)`)."""
   rules: Tuple[Rule, ...]
   observers: Tuple[Tuple[str, obs.ObserverFactory], ...] = DEFAULT_OBSERVERS
+  mask: Any = dataclasses.field(default=None, compare=False)
+  float_forward: bool = False  # calibration: observers see the float model's activations
 
   def match(self, path: str) -> Optional[int]:
     """Index of the first rule matching `path`, or None."""
@@ -175,9 +180,14 @@ def float_class(model):
   return cls.__mro__[1] if getattr(cls, "_jq_config", None) is not None else cls
 
 
-def with_observers(qmodel, observers) -> nn.Module:
-  """The same quantized model running other observers (e.g. calibration statistics)."""
-  config = dataclasses.replace(config_of(qmodel), observers=tuple(observers))
+def with_observers(qmodel, observers, mask=None, float_forward: bool = False) -> nn.Module:
+  """The same quantized model running other observers (e.g. calibration statistics),
+  optionally with a token `mask` (1 = a real row) that every observer applies: its
+  shape must be the leading axes of each quantized layer's input rows (see
+  `jq.calibrate`). Build it where the mask lives (inside the jitted step). With
+  `float_forward` every matched layer computes in float (its observers still run)."""
+  config = dataclasses.replace(config_of(qmodel), observers=tuple(observers), mask=mask,
+                               float_forward=bool(float_forward))
   return _make_view(qmodel, config)
 
 
@@ -193,6 +203,14 @@ class _Interceptor:
 
   def __call__(self, next_fun, args, kwargs, context):
     module = context.module
+    if isinstance(module, nn.Embed) and context.method_name in _EmbedCall.METHODS:
+      path = "/".join(module.path)
+      idx = self.config.match(path)
+      self.seen[path] = idx
+      if idx is None:
+        return next_fun(*args, **kwargs)
+      call = _EmbedCall(module, path, self.config.rules[idx], self.config)
+      return getattr(call, _EmbedCall.METHODS[context.method_name])(next_fun, *args, **kwargs)
     if (context.method_name != "__call__" or not isinstance(module, QUANTIZABLE)
         or _Contraction.carried_by(module)):
       return next_fun(*args, **kwargs)
@@ -244,12 +262,35 @@ def _reading_stored_kernels(cls):
   return _READING_STORED[cls]
 
 
+class _Ref:
+  """A variable that already exists, read and written through the module (works in
+  methods that are neither `setup` nor `@compact`, e.g. `nn.Embed.attend`)."""
+
+  def __init__(self, module, col: str, name: str):
+    self.module, self.col, self.name = module, col, name
+
+  @property
+  def value(self):
+    return self.module.get_variable(self.col, self.name)
+
+  @value.setter
+  def value(self, v):
+    self.module.put_variable(self.col, self.name, v)
+
+
+def _variable(module, col: str, name: str, init):
+  """`module.variable(col, name, init)`, or the existing variable as a `_Ref`."""
+  if module.has_variable(col, name):
+    return _Ref(module, col, name)
+  return module.variable(col, name, init)
+
+
 class _LayerCall:
   """One call of one matched layer: its quantization state, then its computation."""
 
   def __init__(self, module, path: str, rule: Rule, config: QuantConfig):
     self.module, self.path, self.rule, self.config = module, path, rule, config
-    self.spec = rule.dot_spec()
+    self.spec = DotSpec() if config.float_forward else rule.dot_spec()
 
   def run(self, args, kwargs):
     m = self.module
@@ -282,20 +323,45 @@ class _LayerCall:
     m = self.module
     return m.is_mutable_collection("quant_stats") or m.is_initializing()
 
-  def lhs_state(self, x, x_BMK) -> OperandState:
-    """The activation's learned quantity and static range; runs the observers."""
+  def row_mask(self, rows_shape, x_BMK):
+    """The config's token mask as [1, M] over this layer's input rows, or None.
+
+    `rows_shape` is the shape of the input's row axes (its free axes, in order, that M
+    flattens); the mask must equal their leading axes and is broadcast over the rest."""
+    mask = self.config.mask
+    if mask is None:
+      return None
+    mask = jnp.asarray(mask)
+    rows_shape = tuple(rows_shape)
+    if x_BMK.shape[0] != 1 or mask.shape != rows_shape[:mask.ndim]:
+      raise ValueError(f"calibrate: a mask of shape {tuple(mask.shape)} does not match layer "
+                       f"{self.path!r}, whose input rows have shape {rows_shape}"
+                       + (" and batch axes shared with its weight" if x_BMK.shape[0] != 1
+                          else "") + "; the mask must be the leading axes of every "
+                       "quantized layer's input (e.g. [batch, tokens])")
+    keep = mask.astype(bool).reshape(mask.shape + (1,) * (len(rows_shape) - mask.ndim))
+    return jnp.broadcast_to(keep, rows_shape).reshape(1, -1)
+
+  def lhs_state(self, x, x_BMK, rows_shape=None) -> OperandState:
+    """The activation's learned quantity and static range; runs the observers (with the
+    config's token mask over `rows_shape`, when calibration gave one)."""
     m, act = self.module, self.rule.act
     if self._tracking():
       updating = not m.is_initializing()
+      mask_BM = None
+      if updating and self.config.mask is not None:
+        mask_BM = self.row_mask(x_BMK.shape[:-1] if rows_shape is None else rows_shape, x_BMK)
       for name, factory in self.config.observers:
         observer = factory(self.rule)
         if observer is None:
           continue
         state = observer.init(x_BMK)
-        refs = {k: m.variable("quant_stats", f"{name}_{k}", lambda v=v: v)
+        refs = {k: _variable(m, "quant_stats", f"{name}_{k}", lambda v=v: v)
                 for k, v in state.items()}
         if updating:
-          new = observer.update({k: r.value for k, r in refs.items()}, x_BMK)
+          old = {k: r.value for k, r in refs.items()}
+          new = (observer.update(old, x_BMK) if mask_BM is None
+                 else observer.update(old, x_BMK, mask_BM))
           for k, r in refs.items():
             r.value = new[k]
     if act is None:
@@ -305,11 +371,16 @@ class _LayerCall:
     if act.learned:
       init = lambda: numerics.init_learned(jax.lax.stop_gradient(x), act,
                                          tuple(range(x.ndim))).reshape(shape)
-      learned = m.variable("quant", f"act_{act.learned}", init).value.reshape(shape)
+      learned = _variable(m, "quant", f"act_{act.learned}", init).value.reshape(shape)
     static = None
-    if m.has_variable("quant_stats", "act_hi"):
+    if m.has_variable("quant_stats", "act_hi") and act.static is not False:
       static = (m.get_variable("quant_stats", "act_lo").reshape(shape),
                 m.get_variable("quant_stats", "act_hi").reshape(shape))
+    elif act.static and not self._tracking():
+      raise ValueError(f"layer {self.path!r}: act spec has static=True but no calibrated "
+                       "range in 'quant_stats' (act_lo / act_hi): run jq.calibrate(qmodel, "
+                       "variables, batches) first (while 'quant_stats' is mutable, in "
+                       "training or calibration, the batch's own range is used)")
     return OperandState(learned=learned, range=static)
 
   def rhs_state(self, kernel, w_layout: layout.WeightLayout) -> OperandState:
@@ -324,11 +395,11 @@ class _LayerCall:
       axes = np.zeros(w_layout.ndim, np.int32)
       axes[list(w_layout.contracting)] = np.arange(1, len(w_layout.contracting) + 1)
       axes[list(w_layout.batch)] = -np.arange(1, len(w_layout.batch) + 1)
-      m.variable("quant_stats", "kernel_axes", lambda: jnp.asarray(axes))
+      _variable(m, "quant_stats", "kernel_axes", lambda: jnp.asarray(axes))
     if w is None or not w.learned or isinstance(kernel, QTensor):
       return OperandState()
     init = lambda: layout.init_learned(jax.lax.stop_gradient(kernel), w, w_layout)
-    return OperandState(learned=m.variable("quant", f"weight_{w.learned}", init).value)
+    return OperandState(learned=_variable(m, "quant", f"weight_{w.learned}", init).value)
 
   # -- nn.Einsum ----------------------------------------------------------------------------
   def einsum_call(self, inputs, einsum_str=None):
@@ -372,8 +443,11 @@ class _LayerCall:
     """lhs_state / rhs_state of a dot_general call."""
     (lc, rc), (lb, rb) = dimension_numbers
     w_layout = layout.make_layout(len(rhs.shape), rc, rb)
+    used = {int(a) % lhs.ndim for a in tuple(lc) + tuple(lb)}
+    rows_shape = tuple(d for a, d in enumerate(lhs.shape) if a not in used)
     return {"rhs_state": self.rhs_state(rhs, w_layout),
-            "lhs_state": self.lhs_state(lhs, layout.canonical_lhs(lhs, dimension_numbers))}
+            "lhs_state": self.lhs_state(lhs, layout.canonical_lhs(lhs, dimension_numbers),
+                                        rows_shape)}
 
 
 class _Contraction:
@@ -405,11 +479,120 @@ class _Contraction:
     w_layout = qconv.kernel_layout(len(rhs.shape), dn)
     rhs_state = c.rhs_state(rhs, w_layout)
     channels_last = jnp.moveaxis(lhs, dn.lhs_spec[1], -1)
-    lhs_state = c.lhs_state(lhs, channels_last.reshape(1, -1, channels_last.shape[-1]))
+    lhs_state = c.lhs_state(lhs, channels_last.reshape(1, -1, channels_last.shape[-1]),
+                            channels_last.shape[:-1])
     return qconv.conv_general_dilated(
         lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
         feature_group_count, batch_group_count, precision, preferred_element_type,
         spec=c.spec, key=c.key(), lhs_state=lhs_state, rhs_state=rhs_state)
+
+
+EMBED_LAYOUT = layout.make_layout(2, (1,))  # table [V, D]: D contracted, one scale per row
+
+
+class _EmbedCall(_LayerCall):
+  """One call of a matched `nn.Embed`: its table [V, D] is a weight whose contracted
+  axis is D (as in `attend`, query · tableᵀ), so per-channel scales are per vocabulary
+  row and groups run along D. `__call__` gathers rows of the (fake-)quantized table, or
+  of a stored `QTensor` (only the gathered rows are unpacked and dequantized);
+  `attend` is a contraction through `jq.dot_general` (the rule's act spec quantizes the
+  query: the real s8 dot with per-row = per-output-channel weight scales)."""
+
+  METHODS = {"setup": "setup", "__call__": "gather", "attend": "attend"}
+
+  def __init__(self, module, path: str, rule: Rule, config: QuantConfig):
+    super().__init__(module, path, rule, config)
+    if rule.ptq is not None:
+      raise ValueError(f"layer {path!r} is an nn.Embed: ptq={rule.ptq.method!r} is not "
+                       "supported for embedding tables (round-to-nearest per row only)")
+    if rule.act is not None and rule.act.learned:
+      raise ValueError(f"layer {path!r} is an nn.Embed: act.ste={rule.act.ste!r} (a learned "
+                       "activation scale for attend's query) is not supported")
+
+  def setup(self, next_fun, *args, **kwargs):
+    """The table, then (nn.Embed is a `setup` module: variables are made only here) the
+    quantization state: the recorded layout, a learned weight scale, and the observers'
+    states of attend's query. A stored QTensor table is used as it is (Flax's `param`
+    would check its packed bytes' shape against the float table's)."""
+    m = self.module
+    stored = m.get_variable("params", "embedding") if m.has_variable("params", "embedding") \
+        else None
+    if isinstance(stored, QTensor):
+      m.embedding = stored
+    else:
+      next_fun(*args, **kwargs)
+    if self._tracking():
+      self.rhs_state(m.embedding, EMBED_LAYOUT)
+      probe = jnp.zeros((1, 1, m.features), jnp.float32)  # observers' states: shapes only
+      for name, factory in self.config.observers:
+        observer = factory(self.rule)
+        if observer is not None:
+          for k, v in observer.init(probe).items():
+            _variable(m, "quant_stats", f"{name}_{k}", lambda v=v: v)
+    return None
+
+  def _table_state(self):
+    table = self.module.embedding
+    return table, self.rhs_state(table, EMBED_LAYOUT)
+
+  def gather(self, next_fun, ids):
+    """Rows `ids` of the quantized table (Embed.__call__)."""
+    m, w = self.module, self.rule.weight
+    if not jnp.issubdtype(jnp.asarray(ids).dtype, jnp.integer):
+      raise ValueError(f"layer {self.path!r}: Embed input must be an integer array")
+    if w is None or self.config.float_forward:  # act-only rule: it quantizes attend's query
+      return next_fun(ids)
+    table, rhs_state = self._table_state()
+    if isinstance(table, QTensor):
+      return gather_rows(table, ids, m.dtype or jnp.float32)
+    (table,) = m.promote_dtype(table, dtype=m.dtype, inexact=False)
+    return jnp.take(fake_quant_table(table, w, key=self.key(), learned=rhs_state.learned),
+                    ids, axis=0)
+
+  def attend(self, next_fun, query):
+    """query · tableᵀ through `jq.dot_general` (Embed.attend)."""
+    del next_fun
+    m = self.module
+    table = m.embedding
+    if isinstance(table, QTensor):
+      (query,) = m.promote_dtype(query, dtype=m.dtype)
+    else:
+      query, table = m.promote_dtype(query, table, dtype=m.dtype)
+    dims = (((query.ndim - 1,), (1,)), ((), ()))
+    return qdot.dot_general(query, table, dims, self.spec, key=self.key(),
+                            **self.states(query, table, dims))
+
+
+def fake_quant_table(table, spec, *, key=None, learned=None):
+  """The table [V, D] quantized per row (groups along D) and dequantized, with the
+  spec's gradient rule: the codes and scales `jq.quantize_weight(table, spec,
+  EMBED_LAYOUT)` stores, so a gather of it equals `gather_rows` of the stored table."""
+  w_BKN = layout.canonical(table, EMBED_LAYOUT)
+  learned_BGN = layout.canonical_scale(learned, EMBED_LAYOUT)
+  deq = fake_quant_lib.fake_quant(w_BKN, spec, reduce_axes=(1,), key=key, learned=learned_BGN)
+  return jnp.transpose(deq[0], (1, 0))
+
+
+def gather_rows(q: QTensor, ids, dtype=jnp.float32):
+  """Dequantized rows `ids` of a stored table QTensor [V, D]: only those rows' codes
+  are unpacked (packed rows are whole bytes when D · bits is a multiple of 8) and
+  dequantized, with their own scales."""
+  v, d = q.shape
+  ids = jnp.asarray(ids)
+  if q.packed and (d * q.spec.storage_bits) % 8 == 0:
+    bits = q.spec.storage_bits
+    rows = jnp.take(q.values.reshape(v, d * bits // 8), ids, axis=0)
+    codes = unpack(rows.reshape(-1), bits, ids.shape + (d,))
+  else:
+    codes = jnp.take(q.unpacked().values, ids, axis=0)
+
+  def rows_of(t):
+    if t is None:
+      return None
+    if t.shape[0] == 1:  # one scale for the whole table
+      return t.reshape((1,) * ids.ndim + t.shape[1:])
+    return jnp.take(t, ids, axis=0)
+  return QTensor(codes, rows_of(q.scale), rows_of(q.zero_point)).dequantize(dtype)
 
 
 def layout_from_axes(kernel_axes) -> layout.WeightLayout:

@@ -19,7 +19,11 @@ def np_quant(x, spec, reduce_axes):
     alpha = np.mean(np.abs(xb), axis=red, keepdims=True)
     return (np.where(xb < 0, -1.0, 1.0) * alpha).astype(np.float32).reshape(restore)
   b = spec.bits
-  if spec.symmetric:
+  if spec.symmetric and getattr(spec, "full_range", False):
+    qmin, qmax = -(2 ** (b - 1)), 2 ** (b - 1) - 1  # every code, absmax at qmax + 1/2
+    s = np.max(np.abs(xb), axis=red, keepdims=True) / np.float32(qmax + 0.5)
+    zp = np.zeros_like(s)
+  elif spec.symmetric:
     qmin, qmax = -(2 ** (b - 1) - 1), 2 ** (b - 1) - 1
     s = np.max(np.abs(xb), axis=red, keepdims=True) / np.float32(qmax)
     zp = np.zeros_like(s)

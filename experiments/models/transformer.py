@@ -10,6 +10,8 @@ them; the attention products themselves are `jnp.einsum` calls inside `SelfAtten
 
 from __future__ import annotations
 
+from typing import Optional
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -32,8 +34,9 @@ class SelfAttention(nn.Module):
     causal: bool
 
     @nn.compact
-    def __call__(self, x_BxTxD: jax.Array) -> jax.Array:
-        """Maps `[B, T, D]` to `[B, T, D]`."""
+    def __call__(self, x_BxTxD: jax.Array, mask_BxT: Optional[jax.Array] = None) -> jax.Array:
+        """Maps `[B, T, D]` to `[B, T, D]`; `mask_BxT` (optional, 1 = a real token) is a
+        key padding mask: padded positions get no attention weight."""
         d_model = x_BxTxD.shape[-1]
         if d_model % self.num_heads:
             raise ValueError(f"num_heads={self.num_heads} must divide d_model={d_model}")
@@ -47,15 +50,16 @@ class SelfAttention(nn.Module):
         scores_BxHxTxS = jnp.einsum("bthk,bshk->bhts", q_BxTxHxK, k_BxTxHxK)
         # Softmax in float32 even if activations are lower precision.
         scores_BxHxTxS = scores_BxHxTxS.astype(jnp.float32)
+        allowed = None
         if self.causal:
             seq_len = x_BxTxD.shape[1]
-            allowed_TxS = jnp.tril(jnp.ones((seq_len, seq_len), dtype=bool))
-            # Finite fill (not -inf) so a fully masked row could never produce NaN.
-            scores_BxHxTxS = jnp.where(
-                allowed_TxS[None, None, :, :],
-                scores_BxHxTxS,
-                jnp.finfo(jnp.float32).min,
-            )
+            allowed = jnp.tril(jnp.ones((seq_len, seq_len), dtype=bool))[None, None, :, :]
+        if mask_BxT is not None:
+            keep_Bx1x1xS = (mask_BxT > 0)[:, None, None, :]
+            allowed = keep_Bx1x1xS if allowed is None else allowed & keep_Bx1x1xS
+        if allowed is not None:
+            # Finite fill (not -inf): a fully masked row gives uniform weights, not NaN.
+            scores_BxHxTxS = jnp.where(allowed, scores_BxHxTxS, jnp.finfo(jnp.float32).min)
         probs_BxHxTxS = jax.nn.softmax(scores_BxHxTxS, axis=-1).astype(v_BxTxHxK.dtype)
         ctx_BxTxHxK = jnp.einsum("bhts,bshk->bthk", probs_BxHxTxS, v_BxTxHxK)
         return nn.DenseGeneral(d_model, axis=(-2, -1), name="out")(ctx_BxTxHxK)

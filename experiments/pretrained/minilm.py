@@ -8,9 +8,9 @@ Reimers & Gurevych 2019) is a 6-layer, 384-wide, 12-head BERT (Devlin et al. 201
   h'  = LN_2(a + fc2(gelu_erf(fc1(a))))
   e   = normalize(Σ_t m_t h_L[t] / Σ_t m_t)                      mean pooling, L2 norm
 
-It extends `experiments.models.transformer` the way a user would: the attention subclasses
-its `SelfAttention` (adding the padding mask BERT needs) and the MLP its `FeedForward`
-(exact erf GELU, as the checkpoint was trained with), so module paths are the same
+It extends `experiments.models.transformer` the way a user would: the attention is its
+`SelfAttention` (with the padding mask BERT needs) and the MLP subclasses its
+`FeedForward` (exact erf GELU, as the checkpoint was trained with), so module paths are the same
 (`block_{i}/attn/{query,key,value,out}`, `block_{i}/mlp/{fc1,fc2}`) and the same
 `jq.Rule` patterns quantize either model. Its own blocks are post-norm (the toy BERT
 there is pre-norm). Every weight lives in a plain `nn.Dense` / `nn.DenseGeneral` /
@@ -92,34 +92,6 @@ class MiniLMConfig:
                max_seq_length=int(max_seq))
 
 
-class MaskedSelfAttention(SelfAttention):
-  """`SelfAttention` with a key padding mask: padded positions get no attention weight.
-
-  Same module paths as the parent (`query`, `key`, `value`: D -> [H, Dh]; `out`).
-  """
-
-  @nn.compact
-  def __call__(self, x_BxTxD: jax.Array, mask_BxT: Optional[jax.Array] = None) -> jax.Array:
-    """Maps `[B, T, D]` (and a `[B, T]` 0/1 mask of real tokens) to `[B, T, D]`."""
-    d_model = x_BxTxD.shape[-1]
-    if d_model % self.num_heads:
-      raise ValueError(f"num_heads={self.num_heads} must divide d_model={d_model}")
-    head_dim = d_model // self.num_heads
-    heads = (self.num_heads, head_dim)
-    q_BxTxHxK = nn.DenseGeneral(heads, name="query")(x_BxTxD)
-    k_BxTxHxK = nn.DenseGeneral(heads, name="key")(x_BxTxD)
-    v_BxTxHxK = nn.DenseGeneral(heads, name="value")(x_BxTxD)
-    q_BxTxHxK = q_BxTxHxK / jnp.sqrt(jnp.asarray(head_dim, q_BxTxHxK.dtype))
-    scores_BxHxTxS = jnp.einsum("bthk,bshk->bhts", q_BxTxHxK, k_BxTxHxK).astype(jnp.float32)
-    if mask_BxT is not None:
-      keep_Bx1x1xS = (mask_BxT > 0)[:, None, None, :]
-      # Finite fill, as the parent does: a row of all padding gives uniform weights, not NaN.
-      scores_BxHxTxS = jnp.where(keep_Bx1x1xS, scores_BxHxTxS, jnp.finfo(jnp.float32).min)
-    probs_BxHxTxS = jax.nn.softmax(scores_BxHxTxS, axis=-1).astype(v_BxTxHxK.dtype)
-    ctx_BxTxHxK = jnp.einsum("bhts,bshk->bthk", probs_BxHxTxS, v_BxTxHxK)
-    return nn.DenseGeneral(d_model, axis=(-2, -1), name="out")(ctx_BxTxHxK)
-
-
 class ErfFeedForward(FeedForward):
   """`FeedForward` with an explicit hidden width and the exact (erf) GELU of BERT.
 
@@ -145,7 +117,7 @@ class PostNormBlock(nn.Module):
 
   @nn.compact
   def __call__(self, x_BxTxD: jax.Array, mask_BxT: jax.Array) -> jax.Array:
-    a = MaskedSelfAttention(self.num_heads, causal=False, name="attn")(x_BxTxD, mask_BxT)
+    a = SelfAttention(self.num_heads, causal=False, name="attn")(x_BxTxD, mask_BxT)
     a_BxTxD = nn.LayerNorm(epsilon=self.eps, name="ln_1")(x_BxTxD + a)
     m = ErfFeedForward(hidden=self.intermediate_size, name="mlp")(a_BxTxD)
     return nn.LayerNorm(epsilon=self.eps, name="ln_2")(a_BxTxD + m)

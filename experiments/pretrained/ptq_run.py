@@ -1,5 +1,5 @@
-"""PTQ of a pretrained encoder from a recipe: the pieces `experiments.ptq` (one run)
-and `experiments.embed` (embeddings of a file) share."""
+"""PTQ of a pretrained encoder from a recipe: the pieces `experiments.ptq` (one run),
+`experiments.embed` (embeddings of a file) and `experiments.minilm_study` share."""
 from __future__ import annotations
 
 import importlib.util
@@ -17,16 +17,30 @@ def recipe_rules(config_path: str, config):
   return module.rules(config)
 
 
+def quantize(model, params, tok, rules, calib_sentences, *, batch_size=64, mask_padding=True,
+             calib_forward="quantized", progress=True):
+  """(serving model, serving variables) of `model` under `rules`, calibrated on
+  `calib_sentences` (padding tokens masked out of the statistics unless
+  `mask_padding` is False; `calib_forward` is `jq.calibrate`'s `forward`)."""
+  if not rules:
+    return model, {"params": params}
+  qmodel = jq.quantize_model(model, rules)
+  batches = [(ids, mask) for _, ids, mask in tokenizer.batches(tok, calib_sentences, batch_size)]
+  if progress:
+    print(f"calibrating on {len(calib_sentences)} sentences ({len(batches)} batches)...",
+          flush=True)
+  masks = [mask for _, mask in batches] if mask_padding else None
+  variables = jq.calibrate(qmodel, {"params": params}, batches, masks=masks,
+                           forward=calib_forward)
+  return jq.convert(qmodel, variables, *batches[0])
+
+
 def quantized_encoder(config, rules, *, progress=True):
   """(model, params, tokenizer, serving model, serving variables) for one variant."""
   model, params, tok = minilm.load(config.model_dir or None)
-  if not rules:
-    return model, params, tok, model, {"params": params}
-  qmodel = jq.quantize_model(model, rules)
-  calib = sentences.calibration(config.n_calib)
-  batches = [(ids, mask) for _, ids, mask in tokenizer.batches(tok, calib, config.batch_size)]
-  if progress:
-    print(f"calibrating on {len(calib)} sentences ({len(batches)} batches)...", flush=True)
-  variables = jq.calibrate(qmodel, {"params": params}, batches)  # per-token: stays dynamic
-  smodel, svars = jq.convert(qmodel, variables, *batches[0])
+  smodel, svars = quantize(model, params, tok, rules, sentences.calibration(config.n_calib),
+                           batch_size=config.batch_size,
+                           mask_padding=config.get("mask_padding", True),
+                           calib_forward=config.get("calib_forward", "quantized"),
+                           progress=progress)
   return model, params, tok, smodel, svars

@@ -205,3 +205,15 @@ def test_get_model_errors():
     with pytest.raises(TypeError, match="vocab_size"):
         get_model("gpt", num_classes=256, vocab_size=128)  # gpt's vocab is num_classes
     assert "d_model" in model_fields("bert") and "num_classes" in model_fields("gpt")
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_attention_padding_mask_equals_the_unpadded_sequence(causal):
+    attn = SelfAttention(num_heads=2, causal=causal)
+    x = jnp.asarray(np.random.default_rng(3).normal(size=(1, 6, 8)), jnp.float32)
+    params = jax.tree_util.tree_map_with_path(
+        _fill, jax.eval_shape(attn.init, jax.random.key(2), x)
+    )
+    mask = jnp.asarray([[1, 1, 1, 1, 0, 0]])
+    padded = attn.apply(params, x.at[:, 4:].set(100.0), mask)  # padding content is ignored
+    np.testing.assert_allclose(padded[:, :4], attn.apply(params, x[:, :4]), rtol=1e-5, atol=1e-6)

@@ -22,7 +22,11 @@ CASES = {
     "awq": [jq.Rule(LAYERS, weight=G8, ptq=jq.PTQ(method="awq", grid=4))],
     "smoothquant": [jq.Rule(LAYERS, weight=minilm_ptq.W8, act=minilm_ptq.A8_STATIC,
                             ptq=jq.PTQ(method="smoothquant", alpha=0.8))],
-    "w8a8_token": minilm_ptq.VARIANTS["w8a8"],
+    "w8a8_token": [jq.Rule(LAYERS, weight=minilm_ptq.W8, act=minilm_ptq.A8_TOKEN)],
+    "w8_embed8": minilm_ptq.VARIANTS["w8"],
+    "w4_full_range_gptq": [jq.Rule(
+        LAYERS, weight=jq.QuantSpec(bits=4, granularity="group", group_size=8,
+                                    full_range=True), ptq=jq.PTQ(method="gptq"))],
 }
 
 
@@ -45,7 +49,9 @@ def test_every_algorithm_runs_on_a_bert_and_stays_close_to_float(tiny_dir, case)
   model, params, tok, smodel, svars = quantized_encoder(config, CASES[case], progress=False)
   kernels = [v for v in __import__("jax").tree.leaves(
       svars["params"], is_leaf=lambda x: isinstance(x, jq.QTensor)) if isinstance(v, jq.QTensor)]
-  assert len(kernels) == 6 * 2  # q, k, v, out, fc1, fc2 in each of the 2 blocks
+  embed = case == "w8_embed8"  # the word embedding too, per-row int8
+  assert len(kernels) == 6 * 2 + embed  # q, k, v, out, fc1, fc2 in each of the 2 blocks
+  assert isinstance(svars["params"]["token_embed"]["embedding"], jq.QTensor) == embed
   evaluation = sentences.evaluation(config.n_eval)
   e_f = tokenizer.embed(model.apply, {"params": params}, tok, evaluation, config.batch_size)
   e_q = tokenizer.embed(smodel.apply, svars, tok, evaluation, config.batch_size)
