@@ -373,17 +373,16 @@ def _serving_dot(lhs, q_rhs: QTensor, dimension_numbers, spec, key, preferred_el
   return out.reshape(c.out_shape).astype(out_dtype)
 
 
-SMALL_BATCH = 8  # rows at or below which a weight-only [N, K] weight runs as multiply+reduce
 
 
 def _weight_only_dot(l3, q_stored: QTensor, q_r: QTensor, w_layout: layout.WeightLayout):
   """Float activations [1, M, K] times a stored integer weight (weight-only serving),
   without materializing the dequantized weight where that can be avoided:
 
-  * a 2-D weight stored as [N, K] (its contracted axis minor), M ≤ SMALL_BATCH, one scale
-    per column: out[m, n] = s_n · Σ_k x[m, k]·(c[n, k] − z_n), a fused multiply+reduce
-    over the stored int8 codes (one pass over 1 byte per weight; a dot would first write
-    the converted [K, N] float32 weight, 4 bytes per weight, and read it again);
+  * a 2-D weight stored as [N, K] (its contracted axis minor), one row (decode at batch
+    1), one scale per column: out[n] = s_n · Σ_k x[k]·(c[n, k] − z_n), a fused
+    multiply+reduce over the stored int8 codes (one pass over 1 byte per weight; a dot
+    would first write the converted float32 weight, 4 bytes per weight, and read it);
   * otherwise per-column (or per-tensor) scales are folded into the output of a plain
     2-D dot of the codes, (x · (c − z)) · s, which skips the dequantizing multiply over
     the [K, N] weight; grouped scales dequantize the weight first.
@@ -394,15 +393,15 @@ def _weight_only_dot(l3, q_stored: QTensor, q_r: QTensor, w_layout: layout.Weigh
   M = x.shape[0]
   grouped = q_r.scale.shape[1] > 1
   if (not grouped and w_layout.ndim == 2 and w_layout.contracting == (1,)
-      and isinstance(M, int) and M <= SMALL_BATCH):
+      and isinstance(M, int) and M == 1):
     q = q_stored.unpacked()
     codes = q.values.astype(jnp.float32)  # [N, K]
     if q.zero_point is not None:
       codes = codes - q.zero_point.astype(jnp.float32)  # [N|1, 1]
-    if M == 1:
-      acc = jnp.sum(codes * x[0][None, :], axis=1)[None]
-    else:
-      acc = jnp.sum(x[:, None, :] * codes[None], axis=2)
+    # [N, K] (not [1, N, K], which XLA:CPU runs on a slow path). With more rows the
+    # [M, N, K] product measured 15-25x slower than float inside a multi-layer model
+    # (XLA:CPU fuses the layers' reductions together), so those rows take the dot below.
+    acc = jnp.sum(codes * x[0][None, :], axis=1)[None]
     return (acc * q.scale.reshape(1, -1))[None]
   if grouped:
     return (x @ q_r.dequantize(jnp.float32)[0])[None]

@@ -504,11 +504,11 @@ def test_weight_only_serving_equals_dequantized_dot(stored, spec, rows):
 
 
 def test_weight_only_small_batch_nk_weight_runs_without_a_dot():
-  """[N, K]-stored weight, ≤ SMALL_BATCH rows: a multiply+reduce over the int8 codes (no
-  dot of a materialized float weight); a [K, N] weight folds the scale after the dot."""
+  """[N, K]-stored weight, one row: a multiply+reduce over the int8 codes (no dot of a
+  materialized float weight); a [K, N] weight folds the scale after the dot."""
   from tests.test_dot_general import iter_eqns  # pylint: disable=import-outside-toplevel
   K, N = 64, 24
-  x = jnp.asarray(rng_x((4, K), 33))
+  x = jnp.asarray(rng_x((1, K), 33))
   q_nk = jq.quantize_weight(rng_x((N, K), 34), QS(), jq.make_layout(2, (1,)))
   q_kn = jq.quantize_weight(rng_x((K, N), 34), QS(), jq.make_layout(2, (0,)))
   prims = lambda q, dims: [e.primitive.name for e in iter_eqns(
