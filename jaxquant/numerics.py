@@ -180,16 +180,44 @@ def scale_zero_point(lo, hi, spec: QuantSpec):
 
 def round_values(y, spec: QuantSpec, key: Optional[jax.Array]):
   """Round-to-nearest (half to even) or unbiased stochastic rounding floor(y + u),
-  u ~ U(0, 1) on a 2^16-point grid."""
+  u ~ U(0, 1) on a 2^16-point grid (see `uniform16`)."""
   if spec.rounding == "stochastic":
     if key is None:
       raise ValueError("rounding='stochastic' needs a PRNG key: pass key=jax.random.key(...)")
-    # 16 random bits per element instead of a float32 uniform: half the PRNG work (the
-    # dominant cost of a quantized backward pass on CPU); bias ≤ 2^-17 of a step, below
-    # float32 rounding of y itself for |y| ≥ 2.
-    u = (jax.random.bits(key, y.shape, jnp.uint16).astype(jnp.float32) + 0.5) * (1.0 / 65536)
+    u = (uniform16(key, y.shape).astype(jnp.float32) + 0.5) * (1.0 / 65536)
     return jnp.floor(y + u)
   return jnp.round(y)
+
+
+def _fmix32(h):
+  """MurmurHash3's 32-bit finalizer: a bijection of uint32 with full avalanche."""
+  h = h ^ (h >> 16)
+  h = h * jnp.uint32(0x85EBCA6B)
+  h = h ^ (h >> 13)
+  h = h * jnp.uint32(0xC2B2AE35)
+  return h ^ (h >> 16)
+
+
+def uniform16(key, shape) -> jax.Array:
+  """16 random bits (uint16) per element, for stochastic rounding.
+
+  Two 32-bit seeds come from `key` (jax's threefry, 2 words); each element's bits are a
+  counter-based hash of its linear index, fmix32(fmix32(i ^ s0) + s1), top 16 bits.
+  Elementwise, so XLA fuses it into the quantizer: threefry for every element was the
+  largest cost of a quantized backward pass on CPU (two [M, N] gradients per layer),
+  and stochastic rounding needs only uniform, independent-looking bits, not a
+  cryptographic stream. Deterministic in `key`. Falls back to `jax.random.bits` for a
+  symbolic shape or ≥ 2^32 elements.
+  """
+  size = None
+  if all(isinstance(d, (int, np.integer)) for d in shape):
+    size = int(np.prod(shape))
+  if size is None or size >= 2 ** 32:
+    return jax.random.bits(key, tuple(shape), jnp.uint16)
+  s = jax.random.bits(key, (2,), jnp.uint32)
+  i = jax.lax.iota(jnp.uint32, size).reshape(shape)
+  h = _fmix32(_fmix32(i ^ s[0]) + s[1])
+  return (h >> 16).astype(jnp.uint16)
 
 
 def encode_int(x32, scale, zp, spec, key):
