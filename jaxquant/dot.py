@@ -158,11 +158,16 @@ def _keep_nan(out, lhs, rhs):
   """NaN where a float dot would give NaN from a NaN operand: integer codes have no NaN
   (numerics' rule), so rows (lhs [B,M,K]) / columns (rhs [B,K,N]) holding one are put
   back to NaN in the int path's output [B,M,N]."""
+  # max propagates NaN, so isnan(max) marks a row / column holding one: a reduction
+  # straight over the operand (XLA:CPU materializes a [.., K, ..] mask for any(isnan)),
+  # the same one as absmax calibration's, which XLA then computes once.
   bad = None
   if lhs is not None and jnp.issubdtype(lhs.dtype, jnp.floating):
-    bad = jnp.any(jnp.isnan(lhs), axis=2, keepdims=True)
+    bad = jnp.isnan(jnp.max(lhs.astype(jnp.float32), axis=2, keepdims=True,
+                            initial=-jnp.inf))
   if rhs is not None and jnp.issubdtype(rhs.dtype, jnp.floating):
-    col = jnp.any(jnp.isnan(rhs), axis=1, keepdims=True)
+    col = jnp.isnan(jnp.max(rhs.astype(jnp.float32), axis=1, keepdims=True,
+                            initial=-jnp.inf))
     bad = col if bad is None else bad | col
   return out if bad is None else jnp.where(bad, jnp.nan, out)
 

@@ -122,15 +122,37 @@ def _safe_scale(s):
   return s.astype(jnp.float32)
 
 
+def _finite_min_max(x32, axes):
+  """(min, max) over `axes` of the finite entries (+inf, -inf where there are none).
+
+  Fast path: the plain min / max of x, two reductions straight over x (XLA:CPU would
+  first write out a masked copy of x for the masked reductions; on a weight that is a
+  full extra pass). Where every result is finite the slice holds no NaN / Inf (XLA's
+  min / max propagate NaN, and an Inf would be the result), so they are the finite
+  min / max exactly; otherwise the masked reductions run instead (`lax.cond`)."""
+  lo = jnp.min(x32, axis=axes, initial=jnp.inf)
+  hi = jnp.max(x32, axis=axes, initial=-jnp.inf)
+
+  def masked():
+    finite = jnp.isfinite(x32)
+    return (jnp.min(jnp.where(finite, x32, jnp.inf), axis=axes, initial=jnp.inf),
+            jnp.max(jnp.where(finite, x32, -jnp.inf), axis=axes, initial=-jnp.inf))
+  if x32.size == 0:
+    return lo, hi
+  ok = jnp.all(jnp.isfinite(lo)) & jnp.all(jnp.isfinite(hi))
+  return jax.lax.cond(ok, lambda: (lo, hi), masked)
+
+
 def _range_stats(x32, spec, axes, scale_shape):
   """(lo, hi) of the calibrated clip range, each shaped `scale_shape`."""
   finite = jnp.isfinite(x32)
   if spec.symmetric:
-    ax = _finite_abs(x32)
     if spec.calibration == "percentile":
+      ax = _finite_abs(x32)
       hi = _percentile(jnp.where(finite, ax, jnp.nan), spec.percentile, axes)
-    else:
-      hi = jnp.max(ax, axis=axes, initial=0.0)  # initial: size-zero slices
+    else:  # max |x| over finite entries, 0 for a slice with none (or of size zero)
+      lo, hi = _finite_min_max(x32, axes)
+      hi = jnp.maximum(jnp.maximum(hi, -lo), 0.0)
     hi = jnp.nan_to_num(hi.reshape(scale_shape))
     return -hi, hi
   if spec.calibration == "percentile":
@@ -138,8 +160,7 @@ def _range_stats(x32, spec, axes, scale_shape):
     lo = _percentile(xn, 100.0 - spec.percentile, axes)
     hi = _percentile(xn, spec.percentile, axes)
   else:
-    lo = jnp.min(jnp.where(finite, x32, jnp.inf), axis=axes, initial=jnp.inf)
-    hi = jnp.max(jnp.where(finite, x32, -jnp.inf), axis=axes, initial=-jnp.inf)
+    lo, hi = _finite_min_max(x32, axes)
   lo = jnp.minimum(jnp.nan_to_num(lo.reshape(scale_shape), posinf=0.0, neginf=0.0), 0.0)
   hi = jnp.maximum(jnp.nan_to_num(hi.reshape(scale_shape), posinf=0.0, neginf=0.0), 0.0)
   return lo, hi  # the range always holds 0 so zero is exact
