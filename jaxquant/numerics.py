@@ -131,15 +131,37 @@ def _safe_scale(s):
   return s.astype(jnp.float32)
 
 
+def _finite_min_max(x32, axes):
+  """(min, max) over `axes` of the finite entries (+inf, -inf where there are none).
+
+  Fast path: the plain min / max of x, two reductions straight over x (XLA:CPU would
+  first write out a masked copy of x for the masked reductions; on a weight that is a
+  full extra pass). Where every result is finite the slice holds no NaN / Inf (XLA's
+  min / max propagate NaN, and an Inf would be the result), so they are the finite
+  min / max exactly; otherwise the masked reductions run instead (`lax.cond`)."""
+  lo = jnp.min(x32, axis=axes, initial=jnp.inf)
+  hi = jnp.max(x32, axis=axes, initial=-jnp.inf)
+
+  def masked():
+    finite = jnp.isfinite(x32)
+    return (jnp.min(jnp.where(finite, x32, jnp.inf), axis=axes, initial=jnp.inf),
+            jnp.max(jnp.where(finite, x32, -jnp.inf), axis=axes, initial=-jnp.inf))
+  if x32.size == 0:
+    return lo, hi
+  ok = jnp.all(jnp.isfinite(lo)) & jnp.all(jnp.isfinite(hi))
+  return jax.lax.cond(ok, lambda: (lo, hi), masked)
+
+
 def _range_stats(x32, spec, axes, scale_shape):
   """(lo, hi) of the calibrated clip range, each shaped `scale_shape`."""
   finite = jnp.isfinite(x32)
   if spec.symmetric:
-    ax = _finite_abs(x32)
     if spec.calibration == "percentile":
+      ax = _finite_abs(x32)
       hi = _percentile(jnp.where(finite, ax, jnp.nan), spec.percentile, axes)
-    else:
-      hi = jnp.max(ax, axis=axes, initial=0.0)  # initial: size-zero slices
+    else:  # max |x| over finite entries, 0 for a slice with none (or of size zero)
+      lo, hi = _finite_min_max(x32, axes)
+      hi = jnp.maximum(jnp.maximum(hi, -lo), 0.0)
     hi = jnp.nan_to_num(hi.reshape(scale_shape))
     return -hi, hi
   if spec.calibration == "percentile":
@@ -147,8 +169,7 @@ def _range_stats(x32, spec, axes, scale_shape):
     lo = _percentile(xn, 100.0 - spec.percentile, axes)
     hi = _percentile(xn, spec.percentile, axes)
   else:
-    lo = jnp.min(jnp.where(finite, x32, jnp.inf), axis=axes, initial=jnp.inf)
-    hi = jnp.max(jnp.where(finite, x32, -jnp.inf), axis=axes, initial=-jnp.inf)
+    lo, hi = _finite_min_max(x32, axes)
   lo = jnp.minimum(jnp.nan_to_num(lo.reshape(scale_shape), posinf=0.0, neginf=0.0), 0.0)
   hi = jnp.maximum(jnp.nan_to_num(hi.reshape(scale_shape), posinf=0.0, neginf=0.0), 0.0)
   return lo, hi  # the range always holds 0 so zero is exact
@@ -189,16 +210,44 @@ def scale_zero_point(lo, hi, spec: QuantSpec):
 
 def round_values(y, spec: QuantSpec, key: Optional[jax.Array]):
   """Round-to-nearest (half to even) or unbiased stochastic rounding floor(y + u),
-  u ~ U(0, 1) on a 2^16-point grid."""
+  u ~ U(0, 1) on a 2^16-point grid (see `uniform16`)."""
   if spec.rounding == "stochastic":
     if key is None:
       raise ValueError("rounding='stochastic' needs a PRNG key: pass key=jax.random.key(...)")
-    # 16 random bits per element instead of a float32 uniform: half the PRNG work (the
-    # dominant cost of a quantized backward pass on CPU); bias ≤ 2^-17 of a step, below
-    # float32 rounding of y itself for |y| ≥ 2.
-    u = (jax.random.bits(key, y.shape, jnp.uint16).astype(jnp.float32) + 0.5) * (1.0 / 65536)
+    u = (uniform16(key, y.shape).astype(jnp.float32) + 0.5) * (1.0 / 65536)
     return jnp.floor(y + u)
   return jnp.round(y)
+
+
+def _fmix32(h):
+  """MurmurHash3's 32-bit finalizer: a bijection of uint32 with full avalanche."""
+  h = h ^ (h >> 16)
+  h = h * jnp.uint32(0x85EBCA6B)
+  h = h ^ (h >> 13)
+  h = h * jnp.uint32(0xC2B2AE35)
+  return h ^ (h >> 16)
+
+
+def uniform16(key, shape) -> jax.Array:
+  """16 random bits (uint16) per element, for stochastic rounding.
+
+  Two 32-bit seeds come from `key` (jax's threefry, 2 words); each element's bits are a
+  counter-based hash of its linear index, fmix32(fmix32(i ^ s0) + s1), top 16 bits.
+  Elementwise, so XLA fuses it into the quantizer: threefry for every element was the
+  largest cost of a quantized backward pass on CPU (two [M, N] gradients per layer),
+  and stochastic rounding needs only uniform, independent-looking bits, not a
+  cryptographic stream. Deterministic in `key`. Falls back to `jax.random.bits` for a
+  symbolic shape or ≥ 2^32 elements.
+  """
+  size = None
+  if all(isinstance(d, (int, np.integer)) for d in shape):
+    size = int(np.prod(shape))
+  if size is None or size >= 2 ** 32:
+    return jax.random.bits(key, tuple(shape), jnp.uint16)
+  s = jax.random.bits(key, (2,), jnp.uint32)
+  i = jax.lax.iota(jnp.uint32, size).reshape(shape)
+  h = _fmix32(_fmix32(i ^ s[0]) + s[1])
+  return (h >> 16).astype(jnp.uint16)
 
 
 def encode_int(x32, scale, zp, spec, key):

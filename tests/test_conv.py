@@ -262,3 +262,64 @@ def test_nan_input_is_not_hidden_by_int_conv():
   assert np.all(np.isnan(fake[0, 1, 2])) and np.sum(np.isnan(fake)) == 3
   out = np.asarray(jconv(DS(lhs=QS(), rhs=QS()), (1, 1), "VALID", dimension_numbers=dn)(x, w))
   assert np.all(np.isnan(out[0, 1, 2]))
+
+
+# ------------------------------------------------------------------ integer backward convs
+
+def _convs(fn, *args):
+  jaxpr = jax.make_jaxpr(fn)(*args).jaxpr
+  return [e for e in iter_eqns(jaxpr) if e.primitive.name == "conv_general_dilated"]
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_conv_grad_spec_runs_all_three_convs_as_s8(symmetric):
+  """With grad= set, forward, d input and d kernel are s8×s8→s32 convs; no float conv."""
+  x, w = jnp.asarray(rng_x((2, 7, 7, 4))), jnp.asarray(rng_x((3, 3, 2, 6)))
+  spec = DS(lhs=QS(symmetric=symmetric), rhs=QS(symmetric=symmetric), grad=QS())
+  f = lambda a, b: jnp.sum(jq.conv_general_dilated(
+      a, b, (2, 1), ((1, 1), (0, 2)), rhs_dilation=(1, 2),
+      dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=2, spec=spec) ** 2)
+  both = jax.grad(f, argnums=(0, 1))
+  convs = _convs(both, x, w)
+  s8 = int8_convs(both, x, w)
+  assert len(s8) == len(convs)  # every conv, zero-point terms included
+  # fwd, d input, d kernel; asymmetric: + 3 forward zero-point convs and z_b·1, z_a·1
+  assert len(s8) == (3 if symmetric else 8)
+  shapes = sorted(tuple(e.outvars[0].aval.shape) for e in s8)
+  assert (2, 7, 7, 4) in shapes and (3, 3, 2, 6) in shapes  # d input and d kernel
+  # Without grad= the backward convs stay float.
+  plain = jax.grad(lambda a, b: jnp.sum(jq.conv_general_dilated(
+      a, b, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"),
+      feature_group_count=2, spec=DS(lhs=QS(), rhs=QS()))), argnums=(0, 1))
+  assert len(int8_convs(plain, x, w)) == 1 and len(_convs(plain, x, w)) >= 3
+
+
+@pytest.mark.parametrize("grad_granularity", ["channel", "tensor"])
+def test_conv_int_backward_equals_fake_backward_exactly(grad_granularity):
+  """Power-of-two scales: int codes and float codes give identical outputs and grads,
+  NHWC with stride and kernel dilation, per-example / per-tensor gradient scales."""
+  x = pow2_conv_operand((3, 9, 8, 4), 0, True, 21)
+  w = pow2_conv_operand((3, 3, 4, 5), 3, True, 22)
+  g = rng_x((3, 4, 5, 5), 23) * 2.0 ** np.arange(5)
+  results = {}
+  for mode in ("int", "fake"):
+    spec = DS(lhs=QS(), rhs=QS(), grad=QS(granularity=grad_granularity), mode=mode)
+    f = lambda a, b, spec=spec: jq.conv_general_dilated(
+        a, b, (2, 2), ((1, 1), (1, 2)), rhs_dilation=(2, 1),
+        dimension_numbers=("NHWC", "HWIO", "NHWC"), spec=spec)
+    def run(a, b, f=f):
+      out, vjp = jax.vjp(f, a, b)
+      return (out,) + vjp(jnp.asarray(g, jnp.float32))
+    results[mode] = jax.jit(run)(x, w)
+  for a, b in zip(results["int"], results["fake"]):
+    assert np.any(np.asarray(a) != 0)
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  # And both are close to the float conv's gradients at the dequantized operands.
+  deq = lambda v, axis: np_quant(v, QS(), axis)
+  _, vjp = jax.vjp(lambda a, b: jax.lax.conv_general_dilated(
+      a, b, (2, 2), ((1, 1), (1, 2)), rhs_dilation=(2, 1),
+      dimension_numbers=("NHWC", "HWIO", "NHWC"), precision="highest"),
+      jnp.asarray(deq(x, 0)), jnp.asarray(deq(w, 3)))
+  for d, ref in zip(results["int"][1:], vjp(jnp.asarray(g, jnp.float32))):
+    err = np.linalg.norm(np.asarray(d) - np.asarray(ref)) / np.linalg.norm(np.asarray(ref))
+    assert err < 2e-2

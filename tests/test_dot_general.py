@@ -469,3 +469,54 @@ def test_quantized_backward_equals_the_numpy_formula_exactly():
   drhs = qa.T @ h2.T * sh2.T
   np.testing.assert_array_equal(np.asarray(dx), dlhs.astype(np.float32))
   np.testing.assert_array_equal(np.asarray(dw), drhs.astype(np.float32))
+
+
+# ------------------------------------------------------------------ weight-only serving
+
+def _dequantized_reference(x, q, dims):
+  """The dequantize-then-dot result the weight-only serving path must reproduce."""
+  return np_dot_general(np.asarray(x, np.float64), np.asarray(q.dequantize(jnp.float32),
+                                                              np.float64), dims)
+
+
+@pytest.mark.parametrize("stored", ["KN", "NK"])
+@pytest.mark.parametrize("spec", [QS(bits=8), QS(bits=4, symmetric=False),
+                                  QS(bits=4, granularity="group", group_size=16),
+                                  QS(bits=8, granularity="tensor")],
+                         ids=["int8", "int4_asym", "int4_g16", "int8_tensor"])
+@pytest.mark.parametrize("rows", [1, 3, 8, 11])
+def test_weight_only_serving_equals_dequantized_dot(stored, spec, rows):
+  """Weight-only serving (float activations, stored codes) equals the float dot of the
+  dequantized weight up to float32 rounding, for every formulation it picks."""
+  K, N = 64, 24
+  w = rng_x((K, N), 31) if stored == "KN" else rng_x((N, K), 31)
+  contracting = 0 if stored == "KN" else 1
+  q = jq.quantize_weight(w, spec, jq.make_layout(2, (contracting,))).pack()
+  x = rng_x((rows, K), 32)
+  dims = (((1,), (contracting,)), ((), ()))
+  out = jax.jit(lambda x, q: jq.dot_general(x, q, dims))(x, q)
+  ref = _dequantized_reference(x, q, dims)
+  w_kn = np.asarray(q.dequantize(jnp.float32), np.float64)
+  w_kn = w_kn if stored == "KN" else w_kn.T
+  bound = np.abs(np.asarray(x, np.float64)) @ np.abs(w_kn)  # Σ|x||w|: the rounding scale
+  assert out.shape == (rows, N) and out.dtype == jnp.float32
+  assert np.all(np.abs(np.asarray(out, np.float64) - ref) <= 4 * K * 2.0 ** -24 * bound + 1e-30)
+
+
+def test_weight_only_small_batch_nk_weight_runs_without_a_dot():
+  """[N, K]-stored weight, one row: a multiply+reduce over the int8 codes (no dot of a
+  materialized float weight); a [K, N] weight folds the scale after the dot."""
+  from tests.test_dot_general import iter_eqns  # pylint: disable=import-outside-toplevel
+  K, N = 64, 24
+  x = jnp.asarray(rng_x((1, K), 33))
+  q_nk = jq.quantize_weight(rng_x((N, K), 34), QS(), jq.make_layout(2, (1,)))
+  q_kn = jq.quantize_weight(rng_x((K, N), 34), QS(), jq.make_layout(2, (0,)))
+  prims = lambda q, dims: [e.primitive.name for e in iter_eqns(
+      jax.make_jaxpr(lambda x: jq.dot_general(x, q, dims))(x).jaxpr)]
+  nk = prims(q_nk, (((1,), (1,)), ((), ())))
+  assert "dot_general" not in nk and "reduce_sum" in nk
+  kn = prims(q_kn, (((1,), (0,)), ((), ())))
+  assert kn.count("dot_general") == 1
+  # The dot's float operand is the converted codes, not codes·scale: the scale multiplies
+  # the [M, N] output (one mul after the dot).
+  assert kn.index("mul") > kn.index("dot_general")

@@ -5,6 +5,7 @@ import itertools
 
 import hypothesis
 import hypothesis.strategies as st
+import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
@@ -483,3 +484,24 @@ def test_nearest_rounding_breaks_exact_ties_to_even():
   out = jq.dot_general(x[None], w, (((1,), (0,)), ((), ())),
                        jq.DotSpec(lhs=spec, rhs=jq.QuantSpec(bits=8)))
   np.testing.assert_array_equal(np.asarray(out)[0] / 127.0, [0, 2, 2, 4, 0, -2, -2, -4, 127])
+
+
+def test_uniform16_bits_are_uniform_independent_and_keyed():
+  """The counter-hash bits of stochastic rounding: uniform 16-bit values (each bit ~1/2,
+  16 equal bins), neighbours uncorrelated, deterministic per key, different per key."""
+  from jaxquant.numerics import uniform16  # pylint: disable=import-outside-toplevel
+  k = jax.random.key(7)
+  u = np.asarray(uniform16(k, (256, 512))).astype(np.int64)
+  assert u.min() >= 0 and u.max() < 2 ** 16
+  n = u.size
+  bits = (u[..., None] >> np.arange(16)) & 1
+  np.testing.assert_allclose(bits.reshape(-1, 16).mean(0), 0.5, atol=5 / np.sqrt(n))
+  counts = np.bincount((u >> 12).ravel(), minlength=16)
+  chi2 = np.sum((counts - n / 16) ** 2 / (n / 16))
+  assert chi2 < 60  # 15 degrees of freedom: p ~ 1e-7
+  f = (u.astype(np.float64) + 0.5) / 65536 - 0.5
+  assert abs(np.mean(f[:, 1:] * f[:, :-1])) < 5 / (12 * np.sqrt(n))  # along rows
+  assert abs(np.mean(f[1:] * f[:-1])) < 5 / (12 * np.sqrt(n))  # along columns
+  np.testing.assert_array_equal(u, np.asarray(uniform16(k, (256, 512))))
+  other = np.asarray(uniform16(jax.random.key(8), (256, 512)))
+  assert np.mean(other == u) < 0.01

@@ -1,8 +1,10 @@
 """Sharding: the parameter rule, equal loss curves across meshes, and a 2-process run.
 
 The in-process tests use the 8 host CPU devices set up by conftest.py. The 2-process
-test starts this module twice as `python -m tests.experiments.test_sharding worker ...`,
-each process with 2 local CPU devices, joined by `jax.distributed` on 127.0.0.1.
+tests start this module twice as `python -m tests.experiments.test_sharding worker ...`,
+each process with 2 local CPU devices, joined by `jax.distributed` on 127.0.0.1 (no
+traffic leaves loopback), once for the float model and once quantized (QAT with the
+recipes' standard rules: int8 first/last layers, LSQ weights, percentile activations).
 """
 
 import json
@@ -19,14 +21,20 @@ import pytest
 from experiments.training import loop
 from experiments.training.results import read_jsonl
 from experiments.training.sharding import partition_spec
+from configs import base
 from tests.experiments.test_train import tiny_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def _tiny_config(mesh_shape, **overrides):
-  return tiny_config(mesh_shape=mesh_shape, num_steps=5, log_every=1, eval_every=0,
-                     checkpoint_every=0, **overrides)
+def _tiny_config(mesh_shape, quantized=False, **overrides):
+  config = tiny_config(mesh_shape=mesh_shape, num_steps=5, log_every=1, eval_every=0,
+                       checkpoint_every=0, **overrides)
+  if quantized:
+    config.model.kwargs.features = (16, 16)
+    config.quant.rules = base.standard_rules(config.quant, first="dense_0", last="head")
+    config.quant.bits = 4
+  return config
 
 
 def _train_losses(workdir):
@@ -71,14 +79,15 @@ def _free_port():
     return s.getsockname()[1]
 
 
-@pytest.mark.slow  # ~12 s idle, ~30 s on a busy 2-core machine
-def test_two_process_distributed_run_agrees(tmp_path):
+@pytest.mark.slow  # ~12 s idle, ~30 s on a busy 2-core machine (each)
+@pytest.mark.parametrize("quantized", [False, True], ids=["float", "quantized"])
+def test_two_process_distributed_run_agrees(tmp_path, quantized):
   port, workdir = _free_port(), str(tmp_path / "dist")
   env = {**os.environ, "JAX_PLATFORMS": "cpu",
          "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
   logs = [open(tmp_path / f"worker{i}.log", "w+") for i in range(2)]  # no pipe can fill up
   procs = [subprocess.Popen([sys.executable, "-m", "tests.experiments.test_sharding", "worker",
-                             str(i), str(port), workdir],
+                             str(i), str(port), workdir, str(int(quantized))],
                             cwd=REPO, env=env, stdout=logs[i], stderr=subprocess.STDOUT,
                             text=True) for i in range(2)]
   outputs = []
@@ -97,26 +106,30 @@ def test_two_process_distributed_run_agrees(tmp_path):
     outputs.append(json.loads(text.strip().splitlines()[-1]))
   assert outputs[0] == outputs[1]  # both processes see the same global metrics
   assert outputs[0]["num_processes"] == 2 and outputs[0]["num_devices"] == 4
+  assert outputs[0]["quantized"] == quantized
 
   # Same curve as one process driving a 4-device mesh.
   single = str(tmp_path / "single")
-  summary = loop.train_and_evaluate(_tiny_config((4, 1)), single)
+  summary = loop.train_and_evaluate(_tiny_config((4, 1), quantized), single)
+  assert summary["quantized"] == quantized
+  assert len(_train_losses(single)) == 5
   np.testing.assert_allclose(_train_losses(workdir), _train_losses(single), rtol=1e-5)
   np.testing.assert_allclose(outputs[0]["test_loss"], summary["metrics"]["test_loss"],
                              rtol=1e-5)
 
 
-def _worker(process_id: int, port: int, workdir: str) -> None:
+def _worker(process_id: int, port: int, workdir: str, quantized: bool) -> None:
   jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}", num_processes=2,
                              process_id=process_id, local_device_ids=None)
-  summary = loop.train_and_evaluate(_tiny_config((-1, 1)), workdir)
+  summary = loop.train_and_evaluate(_tiny_config((-1, 1), quantized), workdir)
   print(json.dumps({"final_loss": summary["metrics"]["final_loss"],
                     "test_loss": summary["metrics"]["test_loss"],
                     "test_accuracy": summary["metrics"]["test_accuracy"],
                     "num_processes": summary["mesh"]["num_processes"],
-                    "num_devices": summary["mesh"]["num_devices"]}), flush=True)
+                    "num_devices": summary["mesh"]["num_devices"],
+                    "quantized": summary["quantized"]}), flush=True)
   jax.distributed.shutdown()
 
 
-if __name__ == "__main__" and len(sys.argv) == 5 and sys.argv[1] == "worker":
-  _worker(int(sys.argv[2]), int(sys.argv[3]), sys.argv[4])
+if __name__ == "__main__" and len(sys.argv) == 6 and sys.argv[1] == "worker":
+  _worker(int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], bool(int(sys.argv[5])))
