@@ -693,8 +693,8 @@ def violated_fields(kw):
     bad.add("percentile")
   if kw["rounding"] not in ROUNDINGS:
     bad.add("rounding")
-  if kw["rounding"] == "stochastic" and fmt != "int":
-    bad.add("rounding")
+  if kw["rounding"] == "stochastic" and fmt not in ("int", "binary"):
+    bad.add("rounding")  # binary: BinaryConnect's stochastic binarization
   if kw["ste"] not in ("identity", "clipped", "lsq", "pact"):
     bad.add("ste")
   if fmt in FORMATS and fmt != "int":
