@@ -142,13 +142,18 @@ def test_gpt_is_causal():
     assert not np.allclose(before[:, 9:], after[:, 9:])
 
 
+def _filled_params(module, x):
+    """`module`'s variables for input `x`, filled deterministically by `_fill`."""
+    return jax.tree_util.tree_map_with_path(
+        _fill, jax.eval_shape(module.init, jax.random.key(2), x)
+    )
+
+
 @pytest.mark.parametrize("causal", [True, False])
 def test_attention_sees_the_future_only_when_bidirectional(causal):
     attn = SelfAttention(num_heads=2, causal=causal)
     x = jnp.asarray(np.random.default_rng(1).normal(size=(2, 6, 8)), jnp.float32)
-    params = jax.tree_util.tree_map_with_path(
-        _fill, jax.eval_shape(attn.init, jax.random.key(2), x)
-    )
+    params = _filled_params(attn, x)
     apply = jax.jit(attn.apply)
     out, out_changed = apply(params, x), apply(params, x.at[:, -1].add(1.0))
     first_changed = not np.allclose(out[:, 0], out_changed[:, 0])
@@ -211,9 +216,7 @@ def test_get_model_errors():
 def test_attention_padding_mask_equals_the_unpadded_sequence(causal):
     attn = SelfAttention(num_heads=2, causal=causal)
     x = jnp.asarray(np.random.default_rng(3).normal(size=(1, 6, 8)), jnp.float32)
-    params = jax.tree_util.tree_map_with_path(
-        _fill, jax.eval_shape(attn.init, jax.random.key(2), x)
-    )
+    params = _filled_params(attn, x)
     mask = jnp.asarray([[1, 1, 1, 1, 0, 0]])
     padded = attn.apply(params, x.at[:, 4:].set(100.0), mask)  # padding content is ignored
     np.testing.assert_allclose(padded[:, :4], attn.apply(params, x[:, :4]), rtol=1e-5, atol=1e-6)
