@@ -172,8 +172,7 @@ def convert(qmodel, variables, *example_args, **example_kwargs):
   so deep models are close but not bit-identical: on all-MiniLM-L6-v2 W8A8 (per-token
   activations, int8 word embedding) none of 700 sentence embeddings is bit-identical,
   the cosine between QAT forward and serving is 0.99989 on average (0.9974 at worst),
-  and both are equally
-  close to float (`python -m experiments.pretrained.serving_gap`).
+  and both are equally close to float (`python -m experiments.pretrained.serving_gap`).
   """
   config = transform.config_of(qmodel)
   variables = _plain(variables)
