@@ -219,9 +219,14 @@ def evaluate_serving(setup: Setup, state, qat_metrics: dict[str, float]):
     float_bytes = sum(int(np.prod(x.shape)) * x.dtype.itemsize
                       for x in jax.tree_util.tree_leaves(state["trainable"]["params"]))
     return dict(qat_metrics), {"float": float_bytes, "quantized": float_bytes}
-  variables = _qat_variables(state)
   example_x = setup.example_batch["x"][:1]  # lets convert trace the layer table if needed
-  serving_model, serving_vars = jq.convert(setup.model, variables, example_x)
+  return _serve(setup, setup.model, _qat_variables(state), example_x)
+
+
+def _serve(setup: Setup, qmodel, variables, *example_args):
+  """Converts `qmodel`'s variables, evaluates the serving model and sizes its weights:
+  (metrics, {float, quantized} parameter bytes)."""
+  serving_model, serving_vars = jq.convert(qmodel, variables, *example_args)
   replicated = sharding.replicated(setup.mesh)
   serving_vars = jax.device_put(serving_vars, replicated)
   metrics = make_evaluator(setup, serving_model.apply, replicated, quantized=True)(serving_vars)
@@ -254,12 +259,8 @@ def post_training_quantize(setup: Setup, state) -> tuple[dict, dict, dict]:
   replicated = sharding.replicated(setup.mesh)
   ptq_metrics = make_evaluator(setup, qmodel.apply, replicated, quantized=True)(
       jax.device_put(calibrated, replicated))
-  serving_model, serving_vars = jq.convert(qmodel, calibrated)
-  serving_vars = jax.device_put(serving_vars, replicated)
-  serving = make_evaluator(setup, serving_model.apply, replicated, quantized=True)(serving_vars)
-  report = jq.size_report(serving_vars)
-  return ptq_metrics, serving, {"float": int(report.total_float_bytes),
-                                "quantized": int(report.total_quantized_bytes)}
+  serving, param_bytes = _serve(setup, qmodel, calibrated)
+  return ptq_metrics, serving, param_bytes
 
 
 def _restore_float_run(setup: Setup, source: str):
