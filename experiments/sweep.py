@@ -8,6 +8,8 @@
 points that have a summary.json and retries the failed ones, and two sweeps started on
 one workdir share the points without running any twice. --launcher=print prints the
 commands and writes nothing; --launcher=slurm writes DIR/sweep.sbatch (an array job).
+Points that start from another point's run (`sweeps.ref`, staged training such as
+8 -> 4 -> 2 bits) run after it, and only with the local launcher.
 
 Exit status: 0 when every point ran or was done before, 1 when a point failed, 2 when
 the config file or its sweep is unusable.
@@ -61,6 +63,12 @@ def main(argv: list[str]) -> int:
   os.makedirs(workdir, exist_ok=True)
   write_sweep_json(workdir, points, config_arg=_CONFIG.value, trainer=_TRAINER.value)
   if _LAUNCHER.value == "slurm":
+    staged = [p.name for p in points if p.requires]
+    if staged:
+      print(f"sweep: error: {len(staged)} point(s) start from another point's run "
+            f"(e.g. {staged[0]}); an array job runs its tasks in any order, so run this "
+            "sweep with --launcher=local", file=sys.stderr)
+      return 2
     path = write_sbatch(workdir, sbatch_script(
         points, workdir=workdir, cwd=os.getcwd(), config_arg=_CONFIG.value,
         sbatch_options=_SBATCH.value))

@@ -19,6 +19,8 @@ by dotted config keys. The helpers below build such lists:
   product(*sweeps)    cartesian product, first sweep slowest; keys may not overlap
   zip_(*sweeps)       i-th point of each (equal lengths), merged
   chain(*sweeps)      concatenation
+  ref(point)          a value naming an earlier point's run directory, for staged runs:
+                      {"init.from_workdir": ref(stage1), ...} starts after stage1
 
 Values are bools, ints, floats, strings, None, or tuples of those; each becomes
 `--config.KEY=VALUE` (tuples as `(1,2)`). Points may set different keys (above, the
@@ -33,10 +35,11 @@ Running it: `python -m experiments.sweep --config=configs/<recipe>.py[:ARG] --wo
 then `python -m experiments.report --workdir=DIR`, which writes the sweep report
 (report.py: report.md and PNG plots; imported on its own, it needs matplotlib).
 """
-from experiments.sweeps.grid import axis, chain, format_value, point_name, product, zip_
+from experiments.sweeps.grid import (axis, chain, format_value, point_name, product, ref,
+                                    zip_)
 from experiments.sweeps.plan import SweepError, SweepPoint, build_points, load_sweep
 
 __all__ = [
-    "axis", "product", "zip_", "chain", "format_value", "point_name",
+    "axis", "product", "zip_", "chain", "ref", "format_value", "point_name",
     "SweepError", "SweepPoint", "build_points", "load_sweep",
 ]

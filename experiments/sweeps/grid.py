@@ -24,6 +24,8 @@ BASE_NAME = "base"  # the name of the point with no overrides
 # Not a config key: the point's get_config ARG (`--config=FILE:ARG`), for recipes whose
 # variants differ in structure (which operands a rule quantizes) rather than in a value.
 ARG_KEY = "config_arg"
+# A value naming another point of the same sweep (see `ref`).
+REF_PREFIX = "@"
 
 
 def axis(key: str, values: Iterable[Any]) -> list[Point]:
@@ -65,11 +67,35 @@ def chain(*sweeps: Sequence[Point]) -> list[Point]:
   return [p for s in sweeps for p in _points(s)]
 
 
+def ref(point: Point) -> str:
+  """A value that names another point's run directory, for staged runs.
+
+  `{"init.from_workdir": ref(stage1), ...}` runs the point with
+  `--config.init.from_workdir=SWEEPDIR/<stage1's name>`, and the local launcher starts it
+  only after `stage1` has finished (a chain 8 -> 4 -> 2 bits is three points, each
+  referring to the one before). The referenced point must come earlier in the sweep.
+  """
+  if not isinstance(point, dict):
+    raise ValueError(f"ref() takes a point (a dict of overrides), got {point!r}")
+  return REF_PREFIX + point_name(point)
+
+
+def references(point: Point) -> list[str]:
+  """The names of the points `point` refers to with `ref`, in key order."""
+  return [v[len(REF_PREFIX):] for v in point.values() if is_ref(v)]
+
+
+def is_ref(value: Any) -> bool:
+  """True for a value made by `ref`."""
+  return isinstance(value, str) and value.startswith(REF_PREFIX)
+
+
 def normalize(declaration: Any) -> list[Point]:
   """Validates what `get_sweep` returned and returns it as a fresh list of dicts.
 
-  Raises ValueError for a non-list, a non-dict point, a bad key or value, or two points
-  that would share a run directory.
+  Raises ValueError for a non-list, a non-dict point, a bad key or value, two points
+  that would share a run directory, or a `ref` to a point that is not earlier in the
+  sweep.
   """
   if isinstance(declaration, dict) or not isinstance(declaration, (list, tuple)):
     raise ValueError(f"a sweep is a list of override dicts, got {type(declaration).__name__}")
@@ -89,6 +115,10 @@ def normalize(declaration: Any) -> list[Point]:
     if name in seen:
       raise ValueError(f"sweep points {seen[name]} and {p} map to the same run "
                        f"directory {name!r}; drop the duplicate")
+    for target in references(p):
+      if target not in seen:
+        raise ValueError(f"sweep point {p} refers to {target!r}, which is not an earlier "
+                         "point of this sweep (list the referenced stage first)")
     seen[name] = p
   return points
 
@@ -123,6 +153,8 @@ def point_name(point: Point) -> str:
   parts, lossy = [], False
   for key in sorted(point):
     text = format_value(point[key])
+    if is_ref(point[key]):  # a short stable stand-in for the referenced point's name
+      text = "from-" + hashlib.sha1(text.encode()).hexdigest()[:8]
     safe = _SAFE_VALUE_RE.sub("_", text)
     lossy |= safe != text
     parts.append(f"{key}={safe}")

@@ -4,6 +4,10 @@ A point is skipped when its `summary.json` exists (so a rerun only runs what is 
 when another sweep holds its claim, or when it failed in another sweep since this one
 started (that failure is this sweep's answer too; rerun later to retry it). A failed
 point gets `failed.json` and the sweep carries on.
+
+A point that refers to other points (`grid.ref`, staged runs) starts once they have a
+`summary.json`; while they are pending or running (here or in another sweep) the next
+ready point runs instead, and when one of them failed the point fails without running.
 """
 from __future__ import annotations
 
@@ -53,7 +57,7 @@ def run_local(points: Sequence[SweepPoint], *, parallel: int = 1,
     raise ValueError(f"parallel={parallel} must be >= 1")
   sweep_started = time.time()
   tally = Tally()
-  pending = list(reversed(points))
+  pending = list(points)
   running: list[_Running] = []
 
   def say(point: SweepPoint, text: str) -> None:
@@ -63,7 +67,15 @@ def run_local(points: Sequence[SweepPoint], *, parallel: int = 1,
   try:
     while pending or running:
       while pending and len(running) < parallel:
-        point = pending.pop()
+        point, missing = _next_ready(pending, running, points)
+        if point is None:
+          break  # every pending point waits for a stage still running
+        pending.remove(point)
+        if missing:
+          tally.failed.append(point.name)
+          say(point, f"FAILED {point.name}: needs {missing}, which did not finish "
+                     "(rerun the sweep to retry)")
+          continue
         skip = _skip(point, sweep_started)
         if skip is None:
           running.append(_start(point))
@@ -87,6 +99,30 @@ def run_local(points: Sequence[SweepPoint], *, parallel: int = 1,
     for run in running:  # only non-empty when interrupted
       _stop(run)
   return tally
+
+
+def _next_ready(pending: list[SweepPoint], running: list[_Running],
+                points: Sequence[SweepPoint]) -> tuple[SweepPoint | None, str]:
+  """The first pending point whose referenced points are done, with '' — or one of
+  them that cannot finish, with its name; (None, '') when all wait."""
+  directory = {p.name: p.directory for p in points}
+  waiting = {p.name for p in pending} | {r.point.name for r in running}
+  for point in pending:
+    missing = ""
+    ready = True
+    for name in point.requires:
+      if os.path.exists(os.path.join(directory[name], SUMMARY_FILE)):
+        continue
+      owner = claims.read(directory[name])
+      if name in waiting or (owner is not None and not owner.is_stale()):
+        ready = False  # still to run, here or in another sweep
+      else:
+        missing = name
+    if missing:
+      return point, missing
+    if ready:
+      return point, ""
+  return None, ""
 
 
 def _skip(point: SweepPoint, sweep_started: float) -> tuple[str, str] | None:

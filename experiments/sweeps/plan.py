@@ -47,6 +47,7 @@ class SweepPoint:
   overrides: dict[str, Any]
   directory: str
   argv: tuple[str, ...]
+  requires: tuple[str, ...] = ()  # names of the points it refers to (grid.ref)
 
   @property
   def command(self) -> str:
@@ -104,7 +105,8 @@ def build_points(points: Sequence[grid.Point], *, config_arg: str, workdir: str,
 
   The command is `python -m TRAINER --config=FILE[:ARG] --workdir=DIR --config.KEY=VALUE..`,
   run from the sweep's working directory (so `configs/` and `experiments/` import); a
-  point's `config_arg` becomes its ARG.
+  point's `config_arg` becomes its ARG, and a `grid.ref` value becomes the referenced
+  point's directory.
   """
   result = []
   for i, overrides in enumerate(points):
@@ -114,10 +116,17 @@ def build_points(points: Sequence[grid.Point], *, config_arg: str, workdir: str,
     if grid.ARG_KEY in overrides:
       config = f"{split_config_arg(config_arg)[0]}:{overrides[grid.ARG_KEY]}"
     argv = [python, "-m", trainer, f"--config={config}", f"--workdir={directory}"]
-    argv += [f"--config.{k}={grid.format_value(v)}" for k, v in overrides.items()
+    argv += [f"--config.{k}={_resolve(v, workdir)}" for k, v in overrides.items()
              if k != grid.ARG_KEY]
-    result.append(SweepPoint(i, name, dict(overrides), directory, tuple(argv)))
+    result.append(SweepPoint(i, name, dict(overrides), directory, tuple(argv),
+                             tuple(grid.references(overrides))))
   return result
+
+
+def _resolve(value: Any, workdir: str) -> str:
+  if grid.is_ref(value):
+    return os.path.join(workdir, value[len(grid.REF_PREFIX):])
+  return grid.format_value(value)
 
 
 def write_sweep_json(workdir: str, points: Sequence[SweepPoint], *, config_arg: str,

@@ -295,3 +295,43 @@ def test_sbatch_script_quotes_unsafe_names(tmp_path):
   assert "#SBATCH --array=0-0" in script
   assert "'--config.name=a b'\"'\"'c'" in script  # shell-quoted inside CMD=( ... )
   assert plan.SUMMARY_FILE in script
+
+
+def test_staged_points_start_after_the_point_they_refer_to(tmp_path):
+  workdir, ledger = tmp_path / "sweep", tmp_path / "ledger.txt"
+  result = run_sweep("staged", workdir, "--parallel=2", ledger=ledger)
+  assert result.returncode == 0, result.stdout + result.stderr
+  assert "6 ok" in result.stdout
+  order = ledger.read_text().split()
+  points = read_json(workdir / "sweep.json")["points"]
+  for p in points:
+    start = p["overrides"].get("start")
+    if start:  # the stage before ran first, and its directory reached the trainer
+      target = start[len(grid.REF_PREFIX):]
+      assert order.index(target) < order.index(p["name"])
+      assert f"--config.start={workdir / target}" in p["command"]
+      assert "from-" in p["name"]
+      config = read_json(workdir / p["name"] / "summary.json")["config"]
+      assert config["start"] == str(workdir / target)
+
+
+def test_a_failed_stage_fails_the_stages_after_it(tmp_path):
+  workdir, ledger = tmp_path / "sweep", tmp_path / "ledger.txt"
+  result = run_sweep("staged_crash", workdir, "--parallel=2", ledger=ledger)
+  assert result.returncode == 1
+  assert "3 ok, 0 skipped (0 done before, 0 left to another sweep), 3 failed" in result.stdout
+  assert result.stdout.count("which did not finish") == 2
+  ran = ledger_counts(ledger)
+  assert len(ran) == 4  # seed 0's three stages and seed 1's crashed first stage
+
+
+def test_a_reference_to_a_later_point_is_refused():
+  with pytest.raises(ValueError, match="not an earlier point"):
+    grid.normalize([{"seed": 0, "start": sweeps.ref({"seed": 1})}, {"seed": 1}])
+  with pytest.raises(ValueError, match="takes a point"):
+    sweeps.ref("seed=1")
+
+
+def test_slurm_launcher_refuses_staged_sweeps(tmp_path):
+  result = run_sweep("staged", tmp_path / "sweep", "--launcher=slurm")
+  assert result.returncode == 2 and "--launcher=local" in result.stderr
