@@ -25,7 +25,7 @@ from matplotlib import ticker
 from matplotlib.figure import Figure
 import numpy as np
 
-from experiments.sweeps import axes, claims
+from experiments.sweeps import axes, claims, grid
 from experiments.sweeps.plan import FAILED_FILE, SUMMARY_FILE, read_sweep_json
 
 SEED_KEY = "seed"
@@ -132,17 +132,33 @@ def group_rows(results: Sequence[PointResult], swept_keys: Sequence[str] = (),
   """Rows keyed by the swept keys except `seed_key`, in sweep order.
 
   `swept_keys` (sweep.json's, in declaration order) orders the columns; keys it lacks
-  are appended in order of appearance.
+  are appended in order of appearance. A staged point's reference (`sweeps.ref`) differs
+  per seed; it is shown, and grouped, as `after K=V,..`: the referenced point's values
+  that differ from the point's own, the seed left out.
   """
   found = dict.fromkeys(k for r in results for k in r.overrides)
   keys = [k for k in dict.fromkeys([*(k for k in swept_keys if k in found), *found])
           if k != seed_key]
+  by_name = {r.name: r.overrides for r in results}
   rows: dict[str, Row] = {}
   for r in results:
-    values = {k: r.overrides.get(k) for k in keys}
+    values = {k: _stage_label(r.overrides, r.overrides.get(k), by_name, seed_key)
+              for k in keys}
     key = json.dumps(values, sort_keys=True)
     rows.setdefault(key, Row(values, [])).points.append(r)
   return list(rows.values())
+
+
+def _stage_label(own: dict[str, Any], value: Any, by_name: dict[str, dict[str, Any]],
+                 seed_key: str) -> Any:
+  if not grid.is_ref(value):
+    return value
+  parent = by_name.get(value[len(grid.REF_PREFIX):])
+  if parent is None:
+    return value
+  diff = [f"{k}={grid.format_value(v)}" for k, v in sorted(parent.items())
+          if k != seed_key and not grid.is_ref(v) and own.get(k) != v]
+  return "after " + (",".join(diff) or "the same point")
 
 
 def choose_metrics(results: Sequence[PointResult]) -> list[str]:

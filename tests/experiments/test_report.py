@@ -253,3 +253,19 @@ def test_chosen_x_and_series(tmp_path):
       [sys.executable, "-m", "experiments.report", f"--workdir={tmp_path}", "--x=nonsense"],
       cwd=REPO, capture_output=True, text=True, timeout=120)
   assert result.returncode == 2 and "nonsense" in result.stderr
+
+
+def test_staged_points_group_over_seeds_under_their_stage(tmp_path):
+  points = []
+  for seed in (0, 1):
+    first = {"quant.bits": 8, "seed": seed}
+    second = {"quant.bits": 4, "seed": seed, "start": sweeps.ref(first)}
+    points += [(first, summary(0.9 + 0.01 * seed, bits=8)),
+               (second, summary(0.8 + 0.02 * seed, bits=4))]
+  make_sweep(tmp_path, points)
+  _, results, _ = report.load_results(str(tmp_path))
+  rows = report.group_rows(results, ["quant.bits", "seed", "start"])
+  assert [r.values for r in rows] == [{"quant.bits": 8, "start": None},
+                                      {"quant.bits": 4, "start": "after quant.bits=8"}]
+  assert rows[1].stat("test_accuracy").mean == pytest.approx(0.81)
+  assert rows[1].stat("test_accuracy").n == 2
