@@ -13,25 +13,41 @@ import jax
 import jax.numpy as jnp
 
 
+ACTIVATIONS = ("relu", "identity")
+
+
 class MLP(nn.Module):
-    """Flatten, then `Dense -> ReLU` per hidden width, then a linear head.
+    """Flatten, then `Dense [-> LayerNorm] -> ReLU` per hidden width, then a linear head.
 
     Attributes:
       num_classes: output logits.
       features: hidden widths, one Dense layer each.
+      layer_norm: a LayerNorm after each hidden Dense (`norm_0`, `norm_1`, ...).
+      activation: 'relu', or 'identity' for a binarized network (BNN, Hubara et al.
+        2016), where the next layer's binary activation quantizer is the nonlinearity
+        (sign, with the straight-through gradient on |x| <= 1 that the LayerNorm keeps
+        in range).
 
     Module paths: `dense_0`, `dense_1`, ..., `head`.
     """
 
     num_classes: int
     features: Sequence[int] = (256, 256)
+    layer_norm: bool = False
+    activation: str = "relu"
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         """Maps `[B, ...]` inputs to `[B, num_classes]` logits."""
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"MLP activation {self.activation!r}: choose one of {ACTIVATIONS}")
         h = jnp.reshape(x, (x.shape[0], -1))
         for i, width in enumerate(self.features):
-            h = nn.relu(nn.Dense(width, name=f"dense_{i}")(h))
+            h = nn.Dense(width, name=f"dense_{i}")(h)
+            if self.layer_norm:
+                h = nn.LayerNorm(name=f"norm_{i}")(h)
+            if self.activation == "relu":
+                h = nn.relu(h)
         return nn.Dense(self.num_classes, name="head")(h)
 
 

@@ -220,3 +220,19 @@ def test_attention_padding_mask_equals_the_unpadded_sequence(causal):
     mask = jnp.asarray([[1, 1, 1, 1, 0, 0]])
     padded = attn.apply(params, x.at[:, 4:].set(100.0), mask)  # padding content is ignored
     np.testing.assert_allclose(padded[:, :4], attn.apply(params, x[:, :4]), rtol=1e-5, atol=1e-6)
+
+
+def test_mlp_layer_norm_and_identity_activation():
+  x = jax.random.normal(jax.random.key(0), (4, 6))
+  model = get_model("mlp", num_classes=3, features=(5,), layer_norm=True, activation="identity")
+  variables = model.init(jax.random.key(1), x)
+  assert set(variables["params"]) == {"dense_0", "norm_0", "head"}
+  # identity activation: the whole network is affine in the LayerNorm's output.
+  p = variables["params"]
+  h = x @ p["dense_0"]["kernel"] + p["dense_0"]["bias"][None]
+  h = (h - h.mean(-1, keepdims=True)) / jnp.sqrt(h.var(-1, keepdims=True) + 1e-6)
+  h = h * p["norm_0"]["scale"][None] + p["norm_0"]["bias"][None]
+  expected = h @ p["head"]["kernel"] + p["head"]["bias"][None]
+  np.testing.assert_allclose(model.apply(variables, x), expected, rtol=1e-4, atol=1e-5)
+  with pytest.raises(ValueError, match="activation 'tanh'"):
+    get_model("mlp", num_classes=3, activation="tanh").init(jax.random.key(1), x)
