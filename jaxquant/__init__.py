@@ -4,6 +4,7 @@ The curated public API; everything else is internal.
 """
 from jaxquant import observers, ptq
 from jaxquant.bn_fold import FoldedConvBN, FoldedDenseBN
+from jaxquant.compute import ComputeReport, LayerCompute, compute_report
 from jaxquant.conv import conv_general_dilated, make_conv
 from jaxquant.convert import SizeReport, TensorSize, calibrate, convert, size_report
 from jaxquant.dot import dot_general, make_dot_general
@@ -22,6 +23,7 @@ __all__ = [
     "make_conv", "quantize_model", "calibrate", "convert", "size_report", "SizeReport", "TensorSize",
     "OperandState", "WeightLayout", "make_layout", "quantize_weight", "observers",
     "PTQ", "ptq", "to_integer", "IntegerProgram", "IntegerOnlyError", "export_serving",
-    "load_exported", "FoldedConvBN", "FoldedDenseBN",
+    "load_exported", "FoldedConvBN", "FoldedDenseBN", "compute_report", "ComputeReport",
+    "LayerCompute",
 ]
 __version__ = "0.1.0"

@@ -3,7 +3,9 @@
 Reads `DIR/sweep.json` and each point's `summary.json` (or `failed.json`), never
 crashing on a point that has neither ("not run") or whose summary is malformed (a
 warning). From each summary it reads `metrics[<metric>]`, `metrics["serving_<metric>"]`,
-`param_bytes["float"]`, `param_bytes["quantized"]` and its resolved `config`.
+`param_bytes["float"]`, `param_bytes["quantized"]`, its resolved `config` and, when
+present, `compute_per_example` (MACs and bit operations; columns BOPs/example and
+float/BOPs).
 
 Rows group the points by every swept key except `seed`; a metric cell is the mean ±
 the sample standard deviation (ddof=1) over the finished seeds of the row. Each row is
@@ -58,6 +60,12 @@ class PointResult:
     value = param_bytes.get(kind) if isinstance(param_bytes, dict) else None
     return float(value) if _is_number(value) else None
 
+  def compute(self, kind: str) -> Optional[float]:
+    """`compute_per_example[kind]` ('macs', 'bops', 'float_bops') of a finished run."""
+    compute = (self.summary or {}).get("compute_per_example")
+    value = compute.get(kind) if isinstance(compute, dict) else None
+    return float(value) if _is_number(value) else None
+
 
 @dataclasses.dataclass(frozen=True)
 class Stat:
@@ -88,6 +96,11 @@ class Row:
   def mean_bytes(self, kind: str) -> Optional[float]:
     """Mean of `param_bytes[kind]` over the finished points (they normally agree)."""
     stat = summarize([v for p in self.ok if (v := p.param_bytes(kind)) is not None])
+    return stat.mean if stat else None
+
+  def mean_compute(self, kind: str) -> Optional[float]:
+    """Mean of `compute_per_example[kind]` over the finished points."""
+    stat = summarize([v for p in self.ok if (v := p.compute(kind)) is not None])
     return stat.mean if stat else None
 
 
@@ -206,8 +219,10 @@ def markdown(workdir: str, sweep: dict[str, Any], results: Sequence[PointResult]
     value_columns.append((metric, metric))
     if any(r.metric(f"serving_{metric}") is not None for r in results):
       value_columns.append((f"serving {metric}", f"serving_{metric}"))
+  with_compute = any(r.compute("bops") is not None for r in results)
   header = ["setting", *(rows[0].values if rows else ()), "runs",
-            *(title for title, _ in value_columns), "quantized bytes", "float/quantized"]
+            *(title for title, _ in value_columns), "quantized bytes", "float/quantized",
+            *(("BOPs/example", "float/BOPs") if with_compute else ())]
   lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
   for row, label in zip(rows, axes.row_labels(rows)):
     quantized, floating = row.mean_bytes("quantized"), row.mean_bytes("float")
@@ -216,6 +231,10 @@ def markdown(workdir: str, sweep: dict[str, Any], results: Sequence[PointResult]
     cells += [str(s) if (s := row.stat(key)) else "—" for _, key in value_columns]
     cells.append(f"{quantized:,.0f}" if quantized is not None else "—")
     cells.append(f"{floating / quantized:.2f}×" if quantized and floating else "—")
+    if with_compute:
+      bops, float_bops = row.mean_compute("bops"), row.mean_compute("float_bops")
+      cells.append(f"{bops:,.0f}" if bops is not None else "—")
+      cells.append(f"{float_bops / bops:.1f}×" if bops and float_bops else "—")
     lines.append("| " + " | ".join(cells) + " |")
   lines += ["", "Cells: mean ± sample std (ddof=1) over seeds; runs: finished/declared.", ""]
   lines += [f"![{plot}]({plot})" for plot in plots] + ([""] if plots else [])

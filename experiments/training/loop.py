@@ -25,6 +25,7 @@ import math
 import os
 import platform
 import time
+import warnings
 from typing import Any, Callable
 
 import chex
@@ -598,6 +599,22 @@ def _quantize_float_run(setup: Setup, workdir: str, start_time: float) -> dict[s
   return summary
 
 
+def compute_per_example(setup: Setup) -> dict[str, int]:
+  """MACs and bit operations of one example's forward pass (`jaxquant.compute_report`):
+  {macs, bops, float_bops}, the bit widths those of the rules the run quantizes with
+  (training's or the PTQ stage's; none for a float run)."""
+  rules = setup.rules or setup.ptq_rules
+  with warnings.catch_warnings():  # a float run's empty rule list matches no layer
+    warnings.simplefilter("ignore")
+    qmodel = jq.quantize_model(setup.float_model, rules)
+    example = np.asarray(setup.example_batch["x"][:1])
+    variables = jax.eval_shape(lambda k: qmodel.init({"params": k, "quant": k}, example),
+                               jax.random.key(0))
+    report = jq.compute_report(qmodel, variables, example)
+  return {"macs": report.total_macs, "bops": report.total_bops,
+          "float_bops": report.total_float_bops}
+
+
 def _summary(setup: Setup, config_dict, test, serving, param_bytes, extra, last_train, *,
              start_time: float, final_step: int, resumed_from) -> dict[str, Any]:
   """summary.json's contents (the schema every report reads)."""
@@ -615,6 +632,7 @@ def _summary(setup: Setup, config_dict, test, serving, param_bytes, extra, last_
           **extra,
       },
       "param_bytes": param_bytes,
+      "compute_per_example": compute_per_example(setup),
       "wall_time_s": round(time.time() - start_time, 3),
       "steps": final_step,
       "resumed_from_step": resumed_from,

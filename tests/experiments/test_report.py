@@ -269,3 +269,19 @@ def test_staged_points_group_over_seeds_under_their_stage(tmp_path):
                                       {"quant.bits": 4, "start": "after quant.bits=8"}]
   assert rows[1].stat("test_accuracy").mean == pytest.approx(0.81)
   assert rows[1].stat("test_accuracy").n == 2
+
+
+def test_bops_columns_when_summaries_count_compute(tmp_path):
+  def with_compute(acc, bops):
+    s = summary(acc)
+    s["compute_per_example"] = {"macs": 100, "bops": bops, "float_bops": 102400}
+    return s
+  make_sweep(tmp_path, [({"quant.bits": 4, "seed": 0}, with_compute(0.9, 1600)),
+                        ({"quant.bits": 4, "seed": 1}, with_compute(0.8, 1600)),
+                        ({"quant.bits": 2, "seed": 0}, summary(0.7))])
+  sweep, results, _ = report.load_results(str(tmp_path))
+  rows = report.group_rows(results, sweep["swept_keys"])
+  text = report.markdown(str(tmp_path), sweep, results, rows, ["test_accuracy"])
+  assert "| BOPs/example | float/BOPs |" in text
+  assert "| 1,600 | 64.0× |" in text
+  assert text.rstrip().count("| — | — |") >= 1  # the row without compute
