@@ -16,10 +16,9 @@ bits and with every layer at 2 bits.
         --x=config_arg --series=label
   Targets (the issue's): >= 0.92 at W2A2 with first/last at 8 bits (the quickstart
     measures 0.883-0.899 there) and >= 0.80 with every layer at 2 bits.
-  Runtime (estimate): 33 runs: 18 at 4000 steps x ~70-90 s, 3 at 8000 steps x
-    ~140 s, 12 progressive stages at 1333 steps x ~30 s = ~2200 s, ~19 min at
-    --parallel=2 on a 2-core CPU (the progressive chains alone ~4 min); the teacher
-    ~20 s.
+  Runtime: 39 runs: 18 at 4000 steps x ~70-90 s, 3 at 8000 steps x ~140 s, 18
+    progressive stages at 1333 steps x ~40-75 s = ~2700 s, ~23 min at --parallel=2 on
+    a 2-core CPU (the progressive chains alone: ~9 min measured); the teacher ~20 s.
 
 Variants (`config_arg`), each at W2A2 (LSQ weights, 99th-percentile activations):
   edges8        first conv and head at W8A8 (the quickstart's W2A2), 4000 steps
