@@ -102,7 +102,8 @@ def quant_label(config: Any) -> Optional[str]:
     return f"{lookup(config, 'quant.bits')} bits"
   weight, act, grad = (rule.get(k) if isinstance(rule.get(k), dict) else None
                        for k in ("weight", "act", "grad"))
-  a_text = f"A{act.get('bits', 8)}" if act else ""
+  a_bits = _FORMAT_BITS.get(act.get("format"), act.get("bits", 8)) if act else None
+  a_text = f"A{a_bits}" if act else ""
   if weight is None:
     text = f"{a_text} activation-only" if act else "float (no quantized operand)"
   else:

@@ -196,6 +196,9 @@ def test_quant_labels_of_real_configs():
   grad = {"format": "int", "bits": 8, "rounding": "stochastic"}
   assert axes.quant_label(config | {"quant": config["quant"] | {
       "rules": [{**last, "grad": grad}]}}) == "W4A4, G8 grads (stochastic)"
+  binary = {"format": "binary"}  # BNN: binary weights and activations
+  assert axes.quant_label(config | {"quant": config["quant"] | {
+      "rules": [{**last, "weight": binary, "act": binary}]}}) == "binary W1A1"
   assert [axes.config_bits(_resolved(o)) for o in quickstart.SETTINGS.values()] == [
       32.0, 8.0, 4.0, 2.0, 1.0]
   assert axes.quant_label({"model": {}}) is None
