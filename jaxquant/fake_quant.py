@@ -60,12 +60,14 @@ def _learned_grid(x32, spec, learned):
   """(x clipped for PACT, scale, zero point) from the learned quantity."""
   learned = jnp.abs(learned.astype(jnp.float32)) + 1e-12  # stays a positive step / clip
   qmin, qmax = numerics.int_range(spec)
+  # Asymmetric grids put 0.0 at q_min: the unsigned range [0, s·(qmax − qmin)] for LSQ,
+  # [0, α] for PACT.
+  zp = None if spec.symmetric else jnp.full(learned.shape, qmin, jnp.int32)
   if spec.ste == "lsq":
-    return x32, learned, None
+    return x32, learned, zp
   alpha = numerics.expand_to(learned, x32.shape)
   if spec.symmetric:
     return jnp.clip(x32, -alpha, alpha), learned / numerics.symmetric_levels(spec), None
-  zp = jnp.full(learned.shape, qmin, jnp.int32)  # 0.0 maps to q_min: the range is [0, α]
   return jnp.clip(x32, 0.0, alpha), learned / (qmax - qmin), zp
 
 
@@ -129,12 +131,12 @@ def quantizer_vjp(spec: QuantSpec, res: Residuals, g):
     inside = _inside(x32, scale, res.zero_point, spec)
     dx = jnp.where(inside, g32, 0.0)
     if spec.ste == "lsq" and res.learned is not None:
-      qmin, qmax = numerics.int_range(spec)
+      lo, hi = numerics.lsq_range(spec)  # −Q_N, Q_P of the paper
       # NaN has the code of 0.0, so it adds round(0) − 0 = 0 (not NaN) to the step's gradient.
       y = numerics.divide_by_scale(jnp.where(jnp.isnan(x32), 0.0, x32), scale)
-      dy = jnp.where(y <= qmin, float(qmin), jnp.where(y >= qmax, float(qmax), jnp.round(y) - y))
+      dy = jnp.where(y <= lo, float(lo), jnp.where(y >= hi, float(hi), jnp.round(y) - y))
       n = numerics.elements_per_scale(x32.shape, res.learned.shape)
-      grad_scale = 1.0 / np.sqrt(max(n, 1) * qmax) if spec.lsq_grad_scale else 1.0
+      grad_scale = 1.0 / np.sqrt(max(n, 1) * hi) if spec.lsq_grad_scale else 1.0
       ds = _sum_to_learned(g32 * dy, res.learned) * grad_scale
       dlearned = ds * jnp.sign(res.learned)  # d|s|/ds
   dx = jnp.where(jnp.isnan(x32), g32, dx)

@@ -368,13 +368,21 @@ def decode(codes, scale_full, zp_full):
   return c * scale_full
 
 
+def lsq_range(spec: QuantSpec) -> Tuple[int, int]:
+  """(−Q_N, Q_P), the lowest and highest multiple of the LSQ step on the grid: the
+  symmetric codes (−(2^(b−1) − 1), 2^(b−1) − 1), or unsigned (0, 2^b − 1) with
+  symmetric=False."""
+  qmin, qmax = int_range(spec)
+  return (qmin, qmax) if spec.symmetric else (0, qmax - qmin)
+
+
 def init_learned(x: jax.Array, spec: QuantSpec, reduce_axes: Sequence[int]) -> jax.Array:
   """Initial value of the learned quantity: LSQ step size 2·mean|x|/sqrt(Q_P) (Esser et
   al. 2019, §2.1) or PACT clip α = the calibrated clip range (absmax by default)."""
   axes = normalize_axes(reduce_axes, x.ndim)
   xb, stat_axes, shape = blocked(x.astype(jnp.float32), spec, axes)
   if spec.ste == "lsq":
-    _, qmax = int_range(spec)
+    _, qmax = lsq_range(spec)
     # _mean: a float32 sum of |x| ~ 3e38 overflows; 2·mean may pass FLT_MAX: saturate.
     m = _mean(_finite_abs(xb), jnp.sum(jnp.ones(xb.shape, jnp.int32), axis=stat_axes), stat_axes)
     return _safe_scale(jnp.minimum(2.0 * m.reshape(shape) / np.sqrt(qmax), FLT_MAX))

@@ -44,7 +44,9 @@ class QuantSpec:
       stochastic is BinaryConnect's: +1 with probability clip((x/α + 1)/2, 0, 1).
     ste: gradient rule: 'identity' (straight-through), 'clipped' (zero outside the clip
       range), 'lsq' (learned step size, Esser et al. 2019) or 'pact' (learned clip α,
-      Choi et al. 2018).
+      Choi et al. 2018). 'lsq' with symmetric=False is the paper's unsigned LSQ for
+      non-negative data (activations after a ReLU): x̂ = s·clip(round(x/s), 0, 2^b − 1),
+      stored with the zero point fixed at the lowest code.
     scaled: binary / ternary only. True (default): codes times a scale α per slice
       (XNOR-Net's mean|x|, TWN's mean of the kept |x|). False: the codes themselves,
       ±1 or {−1, 0, 1} (BinaryConnect, Courbariaux et al. 2015; BNN activations,
@@ -116,10 +118,6 @@ class QuantSpec:
     if not self.lsq_grad_scale and self.ste != "lsq":
       raise ValueError(f"lsq_grad_scale=False only applies to ste='lsq' (got "
                        f"ste={self.ste!r}); leave it at True")
-    if self.ste == "lsq" and not self.symmetric:
-      raise ValueError("ste='lsq' is not allowed with symmetric=False; LSQ learns a step "
-                       "size with no offset (for [0, α] ranges use ste='pact', "
-                       "symmetric=False)")
     if not isinstance(self.full_range, bool):
       raise ValueError(f"full_range={self.full_range!r} must be a bool (True or False)")
     if self.full_range and (self.format != "int" or not self.symmetric):

@@ -133,10 +133,13 @@ def test_all_zero_input_has_finite_gradients():
 
 # ------------------------------------------------------------------ LSQ
 
-def np_lsq_grads(x, s, g, bits, n_per_step, red_axis=0):
+def np_lsq_grads(x, s, g, bits, n_per_step, red_axis=0, unsigned=False):
   """Esser et al. 2019, eq. 3: ∂x̂/∂s = round(x/s) − x/s inside, −Q_N / Q_P outside, times
-  the gradient scale 1/sqrt(N·Q_P); ∂x̂/∂x = 1 inside, 0 outside."""
+  the gradient scale 1/sqrt(N·Q_P); ∂x̂/∂x = 1 inside, 0 outside. Signed data:
+  Q_N = Q_P = 2^(b−1) − 1; unsigned: Q_N = 0, Q_P = 2^b − 1."""
   q_n, q_p = 2 ** (bits - 1) - 1, 2 ** (bits - 1) - 1
+  if unsigned:
+    q_n, q_p = 0, 2 ** bits - 1
   y = x.astype(np.float64) / s
   dyds = np.where(y <= -q_n, -q_n, np.where(y >= q_p, q_p, np.round(y) - y))
   ds = np.sum(g * dyds, axis=red_axis, keepdims=True) / np.sqrt(n_per_step * q_p)
@@ -178,6 +181,36 @@ def test_lsq_forward_and_gradients(bits):
   hx = 1e-6
   fd_x = g64 * (lsq_surrogate(x64 + hx, s64, c, q, q) - lsq_surrogate(x64 - hx, s64, c, q, q)) / (2 * hx)
   np.testing.assert_allclose(np.asarray(dx), fd_x, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_unsigned_lsq_forward_and_gradients(bits):
+  """symmetric=False: Esser's unsigned LSQ, x̂ = s·clip(round(x/s), 0, 2^b − 1), with
+  eq. 3's gradients for Q_N = 0, Q_P = 2^b − 1; the codes sit at q_min + round(x/s)."""
+  q_p = 2 ** bits - 1
+  x = np.abs(rng_x((64, 32), seed=21)) * 2 - 0.3  # mostly >= 0, some below the grid
+  g = rng_x((64, 32), seed=22)
+  s = np.random.default_rng(23).uniform(0.5, 1.5, (1, 32)).astype(np.float32) * 2.0 / q_p
+  spec = QS(bits=bits, ste="lsq", symmetric=False)
+  out = np.asarray(jq.fake_quant(x, spec, reduce_axes=(0,), learned=jnp.asarray(s)))
+  np.testing.assert_allclose(out, np.clip(np.round(x / s), 0, q_p) * s, rtol=1e-6, atol=1e-7)
+  y = x / s
+  assert np.any(y < 0) and np.any(y > q_p)  # both ends clip
+  dx, ds = grads(spec, x, g, learned=jnp.asarray(s))
+  ref_dx, ref_ds = np_lsq_grads(x, s.astype(np.float64), g, bits, n_per_step=64,
+                                unsigned=True)
+  np.testing.assert_array_equal(np.asarray(dx), ref_dx)
+  np.testing.assert_allclose(np.asarray(ds), ref_ds, rtol=2e-4, atol=1e-6)
+  q = jq.quantize(x, spec, reduce_axes=(0,), learned=jnp.asarray(s))
+  qmin = -(2 ** (bits - 1))
+  np.testing.assert_array_equal(np.asarray(q.zero_point), np.full((1, 32), qmin))
+  np.testing.assert_array_equal(np.asarray(q.values),
+                                np.clip(np.round(x / s), 0, q_p).astype(np.int64) + qmin)
+  # The initial step: 2·mean|x| / sqrt(Q_P) (Esser et al. §2.1, with the unsigned Q_P).
+  from jaxquant import numerics
+  init = np.asarray(numerics.init_learned(jnp.asarray(x), spec, (0,)))
+  np.testing.assert_allclose(init, 2 * np.abs(x).mean(0, keepdims=True) / np.sqrt(q_p),
+                             rtol=1e-5)
 
 
 def test_lsq_without_gradient_scale():

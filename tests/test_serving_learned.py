@@ -20,6 +20,7 @@ class _Net(nn.Module):
 @pytest.mark.parametrize("act", [
     jq.QuantSpec(bits=2, ste="pact", symmetric=False, granularity="tensor"),
     jq.QuantSpec(bits=3, ste="lsq", granularity="tensor"),
+    jq.QuantSpec(bits=4, ste="lsq", symmetric=False, granularity="tensor"),  # unsigned LSQ
 ])
 def test_serving_forward_uses_learned_activation_scale(mode, act):
   x = jax.random.normal(jax.random.key(0), (4, 10, 1))

@@ -12,7 +12,7 @@ and clipped straight-through estimators, and the gap widens as bits shrink.
   Expected: at 4 bits all within ~1 point; at 2 bits pact and lsq above identity and
     clipped, and lsq above lsq_noscale (Esser et al. 2019, Table 3: without the
     gradient scale, 2-bit ResNet-18 loses accuracy or fails to converge).
-  Runtime (estimate): 45 quantized runs at 1500 steps x ~38 s = ~1710 s, ~14 min at
+  Runtime (estimate): 54 quantized runs at 1500 steps x ~38 s = ~2050 s, ~17 min at
     --parallel=2 on a 2-core CPU.
 
 Variants (`config_arg`), on the swept layers (first conv and head stay W8A8):
@@ -20,9 +20,11 @@ Variants (`config_arg`), on the swept layers (first conv and head stay W8A8):
   clipped    weights and activations: straight-through, zero outside the clip range
   pact       activations: PACT's learned clip alpha; weights: clipped STE
   lsq        weights: LSQ (learned step, with its gradient scale); activations: clipped
-             STE (LSQ here is symmetric-only, which wastes half the levels after a ReLU;
-             Esser's unsigned activation LSQ is not available)
+             STE
   lsq_noscale  lsq without the step's gradient scale 1/sqrt(N*Q_P) (lsq_grad_scale=False)
+  lsq_both   LSQ on the weights and Esser's unsigned LSQ on the activations (codes
+             0 .. 2^b - 1 after the ReLU: symmetric=False with ste='lsq'), the paper's
+             full recipe
 x W=A bits in {4, 3, 2} x seeds 0/1/2.
 """
 
@@ -31,7 +33,7 @@ from configs.claims import common
 # variant -> (weight ste, activation ste)
 ESTIMATORS = {"identity": ("identity", "identity"), "clipped": ("clipped", "clipped"),
               "pact": ("clipped", "pact"), "lsq": ("lsq", "clipped"),
-              "lsq_noscale": ("lsq", "clipped")}
+              "lsq_noscale": ("lsq", "clipped"), "lsq_both": ("lsq", "lsq")}
 LEVELS = (4, 3, 2)
 
 
