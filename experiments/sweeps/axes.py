@@ -181,8 +181,8 @@ def fmt_value(key: str, value: Any) -> str:
 def row_labels(rows: Sequence[Any], exclude: Sequence[str] = ()) -> list[str]:
   """One human label per row: its quant label, then the swept keys that vary across
   rows and that the quant label does not already imply (quant.bits, quant.format, ...),
-  minus `exclude` (the plot's axes). Rows without a finished run fall back to their
-  override values."""
+  minus `exclude` (the plot's axes) and the keys a row does not set. Rows without a
+  finished run fall back to their override values."""
   quant = [quant_label(row_config(row)) for row in rows]
   keys = [k for k in dict.fromkeys(k for row in rows for k in row.values)
           if k not in exclude and k != SEED_KEY]
@@ -194,7 +194,7 @@ def row_labels(rows: Sequence[Any], exclude: Sequence[str] = ()) -> list[str]:
   labels = []
   for q, row in zip(quant, rows):
     parts = ([q] if q and "label" not in exclude else []) + [
-        fmt_value(k, row.values.get(k)) for k in extra]
+        fmt_value(k, row.values.get(k)) for k in extra if row.values.get(k) is not None]
     labels.append(", ".join(parts) or "—")
   return labels
 

@@ -146,13 +146,14 @@ def group_rows(results: Sequence[PointResult], swept_keys: Sequence[str] = (),
 
   `swept_keys` (sweep.json's, in declaration order) orders the columns; keys it lacks
   are appended in order of appearance. A staged point's reference (`sweeps.ref`) differs
-  per seed; it is shown, and grouped, as `after K=V,..`: the referenced point's values
-  that differ from the point's own, the seed left out.
+  per seed; it is shown, and grouped, as `after W8A8` (the referenced point's quant
+  label, once it has finished) or `after K=V,..` (its values that differ from the
+  point's own), the seed left out.
   """
   found = dict.fromkeys(k for r in results for k in r.overrides)
   keys = [k for k in dict.fromkeys([*(k for k in swept_keys if k in found), *found])
           if k != seed_key]
-  by_name = {r.name: r.overrides for r in results}
+  by_name = {r.name: r for r in results}
   rows: dict[str, Row] = {}
   for r in results:
     values = {k: _stage_label(r.overrides, r.overrides.get(k), by_name, seed_key)
@@ -162,16 +163,18 @@ def group_rows(results: Sequence[PointResult], swept_keys: Sequence[str] = (),
   return list(rows.values())
 
 
-def _stage_label(own: dict[str, Any], value: Any, by_name: dict[str, dict[str, Any]],
+def _stage_label(own: dict[str, Any], value: Any, by_name: dict[str, PointResult],
                  seed_key: str) -> Any:
   if not grid.is_ref(value):
     return value
   parent = by_name.get(value[len(grid.REF_PREFIX):])
   if parent is None:
     return value
-  diff = [f"{k}={grid.format_value(v)}" for k, v in sorted(parent.items())
-          if k != seed_key and not grid.is_ref(v) and own.get(k) != v]
-  return "after " + (",".join(diff) or "the same point")
+  label = axes.quant_label((parent.summary or {}).get("config"))
+  diff = [f"{k}={grid.format_value(v)}" for k, v in sorted(parent.overrides.items())
+          if k != seed_key and not grid.is_ref(v) and own.get(k) != v
+          and not (label and k.startswith("quant."))]  # the label names those
+  return "after " + (", ".join(([label] if label else []) + diff) or "the same point")
 
 
 def choose_metrics(results: Sequence[PointResult]) -> list[str]:

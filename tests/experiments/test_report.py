@@ -269,7 +269,7 @@ def test_staged_points_group_over_seeds_under_their_stage(tmp_path):
   _, results, _ = report.load_results(str(tmp_path))
   rows = report.group_rows(results, ["quant.bits", "seed", "start"])
   assert [r.values for r in rows] == [{"quant.bits": 8, "start": None},
-                                      {"quant.bits": 4, "start": "after quant.bits=8"}]
+                                      {"quant.bits": 4, "start": "after 8 bits"}]
   assert rows[1].stat("test_accuracy").mean == pytest.approx(0.81)
   assert rows[1].stat("test_accuracy").n == 2
 
