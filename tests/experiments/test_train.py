@@ -63,6 +63,9 @@ def test_end_to_end_then_rerun_resumes(tmp_path):
   assert metrics["serving_test_accuracy"] == metrics["test_accuracy"]
   assert np.isfinite(metrics["final_loss"])
   assert on_disk["param_bytes"]["float"] == on_disk["param_bytes"]["quantized"] > 0
+  macs = 40 * 16 + 16 * 10  # MNIST-1D's 40 inputs -> 16 -> 10
+  assert on_disk["compute_per_example"] == {"macs": macs, "bops": macs * 32 * 32,
+                                            "float_bops": macs * 32 * 32}
   assert set(on_disk["versions"]) == {"python", "jax", "flax", "optax", "jaxquant"}
   assert on_disk["data"]["name"] == "mnist1d"
   assert json.loads((workdir / "config.json").read_text()) == on_disk["config"]
@@ -170,6 +173,8 @@ def test_quantized_run_reports_serving_metrics_and_resumes(tmp_path):
   metrics = summary["metrics"]
   assert 0.0 <= metrics["serving_test_accuracy"] <= 1.0
   assert summary["param_bytes"]["quantized"] < summary["param_bytes"]["float"]
+  # dense_0 and head at W8A8, dense_1 at W4A4 (bit operations = MACs x b_w x b_a)
+  assert summary["compute_per_example"]["bops"] == 640 * 64 + 256 * 16 + 160 * 64
   _, state, _ = loop.load_checkpoint(config, str(workdir))
   assert "quant_stats" in state["state"]  # activation ranges travel with the checkpoint
   config.num_steps = 6
