@@ -355,8 +355,8 @@ def plot_vs_bytes(rows: Sequence[Row], metric: str, path: str, *,
   fig, ax = _figure()
   ax.errorbar([b for _, b, _ in data], [s.mean for _, _, s in data],
               yerr=[s.std for _, _, s in data], fmt="o", capsize=3, label="runs")
-  for row, b, s in data:  # values only; the keys go in the title
-    text = ", ".join(_fmt(v) for v in row.values.values())
+  labels = axes.row_labels([row for row, _, _ in data])  # 'W4A4', 'binary W1A8', ...
+  for (row, b, s), text in zip(data, labels):
     ax.annotate(text, (b, s.mean), textcoords="offset points", xytext=(4, 4), fontsize=7)
   front = pareto_front([(b, s.mean) for _, b, s in data], higher_is_better=higher_is_better)
   ax.step([data[i][1] for i in front], [data[i][2].mean for i in front], where="post",
@@ -368,9 +368,8 @@ def plot_vs_bytes(rows: Sequence[Row], metric: str, path: str, *,
   ax.xaxis.set_minor_formatter(ticker.NullFormatter())
   ax.margins(x=0.1)
   better = "higher" if higher_is_better else "lower"
-  keys = ", ".join(data[0][0].values)
   ax.set(xlabel="quantized parameter size", ylabel=f"{metric} ({better} is better)",
-         title=f"{metric} vs model size" + (f"\n(points: {keys})" if keys else ""))
+         title=f"{metric} vs model size")
   ax.legend(fontsize=8)
   return _save(fig, path)
 
