@@ -11,7 +11,7 @@ quantization-aware training is best; crossed with the activation range estimator
     python -m experiments.sweep --config=configs/claims/ptq_vs_qat.py \
         --workdir=runs/claims/ptq_vs_qat --parallel=2; \
     python -m experiments.report --workdir=runs/claims/ptq_vs_qat \
-        --metric=serving_test_accuracy --x=quant.bits \
+        --metric=serving_test_accuracy --x=bits \
         --series=config_arg,quant.weight_granularity,quant.act_calibration
   Expected (the paper's shape): at 8 bits every PTQ setting within ~1 point of float;
     at 4 bits per-tensor PTQ well below per-channel PTQ; QAT above both; at 2 bits PTQ
