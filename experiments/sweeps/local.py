@@ -108,6 +108,8 @@ def _next_ready(pending: list[SweepPoint], running: list[_Running],
   directory = {p.name: p.directory for p in points}
   waiting = {p.name for p in pending} | {r.point.name for r in running}
   for point in pending:
+    if os.path.exists(os.path.join(point.directory, SUMMARY_FILE)):
+      return point, ""  # done before: _skip says so, whatever its stages' state
     missing = ""
     ready = True
     for name in point.requires:
