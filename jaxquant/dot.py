@@ -380,40 +380,120 @@ def _serving_dot(lhs, q_rhs: QTensor, dimension_numbers, spec, key, preferred_el
 
 
 
+# Weight-only serving at small batch: the float activations are split into int8 slices
+# (a block floating point with one exponent per row), so the contraction runs as one
+# s8×s8→s32 dot over the stored codes. Ozaki et al. 2012 ("Error-free transformations of
+# matrix multiplication by using fast routines of matrix multiplication and its
+# applications") split float matrices into slices whose products are exact; Ootomo, Ozaki
+# & Yokota 2024 run such slices on int8 matrix units. Three slices of 127 / 254 / 254
+# levels leave an error of at most max|x_row| / (127 · 254² · 2) ≈ 2^-24 · max|x_row|
+# per element, float32's own rounding at the row's largest value, and the s32 sums are
+# exact: the result equals the dequantize-then-dot one to float32 rounding.
+_SLICES = 3
+# Rows up to which the sliced int8 dot is used (the decode regime, where the weight's
+# bytes decide the time). Above it the float dot of the codes runs: there the weight
+# conversion is spread over many rows, and three times the rows of an int8 GEMM cost
+# 3·r of a float one (r, the s8/f32 GEMM time ratio, is 0.6-0.9 on AVX-512 VNNI CPUs
+# without AMX).
+_SLICED_MAX_ROWS = 32
+# |Σ_k slice·code| ≤ K · 127 · 128 must fit int32.
+_SLICED_MAX_K = (2 ** 31 - 1) // (127 * 128)
+
+
+def _activation_slices(x):
+  """x [M, K] float32 → codes [S·M, K] int8 (slice-major) and scales [S, M, 1] with
+  x ≈ Σ_i scales[i] · codes[i·M:(i+1)·M] (error ≤ 2^-24 · max|x_row|, see above)."""
+  amax = jnp.max(jnp.abs(x), axis=1, keepdims=True)
+  scale = jnp.where(amax > 0, amax, 1.0) / 127.0
+  rest, codes, scales = x, [], []
+  for _ in range(_SLICES):
+    q = jnp.clip(jnp.round(rest / scale), -127.0, 127.0)
+    codes.append(q.astype(jnp.int8))
+    scales.append(scale)
+    rest = rest - q * scale
+    scale = scale / 254.0
+  return jnp.concatenate(codes, axis=0), jnp.stack(scales)
+
+
+def _sliced_dot(x, codes, scale, zero_point, kn: bool):
+  """Σ_k x[m, k] · (codes − z)[k, n] · s, per group of K, as one int8 dot of x's slices.
+
+  codes: int8 [K, N] (`kn`) or [N, K]; scale / zero_point: [G, N|1] (zero_point may be
+  None); x: [M, K] float32 with every value finite. Returns [M, N] float32.
+  """
+  M, K = x.shape
+  G = scale.shape[0]
+  gs = K // G
+  q, s_slices = _activation_slices(x)
+  rows = _SLICES * M
+  pad = (-rows) % 8  # XLA:CPU's int8 GEMM runs fastest on whole 8-row panels
+  q = jnp.pad(q, ((0, pad), (0, 0)))
+  if G == 1:  # a plain 2-D dot (a batched one of one group runs slower on XLA:CPU)
+    dims = (((1,), (0 if kn else 1,)), ((), ()))
+    acc = lax.dot_general(q, codes, dims, preferred_element_type=jnp.int32)[None]
+  elif kn:
+    acc = lax.dot_general(q.reshape(rows + pad, G, gs), codes.reshape(G, gs, -1),
+                          (((2,), (1,)), ((1,), (0,))), preferred_element_type=jnp.int32)
+  else:
+    acc = lax.dot_general(q.reshape(rows + pad, G, gs), codes.reshape(-1, G, gs),
+                          (((2,), (2,)), ((1,), (1,))), preferred_element_type=jnp.int32)
+  # acc: [G, rows + pad, N]
+  # Sums over the few slices and groups are written out as adds: XLA:CPU fuses them into
+  # one elementwise pass, where a reduce over a short axis ran 2-3x slower than the dot.
+  acc = acc[:, :rows].astype(jnp.float32)
+  x_sums = None if zero_point is None else jnp.sum(x.reshape(M, G, gs), axis=2)  # [M, G]
+  out = 0.0
+  for g in range(G):
+    u = sum(acc[g, i * M:(i + 1) * M] * s_slices[i] for i in range(_SLICES))  # x · codes
+    if zero_point is not None:
+      u = u - x_sums[:, g:g + 1] * zero_point[g:g + 1].astype(jnp.float32)
+    out = out + u * scale[g:g + 1]
+  return out
+
+
 def _weight_only_dot(l3, q_stored: QTensor, q_r: QTensor, w_layout: layout.WeightLayout):
   """Float activations [1, M, K] times a stored integer weight (weight-only serving),
-  without materializing the dequantized weight where that can be avoided:
+  without materializing a dequantized float weight where that can be avoided:
 
-  * a 2-D weight stored as [N, K] (its contracted axis minor), one row (decode at batch
-    1), one scale per column: out[n] = s_n · Σ_k x[k]·(c[n, k] − z_n), a fused
-    multiply+reduce over the stored int8 codes (one pass over 1 byte per weight; a dot
-    would first write the converted float32 weight, 4 bytes per weight, and read it);
+  * up to `_SLICED_MAX_ROWS` (32) rows (decode), one s8×s8→s32 dot of the activations'
+    int8 slices and the stored codes (`_sliced_dot`; a 2-D [N, K] weight is used as
+    stored, with no transpose), scales and zero points applied to the s32 sums per
+    group: the weight is read once as 1 byte per value, where a float dot first
+    writes and reads a 4-byte copy of it. Rows holding NaN or Inf take the float path
+    (under `lax.cond`), so they come out as a float dot's would;
   * otherwise per-column (or per-tensor) scales are folded into the output of a plain
     2-D dot of the codes, (x · (c − z)) · s, which skips the dequantizing multiply over
     the [K, N] weight; grouped scales dequantize the weight first.
 
-  Outputs equal the dequantize-then-dot ones up to float32 rounding order.
+  Outputs equal the dequantize-then-dot ones up to float32 rounding.
   """
   x = l3[0].astype(jnp.float32)  # [M, K]
-  M = x.shape[0]
-  grouped = q_r.scale.shape[1] > 1
-  if (not grouped and w_layout.ndim == 2 and w_layout.contracting == (1,)
-      and isinstance(M, int) and M == 1):
-    q = q_stored.unpacked()
-    codes = q.values.astype(jnp.float32)  # [N, K]
-    if q.zero_point is not None:
-      codes = codes - q.zero_point.astype(jnp.float32)  # [N|1, 1]
-    # [N, K] (not [1, N, K], which XLA:CPU runs on a slow path). With more rows the
-    # [M, N, K] product measured 15-25x slower than float inside a multi-layer model
-    # (XLA:CPU fuses the layers' reductions together), so those rows take the dot below.
-    acc = jnp.sum(codes * x[0][None, :], axis=1)[None]
-    return (acc * q.scale.reshape(1, -1))[None]
-  if grouped:
-    return (x @ q_r.dequantize(jnp.float32)[0])[None]
-  codes = q_r.values[0].astype(jnp.float32)  # [K, N]
-  if q_r.zero_point is not None:
-    codes = codes - q_r.zero_point[0].astype(jnp.float32)  # [1, N|1]
-  return ((x @ codes) * q_r.scale[0])[None]
+  M, K = x.shape
+
+  # Each branch unpacks the stored weight itself, so only the branch taken does.
+  def float_path(x, q_stored):
+    q_r = layout.canonical_qtensor(q_stored, w_layout)
+    if q_r.scale.shape[1] > 1:
+      return x @ q_r.dequantize(jnp.float32)[0]
+    codes = q_r.values[0].astype(jnp.float32)  # [K, N]
+    if q_r.zero_point is not None:
+      codes = codes - q_r.zero_point[0].astype(jnp.float32)  # [1, N|1]
+    return (x @ codes) * q_r.scale[0]
+
+  def sliced(x, q_stored):
+    if w_layout.ndim == 2 and w_layout.contracting == (1,):  # [N, K] as stored
+      codes, kn = q_stored.unpacked().values, False
+    else:
+      codes, kn = layout.canonical_qtensor(q_stored, w_layout).values[0], True
+    zp = None if q_r.zero_point is None else q_r.zero_point[0]
+    return _sliced_dot(x, codes, q_r.scale[0], zp, kn)
+
+  G = q_r.scale.shape[1]
+  if not (isinstance(M, int) and M <= _SLICED_MAX_ROWS and q_r.values.dtype == jnp.int8
+          and K // G <= _SLICED_MAX_K):
+    return float_path(x, q_stored)[None]
+  finite = jnp.all(jnp.isfinite(jnp.max(jnp.abs(x), axis=1)))  # max propagates NaN
+  return lax.cond(finite, sliced, float_path, x, q_stored)[None]
 
 
 def make_dot_general(spec: Optional[DotSpec], *, key=None,

@@ -48,7 +48,7 @@ from jaxquant import numerics
 from jaxquant import observers as obs
 from jaxquant import fake_quant as fake_quant_lib
 from jaxquant.fake_quant import OperandState
-from jaxquant.qtensor import QTensor, unpack
+from jaxquant.qtensor import QTensor, plane
 from jaxquant.spec import DotSpec, Rule
 
 QUANTIZABLE = (nn.Dense, nn.DenseGeneral, nn.Conv, nn.Einsum)
@@ -575,14 +575,16 @@ def fake_quant_table(table, spec, *, key=None, learned=None):
 
 def gather_rows(q: QTensor, ids, dtype=jnp.float32):
   """Dequantized rows `ids` of a stored table QTensor [V, D]: only those rows' codes
-  are unpacked (packed rows are whole bytes when D · bits is a multiple of 8) and
-  dequantized, with their own scales."""
+  are unpacked and dequantized, with their own scales. A packed table whose V is a
+  multiple of the codes per byte p holds row v in bit plane v // (V/p), at byte row
+  v % (V/p) (`jq.pack`'s bit planes), so a gather reads ids.size rows of D bytes."""
   v, d = q.shape
   ids = jnp.asarray(ids)
-  if q.packed and (d * q.spec.storage_bits) % 8 == 0:
+  if q.packed and v % (8 // q.spec.storage_bits) == 0:
     bits = q.spec.storage_bits
-    rows = jnp.take(q.values.reshape(v, d * bits // 8), ids, axis=0)
-    codes = unpack(rows.reshape(-1), bits, ids.shape + (d,))
+    per_plane = v // (8 // bits)
+    rows = jnp.take(q.values.reshape(per_plane, d), ids % per_plane, axis=0)
+    codes = plane(rows, (ids // per_plane)[..., None], bits)
   else:
     codes = jnp.take(q.unpacked().values, ids, axis=0)
 

@@ -80,9 +80,9 @@ def test_gather_rows_only_touches_the_rows_it_looks_up():
   ids = jnp.asarray([[3, 3, 39], [0, 7, 1]])
   np.testing.assert_array_equal(np.asarray(gather_rows(stored, ids)),
                                 np.asarray(stored.dequantize())[np.asarray(ids)])
-  # Its jaxpr unpacks ids.size rows of D codes, never the V·D table.
+  # Its jaxpr gathers ids.size byte rows of D and unpacks only those, never the V·D table.
   jaxpr = str(jax.make_jaxpr(lambda q: gather_rows(q, ids))(stored))
-  assert f"{ids.size * D}" in jaxpr and f"{V * D}]" not in jaxpr
+  assert f"i8[2,3,{D}]" in jaxpr and f"{V * D}]" not in jaxpr and f"[{V},{D}]" not in jaxpr
 
 
 def test_tied_head_with_act_spec_runs_the_int_dot_against_numpy():

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 import jaxquant as jq
+from jaxquant.qtensor import plane
 
 
 def test_qtensor_invariant_with_group_scales_and_zero_points():
@@ -48,6 +49,21 @@ def test_pack_layout_is_little_endian_within_bytes():
   assert np.asarray(jq.pack(jnp.asarray([-1, 3], jnp.int8), 4)).tolist() == [0x3F]
   # 2-bit: [1, −2, 0, −1] → 01, 10, 00, 11 from the low bits up.
   assert np.asarray(jq.pack(jnp.asarray([1, -2, 0, -1], jnp.int8), 2)).tolist() == [0b11001001]
+
+
+def test_pack_stores_bit_planes_of_consecutive_codes():
+  # 4-bit, 8 codes: byte j holds code j (low nibble) and code 4 + j (high nibble), so a
+  # [4, 2] weight's rows 0-1 are the low nibbles and rows 2-3 the high ones.
+  codes = jnp.asarray([[1, 2], [3, 4], [5, 6], [-1, -2]], jnp.int8)
+  assert np.asarray(jq.pack(codes, 4)).tolist() == [0x51, 0x62, 0xF3, 0xE4]
+  # 2-bit, 5 codes (padded to 8): plane i holds codes 2i, 2i + 1.
+  assert np.asarray(jq.pack(jnp.asarray([1, -1, 0, 1, -2], jnp.int8), 2)).tolist() == [
+      0b00100001, 0b00000111]
+  # `plane` reads one plane back, sign-extended; an index array picks a plane per byte.
+  packed = jq.pack(codes, 4)
+  np.testing.assert_array_equal(np.asarray(plane(packed, 1, 4)), [5, 6, -1, -2])
+  np.testing.assert_array_equal(np.asarray(plane(packed, jnp.asarray([0, 1, 0, 1]), 4)),
+                                [1, 6, 3, -2])
 
 
 CODE_RANGE = {1: [-1, 1], 2: [-2, -1, 0, 1], 4: list(range(-8, 8))}
