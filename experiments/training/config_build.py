@@ -16,7 +16,7 @@ from typing import Any, Sequence
 import ml_collections
 
 import jaxquant as jq
-from jaxquant.spec import CALIBRATIONS, FORMATS, MODES
+from jaxquant.spec import CALIBRATIONS, FORMATS, MODES, PTQ_METHODS
 from experiments.data import DATASET_NAMES
 from experiments.models import MODEL_NAMES, get_model
 from experiments.training import schema
@@ -164,6 +164,9 @@ def validate_config(config: ml_collections.ConfigDict,
   if config.ptq.from_workdir and not config.ptq.enabled:
     raise ConfigError(f"config key 'ptq.from_workdir'={config.ptq.from_workdir!r} needs "
                       "ptq.enabled=True (it names the float run to quantize)")
+  _check_choice("ptq.method", config.ptq.method, ("rtn",) + PTQ_METHODS)
+  if config.ptq.method != "rtn" and not config.ptq.enabled:
+    raise ConfigError(f"config key 'ptq.method'={config.ptq.method!r} needs ptq.enabled=True")
   if config.ptq.enabled:
     for i, rule in enumerate(rules):
       for name in ("weight", "act", "grad"):
@@ -286,6 +289,15 @@ def rules_from_config(quant_cfg: ml_collections.ConfigDict) -> list[jq.Rule]:
 
 
 # --------------------------------------------------------------------------- model
+
+
+def ptq_rules(config: ml_collections.ConfigDict, rules: Sequence[jq.Rule]) -> list[jq.Rule]:
+  """The rules PTQ applies: `rules`, each with a weight spec given `ptq.method`'s
+  algorithm (`jq.PTQ(method=...)`) when one is set."""
+  if config.ptq.method == "rtn":
+    return list(rules)
+  algorithm = jq.PTQ(method=config.ptq.method)
+  return [dataclasses.replace(r, ptq=algorithm) if r.weight is not None else r for r in rules]
 
 
 def build_model(config: ml_collections.ConfigDict, *, num_classes: int):

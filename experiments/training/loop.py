@@ -97,7 +97,8 @@ def prepare(config: ml_collections.ConfigDict) -> Setup:
                       f"needs a classification dataset; {config.dataset.name!r} is byte "
                       "tokens (use eval.weight_noise_std)")
   float_model, rules = config_build.build_model(config, num_classes=ds.num_classes)
-  ptq_rules, rules = (rules, []) if config.ptq.enabled else ([], rules)
+  ptq_rules, rules = ((config_build.ptq_rules(config, rules), []) if config.ptq.enabled
+                        else ([], rules))
   model = maybe_quantize(float_model, rules)
   try:
     mesh = sharding.build_mesh(config.mesh_shape)
@@ -237,11 +238,14 @@ def _serve(setup: Setup, qmodel, variables, *example_args):
 
 
 def post_training_quantize(setup: Setup, state) -> tuple[dict, dict, dict]:
-  """PTQ of a trained float state with `setup.ptq_rules` (round to nearest).
+  """PTQ of a trained float state with `setup.ptq_rules`.
 
-  Calibrates the static activation ranges on the first `ptq.calib_batches` training
-  batches (`jaxquant.calibrate`), evaluates that model, converts it (`jaxquant.convert`)
-  and evaluates the serving model. Returns (PTQ metrics, serving metrics, param bytes).
+  Calibrates the static activation ranges (and the PTQ algorithm's statistics) on the
+  first `ptq.calib_batches` training batches (`jaxquant.calibrate`), evaluates that
+  model, converts it (`jaxquant.convert`, which runs the rules' PTQ algorithm) and
+  evaluates the serving model. Returns (PTQ metrics, serving metrics, param bytes); with
+  a PTQ algorithm (GPTQ, AWQ, SmoothQuant) the PTQ metrics are the serving model's, the
+  only one holding the algorithm's weights.
   """
   config = setup.config
   qmodel = jq.quantize_model(setup.float_model, setup.ptq_rules)
@@ -257,10 +261,12 @@ def post_training_quantize(setup: Setup, state) -> tuple[dict, dict, dict]:
   data = BatchIterator(setup.dataset, batch_size=config.batch_size, seed=config.seed)
   batches = [np.asarray(next(data)["x"]) for _ in range(config.ptq.calib_batches)]
   calibrated = jq.calibrate(qmodel, qvars, batches, rngs={"quant": key})
+  serving, param_bytes = _serve(setup, qmodel, calibrated)
+  if any(rule.ptq is not None for rule in setup.ptq_rules):
+    return dict(serving), serving, param_bytes
   replicated = sharding.replicated(setup.mesh)
   ptq_metrics = make_evaluator(setup, qmodel.apply, replicated, quantized=True)(
       jax.device_put(calibrated, replicated))
-  serving, param_bytes = _serve(setup, qmodel, calibrated)
   return ptq_metrics, serving, param_bytes
 
 

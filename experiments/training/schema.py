@@ -101,6 +101,11 @@ and are refused.
   ptq.from_workdir  '' trains the float model here; a path takes the float weights
                     from that finished float run's newest checkpoint instead (same
                     model, optimizer and dataset; nothing is trained).
+  ptq.method        'rtn' rounds every weight to nearest; 'gptq' / 'awq' / 'smoothquant'
+                    runs that algorithm (`jq.PTQ(method=...)`, its defaults) on every
+                    rule with a weight spec. Its weights exist only in the converted
+                    model, so `test_*` are then the serving model's metrics (equal to
+                    `serving_test_*`).
 
 Rules that should not follow the sweep (e.g. first and last layer kept at 8 bits) use
 literal numbers instead of the references; see `configs.base.standard_rules` and
@@ -175,6 +180,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.ptq.enabled = False
   config.ptq.calib_batches = 8
   config.ptq.from_workdir = ""
+  config.ptq.method = "rtn"
 
   config.init = ml_collections.ConfigDict()
   config.init.from_workdir = ""

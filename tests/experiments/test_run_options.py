@@ -12,6 +12,7 @@ from configs import base
 from experiments.training import loop, steps
 from experiments.training.config_build import ConfigError
 from experiments.training.results import read_jsonl
+from experiments.training.schema import quant_rule
 from tests.experiments.test_train import tiny_config
 
 
@@ -66,6 +67,25 @@ def test_ptq_of_a_finished_float_run(float_run, tmp_path):
   assert low["test_loss"] > m["test_loss"], (low, m)
 
 
+def test_ptq_method_gptq_serves_its_weights(float_run, tmp_path):
+  """ptq.method='gptq': the rules' weights go through GPTQ at conversion, so the test
+  metrics are the served model's, and they differ from round to nearest's."""
+  source, _ = float_run
+  runs = {}
+  for method in ("rtn", "gptq"):
+    config = _ptq_config(3, **{"ptq.from_workdir": source, "ptq.method": method})
+    config.quant.rules = [quant_rule(".*", weight=base.weight_spec(3, "int", "identity"))]
+    runs[method] = loop.train_and_evaluate(config, str(tmp_path / method))["metrics"]
+  rtn, gptq = runs["rtn"], runs["gptq"]
+  assert gptq["test_loss"] == gptq["serving_test_loss"]
+  assert gptq["test_accuracy"] == gptq["serving_test_accuracy"]
+  assert gptq["float_test_loss"] == rtn["float_test_loss"]
+  assert gptq["test_loss"] != rtn["test_loss"]
+  # GPTQ minimizes each layer's output error on the calibration inputs: on this model
+  # its loss is not worse than rounding to nearest.
+  assert gptq["test_loss"] <= rtn["test_loss"] * 1.02, (gptq, rtn)
+
+
 def test_ptq_enabled_trains_float_then_quantizes(float_run, tmp_path):
   _, float_summary = float_run
   summary = loop.train_and_evaluate(_ptq_config(8), str(tmp_path / "run"))
@@ -91,6 +111,10 @@ def test_ptq_config_errors(float_run, tmp_path):
   with pytest.raises(ConfigError, match="is a quantized run"):
     loop.train_and_evaluate(_ptq_config(8, **{"ptq.from_workdir": str(tmp_path / "qat")}),
                             str(tmp_path / "d"))
+  with pytest.raises(ConfigError, match="'ptq.method'='gptq' needs ptq.enabled"):
+    loop.train_and_evaluate(_digits_config(**{"ptq.method": "gptq"}), str(tmp_path / "f"))
+  with pytest.raises(ConfigError, match="ptq.method"):
+    loop.train_and_evaluate(_ptq_config(8, **{"ptq.method": "nearest"}), str(tmp_path / "g"))
   with pytest.raises(ConfigError, match="quant.act_calibration"):
     loop.train_and_evaluate(_ptq_config(8, **{"quant.act_calibration": "max"}),
                             str(tmp_path / "e"))
