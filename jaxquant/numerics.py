@@ -182,7 +182,56 @@ def _percentile(x, q, axes):
   xt = xt.reshape(xt.shape[: len(keep)] + (int(np.prod(xt.shape[len(keep):])),))  # no -1: size 0
   if xt.shape[-1] == 0:
     return jnp.zeros(xt.shape[:-1], jnp.float32)
-  return jnp.nanpercentile(xt, q, axis=-1)
+  return nanpercentile(xt, q)
+
+
+def _order_keys(x):
+  """uint32 keys whose unsigned order is the float32 order of `x` (not NaN)."""
+  b = jax.lax.bitcast_convert_type(x.astype(jnp.float32), jnp.uint32)
+  negative = (b >> 31) == 1
+  return jnp.where(negative, ~b, b | jnp.uint32(0x80000000))
+
+
+def _from_order_keys(k):
+  b = jnp.where((k >> 31) == 1, k & jnp.uint32(0x7FFFFFFF), ~k)
+  return jax.lax.bitcast_convert_type(b, jnp.float32)
+
+
+def nanpercentile(x, q):
+  """`jnp.nanpercentile(x, q, axis=-1)` (linear interpolation, NaN ignored; NaN for a
+  row with no other value), without sorting.
+
+  A sort of the row is the costly part of a percentile: on a 2-core CPU it took ~150 ms
+  for 0.5M float32 values, hundreds of times the quantized layer's own dot, and
+  percentile activation ranges computed one per layer per training step. The two order
+  statistics the interpolation needs are found instead by a bitwise binary search over
+  the values' order-preserving uint32 keys: 32 counting passes (`#{key < t}`) fix the
+  low one, a 33rd (a min over the keys above it) its successor. Results equal
+  `jnp.nanpercentile`'s (the same float32 interpolation); no gradient flows to `x`.
+  """
+  x = jax.lax.stop_gradient(jnp.asarray(x, jnp.float32))
+  valid = ~jnp.isnan(x)
+  keys = jnp.where(valid, _order_keys(x), jnp.uint32(0xFFFFFFFF))  # NaN: above all
+  counts = jnp.sum(valid, axis=-1).astype(jnp.float32)
+  pos = jnp.asarray(q, jnp.float32) / 100.0 * (counts - 1.0)
+  low, high = jnp.floor(pos), jnp.ceil(pos)
+  high_weight = pos - low
+  low = jnp.clip(low, 0.0, counts - 1.0).astype(jnp.int32)
+  high = jnp.clip(high, 0.0, counts - 1.0).astype(jnp.int32)
+
+  def bit_step(i, t):  # keep bit (31 - i) of t where fewer than low + 1 keys lie below
+    c = t | (jnp.uint32(1) << (31 - i).astype(jnp.uint32))
+    below = jnp.sum(keys < c[..., None], axis=-1, dtype=jnp.int32)
+    return jnp.where(below <= low, c, t)
+  t_low = jax.lax.fori_loop(0, 32, bit_step, jnp.zeros(low.shape, jnp.uint32))
+  # The next order statistic: t_low again if it repeats past index `high`, else the
+  # smallest key above it.
+  at_most = jnp.sum(keys <= t_low[..., None], axis=-1, dtype=jnp.int32)
+  above = jnp.min(jnp.where(keys > t_low[..., None], keys, jnp.uint32(0xFFFFFFFF)), axis=-1)
+  t_high = jnp.where(at_most > high, t_low, above)
+  low_value, high_value = _from_order_keys(t_low), _from_order_keys(t_high)
+  out = low_value * (1.0 - high_weight) + high_value * high_weight
+  return jnp.where(counts > 0, out, jnp.nan)
 
 
 def divide_by_scale(x, scale):

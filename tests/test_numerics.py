@@ -256,6 +256,47 @@ def test_percentile_clip_range(fmt, symmetric, pct):
     assert np.any(x > hi_c) and np.all(deq <= hi_c * (1 + 1e-6))
 
 
+_nanpercentile = jax.jit(numerics.nanpercentile, static_argnums=1)
+
+
+@pytest.mark.parametrize("case", ["normal", "ties", "signed_zeros", "nan", "one", "huge_range"])
+@pytest.mark.parametrize("q", [0.0, 1.0, 50.0, 99.0, 99.9, 100.0])
+def test_nanpercentile_without_sort_matches_numpy(case, q):
+  """The sort-free percentile (bitwise search over order keys) against numpy's
+  nanpercentile in float64: the order statistics are exact, so the result is their
+  float32 linear interpolation."""
+  r = np.random.default_rng(hash((case, q)) % 2 ** 32)
+  x = {"normal": lambda: r.standard_normal((3, 1000)),
+       "ties": lambda: r.integers(-3, 4, (3, 101)).astype(float),
+       "signed_zeros": lambda: r.choice([0.0, -0.0, 2.0, -2.0], (2, 50)),
+       "nan": lambda: np.where(r.random((3, 200)) < 0.3, np.nan, r.standard_normal((3, 200))),
+       "one": lambda: r.standard_normal((4, 1)),
+       "huge_range": lambda: r.standard_normal((2, 300)) * 10.0 ** r.integers(-30, 30, (2, 300)),
+       }[case]().astype(np.float32)
+  out = np.asarray(_nanpercentile(jnp.asarray(x), q))
+  ref = np.nanpercentile(x.astype(np.float64), q, axis=-1)
+  np.testing.assert_array_equal(np.isnan(out), np.isnan(ref))
+  srt = np.sort(x.astype(np.float64), axis=-1)  # NaN last
+  for row in range(x.shape[0]):
+    n = int(np.sum(~np.isnan(x[row])))
+    pos = np.float32(q) / np.float32(100) * np.float32(n - 1)
+    lo, hi = srt[row, int(np.floor(pos))], srt[row, int(np.ceil(pos))]
+    if pos == np.floor(pos):  # an order statistic itself: exact
+      assert out[row] == ref[row], (row, out[row], ref[row])
+    else:  # between two: their interpolation at the float32 position, float32 rounding
+      assert min(lo, hi) <= out[row] <= max(lo, hi)
+      w = float(pos - np.floor(pos))
+      assert abs(out[row] - (lo * (1 - w) + hi * w)) <= 4e-7 * max(abs(lo), abs(hi))
+
+
+def test_nanpercentile_all_nan_row_is_nan_and_no_gradient():
+  x = jnp.asarray([[np.nan, np.nan], [1.0, 3.0]], jnp.float32)
+  out = np.asarray(_nanpercentile(x, 50.0))
+  assert np.isnan(out[0]) and out[1] == 2.0
+  assert float(jax.grad(lambda x: numerics.nanpercentile(x, 99.0).sum())(
+      jnp.ones((1, 8), jnp.float32)).sum()) == 0.0
+
+
 @pytest.mark.parametrize("fmt,symmetric,granularity", [
     ("int", True, "channel"), ("int", False, "channel"), ("int", True, "group"),
     ("int", False, "tensor"), ("fp8_e5m2", True, "channel")])
