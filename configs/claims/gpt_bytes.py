@@ -11,7 +11,7 @@ degrades sharply at 3 bits where GPTQ holds.
     python -m experiments.sweep --config=configs/claims/gpt_bytes.py \
         --workdir=runs/claims/gpt_bytes --parallel=2; \
     python -m experiments.report --workdir=runs/claims/gpt_bytes --x=bits \
-        --metric=test_bits_per_byte --series=label,ptq.method
+        --metric=test_bits_per_byte --series=ptq.method
   Expected: test_bits_per_byte (lower is better): W8A8 within ~0.02 of float (float
     seed 0 measured 2.23 at this schedule); W4A4 above both. PTQ of the float runs,
     weights only: RTN W4 a little above float and W3 well above it; GPTQ below RTN at
