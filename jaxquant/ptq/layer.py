@@ -54,6 +54,11 @@ def quantize_layer(path: str, kernel, spec: QuantSpec, ptq: PTQ,
     raise ValueError(f"layer {path!r}: ptq={ptq.method!r} has no calibration statistics; "
                      "run jq.calibrate on some batches first")
   w_KN = layout.canonical(jnp.asarray(kernel, jnp.float32), w_layout)[0]
+  if st.xtx.shape[0] != w_KN.shape[0]:  # e.g. a convolution: statistics per input channel
+    raise ValueError(f"layer {path!r}: ptq={ptq.method!r} needs statistics of the "
+                     f"{w_KN.shape[0]} contracted input features, but the layer's input "
+                     f"rows have {st.xtx.shape[0]} (a convolution's patches are not "
+                     "collected); use it on Dense / Einsum layers")
   if not bool(jnp.all(jnp.isfinite(st.xtx))):
     raise ValueError(f"layer {path!r}: calibration statistics hold NaN/Inf")
   if spec.granularity == "group" and w_KN.shape[0] % spec.group_size:

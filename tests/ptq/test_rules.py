@@ -119,3 +119,14 @@ def test_ptq_rule_validation():
     jq.Rule("x", act=jq.QuantSpec(bits=8), ptq=jq.PTQ())
   with pytest.raises(ValueError, match="needs an act"):
     jq.Rule("x", weight=jq.QuantSpec(bits=8), ptq=jq.PTQ(method="smoothquant"))
+
+
+def test_ptq_refuses_statistics_that_do_not_match_the_contraction():
+  """A convolution collects statistics per input channel, not per patch: GPTQ on its
+  [window · Cin, Cout] kernel would misread them, so it is refused with the layer named."""
+  from jaxquant.ptq import layer as ptq_layer  # pylint: disable=import-outside-toplevel
+  st = ptq_stats.update(ptq_stats.init(1), jnp.ones((4, 1), jnp.float32))
+  kernel = jnp.ones((5, 1, 8), jnp.float32)  # a 1-D conv: window 5, 1 channel in, 8 out
+  with pytest.raises(ValueError, match=r"'conv_0'.*5 contracted input features.*have 1"):
+    ptq_layer.quantize_layer("conv_0", kernel, jq.QuantSpec(bits=4), jq.PTQ(method="gptq"),
+                             jq.make_layout(3, (0, 1)), st._asdict())
