@@ -103,7 +103,8 @@ and are refused.
                     model, optimizer and dataset; nothing is trained).
   ptq.method        'rtn' rounds every weight to nearest; 'gptq' / 'awq' / 'smoothquant'
                     runs that algorithm (`jq.PTQ(method=...)`, its defaults) on every
-                    rule with a weight spec. Its weights exist only in the converted
+                    rule with a weight spec (Dense / Einsum layers; a convolution is
+                    refused, naming it). Its weights exist only in the converted
                     model, so `test_*` are then the serving model's metrics (equal to
                     `serving_test_*`).
 
