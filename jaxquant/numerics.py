@@ -206,8 +206,9 @@ def nanpercentile(x, q):
   percentile activation ranges computed one per layer per training step. The two order
   statistics the interpolation needs are found instead by a bitwise binary search over
   the values' order-preserving uint32 keys: 32 counting passes (`#{key < t}`) fix the
-  low one, a 33rd (a min over the keys above it) its successor. Results equal
-  `jnp.nanpercentile`'s (the same float32 interpolation); no gradient flows to `x`.
+  low one, a 33rd (a min over the keys above it) its successor. The order statistics are
+  exact and the interpolation is `jnp.nanpercentile`'s float32 formula, so results agree
+  with it to float32 rounding; no gradient flows to `x`.
   """
   x = jax.lax.stop_gradient(jnp.asarray(x, jnp.float32))
   valid = ~jnp.isnan(x)
