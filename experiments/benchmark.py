@@ -50,6 +50,7 @@ Each prints the floor it is judged against, r = raw_s8_dot of the same run:
 from __future__ import annotations
 
 import json
+import os
 import statistics
 import time
 
@@ -66,8 +67,14 @@ flags.DEFINE_integer("batch", 512, "Batch size (rows of the activations).")
 flags.DEFINE_integer("repeats", 15, "Timed repetitions per path (median reported).")
 flags.DEFINE_bool("json", False, "Print the results as JSON instead of a table.")
 flags.DEFINE_list("only", [], "Row groups to run (raw, flax, decode, ranges, minilm, "
-                  "integer_only); "
-                  "empty: all. raw always runs (r, the floors' reference).")
+                  "integer_only, gemm, flax_bf16); empty: all but gemm and flax_bf16, "
+                  "which are sized for a GPU. raw always runs (r, the floors' reference).")
+flags.DEFINE_list("gemm_sizes", ["4096", "8192"], "Square GEMM sizes of the gemm group.")
+flags.DEFINE_integer("bf16_width", 4096, "Width d of the flax_bf16 group's MLP "
+                     "(d→2d→2d→d).")
+flags.DEFINE_string("out", "", "Also write the JSON results to this file.")
+flags.DEFINE_string("hlo_dir", "", "gemm group: write each path's compiled HLO here "
+                    "(to check which kernel the int8 dot became).")
 
 SIZES = (1024, 2048, 2048, 1024)
 
@@ -102,30 +109,41 @@ def _make_step(dot):
 
 
 def _time(fns_and_args, repeats):
-  """Interleaved timing: one call of each function per round, median per function."""
-  for fn, args in fns_and_args:  # compile + warm up
+  """Interleaved timing: one call of each function per round, median per function. On
+  an asynchronous backend (GPU, TPU) each timing queues 10 calls (see `_time_queued`)."""
+  return _time_queued(fns_and_args, repeats, calls=1 if jax.default_backend() == "cpu" else 10)
+
+
+def _time_queued(fns_and_args, repeats, calls=10):
+  """Like `_time`, but each timing queues `calls` calls before waiting for the last, and
+  divides by `calls`: on an asynchronous device (a GPU) the time of the work, not of the
+  host's dispatch and synchronisation."""
+  for fn, args in fns_and_args:
     jax.block_until_ready(fn(*args))
     jax.block_until_ready(fn(*args))
   times = [[] for _ in fns_and_args]
   for _ in range(repeats):
     for i, (fn, args) in enumerate(fns_and_args):
       t0 = time.perf_counter()
-      jax.block_until_ready(fn(*args))
-      times[i].append(time.perf_counter() - t0)
+      jax.block_until_ready([fn(*args) for _ in range(calls)])
+      times[i].append((time.perf_counter() - t0) / calls)
   return [statistics.median(t) for t in times]
 
 
-GROUPS = ("raw", "flax", "decode", "ranges", "minilm", "integer_only")
+GROUPS = ("raw", "flax", "decode", "ranges", "minilm", "integer_only", "gemm", "flax_bf16")
+DEFAULT_GROUPS = GROUPS[:-2]  # gemm and flax_bf16 are sized for a GPU: ask for them
 
 
-def run(batch: int = 512, repeats: int = 15, only=()) -> dict:
-  """Runs the comparisons of the groups in `only` (all when empty; the raw rows always).
+def run(batch: int = 512, repeats: int = 15, only=(), gemm_sizes=(4096, 8192),
+        bf16_width: int = 4096, hlo_dir: str = "") -> dict:
+  """Runs the comparisons of the groups in `only` (DEFAULT_GROUPS when empty; the raw
+  rows always).
 
   Returns {name: {'ratio', 'ms', 'baseline_ms', 'floor'}}: 'floor' is the ratio the row
-  is judged against (None when it has none), and a row that could not run has
-  {'skipped': reason} instead.
+  is judged against (None when it has none), gemm rows add 'tflops' (the path's rate),
+  and a row that could not run has {'skipped': reason} instead.
   """
-  only = tuple(only) or GROUPS
+  only = tuple(only) or DEFAULT_GROUPS
   bad = [g for g in only if g not in GROUPS]
   if bad:
     raise ValueError(f"unknown row groups {bad}; choose from {list(GROUPS)}")
@@ -151,8 +169,25 @@ def run(batch: int = 512, repeats: int = 15, only=()) -> dict:
       floors["minilm_w8a8"] = 0.8
   if "integer_only" in only:
     results.update(_integer_only_rows(batch, repeats))
+  flops = {}
+  if "gemm" in only:
+    rows, gemm_floors, flops = _gemm_rows(tuple(int(n) for n in gemm_sizes), repeats,
+                                                  hlo_dir)
+    results.update(rows)
+    floors.update(gemm_floors)
+  if "flax_bf16" in only:
+    d = bf16_width
+    sizes = (d, 2 * d, 2 * d, d)
+    r16 = _raw_ratio(batch, 2 * d, 2 * d, jnp.bfloat16, repeats)
+    results["raw_s8_dot_vs_bf16"] = r16
+    rows, bf16_floors = _flax_rows(batch, repeats, r16[0] / r16[1], sizes=sizes,
+                                   dtype=jnp.bfloat16, prefix="flax_bf16")
+    results.update(rows)
+    floors.update(bf16_floors)
   out = {k: {"ratio": q / f, "ms": q * 1e3, "baseline_ms": f * 1e3, "floor": floors.get(k)}
          for k, (q, f) in results.items()}
+  for k, n_flops in flops.items():
+    out[k]["tflops"] = n_flops / (out[k]["ms"] * 1e-3) / 1e12
   out.update({k: {"skipped": why} for k, why in skipped.items()})
   return out
 
@@ -199,8 +234,8 @@ def _raw_rows(batch: int, repeats: int) -> dict:
   return results
 
 
-def _flax_mlp():
-  return MLP(num_classes=SIZES[-1], features=SIZES[1:-1])
+def _flax_mlp(sizes=SIZES):
+  return MLP(num_classes=sizes[-1], features=tuple(sizes[1:-1]))
 
 
 def _flax_step(model, quantized: bool):
@@ -225,36 +260,100 @@ def _split_params(variables):
   return variables.pop("params"), variables
 
 
-def _flax_rows(batch: int, repeats: int, r: float):
-  """Flax MLP through `jq.quantize_model`: serving, QAT step, fully-int8 step."""
-  model = _flax_mlp()
-  x = jax.random.normal(jax.random.key(1), (batch, SIZES[0]), jnp.float32)
-  y = jax.random.normal(jax.random.key(2), (batch, SIZES[-1]), jnp.float32)
+def _cast_params(variables, dtype):
+  """The variables with every float parameter in `dtype` (the training dtype); other
+  collections (activation-range statistics) stay as initialised."""
+  params = jax.tree.map(lambda a: a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating)
+                        else a, variables["params"])
+  return {**variables, "params": params}
+
+
+def _flax_rows(batch: int, repeats: int, r: float, sizes=SIZES, dtype=jnp.float32,
+               prefix: str = "flax"):
+  """Flax MLP through `jq.quantize_model`: serving, QAT step, fully-int8 step, with
+  parameters and activations in `dtype` (the float baseline in the same dtype)."""
+  model = _flax_mlp(sizes)
+  x = jax.random.normal(jax.random.key(1), (batch, sizes[0]), dtype)
+  y = jax.random.normal(jax.random.key(2), (batch, sizes[-1]), dtype)
   key = jax.random.key(3)
   init_rngs = {"params": jax.random.key(0), "quant": jax.random.key(4)}
-  float_vars = model.init(init_rngs, x)
+  float_vars = _cast_params(model.init(init_rngs, x), dtype)
   w8, a8 = jq.QuantSpec(bits=8), jq.QuantSpec(bits=8)  # per channel / per token
   qat = jq.quantize_model(model, [jq.Rule(".*", weight=w8, act=a8)])
   full = jq.quantize_model(model, [jq.Rule(".*", weight=w8, act=a8,
                                            grad=jq.QuantSpec(bits=8, rounding="stochastic"))])
-  qat_vars = qat.init(init_rngs, x)
-  full_vars = full.init(init_rngs, x)
+  qat_vars = _cast_params(qat.init(init_rngs, x), dtype)
+  full_vars = _cast_params(full.init(init_rngs, x), dtype)
   serving_model, serving_vars = jq.convert(qat, qat_vars)
   rows = {}
   t_f, t_s = _time([(jax.jit(model.apply), (float_vars, x)),
                     (jax.jit(serving_model.apply), (serving_vars, x))], repeats)
-  rows["flax_serving_w8a8"] = (t_s, t_f)
+  rows[f"{prefix}_serving_w8a8"] = (t_s, t_f)
   fp, fo = _split_params(float_vars)
   qp, qo = _split_params(qat_vars)
   up, uo = _split_params(full_vars)
   t_f, t_q, t_u = _time([(_flax_step(model, False), (fp, fo, x, y, key)),
                          (_flax_step(qat, True), (qp, qo, x, y, key)),
                          (_flax_step(full, True), (up, uo, x, y, key))], repeats)
-  rows["flax_qat_step"] = (t_q, t_f)
-  rows["flax_int8_step"] = (t_u, t_f)
-  floors = {"flax_serving_w8a8": 1.05 * r, "flax_qat_step": 1.05 * (r + 2) / 3,
-            "flax_int8_step": 1.1 * r}
+  rows[f"{prefix}_qat_step"] = (t_q, t_f)
+  rows[f"{prefix}_int8_step"] = (t_u, t_f)
+  floors = {f"{prefix}_serving_w8a8": 1.05 * r, f"{prefix}_qat_step": 1.05 * (r + 2) / 3,
+            f"{prefix}_int8_step": 1.1 * r}
   return rows, floors
+
+
+_DIMS = (((1,), (0,)), ((), ()))
+
+
+def _raw_ratio(m: int, k: int, n: int, dtype, repeats: int):
+  """(s8×s8→s32 time, `dtype` time) of an [m,k]·[k,n] lax dot: the XLA limit r."""
+  a8 = jax.random.randint(jax.random.key(6), (m, k), -127, 128, jnp.int8)
+  b8 = jax.random.randint(jax.random.key(7), (k, n), -127, 128, jnp.int8)
+  s8 = jax.jit(lambda a, b: jax.lax.dot_general(a, b, _DIMS,
+                                                preferred_element_type=jnp.int32))
+  fl = jax.jit(lambda a, b: jax.lax.dot_general(a, b, _DIMS))
+  t_f, t_q = _time_queued([(fl, (a8.astype(dtype), b8.astype(dtype))), (s8, (a8, b8))],
+                          repeats)
+  return t_q, t_f
+
+
+def _gemm_rows(sizes, repeats: int, hlo_dir: str = ""):
+  """Square [n,n]·[n,n] GEMMs against a bf16 dot (what GPU users train in): f32, the raw
+  s8×s8→s32 dot, jq.dot_general serving (int8 weights stored, bf16 activations
+  quantized per row on the fly) and its QAT forward (both operands quantized on the
+  fly). Returns (rows, floors, flops): serving is judged against 1.05·r with r the raw
+  s8 / bf16 ratio at that size."""
+  rows, floors, flops = {}, {}, {}
+  for n in sizes:
+    x = jax.random.normal(jax.random.key(8), (n, n), jnp.bfloat16)
+    w = jax.random.normal(jax.random.key(9), (n, n), jnp.bfloat16)
+    a8 = jax.random.randint(jax.random.key(6), (n, n), -127, 128, jnp.int8)
+    b8 = jax.random.randint(jax.random.key(7), (n, n), -127, 128, jnp.int8)
+    spec = jq.DotSpec(lhs=jq.QuantSpec(bits=8), rhs=jq.QuantSpec(bits=8))
+    qw = jq.quantize(w, jq.QuantSpec(bits=8), reduce_axes=(0,))
+    plain = jax.jit(lambda a, b: jax.lax.dot_general(a, b, _DIMS))
+    s8 = jax.jit(lambda a, b: jax.lax.dot_general(a, b, _DIMS,
+                                                  preferred_element_type=jnp.int32))
+    ours = jax.jit(lambda a, b: jq.dot_general(a, b, _DIMS, spec))
+    t_bf, t_f32, t_s8, t_serve, t_qat = _time_queued(
+        [(plain, (x, w)), (plain, (x.astype(jnp.float32), w.astype(jnp.float32))),
+         (s8, (a8, b8)), (ours, (x, qw)), (ours, (x, w))], repeats)
+    if hlo_dir:
+      os.makedirs(hlo_dir, exist_ok=True)
+      for name, fn, args in (("bf16", plain, (x, w)), ("raw_s8", s8, (a8, b8)),
+                             ("serving", ours, (x, qw)), ("qat_fwd", ours, (x, w))):
+        with open(os.path.join(hlo_dir, f"gemm{n}_{name}.hlo.txt"), "w") as f:
+          f.write(fn.lower(*args).compile().as_text())
+    rows[f"gemm{n}_f32_vs_bf16"] = (t_f32, t_bf)
+    rows[f"gemm{n}_raw_s8_vs_bf16"] = (t_s8, t_bf)
+    rows[f"gemm{n}_w8a8_serving_vs_bf16"] = (t_serve, t_bf)
+    rows[f"gemm{n}_w8a8_qat_fwd_vs_bf16"] = (t_qat, t_bf)
+    rows[f"gemm{n}_w8a8_serving_vs_raw_s8"] = (t_serve, t_s8)
+    floors[f"gemm{n}_w8a8_serving_vs_bf16"] = 1.05 * t_s8 / t_bf
+    for k in list(rows):
+      if k.startswith(f"gemm{n}_") and not k.endswith("_vs_raw_s8"):
+        flops[k] = 2.0 * n ** 3
+  return rows, floors, flops
 
 
 def _ranges_rows(batch: int, repeats: int) -> dict:
@@ -363,23 +462,29 @@ def _integer_only_rows(batch: int, repeats: int) -> dict:
 
 def main(argv):
   del argv
-  res = run(FLAGS.batch, FLAGS.repeats, FLAGS.only)
+  res = run(FLAGS.batch, FLAGS.repeats, FLAGS.only, FLAGS.gemm_sizes, FLAGS.bf16_width,
+            FLAGS.hlo_dir)
   meta = {"backend": jax.default_backend(), "device": str(jax.devices()[0].device_kind),
           "jax": jax.__version__, "batch": FLAGS.batch, "repeats": FLAGS.repeats}
+  if FLAGS.out:
+    with open(FLAGS.out, "w") as f:
+      json.dump({"meta": meta, "results": res}, f, indent=2)
   if FLAGS.json:
     print(json.dumps({"meta": meta, "results": res}, indent=2))
     return
   print(f"backend={meta['backend']} device={meta['device']} jax={meta['jax']} "
         f"batch={FLAGS.batch} (median of {FLAGS.repeats}, ratio = path / float)")
-  print(f"{'path':<24}{'ratio':>8}{'ms':>10}{'base ms':>10}{'floor':>8}  met")
+  print(f"{'path':<34}{'ratio':>8}{'ms':>10}{'base ms':>10}{'floor':>8}  met  TFLOP/s")
   for k, v in res.items():
     if "skipped" in v:
-      print(f"{k:<24}  skipped: {v['skipped']}")
+      print(f"{k:<34}  skipped: {v['skipped']}")
       continue
     floor = v["floor"]
-    judged = "" if floor is None else ("yes" if v["ratio"] <= floor else "no")
+    judged = "" if floor is None else ("yes" if v["ratio"] <= floor else "no ")
     fl = "" if floor is None else f"{floor:.3f}"
-    print(f"{k:<24}{v['ratio']:>8.3f}{v['ms']:>10.2f}{v['baseline_ms']:>10.2f}{fl:>8}  {judged}")
+    rate = f"{v['tflops']:.1f}" if "tflops" in v else ""
+    print(f"{k:<34}{v['ratio']:>8.3f}{v['ms']:>10.3f}{v['baseline_ms']:>10.3f}{fl:>8}  "
+          f"{judged or '   '}  {rate}")
 
 
 if __name__ == "__main__":
