@@ -129,6 +129,9 @@ def _group_count(q_l, q_r, k):
   return G
 
 
+_BARRIER_AFTER_INT_DOT = False
+
+
 def _int_matmul(q_l, q_r, mode):
   """Σ_k (a−z_a)·s_a·(b−z_b)·s_b for QTensors a [B,M,K] (scale [B|1, M|1, Gl]) and
   b [B,K,N] (scale [B|1, Gr, N|1]); the contraction over integer codes."""
@@ -137,6 +140,8 @@ def _int_matmul(q_l, q_r, mode):
   G = _group_count(q_l, q_r, K)
   l4, r4 = _grouped(q_l.values, q_r.values, G)
   acc = _bgmn_dot(l4, r4, mode)  # [B,G,M,N]
+  if mode == "int" and _BARRIER_AFTER_INT_DOT:
+    acc = lax.optimization_barrier(acc)
   # Scales / zero points to [B|1, G|1, M|1, 1] and [B|1, G|1, 1, N|1].
   lz = None if q_l.zero_point is None else jnp.transpose(q_l.zero_point, (0, 2, 1))[..., None]
   rz = None if q_r.zero_point is None else q_r.zero_point[:, :, None, :]

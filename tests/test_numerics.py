@@ -546,3 +546,29 @@ def test_uniform16_bits_are_uniform_independent_and_keyed():
   np.testing.assert_array_equal(u, np.asarray(uniform16(k, (256, 512))))
   other = np.asarray(uniform16(jax.random.key(8), (256, 512)))
   assert np.mean(other == u) < 0.01
+
+
+@pytest.mark.parametrize("axes", [(1,), (0, 1)])
+def test_finite_min_max_same_on_the_cpu_path_and_the_masked_path(monkeypatch, axes):
+  """The CPU fast path (plain min / max, masked reductions under lax.cond when a result
+  is not finite) and the masked reductions used on GPU / TPU agree exactly, with NaN,
+  ±Inf, rows with no finite entry, and all-finite data."""
+  x = np.random.default_rng(0).normal(size=(5, 7)).astype(np.float32)
+  with_bad = x.copy()
+  with_bad[0, 3], with_bad[1, 0], with_bad[2, 6] = np.nan, np.inf, -np.inf
+  with_bad[3, :] = np.nan
+  results = {}
+  for cpu_path in (True, False):
+    monkeypatch.setattr(numerics, "_min_max_then_cond", lambda c=cpu_path: c)
+    fn = jax.jit(lambda v: numerics._finite_min_max(v, axes))
+    results[cpu_path] = [tuple(np.asarray(t) for t in fn(v)) for v in (x, with_bad)]
+  for (lo_c, hi_c), (lo_m, hi_m) in zip(results[True], results[False]):
+    np.testing.assert_array_equal(lo_c, lo_m)
+    np.testing.assert_array_equal(hi_c, hi_m)
+  lo, hi = results[False][1]
+  finite = np.where(np.isfinite(with_bad), with_bad, np.nan)
+  with np.errstate(all="ignore"):
+    want_lo = np.nanmin(finite, axis=axes) if axes == (0, 1) else np.nanmin(finite, axis=1)
+  np.testing.assert_array_equal(np.where(np.isnan(want_lo), np.inf, want_lo), lo)
+  if axes == (1,):  # rows with finite entries get finite bounds; the all-NaN row ±inf
+    assert np.all(np.isfinite(lo[[0, 1, 2, 4]])) and lo[3] == np.inf and hi[3] == -np.inf
