@@ -62,6 +62,7 @@ def _conv(a, b, args: _ConvArgs, preferred=None):
       a, b, args.window_strides, args.padding, lhs_dilation=args.lhs_dilation,
       rhs_dilation=args.rhs_dilation, dimension_numbers=args.dimension_numbers,
       feature_group_count=args.feature_group_count, batch_group_count=args.batch_group_count,
+      precision=lax.Precision.DEFAULT if preferred == jnp.int32 else None,
       preferred_element_type=preferred)
 
 
@@ -202,8 +203,7 @@ def _transposed_convs(g_lhs, g_rhs, a, b, args, lhs_shape, rhs_shape, mode):
   t = jnp.int32 if mode == "int" else jnp.float32
   cast = (lambda x: x.astype(jnp.int8)) if mode == "int" else (lambda x: x.astype(jnp.float32))
   params["preferred_element_type"] = t
-  if mode == "fake":
-    params["precision"] = lax.Precision.HIGHEST
+  params["precision"] = lax.Precision.HIGHEST if mode == "fake" else lax.Precision.DEFAULT
   undefined = lambda shape: jax_ad.UndefinedPrimal(jax_core.ShapedArray(shape, t))
   d_l = None if g_lhs is None else lax_conv._conv_general_dilated_transpose_lhs(  # pylint: disable=protected-access
       cast(g_lhs), undefined(lhs_shape), cast(b), **params)

@@ -86,13 +86,29 @@ def _learned_to_canon(learned, perm, ndim, n_lead, n_mid):
 
 # ----------------------------------------------------------------------------- int kernels
 
+# Integer dots name their precision: with precision=None, a global
+# `jax_default_matmul_precision='highest'` would reach them too, and XLA:GPU then no
+# longer runs them as s8×s8→s32 GEMMs (seen on an H200: the exact int path's results
+# changed). Integer products and sums are exact at any precision setting.
+INT_PRECISION = lax.Precision.DEFAULT
+
+
+def _int_dot_barriers() -> bool:
+  """Whether the int8 dots sit between optimization barriers (off the CPU). On XLA:GPU
+  the quantize before an s8 dot and the int32→float convert after it are otherwise
+  pulled into a Triton GEMM fusion, which the autotuner may then swap for cuBLAS,
+  leaving the convert as an extra pass over the int32 result (measured on an H200,
+  [8192]² W8A8 serving: 1.57 → 1.44 ms). On XLA:CPU they change nothing measurable."""
+  return jax.default_backend() != "cpu"
+
+
 def _contract(a, b, a_c, b_c, a_b, b_b, mode):
   """dot_general of integer codes: s8×s8→s32 in 'int' mode (int32 result), float32 of
   the codes in 'fake' mode (exact while partial sums stay below 2^24)."""
   dims = ((a_c, b_c), (a_b, b_b))
   if mode == "int":
     return lax.dot_general(a.astype(jnp.int8), b.astype(jnp.int8), dims,
-                           preferred_element_type=jnp.int32)
+                           precision=INT_PRECISION, preferred_element_type=jnp.int32)
   return lax.dot_general(a.astype(jnp.float32), b.astype(jnp.float32), dims,
                          precision=lax.Precision.HIGHEST)
 
@@ -129,7 +145,7 @@ def _group_count(q_l, q_r, k):
   return G
 
 
-_BARRIER_AFTER_INT_DOT = False
+_BARRIER_BEFORE_INT_DOT = False  # measured on GPU before it is turned on
 
 
 def _int_matmul(q_l, q_r, mode):
@@ -139,8 +155,11 @@ def _int_matmul(q_l, q_r, mode):
   N = q_r.values.shape[2]
   G = _group_count(q_l, q_r, K)
   l4, r4 = _grouped(q_l.values, q_r.values, G)
+  barriers = mode == "int" and _int_dot_barriers()
+  if barriers and _BARRIER_BEFORE_INT_DOT:
+    l4, r4 = lax.optimization_barrier((l4, r4))
   acc = _bgmn_dot(l4, r4, mode)  # [B,G,M,N]
-  if mode == "int" and _BARRIER_AFTER_INT_DOT:
+  if barriers:
     acc = lax.optimization_barrier(acc)
   # Scales / zero points to [B|1, G|1, M|1, 1] and [B|1, G|1, 1, N|1].
   lz = None if q_l.zero_point is None else jnp.transpose(q_l.zero_point, (0, 2, 1))[..., None]
@@ -232,12 +251,15 @@ def _as_int8(q):
 
 
 def _float_backward(g, a, b):
-  """(g·bᵀ, aᵀ·g) for a [B,M,K], b [B,K,N], g [B,M,N]; plain 2-D dots when B == 1 (the
-  same dots, in the same layouts, as the float model's own backward pass)."""
+  """(g·bᵀ, aᵀ·g) for a [B,M,K], b [B,K,N], g [B,M,N] in their dtype, accumulated and
+  returned in float32; plain 2-D dots when B == 1 (the same dots, in the same layouts,
+  as the float model's own backward pass)."""
+  f32 = jnp.float32
   if g.shape[0] == 1:
-    return (lax.dot_general(g[0], b[0], (((1,), (1,)), ((), ())))[None],
-            lax.dot_general(a[0], g[0], (((0,), (0,)), ((), ())))[None])
-  return (jnp.einsum("bmn,bkn->bmk", g, b), jnp.einsum("bmk,bmn->bkn", a, g))
+    return (lax.dot_general(g[0], b[0], (((1,), (1,)), ((), ())), preferred_element_type=f32)[None],
+            lax.dot_general(a[0], g[0], (((0,), (0,)), ((), ())), preferred_element_type=f32)[None])
+  return (jnp.einsum("bmn,bkn->bmk", g, b, preferred_element_type=f32),
+          jnp.einsum("bmk,bmn->bkn", a, g, preferred_element_type=f32))
 
 
 def _split_key(key, n):
@@ -263,8 +285,11 @@ def _matmul_fwd_parts(spec: DotSpec, lhs, rhs, key, l_learned, r_learned, l_rang
     out = _keep_nan(_int_matmul(q_l, q_r, "int"), lhs, rhs)
   else:
     out = jnp.einsum("bmk,bkn->bmn", deq_l, deq_r, preferred_element_type=jnp.float32)
+  # The float backward runs in the operands' dtype (bf16 stays bf16, as in the float
+  # model's backward); a zero-size array carries that dtype through the residuals.
+  dtype_carrier = jnp.zeros((0,), jnp.result_type(lhs, rhs))
   return out, (q_l, q_r, res_l, res_r, deq_l if q_l is None else None,
-               deq_r if q_r is None else None, k_gl, k_gr)
+               deq_r if q_r is None else None, k_gl, k_gr, dtype_carrier)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -277,16 +302,16 @@ def _qmatmul_fwd(spec, lhs, rhs, key, l_learned, r_learned, l_range):
 
 
 def _qmatmul_bwd(spec, res, g):
-  q_l, q_r, res_l, res_r, float_l, float_r, k_gl, k_gr = res
+  q_l, q_r, res_l, res_r, float_l, float_r, k_gl, k_gr, dtype_carrier = res
   if spec.grad is not None:
     mode = spec.mode
     d_l = _dlhs_quantized(g, q_r, spec.grad, k_gl, mode)
     d_r = _drhs_quantized(g, q_l, spec.grad, k_gr, mode)
   else:
+    ct = dtype_carrier.dtype
     a = float_l if q_l is None else q_l.dequantize(jnp.float32)
     b = float_r if q_r is None else q_r.dequantize(jnp.float32)
-    d_l, d_r = _float_backward(g.astype(jnp.float32), a.astype(jnp.float32),
-                               b.astype(jnp.float32))
+    d_l, d_r = _float_backward(g.astype(ct), a.astype(ct), b.astype(ct))
   out = []
   for d, qspec, r, x_float in ((d_l, spec.lhs, res_l, float_l), (d_r, spec.rhs, res_r, float_r)):
     if qspec is None:
@@ -435,13 +460,16 @@ def _sliced_dot(x, codes, scale, zero_point, kn: bool):
   q = jnp.pad(q, ((0, pad), (0, 0)))
   if G == 1:  # a plain 2-D dot (a batched one of one group runs slower on XLA:CPU)
     dims = (((1,), (0 if kn else 1,)), ((), ()))
-    acc = lax.dot_general(q, codes, dims, preferred_element_type=jnp.int32)[None]
+    acc = lax.dot_general(q, codes, dims, precision=INT_PRECISION,
+                          preferred_element_type=jnp.int32)[None]
   elif kn:
     acc = lax.dot_general(q.reshape(rows + pad, G, gs), codes.reshape(G, gs, -1),
-                          (((2,), (1,)), ((1,), (0,))), preferred_element_type=jnp.int32)
+                          (((2,), (1,)), ((1,), (0,))), precision=INT_PRECISION,
+                          preferred_element_type=jnp.int32)
   else:
     acc = lax.dot_general(q.reshape(rows + pad, G, gs), codes.reshape(-1, G, gs),
-                          (((2,), (2,)), ((1,), (1,))), preferred_element_type=jnp.int32)
+                          (((2,), (2,)), ((1,), (1,))), precision=INT_PRECISION,
+                          preferred_element_type=jnp.int32)
   # acc: [G, rows + pad, N]
   # Sums over the few slices and groups are written out as adds: XLA:CPU fuses them into
   # one elementwise pass, where a reduce over a short axis ran 2-3x slower than the dot.

@@ -552,3 +552,20 @@ def test_weight_only_slices_are_as_accurate_as_a_float32_dot():
   f32 = np.asarray(jax.jit(jnp.matmul)(x, w))
   err, err_f32 = np.abs(out - ref).max(), np.abs(f32 - ref).max()
   assert 0 < err <= err_f32, (err, err_f32)
+
+
+def test_int_dots_keep_default_precision_under_a_global_highest():
+  """A user's `jax_default_matmul_precision='highest'` must not reach the s8×s8→s32 dots
+  (on XLA:GPU they would stop being integer GEMMs); the int path's s8 dots name DEFAULT
+  precision explicitly, and the results stay exact."""
+  x, w = rng_x((16, 64), 1), rng_x((64, 32), 2)
+  spec = DS(lhs=QS(bits=8), rhs=QS(bits=8))
+  dims = (((1,), (0,)), ((), ()))
+  fn = jax.jit(lambda a, b: jq.dot_general(a, b, dims, spec))
+  with jax.default_matmul_precision("highest"):
+    text = fn.lower(x, w).as_text()
+    out = fn(x, w)
+  s8_dots = [l for l in text.splitlines() if "dot_general" in l and "xi8>" in l]
+  assert s8_dots, "no s8 dot in the int path"
+  assert not any("HIGHEST" in l for l in s8_dots), s8_dots
+  np.testing.assert_array_equal(np.asarray(out), np.asarray(fn(x, w)))

@@ -21,6 +21,7 @@ def _dot(op, arr, x):
   w = arr(op, "w")
   cl, cr = tuple(op["contract_lhs"]), tuple(op["contract_rhs"])
   acc = lax.dot_general(x.astype(jnp.int8), w, ((cl, cr), ((), ())),
+                        precision=lax.Precision.DEFAULT,  # not a global 'highest'
                         preferred_element_type=jnp.int32)
   if op["zp"]:
     w_sum = jnp.sum(w.astype(jnp.int32), axis=cr)  # shaped like w's free axes
@@ -39,6 +40,7 @@ def _conv(op, arr, x):
   dn = lax.ConvDimensionNumbers(lhs_spec, rhs_spec, out_spec)
   acc = lax.conv_general_dilated(x, w, tuple(op["strides"]), [(0, 0)] * len(lhs_spec[2:]),
                                  rhs_dilation=tuple(op["rhs_dilation"]), dimension_numbers=dn,
+                                 precision=lax.Precision.DEFAULT,
                                  preferred_element_type=jnp.int32)
   if op["zp"]:
     w_sum = jnp.sum(w.astype(jnp.int32), axis=tuple(a for a in range(w.ndim) if a != rhs_spec[0]))
