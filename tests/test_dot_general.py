@@ -569,3 +569,47 @@ def test_int_dots_keep_default_precision_under_a_global_highest():
   assert s8_dots, "no s8 dot in the int path"
   assert not any("HIGHEST" in l for l in s8_dots), s8_dots
   np.testing.assert_array_equal(np.asarray(out), np.asarray(fn(x, w)))
+
+
+@pytest.mark.parametrize("grad", [None, QS(bits=8)])
+def test_gpu_barriers_change_no_value(monkeypatch, grad):
+  """Off the CPU the s8 dots sit between optimization barriers (a fusion choice on
+  XLA:GPU); forced on here, outputs and gradients, vmapped too, are bit-identical."""
+  from jaxquant import dot as qdot
+  x, w = rng_x((4, 6, 32), 1), rng_x((32, 16), 2)
+  spec = DS(lhs=QS(bits=8), rhs=QS(symmetric=False), grad=grad)
+  dims = (((1,), (0,)), ((), ()))
+  def run():
+    f = lambda a, b: jq.dot_general(a, b, dims, spec, key=jax.random.key(0))
+    loss = lambda a, b: jnp.sum(jax.vmap(f, (0, None))(a, b) ** 2)
+    return jax.jit(lambda a, b: (jax.vmap(f, (0, None))(a, b),
+                                 jax.grad(loss, argnums=(0, 1))(a, b)))(x, w)
+  plain = run()
+  monkeypatch.setattr(qdot, "_int_dot_barriers", lambda: True)
+  with_barriers = run()
+  for a, b in zip(jax.tree.leaves(plain), jax.tree.leaves(with_barriers)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_float_ste_backward_runs_in_the_operands_dtype():
+  """bf16 operands: the STE backward's two dots take bf16 operands (as a bf16 float
+  model's backward does; float32 ones ran as TF32 GEMMs on a GPU, ~2x slower), accumulate
+  in float32, and the gradients agree with the float32 computation to bf16 rounding."""
+  x32, w32 = rng_x((16, 64), 1), rng_x((64, 32), 2)
+  x, w = x32.astype(jnp.bfloat16), w32.astype(jnp.bfloat16)
+  spec = DS(lhs=QS(bits=8), rhs=QS(bits=8))
+  dims = (((1,), (0,)), ((), ()))
+  loss = lambda a, b: jnp.sum(jq.dot_general(a, b, dims, spec).astype(jnp.float32) ** 2)
+  grad = jax.grad(loss, argnums=(0, 1))
+  jaxpr = jax.make_jaxpr(grad)(x, w).jaxpr
+  float_dots = [e for e in iter_eqns(jaxpr) if e.primitive.name == "dot_general"
+                and e.invars[0].aval.dtype != jnp.int8]
+  assert len(float_dots) == 2
+  assert all(v.aval.dtype == jnp.bfloat16 for e in float_dots for v in e.invars)
+  assert all(e.outvars[0].aval.dtype == jnp.float32 for e in float_dots)
+  dx, dw = jax.jit(grad)(x, w)
+  assert dx.dtype == dw.dtype == jnp.bfloat16
+  rx, rw = jax.jit(grad)(x.astype(jnp.float32), w.astype(jnp.float32))
+  for d, r in ((dx, rx), (dw, rw)):
+    np.testing.assert_allclose(np.asarray(d, np.float32), np.asarray(r), rtol=0.05,
+                               atol=0.02 * float(jnp.max(jnp.abs(r))))
