@@ -1,6 +1,7 @@
 r"""Speed of jaxquant's int8 paths as ratios to float, measured in one process.
 
     python -m experiments.benchmark [--batch=512] [--repeats=15] [--json] [--only=flax,decode]
+    python -m experiments.benchmark --only=gemm,flax_bf16 --batch=4096   # on a GPU
 
 MLP 1024→2048→2048→1024 (ReLU) at batch 512 on the current backend. Each row is the
 median time of a path divided by the median time of its float counterpart, timed
@@ -46,6 +47,20 @@ Each prints the floor it is judged against, r = raw_s8_dot of the same run:
                       integer) vs the float Flax forward, and vs the dynamic W8A8 serving
                       model (jq.convert); MLP: the MLP above as experiments.models.MLP;
                       cnn: the MNIST-1D CNN (Greydanus 2020, 25 channels) on [batch, 40]
+GPU groups (not in the default run; ask with --only), against bf16, what GPU users train in:
+  gemm{n}_{f32,raw_s8,w8a8_serving,w8a8_qat_fwd}_vs_bf16
+                      square [n,n]·[n,n] products (--gemm_sizes, default 4096,8192): f32,
+                      XLA's s8×s8→s32 dot, jq.dot_general with stored int8 weights and
+                      bf16 activations quantized per row (floor 1.05·r, r = raw s8 / bf16
+                      at that n), and its QAT forward (both quantized on the fly); each
+                      row also prints its rate in TFLOP/s (TOPS for int8)
+  gemm{n}_w8a8_serving_vs_raw_s8
+                      what jaxquant adds around XLA's s8 dot
+  flax_bf16_{serving_w8a8,qat_step,int8_step}
+                      the flax rows above on the MLP d→2d→2d→d (d = --bf16_width, 4096)
+                      with bf16 parameters and inputs, against the bf16 model; floors
+                      from raw_s8_dot_vs_bf16 (the s8 / bf16 ratio of a [batch,2d]·[2d,2d] dot)
+On an asynchronous backend (GPU, TPU) each timing queues 10 calls before it waits.
 """
 from __future__ import annotations
 
