@@ -1,7 +1,7 @@
 """Summarises a sweep directory: report.md (mean ± std over seeds, failures) and plots.
 
     python -m experiments.report --workdir=runs/sweep [--metric=test_accuracy] \
-        [--x=bits] [--series=optimizer.lr]
+        [--x=bits] [--series=optimizer.lr] [--x_scale=auto|linear|log]
 
 Writes DIR/report.md, the metric against --x (DIR/accuracy_vs_bits.png for the default
 x, else DIR/METRIC_vs_X.png) with one line per --series value, and
@@ -30,6 +30,9 @@ _X = flags.DEFINE_string("x", "bits", "Plot x axis: 'bits', 'label' or a config 
 _SERIES = flags.DEFINE_list(
     "series", None, "Keys whose values make the plot's lines (default: the varying swept "
     "keys other than x, seed and quant.*; an empty string: one line).")
+_X_SCALE = flags.DEFINE_enum("x_scale", "auto", ["auto", "linear", "log"],
+                             "Numeric --x axis scale (auto: log when the values are > 0 "
+                             "and span >= 100x, e.g. learning rates).")
 _GOAL = flags.DEFINE_enum("goal", "auto", ["auto", "max", "min"],
                           "Whether a higher metric is better (auto: from its name).")
 flags.mark_flag_as_required("workdir")
@@ -44,7 +47,8 @@ def main(argv: list[str]) -> int:
     text, warnings = report.write_report(_WORKDIR.value, _METRIC.value,
                                          x=_X.value, series=_SERIES.value,
                                          bits_key=_BITS_KEY.value,
-                                         higher_is_better=higher_is_better)
+                                         higher_is_better=higher_is_better,
+                                         x_scale=_X_SCALE.value)
   except (SweepError, ValueError) as e:
     print(f"report: error: {e}", file=sys.stderr)
     return 2

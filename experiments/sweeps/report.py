@@ -299,11 +299,33 @@ def xy_series(rows: Sequence[Row], metric: str, x: str = "bits",
   return lines
 
 
+X_SCALES = ("auto", "linear", "log")
+
+
+def log_x(values: Sequence[Any], x_scale: str = "auto") -> bool:
+  """Whether a numeric x axis is drawn on a log scale: always for 'log' (every value
+  must be > 0), never for 'linear'; for 'auto', when every value is > 0 and they span
+  at least a factor of 100 (learning rates, noise levels over decades)."""
+  if x_scale not in X_SCALES:
+    raise ValueError(f"x_scale={x_scale!r}; choose one of {list(X_SCALES)}")
+  numeric = values and all(_is_number(v) for v in values)
+  if x_scale == "linear" or not numeric:
+    return False
+  positive = all(v > 0 for v in values)
+  if x_scale == "log":
+    if not positive:
+      raise ValueError(f"x_scale='log' needs x values > 0, got {sorted(values)}")
+    return True
+  return positive and max(values) >= 100 * min(values)
+
+
 def plot_xy(rows: Sequence[Row], metric: str, path: str, *, x: str = "bits",
-            series: Optional[Sequence[str]] = None, bits_key: str = BITS_KEY) -> bool:
+            series: Optional[Sequence[str]] = None, bits_key: str = BITS_KEY,
+            x_scale: str = "auto") -> bool:
   """Metric against `x` (error bars = std over seeds), one line per series; False if
   no data. 'bits' is drawn on a log2 axis with float at 32; other numeric axes
-  linearly; text values as evenly spaced categories in order of appearance."""
+  linearly or on a log axis (`log_x`: 'auto' picks log for values > 0 spanning ≥ 100x);
+  text values as evenly spaced categories in order of appearance."""
   lines = xy_series(rows, metric, x, series, bits_key=bits_key)
   if not lines:
     return False
@@ -323,6 +345,11 @@ def plot_xy(rows: Sequence[Row], metric: str, path: str, *, x: str = "bits",
     ticks = sorted(values)
     ax.set_xscale("log", base=2)
     ax.set_xticks(ticks, [f"{t:g}" + ("\n(float)" if t == FLOAT_BITS else "") for t in ticks])
+    ax.minorticks_off()
+  elif numeric and log_x(values, x_scale):
+    ticks = sorted(values)
+    ax.set_xscale("log")
+    ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
     ax.minorticks_off()
   elif not numeric:
     labels = [_fmt(v) for v in values]
@@ -376,14 +403,17 @@ def plot_vs_bytes(rows: Sequence[Row], metric: str, path: str, *,
 
 def write_report(workdir: str, metrics: Optional[Sequence[str]] = None, *,
                  x: str = "bits", series: Optional[Sequence[str]] = None,
-                 bits_key: str = BITS_KEY, higher_is_better: Optional[bool] = None
-                 ) -> tuple[str, list[str]]:
+                 bits_key: str = BITS_KEY, higher_is_better: Optional[bool] = None,
+                 x_scale: str = "auto") -> tuple[str, list[str]]:
   """Writes report.md and the plots into `workdir`; returns (markdown, warnings).
 
   The first metric is the one plotted, against `x` with one line per `series` (see
-  xy_series), and against quantized bytes. Raises SweepError without a usable
-  sweep.json, ValueError for an axis that names nothing.
+  xy_series), and against quantized bytes; `x_scale` as in `log_x`. Raises SweepError
+  without a usable sweep.json, ValueError for an axis that names nothing or a bad
+  x_scale.
   """
+  if x_scale not in X_SCALES:
+    raise ValueError(f"x_scale={x_scale!r}; choose one of {list(X_SCALES)}")
   sweep, results, warnings = load_results(workdir)
   metrics = list(metrics or choose_metrics(results))
   if higher_is_better is None:
@@ -394,7 +424,7 @@ def write_report(workdir: str, metrics: Optional[Sequence[str]] = None, *,
   x = axes.resolve_key(x, rows)
   x_plot = plot_file(metrics[0], x)
   if plot_xy(rows, metrics[0], os.path.join(workdir, x_plot), x=x, series=series,
-             bits_key=bits_key):
+             bits_key=bits_key, x_scale=x_scale):
     plots.append(x_plot)
   else:
     warnings.append(f"{x_plot} not drawn: no finished run has {metrics[0]} and a value "

@@ -288,3 +288,31 @@ def test_bops_columns_when_summaries_count_compute(tmp_path):
   assert "| BOPs/example | float/BOPs |" in text
   assert "| 1,600 | 64.0× |" in text
   assert text.rstrip().count("| — | — |") >= 1  # the row without compute
+
+
+def test_x_scale_log_for_values_over_decades(tmp_path, monkeypatch):
+  """'auto' draws a numeric x on a log axis when its values are > 0 and span ≥ 100x
+  (learning rates), linearly otherwise; 'log' refuses values ≤ 0; unknown scales fail."""
+  assert report.log_x([1e-4, 1e-3, 3e-2])
+  assert not report.log_x([0.01, 0.03])  # 3x: linear
+  assert not report.log_x([0.0, 0.5, 1.0])  # zero: linear
+  assert not report.log_x(["W4A4", "W2A2"])  # text: categories
+  assert not report.log_x([1e-4, 3e-2], "linear") and report.log_x([0.01, 0.03], "log")
+  with pytest.raises(ValueError, match="> 0"):
+    report.log_x([0.0, 1.0], "log")
+  with pytest.raises(ValueError, match="x_scale"):
+    report.log_x([1.0], "cubic")
+  make_sweep(tmp_path, [({"optimizer.lr": lr, "seed": s}, summary(0.5 + s / 100))
+                        for lr in (1e-4, 1e-3, 1e-2) for s in range(2)])
+  from matplotlib.axes import Axes  # pylint: disable=import-outside-toplevel
+  scales = []
+  real_set_xscale = Axes.set_xscale
+  monkeypatch.setattr(Axes, "set_xscale",
+                      lambda ax, v, **kw: (scales.append(v), real_set_xscale(ax, v, **kw)))
+  report.write_report(str(tmp_path), x="lr")
+  report.write_report(str(tmp_path), x="lr", x_scale="linear")
+  assert is_png(tmp_path / "test_accuracy_vs_optimizer_lr.png")
+  # first report: log for lr (and for the bytes plot); second: only the bytes plot's
+  assert scales == ["log", "log", "log"]
+  with pytest.raises(ValueError, match="x_scale"):
+    report.write_report(str(tmp_path), x="lr", x_scale="cubic")
