@@ -32,7 +32,7 @@ _SERIES = flags.DEFINE_list(
     "keys other than x, seed and quant.*; an empty string: one line).")
 _X_SCALE = flags.DEFINE_enum("x_scale", "auto", ["auto", "linear", "log"],
                              "Numeric --x axis scale (auto: log when the values are > 0 "
-                             "and span >= 100x, e.g. learning rates).")
+                             "and span >= 10x, e.g. learning rates).")
 _GOAL = flags.DEFINE_enum("goal", "auto", ["auto", "max", "min"],
                           "Whether a higher metric is better (auto: from its name).")
 flags.mark_flag_as_required("workdir")

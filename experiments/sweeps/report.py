@@ -305,7 +305,7 @@ X_SCALES = ("auto", "linear", "log")
 def log_x(values: Sequence[Any], x_scale: str = "auto") -> bool:
   """Whether a numeric x axis is drawn on a log scale: always for 'log' (every value
   must be > 0), never for 'linear'; for 'auto', when every value is > 0 and they span
-  at least a factor of 100 (learning rates, noise levels over decades)."""
+  at least a factor of 10 (learning rates, noise levels over a decade or more)."""
   if x_scale not in X_SCALES:
     raise ValueError(f"x_scale={x_scale!r}; choose one of {list(X_SCALES)}")
   numeric = values and all(_is_number(v) for v in values)
@@ -316,7 +316,7 @@ def log_x(values: Sequence[Any], x_scale: str = "auto") -> bool:
     if not positive:
       raise ValueError(f"x_scale='log' needs x values > 0, got {sorted(values)}")
     return True
-  return positive and max(values) >= 100 * min(values)
+  return positive and max(values) >= 10 * min(values)
 
 
 def plot_xy(rows: Sequence[Row], metric: str, path: str, *, x: str = "bits",
@@ -324,7 +324,7 @@ def plot_xy(rows: Sequence[Row], metric: str, path: str, *, x: str = "bits",
             x_scale: str = "auto") -> bool:
   """Metric against `x` (error bars = std over seeds), one line per series; False if
   no data. 'bits' is drawn on a log2 axis with float at 32; other numeric axes
-  linearly or on a log axis (`log_x`: 'auto' picks log for values > 0 spanning ≥ 100x);
+  linearly or on a log axis (`log_x`: 'auto' picks log for values > 0 spanning ≥ 10x);
   text values as evenly spaced categories in order of appearance."""
   lines = xy_series(rows, metric, x, series, bits_key=bits_key)
   if not lines:
