@@ -482,8 +482,11 @@ def _dequantized_reference(x, q, dims):
 @pytest.mark.parametrize("stored", ["KN", "NK"])
 @pytest.mark.parametrize("spec", [QS(bits=8), QS(bits=4, symmetric=False),
                                   QS(bits=4, granularity="group", group_size=16),
-                                  QS(bits=8, granularity="tensor")],
-                         ids=["int8", "int4_asym", "int4_g16", "int8_tensor"])
+                                  QS(bits=8, granularity="tensor"), QS(bits=2),
+                                  QS(bits=2, granularity="group", group_size=32),
+                                  QS(format="binary")],
+                         ids=["int8", "int4_asym", "int4_g16", "int8_tensor", "int2",
+                              "int2_g32", "binary"])
 @pytest.mark.parametrize("rows", [1, 3, 8, 11, 40])  # 40: above the sliced path
 def test_weight_only_serving_equals_dequantized_dot(stored, spec, rows):
   """Weight-only serving (float activations, stored codes) equals the float dot of the
