@@ -224,25 +224,48 @@ def _select_by_search(keys, low):
   return jax.lax.fori_loop(0, 32, bit_step, jnp.zeros(low.shape, jnp.uint32))
 
 
-def _select_by_radix(keys, low):
-  """The `low`-th smallest key (0-based) per row of keys [R, n]: a 65536-bin histogram
-  of the top 16 bits (one scatter-add pass) fixes the top half, a second of the low 16
-  bits of the keys in that bin fixes the rest. Two passes where the search takes 32."""
+def _neighbour(keys, t_low, high):
+  """The order statistic after `t_low` (the `low`-th key): t_low again if it repeats
+  past index `high`, else the smallest key above it. Two passes over the keys."""
+  at_most = jnp.sum(keys <= t_low[..., None], axis=-1, dtype=jnp.int32)
+  above = jnp.min(jnp.where(keys > t_low[..., None], keys, jnp.uint32(0xFFFFFFFF)), axis=-1)
+  return jnp.where(at_most > high, t_low, above)
+
+
+def _select_by_radix(keys, low, high):
+  """(`low`-th, `high`-th smallest key) per row of keys [R, n] (0-based, high = low or
+  low + 1): a 65536-bin histogram of the top 16 bits (one scatter-add pass) fixes the
+  top half of the low one, a second of the low 16 bits of the keys in that bin the
+  rest, and `_neighbour` the high one. The three passes run as the steps of one loop
+  that takes the keys as its operand: XLA:CPU otherwise fuses the computation of the
+  keys (the activation they come from) into every pass and repeats it per pass."""
   R = keys.shape[0]
   rows = jnp.arange(R, dtype=jnp.int32)[:, None]
-  top = (keys >> 16).astype(jnp.int32)
-  h1 = jnp.zeros((R * 65536,), jnp.int32).at[(rows * 65536 + top).ravel()].add(1)
-  c1 = jnp.cumsum(h1.reshape(R, 65536), axis=1)
-  b = jnp.argmax(c1 > low[:, None], axis=1).astype(jnp.int32)  # the bin holding rank low
-  below = jnp.take_along_axis(c1, b[:, None], axis=1)[:, 0] - \
-      jnp.take_along_axis(h1.reshape(R, 65536), b[:, None], axis=1)[:, 0]
-  in_bin = top == b[:, None]
-  idx = jnp.where(in_bin, rows * 65536 + (keys & jnp.uint32(0xFFFF)).astype(jnp.int32),
-                  R * 65536)  # out of range: dropped
-  h2 = jnp.zeros((R * 65536,), jnp.int32).at[idx.ravel()].add(1, mode="drop")
-  c2 = jnp.cumsum(h2.reshape(R, 65536), axis=1)
-  d = jnp.argmax(below[:, None] + c2 > low[:, None], axis=1).astype(jnp.uint32)
-  return (b.astype(jnp.uint32) << 16) | d
+
+  def digit_pass(j, carry):  # j = 0: top 16 bits of every key; 1: low 16 of those in bin
+    prefix, rank, t_high = carry
+    shift = (16 - 16 * j).astype(jnp.uint32)
+    # keys >> 32 is 0 in XLA: with prefix 0 every key matches in the first pass
+    match = (keys >> (shift + 16)) == (prefix >> (shift + 16))[:, None]
+    digit = ((keys >> shift) & jnp.uint32(0xFFFF)).astype(jnp.int32)
+    idx = jnp.where(match, rows * 65536 + digit, R * 65536)  # out of range: dropped
+    h = jnp.zeros((R * 65536,), jnp.int32).at[idx.ravel()].add(1, mode="drop")
+    h = h.reshape(R, 65536)
+    c = jnp.cumsum(h, axis=1)
+    d = jnp.argmax(c > rank[:, None], axis=1)
+    below = jnp.take_along_axis(c - h, d[:, None], axis=1)[:, 0]
+    return prefix | (d.astype(jnp.uint32) << shift), rank - below, t_high
+
+  def neighbour_pass(j, carry):
+    prefix, rank, _ = carry
+    return prefix, rank, _neighbour(keys, prefix, high)
+
+  def step(j, carry):
+    return jax.lax.switch(jnp.minimum(j, 2), [digit_pass, digit_pass, neighbour_pass], j, carry)
+
+  zeros = jnp.zeros((R,), jnp.uint32)
+  t_low, _, t_high = jax.lax.fori_loop(0, 3, step, (zeros, low, zeros))
+  return t_low, t_high
 
 
 def nanpercentile(x, q):
@@ -271,15 +294,13 @@ def nanpercentile(x, q):
   lead = keys.shape[:-1]
   n_rows = int(np.prod(lead))
   if 0 < n_rows <= _RADIX_MAX_ROWS and keys.shape[-1] > 0:
-    flat = keys.reshape(n_rows, keys.shape[-1])
-    t_low = _select_by_radix(flat, jnp.broadcast_to(low, lead).reshape(n_rows)).reshape(lead)
+    flat = lambda a: jnp.broadcast_to(a, lead).reshape(n_rows)
+    t_low, t_high = _select_by_radix(keys.reshape(n_rows, keys.shape[-1]), flat(low),
+                                     flat(high))
+    t_low, t_high = t_low.reshape(lead), t_high.reshape(lead)
   else:
     t_low = _select_by_search(keys, low)
-  # The next order statistic: t_low again if it repeats past index `high`, else the
-  # smallest key above it.
-  at_most = jnp.sum(keys <= t_low[..., None], axis=-1, dtype=jnp.int32)
-  above = jnp.min(jnp.where(keys > t_low[..., None], keys, jnp.uint32(0xFFFFFFFF)), axis=-1)
-  t_high = jnp.where(at_most > high, t_low, above)
+    t_high = _neighbour(keys, t_low, high)
   low_value, high_value = _from_order_keys(t_low), _from_order_keys(t_high)
   out = low_value * (1.0 - high_weight) + high_value * high_weight
   return jnp.where(counts > 0, out, jnp.nan)
