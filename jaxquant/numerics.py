@@ -403,10 +403,20 @@ def calibrate(x: jax.Array, spec: QuantSpec, reduce_axes: Sequence[int]):
     big = ax > delta  # same Δ as ternary_threshold, kept blocked here
     alpha = _mean(jnp.where(big, ax, 0.0), jnp.sum(big, axis=stat_axes), stat_axes)
     return _safe_scale(alpha.reshape(shape)), None
+  return scale_zero_point(*calibrated_range(x32, spec, axes), spec)
+
+
+def calibrated_range(x: jax.Array, spec: QuantSpec, reduce_axes: Sequence[int]):
+  """The clip range (lo, hi) of an int / fp8 `spec`'s calibration (absmax, percentile or
+  MSE), shaped like the scale; `calibrate` maps it to the grid with `scale_zero_point`,
+  and passing it as a quantizer's static range gives the same grid."""
+  axes = normalize_axes(reduce_axes, x.ndim)
+  x32 = x.astype(jnp.float32)
+  xb, stat_axes, shape = blocked(x32, spec, axes)
   lo, hi = _range_stats(xb, spec, stat_axes, shape)
   if spec.calibration == "mse":
     lo, hi = _mse_search(x32, lo, hi, spec)
-  return scale_zero_point(lo, hi, spec)
+  return lo, hi
 
 
 def _mse_search(x32, lo, hi, spec):

@@ -19,6 +19,8 @@ max|x|) at the layers whose rule names a PTQ algorithm.
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 from typing import Any, Callable, Dict, NamedTuple, Optional
 
@@ -42,12 +44,17 @@ class Observer(NamedTuple):
 ObserverFactory = Callable[[Rule], Optional[Observer]]
 
 
-def batch_range(x, spec: QuantSpec):
-  """(lo, hi) of this batch by the spec's calibration method, over the whole tensor."""
+def batch_range(x, spec: QuantSpec, clip_range=None):
+  """(lo, hi) of this batch by the spec's calibration method, over the whole tensor: the
+  range its grid covers. `clip_range`, when given, is the batch's
+  `numerics.calibrated_range` already computed (the same result, without the pass)."""
   axes = tuple(range(x.ndim))
   tensor_spec = dataclasses.replace(spec, granularity="tensor", group_size=None,
                                     rounding="nearest", ste="identity")
-  scale, zp = numerics.calibrate(x, tensor_spec, axes)
+  if clip_range is None:
+    scale, zp = numerics.calibrate(x, tensor_spec, axes)
+  else:
+    scale, zp = numerics.scale_zero_point(*clip_range, tensor_spec)
   scale = scale.reshape(())
   if spec.format in numerics.FP8_DTYPES:
     hi = scale * numerics.FP8_MAX[spec.format]
@@ -78,6 +85,32 @@ def _has_range(rule: Rule) -> bool:
   return rule.act is not None and rule.act.format not in ("binary", "ternary")
 
 
+# One batch range per layer and step: while training, the quantizer clips the batch with
+# its own range and the EMA observer records the same range. The layer computes it once
+# (`numerics.calibrated_range`, e.g. a percentile: the costly part) and shares it with
+# both for the duration of the observers' update (`sharing_batch_range`).
+_SHARED_RANGE = contextvars.ContextVar("jaxquant_shared_batch_range", default=None)
+
+
+@contextlib.contextmanager
+def sharing_batch_range(x, spec: QuantSpec, clip_range):
+  """While active, `ema_range` observers updated with this very array `x` and this
+  `spec` take `clip_range` (x's `numerics.calibrated_range` over the whole tensor)
+  instead of computing it again."""
+  token = _SHARED_RANGE.set((x, spec, clip_range))
+  try:
+    yield
+  finally:
+    _SHARED_RANGE.reset(token)
+
+
+def _shared_range(x, spec: QuantSpec):
+  shared = _SHARED_RANGE.get()
+  if shared is not None and shared[0] is x and shared[1] == spec:
+    return shared[2]
+  return None
+
+
 def ema_range(decay: float = EMA_DECAY) -> ObserverFactory:
   """Exponential moving average of the per-batch activation range (the first batch
   starts it); a record of the ranges a layer saw in training."""
@@ -86,8 +119,9 @@ def ema_range(decay: float = EMA_DECAY) -> ObserverFactory:
       return None
 
     def update(state, x, mask=None):
+      shared = None if mask is not None else _shared_range(x, rule.act)
       x = masked(jax.lax.stop_gradient(x).astype(jnp.float32), mask)
-      lo, hi = batch_range(x, rule.act)
+      lo, hi = batch_range(x, rule.act, shared)
       first = state["count"] == 0
       return {"lo": jnp.where(first, lo, decay * state["lo"] + (1 - decay) * lo),
               "hi": jnp.where(first, hi, decay * state["hi"] + (1 - decay) * hi),

@@ -28,6 +28,7 @@ are `QTensor`s at the same paths). Quantization state lives beside it:
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import threading
 import warnings
@@ -138,6 +139,18 @@ def _make_view(model: nn.Module, config: QuantConfig) -> nn.Module:
   namespace.update(_jq_config=config, __module__=base.__module__)
   cls = type(f"Quantized{base.__name__}", (base,), namespace)
   return cls(**_module_fields(model), name=model.name)
+
+
+def _shares_batch_range(act) -> bool:
+  """Whether a layer computes its activation's batch range once and hands it to both the
+  quantizer (as its clip range) and the EMA observer: per-tensor int / fp8 ranges
+  calibrated by absmax or percentile, on a grid not learned (LSQ / PACT ignore ranges).
+  Both statistics are order-free (min / max, order statistics), so computing them on the
+  observers' [B, M, K] view of the input gives the quantizer's values bit for bit. MSE
+  sums errors, whose rounding depends on the layout: it keeps its own search."""
+  return (act is not None and act.format not in ("binary", "ternary")
+          and act.granularity == "tensor" and act.calibration in ("absmax", "percentile")
+          and act.learned is None)
 
 
 def quantize_model(model, rules: Sequence[Rule], *, observers=DEFAULT_OBSERVERS):
@@ -346,24 +359,33 @@ class _LayerCall:
     """The activation's learned quantity and static range; runs the observers (with the
     config's token mask over `rows_shape`, when calibration gave one)."""
     m, act = self.module, self.rule.act
+    has_static = m.has_variable("quant_stats", "act_hi") and act is not None \
+        and act.static is not False
+    batch_range = None  # this batch's clip range, computed once for quantizer and observers
     if self._tracking():
       updating = not m.is_initializing()
       mask_BM = None
       if updating and self.config.mask is not None:
         mask_BM = self.row_mask(x_BMK.shape[:-1] if rows_shape is None else rows_shape, x_BMK)
-      for name, factory in self.config.observers:
-        observer = factory(self.rule)
-        if observer is None:
-          continue
-        state = observer.init(x_BMK)
-        refs = {k: _variable(m, "quant_stats", f"{name}_{k}", lambda v=v: v)
-                for k, v in state.items()}
-        if updating:
-          old = {k: r.value for k, r in refs.items()}
-          new = (observer.update(old, x_BMK) if mask_BM is None
-                 else observer.update(old, x_BMK, mask_BM))
-          for k, r in refs.items():
-            r.value = new[k]
+      if updating and mask_BM is None and not has_static and _shares_batch_range(act):
+        batch_range = numerics.calibrated_range(jax.lax.stop_gradient(x_BMK), act,
+                                                tuple(range(x_BMK.ndim)))
+      sharing = (contextlib.nullcontext() if batch_range is None
+                 else obs.sharing_batch_range(x_BMK, act, batch_range))
+      with sharing:
+        for name, factory in self.config.observers:
+          observer = factory(self.rule)
+          if observer is None:
+            continue
+          state = observer.init(x_BMK)
+          refs = {k: _variable(m, "quant_stats", f"{name}_{k}", lambda v=v: v)
+                  for k, v in state.items()}
+          if updating:
+            old = {k: r.value for k, r in refs.items()}
+            new = (observer.update(old, x_BMK) if mask_BM is None
+                   else observer.update(old, x_BMK, mask_BM))
+            for k, r in refs.items():
+              r.value = new[k]
     if act is None:
       return OperandState()
     shape = (1,) * x.ndim
@@ -373,9 +395,11 @@ class _LayerCall:
                                          tuple(range(x.ndim))).reshape(shape)
       learned = _variable(m, "quant", f"act_{act.learned}", init).value.reshape(shape)
     static = None
-    if m.has_variable("quant_stats", "act_hi") and act.static is not False:
+    if has_static:
       static = (m.get_variable("quant_stats", "act_lo").reshape(shape),
                 m.get_variable("quant_stats", "act_hi").reshape(shape))
+    elif batch_range is not None:  # the batch's own range, as the quantizer would compute it
+      static = tuple(r.reshape(shape) for r in batch_range)
     elif act.static and not self._tracking():
       raise ValueError(f"layer {self.path!r}: act spec has static=True but no calibrated "
                        "range in 'quant_stats' (act_lo / act_hi): run jq.calibrate(qmodel, "

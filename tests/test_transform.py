@@ -616,3 +616,55 @@ def test_int_mode_equals_fake_mode_up_to_float_rounding():
                                           Net().apply(v, x)))(qv)
   np.testing.assert_allclose(y_int, y_fake, rtol=1e-4, atol=1e-5 * float(jnp.abs(y_fake).max()))
   assert rel_err(y_int, y_float) > 1e-3
+
+
+@pytest.mark.parametrize("act", [
+    jq.QuantSpec(bits=4, granularity="tensor", symmetric=False, calibration="percentile",
+                 percentile=99.0, ste="clipped"),
+    jq.QuantSpec(bits=8, granularity="tensor", calibration="percentile"),
+    jq.QuantSpec(bits=4, granularity="tensor", symmetric=False)])
+def test_batch_range_computed_once_and_shared_changes_nothing(monkeypatch, act):
+  """In training a per-tensor absmax / percentile layer computes its batch range once
+  and hands it to the quantizer and the EMA observer. Outputs, gradients and the
+  observer's state are bit-identical to each computing its own, for a Dense MLP and a
+  conv net, and the percentile runs once per layer (one loop) instead of twice."""
+  from jaxquant import transform as tr  # pylint: disable=import-outside-toplevel
+
+  class Net(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      x = nn.relu(nn.Conv(6, (3,))(x))
+      x = nn.relu(nn.Dense(16)(x.reshape(x.shape[0], -1)))
+      return nn.Dense(5)(x)
+
+  x = jnp.asarray(np.random.default_rng(0).normal(size=(8, 12, 3)), jnp.float32)
+  qmodel = jq.quantize_model(Net(), [jq.Rule(".*", weight=jq.QuantSpec(bits=4), act=act)])
+  variables = qmodel.init(jax.random.key(0), x)
+  params, stats = variables["params"], {"quant_stats": variables["quant_stats"]}
+
+  def make_step():  # a new function each time: jax caches traces by function
+    def step(params):
+      def loss(p):
+        out, upd = qmodel.apply({"params": p, **stats}, x, mutable=["quant_stats"])
+        return jnp.sum(out ** 2), (out, upd)
+      return jax.grad(loss, has_aux=True)(params)
+    return step
+
+  from jaxquant import numerics  # pylint: disable=import-outside-toplevel
+  calls = []
+  real = numerics.nanpercentile
+  monkeypatch.setattr(numerics, "nanpercentile", lambda v, q: (calls.append(q), real(v, q))[1])
+
+  def run():  # (results, percentiles computed while tracing the step)
+    calls.clear()
+    out = jax.jit(make_step())(params)
+    return out, len(calls)
+
+  shared, loops_shared = run()
+  monkeypatch.setattr(tr, "_shares_batch_range", lambda act: False)
+  separate, loops_separate = run()
+  for a, b in zip(jax.tree.leaves(shared), jax.tree.leaves(separate)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  per_range = {"absmax": 0, "percentile": 1 if act.symmetric else 2}[act.calibration]
+  assert loops_shared == 3 * per_range and loops_separate == 2 * 3 * per_range  # 3 layers
+
