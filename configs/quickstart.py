@@ -1,4 +1,4 @@
-r"""Quickstart: accuracy vs bits on MNIST-1D, 5 settings x 3 seeds in ~10 minutes.
+r"""Quickstart: accuracy vs bits on MNIST-1D, 5 settings x 3 seeds in ~8 minutes.
 
   python -m experiments.sweep --config=configs/quickstart.py --workdir=/tmp/jq/quickstart --parallel=2
   python -m experiments.report --workdir=/tmp/jq/quickstart
