@@ -211,6 +211,8 @@ def _dlhs_quantized(g, q_r, gspec, key, mode):
   r4 = q_r.values.reshape(B, G, K // max(G, 1), N)
   if G == 1 and B == 1:
     acc = _contract(h_codes[0, 0], r4[0, 0], (1,), (1,), (), (), mode)[None, None]
+  elif G == 1:  # one batch axis, as in the forward (`_bgmn_dot`)
+    acc = _contract(h_codes[:, 0], r4[:, 0], (2,), (2,), (0,), (0,), mode)[:, None]
   else:
     acc = _contract(h_codes, r4, (3,), (3,), (0, 1), (0, 1), mode)  # [B,G,M,g]
   if q_r.zero_point is not None:
@@ -235,6 +237,8 @@ def _drhs_quantized(g, q_l, gspec, key, mode):
       jnp.transpose(q_l.values.reshape(B, M, G, K // max(G, 1)), (0, 2, 3, 1)))  # [B,G,g,M]
   if G == 1 and B == 1:
     acc = _contract(l_t[0, 0], h_codes[0, 0], (1,), (0,), (), (), mode)[None, None]
+  elif G == 1:  # one batch axis, as in the forward (`_bgmn_dot`)
+    acc = _contract(l_t[:, 0], h_codes[:, 0], (2,), (1,), (0,), (0,), mode)[:, None]
   else:
     acc = _contract(l_t, h_codes, (3,), (2,), (0, 1), (0, 1), mode)  # [B,G,g,N]
   if q_l.zero_point is not None:
