@@ -209,9 +209,12 @@ def _from_order_keys(k):
   return jax.lax.bitcast_convert_type(b, jnp.float32)
 
 
-# Rows up to which `nanpercentile` finds order statistics with two 16-bit histogram
-# passes (a [rows, 65536] int32 table) instead of the 32-pass bitwise search.
+# `nanpercentile` finds order statistics with two 16-bit histogram passes (a
+# [rows, 65536] int32 table, zeroed and summed per pass) for up to _RADIX_MAX_ROWS rows
+# of at least _RADIX_MIN_SIZE values each; below that the 32-pass bitwise search costs
+# less than the tables.
 _RADIX_MAX_ROWS = 64
+_RADIX_MIN_SIZE = 16384
 
 
 def _select_by_search(keys, low):
@@ -236,8 +239,9 @@ def _select_by_radix(keys, low, high):
   """(`low`-th, `high`-th smallest key) per row of keys [R, n] (0-based, high = low or
   low + 1): a 65536-bin histogram of the top 16 bits (one scatter-add pass) fixes the
   top half of the low one, a second of the low 16 bits of the keys in that bin the
-  rest, and `_neighbour` the high one. The three passes run as the steps of one loop
-  that takes the keys as its operand: XLA:CPU otherwise fuses the computation of the
+  rest, and `_neighbour` the high one. The passes run as the two steps of one loop that
+  takes the keys as its operand (each step a digit pass and the neighbour of its
+  prefix; only the last one's is kept): XLA:CPU otherwise fuses the computation of the
   keys (the activation they come from) into every pass and repeats it per pass."""
   R = keys.shape[0]
   rows = jnp.arange(R, dtype=jnp.int32)[:, None]
@@ -256,15 +260,12 @@ def _select_by_radix(keys, low, high):
     below = jnp.take_along_axis(c - h, d[:, None], axis=1)[:, 0]
     return prefix | (d.astype(jnp.uint32) << shift), rank - below, t_high
 
-  def neighbour_pass(j, carry):
-    prefix, rank, _ = carry
+  def step(j, carry):  # a digit pass, then the neighbour of the prefix so far (the
+    prefix, rank, _ = digit_pass(j, carry)  # second step's is t_low's, the answer)
     return prefix, rank, _neighbour(keys, prefix, high)
 
-  def step(j, carry):
-    return jax.lax.switch(jnp.minimum(j, 2), [digit_pass, digit_pass, neighbour_pass], j, carry)
-
   zeros = jnp.zeros((R,), jnp.uint32)
-  t_low, _, t_high = jax.lax.fori_loop(0, 3, step, (zeros, low, zeros))
+  t_low, _, t_high = jax.lax.fori_loop(0, 2, step, (zeros, low, zeros))
   return t_low, t_high
 
 
@@ -276,9 +277,9 @@ def nanpercentile(x, q):
   for 0.5M float32 values, hundreds of times the quantized layer's own dot, and
   percentile activation ranges computed one per layer per training step. The two order
   statistics the interpolation needs are found instead over the values'
-  order-preserving uint32 keys: for up to 64 rows by two 16-bit histogram passes (radix
-  select), else by a bitwise binary search of 32 counting passes (`#{key < t}`); then a
-  count and a min over the keys above it give its successor. The order statistics are
+  order-preserving uint32 keys: for up to 64 rows of at least 16384 values by two 16-bit
+  histogram passes (radix select), else by a bitwise binary search of 32 counting passes
+  (`#{key < t}`); then a count and a min over the keys above it give its successor. The order statistics are
   exact and the interpolation is `jnp.nanpercentile`'s float32 formula, so results agree
   with it to float32 rounding; no gradient flows to `x`.
   """
@@ -293,7 +294,7 @@ def nanpercentile(x, q):
   high = jnp.clip(high, 0.0, counts - 1.0).astype(jnp.int32)
   lead = keys.shape[:-1]
   n_rows = int(np.prod(lead))
-  if 0 < n_rows <= _RADIX_MAX_ROWS and keys.shape[-1] > 0:
+  if 0 < n_rows <= _RADIX_MAX_ROWS and keys.shape[-1] >= max(_RADIX_MIN_SIZE, 1):
     flat = lambda a: jnp.broadcast_to(a, lead).reshape(n_rows)
     t_low, t_high = _select_by_radix(keys.reshape(n_rows, keys.shape[-1]), flat(low),
                                      flat(high))
