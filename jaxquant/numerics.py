@@ -246,8 +246,8 @@ def _select_by_radix(keys, low, high):
   R = keys.shape[0]
   rows = jnp.arange(R, dtype=jnp.int32)[:, None]
 
-  def digit_pass(j, carry):  # j = 0: top 16 bits of every key; 1: low 16 of those in bin
-    prefix, rank, t_high = carry
+  def digit_pass(j, prefix, rank):  # j = 0: top 16 bits of every key; 1: the low 16
+    # bits of those in the chosen bin
     shift = (16 - 16 * j).astype(jnp.uint32)
     # keys >> 32 is 0 in XLA: with prefix 0 every key matches in the first pass
     match = (keys >> (shift + 16)) == (prefix >> (shift + 16))[:, None]
@@ -258,10 +258,10 @@ def _select_by_radix(keys, low, high):
     c = jnp.cumsum(h, axis=1)
     d = jnp.argmax(c > rank[:, None], axis=1)
     below = jnp.take_along_axis(c - h, d[:, None], axis=1)[:, 0]
-    return prefix | (d.astype(jnp.uint32) << shift), rank - below, t_high
+    return prefix | (d.astype(jnp.uint32) << shift), rank - below
 
   def step(j, carry):  # a digit pass, then the neighbour of the prefix so far (the
-    prefix, rank, _ = digit_pass(j, carry)  # second step's is t_low's, the answer)
+    prefix, rank = digit_pass(j, *carry[:2])  # second step's is t_low's, the answer)
     return prefix, rank, _neighbour(keys, prefix, high)
 
   zeros = jnp.zeros((R,), jnp.uint32)
@@ -279,8 +279,8 @@ def nanpercentile(x, q):
   statistics the interpolation needs are found instead over the values'
   order-preserving uint32 keys: for up to 64 rows of at least 16384 values by two 16-bit
   histogram passes (radix select), else by a bitwise binary search of 32 counting passes
-  (`#{key < t}`); then a count and a min over the keys above it give its successor. The order statistics are
-  exact and the interpolation is `jnp.nanpercentile`'s float32 formula, so results agree
+  (`#{key < t}`); then a count and a min over the keys above it give its successor.
+  The order statistics are exact and the interpolation is `jnp.nanpercentile`'s float32 formula, so results agree
   with it to float32 rounding; no gradient flows to `x`.
   """
   x = jax.lax.stop_gradient(jnp.asarray(x, jnp.float32))
