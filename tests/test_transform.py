@@ -618,6 +618,30 @@ def test_int_mode_equals_fake_mode_up_to_float_rounding():
   assert rel_err(y_int, y_float) > 1e-3
 
 
+def test_eager_calls_run_each_contraction_compiled_and_traces_stay_inline():
+  """Outside a trace a matched layer's contraction (dot and conv) and its learned-scale
+  init run as cached compiled calls, with the outputs of the traced model; inside a trace
+  they are inlined (no nested call in the jaxpr)."""
+  x = normal((3, 6, 6, 3), 5)
+  rules = [jq.Rule("conv.*", weight=jq.QuantSpec(bits=4, ste="lsq"), act=A8),
+           jq.Rule(".*", weight=W8, act=jq.QuantSpec(bits=8, granularity="tensor", ste="lsq"))]
+  qmodel = jq.quantize_model(Net(), rules)
+  compiled = (transform._dot_general, transform._conv_general_dilated,
+              transform._init_weight_learned, transform._init_act_learned)
+  before = [f.jitted._cache_size() for f in compiled]
+  qv = qmodel.init(jax.random.key(0), x)  # eager
+  assert all(f.jitted._cache_size() > n for f, n in zip(compiled, before))
+  y_eager = qmodel.apply(qv, x)
+  np.testing.assert_array_equal(y_eager, jax.jit(qmodel.apply)(qv, x))
+  jaxpr = jax.make_jaxpr(qmodel.init)(jax.random.key(0), x).jaxpr
+  names = {str(e.params.get("name", "")) for e in _eqns(jaxpr)}
+  assert not names & {f.__name__ for f in compiled}, names
+  # (A jitted init may fuse the kernel's sampling into the LSQ init's mean: same to rounding.)
+  for a, b in zip(jax.tree.leaves(jax.jit(qmodel.init)(jax.random.key(0), x)),
+                  jax.tree.leaves(qv), strict=True):
+    np.testing.assert_allclose(a, b, rtol=1e-6)
+
+
 @pytest.mark.parametrize("act", [
     jq.QuantSpec(bits=4, granularity="tensor", symmetric=False, calibration="percentile",
                  percentile=99.0, ste="clipped"),
