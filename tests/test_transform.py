@@ -636,10 +636,6 @@ def test_eager_calls_run_each_contraction_compiled_and_traces_stay_inline():
   jaxpr = jax.make_jaxpr(qmodel.init)(jax.random.key(0), x).jaxpr
   names = {str(e.params.get("name", "")) for e in _eqns(jaxpr)}
   assert not names & {f.__name__ for f in compiled}, names
-  # (A jitted init may fuse the kernel's sampling into the LSQ init's mean: same to rounding.)
-  for a, b in zip(jax.tree.leaves(jax.jit(qmodel.init)(jax.random.key(0), x)),
-                  jax.tree.leaves(qv), strict=True):
-    np.testing.assert_allclose(a, b, rtol=1e-6)
 
 
 @pytest.mark.parametrize("act", [
