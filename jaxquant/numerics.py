@@ -311,8 +311,14 @@ def divide_by_scale(x, scale):
   """x / scale for a positive `scale` that broadcasts against `x`. XLA rewrites a division
   by a broadcast as a multiply by the reciprocal, and XLA:CPU flushes a reciprocal below
   FLT_MIN (scale > ~8.5e37, e.g. 2-bit int of |x| ~ 3e38) to 0: x / s became 0 and
-  ±Inf / s NaN. Such scales, and x, are first brought down by 2^-64 (exact)."""
-  c = jnp.where(scale > 2.0 ** 64, 2.0 ** -64, 1.0).astype(jnp.float32)
+  ±Inf / s NaN. Such scales, and x, are first brought down by 2^-64 (exact).
+
+  The factor is written as a division (1 / 2^64 is exactly 2^-64): XLA:CPU does not fuse
+  a division into an elementwise consumer that broadcasts it, so the per-slice factor is
+  computed once. Written as a select, it was fused into the pass over x and recomputed
+  per element with the whole scale computation before it (a [2048, 2048] weight
+  quantized in 4.1 ms, 2.5 ms now; the MLP's QAT step 0.81 -> 0.77 of float)."""
+  c = 1.0 / jnp.where(scale > 2.0 ** 64, 2.0 ** 64, 1.0).astype(jnp.float32)
   return (x * c) / (scale * c)
 
 
