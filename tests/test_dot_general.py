@@ -527,6 +527,25 @@ def test_weight_only_small_batch_runs_an_int8_dot_of_activation_slices():
     assert "dot_general" in [e.primitive.name for e in iter_eqns(false_branch.jaxpr)]
 
 
+def test_weight_only_groups_dot_one_by_one_straight_from_their_packed_bytes():
+  """Grouped scales: one 2-D s8 dot per group of K (not one dot batched over groups);
+  a packed [K, N] weight whose groups lie inside one bit plane gives each group from
+  its own bytes, with no unpacked copy of the whole weight."""
+  K, N, gs = 64, 24, 16
+  q = jq.quantize_weight(rng_x((K, N), 35), QS(bits=4, granularity="group", group_size=gs),
+                         jq.make_layout(2, (0,))).pack()
+  x = jnp.asarray(rng_x((2, K), 36))
+  jaxpr = jax.make_jaxpr(lambda x: jq.dot_general(x, q, (((1,), (0,)), ((), ()))))(x).jaxpr
+  [cond] = [e for e in iter_eqns(jaxpr) if e.primitive.name == "cond"]
+  sliced = cond.params["branches"][1].jaxpr
+  dots = [e for e in iter_eqns(sliced) if e.primitive.name == "dot_general"]
+  assert [e.invars[1].aval.shape for e in dots] == [(gs, N)] * (K // gs)
+  assert all(e.params["dimension_numbers"][1] == ((), ()) for e in dots)
+  whole = [e.primitive.name for e in iter_eqns(sliced) for v in e.outvars
+           if v.aval.dtype == jnp.int8 and v.aval.size == K * N]
+  assert whole == []  # no int8 array of the whole weight's size
+
+
 @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
 def test_weight_only_sliced_path_gives_the_float_dots_nan_and_inf(bad):
   """A row holding NaN / ±Inf comes out as the float dot of the dequantized weight
