@@ -446,8 +446,8 @@ class _LayerCall:
       raise ValueError(f"layer {self.path!r}: PTQ input scales are supported for "
                        "Dense / DenseGeneral layers, not nn.Einsum")
     kept = inputs if not lsum else jnp.sum(inputs, axis=lsum)
-    y = einsum(einsum_str, inputs, kernel, self.spec, key=self.key(),
-                    **self.states(kept, kernel, dims))
+    y = _einsum(subscripts=einsum_str, lhs=inputs, rhs=kernel, spec=self.spec,
+                key=self.key(), **self.states(kept, kernel, dims))
     if bias is not None:
       y = y + jnp.reshape(bias, bshape)
     return y
@@ -544,6 +544,7 @@ _conv_general_dilated = _compiled_when_eager(qconv.conv_general_dilated, (
     "window_strides", "padding", "lhs_dilation", "rhs_dilation", "dimension_numbers",
     "feature_group_count", "batch_group_count", "precision", "preferred_element_type",
     "spec"))
+_einsum = _compiled_when_eager(einsum, ("subscripts", "spec"))
 _init_weight_learned = _compiled_when_eager(layout.init_learned, ("spec", "layout"))
 _init_act_learned = _compiled_when_eager(numerics.init_learned, ("spec", "reduce_axes"))
 

@@ -619,14 +619,14 @@ def test_int_mode_equals_fake_mode_up_to_float_rounding():
 
 
 def test_eager_calls_run_each_contraction_compiled_and_traces_stay_inline():
-  """Outside a trace a matched layer's contraction (dot and conv) and its learned-scale
+  """Outside a trace a matched layer's contraction (dot, conv, einsum) and its learned-scale
   init run as cached compiled calls, with the outputs of the traced model; inside a trace
   they are inlined (no nested call in the jaxpr)."""
   x = normal((3, 6, 6, 3), 5)
   rules = [jq.Rule("conv.*", weight=jq.QuantSpec(bits=4, ste="lsq"), act=A8),
            jq.Rule(".*", weight=W8, act=jq.QuantSpec(bits=8, granularity="tensor", ste="lsq"))]
   qmodel = jq.quantize_model(Net(), rules)
-  compiled = (transform._dot_general, transform._conv_general_dilated,
+  compiled = (transform._dot_general, transform._conv_general_dilated, transform._einsum,
               transform._init_weight_learned, transform._init_act_learned)
   before = [f.jitted._cache_size() for f in compiled]
   qv = qmodel.init(jax.random.key(0), x)  # eager
