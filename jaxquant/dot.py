@@ -537,7 +537,7 @@ def _group_codes(q_stored: QTensor, w_layout: layout.WeightLayout, G: int):
   if w_layout.ndim == 2 and w_layout.contracting == (1,):  # [N, K] as stored
     codes = q_stored.unpacked().values
     gs = codes.shape[1] // G
-    return [codes[:, g * gs:(g + 1) * gs] for g in range(G)] if G > 1 else [codes], False
+    return [codes[:, g * gs:(g + 1) * gs] for g in range(G)], False
   K, N = layout.canonical_shape(q_stored.shape, w_layout)[1:]
   gs = K // G
   if q_stored.packed and G > 1 and w_layout.ndim == 2 and w_layout.contracting == (0,):
@@ -548,7 +548,7 @@ def _group_codes(q_stored: QTensor, w_layout: layout.WeightLayout, G: int):
       return [plane(planes[(g * gs) % rows:(g * gs) % rows + gs], (g * gs) // rows,
                     q_stored.spec.storage_bits) for g in range(G)], True
   codes = layout.canonical_qtensor(q_stored, w_layout).values[0]
-  return [codes[g * gs:(g + 1) * gs] for g in range(G)] if G > 1 else [codes], True
+  return [codes[g * gs:(g + 1) * gs] for g in range(G)], True
 
 
 def make_dot_general(spec: Optional[DotSpec], *, key=None,

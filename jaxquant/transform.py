@@ -493,10 +493,9 @@ class _Contraction:
       return self.conv(lhs, rhs, *args, **kwargs)
     dimension_numbers = args[0] if args else kwargs.pop("dimension_numbers")
     lhs = c.scaled_input(lhs, dimension_numbers)
-    operands = dict(key=c.key(), **c.states(lhs, rhs, dimension_numbers))
     return _dot_general(lhs, rhs, dimension_numbers=dimension_numbers, spec=c.spec,
-                      preferred_element_type=kwargs.get("preferred_element_type"),
-                      **operands)
+                        preferred_element_type=kwargs.get("preferred_element_type"),
+                        key=c.key(), **c.states(lhs, rhs, dimension_numbers))
 
   def conv(self, lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
            dimension_numbers=None, feature_group_count=1, batch_group_count=1,
@@ -555,7 +554,8 @@ def _traced(*trees) -> bool:
 
 
 def _hashable(v):
-  """A static argument with its lists as tuples (a jitted call's static args must hash)."""
+  """A static argument with its lists as tuples (a jitted call's static args must hash);
+  named tuples (`ConvDimensionNumbers`) hash already and are kept as they are."""
   if isinstance(v, list) or (type(v) is tuple):  # pylint: disable=unidiomatic-typecheck
     return tuple(_hashable(a) for a in v)
   return v
