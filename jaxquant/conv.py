@@ -33,6 +33,7 @@ from jax._src import core as jax_core
 from jax._src.interpreters import ad as jax_ad
 from jax._src.lax import convolution as lax_conv
 
+from jaxquant import eager
 from jaxquant import fake_quant as fq
 from jaxquant import layout
 from jaxquant.fake_quant import OperandState
@@ -317,9 +318,19 @@ def make_conv(spec: Optional[DotSpec], *, key=None, lhs_state: Optional[OperandS
   def _conv_fn(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
                dimension_numbers=None, feature_group_count=1, batch_group_count=1,
                precision=None, preferred_element_type=None, **unused):
-    return conv_general_dilated(lhs, rhs if weight is None else weight, window_strides,
-                                padding, lhs_dilation, rhs_dilation, dimension_numbers,
-                                feature_group_count, batch_group_count, precision,
-                                preferred_element_type, spec=spec, key=key,
-                                lhs_state=lhs_state, rhs_state=rhs_state)
+    return conv_general_dilated_compiled(
+        lhs, rhs if weight is None else weight, window_strides=window_strides,
+        padding=padding, lhs_dilation=lhs_dilation, rhs_dilation=rhs_dilation,
+        dimension_numbers=dimension_numbers, feature_group_count=feature_group_count,
+        batch_group_count=batch_group_count, precision=precision,
+        preferred_element_type=preferred_element_type, spec=spec, key=key,
+        lhs_state=lhs_state, rhs_state=rhs_state)
   return _conv_fn
+
+
+# `conv_general_dilated`, one compiled call when it runs outside a trace (see
+# `jaxquant.eager`): what layers call. Static arguments by keyword.
+conv_general_dilated_compiled = eager.compiled_when_eager(conv_general_dilated, (
+    "window_strides", "padding", "lhs_dilation", "rhs_dilation", "dimension_numbers",
+    "feature_group_count", "batch_group_count", "precision", "preferred_element_type",
+    "spec"))

@@ -31,6 +31,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from jaxquant import eager
 from jaxquant import fake_quant as fq
 from jaxquant import layout
 from jaxquant.fake_quant import OperandState
@@ -561,8 +562,15 @@ def make_dot_general(spec: Optional[DotSpec], *, key=None,
   """
   def _dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None,
                    **unused):  # out_sharding: the output follows the operands' sharding
-    return dot_general(lhs, rhs if weight is None else weight, dimension_numbers, spec,
-                       key=key, precision=precision,
-                       preferred_element_type=preferred_element_type,
-                       lhs_state=lhs_state, rhs_state=rhs_state)
+    return dot_general_compiled(lhs, rhs if weight is None else weight,
+                                dimension_numbers=dimension_numbers, spec=spec, key=key,
+                                precision=precision,
+                                preferred_element_type=preferred_element_type,
+                                lhs_state=lhs_state, rhs_state=rhs_state)
   return _dot_general
+
+
+# `dot_general`, one compiled call when it runs outside a trace (see `jaxquant.eager`):
+# what layers call. Static arguments by keyword.
+dot_general_compiled = eager.compiled_when_eager(
+    dot_general, ("dimension_numbers", "spec", "preferred_element_type", "precision"))

@@ -12,6 +12,7 @@ from typing import Optional
 
 import jax.numpy as jnp
 
+from jaxquant import eager
 from jaxquant.dot import dot_general
 from jaxquant.fake_quant import OperandState
 from jaxquant.qtensor import QTensor
@@ -79,3 +80,9 @@ def einsum(subscripts: str, lhs, rhs, spec: Optional[DotSpec] = None, *, key=Non
   if perm != tuple(range(len(perm))):
     out = jnp.transpose(out, perm)
   return out
+
+
+# `einsum`, one compiled call when it runs outside a trace (see `jaxquant.eager`): what
+# layers call. Static arguments (`subscripts`, `spec`, ...) by keyword.
+einsum_compiled = eager.compiled_when_eager(
+    einsum, ("subscripts", "spec", "preferred_element_type", "precision"))

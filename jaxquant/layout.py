@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxquant import eager
 from jaxquant.fake_quant import quantize_parts
 from jaxquant import numerics
 from jaxquant.qtensor import QTensor
@@ -153,6 +154,11 @@ def init_learned(w, spec: QuantSpec, layout: WeightLayout):
   """Initial LSQ step / PACT α of a weight, in the weight's rank (scale-shaped)."""
   s = numerics.init_learned(canonical(w, layout), spec, (1,))
   return fold_scale(s, w.shape, layout, spec)
+
+
+# `init_learned`, one compiled call outside a trace (see `jaxquant.eager`); `spec` and
+# `layout` by keyword.
+init_learned_compiled = eager.compiled_when_eager(init_learned, ("spec", "layout"))
 
 
 def quantize_weight(w, spec: QuantSpec, layout: WeightLayout, *, key=None,

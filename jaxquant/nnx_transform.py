@@ -21,7 +21,7 @@ from flax import nnx
 
 from jaxquant import conv as qconv
 from jaxquant import dot as qdot
-from jaxquant.einsum import einsum, einsum_dimension_numbers
+from jaxquant.einsum import einsum_compiled, einsum_dimension_numbers
 from jaxquant import layout
 from jaxquant.fake_quant import OperandState
 from jaxquant.spec import Rule
@@ -78,8 +78,8 @@ def _quantized_call(self, *args, **kwargs):
     fn = qconv.make_conv(spec, rhs_state=state)
   elif attr == "einsum_op":
     fn = lambda subscripts, lhs, rhs, precision=None, preferred_element_type=None, **_: \
-        einsum(subscripts, lhs, rhs, spec, preferred_element_type=preferred_element_type,
-                    rhs_state=state)
+        einsum_compiled(subscripts=subscripts, lhs=lhs, rhs=rhs, spec=spec,
+                        preferred_element_type=preferred_element_type, rhs_state=state)
   else:
     fn = qdot.make_dot_general(spec, rhs_state=state)
   old = getattr(self, attr)
@@ -119,8 +119,8 @@ def quantize_nnx(model: nnx.Module, rules: Tuple[Rule, ...]) -> nnx.Module:
     if rule.weight is not None and rule.weight.learned:
       kernel = node.kernel[...]
       node.jq_weight_learned = QuantParam(
-          layout.init_learned(jax.lax.stop_gradient(kernel), rule.weight,
-                              _kernel_layout(node, kernel)))
+          layout.init_learned_compiled(jax.lax.stop_gradient(kernel), spec=rule.weight,
+                                       layout=_kernel_layout(node, kernel)))
   unused = [r.pattern for i, r in enumerate(rules) if i not in used]
   if unused:
     warnings.warn(f"jaxquant: rules matched no layer: {unused}; layers seen: {seen}",

@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxquant import eager
 from jaxquant.spec import QuantSpec
 
 FP8_DTYPES = {"fp8_e4m3": jnp.float8_e4m3fn, "fp8_e5m2": jnp.float8_e5m2}
@@ -528,6 +529,11 @@ def init_learned(x: jax.Array, spec: QuantSpec, reduce_axes: Sequence[int]) -> j
     lo, hi = _range_stats(xb, spec, stat_axes, shape)
     return _safe_scale(hi)
   raise ValueError(f"ste={spec.ste!r} has no learned quantity; use 'lsq' or 'pact'")
+
+
+# `init_learned`, one compiled call outside a trace (see `jaxquant.eager`); `spec` and
+# `reduce_axes` by keyword.
+init_learned_compiled = eager.compiled_when_eager(init_learned, ("spec", "reduce_axes"))
 
 
 def elements_per_scale(shape: Sequence[int], scale_shape: Sequence[int]) -> int:

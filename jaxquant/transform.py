@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
 import threading
 import warnings
 from typing import Any, Dict, Optional, Sequence, Tuple
@@ -43,7 +42,7 @@ import numpy as np
 
 from jaxquant import conv as qconv
 from jaxquant import dot as qdot
-from jaxquant.einsum import einsum, einsum_dimension_numbers
+from jaxquant.einsum import einsum_compiled, einsum_dimension_numbers
 from jaxquant import layout
 from jaxquant import nnx_transform
 from jaxquant import numerics
@@ -392,8 +391,8 @@ class _LayerCall:
     shape = (1,) * x.ndim
     learned = None
     if act.learned:
-      init = lambda: _init_act_learned(jax.lax.stop_gradient(x), spec=act,
-                                       reduce_axes=tuple(range(x.ndim))).reshape(shape)
+      init = lambda: numerics.init_learned_compiled(
+          jax.lax.stop_gradient(x), spec=act, reduce_axes=tuple(range(x.ndim))).reshape(shape)
       learned = _variable(m, "quant", f"act_{act.learned}", init).value.reshape(shape)
     static = None
     if has_static:
@@ -423,8 +422,8 @@ class _LayerCall:
       _variable(m, "quant_stats", "kernel_axes", lambda: jnp.asarray(axes))
     if w is None or not w.learned or isinstance(kernel, QTensor):
       return OperandState()
-    init = lambda: _init_weight_learned(jax.lax.stop_gradient(kernel), spec=w,
-                                        layout=w_layout)
+    init = lambda: layout.init_learned_compiled(jax.lax.stop_gradient(kernel), spec=w,
+                                                layout=w_layout)
     return OperandState(learned=_variable(m, "quant", f"weight_{w.learned}", init).value)
 
   # -- nn.Einsum ----------------------------------------------------------------------------
@@ -446,8 +445,8 @@ class _LayerCall:
       raise ValueError(f"layer {self.path!r}: PTQ input scales are supported for "
                        "Dense / DenseGeneral layers, not nn.Einsum")
     kept = inputs if not lsum else jnp.sum(inputs, axis=lsum)
-    y = _einsum(subscripts=einsum_str, lhs=inputs, rhs=kernel, spec=self.spec,
-                key=self.key(), **self.states(kept, kernel, dims))
+    y = einsum_compiled(subscripts=einsum_str, lhs=inputs, rhs=kernel, spec=self.spec,
+                        key=self.key(), **self.states(kept, kernel, dims))
     if bias is not None:
       y = y + jnp.reshape(bias, bshape)
     return y
@@ -493,9 +492,9 @@ class _Contraction:
       return self.conv(lhs, rhs, *args, **kwargs)
     dimension_numbers = args[0] if args else kwargs.pop("dimension_numbers")
     lhs = c.scaled_input(lhs, dimension_numbers)
-    return _dot_general(lhs, rhs, dimension_numbers=dimension_numbers, spec=c.spec,
-                        preferred_element_type=kwargs.get("preferred_element_type"),
-                        key=c.key(), **c.states(lhs, rhs, dimension_numbers))
+    return qdot.dot_general_compiled(lhs, rhs, dimension_numbers=dimension_numbers, spec=c.spec,
+                                     preferred_element_type=kwargs.get("preferred_element_type"),
+                                     key=c.key(), **c.states(lhs, rhs, dimension_numbers))
 
   def conv(self, lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
            dimension_numbers=None, feature_group_count=1, batch_group_count=1,
@@ -507,58 +506,12 @@ class _Contraction:
     channels_last = jnp.moveaxis(lhs, dn.lhs_spec[1], -1)
     lhs_state = c.lhs_state(lhs, channels_last.reshape(1, -1, channels_last.shape[-1]),
                             channels_last.shape[:-1])
-    return _conv_general_dilated(
+    return qconv.conv_general_dilated_compiled(
         lhs, rhs, window_strides=window_strides, padding=padding, lhs_dilation=lhs_dilation,
         rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
         feature_group_count=feature_group_count, batch_group_count=batch_group_count,
         precision=precision, preferred_element_type=preferred_element_type, spec=c.spec,
         key=c.key(), lhs_state=lhs_state, rhs_state=rhs_state)
-
-
-def _compiled_when_eager(fn, static_argnames: Tuple[str, ...]):
-  """`fn`, run as one compiled call (cached per shapes and static arguments, which must
-  be passed by keyword) when none of its array arguments is a tracer.
-
-  Outside any trace (Flax's usual eager `init`, an eager `apply`) a layer's quantized
-  contraction otherwise runs op by op, and its few hundred small operations are each
-  compiled on first use: ~12 s for the first init of a 3-layer MLP (0.4 s once cached).
-  Under a trace (jit, grad, scan) `fn` is traced inline as before, so a traced program
-  is unchanged.
-  """
-  jitted = jax.jit(fn, static_argnames=static_argnames)
-
-  @functools.wraps(fn)
-  def call(*args, **kwargs):
-    static = {k: _hashable(kwargs.pop(k)) for k in static_argnames if k in kwargs}
-    if _traced(args, kwargs):
-      return fn(*args, **static, **kwargs)
-    return jitted(*args, **static, **kwargs)
-  call.jitted = jitted
-  return call
-
-
-_dot_general = _compiled_when_eager(qdot.dot_general, (
-    "dimension_numbers", "spec", "preferred_element_type"))
-_conv_general_dilated = _compiled_when_eager(qconv.conv_general_dilated, (
-    "window_strides", "padding", "lhs_dilation", "rhs_dilation", "dimension_numbers",
-    "feature_group_count", "batch_group_count", "precision", "preferred_element_type",
-    "spec"))
-_einsum = _compiled_when_eager(einsum, ("subscripts", "spec"))
-_init_weight_learned = _compiled_when_eager(layout.init_learned, ("spec", "layout"))
-_init_act_learned = _compiled_when_eager(numerics.init_learned, ("spec", "reduce_axes"))
-
-
-def _traced(*trees) -> bool:
-  """Whether any leaf of `trees` is a tracer (the call is being traced)."""
-  return any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree.leaves(trees))
-
-
-def _hashable(v):
-  """A static argument with its lists as tuples (a jitted call's static args must hash);
-  named tuples (`ConvDimensionNumbers`) hash already and are kept as they are."""
-  if isinstance(v, list) or (type(v) is tuple):  # pylint: disable=unidiomatic-typecheck
-    return tuple(_hashable(a) for a in v)
-  return v
 
 
 EMBED_LAYOUT = layout.make_layout(2, (1,))  # table [V, D]: D contracted, one scale per row

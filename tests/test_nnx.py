@@ -11,6 +11,9 @@ import pytest
 from flax import nnx
 
 import jaxquant as jq
+from jaxquant import conv as qconv
+from jaxquant import dot as qdot
+from jaxquant.einsum import einsum_compiled
 from tests.test_convert import PARAMS, X
 from tests.test_transform import Net, int_ops, jit, qinit, rel_err
 
@@ -96,6 +99,18 @@ def test_nnx_int_path_is_integer():
   fn = lambda state, x: nnx.merge(graphdef, state)(x)
   assert int_ops(fn, state, X, prim="conv_general_dilated") == (1, 1)
   assert int_ops(fn, state, X, prim="dot_general") == (2, 3)  # proj is activation-only
+
+
+def test_nnx_eager_call_runs_compiled_contractions_equal_to_the_jitted_model():
+  """An NNX model called outside nnx.jit runs each quantized contraction as one cached
+  compiled call (not op by op), with the jitted model's outputs exactly."""
+  model = jq.quantize_model(nnx_net(), CASES["lsq_pact_weights"])
+  compiled = (qdot.dot_general_compiled, qconv.conv_general_dilated_compiled,
+              einsum_compiled)
+  before = [f.jitted._cache_size() for f in compiled]
+  y_eager = model(X)
+  assert all(f.jitted._cache_size() > n for f, n in zip(compiled, before))
+  np.testing.assert_array_equal(y_eager, _nnx_forward(model, X))
 
 
 def test_nnx_grad_reaches_every_param_and_the_weight_lsq_scale():

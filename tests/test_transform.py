@@ -13,7 +13,10 @@ import pytest
 from flax import traverse_util
 
 import jaxquant as jq
-from jaxquant import transform
+from jaxquant import conv as qconv
+from jaxquant import dot as qdot
+from jaxquant import layout, numerics, transform
+from jaxquant.einsum import einsum_compiled
 
 W8 = jq.QuantSpec(bits=8)
 W4 = jq.QuantSpec(bits=4)
@@ -626,8 +629,9 @@ def test_eager_calls_run_each_contraction_compiled_and_traces_stay_inline():
   rules = [jq.Rule("conv.*", weight=jq.QuantSpec(bits=4, ste="lsq"), act=A8),
            jq.Rule(".*", weight=W8, act=jq.QuantSpec(bits=8, granularity="tensor", ste="lsq"))]
   qmodel = jq.quantize_model(Net(), rules)
-  compiled = (transform._dot_general, transform._conv_general_dilated, transform._einsum,
-              transform._init_weight_learned, transform._init_act_learned)
+  compiled = (qdot.dot_general_compiled, qconv.conv_general_dilated_compiled,
+              einsum_compiled, layout.init_learned_compiled,
+              numerics.init_learned_compiled)
   before = [f.jitted._cache_size() for f in compiled]
   qv = qmodel.init(jax.random.key(0), x)  # eager
   assert all(f.jitted._cache_size() > n for f, n in zip(compiled, before))
