@@ -281,8 +281,8 @@ def nanpercentile(x, q):
   order-preserving uint32 keys: for up to 64 rows of at least 16384 values by two 16-bit
   histogram passes (radix select), else by a bitwise binary search of 32 counting passes
   (`#{key < t}`); then a count and a min over the keys above it give its successor.
-  The order statistics are exact and the interpolation is `jnp.nanpercentile`'s float32 formula, so results agree
-  with it to float32 rounding; no gradient flows to `x`.
+  The order statistics are exact and the interpolation is `jnp.nanpercentile`'s float32
+  formula, so results agree with it to float32 rounding; no gradient flows to `x`.
   """
   x = jax.lax.stop_gradient(jnp.asarray(x, jnp.float32))
   valid = ~jnp.isnan(x)

@@ -492,9 +492,9 @@ class _Contraction:
       return self.conv(lhs, rhs, *args, **kwargs)
     dimension_numbers = args[0] if args else kwargs.pop("dimension_numbers")
     lhs = c.scaled_input(lhs, dimension_numbers)
-    return qdot.dot_general_compiled(lhs, rhs, dimension_numbers=dimension_numbers, spec=c.spec,
-                                     preferred_element_type=kwargs.get("preferred_element_type"),
-                                     key=c.key(), **c.states(lhs, rhs, dimension_numbers))
+    dot = qdot.make_dot_general(c.spec, key=c.key(), **c.states(lhs, rhs, dimension_numbers))
+    return dot(lhs, rhs, dimension_numbers,
+               preferred_element_type=kwargs.get("preferred_element_type"))
 
   def conv(self, lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
            dimension_numbers=None, feature_group_count=1, batch_group_count=1,
@@ -506,12 +506,10 @@ class _Contraction:
     channels_last = jnp.moveaxis(lhs, dn.lhs_spec[1], -1)
     lhs_state = c.lhs_state(lhs, channels_last.reshape(1, -1, channels_last.shape[-1]),
                             channels_last.shape[:-1])
-    return qconv.conv_general_dilated_compiled(
-        lhs, rhs, window_strides=window_strides, padding=padding, lhs_dilation=lhs_dilation,
-        rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
-        feature_group_count=feature_group_count, batch_group_count=batch_group_count,
-        precision=precision, preferred_element_type=preferred_element_type, spec=c.spec,
-        key=c.key(), lhs_state=lhs_state, rhs_state=rhs_state)
+    conv = qconv.make_conv(c.spec, key=c.key(), lhs_state=lhs_state, rhs_state=rhs_state)
+    return conv(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
+                dimension_numbers, feature_group_count, batch_group_count, precision,
+                preferred_element_type)
 
 
 EMBED_LAYOUT = layout.make_layout(2, (1,))  # table [V, D]: D contracted, one scale per row
