@@ -24,12 +24,14 @@ Each prints the floor it is judged against, r = raw_s8_dot of the same run:
                       (one of three dots per layer int8, two float)
   flax_int8_step      the rule with grad=int8 (stochastic rounding): int8 forward and
                       both int8 backward dots; floor 1.1·r
-  decode_{w8,w4,w4g128}_b{1,2,4,8}
+  decode_{w8,w4,w4g128}_b{1,2,4,8,64}
                       weight-only serving forward (`jq.convert`, float activations) at
-                      batch 1..8 vs the float forward; int8 / int4 per channel, int4 in
-                      groups of 128 (packed two per byte); target 1.0. Up to 32 rows the
-                      float activations are split into three int8 slices and run as one
-                      s8 dot against the stored codes (jaxquant/dot.py)
+                      batch 1..8 (decode) and 64 vs the float forward; int8 / int4 per
+                      channel (stored [N, K]), int4 in groups of 128 (packed two per
+                      byte); target 1.0. Up to 32 rows (every row count on a CPU with
+                      AMX int8 units) the float activations are split into three int8
+                      slices and run as one s8 dot against the stored codes
+                      (jaxquant/dot.py)
   percentile_search_vs_sort
                       99th percentile of 0.5M float32 values: the sort-free search that
                       percentile calibration uses vs jnp.nanpercentile (a sort)
@@ -405,9 +407,12 @@ DECODE_WEIGHTS = {
 }
 
 
+DECODE_BATCHES = (1, 2, 4, 8, 64)
+
+
 def _decode_rows(repeats: int) -> dict:
   """Weight-only serving (float activations, stored int8 / packed int4 weights) at
-  batch 1, 2, 4, 8 vs the float forward of the same Flax MLP."""
+  batch 1, 2, 4, 8 and 64 vs the float forward of the same Flax MLP."""
   model = _flax_mlp()
   rows = {}
   x1 = jnp.ones((1, SIZES[0]), jnp.float32)
@@ -418,7 +423,7 @@ def _decode_rows(repeats: int) -> dict:
     served[name] = jq.convert(qmodel, {**qmodel.init(jax.random.key(0), x1),
                                        "params": float_vars["params"]})
   fwd_float = jax.jit(model.apply)
-  for b in (1, 2, 4, 8):
+  for b in DECODE_BATCHES:
     x = jax.random.normal(jax.random.key(b), (b, SIZES[0]), jnp.float32)
     fns = [(fwd_float, (float_vars, x))] + [(jax.jit(m.apply), (v, x)) for m, v in served.values()]
     t = _time(fns, 3 * repeats)  # sub-millisecond calls: more rounds

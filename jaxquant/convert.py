@@ -3,8 +3,11 @@
 Serving variables hold no float copy of a quantized weight: `convert` replaces each
 quantized layer's 'params' kernel by the `QTensor` that `jq.quantize_weight` makes of it
 (int8 codes for 5–8-bit int, float8 values for fp8, packed uint8 codes for binary,
-ternary and 2–4-bit int), at the same path. A QTensor records its spec, shape and
-layout, so the serving model needs nothing else to use it; it round-trips through orbax
+ternary and 2–4-bit int), at the same path. A weight-only Dense kernel [K, N] with
+per-channel or per-tensor scales is stored as its transpose [N, K] (contracting axis 1,
+the same codes and scales), the layout small-batch serving reads fastest
+(`layout.decode_layout`). A QTensor records its spec, shape and layout, so the serving
+model needs nothing else to use it; it round-trips through orbax
 (restore with the serving variables' structure as the target). Everything else ('params'
 biases and norms, 'quant_stats', learned activation scales in 'quant') is kept; learned
 weight scales are folded into the stored scales. Weights trained with stochastic
@@ -209,12 +212,13 @@ def convert(qmodel, variables, *example_args, **example_kwargs):
       spec = dataclasses.replace(spec, rounding="nearest")
     w_layout = _recorded_layout(path, node["kernel_axes"])
     if rule.ptq is not None:
-      _run_ptq(path, node, _node(params, path), spec, rule.ptq, w_layout)
+      _run_ptq(path, node, _node(params, path), spec, rule.ptq, w_layout,
+               weight_only=rule.act is None)
       continue
-    todo.append((path, spec, w_layout))
+    todo.append((path, spec, w_layout, name == "kernel" and rule.act is None))
     kernels.append(kernel)
     names.append(name)
-  for (path, _, _), name, q in zip(todo, names, _quantize_weights(tuple(todo), kernels, learned)):
+  for (path, *_), name, q in zip(todo, names, _quantize_weights(tuple(todo), kernels, learned)):
     _node(params, path)[name] = q
   return qmodel, variables
 
@@ -224,7 +228,7 @@ def _weight_name(layer_params) -> str:
   return "kernel" if "kernel" in layer_params else "embedding"
 
 
-def _run_ptq(path, stats_node, layer_params, spec, ptq, w_layout):
+def _run_ptq(path, stats_node, layer_params, spec, ptq, w_layout, weight_only: bool):
   """The rule's PTQ algorithm on one layer (`jaxquant.ptq.layer`); its input scale and,
   for SmoothQuant, the static range of the scaled input go to 'quant_stats'."""
   prefix = f"{PTQ_STATS}_"
@@ -233,7 +237,8 @@ def _run_ptq(path, stats_node, layer_params, spec, ptq, w_layout):
     raise ValueError(f"layer {path!r}: ptq={ptq.method!r} has no calibration statistics; "
                      "run jq.calibrate(qmodel, variables, batches) before jq.convert")
   result = ptq_layer.quantize_layer(path, layer_params["kernel"], spec, ptq, w_layout, stats)
-  layer_params["kernel"] = result.weight.pack()
+  weight = layout.decode_layout(result.weight) if weight_only else result.weight
+  layer_params["kernel"] = weight.pack()
   if result.input_scale is not None:
     stats_node["input_scale"] = result.input_scale
     if ptq.method == "smoothquant" and "act_hi" in stats_node:
@@ -246,8 +251,11 @@ def _run_ptq(path, stats_node, layer_params, spec, ptq, w_layout):
 @functools.partial(jax.jit, static_argnums=0)
 def _quantize_weights(todo, kernels, learned):
   """Every kernel's packed QTensor, in one compiled program."""
-  return [layout.quantize_weight(k, spec, w_layout, learned=l).pack()
-          for (_, spec, w_layout), k, l in zip(todo, kernels, learned)]
+  out = []
+  for (_, spec, w_layout, weight_only), k, l in zip(todo, kernels, learned):
+    q = layout.quantize_weight(k, spec, w_layout, learned=l)
+    out.append((layout.decode_layout(q) if weight_only else q).pack())
+  return out
 
 
 def _recorded_layout(path, kernel_axes) -> layout.WeightLayout:

@@ -584,8 +584,8 @@ class _EmbedCall(_LayerCall):
     else:
       query, table = m.promote_dtype(query, table, dtype=m.dtype)
     dims = (((query.ndim - 1,), (1,)), ((), ()))
-    return qdot.dot_general(query, table, dims, self.spec, key=self.key(),
-                            **self.states(query, table, dims))
+    return qdot.dot_general_compiled(query, table, dimension_numbers=dims, spec=self.spec,
+                                     key=self.key(), **self.states(query, table, dims))
 
 
 def fake_quant_table(table, spec, *, key=None, learned=None):

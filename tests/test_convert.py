@@ -247,6 +247,53 @@ def test_serving_uses_learned_activation_scales():
   assert_same_forward(serve(smodel, svars, x), y_qat)
 
 
+@pytest.mark.parametrize("amx", [False, True])
+def test_weight_only_dense_kernels_are_stored_transposed(monkeypatch, amx):
+  """A weight-only Dense kernel [K, N] with per-channel or per-tensor scales is stored
+  as its transpose [N, K] (the same codes and scales as quantizing kernel.T for
+  contracting axis 1), packed when sub-byte; grouped and W8A8 kernels keep [K, N].
+  Serving equals the QAT forward at decode batch and above 32 rows (the float dot of
+  the codes without AMX, the sliced int8 dot with it)."""
+  from jaxquant import dot as qdot
+  monkeypatch.setattr(qdot, "_cpu_has_amx_int8", lambda: amx)
+
+  class Four(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      for i, f in enumerate((16, 12, 8)):
+        x = nn.relu(nn.Dense(f, name=f"fc{i}")(x))
+      return nn.Dense(6, name="fc3")(x)
+
+  rules = [jq.Rule("fc0", weight=jq.QuantSpec(bits=4, symmetric=False, ste="lsq")),
+           jq.Rule("fc1", weight=jq.QuantSpec(bits=8, granularity="tensor")),
+           jq.Rule("fc2", weight=jq.QuantSpec(bits=4, granularity="group", group_size=4)),
+           jq.Rule("fc3", weight=jq.QuantSpec(bits=8), act=A8)]
+  qmodel = jq.quantize_model(Four(), rules)
+  for rows in (3, 40):
+    x = normal((rows, 10), 7)
+    qvars, y_qat, y_float, smodel, svars = prepare(qmodel, fill_params(Four(), x), x, Four())
+    assert_same_forward(jit(smodel.apply)(svars, x), y_qat)
+    assert rel_err(y_qat, y_float) > 1e-4
+  for layer, transposed in (("fc0", True), ("fc1", True), ("fc2", False), ("fc3", False)):
+    kernel = qvars["params"][layer]["kernel"]
+    spec = _weight_spec_of(rules, layer)
+    learned = qvars.get("quant", {}).get(layer, {}).get("weight_lsq")
+    if transposed:
+      learned = None if learned is None else learned.T
+      want = jq.quantize_weight(kernel.T, spec, jq.make_layout(2, (1,)), learned=learned)
+    else:
+      want = jq.quantize_weight(kernel, spec, jq.make_layout(2, (0,)), learned=learned)
+    got = stored(svars, layer)
+    assert (got.shape, got.contracting) == (want.shape, want.contracting), layer
+    for a, b in zip(jax.tree.leaves(got.unpacked()), jax.tree.leaves(want)):
+      np.testing.assert_array_equal(a, b, err_msg=layer)
+    assert got.packed == (spec.bits < 8)
+
+
+def _weight_spec_of(rules, layer):
+  return next(r for r in rules if r.matches(layer)).weight
+
+
 def test_group_granularity_with_two_contracting_axes_converts():
   """nn.Einsum 'bthd,hdf' contracts (h, d): QAT groups the flattened h·d = 16 axis in
   4 groups of 4 (as does DenseGeneral with axis=(-2, -1)); serving must do the same."""

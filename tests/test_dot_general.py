@@ -487,10 +487,13 @@ def _dequantized_reference(x, q, dims):
                                   QS(format="binary")],
                          ids=["int8", "int4_asym", "int4_g16", "int8_tensor", "int2",
                               "int2_g32", "binary"])
-@pytest.mark.parametrize("rows", [1, 3, 8, 11, 40])  # 40: above the sliced path
-def test_weight_only_serving_equals_dequantized_dot(stored, spec, rows):
+@pytest.mark.parametrize("rows, amx", [(1, False), (3, False), (8, False), (11, False),
+                                       (40, False), (40, True)])  # 40: sliced with AMX only
+def test_weight_only_serving_equals_dequantized_dot(monkeypatch, stored, spec, rows, amx):
   """Weight-only serving (float activations, stored codes) equals the float dot of the
   dequantized weight up to float32 rounding, for every formulation it picks."""
+  from jaxquant import dot as qdot
+  monkeypatch.setattr(qdot, "_cpu_has_amx_int8", lambda: amx)
   K, N = 64, 24
   w = rng_x((K, N), 31) if stored == "KN" else rng_x((N, K), 31)
   contracting = 0 if stored == "KN" else 1
@@ -525,6 +528,46 @@ def test_weight_only_small_batch_runs_an_int8_dot_of_activation_slices():
     assert int_dots[0].invars[0].aval.shape == (8, K)  # 3 x 2 rows, padded to 8
     assert int_dots[0].invars[1].aval.shape == stored  # as stored: no transpose
     assert "dot_general" in [e.primitive.name for e in iter_eqns(false_branch.jaxpr)]
+
+
+@pytest.mark.parametrize("amx", [False, True])
+def test_weight_only_rows_above_32_take_the_sliced_dot_only_with_amx(monkeypatch, amx):
+  """Above 32 rows the float dot of the codes runs, unless the CPU has AMX int8 units
+  (three slices' int8 GEMMs then cost less than one float GEMM): then the sliced dot,
+  at any row count."""
+  from jaxquant import dot as qdot
+  monkeypatch.setattr(qdot, "_cpu_has_amx_int8", lambda: amx)
+  K, N = 64, 24
+  q = jq.quantize_weight(rng_x((K, N), 34), QS(), jq.make_layout(2, (0,)))
+  for rows in (8, 33, 512):
+    jaxpr = jax.make_jaxpr(lambda x: jq.dot_general(x, q, (((1,), (0,)), ((), ()))))(
+        jnp.zeros((rows, K))).jaxpr
+    s8_dots = [e for e in iter_eqns(jaxpr) if e.primitive.name == "dot_general"
+               and e.invars[0].aval.dtype == jnp.int8]
+    assert len(s8_dots) == (1 if rows <= 32 or amx else 0), rows
+
+
+def test_a_2d_weight_stored_transposed_serves_a_contraction_of_its_axis_0():
+  """A weight recorded [N, K] (contracting axis 1) is used as the transpose of the
+  [K, N] weight a Dense layer contracts on axis 0, weight-only and W8A8 alike: the same
+  outputs as the call naming axis 1, with no transpose of the codes on the weight-only
+  path. Other layout mismatches stay errors."""
+  K, N = 64, 24
+  w = rng_x((K, N), 40)
+  x = rng_x((5, K), 41)
+  for spec, dspec in ((QS(bits=4, symmetric=False), None),
+                      (QS(bits=8), DS(lhs=QS(bits=8)))):
+    q = jq.quantize_weight(jnp.asarray(w.T), spec, jq.make_layout(2, (1,))).pack()
+    as_dense = jax.jit(lambda x, q: jq.dot_general(x, q, (((1,), (0,)), ((), ())), dspec))
+    as_stored = jax.jit(lambda x, q: jq.dot_general(x, q, (((1,), (1,)), ((), ())), dspec))
+    np.testing.assert_array_equal(as_dense(x, q), as_stored(x, q))
+    if dspec is None:
+      jaxpr = jax.make_jaxpr(as_dense)(x, q).jaxpr
+      assert "transpose" not in [e.primitive.name for e in iter_eqns(jaxpr)
+                                 if e.outvars[0].aval.size == K * N]
+  q_kn = jq.quantize_weight(jnp.asarray(w), QS(), jq.make_layout(2, (0,)))
+  with pytest.raises(ValueError, match="would be misread"):
+    jq.dot_general(rng_x((5, N), 42), q_kn, (((1,), (1,)), ((), ())))
 
 
 def test_weight_only_groups_dot_one_by_one_straight_from_their_packed_bytes():

@@ -112,3 +112,23 @@ def test_embed_rules_refuse_ptq_and_bad_groups_naming_the_layer():
   with pytest.raises(ValueError, match="'embed'.*group_size=5"):
     _variables([jq.Rule("embed", weight=jq.QuantSpec(bits=4, granularity="group",
                                                      group_size=5))])
+
+
+def test_eager_attend_runs_one_compiled_contraction_equal_to_the_jitted_model():
+  """Called outside a trace, the tied head's contraction (`attend`) runs as one cached
+  compiled call, like the other layers' (not op by op), with the jitted model's output:
+  in the eager init, the QAT apply and serving ("mix" is a float layer: attend is the
+  only quantized contraction). Ids of a shape no other test uses: a fresh cache entry."""
+  from jaxquant import dot as qdot  # pylint: disable=import-outside-toplevel
+  cache = qdot.dot_general_compiled.jitted._cache_size  # pylint: disable=protected-access
+  ids = jnp.asarray(np.random.default_rng(3).integers(0, V, size=(2, 7)), jnp.int32)
+  qmodel = jq.quantize_model(TiedLM(), [jq.Rule("embed", weight=W8, act=A8)])
+  before = cache()
+  variables = qmodel.init(jax.random.key(0), ids)
+  assert cache() == before + 1
+  _, svars = jq.convert(qmodel, variables)
+  for v, new_entries in ((variables, 0), (svars, 1)):
+    before = cache()
+    logits = qmodel.apply(v, ids)[1]
+    assert cache() == before + new_entries
+    np.testing.assert_array_equal(np.asarray(logits), np.asarray(jax.jit(qmodel.apply)(v, ids)[1]))
