@@ -269,7 +269,7 @@ def test_weight_only_dense_kernels_are_stored_transposed(monkeypatch, amx):
            jq.Rule("fc2", weight=jq.QuantSpec(bits=4, granularity="group", group_size=4)),
            jq.Rule("fc3", weight=jq.QuantSpec(bits=8), act=A8)]
   qmodel = jq.quantize_model(Four(), rules)
-  for rows in (3, 40):
+  for rows in ((3, 40) if not amx else (40,)):  # 3 rows: the sliced dot either way
     x = normal((rows, 10), 7)
     qvars, y_qat, y_float, smodel, svars = prepare(qmodel, fill_params(Four(), x), x, Four())
     assert_same_forward(jit(smodel.apply)(svars, x), y_qat)

@@ -18,3 +18,15 @@ def test_ranges_group_reports_ratios_beside_the_raw_rows():
 def test_unknown_group_is_refused():
   with pytest.raises(ValueError, match="unknown row groups"):
     benchmark.run(only=("nope",))
+
+
+@pytest.mark.slow  # ~30 s of compiles on 2 cores
+def test_decode_layouts_compares_every_serving_formulation_against_float():
+  from experiments import decode_layouts  # pylint: disable=import-outside-toplevel
+  out = decode_layouts.run([2], 1, ["w8", "w4g128"])
+  assert set(out) == {"w8_b2", "w4g128_b2"}
+  assert set(out["w8_b2"]) == {"kn", "nk", "nk_float", "nk_sliced", "float_ms",
+                               "max_abs_kn_minus_nk"}
+  assert out["w8_b2"]["max_abs_kn_minus_nk"] == 0.0  # same codes, same sums
+  assert set(out["w4g128_b2"]) == {"kn", "float_ms"}  # grouped weights keep [K, N]
+  assert all(v > 0 for row in out.values() for k, v in row.items() if k != "max_abs_kn_minus_nk")
