@@ -28,10 +28,10 @@ Each prints the floor it is judged against, r = raw_s8_dot of the same run:
                       weight-only serving forward (`jq.convert`, float activations) at
                       batch 1..8 (decode) and 64 vs the float forward; int8 / int4 per
                       channel (stored [N, K]), int4 in groups of 128 (packed two per
-                      byte); target 1.0. Up to 32 rows (every row count on a CPU with
-                      AMX int8 units) the float activations are split into three int8
-                      slices and run as one s8 dot against the stored codes
-                      (jaxquant/dot.py)
+                      byte); target 1.0. Up to 32 rows (on a CPU with AMX int8 units:
+                      every row count, grouped weights 1024 / groups rows) the float
+                      activations are split into three int8 slices and run as s8 dots
+                      against the stored codes (jaxquant/dot.py)
   percentile_search_vs_sort
                       99th percentile of 0.5M float32 values: the sort-free search that
                       percentile calibration uses vs jnp.nanpercentile (a sort)

@@ -15,7 +15,8 @@ times over the float forward's:
               without AMX int8 units)
   nk_sliced   nk, forced onto the sliced int8 dot (the path at every row count with
               AMX int8 units)
-for int8 and int4 per-channel weights (int4 in groups of 128 keeps [K, N]: kn only).
+for int8 and int4 per-channel weights; int4 in groups of 128 keeps [K, N], so its rows
+are kn, kn_float and kn_sliced.
 Also printed: the largest difference between the kn and nk outputs (0: the same codes
 and the same sums).
 """
@@ -62,7 +63,7 @@ def _compiled(weights, x, biases, dims, sliced_rows=None):
   if sliced_rows is None:
     return fn.lower(weights, x).compile()
   saved = qdot._sliced_max_rows  # pylint: disable=protected-access
-  qdot._sliced_max_rows = lambda: sliced_rows  # pylint: disable=protected-access
+  qdot._sliced_max_rows = lambda groups=1: sliced_rows  # pylint: disable=protected-access
   try:
     return fn.lower(weights, x).compile()
   finally:
@@ -103,10 +104,12 @@ def run(batches, rounds, weight_names):
       float_fn = jax.jit(lambda ws, x: _mlp(jnp.matmul, ws, biases, x))
       arms = {"float": (float_fn, _copies(floats)),
               "kn": (_compiled(kn, x, biases, kn_dims), _copies(kn))}
+      stored, layout_name, dims = (kn, "kn", kn_dims) if nk is None else (nk, "nk", nk_dims)
       if nk is not None:
         arms["nk"] = (_compiled(nk, x, biases, nk_dims), _copies(nk))
-        arms["nk_float"] = (_compiled(nk, x, biases, nk_dims, sliced_rows=0), _copies(nk))
-        arms["nk_sliced"] = (_compiled(nk, x, biases, nk_dims, sliced_rows=b), _copies(nk))
+      for path, rows in (("float", 0), ("sliced", b)):
+        arms[f"{layout_name}_{path}"] = (_compiled(stored, x, biases, dims, sliced_rows=rows),
+                                         _copies(stored))
       med = _timed(arms, x, rounds)
       row = {k: med[k] / med["float"] for k in arms if k != "float"}
       row["float_ms"] = med["float"] * 1e3

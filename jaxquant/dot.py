@@ -441,8 +441,8 @@ _SLICES = 3
 # bytes decide the time). Above it the float dot of the codes runs: there the weight
 # conversion is spread over many rows, and three times the rows of an int8 GEMM cost
 # 3·r of a float one (r, the s8/f32 GEMM time ratio, is 0.6-0.9 on AVX-512 VNNI CPUs
-# without AMX). With AMX int8 tile units r is 0.13-0.15, so 3·r < 1 and the slices win
-# at every row count (see `_sliced_max_rows`).
+# without AMX). With AMX int8 tile units r is 0.13-0.17, so 3·r < 1 and the slices win
+# at every row count for per-channel scales (see `_sliced_max_rows`).
 _SLICED_MAX_ROWS = 32
 
 
@@ -457,13 +457,17 @@ def _cpu_has_amx_int8() -> bool:
     return False
 
 
-def _sliced_max_rows():
-  """The most rows that take the sliced int8 dot: every row count on a CPU with AMX
-  int8 units, else `_SLICED_MAX_ROWS`. Measured on a 2-core Xeon with AMX, weight-only
-  int8 serving of the benchmark MLP: at 33 rows the float dot of the codes ran 1.8x
-  the float forward and the slices 0.37x; at 512 rows 1.2x and 0.61x."""
+def _sliced_max_rows(groups: int = 1):
+  """The most rows that take the sliced int8 dot, for a weight with `groups` groups of
+  K: `_SLICED_MAX_ROWS`, except on a CPU with AMX int8 units, where it is every row
+  count for per-channel / per-tensor scales and 1024 / groups rows for grouped ones
+  (their epilogue makes `groups` float passes over [3·rows, N]). Measured on a 2-core
+  Xeon with AMX, weight-only serving of the benchmark MLP (`experiments.decode_layouts`),
+  as ratios to the float forward, float dot of the codes / slices: int8 per channel at
+  33 rows 0.92 / 0.27, at 512 rows 1.06 / 0.58; int4 in groups of 128 (G = 16) at 64
+  rows 2.64 / 0.70, at 512 rows 1.19 / 2.15."""
   if jax.default_backend() == "cpu" and _cpu_has_amx_int8():
-    return float("inf")
+    return float("inf") if groups == 1 else max(_SLICED_MAX_ROWS, 1024 // groups)
   return _SLICED_MAX_ROWS
 # |Σ_k slice·code| ≤ K · 127 · 128 must fit int32.
 _SLICED_MAX_K = (2 ** 31 - 1) // (127 * 128)
@@ -524,7 +528,7 @@ def _weight_only_dot(l3, q_stored: QTensor, w_layout: layout.WeightLayout):
   """Float activations [1, M, K] times a stored integer weight (weight-only serving),
   without materializing a dequantized float weight where that can be avoided:
 
-  * up to `_sliced_max_rows()` rows (32, or all on a CPU with AMX int8 units; the
+  * up to `_sliced_max_rows(G)` rows (32, or more on a CPU with AMX int8 units; the
     decode regime), one s8×s8→s32 dot of the activations' int8 slices and the stored
     codes (`_sliced_dot`; a 2-D [N, K] weight is used as stored, with no transpose,
     see `layout.decode_layout`), scales and zero points applied to the s32 sums per
@@ -564,7 +568,7 @@ def _weight_only_dot(l3, q_stored: QTensor, w_layout: layout.WeightLayout):
     group_codes, kn = _group_codes(q_stored, w_layout, G)
     return _sliced_dot(x, group_codes, scale[0], zp, kn)
 
-  if not (isinstance(M, int) and M <= _sliced_max_rows() and K // G <= _SLICED_MAX_K):
+  if not (isinstance(M, int) and M <= _sliced_max_rows(G) and K // G <= _SLICED_MAX_K):
     return float_path(x, q_stored)[None]
   finite = jnp.all(jnp.isfinite(jnp.max(jnp.abs(x), axis=1)))  # max propagates NaN
   return lax.cond(finite, sliced, float_path, x, q_stored)[None]

@@ -534,17 +534,22 @@ def test_weight_only_small_batch_runs_an_int8_dot_of_activation_slices():
 def test_weight_only_rows_above_32_take_the_sliced_dot_only_with_amx(monkeypatch, amx):
   """Above 32 rows the float dot of the codes runs, unless the CPU has AMX int8 units
   (three slices' int8 GEMMs then cost less than one float GEMM): then the sliced dot,
-  at any row count."""
+  at any row count for per-channel scales, up to 1024 / groups rows for grouped ones."""
   from jaxquant import dot as qdot
   monkeypatch.setattr(qdot, "_cpu_has_amx_int8", lambda: amx)
   K, N = 64, 24
   q = jq.quantize_weight(rng_x((K, N), 34), QS(), jq.make_layout(2, (0,)))
-  for rows in (8, 33, 512):
-    jaxpr = jax.make_jaxpr(lambda x: jq.dot_general(x, q, (((1,), (0,)), ((), ()))))(
+  # Grouped scales (4 groups): with AMX up to 1024 / 4 = 256 rows (one s8 dot per group).
+  g4 = jq.quantize_weight(rng_x((K, N), 34), QS(granularity="group", group_size=16),
+                          jq.make_layout(2, (0,)))
+  for w, rows, sliced_with_amx in ((q, 8, 1), (q, 33, 1), (q, 512, 1),
+                                   (g4, 8, 4), (g4, 256, 4), (g4, 257, 0)):
+    jaxpr = jax.make_jaxpr(lambda x: jq.dot_general(x, w, (((1,), (0,)), ((), ()))))(
         jnp.zeros((rows, K))).jaxpr
     s8_dots = [e for e in iter_eqns(jaxpr) if e.primitive.name == "dot_general"
                and e.invars[0].aval.dtype == jnp.int8]
-    assert len(s8_dots) == (1 if rows <= 32 or amx else 0), rows
+    assert len(s8_dots) == (sliced_with_amx if amx else 4 if rows <= 32 and w is g4
+                            else 1 if rows <= 32 else 0), rows
 
 
 def test_a_2d_weight_stored_transposed_serves_a_contraction_of_its_axis_0():

@@ -28,5 +28,5 @@ def test_decode_layouts_compares_every_serving_formulation_against_float():
   assert set(out["w8_b2"]) == {"kn", "nk", "nk_float", "nk_sliced", "float_ms",
                                "max_abs_kn_minus_nk"}
   assert out["w8_b2"]["max_abs_kn_minus_nk"] == 0.0  # same codes, same sums
-  assert set(out["w4g128_b2"]) == {"kn", "float_ms"}  # grouped weights keep [K, N]
+  assert set(out["w4g128_b2"]) == {"kn", "kn_float", "kn_sliced", "float_ms"}  # kept [K, N]
   assert all(v > 0 for row in out.values() for k, v in row.items() if k != "max_abs_kn_minus_nk")
