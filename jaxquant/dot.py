@@ -339,7 +339,10 @@ def dot_general(lhs, rhs, dimension_numbers, spec: Optional[DotSpec] = None, *,
     lhs, rhs, dimension_numbers, precision, preferred_element_type: as in lax. The
       output dtype is `preferred_element_type` or the operands' result type. `rhs` may be
       a weight `QTensor` from `jq.quantize_weight` (serving): the forward then runs on
-      its codes.
+      its codes. Its recorded layout must be the contraction's, except that a 2-D
+      weight recorded [N, K] (contracting axis 1, as `jq.convert` stores weight-only
+      Dense kernels) serves a contraction of axis 0 of a [K, N] weight, as that
+      transpose.
     spec: a `DotSpec`; None (or no quantized operand) runs the plain float dot.
     key: PRNG key, required when any spec uses stochastic rounding.
     lhs_state, rhs_state: `OperandState`s: `learned` is the LSQ step size / PACT α,
