@@ -252,8 +252,8 @@ def test_weight_only_dense_kernels_are_stored_transposed(monkeypatch, amx):
   """A weight-only Dense kernel [K, N] with per-channel or per-tensor scales is stored
   as its transpose [N, K] (the same codes and scales as quantizing kernel.T for
   contracting axis 1), packed when sub-byte; grouped and W8A8 kernels keep [K, N].
-  Serving equals the QAT forward at decode batch and above 32 rows (the float dot of
-  the codes without AMX, the sliced int8 dot with it)."""
+  Serving equals the QAT forward above 32 rows, on the float dot of the codes (no AMX)
+  and on the sliced int8 dot (AMX: the path of decode batches too)."""
   from jaxquant import dot as qdot
   monkeypatch.setattr(qdot, "_cpu_has_amx_int8", lambda: amx)
 
@@ -269,11 +269,10 @@ def test_weight_only_dense_kernels_are_stored_transposed(monkeypatch, amx):
            jq.Rule("fc2", weight=jq.QuantSpec(bits=4, granularity="group", group_size=4)),
            jq.Rule("fc3", weight=jq.QuantSpec(bits=8), act=A8)]
   qmodel = jq.quantize_model(Four(), rules)
-  for rows in ((3, 40) if not amx else (40,)):  # 3 rows: the sliced dot either way
-    x = normal((rows, 10), 7)
-    qvars, y_qat, y_float, smodel, svars = prepare(qmodel, fill_params(Four(), x), x, Four())
-    assert_same_forward(jit(smodel.apply)(svars, x), y_qat)
-    assert rel_err(y_qat, y_float) > 1e-4
+  x = normal((40, 10), 7)  # 40 rows: the float dot of the codes, or with AMX the slices
+  qvars, y_qat, y_float, smodel, svars = prepare(qmodel, fill_params(Four(), x), x, Four())
+  assert_same_forward(jit(smodel.apply)(svars, x), y_qat)
+  assert rel_err(y_qat, y_float) > 1e-4
   for layer, transposed in (("fc0", True), ("fc1", True), ("fc2", False), ("fc3", False)):
     kernel = qvars["params"][layer]["kernel"]
     spec = _weight_spec_of(rules, layer)
