@@ -76,6 +76,7 @@ import jax
 import jax.numpy as jnp
 
 import jaxquant as jq
+from jaxquant import dot as qdot
 from jaxquant import numerics
 from experiments.models import CNN1D, MLP
 
@@ -473,20 +474,33 @@ def _integer_only_rows(batch: int, repeats: int) -> dict:
   return rows
 
 
+def host_cpu() -> str:
+  """The host CPU's model name (Linux /proc/cpuinfo; '?' elsewhere), with ', AMX-INT8'
+  when it has AMX int8 units: int8 / float ratios on the CPU depend on both."""
+  try:
+    with open("/proc/cpuinfo", encoding="utf-8") as f:
+      name = next((l.split(":", 1)[1].strip() for l in f if l.startswith("model name")), "?")
+  except OSError:
+    name = "?"
+  return name + (", AMX-INT8" if qdot._cpu_has_amx_int8() else "")  # pylint: disable=protected-access
+
+
 def main(argv):
   del argv
   res = run(FLAGS.batch, FLAGS.repeats, FLAGS.only, FLAGS.gemm_sizes, FLAGS.bf16_width,
             FLAGS.hlo_dir)
   meta = {"backend": jax.default_backend(), "device": str(jax.devices()[0].device_kind),
-          "jax": jax.__version__, "batch": FLAGS.batch, "repeats": FLAGS.repeats}
+          "cpu": host_cpu(), "jax": jax.__version__, "batch": FLAGS.batch,
+          "repeats": FLAGS.repeats}
   if FLAGS.out:
     with open(FLAGS.out, "w") as f:
       json.dump({"meta": meta, "results": res}, f, indent=2)
   if FLAGS.json:
     print(json.dumps({"meta": meta, "results": res}, indent=2))
     return
-  print(f"backend={meta['backend']} device={meta['device']} jax={meta['jax']} "
-        f"batch={FLAGS.batch} (median of {FLAGS.repeats}, ratio = path / float)")
+  print(f"backend={meta['backend']} device={meta['device']} cpu={meta['cpu']} "
+        f"jax={meta['jax']} batch={FLAGS.batch} (median of {FLAGS.repeats}, "
+        "ratio = path / float)")
   print(f"{'path':<34}{'ratio':>8}{'ms':>10}{'base ms':>10}{'floor':>8}  met  TFLOP/s")
   for k, v in res.items():
     if "skipped" in v:

@@ -32,7 +32,7 @@ import jax.numpy as jnp
 
 import jaxquant as jq
 from jaxquant import dot as qdot
-from experiments.benchmark import DECODE_WEIGHTS, SIZES
+from experiments.benchmark import DECODE_WEIGHTS, SIZES, host_cpu
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("batches", ["1", "2", "4", "8", "33", "128", "512"], "Rows per call.")
@@ -125,10 +125,8 @@ def run(batches, rounds, weight_names):
 
 def main(argv):
   del argv
-  cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo", encoding="utf-8")
-              if l.startswith("model name")), "?") if jax.default_backend() == "cpu" else ""
-  print(f"backend={jax.default_backend()} {cpu} amx_int8={qdot._cpu_has_amx_int8()} "  # pylint: disable=protected-access
-        f"jax={jax.__version__} (ratio = path / float forward, median of {FLAGS.rounds})")
+  print(f"backend={jax.default_backend()} cpu={host_cpu()} jax={jax.__version__} "
+        f"(ratio = path / float forward, median of {FLAGS.rounds})")
   run([int(b) for b in FLAGS.batches], FLAGS.rounds, FLAGS.weights)
 
 

@@ -30,3 +30,12 @@ def test_decode_layouts_compares_every_serving_formulation_against_float():
   assert out["w8_b2"]["max_abs_kn_minus_nk"] == 0.0  # same codes, same sums
   assert set(out["w4g128_b2"]) == {"kn", "kn_float", "kn_sliced", "float_ms"}  # kept [K, N]
   assert all(v > 0 for row in out.values() for k, v in row.items() if k != "max_abs_kn_minus_nk")
+
+
+def test_host_cpu_names_the_model_and_amx():
+  """Every report carries the CPU model (int8 / float ratios differ between CPUs)."""
+  from jaxquant import dot as qdot  # pylint: disable=import-outside-toplevel
+  name = benchmark.host_cpu()
+  with open("/proc/cpuinfo", encoding="utf-8") as f:
+    model = next(l.split(":", 1)[1].strip() for l in f if l.startswith("model name"))
+  assert name == model + (", AMX-INT8" if qdot._cpu_has_amx_int8() else "")  # pylint: disable=protected-access
