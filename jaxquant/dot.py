@@ -402,8 +402,9 @@ def _serving_dot(lhs, q_rhs: QTensor, dimension_numbers, spec, key, preferred_el
   """Forward-only dot with a stored weight QTensor (serving).
 
   The weight is unpacked and viewed as [B, K, N] by its recorded layout (which must be
-  this contraction's, or a 2-D weight's transpose: see `_stored_dimension_numbers`). The lhs is quantized with `spec.lhs` and the s8 dot runs as in
-  the QAT forward, or, weight-only, the dequantized weight meets the float activation.
+  this contraction's, or a 2-D weight's transpose: see `_stored_dimension_numbers`).
+  The lhs is quantized with `spec.lhs` and the s8 dot runs as in the QAT forward, or,
+  weight-only, the dequantized weight meets the float activation.
   """
   dimension_numbers = _stored_dimension_numbers(dimension_numbers, q_rhs)
   w_layout = _rhs_layout(dimension_numbers, len(q_rhs.shape))
@@ -447,6 +448,8 @@ _SLICES = 3
 # without AMX). With AMX int8 tile units r is 0.13-0.17, so 3·r < 1 and the slices win
 # at every row count for per-channel scales (see `_sliced_max_rows`).
 _SLICED_MAX_ROWS = 32
+# |Σ_k slice·code| ≤ K · 127 · 128 must fit int32.
+_SLICED_MAX_K = (2 ** 31 - 1) // (127 * 128)
 
 
 @functools.lru_cache(maxsize=None)
@@ -472,8 +475,6 @@ def _sliced_max_rows(groups: int = 1):
   if jax.default_backend() == "cpu" and _cpu_has_amx_int8():
     return float("inf") if groups == 1 else max(_SLICED_MAX_ROWS, 1024 // groups)
   return _SLICED_MAX_ROWS
-# |Σ_k slice·code| ≤ K · 127 · 128 must fit int32.
-_SLICED_MAX_K = (2 ** 31 - 1) // (127 * 128)
 
 
 def _activation_slices(x):
@@ -547,11 +548,11 @@ def _weight_only_dot(l3, q_stored: QTensor, w_layout: layout.WeightLayout):
   x = l3[0].astype(jnp.float32)  # [M, K]
   M, K = x.shape
 
-  # Each branch unpacks the stored weight itself, so only the branch taken does.
   scale, zero_point = layout.canonical_scales(q_stored, w_layout)  # [1, G, N|1]
   G = scale.shape[1]
   nk = w_layout.ndim == 2 and w_layout.contracting == (1,)
 
+  # Each branch unpacks the stored weight itself, so only the branch taken does.
   def float_path(x, q_stored):
     if G > 1:
       return x @ layout.canonical_qtensor(q_stored, w_layout).dequantize(jnp.float32)[0]
