@@ -32,6 +32,7 @@ import jax.numpy as jnp
 
 import jaxquant as jq
 from jaxquant import dot as qdot
+from jaxquant import layout
 from experiments.benchmark import DECODE_WEIGHTS, SIZES, host_cpu
 
 FLAGS = flags.FLAGS
@@ -97,8 +98,8 @@ def run(batches, rounds, weight_names):
   for name in weight_names:
     spec = DECODE_WEIGHTS[name]
     kn = [jq.quantize_weight(w, spec, jq.make_layout(2, (0,))).pack() for w in floats]
-    nk = None if spec.granularity == "group" else [
-        jq.quantize_weight(w.T, spec, jq.make_layout(2, (1,))).pack() for w in floats]
+    # What jq.convert stores: [N, K] for per-channel scales, grouped ones kept [K, N].
+    nk = None if spec.granularity == "group" else [layout.decode_layout(q) for q in kn]
     for b in batches:
       x = jax.random.normal(jax.random.key(b), (b, SIZES[0]))
       float_fn = jax.jit(lambda ws, x: _mlp(jnp.matmul, ws, biases, x))
