@@ -2,8 +2,10 @@
 
 Serving variables hold no float copy of a quantized weight: `convert` replaces each
 quantized layer's 'params' kernel by the `QTensor` that `jq.quantize_weight` makes of it
-(int8 codes for 5–8-bit int, float8 values for fp8, packed uint8 codes for binary,
-ternary and 2–4-bit int), at the same path. A weight-only Dense kernel [K, N] with
+in its format's stored form (`QTensor.pack`, from the format registry: int8 codes for
+5–8-bit int, int16 for 16-bit, float8 values for fp8, packed uint8 codes for binary,
+ternary and 2–4-bit int; a block format's codes with one byte per block scale), at the
+same path. A weight-only Dense kernel [K, N] with
 per-channel or per-tensor scales is stored as its transpose [N, K] (contracting axis 1,
 the same codes and scales), the layout small-batch serving reads fastest
 (`layout.decode_layout`). A QTensor records its spec, shape and layout, so the serving
@@ -290,8 +292,10 @@ class TensorSize:
 class SizeReport:
   """Per-tensor and total bytes: float (as trained) vs as stored for serving.
 
-  A quantized kernel's stored bytes count its codes, scales and zero points, so int8 weights come out just under 4x, packed int4 just under 8x and packed
-  binary just under 32x.
+  A quantized kernel's stored bytes count its codes, scales and zero points (a block
+  format's 1-byte block scales and NVFP4's 4-byte tensor scale too), so int8 weights
+  come out just under 4x, packed int4 just under 8x and packed binary just under 32x;
+  MXFP4 is K·N/2 + K·N/32 bytes.
   """
   tensors: Tuple[TensorSize, ...]
 

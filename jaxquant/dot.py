@@ -412,7 +412,7 @@ def _serving_dot(lhs, q_rhs: QTensor, dimension_numbers, spec, key, preferred_el
   out_dtype = preferred_element_type or lhs.dtype
   l3 = _to_canon(lhs, c.lhs_perm, c.bmk)
   lhs_spec = None if spec is None else spec.lhs
-  int_codes = q_rhs.packed or q_rhs.values.dtype == jnp.int8
+  int_codes = q_rhs.int8_codes
   if lhs_spec is None and c.bmk[0] == 1 and int_codes and l3.dtype == jnp.float32:
     out = _weight_only_dot(l3, q_rhs, w_layout)
     return out.reshape(c.out_shape).astype(out_dtype)

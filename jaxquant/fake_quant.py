@@ -3,7 +3,8 @@
 Gradient rules (`QuantSpec.ste`), with y = x/s (+ zero point) the unrounded code:
   identity  dx = g (straight-through estimator, Bengio et al. 2013).
   clipped   dx = g inside the clip range, 0 outside (integer range for 'int'/'fp8';
-            |x| ≤ 1 for binary/ternary, the Htanh STE of Hubara et al. 2016).
+            |x| ≤ 1 for binary/ternary, the Htanh STE of Hubara et al. 2016; a block
+            format's saturation bound max · scale per block).
   lsq       dx = g inside the range; ds = Σ g·(round(y) − y) inside, Σ g·q_min / q_max
             outside, times the gradient scale 1/sqrt(N·Q_P) (Esser et al. 2019, eq. 3 and
             §2.2) with N the number of elements sharing the step size s.
@@ -22,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxquant import numerics
+from jaxquant import formats, numerics
 from jaxquant.qtensor import QTensor
 from jaxquant.spec import QuantSpec
 
@@ -72,15 +73,17 @@ def _learned_grid(x32, spec, learned):
 
 
 def quantize_parts(x, spec: QuantSpec, axes, key, learned, clip_range=None):
-  """(codes, scale, zero_point): codes are float32 integers, or fp8 values.
+  """(codes, scale, zero_point): codes are float32 integers, or values of the format's
+  float dtype (fp8, block formats).
 
   `clip_range` = (lo, hi), shaped like the scale, replaces calibration with a static
-  range (activation ranges from `jaxquant.calibrate`); binary/ternary ignore it.
+  range (activation ranges from `jaxquant.calibrate`); formats without a clip-range
+  scale rule (binary, ternary, the block formats) ignore it.
   """
   x32 = x.astype(jnp.float32)
   if learned is not None and spec.ste in ("lsq", "pact"):
     x32, scale, zp = _learned_grid(x32, spec, learned)
-  elif clip_range is not None and spec.format not in ("binary", "ternary"):
+  elif clip_range is not None and formats.get(spec.format).clip_range:
     lo, hi = (jnp.asarray(r, jnp.float32) for r in clip_range)
     if spec.symmetric:
       hi = jnp.maximum(jnp.abs(lo), jnp.abs(hi))
@@ -96,13 +99,13 @@ def quantize(x: jax.Array, spec: QuantSpec, *, reduce_axes: Sequence[int],
 
   For a [in, out] weight in a dot, `reduce_axes=(0,)` gives one scale per output channel;
   'group' splits the (single) reduce axis into groups of `group_size`; 'tensor' uses one
-  scale for the whole tensor. Returns a `QTensor` with int8 values (integer formats) or
-  float8 values (fp8 formats). Not differentiable: use `fake_quant` for training.
+  scale for the whole tensor. Returns a `QTensor` with int8 values (integer formats;
+  int16 for 16-bit int) or float values of the format's dtype (fp8, the block formats'
+  float8 / float4 elements). Not differentiable: use `fake_quant` for training.
   """
   axes = numerics.normalize_axes(reduce_axes, x.ndim)
   codes, scale, zp = quantize_parts(x, spec, axes, key, learned)
-  if spec.is_integer:
-    codes = codes.astype(jnp.int8)
+  codes = codes.astype(formats.get(spec.format).code_dtype(spec))
   return QTensor(codes, scale, None if zp is None else zp.astype(jnp.int32))
 
 
@@ -148,21 +151,8 @@ def _sum_to_learned(t, learned):
 
 
 def _inside(x32, scale, zp, spec):
-  if spec.format in ("binary", "ternary"):
-    return jnp.abs(x32) <= numerics.SIGN_CLIP
-  if spec.format in numerics.FP8_DTYPES:
-    qmin, qmax = -numerics.FP8_MAX[spec.format], numerics.FP8_MAX[spec.format]
-  else:
-    qmin, qmax = numerics.int_range(spec)
-    if spec.symmetric and spec.full_range:  # ±absmax sit half a step beyond the codes
-      qmin, qmax = -numerics.symmetric_levels(spec), numerics.symmetric_levels(spec)
-  z = 0.0 if zp is None else numerics.expand_to(zp, x32.shape).astype(jnp.float32)
-  # In code space with a few float32 ulps of slack: scale = absmax/qmax is rounded (XLA
-  # turns the division by a constant into a multiply), so qmax·scale can fall an ulp short
-  # of the calibrated absmax, which must keep its gradient.
-  y = numerics.divide_by_scale(x32, scale) + z
-  slack = 4 * 2.0 ** -23 * max(-qmin, qmax)
-  return (y >= qmin - slack) & (y <= qmax + slack)
+  """The format's clip mask (`Format.inside`)."""
+  return formats.get(spec.format).inside(x32, scale, zp, spec)
 
 
 def forward(x, spec: QuantSpec, axes, key, learned, clip_range=None):

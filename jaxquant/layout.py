@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxquant import eager
+from jaxquant import formats
 from jaxquant.fake_quant import quantize_parts
 from jaxquant import numerics
 from jaxquant.qtensor import QTensor
@@ -166,15 +167,15 @@ def quantize_weight(w, spec: QuantSpec, layout: WeightLayout, *, key=None,
   """Quantizes a weight as every contraction does; the QTensor keeps `w`'s layout.
 
   `learned` is the LSQ step size / PACT α in the weight's rank (see `init_learned`).
-  Values are int8 codes (integer formats) or float8 values (fp8), in `w`'s shape; the
-  scale and zero point are folded to `w`'s rank.
+  Values are int8 codes (integer formats; int16 for 16-bit int) or float values of the
+  format's dtype (fp8, block formats), in `w`'s shape; the scale and zero point are
+  folded to `w`'s rank.
   """
   w_BKN = canonical(w, layout)
   codes, scale, zp = quantize_canonical(w_BKN, spec, key, canonical_scale(learned, layout))
   permuted = tuple(w.shape[a] for a in layout.perm)
   values = jnp.transpose(codes.reshape(permuted), tuple(int(a) for a in np.argsort(layout.perm)))
-  if spec.is_integer:
-    values = values.astype(jnp.int8)
+  values = values.astype(formats.get(spec.format).code_dtype(spec))
   return QTensor(values, fold_scale(scale, w.shape, layout, spec),
                  None if zp is None else fold_scale(zp.astype(jnp.int32), w.shape, layout, spec),
                  spec=spec, logical_shape=tuple(w.shape), contracting=layout.contracting,
@@ -203,13 +204,15 @@ def decode_layout(q: QTensor) -> QTensor:
 
 def canonical_qtensor(q: QTensor, layout: WeightLayout) -> QTensor:
   """A stored weight QTensor (unpacked) as [B, K, N] codes with [B|1, G, N|1] scales."""
+  q = q.unpacked()
   scale, zero_point = canonical_scales(q, layout)
-  return QTensor(canonical(q.unpacked().values, layout), scale, zero_point)
+  return QTensor(canonical(q.values, layout), scale, zero_point)
 
 
 def canonical_scales(q: QTensor, layout: WeightLayout):
   """A stored weight QTensor's (scale, zero point) as [B|1, G, N|1] (the zero point may
-  be None), after checking that `layout` is the one it was quantized for."""
+  be None), after checking that `layout` is the one it was quantized for. `q` holds
+  float32 scales: an unpacked QTensor, or packed integer codes."""
   if q.contracting is not None and (q.contracting, q.batch) != (layout.contracting, layout.batch):
     raise ValueError(f"a weight quantized for contracting axes {q.contracting} (batch "
                      f"{q.batch}) is used with contracting {layout.contracting} (batch "

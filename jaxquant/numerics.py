@@ -20,42 +20,41 @@ calibrates like an all-zero one (scale 1, codes of 0.0).
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Optional, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from jaxquant import eager
-from jaxquant.spec import QuantSpec
+from jaxquant import formats
 
-FP8_DTYPES = {"fp8_e4m3": jnp.float8_e4m3fn, "fp8_e5m2": jnp.float8_e5m2}
-FP8_MAX = {"fp8_e4m3": 448.0, "fp8_e5m2": 57344.0}
-TWN_THRESHOLD = 0.7  # Li & Liu 2016, Ternary Weight Networks: Δ = 0.7·E|x|.
+if TYPE_CHECKING:
+  from jaxquant.spec import QuantSpec
+
 MSE_CLIP_RATIOS = tuple(np.linspace(0.3, 1.0, 36).tolist())
 FLT_MAX = float(np.finfo(np.float32).max)
-# Clipped STE for binary/ternary passes gradients where |x| <= 1 (Hubara et al. 2016, Htanh).
-SIGN_CLIP = 1.0
+
+
+def __getattr__(name):
+  """FP8_DTYPES / FP8_MAX: {format name: dtype / largest value} of the scaled fp8 casts,
+  read from the format registry."""
+  if name in ("FP8_DTYPES", "FP8_MAX"):
+    fp8 = [formats.get(n) for n in formats.having("clip_range")
+           if not formats.get(n).uniform_int]
+    return {f.name: (f.dtype if name == "FP8_DTYPES" else f.max) for f in fp8}
+  raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def int_range(spec: QuantSpec) -> Tuple[int, int]:
-  """Integer code range [qmin, qmax] held in an int8 container.
+  """Integer code range [qmin, qmax] of an integer format (`Format.int_range`).
 
   Symmetric 'int' uses the restricted range ±(2^(b-1) − 1) so negation is exact and the
   grid is centred on 0, or with `full_range` every code −2^(b−1) .. 2^(b−1) − 1;
   asymmetric uses the full signed range with an integer zero point. Binary codes are ±1,
   ternary {−1, 0, 1}.
   """
-  if spec.format == "binary":
-    return -1, 1
-  if spec.format == "ternary":
-    return -1, 1
-  if spec.format != "int":
-    raise ValueError(f"format={spec.format!r} has no integer range")
-  if spec.symmetric and not spec.full_range:
-    q = 2 ** (spec.bits - 1) - 1
-    return -q, q
-  return -(2 ** (spec.bits - 1)), 2 ** (spec.bits - 1) - 1
+  return formats.get(spec.format).int_range(spec)
 
 
 def symmetric_levels(spec: QuantSpec) -> float:
@@ -324,17 +323,9 @@ def divide_by_scale(x, scale):
 
 
 def scale_zero_point(lo, hi, spec: QuantSpec):
-  """Scale and integer zero point mapping [lo, hi] onto the code range."""
-  if spec.format in FP8_DTYPES:
-    return _safe_scale(hi / FP8_MAX[spec.format]), None
-  qmin, qmax = int_range(spec)
-  if spec.symmetric:
-    return _safe_scale(hi / symmetric_levels(spec)), None
-  n = qmax - qmin
-  span = hi - lo  # overflows float32 for ranges like ±3e38: divide first there
-  scale = _safe_scale(jnp.where(jnp.isfinite(span), span / n, hi / n - lo / n))
-  zp = jnp.clip(jnp.round(qmin - divide_by_scale(lo, scale)), qmin, qmax)
-  return scale, zp.astype(jnp.int32)
+  """Scale and integer zero point mapping [lo, hi] onto the code range
+  (`Format.scale_zero_point`)."""
+  return formats.get(spec.format).scale_zero_point(lo, hi, spec)
 
 
 def round_values(y, spec: QuantSpec, key: Optional[jax.Array]):
@@ -391,27 +382,15 @@ def encode_int(x32, scale, zp, spec, key):
 
 
 def calibrate(x: jax.Array, spec: QuantSpec, reduce_axes: Sequence[int]):
-  """Scale (float32) and zero point (int32 or None) of `x` for `spec`, shaped to broadcast.
+  """Scale (float32) and zero point (int32 or None) of `x` for `spec`, shaped to broadcast
+  (the format's rule, `Format.calibrate`).
 
   Binary: α = mean|x| (XNOR-Net, Rastegari et al. 2016). Ternary: α = mean of |x| over
   |x| > Δ with Δ = 0.7·mean|x| (TWN). Int/fp8: absmax, percentile or MSE clip range.
+  Block formats: their per-block scale rule (`jaxquant.formats.minifloat`).
   """
   axes = normalize_axes(reduce_axes, x.ndim)
-  x32 = x.astype(jnp.float32)
-  xb, stat_axes, shape = blocked(x32, spec, axes)
-  if spec.format in ("binary", "ternary") and not spec.scaled:
-    return jnp.ones(shape, jnp.float32), None  # the codes themselves: ±1 (BinaryConnect)
-  if spec.format == "binary":
-    alpha, n = _finite_mean_abs(xb, stat_axes)
-    alpha = jnp.where(jnp.isfinite(alpha) & (n > 0), alpha, 1.0)  # all-zero slice: α = 0
-    return alpha.reshape(shape).astype(jnp.float32), None
-  if spec.format == "ternary":
-    ax = _finite_abs(xb)
-    delta = TWN_THRESHOLD * _finite_mean_abs(xb, stat_axes, keepdims=True)[0]
-    big = ax > delta  # same Δ as ternary_threshold, kept blocked here
-    alpha = _mean(jnp.where(big, ax, 0.0), jnp.sum(big, axis=stat_axes), stat_axes)
-    return _safe_scale(alpha.reshape(shape)), None
-  return scale_zero_point(*calibrated_range(x32, spec, axes), spec)
+  return formats.get(spec.format).calibrate(x.astype(jnp.float32), spec, axes)
 
 
 def calibrated_range(x: jax.Array, spec: QuantSpec, reduce_axes: Sequence[int]):
@@ -468,35 +447,13 @@ def block_sum(err, scale_shape):
 
 
 def encode(x32, scale, zp, spec: QuantSpec, key, axes=()):
-  """Codes of x: int codes as float32 for integer formats, or fp8 values for fp8.
+  """Codes of x (`Format.encode`): int codes as float32 for integer formats, or values of
+  the format's float dtype (fp8, the block formats' elements).
 
   `axes` (normalized reduce axes) is only needed for ternary's data-dependent threshold.
   """
   scale = expand_to(scale, x32.shape)
-  if spec.format in FP8_DTYPES:
-    fmax = FP8_MAX[spec.format]
-    y = jnp.clip(divide_by_scale(jnp.where(jnp.isnan(x32), 0.0, x32), scale), -fmax, fmax)
-    return y.astype(FP8_DTYPES[spec.format])
-  if spec.format == "binary":
-    if spec.rounding == "stochastic":
-      # BinaryConnect (Courbariaux et al. 2015, eq. 3): +1 with probability
-      # hard_sigmoid(x/α) = clip((x/α + 1) / 2, 0, 1), else −1: stochastic rounding of
-      # that probability on the grid {0, 1}.
-      t = (jnp.clip(divide_by_scale(jnp.nan_to_num(x32), scale), -1.0, 1.0) + 1.0) * 0.5
-      return 2.0 * round_values(t, spec, key) - 1.0
-    return jnp.where(x32 < 0, -1.0, 1.0)
-  if spec.format == "ternary":
-    ax = jnp.abs(jnp.where(jnp.isnan(x32), 0.0, x32))  # ±Inf exceed Δ: they saturate
-    delta = expand_to(ternary_threshold(x32, spec, axes), x32.shape)
-    return jnp.where(ax > delta, jnp.sign(jnp.nan_to_num(x32)), 0.0)
-  zp = None if zp is None else expand_to(zp, x32.shape)
-  return encode_int(x32, scale, zp, spec, key)
-
-
-def ternary_threshold(x, spec: QuantSpec, axes):
-  """TWN threshold Δ = 0.7·mean|x| (finite entries) per scale entry, shaped like the scale."""
-  xb, stat_axes, shape = blocked(x, spec, axes)
-  return TWN_THRESHOLD * _finite_mean_abs(xb, stat_axes)[0].reshape(shape)
+  return formats.get(spec.format).encode(x32, scale, zp, spec, key, axes)
 
 
 def decode(codes, scale_full, zp_full):

@@ -27,7 +27,7 @@ from typing import Any, Callable, Dict, NamedTuple, Optional
 import jax
 import jax.numpy as jnp
 
-from jaxquant import numerics
+from jaxquant import formats, numerics
 from jaxquant.ptq import stats as ptq_stats_lib
 from jaxquant.spec import QuantSpec, Rule
 
@@ -56,15 +56,8 @@ def batch_range(x, spec: QuantSpec, clip_range=None):
   else:
     scale, zp = numerics.scale_zero_point(*clip_range, tensor_spec)
   scale = scale.reshape(())
-  if spec.format in numerics.FP8_DTYPES:
-    hi = scale * numerics.FP8_MAX[spec.format]
-    return -hi, hi
-  qmin, qmax = numerics.int_range(tensor_spec)
-  if zp is None:
-    hi = scale * numerics.symmetric_levels(tensor_spec)
-    return -hi, hi
-  zp = zp.reshape(()).astype(jnp.float32)
-  return (qmin - zp) * scale, (qmax - zp) * scale
+  zp = None if zp is None else zp.reshape(())
+  return formats.get(spec.format).grid_range(scale, zp, tensor_spec)
 
 
 def masked(x_BMK, mask_BM):
@@ -82,7 +75,7 @@ def _range_state(x) -> State:
 
 
 def _has_range(rule: Rule) -> bool:
-  return rule.act is not None and rule.act.format not in ("binary", "ternary")
+  return rule.act is not None and formats.get(rule.act.format).clip_range
 
 
 # One batch range per layer and step: while training, the quantizer clips the batch with

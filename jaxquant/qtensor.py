@@ -8,18 +8,21 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Optional, Tuple
+from typing import TYPE_CHECKING, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxquant import formats
 from jaxquant import numerics
-from jaxquant.spec import QuantSpec
+
+if TYPE_CHECKING:
+  from jaxquant.spec import QuantSpec
 
 
 @functools.partial(jax.tree_util.register_dataclass,
-                   data_fields=["values", "scale", "zero_point"],
+                   data_fields=["values", "scale", "zero_point", "tensor_scale"],
                    meta_fields=["spec", "logical_shape", "contracting", "batch", "packed"])
 @dataclasses.dataclass(frozen=True)
 class QTensor:
@@ -28,12 +31,16 @@ class QTensor:
   Invariant: ``x ≈ (values − zero_point) · scale`` (``zero_point`` 0 when None).
 
   Attributes:
-    values: int8 codes for integer formats (2–8-bit, binary ±1, ternary {−1,0,1}), or
-      float8 values for fp8 formats; when `packed`, uint8 bytes holding
-      `spec.storage_bits`-bit codes (see `pack`).
+    values: int8 codes for integer formats (2–8-bit, binary ±1, ternary {−1,0,1}; int16
+      for 16-bit int), or float values of the format's dtype (float8 for fp8 and MXFP8,
+      float4_e2m1fn for MXFP4 / NVFP4); when `packed`, the format's stored form (see
+      `pack`): uint8 bytes holding `spec.storage_bits`-bit codes.
     scale: float32, same rank as the tensor; each axis has length 1, the tensor's length,
-      or the number of groups along that axis.
+      or the number of groups along that axis. When `packed`, a block format's stored
+      scales: float8_e8m0fnu (MX) or float8_e4m3fn (NVFP4), one byte per block.
     zero_point: int32 shaped like `scale`, or None for symmetric formats.
+    tensor_scale: a packed NVFP4 tensor's FP32 per-tensor scale (the decoded scale is
+      scale · tensor_scale); None otherwise.
 
   Static fields (part of the pytree structure, not leaves), set for quantized weights by
   `jq.quantize` / `jq.quantize_weight` and None on intermediate QTensors:
@@ -46,6 +53,7 @@ class QTensor:
   values: jax.Array
   scale: jax.Array
   zero_point: Optional[jax.Array] = None
+  tensor_scale: Optional[jax.Array] = None
   spec: Optional[QuantSpec] = None
   logical_shape: Optional[Tuple[int, ...]] = None
   contracting: Optional[Tuple[int, ...]] = None
@@ -56,20 +64,27 @@ class QTensor:
   def shape(self):
     return self.logical_shape if self.logical_shape is not None else self.values.shape
 
+  @property
+  def int8_codes(self) -> bool:
+    """Whether the (unpacked) values are int8 codes, the operand of an s8 dot."""
+    if self.spec is None:
+      return self.values.dtype == jnp.int8
+    return self.spec.is_integer
+
   def pack(self) -> "QTensor":
-    """Codes packed `spec.storage_bits` to the bit into uint8 (unchanged for 8-bit)."""
-    if self.packed or self.spec is None or self.spec.storage_bits == 8:
+    """The stored form of the format (`Format.pack`): integer codes packed
+    `spec.storage_bits` to the bit into uint8 (unchanged for 8-bit), a block format's
+    codes and scales in their storage types."""
+    if self.packed or self.spec is None:
       return self
-    return dataclasses.replace(self, values=pack(self.values, self.spec.storage_bits),
-                               logical_shape=tuple(self.shape), packed=True)
+    return formats.get(self.spec.format).pack(self)
 
   def unpacked(self) -> "QTensor":
-    """The same tensor with int8 codes (a no-op unless `packed`)."""
+    """The same tensor with unpacked values and float32 scales (a no-op unless
+    `packed`)."""
     if not self.packed:
       return self
-    return dataclasses.replace(
-        self, values=unpack(self.values, self.spec.storage_bits, self.logical_shape),
-        packed=False)
+    return formats.get(self.spec.format).unpack(self)
 
   def dequantize(self, dtype=jnp.float32) -> jax.Array:
     """(values − zero_point) · scale, as `dtype`."""

@@ -11,7 +11,9 @@ import dataclasses
 import re
 from typing import Optional
 
-FORMATS = ("int", "binary", "ternary", "fp8_e4m3", "fp8_e5m2")
+from jaxquant import formats
+
+FORMATS = formats.names()  # the registry (`jaxquant.formats`) names every format
 GRANULARITIES = ("tensor", "channel", "group")
 CALIBRATIONS = ("absmax", "percentile", "mse")
 ROUNDINGS = ("nearest", "stochastic")
@@ -30,14 +32,20 @@ class QuantSpec:
   """How one tensor is quantized.
 
   Attributes:
-    format: 'int' (2..8-bit integers), 'binary' (sign · α), 'ternary' ({-1, 0, 1} · α,
-      TWN threshold 0.7·mean|x|), 'fp8_e4m3' or 'fp8_e5m2' (scaled cast).
-    bits: integer width, 2..8, only meaningful for 'int' (binary is 1 bit, ternary 2,
-      fp8 8; for those the field is derived and may be left at its default).
+    format: 'int' (2..8-bit or 16-bit integers), 'binary' (sign · α), 'ternary'
+      ({-1, 0, 1} · α, TWN threshold 0.7·mean|x|), 'fp8_e4m3' or 'fp8_e5m2' (scaled
+      cast), or a block format: 'mxfp8' / 'mxfp4' (OCP Microscaling: E4M3 / E2M1
+      elements, blocks of 32 along the reduced axis with a power-of-two E8M0 scale) or
+      'nvfp4' (E2M1 in blocks of 16, E4M3 block scales, an FP32 tensor scale). See
+      `jaxquant.formats`.
+    bits: integer width, 2..8 or 16, only meaningful for 'int' (binary is 1 bit, ternary
+      2, fp8 8, the block formats their element width; for those the field is derived
+      and may be left at its default). 16-bit codes (int16) cannot run in mode='int'.
     symmetric: symmetric range (zero point 0) or asymmetric (integer zero point).
     granularity: 'tensor' (one scale), 'channel' (one scale per non-reduced index) or
       'group' (the reduced axis split into groups of `group_size`).
-    group_size: required for 'group'; must divide the reduced axis length.
+    group_size: required for 'group'; must divide the reduced axis length. Block
+      formats fix granularity='group' and group_size to their block (derived).
     calibration: 'absmax', 'percentile' (of |x|) or 'mse' (best clip ratio on a grid).
     percentile: for 'percentile' calibration, in (0, 100].
     rounding: 'nearest' or 'stochastic' (needs a PRNG key; unbiased). For 'binary',
@@ -82,9 +90,10 @@ class QuantSpec:
 
   def __post_init__(self):
     _check_choice("format", self.format, FORMATS)
-    if self.format == "int":
-      if not isinstance(self.bits, int) or isinstance(self.bits, bool) or not 2 <= self.bits <= 8:
-        raise ValueError(f"bits={self.bits!r} is not allowed for format='int'; choose an int in 2..8")
+    fmt = formats.get(self.format)
+    fmt.check(self)
+    for name, value in fmt.derived(self).items():
+      object.__setattr__(self, name, value)
     if not isinstance(self.symmetric, bool):
       raise ValueError(f"symmetric={self.symmetric!r} must be a bool (True or False)")
     _check_choice("granularity", self.granularity, GRANULARITIES)
@@ -98,20 +107,24 @@ class QuantSpec:
     if not isinstance(self.percentile, (int, float)) or not 0.0 < float(self.percentile) <= 100.0:
       raise ValueError(f"percentile={self.percentile!r} is not allowed; choose a float in (0, 100]")
     _check_choice("rounding", self.rounding, ROUNDINGS)
-    if self.rounding == "stochastic" and self.format not in ("int", "binary"):
-      raise ValueError(f"rounding='stochastic' is only allowed with format='int' or "
-                       f"'binary' (got format={self.format!r}); choose rounding='nearest'")
+    if self.rounding == "stochastic" and not fmt.stochastic:
+      raise ValueError(f"rounding='stochastic' is only allowed with format="
+                       f"{formats.either(formats.having('stochastic'))} (got "
+                       f"format={self.format!r}); choose rounding='nearest'")
     if not isinstance(self.scaled, bool):
       raise ValueError(f"scaled={self.scaled!r} must be a bool")
-    if not self.scaled and self.format not in ("binary", "ternary"):
-      raise ValueError(f"scaled=False is only allowed with format='binary' or 'ternary' "
+    if not self.scaled and not fmt.unscaled:
+      raise ValueError(f"scaled=False is only allowed with format="
+                       f"{formats.either(formats.having('unscaled'))} "
                        f"(got format={self.format!r})")
     _check_choice("ste", self.ste, STES)
-    if self.format in ("binary", "ternary", "fp8_e4m3", "fp8_e5m2") and not self.symmetric:
+    if not fmt.zero_point and not self.symmetric:
       raise ValueError(f"symmetric=False is not allowed for format={self.format!r}; "
-                       "only format='int' has a zero point")
-    if self.format != "int" and self.learned:
-      raise ValueError(f"ste={self.ste!r} is only allowed with format='int'; "
+                       f"only format={formats.either(formats.having('zero_point'))} has a "
+                       "zero point")
+    if not fmt.learned_scale and self.learned:
+      raise ValueError(f"ste={self.ste!r} is only allowed with format="
+                       f"{formats.either(formats.having('learned_scale'))}; "
                        "choose one of ['identity', 'clipped']")
     if not isinstance(self.lsq_grad_scale, bool):
       raise ValueError(f"lsq_grad_scale={self.lsq_grad_scale!r} must be a bool")
@@ -120,8 +133,9 @@ class QuantSpec:
                        f"ste={self.ste!r}); leave it at True")
     if not isinstance(self.full_range, bool):
       raise ValueError(f"full_range={self.full_range!r} must be a bool (True or False)")
-    if self.full_range and (self.format != "int" or not self.symmetric):
-      raise ValueError(f"full_range=True is only allowed with format='int', symmetric=True "
+    if self.full_range and (not fmt.full_range or not self.symmetric):
+      raise ValueError(f"full_range=True is only allowed with format="
+                       f"{formats.either(formats.having('full_range'))}, symmetric=True "
                        f"(got format={self.format!r}, symmetric={self.symmetric}); "
                        "asymmetric int already uses every code")
     if self.static not in (None, True, False):
@@ -138,20 +152,16 @@ class QuantSpec:
 
   @property
   def effective_bits(self) -> int:
-    """Information bits per value: `bits` for int, 1 binary, 2 ternary, 8 for fp8."""
-    return {"int": self.bits, "binary": 1, "ternary": 2}.get(self.format, 8)
+    """Information bits per value: `bits` for int, 1 binary, 2 ternary, 8 for fp8, the
+    element width of a block format (its shared scales not counted)."""
+    return formats.get(self.format).effective_bits(self)
 
   @property
   def storage_bits(self) -> int:
     """Bits per stored code in serving weights: codes are packed into bytes, so 1 for
-    binary, 2 for ternary / int2, 4 for int3–4, and a whole byte otherwise."""
-    if self.format == "binary":
-      return 1
-    if self.format == "ternary" or (self.format == "int" and self.bits == 2):
-      return 2
-    if self.format == "int" and self.bits <= 4:
-      return 4
-    return 8
+    binary, 2 for ternary / int2, 4 for int3–4 and E2M1, 16 for int16, and a whole byte
+    otherwise (block scales not counted)."""
+    return formats.get(self.format).storage_bits(self)
 
   @property
   def learned(self) -> Optional[str]:
@@ -161,8 +171,9 @@ class QuantSpec:
 
   @property
   def is_integer(self) -> bool:
-    """True when values are integers that fit an int8 container (int/binary/ternary)."""
-    return self.format in ("int", "binary", "ternary")
+    """True when values are integers that fit an int8 container (2..8-bit int, binary,
+    ternary): the codes an s8 dot runs on."""
+    return formats.get(self.format).int8_codes(self)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -194,7 +205,8 @@ class DotSpec:
       if self.grad.learned:
         raise ValueError(f"grad.ste={self.grad.ste!r} is not allowed; gradients have no "
                          "learned scale; choose one of ['identity', 'clipped']")
-      if self.grad.format != "int" or not self.grad.symmetric or self.grad.granularity == "group":
+      if (not formats.get(self.grad.format).uniform_int or not self.grad.is_integer
+          or not self.grad.symmetric or self.grad.granularity == "group"):
         raise ValueError("grad must be a symmetric format='int' spec with granularity "
                          "'tensor' or 'channel' (got "
                          f"format={self.grad.format!r}, symmetric={self.grad.symmetric}, "
@@ -204,7 +216,8 @@ class DotSpec:
         value = getattr(self, name)
         if value is not None and not value.is_integer:
           raise ValueError(f"{name}.format={value.format!r} cannot run in mode='int' (no "
-                           "integer codes); choose mode='fake' for fp8")
+                           "int8 codes); choose mode='fake' for fp8, int16 and the block "
+                           "formats")
 
 
 PTQ_METHODS = ("gptq", "awq", "smoothquant")
@@ -278,7 +291,7 @@ class Rule:
     if act is not None and act.learned and act.granularity != "tensor":
       raise ValueError(f"Rule({self.pattern!r}): act.ste={act.ste!r} learns one "
                        "activation scale per layer; set act granularity='tensor'")
-    if act is not None and act.granularity == "group":
+    if act is not None and act.granularity == "group" and not formats.get(act.format).block_size:
       raise ValueError(f"Rule({self.pattern!r}): act granularity='group' is not supported; "
                        "choose 'tensor' or 'channel' (one scale per row)")
     for name in ("weight", "grad"):
@@ -294,7 +307,8 @@ class Rule:
       if not isinstance(self.ptq, PTQ):
         raise ValueError(f"Rule({self.pattern!r}): ptq={self.ptq!r} must be a jaxquant.PTQ")
       w = self.weight
-      if w is None or w.format != "int" or w.rounding != "nearest" or w.learned:
+      if (w is None or not formats.get(w.format).uniform_int or w.rounding != "nearest"
+          or w.learned):
         raise ValueError(f"Rule({self.pattern!r}): ptq={self.ptq.method!r} needs an int "
                          "weight= spec with nearest rounding and no learned scale")
       if self.ptq.method == "smoothquant" and act is None:

@@ -43,6 +43,7 @@ import numpy as np
 from jaxquant import conv as qconv
 from jaxquant import dot as qdot
 from jaxquant.einsum import einsum_compiled, einsum_dimension_numbers
+from jaxquant import formats
 from jaxquant import layout
 from jaxquant import nnx_transform
 from jaxquant import numerics
@@ -148,7 +149,7 @@ def _shares_batch_range(act) -> bool:
   Both statistics are order-free (min / max, order statistics), so computing them on the
   observers' [B, M, K] view of the input gives the quantizer's values bit for bit. MSE
   sums errors, whose rounding depends on the layout: it keeps its own search."""
-  return (act is not None and act.format not in ("binary", "ternary")
+  return (act is not None and formats.get(act.format).clip_range
           and act.granularity == "tensor" and act.calibration in ("absmax", "percentile")
           and act.learned is None)
 
@@ -605,13 +606,14 @@ def gather_rows(q: QTensor, ids, dtype=jnp.float32):
   v % (V/p) (`jq.pack`'s bit planes), so a gather reads ids.size rows of D bytes."""
   v, d = q.shape
   ids = jnp.asarray(ids)
-  if q.packed and v % (8 // q.spec.storage_bits) == 0:
+  if q.packed and q.int8_codes and v % (8 // q.spec.storage_bits) == 0:
     bits = q.spec.storage_bits
     per_plane = v // (8 // bits)
     rows = jnp.take(q.values.reshape(per_plane, d), ids % per_plane, axis=0)
     codes = plane(rows, (ids // per_plane)[..., None], bits)
   else:
-    codes = jnp.take(q.unpacked().values, ids, axis=0)
+    q = q.unpacked()
+    codes = jnp.take(q.values, ids, axis=0)
 
   def rows_of(t):
     if t is None:

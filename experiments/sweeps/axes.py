@@ -27,12 +27,15 @@ from __future__ import annotations
 import json
 from typing import Any, Optional, Sequence
 
+from jaxquant import formats
+
 FLOAT_BITS = 32
 DERIVED = ("bits", "label")
 SEED_KEY = "seed"
 ARG_KEY = "config_arg"  # a point's get_config ARG (experiments.sweeps.grid.ARG_KEY)
 _MISSING = object()
-_FORMAT_BITS = {"binary": 1, "ternary": 2}
+# Bits a format name implies by itself (binary 1, ternary 2, 4-bit block formats 4).
+_FORMAT_BITS = formats.sub_byte_bits()
 
 
 def lookup(tree: Any, dotted_key: str) -> Any:

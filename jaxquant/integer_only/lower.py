@@ -30,6 +30,7 @@ from typing import Any, Dict, Iterable, List, NamedTuple, Optional, Tuple
 import jax
 import numpy as np
 
+from jaxquant import formats
 from jaxquant.integer_only import calibrate as calib
 from jaxquant.integer_only import fixed_point as fp
 from jaxquant.integer_only import graph as g
@@ -104,9 +105,10 @@ def _resolve_layer(node: Node, rules, variables) -> Layer:
   act = None if rule is None else rule.act
   source = None
   if act is not None:
-    if act.format != "int":
-      raise IntegerOnlyError(f"{where}: activation format {act.format!r} has no integer-only "
-                             "lowering; use format='int' activations")
+    if not formats.get(act.format).uniform_int or not act.is_integer:
+      raise IntegerOnlyError(f"{where}: activation format {act.format!r} (bits={act.bits}) "
+                             "has no integer-only lowering; use format='int' activations "
+                             "of 2..8 bits")
     source = qat_view.act_range(act, variables, path)
   return Layer(codes, w_scale, act, source)
 

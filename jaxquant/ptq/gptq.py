@@ -49,7 +49,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxquant import numerics
+from jaxquant import formats, numerics
 from jaxquant.qtensor import QTensor
 from jaxquant.spec import QuantSpec
 
@@ -78,7 +78,7 @@ def check_spec(spec: QuantSpec, k: int, where: str = "gptq") -> None:
   """The specs GPTQ-style row-wise quantization supports on a [K, N] weight."""
   if not isinstance(spec, QuantSpec):
     raise ValueError(f"{where}: spec={spec!r} must be a jaxquant.QuantSpec")
-  if spec.format != "int":
+  if not formats.get(spec.format).uniform_int:
     raise ValueError(f"{where}: spec.format={spec.format!r} is not supported; GPTQ rounds "
                      "onto an integer grid: choose format='int'")
   if spec.rounding != "nearest":
