@@ -14,7 +14,6 @@ Layout of a sweep directory:
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
 import os
 import shlex
@@ -24,6 +23,7 @@ import time
 from typing import Any, Sequence
 
 from experiments.sweeps import grid
+from experiments.config_file import load_config_module
 from experiments.training.results import write_json_atomic
 
 SWEEP_FILE = "sweep.json"
@@ -70,7 +70,10 @@ def load_sweep(config_arg: str) -> list[grid.Point]:
   path, args = split_config_arg(config_arg)
   if not os.path.isfile(path):
     raise SweepError(f"config file {path!r} not found (from --config={config_arg})")
-  module = _load_module(path)
+  try:
+    module = load_config_module(path)
+  except ValueError as e:
+    raise SweepError(str(e)) from None
   get_sweep = getattr(module, "get_sweep", None)
   if not callable(get_sweep):
     raise SweepError(f"{path} defines no get_sweep(arg=None); add one returning a list of "
@@ -195,15 +198,6 @@ def record_failure(point_dir: str, returncode: int, *, command: str = "",
   }
   write_json_atomic(os.path.join(point_dir, FAILED_FILE), record)
   return record
-
-
-def _load_module(path: str):
-  spec = importlib.util.spec_from_file_location("_jaxquant_sweep_config", path)
-  if spec is None or spec.loader is None:
-    raise SweepError(f"cannot load {path!r} as a Python config file")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
 
 
 def _has_key(config: Any, dotted_key: str) -> bool:

@@ -142,6 +142,8 @@ def validate_config(config: ml_collections.ConfigDict,
   _check_min("eval_every", config.eval_every, 0, " (0: evaluate only at the end)")
   _check_min("checkpoint_every", config.checkpoint_every, 0,
              " (0: checkpoint only at the end)")
+  _check_min("checkpoint_every_minutes", config.checkpoint_every_minutes, 0.0,
+             " (0: no wall-clock checkpoints)")
   _check_min("keep_checkpoints", config.keep_checkpoints, 1)
   for i, size in enumerate(config.mesh_shape):
     if size != -1 and size < 1:

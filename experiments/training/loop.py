@@ -37,7 +37,7 @@ import optax
 
 import jaxquant as jq
 from experiments.data import BatchIterator, eval_batches, load_dataset
-from experiments.training import config_build, sharding, steps
+from experiments.training import config_build, preemption, sharding, steps
 from experiments.training.checkpoint import Checkpointer, NoReadableCheckpointError
 from experiments.training.config_build import ConfigError
 from experiments.training.metrics import MetricsLogger, MetricsWindow
@@ -432,9 +432,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     ConfigError: invalid config (raised before the workdir is created or written).
     NonFiniteError: the loss or parameters became NaN/Inf; the last good checkpoint is
       kept and no bad state is saved.
+    preemption.Preempted: SIGTERM or SIGUSR1 arrived; a checkpoint was saved at the
+      next step boundary (rerunning resumes from it). A signal that arrives during the
+      final evaluation is ignored: the run completes.
     NoReadableCheckpointError: the workdir has checkpoints, but none restores for this
       config (a changed model/optimizer, or all damaged); nothing is overwritten.
   """
+  with preemption.StopSignals() as stop_signals:
+    return _train_and_evaluate(config, workdir, stop_signals)
+
+
+def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
+                        stop_signals: preemption.StopSignals) -> dict[str, Any]:
   start_time = time.time()
   if isinstance(config, dict):
     config = ml_collections.ConfigDict(config)
@@ -518,7 +527,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     nonlocal last_good
     ckpt.save(step, state, {"iterator": data_iter.state(), "last_train": last_train})
     last_good = step
+    boundary.saved()
 
+  boundary = preemption.StepBoundary(stop_signals,
+                                     every_minutes=config.checkpoint_every_minutes)
   try:
     pending = None
     for step in range(start_step + 1, config.num_steps + 1):
@@ -532,13 +544,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         process(*pending)  # the previous step: reading it does not wait for this one
       pending = (step, metrics)
       do_eval = config.eval_every and step % config.eval_every == 0 and step < config.num_steps
+      save_on_clock, stop = boundary.poll()
       do_save = ((config.checkpoint_every and step % config.checkpoint_every == 0)
-                 or step == config.num_steps)
+                 or step == config.num_steps or save_on_clock or stop)
       if do_eval or do_save:
         process(*pending)
         pending = None
         if do_save:
           save(step)
+        if stop and step < config.num_steps:
+          metrics_logger.event(step, "preempted", f"stopped by {boundary.signame}; "
+                               f"checkpoint saved at step {step}")
+          raise preemption.Preempted(step, boundary.signame, ckpt.directory)
         if do_eval:
           metrics_logger.write(step, "test", evaluate_qat(state))
     if pending is not None:

@@ -31,6 +31,10 @@ Keys (all of them; the trainer never falls back to a default for a missing key):
   eval_every        test-set evaluation period in steps; 0: only at the end.
   checkpoint_every  orbax checkpoint period in steps; 0: only at the end. Rerunning the
                     same command resumes from the latest readable checkpoint.
+  checkpoint_every_minutes  also checkpoint when this much wall time passed since the
+                    last save (default 10, so a long run loses at most that much to a
+                    crash); 0: off. SIGTERM / SIGUSR1 always save at the next step
+                    boundary and exit with status 75 (see training/preemption.py).
   keep_checkpoints  how many checkpoints to keep (orbax max_to_keep).
   mesh_shape        (data, model) device mesh; -1 takes all remaining devices. The batch
                     is sharded over 'data'. Parameters are replicated, except 2-D kernels
@@ -162,6 +166,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.log_every = 100
   config.eval_every = 0
   config.checkpoint_every = 0
+  config.checkpoint_every_minutes = 10.0
   config.keep_checkpoints = 2
   config.mesh_shape = (-1, 1)
   config.progress = True
