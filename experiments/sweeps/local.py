@@ -8,15 +8,26 @@ point gets `failed.json` and the sweep carries on.
 A point that refers to other points (`grid.ref`, staged runs) starts once they have a
 `summary.json`; while they are pending or running (here or in another sweep) the next
 ready point runs instead, and when one of them failed the point fails without running.
+
+Accelerators: each of the `parallel` run slots gets its own share of this machine's GPUs
+(`CUDA_VISIBLE_DEVICES`; `--parallel=N` with N GPUs pins one point per GPU), and when
+more slots than GPUs share one, `XLA_PYTHON_CLIENT_PREALLOCATE=false`, so that the runs
+on one GPU do not each try to reserve 75% of its memory (jax's default).
+
+Why a pool of our own rather than submitit's LocalExecutor: the local launcher has to
+cap the number of concurrent runs, start a staged point only once the points it
+refers to are done, share a workdir with a second sweep through claims, and pin GPUs
+per slot; LocalExecutor starts every submitted job at once and does none of these.
 """
 from __future__ import annotations
 
 import dataclasses
 import os
+import shutil
 import socket
 import subprocess
 import time
-from typing import IO, Callable, Sequence
+from typing import IO, Callable, Mapping, Sequence
 
 from experiments.sweeps import claims
 from experiments.sweeps.plan import (FAILED_FILE, LOG_FILE, SUMMARY_FILE, SweepPoint,
@@ -48,13 +59,52 @@ class _Running:
   proc: subprocess.Popen
   log: IO[bytes]
   started: float
+  slot: int = 0
+
+
+def local_gpus(environ: Mapping[str, str] = os.environ) -> list[str]:
+  """This machine's GPUs as `CUDA_VISIBLE_DEVICES` entries: the ones that variable
+  already lists, else one per `nvidia-smi -L` line, else none. Never imports jax (which
+  would take GPU memory in the launcher itself)."""
+  visible = environ.get("CUDA_VISIBLE_DEVICES")
+  if visible is not None:
+    return [d.strip() for d in visible.split(",") if d.strip() and d.strip() != "-1"]
+  if shutil.which("nvidia-smi") is None:
+    return []
+  try:
+    out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=30,
+                         check=True).stdout
+  except (OSError, subprocess.SubprocessError):
+    return []
+  return [str(i) for i, line in enumerate(l for l in out.splitlines() if l.startswith("GPU"))]
+
+
+def slot_environments(parallel: int, gpus: Sequence[str]) -> list[dict[str, str]]:
+  """The environment variables each of `parallel` run slots sets for its runs.
+
+  One slot (or no GPU): nothing. Up to one slot per GPU: the GPUs are dealt out, slot i
+  gets every GPU j with j % parallel == i. More slots than GPUs: slot i gets GPU
+  i % len(gpus) and, since it shares it, XLA_PYTHON_CLIENT_PREALLOCATE=false.
+  """
+  if parallel == 1 or not gpus:
+    return [{} for _ in range(parallel)]
+  if parallel <= len(gpus):
+    return [{"CUDA_VISIBLE_DEVICES": ",".join(gpus[i::parallel])} for i in range(parallel)]
+  return [{"CUDA_VISIBLE_DEVICES": gpus[i % len(gpus)],
+           "XLA_PYTHON_CLIENT_PREALLOCATE": "false"} for i in range(parallel)]
 
 
 def run_local(points: Sequence[SweepPoint], *, parallel: int = 1,
-              echo: Callable[[str], None] = print, poll_s: float = 0.05) -> Tally:
-  """Runs every point not already done; returns the tally. Interrupts kill the runs."""
+              echo: Callable[[str], None] = print, poll_s: float = 0.05,
+              gpus: Sequence[str] | None = None) -> Tally:
+  """Runs every point not already done; returns the tally. Interrupts kill the runs.
+
+  `gpus` (default: `local_gpus()`) are dealt out to the run slots, see
+  `slot_environments`."""
   if parallel < 1:
     raise ValueError(f"parallel={parallel} must be >= 1")
+  slot_env = slot_environments(parallel, local_gpus() if gpus is None else gpus)
+  free_slots = list(range(parallel))
   sweep_started = time.time()
   tally = Tally()
   pending = list(points)
@@ -78,14 +128,21 @@ def run_local(points: Sequence[SweepPoint], *, parallel: int = 1,
           continue
         skip = _skip(point, sweep_started)
         if skip is None:
-          running.append(_start(point))
-          say(point, f"start {point.name}")
+          slot = free_slots.pop(0)
+          try:
+            running.append(_start(point, slot, slot_env[slot]))
+          except BaseException:
+            free_slots.append(slot)
+            raise
+          pinned = slot_env[slot].get("CUDA_VISIBLE_DEVICES")
+          say(point, f"start {point.name}" + (f" on GPU {pinned}" if pinned else ""))
           continue
         outcome, reason = skip
         getattr(tally, outcome).append(point.name)
         say(point, f"skip  {point.name}: {reason}")
       for run in [r for r in running if r.proc.poll() is not None]:
         running.remove(run)
+        free_slots.append(run.slot)
         elapsed = time.time() - run.started
         ok = _finish(run, elapsed)
         (tally.ok if ok else tally.failed).append(run.point.name)
@@ -149,7 +206,7 @@ def _skip(point: SweepPoint, sweep_started: float) -> tuple[str, str] | None:
   return skip
 
 
-def _start(point: SweepPoint) -> _Running:
+def _start(point: SweepPoint, slot: int, env: Mapping[str, str]) -> _Running:
   try:
     failed = os.path.join(point.directory, FAILED_FILE)
     if os.path.exists(failed):
@@ -160,11 +217,11 @@ def _start(point: SweepPoint) -> _Running:
     log.write(header.encode())
     log.flush()
     proc = subprocess.Popen(point.argv, stdout=log, stderr=subprocess.STDOUT,
-                            stdin=subprocess.DEVNULL)
+                            stdin=subprocess.DEVNULL, env={**os.environ, **env})
   except BaseException:
     claims.release(point.directory)
     raise
-  run = _Running(point, proc, log, time.time())
+  run = _Running(point, proc, log, time.time(), slot)
   try:
     claims.set_child(point.directory, proc.pid)
   except BaseException:  # e.g. SIGTERM right here: the caller never sees this run

@@ -179,9 +179,15 @@ def log_tail(point_dir: str) -> str:
 
 
 def record_failure(point_dir: str, returncode: int, *, command: str = "",
-                   elapsed_s: float | None = None) -> dict[str, Any]:
-  """Writes `point_dir/failed.json` with the exit status and the log tail; returns it."""
-  if returncode == 0:
+                   elapsed_s: float | None = None, reason: str = "",
+                   **extra: Any) -> dict[str, Any]:
+  """Writes `point_dir/failed.json` with the exit status and the log tail; returns it.
+
+  `reason` replaces the one derived from `returncode`; `extra` adds fields (the slurm
+  launcher records the job id and the tail of submitit's log there)."""
+  if reason:
+    pass
+  elif returncode == 0:
     reason = f"exited 0 without writing {SUMMARY_FILE}"
   elif returncode < 0:
     reason = f"killed by signal {-returncode}"
@@ -195,6 +201,7 @@ def record_failure(point_dir: str, returncode: int, *, command: str = "",
       "elapsed_s": elapsed_s,
       "host": socket.gethostname(),
       "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+      **extra,
   }
   write_json_atomic(os.path.join(point_dir, FAILED_FILE), record)
   return record

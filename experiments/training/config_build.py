@@ -153,6 +153,7 @@ def validate_config(config: ml_collections.ConfigDict,
     raise ConfigError(f"config key 'mesh_shape'={tuple(config.mesh_shape)!r} may hold "
                       "at most one -1")
   _check_min("debug.nan_at_step", config.debug.nan_at_step, -1, " (-1 disables it)")
+  _check_min("debug.signal_at_step", config.debug.signal_at_step, -1, " (-1 disables it)")
   _check_min("ptq.calib_batches", config.ptq.calib_batches, 1)
   if not config.distill.temperature > 0:
     raise ConfigError(f"config key 'distill.temperature'={config.distill.temperature!r} is "

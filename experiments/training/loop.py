@@ -24,6 +24,7 @@ import json
 import math
 import os
 import platform
+import signal
 import time
 import warnings
 from typing import Any, Callable
@@ -540,6 +541,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       if teacher is not None:
         placed["teacher_logits"] = teacher(placed["x"])
       state, metrics = train_step(state, placed)
+      if step == config.debug.signal_at_step:
+        os.kill(os.getpid(), signal.SIGUSR1)  # debugging aid: a preemption, see schema.py
       if pending is not None:
         process(*pending)  # the previous step: reading it does not wait for this one
       pending = (step, metrics)

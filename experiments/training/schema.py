@@ -71,6 +71,9 @@ teacher's float weights on the same batch. Metrics add `distill_loss` (the KL te
                     reported as noisy_test_* metrics; the noise draws are fixed by `seed`.
   debug.nan_at_step debugging aid: multiply the loss by NaN at this step (1-based, as
                     logged) to exercise the fail-loudly path; -1 disables it.
+  debug.signal_at_step debugging aid: the trainer sends itself SIGUSR1 while this step
+                    runs, as a scheduler's preemption would (the run saves at the end of
+                    the step and exits 75); -1 disables it.
 
 Quantization (`quant`) is an ordered list of rules, first match wins, each a ConfigDict
 {pattern, weight, act, grad, mode}; `weight`/`act`/`grad` are None (float) or a dict of
@@ -202,4 +205,5 @@ def get_config() -> ml_collections.ConfigDict:
 
   config.debug = ml_collections.ConfigDict()
   config.debug.nan_at_step = -1
+  config.debug.signal_at_step = -1
   return config

@@ -285,43 +285,27 @@ def test_sigkill_at_a_random_step_then_rerun_is_bit_identical(reference, killed,
 # ------------------------------ 1b. SIGUSR1 / SIGTERM: save, exit 75, rerun, bit-identical
 
 
-@pytest.mark.parametrize("signum", [signal.SIGUSR1, signal.SIGTERM], ids=["usr1", "term"])
-def test_stop_signal_saves_exits_75_and_rerun_is_bit_identical(reference, env, tmp_path,
-                                                                signum):
-  """What a scheduler's preemption does (SLURM: SIGTERM, or `--signal=USR1@T` and
-  `scancel --signal=USR1`): the run saves at the next step boundary and exits 75, with
-  no checkpoint period set; the same command then finishes bit-identical."""
+def test_stop_signal_saves_exits_75_and_rerun_is_bit_identical(reference, env, tmp_path):
+  """What a scheduler's preemption does (SLURM: `--signal=USR1@T`, `scancel
+  --signal=USR1`): the run saves at the end of the running step and exits 75, with no
+  checkpoint period set; the same command then finishes bit-identical. The signal is a
+  real SIGUSR1 that the trainer sends itself during step 4 (debug.signal_at_step), so
+  the step is known; SIGTERM takes the same path (tests/experiments/test_preemption.py)."""
   workdir = tmp_path / "run"
-  err_path = tmp_path / "stopped.stderr"
-  argv = train_argv(workdir, "--config.checkpoint_every=0")
-  with open(err_path, "w") as err:
-    proc = subprocess.Popen(argv, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=err)
-    try:
-      deadline = time.monotonic() + 300
-      while not any(s >= 3 for s in logged_train_steps(workdir)):
-        assert proc.poll() is None, err_path.read_text()[-3000:]
-        assert time.monotonic() < deadline, "step 3 was never logged"
-        time.sleep(0.005)
-      proc.send_signal(signum)
-      proc.wait(timeout=120)
-    finally:
-      if proc.poll() is None:
-        proc.kill()
-        proc.wait()
-  stderr = err_path.read_text()
-  assert proc.returncode == 75, stderr[-3000:]
-  name = signal.Signals(signum).name
-  assert f"stopped by {name} at step" in stderr and "rerun the same command" in stderr
-  saved = [int(d) for d in os.listdir(workdir / "checkpoints") if d.isdigit()]
-  assert len(saved) == 1 and 3 <= saved[0] < NUM_STEPS, saved  # only the stop's save
+  stopped = train(workdir, "--config.checkpoint_every=0", "--config.debug.signal_at_step=4",
+                  env=env)
+  assert stopped.returncode == 75, stopped.stderr[-3000:]
+  assert ("stopped by SIGUSR1 at step 4" in stopped.stderr
+          and "rerun the same command" in stopped.stderr), stopped.stderr[-3000:]
+  assert sorted(os.listdir(workdir / "checkpoints")) == ["4"]  # only the stop's save
   events = [r for r in read_jsonl(workdir / "metrics.jsonl") if r.get("event") == "preempted"]
-  assert [e["step"] for e in events] == saved
+  assert [e["step"] for e in events] == [4]
   assert not (workdir / "summary.json").exists()
 
   result = train(workdir, "--config.checkpoint_every=0", env=env)
   assert result.returncode == 0, result.stderr[-3000:]
   summary = json.loads((workdir / "summary.json").read_text())
-  assert summary["resumed_from_step"] == saved[0] and summary["steps"] == NUM_STEPS
+  assert summary["resumed_from_step"] == 4 and summary["steps"] == NUM_STEPS
   assert_bit_identical(final_state(reference)[1], final_state(workdir)[1])
   ref_summary = json.loads((reference / "summary.json").read_text())
   assert summary["metrics"] == ref_summary["metrics"]

@@ -1,4 +1,5 @@
-"""Sweep DSL, naming, planning, and the local / print / slurm launchers over a fake trainer.
+"""Sweep DSL, naming, planning, and the local / print launchers over a fake trainer
+(the slurm launcher against a real cluster: test_slurm.py).
 
 The launcher tests start real `python -m experiments.sweep` processes from the repo root
 with `--trainer=tests.experiments.fixtures.fake_train` (no jax; ~0.2 s per point).
@@ -14,8 +15,7 @@ import sys
 import pytest
 
 from experiments import sweeps
-from experiments.sweeps import claims, grid, plan
-from experiments.sweeps.slurm import sbatch_script
+from experiments.sweeps import claims, grid, local, plan
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 FAKE_CONFIG = "tests/experiments/fixtures/fake_config.py"
@@ -259,42 +259,63 @@ def test_print_launcher_prints_commands_and_writes_nothing(tmp_path):
   assert not (tmp_path / "sweep").exists() and not (tmp_path / "ledger.txt").exists()
 
 
-def test_slurm_launcher_writes_an_array_script_that_runs_one_point(tmp_path):
+def test_print_launcher_needs_no_workdir():
+  env = dict(os.environ)
+  result = subprocess.run(sweep_cmd("grid", "unused")[:4] + ["--launcher=print"], cwd=REPO,
+                          env=env, capture_output=True, text=True, timeout=120)
+  assert result.returncode == 0, result.stderr
+  lines = result.stdout.strip().splitlines()
+  assert len(lines) == 6
+  assert "--workdir=runs/fake_config_grid/quant.bits=2,seed=0 " in lines[0]
+
+
+def test_other_launchers_need_a_workdir(tmp_path):
+  result = subprocess.run(sweep_cmd("grid", "unused")[:4], cwd=REPO, capture_output=True,
+                          text=True, timeout=120)
+  assert result.returncode == 2
+  assert "--workdir is required with --launcher=local" in result.stderr
+
+
+# --- accelerators for local sweeps ----------------------------------------------------------
+
+def test_slot_environments_pin_gpus_and_share_without_preallocation():
+  assert local.slot_environments(1, ["0", "1"]) == [{}]  # one run sees every GPU
+  assert local.slot_environments(3, []) == [{}, {}, {}]  # CPU only: nothing to pin
+  assert local.slot_environments(2, ["0", "1"]) == [{"CUDA_VISIBLE_DEVICES": "0"},
+                                                    {"CUDA_VISIBLE_DEVICES": "1"}]
+  assert local.slot_environments(2, ["0", "1", "2", "3"]) == [
+      {"CUDA_VISIBLE_DEVICES": "0,2"}, {"CUDA_VISIBLE_DEVICES": "1,3"}]
+  shared = {"XLA_PYTHON_CLIENT_PREALLOCATE": "false"}
+  assert local.slot_environments(3, ["5"]) == [{"CUDA_VISIBLE_DEVICES": "5", **shared}] * 3
+  assert local.slot_environments(4, ["0", "1"])[3] == {"CUDA_VISIBLE_DEVICES": "1", **shared}
+
+
+def test_local_gpus_reads_the_visible_devices_without_jax():
+  assert local.local_gpus({"CUDA_VISIBLE_DEVICES": "2, 3"}) == ["2", "3"]
+  assert local.local_gpus({"CUDA_VISIBLE_DEVICES": ""}) == []
+  assert local.local_gpus({"CUDA_VISIBLE_DEVICES": "-1"}) == []
+
+
+@pytest.mark.parametrize("gpus,parallel,shared", [(["0", "1"], 2, False), (["7"], 2, True)],
+                         ids=["one-per-gpu", "two-on-one-gpu"])
+def test_each_local_run_receives_its_gpu_environment(tmp_path, gpus, parallel, shared):
+  """The environment each trainer process actually receives (a fake trainer reports it)."""
   workdir = tmp_path / "sweep"
-  result = run_sweep("crash", workdir, "--launcher=slurm", "--sbatch=--time=0:10:00")
-  assert result.returncode == 0 and "sbatch " in result.stdout
-  script = (workdir / "sweep.sbatch").read_text()
-  assert script.startswith("#!/bin/bash\n")
-  for line in ["#SBATCH --array=0-2", f"#SBATCH --output={workdir}/slurm-%A_%a.out",
-               f"#SBATCH --chdir={REPO}", "#SBATCH --time=0:10:00",
-               'case "${SLURM_ARRAY_TASK_ID', "  1) POINT=crash=True,seed=1"]:
-    assert line in script
-  assert script.count(" -m tests.experiments.fixtures.fake_train ") == 3
-  assert not (workdir / "crash=False,seed=0").exists()  # nothing ran
-
-  def task(i):
-    env = dict(os.environ, SLURM_ARRAY_TASK_ID=str(i),
-               FAKE_TRAIN_LEDGER=str(tmp_path / "ledger.txt"))
-    return subprocess.run(["bash", str(workdir / "sweep.sbatch")], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=60)
-
-  assert task(0).returncode == 0
-  assert (workdir / "crash=False,seed=0" / "summary.json").exists()
-  assert "skip" in task(0).stdout  # rerun of a done point
-  failed = task(1)
-  assert failed.returncode == 1, failed.stdout + failed.stderr
-  failure = read_json(workdir / "crash=True,seed=1" / "failed.json")
-  assert failure["returncode"] == 1 and "fake crash" in failure["log_tail"]
-  assert task(3).returncode == 2
-
-
-def test_sbatch_script_quotes_unsafe_names(tmp_path):
-  points = sweeps.build_points([{"name": "a b'c"}], config_arg="c.py", workdir=str(tmp_path),
-                               python="py")
-  script = sbatch_script(points, workdir=str(tmp_path), cwd="/repo", config_arg="c.py")
-  assert "#SBATCH --array=0-0" in script
-  assert "'--config.name=a b'\"'\"'c'" in script  # shell-quoted inside CMD=( ... )
-  assert plan.SUMMARY_FILE in script
+  points = sweeps.build_points(
+      sweeps.product(sweeps.axis("seed", range(4)), sweeps.axis("sleep_s", [0.2])),
+      config_arg=f"{FAKE_CONFIG}:grid", workdir=str(workdir),
+      trainer="tests.experiments.fixtures.fake_train")
+  report = tmp_path / "env.jsonl"
+  with pytest.MonkeyPatch.context() as mp:
+    mp.chdir(REPO)
+    mp.setenv("FAKE_TRAIN_ENV_REPORT", str(report))
+    tally = local.run_local(points, parallel=parallel, gpus=gpus, echo=lambda line: None)
+  assert len(tally.ok) == 4
+  seen = [json.loads(line) for line in report.read_text().splitlines()]
+  assert len(seen) == 4
+  assert {r["CUDA_VISIBLE_DEVICES"] for r in seen} == set(gpus)
+  for r in seen:
+    assert r["XLA_PYTHON_CLIENT_PREALLOCATE"] == ("false" if shared else None)
 
 
 def test_staged_points_start_after_the_point_they_refer_to(tmp_path):
