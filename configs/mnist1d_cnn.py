@@ -15,9 +15,15 @@ Variants (`--config=configs/mnist1d_cnn.py:ARG`), first conv and head kept at W8
                    the weights (per channel, absmax) to nearest (ptq.enabled); the same
                    rules as w8a8 / w4a4 without LSQ
 Any variant's bits can be swept from the command line: --config.quant.bits=3.
+
+`get_sweep`: seeds 0, 1, 2 of the variant, e.g. on a SLURM cluster, each seed one
+2-process run:
+  python -m experiments.sweep --config=configs/mnist1d_cnn.py:w8a8 --workdir=runs/w8a8 \
+      --launcher=slurm --slurm_ntasks_per_point=2
 """
 
 from configs import base
+from experiments import sweeps
 
 VARIANTS = ("float", "w8a8", "w4a4", "w2a2", "binary", "ptq_w8a8", "ptq_w4a4")
 
@@ -65,3 +71,9 @@ def get_config(arg=None):
   config.checkpoint_every = 2000
   config.quant.rules = base.standard_rules(config.quant, first="conv_0", last="head")
   return set_quant(config, arg or "float")
+
+
+def get_sweep(arg=None):
+  """Seeds 0-2 of the variant ARG (the config's own argument)."""
+  del arg
+  return sweeps.axis("seed", range(3))

@@ -22,7 +22,6 @@ stopped by SIGTERM or SIGUSR1 after saving a checkpoint at the next step boundar
 
 from __future__ import annotations
 
-import os
 import re
 import sys
 
@@ -32,7 +31,7 @@ import ml_collections
 from ml_collections import config_flags
 
 from experiments.config_file import load_config_module
-from experiments.training import config_build, loop, preemption
+from experiments.training import config_build, loop, preemption, sharding
 from experiments.training.config_build import ConfigError
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -96,12 +95,6 @@ def parse_flags(argv: list[str]) -> list[str]:
   raise AssertionError("unreachable")
 
 
-def under_multiprocess_slurm(environ=os.environ) -> bool:
-  """True inside a SLURM job step of several tasks (`srun -n N`), where jax's own
-  SLURM detection finds the coordinator, process count and process id."""
-  return "SLURM_STEP_NODELIST" in environ and int(environ.get("SLURM_NTASKS", "1")) > 1
-
-
 def initialize_distributed() -> None:
   """Joins the processes of a multi-process run (`jax.distributed.initialize`): from the
   explicit flags, or under SLURM from its environment; a single process does nothing."""
@@ -118,7 +111,7 @@ def initialize_distributed() -> None:
     jax.distributed.initialize(coordinator_address=_COORDINATOR.value,
                                num_processes=_NUM_PROCESSES.value,
                                process_id=_PROCESS_ID.value)
-  elif under_multiprocess_slurm():
+  elif sharding.under_multiprocess_slurm():
     jax.distributed.initialize()
 
 

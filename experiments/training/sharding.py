@@ -9,13 +9,20 @@ moments mirror the parameter paths (…/dense_0/kernel), so they follow the same
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+import os
+from typing import Any, Mapping, Sequence
 
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 DATA_AXIS, MODEL_AXIS = "data", "model"
+
+
+def under_multiprocess_slurm(environ: Mapping[str, str] = os.environ) -> bool:
+  """True inside a SLURM job step of several tasks (`srun -n N`), where jax's own
+  SLURM detection finds the coordinator, process count and process id."""
+  return "SLURM_STEP_NODELIST" in environ and int(environ.get("SLURM_NTASKS", "1")) > 1
 
 
 def resolve_mesh_shape(mesh_shape: Sequence[int], num_devices: int) -> tuple[int, int]:

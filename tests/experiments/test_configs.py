@@ -8,7 +8,7 @@ import ml_collections
 import pytest
 
 from configs import base, digits_resnet, mnist1d_cnn, pytext_gpt, quickstart
-from experiments.training import config_build, loop
+from experiments.training import config_build, loop, sharding
 from experiments.training.config_build import ConfigError, rules_from_config, validate_config
 from experiments.training.schema import quant_rule
 from jaxquant import QuantSpec, Rule
@@ -147,6 +147,43 @@ def test_cli_bad_config_exits_2_and_leaves_workdir_untouched(tmp_path, flag, fra
     assert os.listdir(workdir) == ["marker.txt"]
   else:
     assert not workdir.exists()
+
+
+def test_cli_takes_jax_flags_and_names_a_mistyped_override(tmp_path):
+  """jax's absl flags parse (an unknown flag would be refused before the config), and
+  the locked config names the field a typo missed."""
+  workdir = tmp_path / "run"
+  result = _train_cli("--config=configs/mnist1d_cnn.py:w8a8", f"--workdir={workdir}",
+                      "--jax_platforms=cpu", "--jax_enable_x64", "--config.num_stepz=3")
+  assert result.returncode == 2, result.stderr
+  message = result.stderr.strip().splitlines()[-1]
+  assert "unknown config key 'num_stepz'" in message and "'num_steps'" in message
+  assert not workdir.exists()
+  unknown = _train_cli("--config=configs/mnist1d_cnn.py:w8a8", f"--workdir={workdir}",
+                       "--jax_platfroms=cpu")
+  assert unknown.returncode != 0 and "jax_platfroms" in unknown.stderr
+
+
+@pytest.mark.parametrize("flags, fragment", [
+    (["--num_processes=2"], "--num_processes also need(s) --coordinator_address, "
+                            "--process_id"),
+    (["--coordinator_address=127.0.0.1:1", "--num_processes=2", "--process_id=2"],
+     "--process_id=2 must be < --num_processes=2"),
+])
+def test_cli_multiprocess_flags_are_checked(tmp_path, flags, fragment):
+  result = _train_cli("--config=configs/mnist1d_cnn.py:w8a8", f"--workdir={tmp_path / 'r'}",
+                      *flags)
+  assert result.returncode == 2 and fragment in result.stderr, result.stderr
+  assert not (tmp_path / "r").exists()
+
+
+def test_multiprocess_slurm_is_a_step_of_several_tasks():
+  assert sharding.under_multiprocess_slurm({"SLURM_STEP_NODELIST": "n1", "SLURM_NTASKS": "2"})
+  assert not sharding.under_multiprocess_slurm({"SLURM_STEP_NODELIST": "n1",
+                                             "SLURM_NTASKS": "1"})
+  # A batch script of a 2-task job runs as one process, outside any step.
+  assert not sharding.under_multiprocess_slurm({"SLURM_JOB_ID": "5", "SLURM_NTASKS": "2"})
+  assert not sharding.under_multiprocess_slurm({})
 
 
 def test_float_run_still_checks_rule_patterns_and_modes():
