@@ -23,6 +23,7 @@ than submitted again, and the rest are submitted.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import getpass
 import json
@@ -31,6 +32,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 import time
 from typing import Any, Callable, Sequence
 
@@ -307,7 +309,8 @@ def wait(follow: Sequence[tuple[SweepPoint, Any]], total: int, tally: Tally, *,
   while pending:
     queued = queued_job_ids()
     for point, job in list(pending):
-      finished = job.done()
+      with _stderr_to_devnull():  # sacct's own 'accounting storage is disabled' line
+        finished = job.done()
       if not finished and str(job.job_id) not in queued:
         first = left_queue.setdefault(str(job.job_id), time.time())
         if time.time() - first < _LEFT_QUEUE_GRACE_S:
@@ -357,6 +360,21 @@ def _tail(text: str | None, lines: int = 30) -> str:
 def _last_line(text: str) -> str:
   lines = [line for line in text.strip().splitlines() if line.strip()]
   return lines[-1] if lines else text
+
+
+@contextlib.contextmanager
+def _stderr_to_devnull():
+  """Silences file descriptor 2 (what subprocesses inherit) for the duration."""
+  sys.stderr.flush()
+  saved = os.dup(2)
+  devnull = os.open(os.devnull, os.O_WRONLY)
+  try:
+    os.dup2(devnull, 2)
+    yield
+  finally:
+    os.dup2(saved, 2)
+    os.close(saved)
+    os.close(devnull)
 
 
 class _SacctNote(logging.Filter):
