@@ -11,8 +11,10 @@ Preemption. The job is submitted with `--signal=USR1@90` and submitit listens fo
 SIGUSR1 (SUBMITIT_PREEMPT_SIGNAL). On that signal submitit calls `checkpoint()`, which
 hands the signal to the trainer, waits while it saves a checkpoint and exits, and
 returns this same task for submitit to requeue; the requeued job reruns the trainer,
-which resumes from that checkpoint. A trainer stopped by SIGTERM (a preempting
-scheduler) exits with PREEMPTED_EXIT on its own; the task then takes the same path.
+which resumes from that checkpoint. SIGTERM (`scancel`, or a scheduler preempting with
+PreemptMode=CANCEL or REQUEUE) also makes the trainer save and exit 75, but the task
+does not requeue the job itself: SLURM decides (REQUEUE restarts it, and it resumes);
+otherwise the point's failed.json says to rerun the sweep, which resumes it.
 """
 from __future__ import annotations
 
@@ -78,11 +80,12 @@ class PointTask(submitit.helpers.Checkpointable):
                                      stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
       returncode = self._child.wait()
     elapsed = round(time.time() - started, 3)
-    if returncode == PREEMPTED_EXIT:
-      self._requeue(rank)
     ok = returncode == 0 and os.path.exists(os.path.join(directory, SUMMARY_FILE))
     if not ok and rank == 0:
-      record_failure(directory, returncode, command=self.point.command, elapsed_s=elapsed)
+      reason = ("stopped by a signal after saving a checkpoint (exit status 75); rerun the "
+                "sweep to resume" if returncode == PREEMPTED_EXIT else "")
+      record_failure(directory, returncode, command=self.point.command, elapsed_s=elapsed,
+                     reason=reason)
     return {**result, "status": "ok" if ok else "failed", "returncode": returncode,
             "elapsed_s": elapsed}
 
@@ -100,11 +103,3 @@ class PointTask(submitit.helpers.Checkpointable):
       except (ProcessLookupError, ChildProcessError):
         pass  # it had exited already
     return submitit.helpers.DelayedSubmission(PointTask(self.point, self.cwd))
-
-  def _requeue(self, rank: int) -> None:
-    """The trainer stopped after a checkpoint without our signal (e.g. SIGTERM): task 0
-    raises the preemption signal, so submitit requeues the job through `checkpoint()`;
-    the other tasks wait for the requeue to end them."""
-    if rank == 0:
-      os.kill(os.getpid(), getattr(signal, "SIG" + PREEMPT_SIGNAL))
-    time.sleep(120)
