@@ -28,13 +28,14 @@ from flax.core import meta, unfreeze
 
 from jaxquant import layout
 from jaxquant import observers as obs
+from jaxquant import state
 from jaxquant import transform
 from jaxquant.ptq import layer as ptq_layer
 from jaxquant.qtensor import QTensor
 from jaxquant.spec import PTQ_METHODS
 
-CALIBRATION = "calib"  # name of the calibration observer's state in 'quant_stats'
-PTQ_STATS = "ptq"      # name of the PTQ statistics (XᵀX, Σ|x|, max|x|) there
+CALIBRATION = state.CALIBRATION  # the calibration observer's state in 'quant_stats'
+PTQ_STATS = state.PTQ_STATS      # the PTQ statistics (XᵀX, Σ|x|, max|x|) there
 
 
 def _plain(variables) -> Dict[str, Any]:
@@ -45,11 +46,12 @@ def _plain(variables) -> Dict[str, Any]:
 
 
 def _layers(tree, prefix=""):
-  """(path, node) for every dict in a collection that holds `kernel_axes` or `act_hi`."""
+  """(path, node) for every quantized layer's dict in a collection
+  (`state.is_layer_stats`)."""
   for k, v in sorted(tree.items()):
     if isinstance(v, dict):
       p = f"{prefix}/{k}" if prefix else k
-      if any(n in v for n in ("kernel_axes", f"{CALIBRATION}_hi", "act_hi", f"{PTQ_STATS}_xtx")):
+      if state.is_layer_stats(v):
         yield p, v
       yield from _layers(v, p)
 
@@ -105,7 +107,7 @@ def calibrate(qmodel, variables, batches: Iterable, *, masks=None, forward="quan
       float_forward=float_forward)
   variables = _plain(variables)
   names = [CALIBRATION] + [name for name, _ in observers]
-  stats = _drop(variables.pop("quant_stats", {}), names)
+  stats = _drop(variables.pop(state.QUANT_STATS, {}), names)
 
   observer_list = ((CALIBRATION, obs.calibration_range()),) + observers
 
@@ -113,9 +115,9 @@ def calibrate(qmodel, variables, batches: Iterable, *, masks=None, forward="quan
   def step(others, stats, mask, *batch):  # parameters are arguments: no constant folding
     run = view if mask is None else transform.with_observers(qmodel, observer_list, mask,
                                                              float_forward)
-    _, upd = run.apply({**others, "quant_stats": stats}, *batch, mutable=["quant_stats"],
-                       rngs=rngs)
-    return upd["quant_stats"]
+    _, upd = run.apply({**others, state.QUANT_STATS: stats}, *batch,
+                       mutable=[state.QUANT_STATS], rngs=rngs)
+    return upd[state.QUANT_STATS]
 
   mask_iter = None if masks is None else iter(masks)
   n = 0
@@ -137,29 +139,29 @@ def calibrate(qmodel, variables, batches: Iterable, *, masks=None, forward="quan
                      "mask per batch")
   stats = _plain(jax.device_get(stats))
   for path, node in _layers(stats):
-    xtx = node.get(f"{PTQ_STATS}_xtx")
+    xtx = node.get(state.observer_key(PTQ_STATS, "xtx"))
     if xtx is not None and not np.all(np.isfinite(xtx)):
       raise ValueError(f"calibration input of layer {path!r} holds NaN/Inf values (its PTQ "
                        "statistics are not finite); clean the calibration batches")
-    if f"{CALIBRATION}_hi" not in node:
+    calib = state.observer_state(CALIBRATION, node)
+    if "hi" not in calib:
       continue
-    lo, hi = node.pop(f"{CALIBRATION}_lo"), node.pop(f"{CALIBRATION}_hi")
-    count = node.pop(f"{CALIBRATION}_count")
-    bad = int(node.pop(f"{CALIBRATION}_nonfinite"))
+    for k in calib:
+      del node[state.observer_key(CALIBRATION, k)]
+    bad = int(calib["nonfinite"])
     if bad:
       raise ValueError(f"calibration input of layer {path!r} holds {bad} NaN/Inf values; "
                        "clean the calibration batches")
-    node.update(act_lo=lo, act_hi=hi, act_count=count)
-  return {**variables, "quant_stats": stats}
+    state.set_static_range(node, calib["lo"], calib["hi"], calib["count"])
+  return {**variables, state.QUANT_STATS: stats}
 
 
 def _drop(tree, names):
   """'quant_stats' without static ranges and earlier states of the named observers."""
   if not isinstance(tree, dict):
     return tree
-  stale = ("act_lo", "act_hi", "act_count")
   return {k: _drop(v, names) for k, v in tree.items()
-          if k not in stale and not any(k.startswith(f"{n}_") for n in names)}
+          if k not in state.STATIC_RANGE and not state.is_observer_key(k, names)}
 
 
 def convert(qmodel, variables, *example_args, **example_kwargs):
@@ -182,24 +184,26 @@ def convert(qmodel, variables, *example_args, **example_kwargs):
   config = transform.config_of(qmodel)
   variables = _plain(variables)
   if example_args or example_kwargs:  # one concrete trace records the layouts
-    _, upd = qmodel.apply(variables, *example_args, rngs={"quant": jax.random.key(0)},
-                          mutable=["quant_stats"], **example_kwargs)
-    for path, node in _layers(upd["quant_stats"]):
-      if "kernel_axes" in node:
-        target = variables.setdefault("quant_stats", {})
+    _, upd = qmodel.apply(variables, *example_args, rngs={state.RNG: jax.random.key(0)},
+                          mutable=[state.QUANT_STATS], **example_kwargs)
+    for path, node in _layers(upd[state.QUANT_STATS]):
+      if state.KERNEL_AXES in node:
+        target = variables.setdefault(state.QUANT_STATS, {})
         for part in path.split("/"):
           target = target.setdefault(part, {})
-        target.setdefault("kernel_axes", node["kernel_axes"])
-  layers = [(p, n) for p, n in _layers(variables.get("quant_stats", {})) if "kernel_axes" in n]
+        target.setdefault(state.KERNEL_AXES, node[state.KERNEL_AXES])
+  layers = [(p, n) for p, n in _layers(variables.get(state.QUANT_STATS, {}))
+            if state.KERNEL_AXES in n]
   if not layers and any(r.weight is not None for r in config.rules):
     raise ValueError("convert finds no kernel layouts in 'quant_stats': pass variables "
                      "from qmodel.init / jq.calibrate, or example inputs: "
                      "jq.convert(qmodel, variables, x)")
-  params, quant = variables["params"], variables.get("quant", {})
+  params, quant = variables["params"], variables.get(state.QUANT, {})
   todo, kernels, learned, names = [], [], [], []
   for path, node in layers:
     rule = config.rule_for(path)
-    if rule is not None and rule.act is not None and rule.act.static and "act_hi" not in node:
+    if (rule is not None and rule.act is not None and rule.act.static
+        and state.static_range(node) is None):
       raise ValueError(f"layer {path!r}: act spec has static=True but no calibrated range; "
                        "run jq.calibrate(qmodel, variables, batches) before jq.convert")
     spec = None if rule is None else rule.weight
@@ -207,12 +211,13 @@ def convert(qmodel, variables, *example_args, **example_kwargs):
     kernel = _node(params, path)[name]
     if spec is None or isinstance(kernel, QTensor):  # float layer, or already converted
       continue
-    learned.append(_node(quant, path).pop(f"weight_{spec.learned}") if spec.learned else None)
+    learned.append(_node(quant, path).pop(state.learned_key(state.WEIGHT, spec.learned))
+                   if spec.learned else None)
     if spec.rounding == "stochastic":
       # Serving weights are fixed: store the nearest codes (the expected value of the
       # stochastic ones), not one random draw.
       spec = dataclasses.replace(spec, rounding="nearest")
-    w_layout = _recorded_layout(path, node["kernel_axes"])
+    w_layout = _recorded_layout(path, node[state.KERNEL_AXES])
     if rule.ptq is not None:
       _run_ptq(path, node, _node(params, path), spec, rule.ptq, w_layout,
                weight_only=rule.act is None)
@@ -233,8 +238,7 @@ def _weight_name(layer_params) -> str:
 def _run_ptq(path, stats_node, layer_params, spec, ptq, w_layout, weight_only: bool):
   """The rule's PTQ algorithm on one layer (`jaxquant.ptq.layer`); its input scale and,
   for SmoothQuant, the static range of the scaled input go to 'quant_stats'."""
-  prefix = f"{PTQ_STATS}_"
-  stats = {k[len(prefix):]: v for k, v in stats_node.items() if k.startswith(prefix)}
+  stats = state.observer_state(PTQ_STATS, stats_node)
   if not stats:
     raise ValueError(f"layer {path!r}: ptq={ptq.method!r} has no calibration statistics; "
                      "run jq.calibrate(qmodel, variables, batches) before jq.convert")
@@ -242,12 +246,11 @@ def _run_ptq(path, stats_node, layer_params, spec, ptq, w_layout, weight_only: b
   weight = layout.decode_layout(result.weight) if weight_only else result.weight
   layer_params["kernel"] = weight.pack()
   if result.input_scale is not None:
-    stats_node["input_scale"] = result.input_scale
-    if ptq.method == "smoothquant" and "act_hi" in stats_node:
-      stats_node["act_lo"], stats_node["act_hi"] = ptq_layer.smoothed_range(
-          stats, result.input_scale)
-  for k in [k for k in stats_node if k.startswith(prefix)]:
-    del stats_node[k]  # the statistics served their purpose: not serving state
+    stats_node[state.INPUT_SCALE] = result.input_scale
+    if ptq.method == "smoothquant" and state.static_range(stats_node) is not None:
+      state.set_static_range(stats_node, *ptq_layer.smoothed_range(stats, result.input_scale))
+  for k in stats:
+    del stats_node[state.observer_key(PTQ_STATS, k)]  # served their purpose: not serving state
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -273,7 +276,7 @@ def _recorded_layout(path, kernel_axes) -> layout.WeightLayout:
     raise ValueError(f"'quant_stats/{path}/kernel_axes'={axes.tolist()} names no contracted "
                      "axis: the variables were not made by qmodel.init / jq.calibrate "
                      "(zeros in place of the recorded layout?)")
-  return transform.layout_from_axes(axes)
+  return state.layout_from_axes(axes)
 
 
 @dataclasses.dataclass(frozen=True)

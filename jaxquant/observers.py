@@ -13,7 +13,7 @@ statistics); the built-in observers accept it.
 `jq.quantize_model(..., observers=...)` runs a tuple of named observer factories at every
 quantized layer whose 'quant_stats' collection is mutable; each factory maps the layer's
 `Rule` to an `Observer` (or None where it does not apply) and its state is stored under
-'quant_stats/<layer path>/<name>_<field>'. Training uses `ema_range` (the default);
+'quant_stats/<layer path>/<name>_<field>' (`jaxquant.state.observer_key`). Training uses `ema_range` (the default);
 `jq.calibrate` uses `calibration_range`, plus `ptq_stats` (XᵀX, per-channel Σ|x| and
 max|x|) at the layers whose rule names a PTQ algorithm.
 """
@@ -22,7 +22,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import dataclasses
-from typing import Any, Callable, Dict, NamedTuple, Optional
+from typing import Callable, Dict, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -173,8 +173,3 @@ def ptq_stats(methods=None) -> ObserverFactory:
         ptq_stats_lib.Stats(**state), jax.lax.stop_gradient(x), mask)._asdict()
     return Observer(init, update)
   return factory
-
-
-def prefixed(name: str, state: State) -> Dict[str, Any]:
-  """The state's fields as they are stored: '<name>_<field>'."""
-  return {f"{name}_{k}": v for k, v in state.items()}

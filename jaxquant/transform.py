@@ -14,17 +14,12 @@ The layer's kernel decides QAT or serving: a float kernel is quantized on the fl
 stores it, is used as it is. Both run the same contraction code.
 
 Variables: 'params' is exactly the float model's tree (after `convert`, quantized kernels
-are `QTensor`s at the same paths). Quantization state lives beside it:
-  'quant'        learned quantities, trainable: `weight_lsq` / `weight_pact`, `act_lsq` /
-                 `act_pact` (LSQ step sizes, PACT clip α).
-  'quant_stats'  not trainable: `kernel_axes` (the kernel's layout, recorded at init so
-                 `convert` needs no trace: 0 an output axis, k > 0 the k-th contracted
-                 axis, k < 0 the −k-th batch axis), the observers' states
-                 ('<name>_<field>', see `jaxquant.observers`; by default the EMA of the
-                 activation range, `ema_lo` / `ema_hi` / `ema_count`, updated while
-                 'quant_stats' is mutable), and after `calibrate` the static range
-                 `act_lo` / `act_hi` / `act_count`: a layer with a static range uses it
-                 instead of the batch's own range.
+are `QTensor`s at the same paths). Quantization state lives beside it, in the
+collections and under the keys `jaxquant.state` names: learned LSQ / PACT quantities in
+'quant' (trainable); in 'quant_stats' the kernel's recorded layout, the observers'
+states (by default the EMA of the activation range, updated while 'quant_stats' is
+mutable) and, after `calibrate`, the static range a layer then uses instead of the
+batch's own.
 """
 from __future__ import annotations
 
@@ -48,13 +43,14 @@ from jaxquant import layout
 from jaxquant import nnx_transform
 from jaxquant import numerics
 from jaxquant import observers as obs
+from jaxquant import state
 from jaxquant import fake_quant as fake_quant_lib
 from jaxquant.fake_quant import OperandState
 from jaxquant.qtensor import QTensor, plane
 from jaxquant.spec import DotSpec, Rule
 
 QUANTIZABLE = (nn.Dense, nn.DenseGeneral, nn.Conv, nn.Einsum)
-DEFAULT_OBSERVERS = (("ema", obs.ema_range()),)
+DEFAULT_OBSERVERS = ((state.EMA, obs.ema_range()),)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -327,15 +323,15 @@ class _LayerCall:
     stored = isinstance(self.module.variables.get("params", {}).get("kernel"), QTensor)
     specs = (self.rule.act, None if stored else self.rule.weight, self.rule.grad)
     if any(s is not None and s.rounding == "stochastic" for s in specs):
-      if not self.module.has_rng("quant"):
+      if not self.module.has_rng(state.RNG):
         raise ValueError(f"layer {self.path!r} uses stochastic rounding: pass "
-                         "rngs={'quant': key} to apply")
-      return self.module.make_rng("quant")
+                         f"rngs={{{state.RNG!r}: key}} to apply")
+      return self.module.make_rng(state.RNG)
     return None
 
   def _tracking(self) -> bool:
     m = self.module
-    return m.is_mutable_collection("quant_stats") or m.is_initializing()
+    return m.is_mutable_collection(state.QUANT_STATS) or m.is_initializing()
 
   def row_mask(self, rows_shape, x_BMK):
     """The config's token mask as [1, M] over this layer's input rows, or None.
@@ -360,7 +356,7 @@ class _LayerCall:
     """The activation's learned quantity and static range; runs the observers (with the
     config's token mask over `rows_shape`, when calibration gave one)."""
     m, act = self.module, self.rule.act
-    has_static = m.has_variable("quant_stats", "act_hi") and act is not None \
+    has_static = m.has_variable(state.QUANT_STATS, state.ACT_HI) and act is not None \
         and act.static is not False
     batch_range = None  # this batch's clip range, computed once for quantizer and observers
     if self._tracking():
@@ -378,9 +374,9 @@ class _LayerCall:
           observer = factory(self.rule)
           if observer is None:
             continue
-          state = observer.init(x_BMK)
-          refs = {k: _variable(m, "quant_stats", f"{name}_{k}", lambda v=v: v)
-                  for k, v in state.items()}
+          init_state = observer.init(x_BMK)
+          refs = {k: _variable(m, state.QUANT_STATS, state.observer_key(name, k),
+                               lambda v=v: v) for k, v in init_state.items()}
           if updating:
             old = {k: r.value for k, r in refs.items()}
             new = (observer.update(old, x_BMK) if mask_BM is None
@@ -394,11 +390,12 @@ class _LayerCall:
     if act.learned:
       init = lambda: numerics.init_learned_compiled(
           jax.lax.stop_gradient(x), spec=act, reduce_axes=tuple(range(x.ndim))).reshape(shape)
-      learned = _variable(m, "quant", f"act_{act.learned}", init).value.reshape(shape)
+      learned = _variable(m, state.QUANT, state.learned_key(state.ACT, act.learned),
+                          init).value.reshape(shape)
     static = None
     if has_static:
-      static = (m.get_variable("quant_stats", "act_lo").reshape(shape),
-                m.get_variable("quant_stats", "act_hi").reshape(shape))
+      static = (m.get_variable(state.QUANT_STATS, state.ACT_LO).reshape(shape),
+                m.get_variable(state.QUANT_STATS, state.ACT_HI).reshape(shape))
     elif batch_range is not None:  # the batch's own range, as the quantizer would compute it
       static = tuple(r.reshape(shape) for r in batch_range)
     elif act.static and not self._tracking():
@@ -417,15 +414,14 @@ class _LayerCall:
         raise ValueError(f"layer {self.path!r}: weight group_size={w.group_size} does not "
                          f"divide its {k} contracted input features")
     if self._tracking():
-      axes = np.zeros(w_layout.ndim, np.int32)
-      axes[list(w_layout.contracting)] = np.arange(1, len(w_layout.contracting) + 1)
-      axes[list(w_layout.batch)] = -np.arange(1, len(w_layout.batch) + 1)
-      _variable(m, "quant_stats", "kernel_axes", lambda: jnp.asarray(axes))
+      axes = state.kernel_axes(w_layout)
+      _variable(m, state.QUANT_STATS, state.KERNEL_AXES, lambda: jnp.asarray(axes))
     if w is None or not w.learned or isinstance(kernel, QTensor):
       return OperandState()
     init = lambda: layout.init_learned_compiled(jax.lax.stop_gradient(kernel), spec=w,
                                                 layout=w_layout)
-    return OperandState(learned=_variable(m, "quant", f"weight_{w.learned}", init).value)
+    key = state.learned_key(state.WEIGHT, w.learned)
+    return OperandState(learned=_variable(m, state.QUANT, key, init).value)
 
   # -- nn.Einsum ----------------------------------------------------------------------------
   def einsum_call(self, inputs, einsum_str=None):
@@ -442,7 +438,7 @@ class _LayerCall:
     inputs, kernel, bias = _promote_keeping_qtensors(m.promote_dtype)(
         inputs, kernel, bias, dtype=m.dtype)
     dims, _, lsum, _ = einsum_dimension_numbers(einsum_str, inputs.ndim, len(kernel.shape))
-    if m.has_variable("quant_stats", "input_scale"):
+    if m.has_variable(state.QUANT_STATS, state.INPUT_SCALE):
       raise ValueError(f"layer {self.path!r}: PTQ input scales are supported for "
                        "Dense / DenseGeneral layers, not nn.Einsum")
     kept = inputs if not lsum else jnp.sum(inputs, axis=lsum)
@@ -456,11 +452,12 @@ class _LayerCall:
     """lhs / s when `convert` stored a PTQ input scale s [K] (AWQ, SmoothQuant) for this
     layer: its weight rows were multiplied by s."""
     m = self.module
-    if not m.has_variable("quant_stats", "input_scale"):
+    if not m.has_variable(state.QUANT_STATS, state.INPUT_SCALE):
       return lhs
     (lc, _), _ = dimension_numbers
     lc = tuple(int(a) % lhs.ndim for a in lc)
-    s = m.get_variable("quant_stats", "input_scale").reshape([lhs.shape[a] for a in lc])
+    s = m.get_variable(state.QUANT_STATS, state.INPUT_SCALE).reshape(
+        [lhs.shape[a] for a in lc])
     s = jnp.transpose(s, tuple(int(i) for i in np.argsort(lc)))
     shape = [lhs.shape[a] if a in lc else 1 for a in range(lhs.ndim)]
     return lhs / s.reshape(shape).astype(lhs.dtype)
@@ -554,7 +551,7 @@ class _EmbedCall(_LayerCall):
         observer = factory(self.rule)
         if observer is not None:
           for k, v in observer.init(probe).items():
-            _variable(m, "quant_stats", f"{name}_{k}", lambda v=v: v)
+            _variable(m, state.QUANT_STATS, state.observer_key(name, k), lambda v=v: v)
     return None
 
   def _table_state(self):
@@ -622,11 +619,3 @@ def gather_rows(q: QTensor, ids, dtype=jnp.float32):
       return t.reshape((1,) * ids.ndim + t.shape[1:])
     return jnp.take(t, ids, axis=0)
   return QTensor(codes, rows_of(q.scale), rows_of(q.zero_point)).dequantize(dtype)
-
-
-def layout_from_axes(kernel_axes) -> layout.WeightLayout:
-  """The `WeightLayout` recorded in 'quant_stats/<layer>/kernel_axes'."""
-  axes = [int(a) for a in np.asarray(kernel_axes)]
-  contracting = tuple(sorted((i for i, a in enumerate(axes) if a > 0), key=lambda i: axes[i]))
-  batch = tuple(sorted((i for i, a in enumerate(axes) if a < 0), key=lambda i: -axes[i]))
-  return layout.make_layout(len(axes), contracting, batch)

@@ -2,10 +2,10 @@
 
 The converter depends only on public things: the user's float model (a quantized Linen
 model is an instance of a subclass of the float model's class, built with the same
-fields), the rules, the variables' collections ('params' = the float tree; 'quant':
-`weight_lsq`, `act_lsq`, `act_pact`; 'quant_stats': `act_lo`/`act_hi` after
-jq.calibrate, `ema_lo`/`ema_hi`/`ema_count` from training) and `jq.quantize`. When the
-transform's internals change, this file is the one to adapt.
+fields), the rules, the variables' collections ('params' = the float tree; the
+quantization state under the keys `jaxquant.state` names: learned LSQ / PACT
+quantities, the static range after jq.calibrate, the EMA range from training) and
+`jq.quantize`. When the transform's internals change, this file is the one to adapt.
 """
 from __future__ import annotations
 
@@ -18,10 +18,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax.core import meta, unfreeze
 
+from jaxquant import state
 from jaxquant.fake_quant import quantize
 from jaxquant.spec import QuantSpec, Rule
 
-QAT_COLLECTIONS = ("quant", "quant_stats", "serving")
+QAT_COLLECTIONS = state.COLLECTIONS + ("serving",)
 # One compiled call per shape instead of dozens of eager ops: conversion-time speed only.
 _quantize = jax.jit(quantize, static_argnames=("spec", "reduce_axes"))
 
@@ -71,11 +72,13 @@ def ema_as_static(variables) -> Dict[str, Any]:
     if not isinstance(t, dict):
       return t
     out = {k: visit(v) for k, v in t.items()}
-    if "ema_lo" in t and "act_hi" not in t:
-      out.update(act_lo=t["ema_lo"], act_hi=t["ema_hi"], act_count=t["ema_count"])
+    ema = state.observer_state(state.EMA, t)
+    if "lo" in ema and state.static_range(t) is None:
+      state.set_static_range(out, ema["lo"], ema["hi"], ema["count"])
     return out
   variables = plain(variables)
-  return {**variables, "quant_stats": visit(variables.get("quant_stats", {}))}
+  return {**variables,
+          state.QUANT_STATS: visit(variables.get(state.QUANT_STATS, {}))}
 
 
 def rule_for(rules: Sequence[Rule], path: str) -> Optional[Rule]:
@@ -101,7 +104,8 @@ def weight_codes(kernel, spec: QuantSpec, reduce_axes, variables, path: str):
   stochastic rounding stored as nearest, as jq.convert does)."""
   learned = None
   if spec.learned:
-    learned = _layer_vars(variables, "quant", path).get(f"weight_{spec.learned}")
+    learned = _layer_vars(variables, state.QUANT, path).get(
+        state.learned_key(state.WEIGHT, spec.learned))
   if spec.rounding == "stochastic":
     spec = dataclasses.replace(spec, rounding="nearest")
   q = _quantize(jnp.asarray(kernel), spec, reduce_axes=tuple(reduce_axes),
@@ -114,13 +118,16 @@ def act_range(spec: QuantSpec, variables, path: str) -> Optional[Tuple[str, Any]
   ('range', (lo, hi)) from jq.calibrate's static range, else from the training EMA, or
   None when the variables hold none."""
   if spec.learned:
-    value = _layer_vars(variables, "quant", path).get(f"act_{spec.learned}")
+    value = _layer_vars(variables, state.QUANT, path).get(
+        state.learned_key(state.ACT, spec.learned))
     return None if value is None else ("learned", np.asarray(value).reshape(()))
-  stats = _layer_vars(variables, "quant_stats", path)
-  if "act_hi" in stats:
-    return "range", (float(stats["act_lo"]), float(stats["act_hi"]))
-  if "ema_hi" in stats and int(np.asarray(stats.get("ema_count", 1))) > 0:
-    return "range", (float(stats["ema_lo"]), float(stats["ema_hi"]))
+  stats = _layer_vars(variables, state.QUANT_STATS, path)
+  static = state.static_range(stats)
+  if static is not None:
+    return "range", (float(static[0]), float(static[1]))
+  ema = state.observer_state(state.EMA, stats)
+  if "hi" in ema and int(np.asarray(ema.get("count", 1))) > 0:
+    return "range", (float(ema["lo"]), float(ema["hi"]))
   return None
 
 
