@@ -130,7 +130,7 @@ def _train_cli(*args):
 
 @pytest.mark.parametrize("flag, fragments, existing", [
     ("--config.optimizer.lrr=0.1", ["unknown config key 'optimizer.lrr'", "'lr'"], False),
-    ("--config.quant.bits=12", ["quant.bits", "12", "[2, 3, 4, 5, 6, 7, 8]"], True),
+    ("--config.quant.bits=12", ["quant.bits", "12", "[2, 3, 4, 5, 6, 7, 8, 16]"], True),
 ])
 def test_cli_bad_config_exits_2_and_leaves_workdir_untouched(tmp_path, flag, fragments,
                                                             existing):
@@ -198,9 +198,11 @@ def test_float_run_still_checks_rule_patterns_and_modes():
 
 
 def test_quant_bits_allowed_per_format_come_from_quantspec():
-  # Independent statement of the formats' widths (QuantSpec docstring): int 2..8,
-  # binary 1, ternary 2, fp8 8.
-  assert config_build.format_bits("int") == (2, 3, 4, 5, 6, 7, 8)
+  # Independent statement of the formats' widths (QuantSpec docstring): int 2..8 and 16,
+  # binary 1, ternary 2, fp8 8, the block formats their element widths.
+  assert config_build.format_bits("int") == (2, 3, 4, 5, 6, 7, 8, 16)
+  assert config_build.format_bits("mxfp8") == (8,)
+  assert config_build.format_bits("mxfp4") == config_build.format_bits("nvfp4") == (4,)
   assert config_build.format_bits("binary") == (1,)
   assert config_build.format_bits("ternary") == (2,)
   assert config_build.format_bits("fp8_e4m3") == config_build.format_bits("fp8_e5m2") == (8,)
