@@ -6,7 +6,8 @@ started. Without either, every test here is skipped with the reason.
 
 Jobs are real: `python -m experiments.sweep --launcher=slurm` submits job arrays through
 submitit, slurmd runs them, and the points run the fake trainer (the fast cases) or the
-real one (a 2-task W8A8 point, a preempted point).
+real one (a 2-task W8A8 point; a preempted point, marked slow, which .ci/run runs after
+the default suite with `-m "slurm and slow"`).
 """
 import json
 import os
@@ -218,6 +219,7 @@ def test_two_task_point_is_one_two_process_run_that_matches_one_process(cluster,
                              single["metrics"]["test_loss"], rtol=1e-5)
 
 
+@pytest.mark.slow  # ~1.5-2.5 min: two trainer runs and SLURM's requeue delay; CI runs it
 def test_preempted_point_is_requeued_and_resumes_bit_identical(cluster, tmp_path):
   """`scancel --signal=USR1` mid-run: the trainer saves and exits 75, submitit requeues
   the job, the requeued job resumes from the checkpoint, and the final train state equals
