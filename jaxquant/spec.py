@@ -307,10 +307,11 @@ class Rule:
       if not isinstance(self.ptq, PTQ):
         raise ValueError(f"Rule({self.pattern!r}): ptq={self.ptq!r} must be a jaxquant.PTQ")
       w = self.weight
-      if (w is None or not formats.get(w.format).uniform_int or w.rounding != "nearest"
-          or w.learned):
+      if (w is None or not formats.get(w.format).uniform_int or not w.is_integer
+          or w.rounding != "nearest" or w.learned):
         raise ValueError(f"Rule({self.pattern!r}): ptq={self.ptq.method!r} needs an int "
-                         "weight= spec with nearest rounding and no learned scale")
+                         "weight= spec of 2..8 bits with nearest rounding and no learned "
+                         "scale")
       if self.ptq.method == "smoothquant" and act is None:
         raise ValueError(f"Rule({self.pattern!r}): ptq='smoothquant' migrates activation "
                          "outliers into the weight; it needs an act= spec (W8A8)")

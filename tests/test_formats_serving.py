@@ -102,6 +102,8 @@ def test_int16_codes():
     jq.Rule(".*", weight=QS(bits=8), act=QS(bits=16))  # no s16 dot: mode='fake'
   with pytest.raises(ValueError, match="grad"):
     jq.DotSpec(lhs=QS(), rhs=QS(), grad=QS(bits=16), mode="fake")
+  with pytest.raises(ValueError, match="ptq"):  # PTQ stores int8 codes
+    jq.Rule(".*", weight=QS(bits=16), mode="fake", ptq=jq.PTQ())
 
 
 def gaussian_errors():

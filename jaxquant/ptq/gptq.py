@@ -78,9 +78,9 @@ def check_spec(spec: QuantSpec, k: int, where: str = "gptq") -> None:
   """The specs GPTQ-style row-wise quantization supports on a [K, N] weight."""
   if not isinstance(spec, QuantSpec):
     raise ValueError(f"{where}: spec={spec!r} must be a jaxquant.QuantSpec")
-  if not formats.get(spec.format).uniform_int:
+  if not formats.get(spec.format).uniform_int or not spec.is_integer:
     raise ValueError(f"{where}: spec.format={spec.format!r} is not supported; GPTQ rounds "
-                     "onto an integer grid: choose format='int'")
+                     "onto an int8 integer grid: choose format='int' of 2..8 bits")
   if spec.rounding != "nearest":
     raise ValueError(f"{where}: spec.rounding={spec.rounding!r} is not supported; GPTQ "
                      "compensates deterministic rounding errors: choose 'nearest'")
