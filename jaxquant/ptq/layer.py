@@ -71,9 +71,12 @@ def quantize_layer(path: str, kernel, spec: QuantSpec, ptq: PTQ,
   elif ptq.method == "awq":
     res = awq.awq_search(w_KN, st.xtx, ptq_stats.mean_abs(st), spec, grid=ptq.grid)
     q, s = res.qtensor, res.scale
-  else:
+  elif ptq.method == "smoothquant":
     s = smoothquant.smoothquant_scales(st.abs_max, w_KN, ptq.alpha)
     q, _ = awq.scaled_quantize(w_KN, s, spec)
+  else:  # a method added to PTQ_METHODS without its branch here
+    raise ValueError(f"layer {path!r}: ptq method {ptq.method!r} has no implementation in "
+                     "jaxquant/ptq/layer.py (implemented: gptq, awq, smoothquant)")
   n = w_KN.shape[1]
   q = QTensor(q.values, jnp.broadcast_to(q.scale, (q.scale.shape[0], n)) if
               spec.granularity != "tensor" else q.scale.reshape(1, 1),

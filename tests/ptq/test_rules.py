@@ -130,3 +130,18 @@ def test_ptq_refuses_statistics_that_do_not_match_the_contraction():
   with pytest.raises(ValueError, match=r"'conv_0'.*5 contracted input features.*have 1"):
     ptq_layer.quantize_layer("conv_0", kernel, jq.QuantSpec(bits=4), jq.PTQ(method="gptq"),
                              jq.make_layout(3, (0, 1)), st._asdict())
+
+
+def test_a_ptq_method_without_an_implementation_is_refused(monkeypatch):
+  """A method added to PTQ_METHODS but not to ptq/layer.py raises, naming it, instead of
+  silently running another algorithm."""
+  from jaxquant.ptq import layer as ptq_layer  # pylint: disable=import-outside-toplevel
+  from jaxquant import spec as spec_module  # pylint: disable=import-outside-toplevel
+  monkeypatch.setattr(spec_module, "PTQ_METHODS", (*spec_module.PTQ_METHODS, "newmethod"))
+  x = jax.random.normal(jax.random.key(0), (16, 8))
+  st = ptq_stats.update(ptq_stats.init(8), x)
+  kernel = jax.random.normal(jax.random.key(1), (8, 4))
+  with pytest.raises(ValueError, match=r"'dense'.*'newmethod' has no implementation"):
+    ptq_layer.quantize_layer("dense", kernel, jq.QuantSpec(bits=4),
+                             jq.PTQ(method="newmethod"), jq.make_layout(2, (0,)),
+                             st._asdict())
