@@ -1,9 +1,9 @@
 r"""PTQ of the pretrained all-MiniLM-L6-v2 sentence encoder: RTN, GPTQ, AWQ, SmoothQuant.
 
-  python -m experiments.sweep --config=configs/minilm_ptq.py --trainer=experiments.ptq \
+  python -m experiments.sweep --config=configs/minilm_ptq.py --trainer=experiments.minilm_ptq \
       --workdir=runs/minilm_ptq
   python -m experiments.report --workdir=runs/minilm_ptq --metric=cos_mean
-  One variant:  python -m experiments.ptq --config=configs/minilm_ptq.py:w4_g128_gptq --workdir=DIR
+  One variant:  python -m experiments.minilm_ptq --config=configs/minilm_ptq.py:w4_g128_gptq --workdir=DIR
   Embeddings:   python -m experiments.embed --config=configs/minilm_ptq.py:w4_g128_gptq \
       --input=sentences.txt --output=embeddings.npy
 

@@ -6,7 +6,7 @@ r"""Sentence embeddings of the pretrained MiniLM, quantized as a recipe variant.
 INPUT is a UTF-8 file, one sentence per line (empty lines are kept as empty sentences,
 so row i of the output is line i). OUTPUT gets float32 [N, 384] L2-normalized
 embeddings. The model is calibrated on the recipe's own calibration split (never on the
-input) and converted exactly as `experiments.ptq` does; a progress bar follows the
+input) and converted exactly as `experiments.minilm_ptq` does; a progress bar follows the
 embedding batches.
 """
 from __future__ import annotations

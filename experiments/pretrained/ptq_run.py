@@ -1,4 +1,4 @@
-"""PTQ of a pretrained encoder from a recipe: the pieces `experiments.ptq` (one run),
+"""PTQ of a pretrained encoder from a recipe: the pieces `experiments.minilm_ptq` (one run),
 `experiments.embed` (embeddings of a file) and `experiments.minilm_study` share."""
 from __future__ import annotations
 

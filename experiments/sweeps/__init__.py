@@ -31,7 +31,7 @@ them replaced by `_` and a hash of the overrides appended. Two points with the s
 name are an error.
 
 Running it: `python -m experiments.sweep --config=configs/<recipe>.py[:ARG] --workdir=DIR`
-(see plan.py for the directory layout, local.py, claims.py and slurm.py for launching),
+(see plan.py for the directory layout, local.py, locks.py, slurm.py and task.py for launching),
 then `python -m experiments.report --workdir=DIR`, which writes the sweep report
 (report.py: report.md and PNG plots; imported on its own, it needs matplotlib).
 """

@@ -29,7 +29,7 @@ import subprocess
 import time
 from typing import IO, Callable, Mapping, Sequence
 
-from experiments.sweeps import claims
+from experiments.sweeps import locks
 from experiments.sweeps.plan import (FAILED_FILE, LOG_FILE, SUMMARY_FILE, SweepPoint,
                                   record_failure)
 
@@ -172,7 +172,7 @@ def _next_ready(pending: list[SweepPoint], running: list[_Running],
     for name in point.requires:
       if os.path.exists(os.path.join(directory[name], SUMMARY_FILE)):
         continue
-      owner = claims.read(directory[name])
+      owner = locks.read(directory[name])
       if name in waiting or (owner is not None and not owner.is_stale()):
         ready = False  # still to run, here or in another sweep
       else:
@@ -190,7 +190,7 @@ def _skip(point: SweepPoint, sweep_started: float) -> tuple[str, str] | None:
   done = ("done_before", f"done before ({SUMMARY_FILE} exists)")
   if os.path.exists(summary):
     return done
-  acquired, owner = claims.acquire(point.directory)
+  acquired, owner = locks.acquire(point.directory)
   if not acquired:
     who = owner.describe() if owner else "an unreadable claim file"
     return "elsewhere", f"claimed by {who}"
@@ -202,7 +202,7 @@ def _skip(point: SweepPoint, sweep_started: float) -> tuple[str, str] | None:
   elif os.path.exists(failed) and os.path.getmtime(failed) >= sweep_started:
     skip = ("elsewhere", "failed in another sweep while this one ran (rerun to retry)")
   if skip:
-    claims.release(point.directory)
+    locks.release(point.directory)
   return skip
 
 
@@ -219,11 +219,11 @@ def _start(point: SweepPoint, slot: int, env: Mapping[str, str]) -> _Running:
     proc = subprocess.Popen(point.argv, stdout=log, stderr=subprocess.STDOUT,
                             stdin=subprocess.DEVNULL, env={**os.environ, **env})
   except BaseException:
-    claims.release(point.directory)
+    locks.release(point.directory)
     raise
   run = _Running(point, proc, log, time.time(), slot)
   try:
-    claims.set_child(point.directory, proc.pid)
+    locks.set_child(point.directory, proc.pid)
   except BaseException:  # e.g. SIGTERM right here: the caller never sees this run
     _stop(run)
     raise
@@ -238,7 +238,7 @@ def _finish(run: _Running, elapsed_s: float) -> bool:
   if not ok:
     record_failure(directory, run.proc.returncode, command=run.point.command,
                    elapsed_s=round(elapsed_s, 3))
-  claims.release(directory)
+  locks.release(directory)
   return ok
 
 
@@ -250,4 +250,4 @@ def _stop(run: _Running) -> None:
     run.proc.kill()
     run.proc.wait()
   run.log.close()
-  claims.release(run.point.directory)
+  locks.release(run.point.directory)

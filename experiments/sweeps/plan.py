@@ -9,7 +9,7 @@ Layout of a sweep directory:
         summary.json           written by the trainer when the run succeeded
         failed.json            {"returncode", "reason", "log_tail", "command", ...} on failure
         log.txt                the trainer's stdout and stderr (appended per attempt)
-        claim                  which process is running the point (see claims.py)
+        claim                  which process is running the point (see locks.py)
 """
 from __future__ import annotations
 

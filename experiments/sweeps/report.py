@@ -27,7 +27,7 @@ from matplotlib import ticker
 from matplotlib.figure import Figure
 import numpy as np
 
-from experiments.sweeps import axes, claims, grid
+from experiments.sweeps import axes, grid, locks
 from experiments.sweeps.plan import FAILED_FILE, SUMMARY_FILE, read_sweep_json
 
 SEED_KEY = "seed"
@@ -134,7 +134,7 @@ def load_results(workdir: str) -> tuple[dict[str, Any], list[PointResult], list[
       result.status = "failed"
       result.failure = failure if isinstance(failure, dict) else {
           "reason": f"unreadable {FAILED_FILE} ({problem})"}
-    elif (owner := claims.read(directory)) is not None and not owner.is_stale():
+    elif (owner := locks.read(directory)) is not None and not owner.is_stale():
       result.status = "running"
     results.append(result)
   return sweep, results, warnings

@@ -20,7 +20,8 @@ import jax
 import numpy as np
 
 from experiments.data import BatchIterator
-from experiments.sweeps import build_points, load_sweep, plan
+from experiments.config_file import load_config_module
+from experiments.sweeps import build_points, load_sweep
 from experiments.training import loop, steps
 from experiments.training.config_build import rules_from_config, validate_config
 from tests.experiments.test_configs import _apply
@@ -56,7 +57,7 @@ def test_claim_recipe_plans(recipe, tmp_path):
   assert not (tmp_path / "p").exists()  # print writes nothing
   # Every point's config (its variant, then its overrides) passes the trainer's checks,
   # which build the jaxquant Rules, so an invalid spec fails here, not in the sweep.
-  module = plan._load_module(recipe)
+  module = load_config_module(recipe)
   for p in points:
     overrides = {k: v for k, v in p.items() if k != "config_arg"}
     config = _apply(module.get_config(p.get("config_arg")), overrides)
@@ -71,13 +72,13 @@ def _point_config(module, point, extra=None):
 
 def _first_quantized(recipe):
   """Index of the recipe's first point whose resolved config quantizes."""
-  module = plan._load_module(recipe)
+  module = load_config_module(recipe)
   return next(i for i, p in enumerate(load_sweep(recipe))
               if _point_config(module, p).quant.bits != 32)
 
 
 def _first_quantized_config(recipe, extra):
-  module = plan._load_module(recipe)
+  module = load_config_module(recipe)
   return _point_config(module, load_sweep(recipe)[_first_quantized(recipe)], extra)
 
 

@@ -15,7 +15,7 @@ import sys
 import pytest
 
 from experiments import sweeps
-from experiments.sweeps import claims, grid, local, plan
+from experiments.sweeps import grid, local, locks, plan
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 FAKE_CONFIG = "tests/experiments/fixtures/fake_config.py"
@@ -151,19 +151,19 @@ def dead_pid():
 
 def test_claims_exclusive_and_stale_takeover(tmp_path):
   point = str(tmp_path / "p")
-  assert claims.acquire(point) == (True, None)
-  ok, owner = claims.acquire(point)  # held by a live process (us): not stale
+  assert locks.acquire(point) == (True, None)
+  ok, owner = locks.acquire(point)  # held by a live process (us): not stale
   assert not ok and owner.pid == os.getpid()
-  claims.release(point)
-  assert claims.read(point) is None
+  locks.release(point)
+  assert locks.read(point) is None
   # A claim left by a dead sweep on this host is taken over.
-  stale = claims.Owner(dead_pid(), claims.socket.gethostname(), dead_pid(), 0.0)
-  (tmp_path / "p" / "claim").write_text(json.dumps(claims.dataclasses.asdict(stale)))
-  assert claims.acquire(point) == (True, None)
-  assert claims.read(point).pid == os.getpid()
+  stale = locks.Owner(dead_pid(), locks.socket.gethostname(), dead_pid(), 0.0)
+  (tmp_path / "p" / "claim").write_text(json.dumps(locks.dataclasses.asdict(stale)))
+  assert locks.acquire(point) == (True, None)
+  assert locks.read(point).pid == os.getpid()
   # One from another host is never judged stale.
   (tmp_path / "p" / "claim").write_text(json.dumps({"pid": dead_pid(), "host": "elsewhere"}))
-  ok, owner = claims.acquire(point)
+  ok, owner = locks.acquire(point)
   assert not ok and owner.host == "elsewhere"
 
 
@@ -244,7 +244,7 @@ def test_sigterm_stops_runs_and_frees_claims(tmp_path):
   rest = proc.communicate(timeout=60)[0]
   assert proc.returncode == 128 + signal.SIGTERM, rest
   assert not list(workdir.glob("*/claim"))
-  owners = [claims.read(str(d)) for d in workdir.iterdir() if d.is_dir()]
+  owners = [locks.read(str(d)) for d in workdir.iterdir() if d.is_dir()]
   assert owners and not any(owners)
 
 

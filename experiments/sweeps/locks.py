@@ -1,4 +1,4 @@
-"""Claims: so that sweeps sharing a workdir never run one point twice.
+"""Point locks: so that sweeps sharing a workdir never run one point twice.
 
 A claim is the file `point/claim` holding the owner's pid, host and (once launched) the
 trainer's pid. It is created complete and atomically: written under a private name, then

@@ -1,12 +1,12 @@
 r"""One post-training quantization run of the pretrained MiniLM encoder, as a trainer.
 
-    python -m experiments.ptq --config=configs/minilm_ptq.py:w4_g128_gptq --workdir=DIR
+    python -m experiments.minilm_ptq --config=configs/minilm_ptq.py:w4_g128_gptq --workdir=DIR
 
 Loads the model, `jq.calibrate`s it on the recipe's calibration sentences (the rules'
 PTQ algorithms collect their statistics there), `jq.convert`s it, embeds the evaluation
 sentences with the float and the converted model, and writes DIR/summary.json in the
 trainer's format (`config`, `metrics`, `param_bytes`, `wall_time_s`), so
-`experiments.sweep --trainer=experiments.ptq` and `experiments.report` work unchanged.
+`experiments.sweep --trainer=experiments.minilm_ptq` and `experiments.report` work unchanged.
 """
 from __future__ import annotations
 
