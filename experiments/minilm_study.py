@@ -27,16 +27,28 @@ from absl import app, flags
 import jax
 
 import jaxquant as jq
-from configs import minilm_ptq as recipe
+from experiments.config_file import load_config_module
 from experiments.pretrained import metrics, minilm, sentences, tokenizer
 from experiments.pretrained.ptq_run import quantize
 
+_RECIPE = flags.DEFINE_string("recipe", "configs/minilm_ptq.py", "The PTQ recipe file: "
+                              "its VARIANTS, EXTRA, W8 and A8_TOKEN.")
 _SPLIT = flags.DEFINE_enum("split", "dev", ["dev", "eval"], "Which sentences score.")
 _VARIANTS = flags.DEFINE_list("variants", [], "Variant names (see the module docstring).")
 _SENSITIVITY = flags.DEFINE_bool("sensitivity", False, "Per-layer-type W8A8 sensitivity.")
 _OUT = flags.DEFINE_string("out", "", "Write the results as JSON here.")
 
 LAYER_TYPES = ("attn/query", "attn/key", "attn/value", "attn/out", "mlp/fc1", "mlp/fc2")
+
+
+_RECIPES: dict = {}
+
+
+def _recipe():
+  """The recipe module named by --recipe (loaded once)."""
+  if _RECIPE.value not in _RECIPES:
+    _RECIPES[_RECIPE.value] = load_config_module(_RECIPE.value)
+  return _RECIPES[_RECIPE.value]
 
 
 def splits(split: str):
@@ -50,7 +62,7 @@ def splits(split: str):
 def variant_rules(name: str):
   """(rules, calibration options) of 'NAME[@float][@nomask]'."""
   base, *opts = name.split("@")
-  table = {**recipe.VARIANTS, **recipe.EXTRA}
+  table = {**_recipe().VARIANTS, **_recipe().EXTRA}
   if base not in table:
     raise ValueError(f"variant {base!r} is not one of {sorted(table)}")
   unknown = set(opts) - {"float", "nomask"}
@@ -66,9 +78,9 @@ def sensitivity_variants():
   for t in LAYER_TYPES:
     pattern = rf"block_\d+/{t}"
     short = t.split("/")[1]
-    out[f"w8a8:{short}"] = [jq.Rule(pattern, weight=recipe.W8, act=recipe.A8_TOKEN)]
-    out[f"w8:{short}"] = [jq.Rule(pattern, weight=recipe.W8)]
-    out[f"a8:{short}"] = [jq.Rule(pattern, act=recipe.A8_TOKEN)]
+    out[f"w8a8:{short}"] = [jq.Rule(pattern, weight=_recipe().W8, act=_recipe().A8_TOKEN)]
+    out[f"w8:{short}"] = [jq.Rule(pattern, weight=_recipe().W8)]
+    out[f"a8:{short}"] = [jq.Rule(pattern, act=_recipe().A8_TOKEN)]
   return out
 
 

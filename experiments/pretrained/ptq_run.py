@@ -2,19 +2,14 @@
 `experiments.embed` (embeddings of a file) and `experiments.minilm_study` share."""
 from __future__ import annotations
 
-import importlib.util
-
 import jaxquant as jq
+from experiments.config_file import load_config_module
 from experiments.pretrained import minilm, sentences, tokenizer
 
 
 def recipe_rules(config_path: str, config):
   """The recipe module's `rules(config)` (config files are modules with get_config)."""
-  path = config_path.split(":")[0]
-  spec = importlib.util.spec_from_file_location("ptq_recipe", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.rules(config)
+  return load_config_module(config_path.split(":")[0]).rules(config)
 
 
 def quantize(model, params, tok, rules, calib_sentences, *, batch_size=64, mask_padding=True,

@@ -15,18 +15,19 @@ import jax
 import numpy as np
 
 import jaxquant as jq
-from configs import minilm_ptq
+from experiments.config_file import load_config_module
 from experiments.pretrained import metrics, minilm, sentences, tokenizer
 
 _VARIANT = flags.DEFINE_enum("variant", "w8a8", ["w8a8", "w8", "w4_g128_rtn"],
                              "A configs/minilm_ptq.py variant that needs no calibration.")
+_RECIPE = flags.DEFINE_string("recipe", "configs/minilm_ptq.py", "The PTQ recipe file.")
 _N_EVAL = flags.DEFINE_integer("n_eval", 700, "Evaluation sentences.")
 
 
-def gap(variant: str, n_eval: int) -> dict:
+def gap(variant: str, n_eval: int, recipe: str = "configs/minilm_ptq.py") -> dict:
   """{identical, n, cos_mean, cos_min, qat_vs_float, serving_vs_float}."""
   model, params, tok = minilm.load(None)
-  qmodel = jq.quantize_model(model, minilm_ptq.VARIANTS[variant])
+  qmodel = jq.quantize_model(model, load_config_module(recipe).VARIANTS[variant])
   evaluation = sentences.evaluation(n_eval)
   smodel, svars = jq.convert(qmodel, {"params": params}, *tok(evaluation[:8]))
   embed = lambda m, v: tokenizer.embed(jax.jit(m.apply), v, tok, evaluation, 64)
@@ -42,7 +43,7 @@ def gap(variant: str, n_eval: int) -> dict:
 
 def main(argv):
   del argv
-  r = gap(_VARIANT.value, _N_EVAL.value)
+  r = gap(_VARIANT.value, _N_EVAL.value, _RECIPE.value)
   print(f"{_VARIANT.value}: {r['identical']} of {r['n']} embeddings bit-identical; "
         f"QAT vs serving cosine mean {r['cos_mean']:.6f}, min {r['cos_min']:.6f}")
   for name in ("qat_vs_float", "serving_vs_float"):
