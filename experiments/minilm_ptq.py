@@ -20,7 +20,7 @@ from ml_collections import config_flags
 import jaxquant as jq
 from experiments.pretrained import metrics, sentences, tokenizer
 from experiments.pretrained.ptq_run import quantized_encoder, recipe_rules
-from experiments.training.results import write_json_atomic
+from experiments.training.results import write_summary
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "configs/minilm_ptq.py:VARIANT",
                                           lock_config=False)
@@ -54,7 +54,7 @@ def main(argv):
       "wall_time_s": round(time.time() - start, 3),
       "quantized": bool(rules),
   }
-  write_json_atomic(os.path.join(workdir, "summary.json"), summary)
+  write_summary(workdir, summary)
   print({k: round(v, 5) for k, v in summary["metrics"].items()}, flush=True)
 
 

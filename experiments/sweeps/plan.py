@@ -24,10 +24,9 @@ from typing import Any, Sequence
 
 from experiments.sweeps import grid
 from experiments.config_file import load_config_module
-from experiments.training.results import write_json_atomic
+from experiments.training.results import SUMMARY_FILE, write_json_atomic
 
 SWEEP_FILE = "sweep.json"
-SUMMARY_FILE = "summary.json"
 FAILED_FILE = "failed.json"
 LOG_FILE = "log.txt"
 DEFAULT_TRAINER = "experiments.train"

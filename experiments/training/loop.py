@@ -43,7 +43,7 @@ from experiments.training.checkpoint import Checkpointer, NoReadableCheckpointEr
 from experiments.training.config_build import ConfigError
 from experiments.training.metrics import MetricsLogger, MetricsWindow
 from experiments.training.optim import build_optimizer
-from experiments.training.results import write_json_atomic
+from experiments.training.results import write_json_atomic, write_summary
 
 _PER_LEAF_KEYS = ("grads_nonfinite", "trainable_nonfinite")
 
@@ -574,7 +574,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                      start_time=start_time, final_step=final_step,
                      resumed_from=start_step if restored is not None else None)
   if is_writer:
-    write_json_atomic(os.path.join(workdir, "summary.json"), summary)
+    write_summary(workdir, summary)
   return summary
 
 
@@ -621,7 +621,7 @@ def _quantize_float_run(setup: Setup, workdir: str, start_time: float) -> dict[s
   summary = _summary(setup, config_dict, test, serving, param_bytes, extra, {},
                      start_time=start_time, final_step=source_step, resumed_from=None)
   if is_writer:
-    write_json_atomic(os.path.join(workdir, "summary.json"), summary)
+    write_summary(workdir, summary)
   return summary
 
 

@@ -74,3 +74,23 @@ def read_jsonl(path: str | os.PathLike) -> list[Any]:
       if line:
         records.append(json.loads(line))
   return records
+
+
+SUMMARY_FILE = "summary.json"
+
+
+def write_summary(workdir: str | os.PathLike, summary: dict[str, Any]) -> str:
+  """Writes `workdir/summary.json`, a run's last act, and returns its path.
+
+  Every runner (experiments.train, experiments.minilm_ptq) writes its summary here, and
+  the sweep launchers and reports read it: the keys `config`, `metrics` (floats),
+  `param_bytes` ({float, quantized}) and `wall_time_s` are required; others are kept.
+  Raises ValueError when a required key is missing.
+  """
+  missing = [k for k in ("config", "metrics", "param_bytes", "wall_time_s") if k not in summary]
+  if missing:
+    raise ValueError(f"summary.json needs the key(s) {missing}")
+  path = os.path.join(os.fspath(workdir), SUMMARY_FILE)
+  write_json_atomic(path, summary)
+  return path
+

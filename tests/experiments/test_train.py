@@ -211,3 +211,14 @@ def test_short_training_run_learns(tmp_path, bits):
   assert final < 0.8 * initial, (initial, final)
   assert summary["metrics"]["test_accuracy"] > 2 * chance, summary["metrics"]
   assert summary["metrics"]["serving_test_accuracy"] > 2 * chance, summary["metrics"]
+
+
+def test_one_summary_writer_requires_the_schema_keys(tmp_path):
+  from experiments.training.results import write_summary  # pylint: disable=import-outside-toplevel
+  with pytest.raises(ValueError, match=r"needs the key\(s\) \['param_bytes', 'wall_time_s'\]"):
+    write_summary(tmp_path, {"config": {}, "metrics": {}})
+  assert not (tmp_path / "summary.json").exists()
+  path = write_summary(tmp_path, {"config": {}, "metrics": {"x": 1.0},
+                                  "param_bytes": {"float": 4, "quantized": 1},
+                                  "wall_time_s": 0.5, "extra": True})
+  assert json.loads(open(path).read())["extra"] is True
