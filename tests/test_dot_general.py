@@ -479,16 +479,28 @@ def _dequantized_reference(x, q, dims):
                                                               np.float64), dims)
 
 
-@pytest.mark.parametrize("stored", ["KN", "NK"])
-@pytest.mark.parametrize("spec", [QS(bits=8), QS(bits=4, symmetric=False),
-                                  QS(bits=4, granularity="group", group_size=16),
-                                  QS(bits=8, granularity="tensor"), QS(bits=2),
-                                  QS(bits=2, granularity="group", group_size=32),
-                                  QS(format="binary")],
-                         ids=["int8", "int4_asym", "int4_g16", "int8_tensor", "int2",
-                              "int2_g32", "binary"])
-@pytest.mark.parametrize("rows, amx", [(1, False), (3, False), (8, False), (11, False),
-                                       (40, False), (40, True)])  # 40: sliced with AMX only
+WEIGHT_ONLY_SPECS = {
+    "int8": QS(bits=8), "int4_asym": QS(bits=4, symmetric=False),
+    "int4_g16": QS(bits=4, granularity="group", group_size=16),
+    "int8_tensor": QS(bits=8, granularity="tensor"), "int2": QS(bits=2),
+    "int2_g32": QS(bits=2, granularity="group", group_size=32), "binary": QS(format="binary")}
+WEIGHT_ONLY_ROWS = [(1, False), (3, False), (8, False), (11, False), (40, False),
+                    (40, True)]  # 40: sliced with AMX only
+
+
+def _weight_only_cases():
+  """Every spec × rows × stored layout; the default run keeps a cross-section: every
+  spec × layout on the sliced (11 rows) and the float (40 rows) path, and every row
+  count with a per-channel and a grouped spec. The rest of the cross product is slow."""
+  for rows, amx in WEIGHT_ONLY_ROWS:
+    for name, spec in WEIGHT_ONLY_SPECS.items():
+      for stored in ("KN", "NK"):
+        quick = (rows, amx) in ((11, False), (40, False)) or name in ("int8", "int2_g32")
+        yield pytest.param(stored, spec, rows, amx, id=f"{rows}-{amx}-{name}-{stored}",
+                           marks=() if quick else pytest.mark.slow)
+
+
+@pytest.mark.parametrize("stored, spec, rows, amx", list(_weight_only_cases()))
 def test_weight_only_serving_equals_dequantized_dot(monkeypatch, stored, spec, rows, amx):
   """Weight-only serving (float activations, stored codes) equals the float dot of the
   dequantized weight up to float32 rounding, for every formulation it picks."""

@@ -115,9 +115,23 @@ def test_int_range_closed_form():
   assert numerics.int_range(QS(format="ternary")) == (-1, 1)
 
 
-@pytest.mark.parametrize("granularity", ["tensor", "channel", "group"])
-@pytest.mark.parametrize("symmetric", [True, False])
-@pytest.mark.parametrize("bits", range(2, 9))
+GRANULARITY_LIST = ["tensor", "channel", "group"]
+
+
+def _round_trip_cases():
+  """bits × symmetric × granularity; the default run keeps every bits × symmetric pair
+  with the granularity rotating (so every pair of the three is covered), the rest of the
+  cross product is slow."""
+  for bits in range(2, 9):
+    for symmetric in (True, False):
+      for g, granularity in enumerate(GRANULARITY_LIST):
+        quick = g == (bits + 2 * symmetric) % 3
+        yield pytest.param(bits, symmetric, granularity,
+                           id=f"{bits}-{symmetric}-{granularity}",
+                           marks=() if quick else pytest.mark.slow)
+
+
+@pytest.mark.parametrize("bits, symmetric, granularity", list(_round_trip_cases()))
 def test_int_round_trip_within_half_step(bits, symmetric, granularity):
   x = rng_x((64, 32), seed=bits) * np.linspace(0.1, 10, 32, dtype=np.float32)
   gs = 16 if granularity == "group" else None
@@ -452,11 +466,23 @@ def _all_quantizers():
                     granularity=granularity, group_size=gs, percentile=99.0)
 
 
+def _every_quantizer_cases():
+  """Every quantizer; the default run keeps, for each format (and int symmetry), each
+  calibration once with the granularity rotating by format, so every pair of format,
+  calibration and granularity is covered. The rest of the cross product is slow."""
+  cals, grans = ("absmax", "percentile", "mse"), ("tensor", "channel", "group")
+  kinds = sorted({(s.format, s.symmetric) for s in _all_quantizers()})
+  for spec in _all_quantizers():
+    k = kinds.index((spec.format, spec.symmetric))
+    quick = grans.index(spec.granularity) == (cals.index(spec.calibration) + k) % 3
+    yield pytest.param(spec, id=str(spec), marks=() if quick else pytest.mark.slow)
+
+
 REL_MSE_MAX = {"int": 0.03, "binary": 0.45, "ternary": 0.35, "fp8_e4m3": 0.01,
                "fp8_e5m2": 0.02}
 
 
-@pytest.mark.parametrize("spec", list(_all_quantizers()), ids=str)
+@pytest.mark.parametrize("spec", list(_every_quantizer_cases()))
 def test_every_quantizer(spec):
   x = GOLDEN_X
   q = jq.quantize(x, spec, reduce_axes=(0,))
