@@ -57,11 +57,15 @@ quantized backward `DotSpec.grad`)
 
 Runs eagerly (no jit: one jit compile per spec would dominate) on a small fixed set of
 shapes so XLA's per-op compile cache is reused, and each example runs R tensors through
-one drawn spec/shape (the later ones hit a warm cache); ~3300 cases in ~200 s on one
-core. Deterministic (`derandomize=True`, no example database); JAXQUANT_FUZZ_SCALE=k
-multiplies the example counts. The last test prints the number of cases each fuzz test
-ran and checks each ran its budget. XLA:CPU flushes denormals to zero, so a denormal
-input may quantize as 0 (the references accept either).
+one drawn spec/shape (the later ones hit a warm cache). Each fuzz test comes twice: a
+quick one in the default run (~830 cases, about a quarter of the time) and a `deep` one
+marked `slow` that draws DEEP times as many other examples (~3300 cases in ~200 s on one
+core). Deterministic (`derandomize=True`, no example database); JAXQUANT_FUZZ_SCALE=k
+multiplies the example counts of both. The last test prints the number of cases each fuzz
+test ran, checks each ran its budget, and that the quick run reached every branch of the
+properties above (a spec kind or input that only the deep run would draw fails it).
+XLA:CPU flushes denormals to zero, so a denormal input may quantize as 0 (the references
+accept either).
 """
 from __future__ import annotations
 
@@ -91,20 +95,24 @@ QS, DS = jq.QuantSpec, jq.DotSpec
 
 CASES: collections.Counter = collections.Counter()  # test name -> examples run
 FINISHED: dict = {}  # test name -> examples run, set when the whole hypothesis test passed
+HIT: collections.defaultdict = collections.defaultdict(set)  # test name -> branches reached
 
 DTYPES = (np.float32, np.float16, ml_dtypes.bfloat16)
 SHAPES = ((), (1,), (3,), (7,), (1, 1), (4, 6), (5, 3, 2), (0,), (0, 3), (3, 0), (2, 0, 4))
 FP8_NP = {"fp8_e4m3": ml_dtypes.float8_e4m3fn, "fp8_e5m2": ml_dtypes.float8_e5m2}
 F32_TINY = float(np.finfo(np.float32).tiny)
 KEY = jax.random.key(7)
-# Examples per fuzz test (the whole file runs in about 200 s on one core);
-# JAXQUANT_FUZZ_SCALE=10 multiplies them for a deeper (still deterministic) run.
+# Examples per quick fuzz test (the default run); the `slow` deep tests draw DEEP times as
+# many (the four deep ones together take about 200 s on one core). JAXQUANT_FUZZ_SCALE=10
+# multiplies both for a deeper (still deterministic) run.
 _SCALE = float(os.environ.get("JAXQUANT_FUZZ_SCALE", "1"))
+DEEP = 4
 # Each example draws a spec and a shape, then R tensors (operand pairs) of that shape: the
 # later ones find XLA's per-op compile cache warm. Cases = R × examples.
 R_STRUCTURE, R_VALUES, R_DOT = 3, 4, 4
 N_STRUCTURE, N_VALUES, N_DOT, N_INVALID = (
-    max(1, int(n * _SCALE)) for n in (40, 40, 8, 3000))
+    max(1, int(n * _SCALE)) for n in (10, 10, 4, 750))
+N_DOT_LAYOUT = max(1, int(_SCALE))  # the quick dot_general test: per layout (6 of them)
 
 
 def fuzz_settings(n):
@@ -114,16 +122,30 @@ def fuzz_settings(n):
                              hypothesis.HealthCheck.data_too_large])
 
 
-def finished(name, given_test):
-  """A pytest test running the @given test `given_test` (which counts its examples in
-  CASES[name]); a full pass records how many examples it ran in FINISHED[name]."""
+def fuzz_test(name, n, body, **strategies):
+  """A test function `name` running `body(name, **example)` (which counts its cases in
+  CASES[name]) on `n` hypothesis examples drawn from `strategies`; hypothesis seeds a
+  derandomized run from the function's name, so each name draws its own examples. A full
+  pass records how many cases it ran in FINISHED[name]."""
+  def draw(**example):
+    body(name, **example)
+  draw.__name__ = "_" + "".join(c if c.isalnum() else "_" for c in name)
+  given_test = fuzz_settings(n)(hypothesis.given(**strategies)(draw))
+
   def run():
     before = CASES[name]
     given_test()
     FINISHED[name] = CASES[name] - before
   run.__name__ = name
-  run.__doc__ = given_test.__doc__
+  run.__doc__ = body.__doc__
   return run
+
+
+def fuzz_tests(name, n, body, **strategies):
+  """The quick test `name` (`n` examples, the default run) and `name + '_deep'`, marked
+  slow, that draws DEEP × n other examples."""
+  return (fuzz_test(name, n, body, **strategies),
+          pytest.mark.slow(fuzz_test(name + "_deep", DEEP * n, body, **strategies)))
 
 
 # ------------------------------------------------------------------------- strategies
@@ -415,7 +437,43 @@ def check_learned_init(x, spec, axes, learned):
   assert np.all(ok), (got, ref)
 
 
-def run_quantizers(x, spec, axes_arg, use_learned):
+def quantizer_features(x, spec, use_learned):
+  """The kinds of spec and input one quantizer case exercises (the last test checks that
+  the quick run reaches each of QUANTIZER_FEATURES)."""
+  x64 = np.asarray(x, np.float64)
+  f = {f"format={spec.format}", f"granularity={spec.granularity}",
+       f"calibration={spec.calibration}", f"ste={spec.ste}", f"rounding={spec.rounding}",
+       f"dtype={np.dtype(x.dtype).name}"}
+  if spec.format == "int":
+    f.add("int_symmetric" if spec.symmetric else "int_asymmetric")
+  if use_learned:
+    f.add(f"learned_{spec.ste}")
+  if x.size == 0:
+    f.add("size_zero")
+  if x.ndim == 0:
+    f.add("scalar")
+  if np.isnan(x64).any():
+    f.add("nan_input")
+  if np.isinf(x64).any():
+    f.add("inf_input")
+  if (spec.calibration == "mse" and not use_learned and spec.rounding == "nearest"
+      and spec.format not in ("binary", "ternary")):
+    f.add("mse_beats_candidates")
+  return f
+
+
+QUANTIZER_FEATURES = (
+    {f"format={f}" for f in FORMATS} | {f"granularity={g}" for g in GRANULARITIES}
+    | {f"calibration={c}" for c in CALIBRATIONS} | {f"rounding={r}" for r in ROUNDINGS}
+    | {f"ste={s}" for s in ("identity", "clipped", "lsq", "pact")}
+    | {"dtype=float32", "dtype=float16", "dtype=bfloat16", "int_symmetric", "int_asymmetric",
+       "learned_lsq", "learned_pact", "size_zero", "scalar", "nan_input", "inf_input",
+       "mse_beats_candidates"})
+
+
+def run_quantizers(x, spec, axes_arg, use_learned, hit=None):
+  if hit is not None:
+    hit.update(quantizer_features(x, spec, use_learned))
   axes = numerics.normalize_axes(axes_arg, x.ndim)  # for the numpy references
   xj = jnp.asarray(x)
   dtype = xj.dtype
@@ -503,31 +561,51 @@ def check_mse_beats_candidates(x, spec, axes, deq_mse):
 WARM_SHAPES = {(7,): 0, (4, 6): 0, (5, 3, 2): 1}  # shape -> reduce axis
 
 
-@fuzz_settings(N_STRUCTURE)
-@hypothesis.given(case=quant_cases(r=R_STRUCTURE))
-def _fuzz_quantizers_structure(case):
+def _fuzz_quantizers_structure(name, case):
   """quantize / dequantize / fake_quant (value and grad): every valid spec × every shape
   (size-zero included) and reduce-axes set × dtype × value profile."""
   xs, spec, axes, use_learned = case
   for x in xs:
-    CASES["test_fuzz_quantizers_structure"] += 1
-    run_quantizers(x, spec, axes, use_learned)
+    CASES[name] += 1
+    run_quantizers(x, spec, axes, use_learned, HIT[name])
 
 
-@fuzz_settings(N_VALUES)
-@hypothesis.given(case=quant_cases(WARM_SHAPES, r=R_VALUES))
-def _fuzz_quantizers_values(case):
+def _fuzz_quantizers_values(name, case):
   """The same properties on three shapes with one reduce axis each: XLA's compile cache
   stays warm, so most of the time goes to specs × values rather than compiling."""
   xs, spec, axes, use_learned = case
   for x in xs:
-    CASES["test_fuzz_quantizers_values"] += 1
-    run_quantizers(x, spec, axes, use_learned)
+    CASES[name] += 1
+    run_quantizers(x, spec, axes, use_learned, HIT[name])
 
 
-test_fuzz_quantizers_structure = finished("test_fuzz_quantizers_structure",
-                                          _fuzz_quantizers_structure)
-test_fuzz_quantizers_values = finished("test_fuzz_quantizers_values", _fuzz_quantizers_values)
+LEARNED_X = np.array([[1.0, np.nan, -2.0, np.inf], [0.3, -np.inf, 1e-40, 0.0],
+                      [3e38, -0.5, 7.0, -3e38]], np.float32)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize("spec,axes", [
+    (QS(ste="lsq", bits=4, granularity="tensor"), (0, 1)),
+    (QS(ste="lsq", bits=2), (-1,)),
+    (QS(ste="pact", bits=3, symmetric=False, granularity="group", group_size=2), (1,)),
+    (QS(ste="pact", bits=8, rounding="stochastic"), (0,))], ids=str)
+def test_fuzz_quantizers_learned(spec, axes, dtype):
+  """The fuzz properties with a learned LSQ step / PACT α on hostile values: fixed cases,
+  so the default run has some whatever the quick fuzz draws (the deep run draws more)."""
+  name = "test_fuzz_quantizers_learned"
+  with np.errstate(over="ignore"):
+    big = np.isfinite(LEARNED_X) & (np.abs(LEARNED_X) > big_of(dtype))  # ±3e38: float16 max
+    x = np.where(big, np.sign(LEARNED_X) * big_of(dtype), LEARNED_X).astype(dtype)
+  CASES[name] += 1
+  run_quantizers(x, spec, axes, True, HIT[name])
+
+
+test_fuzz_quantizers_structure, test_fuzz_quantizers_structure_deep = fuzz_tests(
+    "test_fuzz_quantizers_structure", N_STRUCTURE, _fuzz_quantizers_structure,
+    case=quant_cases(r=R_STRUCTURE))
+test_fuzz_quantizers_values, test_fuzz_quantizers_values_deep = fuzz_tests(
+    "test_fuzz_quantizers_values", N_VALUES, _fuzz_quantizers_values,
+    case=quant_cases(WARM_SHAPES, r=R_VALUES))
 
 
 # ------------------------------------------------------------------- dot_general fuzz
@@ -591,12 +669,27 @@ def groups_mismatch(spec, k):
   return gl not in (1, max(gl, gr)) or gr not in (1, max(gl, gr))
 
 
-def run_dot(lhs, rhs, dims, spec):
+DOT_FEATURES = frozenset({
+    "mode=int", "mode=fake", "float_operand", "quantized_backward", "rhs_nk", "batched",
+    "k=0", "m_or_n=0", "nan_input", "group_operand"})
+
+
+def run_dot(lhs, rhs, dims, spec, hit=None):
   (lc, rc), (lb, _) = dims
   b = lhs.shape[0] if lb else 1
   m, k = lhs.shape[-2], lhs.shape[-1]
   rhs_nk = rc[0] == rhs.ndim - 1
   n = rhs.shape[-2] if rhs_nk else rhs.shape[-1]
+  if hit is not None:  # the kinds of case this is (the quick run must reach DOT_FEATURES)
+    operands = (spec.lhs, spec.rhs)
+    hit.add(f"mode={spec.mode}")
+    hit.update(name for name, on in (
+        ("float_operand", None in operands), ("quantized_backward", spec.grad is not None),
+        ("rhs_nk", rhs_nk), ("batched", bool(lb)), ("k=0", k == 0), ("m_or_n=0", m * n == 0),
+        ("nan_input", np.isnan(np.asarray(lhs, np.float64)).any()
+         or np.isnan(np.asarray(rhs, np.float64)).any()),
+        ("group_operand", any(o is not None and o.granularity == "group" for o in operands)),
+        ("groups_mismatch", groups_mismatch(spec, k))) if on)
   l3 = np.asarray(lhs, np.float64).reshape(b, m, k)
   r3 = np.asarray(rhs, np.float64).reshape(b, *rhs.shape[-2:])
   if rhs_nk:
@@ -640,18 +733,40 @@ def run_dot(lhs, rhs, dims, spec):
     assert np.all(np.isfinite(np.asarray(dr, np.float64))), "non-finite d rhs"
 
 
-@fuzz_settings(N_DOT)
-@hypothesis.given(case=dot_cases(r=R_DOT))
-def _fuzz_dot_general(case):
+def _fuzz_dot_general(name, case):
   """jq.dot_general (modes int and fake, quantized backward or not) with hostile operands,
   every layout: M, K or N of 0 or 1, batch dim or not, rhs [K, N] or [N, K]."""
   pairs, dims, spec = case
   for lhs, rhs in pairs:
-    CASES["test_fuzz_dot_general"] += 1
-    run_dot(lhs, rhs, dims, spec)
+    CASES[name] += 1
+    run_dot(lhs, rhs, dims, spec, HIT[name])
 
 
-test_fuzz_dot_general = finished("test_fuzz_dot_general", _fuzz_dot_general)
+def layout_id(layout):
+  (m, k, n), batch, rhs_nk = layout
+  return f"{'' if batch is None else f'{batch}x'}{m}x{k}x{n}{'_nk' if rhs_nk else ''}"
+
+
+# The quick tests: N_DOT_LAYOUT examples of each layout (a layout drawn at random may miss
+# K = 0 or a batch dim in a few examples; hypothesis' first example of each is its
+# simplest spec, float operands) and N_DOT examples with the layout drawn too (the spec
+# kinds); the deep one draws DEEP × N_DOT examples, layout and all.
+_QUICK_DOT = {layout_id(lay): fuzz_test(f"test_fuzz_dot_general[{layout_id(lay)}]",
+                                        N_DOT_LAYOUT, _fuzz_dot_general,
+                                        case=dot_cases((lay,), r=R_DOT))
+              for lay in DOT_LAYOUTS}
+
+
+@pytest.mark.parametrize("layout", list(_QUICK_DOT))
+def test_fuzz_dot_general(layout):
+  _QUICK_DOT[layout]()
+
+
+test_fuzz_dot_general.__doc__ = _fuzz_dot_general.__doc__
+test_fuzz_dot_general_specs = fuzz_test("test_fuzz_dot_general_specs", N_DOT, _fuzz_dot_general,
+                                        case=dot_cases(r=R_DOT))
+test_fuzz_dot_general_deep = pytest.mark.slow(fuzz_test(
+    "test_fuzz_dot_general_deep", DEEP * N_DOT, _fuzz_dot_general, case=dot_cases(r=R_DOT)))
 
 
 # ------------------------------------------------------------------ invalid specs
@@ -715,15 +830,13 @@ SPEC_CHOICES = (None, QS(), QS(format="fp8_e4m3"), QS(format="binary"), QS(symme
                 QS(granularity="tensor", rounding="stochastic"), "int8", 8)
 
 
-@fuzz_settings(N_INVALID)
-@hypothesis.given(kw=any_spec_kwargs(), dot=st.tuples(
-    st.sampled_from(SPEC_CHOICES), st.sampled_from(SPEC_CHOICES), st.sampled_from(SPEC_CHOICES),
-    st.sampled_from(MODES + ("float", None))))
-def _fuzz_invalid_specs(kw, dot):
+def _fuzz_invalid_specs(name, kw, dot):
   """Invalid QuantSpec / DotSpec combinations raise ValueError naming a broken field;
   valid ones construct and keep their values."""
-  CASES["test_invalid_specs_raise_naming_a_field"] += 1
+  CASES[name] += 1
+  hit = HIT[name]
   bad = violated_fields(kw)
+  hit.add("quant_spec_invalid" if bad else "quant_spec_valid")
   if bad:
     with pytest.raises(ValueError) as e:
       QS(**kw)
@@ -745,6 +858,7 @@ def _fuzz_invalid_specs(kw, dot):
     for name, v in (("lhs", lhs), ("rhs", rhs)):
       if isinstance(v, QS) and not v.is_integer:
         bad.add(name)
+  hit.add("dot_spec_invalid" if bad else "dot_spec_valid")
   if bad:
     with pytest.raises(ValueError) as e:
       DS(lhs=lhs, rhs=rhs, grad=grad, mode=mode)
@@ -753,8 +867,11 @@ def _fuzz_invalid_specs(kw, dot):
     DS(lhs=lhs, rhs=rhs, grad=grad, mode=mode)
 
 
-test_invalid_specs_raise_naming_a_field = finished("test_invalid_specs_raise_naming_a_field",
-                                                   _fuzz_invalid_specs)
+test_invalid_specs_raise_naming_a_field, test_invalid_specs_raise_naming_a_field_deep = (
+    fuzz_tests("test_invalid_specs_raise_naming_a_field", N_INVALID, _fuzz_invalid_specs,
+               kw=any_spec_kwargs(), dot=st.tuples(
+                   st.sampled_from(SPEC_CHOICES), st.sampled_from(SPEC_CHOICES),
+                   st.sampled_from(SPEC_CHOICES), st.sampled_from(MODES + ("float", None)))))
 
 
 # ------------------------------------------------- regressions found by the fuzz suite
@@ -908,10 +1025,29 @@ def test_zz_fuzz_case_count(capsys):
     pytest.skip("no fuzz test ran to completion in this session")
   budget = {"test_fuzz_quantizers_structure": R_STRUCTURE * N_STRUCTURE,
             "test_fuzz_quantizers_values": R_VALUES * N_VALUES,
-            "test_fuzz_dot_general": R_DOT * N_DOT,
+            "test_fuzz_dot_general_specs": R_DOT * N_DOT,
             "test_invalid_specs_raise_naming_a_field": N_INVALID}
+  budget = {**{name + "_deep": DEEP * n for name, n in budget.items()}, **budget,
+            "test_fuzz_dot_general_deep": DEEP * R_DOT * N_DOT,
+            **{f"test_fuzz_dot_general[{lay}]": R_DOT * N_DOT_LAYOUT for lay in _QUICK_DOT}}
   with capsys.disabled():
     print("\n[fuzz] cases run: " + ", ".join(f"{k}={v}" for k, v in FINISHED.items())
           + f"; total {sum(FINISHED.values())}")
   for name, n in FINISHED.items():
     assert n >= 0.9 * budget[name], (name, n, budget[name])
+  # The quick run keeps a case of every kind the properties distinguish: were one missing
+  # (the deep run still has it), raise the quick budget (N_*) until it is reached.
+  quick = {"test_fuzz_quantizers_structure", "test_fuzz_quantizers_values"}
+  if _SCALE >= 1 and quick <= FINISHED.keys() and CASES["test_fuzz_quantizers_learned"] >= 12:
+    missed = QUANTIZER_FEATURES - set().union(*(HIT[name] for name in quick),
+                                              HIT["test_fuzz_quantizers_learned"])
+    assert not missed, f"the quick quantizer fuzz reached no case of {sorted(missed)}"
+  quick_dot = {f"test_fuzz_dot_general[{lay}]" for lay in _QUICK_DOT} | {
+      "test_fuzz_dot_general_specs"}
+  if _SCALE >= 1 and quick_dot <= FINISHED.keys():
+    missed = DOT_FEATURES - set().union(*(HIT[name] for name in quick_dot))
+    assert not missed, f"the quick dot_general fuzz reached no case of {sorted(missed)}"
+  if _SCALE >= 1 and "test_invalid_specs_raise_naming_a_field" in FINISHED:
+    missed = ({"quant_spec_valid", "quant_spec_invalid", "dot_spec_valid", "dot_spec_invalid"}
+              - HIT["test_invalid_specs_raise_naming_a_field"])
+    assert not missed, f"the quick invalid-spec fuzz reached no case of {sorted(missed)}"
