@@ -76,6 +76,7 @@ import jax
 import jax.numpy as jnp
 
 import jaxquant as jq
+from jaxquant import state as jq_state
 from jaxquant import dot as qdot
 from jaxquant import numerics
 from experiments.models import CNN1D, MLP
@@ -255,7 +256,7 @@ def _flax_step(model, quantized: bool):
   def loss(params, others, x, y, key):
     variables = {"params": params, **others}
     if quantized:
-      out, upd = model.apply(variables, x, rngs={"quant": key}, mutable=["quant_stats"])
+      out, upd = model.apply(variables, x, rngs={jq_state.RNG: key}, mutable=[jq_state.QUANT_STATS])
     else:
       out, upd = model.apply(variables, x), {}
     return jnp.mean((out - y) ** 2), upd
@@ -288,7 +289,7 @@ def _flax_rows(batch: int, repeats: int, r: float, sizes=SIZES, dtype=jnp.float3
   x = jax.random.normal(jax.random.key(1), (batch, sizes[0]), dtype)
   y = jax.random.normal(jax.random.key(2), (batch, sizes[-1]), dtype)
   key = jax.random.key(3)
-  init_rngs = {"params": jax.random.key(0), "quant": jax.random.key(4)}
+  init_rngs = {"params": jax.random.key(0), jq_state.RNG: jax.random.key(4)}
   float_vars = _cast_params(model.init(init_rngs, x), dtype)
   w8, a8 = jq.QuantSpec(bits=8), jq.QuantSpec(bits=8)  # per channel / per token
   qat = jq.quantize_model(model, [jq.Rule(".*", weight=w8, act=a8)])
@@ -380,7 +381,7 @@ def _ranges_rows(batch: int, repeats: int) -> dict:
   model = _flax_mlp()
   x = jax.random.normal(jax.random.key(1), (batch, SIZES[0]), jnp.float32)
   y = jax.random.normal(jax.random.key(2), (batch, SIZES[-1]), jnp.float32)
-  init_rngs = {"params": jax.random.key(0), "quant": jax.random.key(4)}
+  init_rngs = {"params": jax.random.key(0), jq_state.RNG: jax.random.key(4)}
   steps = []
   for calibration in ("absmax", "percentile", "sorted percentile"):
     act = jq.QuantSpec(bits=8, granularity="tensor", calibration=calibration.split()[-1])

@@ -37,6 +37,7 @@ import numpy as np
 import optax
 
 import jaxquant as jq
+from jaxquant import state as jq_state
 from experiments.data import BatchIterator, eval_batches, load_dataset
 from experiments.training import config_build, preemption, sharding, steps
 from experiments.training.checkpoint import Checkpointer, NoReadableCheckpointError
@@ -252,7 +253,7 @@ def post_training_quantize(setup: Setup, state) -> tuple[dict, dict, dict]:
   qmodel = jq.quantize_model(setup.float_model, setup.ptq_rules)
   example_x = np.asarray(setup.example_batch["x"][:1])
   key = jax.random.key(config.seed)
-  qvars = dict(qmodel.init({"params": key, "quant": key}, example_x))
+  qvars = dict(qmodel.init({"params": key, jq_state.RNG: key}, example_x))
   trained = jax.device_get(_qat_variables(state))
   if (jax.tree_util.tree_structure(qvars["params"])
       != jax.tree_util.tree_structure(trained["params"])):
@@ -261,7 +262,7 @@ def post_training_quantize(setup: Setup, state) -> tuple[dict, dict, dict]:
   qvars.update(trained)  # float params (and e.g. batch_stats); quant_stats from init
   data = BatchIterator(setup.dataset, batch_size=config.batch_size, seed=config.seed)
   batches = [np.asarray(next(data)["x"]) for _ in range(config.ptq.calib_batches)]
-  calibrated = jq.calibrate(qmodel, qvars, batches, rngs={"quant": key})
+  calibrated = jq.calibrate(qmodel, qvars, batches, rngs={jq_state.RNG: key})
   serving, param_bytes = _serve(setup, qmodel, calibrated)
   if any(rule.ptq is not None for rule in setup.ptq_rules):
     return dict(serving), serving, param_bytes
@@ -316,7 +317,7 @@ def _warm_variables(setup: Setup, other) -> dict[str, Any]:
   """The collections of a restored state that a warm start takes (all but the
   quantizers'), checked against this model's shapes; ConfigError when they differ."""
   loaded = {k: v for k, v in {**other["trainable"], **other["state"]}.items()
-            if k not in ("quant", "quant_stats")}
+            if k not in jq_state.COLLECTIONS}
   abstract = setup.abstract_state
   for name, tree in loaded.items():
     mine = abstract["trainable"].get(name, abstract["state"].get(name))
@@ -336,11 +337,11 @@ def warm_start(setup: Setup, state, other, rng: jax.Array):
   ours = jax.device_get(state)
   trainable = {k: loaded.get(k, v) for k, v in ours["trainable"].items()}
   other_state = {k: loaded.get(k, v) for k, v in ours["state"].items()}
-  if "quant" in trainable:  # learned quantizers, initialised from the loaded weights
-    variables = {k: v for k, v in {**trainable, **other_state}.items() if k != "quant"}
-    _, new = setup.model.apply(variables, setup.example_batch["x"], mutable=["quant"],
-                               rngs={"quant": rng})
-    trainable["quant"] = new["quant"]
+  if jq_state.QUANT in trainable:  # learned quantizers, initialised from the loaded weights
+    variables = {k: v for k, v in {**trainable, **other_state}.items() if k != jq_state.QUANT}
+    _, new = setup.model.apply(variables, setup.example_batch["x"], mutable=[jq_state.QUANT],
+                               rngs={jq_state.RNG: rng})
+    trainable[jq_state.QUANT] = new[jq_state.QUANT]
   fresh = {"step": ours["step"], "trainable": trainable, "state": other_state,
            "opt_state": setup.tx.init(trainable)}
   return jax.device_put(fresh, setup.state_shardings)
@@ -634,7 +635,7 @@ def compute_per_example(setup: Setup) -> dict[str, int]:
     warnings.simplefilter("ignore")
     qmodel = jq.quantize_model(setup.float_model, rules)
     example = np.asarray(setup.example_batch["x"][:1])
-    variables = jax.eval_shape(lambda k: qmodel.init({"params": k, "quant": k}, example),
+    variables = jax.eval_shape(lambda k: qmodel.init({"params": k, jq_state.RNG: k}, example),
                                jax.random.key(0))
     report = jq.compute_report(qmodel, variables, example)
   return {"macs": report.total_macs, "bops": report.total_bops,

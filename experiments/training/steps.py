@@ -19,7 +19,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
-TRAINABLE_COLLECTIONS = ("params", "quant")
+from jaxquant import state as jq_state
+
+TRAINABLE_COLLECTIONS = ("params", jq_state.QUANT)
 LN2 = 0.6931471805599453
 EVAL_KEY_FOLD = 2**32 - 1
 
@@ -57,7 +59,7 @@ def make_init_fn(model: nn.Module, quantized: bool) -> Callable:
     params_key, quant_key = jax.random.split(rng)
     rngs = {"params": params_key}
     if quantized:
-      rngs["quant"] = quant_key
+      rngs[jq_state.RNG] = quant_key
     variables = model.init(rngs, x)
     variables = dict(variables)
     trainable, other = split_variables(variables)
@@ -93,7 +95,7 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
   def train_step(state, batch):
     step = state["step"]
     step_key = jax.random.fold_in(jax.random.key(seed), step)
-    rngs = {"quant": step_key} if quantized else {}
+    rngs = {jq_state.RNG: step_key} if quantized else {}
     mutable = sorted(state["state"].keys())
     x, y = batch["x"], batch["y"]
 
@@ -146,7 +148,7 @@ def make_eval_step(apply_fn: Callable, *, quantized: bool, lm: bool, seed: int) 
   def eval_step(variables, batch, mask):
     # A fixed key outside the training steps' fold_in range (steps are >= 0).
     eval_key = jax.random.fold_in(jax.random.key(seed), jnp.uint32(EVAL_KEY_FOLD))
-    rngs = {"quant": eval_key} if quantized else {}
+    rngs = {jq_state.RNG: eval_key} if quantized else {}
     logits = apply_fn(variables, batch["x"], rngs=rngs)
     y = batch["y"]
     per_token = _per_token_loss(logits, y)
