@@ -6,8 +6,8 @@ started. Without either, every test here is skipped with the reason.
 
 Jobs are real: `python -m experiments.sweep --launcher=slurm` submits job arrays through
 submitit, slurmd runs them, and the points run the fake trainer (the fast cases) or the
-real one (a 2-task W8A8 point; a preempted point, marked slow, which .ci/run runs after
-the default suite with `-m "slurm and slow"`).
+real one (a 2-task W8A8 point and a preempted point, both marked slow, which .ci/run
+runs after the default suite with `-m "slurm and slow"`).
 """
 import json
 import os
@@ -188,6 +188,7 @@ def _config():
   return config
 
 
+@pytest.mark.slow  # ~1-3 min: two jax processes joined over gloo; CI runs it
 def test_two_task_point_is_one_two_process_run_that_matches_one_process(cluster, tmp_path):
   """W8A8 QAT of the MNIST-1D CNN, the data axis over both processes' devices."""
   workdir = tmp_path / "sweep"
