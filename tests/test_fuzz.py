@@ -600,6 +600,16 @@ def test_fuzz_quantizers_learned(spec, axes, dtype):
   run_quantizers(x, spec, axes, True, HIT[name])
 
 
+@pytest.mark.parametrize("spec", [QS(calibration="mse", bits=3, symmetric=False),
+                                  QS(format="fp8_e4m3", calibration="mse")], ids=str)
+def test_fuzz_quantizers_mse(spec):
+  """The fuzz properties (MSE no worse than absmax nor the smallest clip ratio) on a
+  fixed hostile tensor, whatever the quick fuzz draws."""
+  name = "test_fuzz_quantizers_learned"
+  CASES[name] += 1
+  run_quantizers(LEARNED_X, spec, (0,), False, HIT[name])
+
+
 test_fuzz_quantizers_structure, test_fuzz_quantizers_structure_deep = fuzz_tests(
     "test_fuzz_quantizers_structure", N_STRUCTURE, _fuzz_quantizers_structure,
     case=quant_cases(r=R_STRUCTURE))
@@ -1038,7 +1048,7 @@ def test_zz_fuzz_case_count(capsys):
   # The quick run keeps a case of every kind the properties distinguish: were one missing
   # (the deep run still has it), raise the quick budget (N_*) until it is reached.
   quick = {"test_fuzz_quantizers_structure", "test_fuzz_quantizers_values"}
-  if _SCALE >= 1 and quick <= FINISHED.keys() and CASES["test_fuzz_quantizers_learned"] >= 12:
+  if _SCALE >= 1 and quick <= FINISHED.keys() and CASES["test_fuzz_quantizers_learned"] >= 14:
     missed = QUANTIZER_FEATURES - set().union(*(HIT[name] for name in quick),
                                               HIT["test_fuzz_quantizers_learned"])
     assert not missed, f"the quick quantizer fuzz reached no case of {sorted(missed)}"
