@@ -10,10 +10,11 @@ from jaxquant.convert import SizeReport, TensorSize, calibrate, convert, size_re
 from jaxquant.dot import dot_general, make_dot_general
 from jaxquant.einsum import einsum
 from jaxquant.export import export_serving, load_exported
-from jaxquant.fake_quant import OperandState, dequantize, fake_quant, quantize
+from jaxquant.fake_quant import OperandState, fake_quant
 from jaxquant.integer_only import IntegerOnlyError, IntegerProgram, to_integer
-from jaxquant.layout import WeightLayout, make_layout, quantize_weight
+from jaxquant.layout import WeightLayout, make_layout
 from jaxquant.qtensor import QTensor, pack, unpack
+from jaxquant.quantize import dequantize, quantize, quantize_weight
 from jaxquant.spec import PTQ, DotSpec, QuantSpec, Rule
 from jaxquant.transform import quantize_model
 

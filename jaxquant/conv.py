@@ -37,6 +37,7 @@ from jaxquant import eager
 from jaxquant import fake_quant as fq
 from jaxquant import layout
 from jaxquant.fake_quant import OperandState
+from jaxquant.quantize import quantize_weight
 from jaxquant.qtensor import QTensor
 from jaxquant.spec import DotSpec
 
@@ -105,8 +106,8 @@ def _fwd_parts(spec: DotSpec, args: _ConvArgs, lhs, rhs, key, l_learned, r_learn
     deq_r, q_r, res_r = rhs, None, None
   else:  # the kernel, quantized exactly as `jq.quantize_weight` stores it
     _axes(rhs.shape, spec.rhs, dn.rhs_spec[0])  # refuses 'group'
-    q = layout.quantize_weight(rhs, spec.rhs, kernel_layout(rhs.ndim, dn), key=k_r,
-                               learned=r_learned)
+    q = quantize_weight(rhs, spec.rhs, kernel_layout(rhs.ndim, dn), key=k_r,
+                        learned=r_learned)
     deq_r, q_r, res_r = fq.from_parts(rhs, (q.values.astype(jnp.float32) if spec.rhs.is_integer
                                             else q.values, q.scale, q.zero_point), r_learned)
   if spec.mode == "int" and q_l is not None and q_r is not None:

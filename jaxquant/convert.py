@@ -32,6 +32,7 @@ from jaxquant import state
 from jaxquant import transform
 from jaxquant.ptq import layer as ptq_layer
 from jaxquant.qtensor import QTensor
+from jaxquant.quantize import quantize_weight
 from jaxquant.spec import PTQ_METHODS
 
 CALIBRATION = state.CALIBRATION  # the calibration observer's state in 'quant_stats'
@@ -258,7 +259,7 @@ def _quantize_weights(todo, kernels, learned):
   """Every kernel's packed QTensor, in one compiled program."""
   out = []
   for (_, spec, w_layout, weight_only), k, l in zip(todo, kernels, learned):
-    q = layout.quantize_weight(k, spec, w_layout, learned=l)
+    q = quantize_weight(k, spec, w_layout, learned=l)
     out.append((layout.decode_layout(q) if weight_only else q).pack())
   return out
 

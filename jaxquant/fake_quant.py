@@ -1,4 +1,7 @@
-"""quantize / dequantize / fake_quant, and the one quantizer VJP every path shares.
+"""The quantizer every path shares (`quantize_parts`), `fake_quant` and its one VJP.
+
+`jq.quantize` / `jq.dequantize` / `jq.quantize_weight` (array to QTensor and back) are
+in `jaxquant.quantize`.
 
 Gradient rules (`QuantSpec.ste`), with y = x/s (+ zero point) the unrounded code:
   identity  dx = g (straight-through estimator, Bengio et al. 2013).
@@ -91,27 +94,6 @@ def quantize_parts(x, spec: QuantSpec, axes, key, learned, clip_range=None):
   else:
     scale, zp = numerics.calibrate(x32, spec, axes)
   return numerics.encode(x32, scale, zp, spec, key, axes), scale, zp
-
-
-def quantize(x: jax.Array, spec: QuantSpec, *, reduce_axes: Sequence[int],
-             key: Optional[jax.Array] = None, learned: Optional[jax.Array] = None) -> QTensor:
-  """Quantizes `x`; the axes in `reduce_axes` share one scale.
-
-  For a [in, out] weight in a dot, `reduce_axes=(0,)` gives one scale per output channel;
-  'group' splits the (single) reduce axis into groups of `group_size`; 'tensor' uses one
-  scale for the whole tensor. Returns a `QTensor` with int8 values (integer formats;
-  int16 for 16-bit int) or float values of the format's dtype (fp8, the block formats'
-  float8 / float4 elements). Not differentiable: use `fake_quant` for training.
-  """
-  axes = numerics.normalize_axes(reduce_axes, x.ndim)
-  codes, scale, zp = quantize_parts(x, spec, axes, key, learned)
-  codes = codes.astype(formats.get(spec.format).code_dtype(spec))
-  return QTensor(codes, scale, None if zp is None else zp.astype(jnp.int32))
-
-
-def dequantize(q: QTensor, dtype=jnp.float32) -> jax.Array:
-  """(values − zero_point) · scale."""
-  return q.dequantize(dtype)
 
 
 def quantizer_vjp(spec: QuantSpec, res: Residuals, g):

@@ -8,11 +8,8 @@ groups of K, 1 for per-channel and per-tensor) and are folded back into the weig
 rank, each axis of length 1, its full length, or its number of groups: a group of
 `group_size` spans the innermost contracting axes first.
 
-`quantize_weight` is the only function that turns a float weight into a `QTensor`: the
-QAT forward of `jq.dot_general` / `jq.conv_general_dilated`, `jq.convert` and serving all
-go through it, so a stored weight has the codes and scales the QAT forward computed, by
-construction. The QTensor it returns records the layout (`contracting`, `batch`,
-`shape`), so a contraction can check that it is used as it was quantized.
+`quantize_canonical` quantizes a weight in that view; `jaxquant.quantize.quantize_weight`
+wraps it for a weight in its own rank.
 """
 from __future__ import annotations
 
@@ -24,7 +21,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxquant import eager
-from jaxquant import formats
 from jaxquant.fake_quant import quantize_parts
 from jaxquant import numerics
 from jaxquant.qtensor import QTensor
@@ -160,26 +156,6 @@ def init_learned(w, spec: QuantSpec, layout: WeightLayout):
 # `init_learned`, one compiled call outside a trace (see `jaxquant.eager`); `spec` and
 # `layout` by keyword.
 init_learned_compiled = eager.compiled_when_eager(init_learned, ("spec", "layout"))
-
-
-def quantize_weight(w, spec: QuantSpec, layout: WeightLayout, *, key=None,
-                    learned=None) -> QTensor:
-  """Quantizes a weight as every contraction does; the QTensor keeps `w`'s layout.
-
-  `learned` is the LSQ step size / PACT α in the weight's rank (see `init_learned`).
-  Values are int8 codes (integer formats; int16 for 16-bit int) or float values of the
-  format's dtype (fp8, block formats), in `w`'s shape; the scale and zero point are
-  folded to `w`'s rank.
-  """
-  w_BKN = canonical(w, layout)
-  codes, scale, zp = quantize_canonical(w_BKN, spec, key, canonical_scale(learned, layout))
-  permuted = tuple(w.shape[a] for a in layout.perm)
-  values = jnp.transpose(codes.reshape(permuted), tuple(int(a) for a in np.argsort(layout.perm)))
-  values = values.astype(formats.get(spec.format).code_dtype(spec))
-  return QTensor(values, fold_scale(scale, w.shape, layout, spec),
-                 None if zp is None else fold_scale(zp.astype(jnp.int32), w.shape, layout, spec),
-                 spec=spec, logical_shape=tuple(w.shape), contracting=layout.contracting,
-                 batch=layout.batch)
 
 
 def decode_layout(q: QTensor) -> QTensor:

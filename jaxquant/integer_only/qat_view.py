@@ -19,7 +19,7 @@ import numpy as np
 from flax.core import meta, unfreeze
 
 from jaxquant import state
-from jaxquant.fake_quant import quantize
+from jaxquant.quantize import quantize
 from jaxquant.spec import QuantSpec, Rule
 
 QAT_COLLECTIONS = state.COLLECTIONS + ("serving",)

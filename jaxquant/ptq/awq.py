@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxquant import numerics
-from jaxquant.fake_quant import quantize
+from jaxquant.quantize import quantize
 from jaxquant.ptq.gptq import check_spec
 from jaxquant.qtensor import QTensor
 from jaxquant.spec import QuantSpec
