@@ -1,0 +1,73 @@
+"""An independent numpy Llama forward on GGUF-named tensors, in llama.cpp's convention.
+
+Imports numpy only (no jax, no flax, nothing from experiments/): the Flax model is checked
+against it. It works on the tensors as the GGUF file stores them (`[out, in]`, Q/K rows in
+GGML's interleaved RoPE order) and applies RoPE to the interleaved pairs (x[2i], x[2i+1])
+of each head, as llama.cpp's `ggml_rope` (mode 0) does, so the loader's row un-permutation
+and the model's rotate-half RoPE are both tested against the file's own convention.
+"""
+import numpy as np
+
+
+def rms_norm(x, w, eps):
+  """x / sqrt(mean(x²) + eps) · w over the last axis (float64)."""
+  return x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps) * w
+
+
+def rope_interleaved(x_TxHxK, pos_T, theta):
+  """Rotates (x[2i], x[2i+1]) of every head by pos · theta^(−2i/K)."""
+  k = x_TxHxK.shape[-1]
+  inv = theta ** (-np.arange(0, k, 2, dtype=np.float64) / k)
+  ang = pos_T[:, None, None] * inv[None, None, :]
+  even, odd = x_TxHxK[..., 0::2], x_TxHxK[..., 1::2]
+  out = np.empty_like(x_TxHxK)
+  out[..., 0::2] = even * np.cos(ang) - odd * np.sin(ang)
+  out[..., 1::2] = even * np.sin(ang) + odd * np.cos(ang)
+  return out
+
+
+def block(t, i, x_TxD, cfg):
+  """One llama block on `[T, D]` states; `t` maps GGUF names to float arrays."""
+  p = f"blk.{i}."
+  n_h, n_kv, eps, theta = cfg["heads"], cfg["kv_heads"], cfg["eps"], cfg["theta"]
+  steps, d = x_TxD.shape
+  dh = d // n_h
+  w = lambda n: np.asarray(t[p + n + ".weight"], np.float64)
+  h = rms_norm(x_TxD, w("attn_norm"), eps)
+  q = (h @ w("attn_q").T).reshape(steps, n_h, dh)
+  k = (h @ w("attn_k").T).reshape(steps, n_kv, dh)
+  v = (h @ w("attn_v").T).reshape(steps, n_kv, dh)
+  pos = np.arange(steps, dtype=np.float64)
+  q, k = rope_interleaved(q, pos, theta), rope_interleaved(k, pos, theta)
+  ctx = np.zeros((steps, n_h, dh))
+  causal = np.tril(np.ones((steps, steps), bool))
+  for head in range(n_h):
+    kv = head // (n_h // n_kv)
+    s = q[:, head] @ k[:, kv].T / np.sqrt(dh)
+    s = np.where(causal, s, -np.inf)
+    s = np.exp(s - s.max(axis=1, keepdims=True))
+    ctx[:, head] = (s / s.sum(axis=1, keepdims=True)) @ v[:, kv]
+  x_TxD = x_TxD + ctx.reshape(steps, d) @ w("attn_output").T
+  h = rms_norm(x_TxD, w("ffn_norm"), eps)
+  g = h @ w("ffn_gate").T
+  return x_TxD + ((g / (1 + np.exp(-g))) * (h @ w("ffn_up").T)) @ w("ffn_down").T
+
+
+def forward(t, ids_T, cfg):
+  """Logits `[T, vocab]` (float64) of one sequence; tied head unless 'output.weight'."""
+  emb = np.asarray(t["token_embd.weight"], np.float64)
+  x = emb[np.asarray(ids_T)]
+  for i in range(cfg["layers"]):
+    x = block(t, i, x, cfg)
+  x = rms_norm(x, np.asarray(t["output_norm.weight"], np.float64), cfg["eps"])
+  head = np.asarray(t.get("output.weight", emb), np.float64)
+  return x @ head.T
+
+
+def perplexity(logits_TxV, ids_T):
+  """exp(mean NLL) of ids[1:] under logits[:-1] (the first token unscored)."""
+  z = logits_TxV[:-1]
+  z = z - z.max(axis=1, keepdims=True)
+  logp = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+  nll = -logp[np.arange(len(ids_T) - 1), np.asarray(ids_T)[1:]]
+  return float(np.exp(nll.mean()))
