@@ -1,0 +1,73 @@
+r"""Perplexity of a (quantized) llama GGUF model on a text, as a sweep trainer.
+
+    python -m experiments.lm_eval --config=configs/smollm2.py:w8 --workdir=DIR \
+        [--config.eval.text_file=PATH] [--config.eval.max_tokens=16384] [--config.eval.window=512]
+
+Loads the GGUF (dequantized to float32), quantizes the recipe's variant (its rules'
+PTQ statistics calibrated on the recipe's calibration split), scores the first
+`eval.max_tokens` tokens of the text in non-overlapping windows
+(`experiments/pretrained/perplexity.py` gives the method) and writes DIR/summary.json
+through the one summary writer (`experiments.training.results.write_summary`: a temp
+file renamed over the old one, so a failed run leaves the previous summary intact):
+`perplexity`, `num_tokens`, `bits_per_weight` (stored bits of every parameter / their
+count) at the top level and in `metrics`, plus `config`, `param_bytes`, `wall_time_s`.
+`experiments.sweep --trainer=experiments.lm_eval` runs the variants and
+`experiments.report --metric=perplexity` tables them.
+"""
+from __future__ import annotations
+
+import os
+import time
+
+from absl import app, flags
+import jax
+import numpy as np
+from ml_collections import config_flags
+
+from experiments.config_file import load_config_module
+from experiments.pretrained import llm_run, perplexity
+from experiments.training.results import write_summary
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "configs/smollm2.py:VARIANT",
+                                          lock_config=False)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Output directory (created if missing).")
+
+
+def evaluate(config, config_path: str, progress: bool = True):
+  """The summary dict of one run (nothing written)."""
+  start = time.time()
+  rules = load_config_module(config_path.split(":")[0]).rules(config)
+  model, params, gg = llm_run.load_model(config)
+  tok = gg.tokenizer()
+  bos = gg.bos_id if gg.add_bos else None
+  ids = llm_run.text_ids(tok, config)
+  wins = perplexity.windows(ids, int(config.eval.window), bos_id=bos)
+  calib = llm_run.calibration_batches(tok, config, bos) if rules else []
+  smodel, svars = llm_run.quantize(model, params, rules, calib, progress=progress)
+  forward = jax.jit(smodel.apply)
+  logits = lambda x: np.asarray(forward(svars, x))
+  report = (lambda d, n: print(f"  {d}/{n} windows", flush=True)) if progress else None
+  result = perplexity.evaluate(logits, wins, int(config.eval.batch_size), report)
+  bpw, param_bytes = llm_run.bits_per_weight(svars)
+  metrics = {**{k: float(v) for k, v in result.items()}, "bits_per_weight": bpw}
+  return {"config": config.to_dict(), "metrics": metrics, "param_bytes": param_bytes,
+          "perplexity": metrics["perplexity"], "num_tokens": int(result["num_tokens"]),
+          "bits_per_weight": bpw, "bos_added": bos is not None,
+          "gguf": os.path.basename(gg.path), "quantized": bool(rules),
+          "wall_time_s": round(time.time() - start, 3)}
+
+
+def main(argv):
+  del argv
+  config, workdir = _CONFIG.value, _WORKDIR.value
+  if config is None or workdir is None:
+    raise app.UsageError("--config and --workdir are required")
+  summary = evaluate(config, config_flags.get_config_filename(flags.FLAGS["config"]))
+  os.makedirs(workdir, exist_ok=True)
+  write_summary(workdir, summary)
+  print({k: summary[k] for k in ("perplexity", "num_tokens", "bits_per_weight",
+                                 "wall_time_s")}, flush=True)
+
+
+if __name__ == "__main__":
+  app.run(main)
