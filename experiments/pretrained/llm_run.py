@@ -47,12 +47,20 @@ def calibration_batches(tok, config, bos_id=None) -> List[np.ndarray]:
   return [np.stack(wins[i:i + b]) for i in range(0, len(wins) - b + 1, b)]
 
 
+def needs_calibration(rules) -> bool:
+  """Whether some rule has a PTQ algorithm or static activation ranges to calibrate."""
+  return any(r.ptq is not None or (r.act is not None and r.act.static) for r in rules)
+
+
 def quantize(model, params, rules, calib_batches, progress=True) -> Tuple[Any, Dict]:
   """(serving model, serving variables) of `model` under `rules`; float when no rules.
-  Statistics are of the float model's activations (`jq.calibrate(forward='float')`)."""
+  Statistics are of the float model's activations (`jq.calibrate(forward='float')`);
+  rules with nothing to calibrate (round to nearest, dynamic activations) skip it."""
   if not rules:
     return model, {"params": params}
   qmodel = jq.quantize_model(model, rules)
+  if not needs_calibration(rules):
+    return jq.convert(qmodel, {"params": params}, calib_batches[0][:1])
   if progress:
     print(f"calibrating on {len(calib_batches)} batches of {calib_batches[0].shape}...",
           flush=True)
