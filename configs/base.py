@@ -7,6 +7,10 @@ r"""Base recipe: the schema's defaults, and the rule builders the other recipes 
 Every key, its meaning and its default are declared in experiments/training/schema.py
 (the trainer validates configs against it); recipes start from `get_config()` here and
 override. `standard_rules` is the recipes' shared quantization choice.
+
+Specs have one spelling in configs: `schema.quant_spec(**QuantSpec fields)`.
+`weight_spec` and `act_spec` are that call with the recipes' usual defaults filled in
+(same field names; any field can be overridden), not a second dialect.
 """
 
 from __future__ import annotations
@@ -18,22 +22,25 @@ import ml_collections
 from experiments.training import schema
 from experiments.training.schema import quant_rule, quant_spec
 
+# The recipes' weight quantizer: symmetric absmax, one scale per output channel,
+# straight-through gradients.
+WEIGHT_DEFAULTS = {"format": "int", "symmetric": True, "granularity": "channel",
+                   "calibration": "absmax", "ste": "identity"}
+# The recipes' activation quantizer: per tensor, asymmetric (a zero point spends no level
+# on the empty negative half after a ReLU), clipped STE; 'percentile' (when chosen) clips
+# the top 1% of |x|, which low bit widths need.
+ACT_DEFAULTS = {"format": "int", "symmetric": False, "granularity": "tensor",
+                "calibration": "absmax", "percentile": 99.0, "ste": "clipped"}
 
-def weight_spec(bits: Any, fmt: Any = "int", ste: Any = "identity",
-                granularity: Any = "channel") -> ml_collections.ConfigDict:
-  """Symmetric absmax weights, per output channel unless `granularity='tensor'`; `ste`
-  'identity' or 'lsq' (learned step)."""
-  return quant_spec(format=fmt, bits=bits, symmetric=True, granularity=granularity,
-                    calibration="absmax", ste=ste)
+
+def weight_spec(bits: Any, **fields: Any) -> ml_collections.ConfigDict:
+  """`quant_spec(bits=bits, **fields)` over WEIGHT_DEFAULTS (QuantSpec field names)."""
+  return quant_spec(**{**WEIGHT_DEFAULTS, "bits": bits, **fields})
 
 
-def act_spec(bits: Any, *, symmetric: bool = False,
-             calibration: Any = "absmax") -> ml_collections.ConfigDict:
-  """Per-tensor activations, clipped STE; asymmetric (a zero point) by default, which
-  spends no level on the empty negative half after a ReLU. 'percentile' clips the top
-  1% of |x| (99th percentile), which low bit widths need."""
-  return quant_spec(format="int", bits=bits, symmetric=symmetric, granularity="tensor",
-                    calibration=calibration, percentile=99.0, ste="clipped")
+def act_spec(bits: Any, **fields: Any) -> ml_collections.ConfigDict:
+  """`quant_spec(bits=bits, **fields)` over ACT_DEFAULTS (QuantSpec field names)."""
+  return quant_spec(**{**ACT_DEFAULTS, "bits": bits, **fields})
 
 
 def standard_rules(quant: ml_collections.ConfigDict, *, first: str,
@@ -53,9 +60,9 @@ def standard_rules(quant: ml_collections.ConfigDict, *, first: str,
   return [
       quant_rule(first, weight=weight_spec(8), act=act_spec(8, symmetric=True), mode=mode),
       quant_rule(last, weight=weight_spec(8), act=act_spec(8), mode=mode),
-      quant_rule(".*", weight=weight_spec(quant.get_ref("bits"), quant.get_ref("format"),
-                                          quant.get_ref("weight_ste"),
-                                          quant.get_ref("weight_granularity")),
+      quant_rule(".*", weight=weight_spec(quant.get_ref("bits"), format=quant.get_ref("format"),
+                                          ste=quant.get_ref("weight_ste"),
+                                          granularity=quant.get_ref("weight_granularity")),
                  act=act_spec(quant.get_ref("act_bits"),
                               calibration=quant.get_ref("act_calibration")),
                  mode=mode),

@@ -44,7 +44,10 @@ def main(argv):
   if config is None or _INPUT.value is None or _OUTPUT.value is None:
     raise app.UsageError("--config, --input and --output are required")
   lines = read_sentences(_INPUT.value)
-  rules = recipe_rules(config_flags.get_config_filename(flags.FLAGS["config"]), config)
+  try:
+    rules = recipe_rules(config, config_flags.get_override_values(flags.FLAGS["config"]))
+  except ValueError as e:
+    raise app.UsageError(str(e)) from None
   _, _, tok, smodel, svars = quantized_encoder(config, rules)
   fn = jax.jit(smodel.apply)
   out = np.zeros((len(lines), 0), np.float32)

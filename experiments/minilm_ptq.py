@@ -20,6 +20,7 @@ from ml_collections import config_flags
 import jaxquant as jq
 from experiments.pretrained import metrics, sentences, tokenizer
 from experiments.pretrained.ptq_run import quantized_encoder, recipe_rules
+from experiments.training.config_build import config_to_dict
 from experiments.training.results import write_summary
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "configs/minilm_ptq.py:VARIANT",
@@ -32,9 +33,12 @@ def main(argv):
   config, workdir = _CONFIG.value, _WORKDIR.value
   if config is None or workdir is None:
     raise app.UsageError("--config and --workdir are required")
-  os.makedirs(workdir, exist_ok=True)
   start = time.time()
-  rules = recipe_rules(config_flags.get_config_filename(flags.FLAGS["config"]), config)
+  try:  # a bad rule or override is refused before the workdir is made
+    rules = recipe_rules(config, config_flags.get_override_values(flags.FLAGS["config"]))
+  except ValueError as e:
+    raise app.UsageError(str(e)) from None
+  os.makedirs(workdir, exist_ok=True)
   model, params, tok, smodel, svars = quantized_encoder(config, rules)
   evaluation = sentences.evaluation(config.n_eval)
   f_float = jax.jit(model.apply)
@@ -47,7 +51,7 @@ def main(argv):
                              lambda: f_float({"params": params}, ids, mask).block_until_ready())
   report = jq.size_report(svars)
   summary = {
-      "config": config.to_dict(),
+      "config": config_to_dict(config),
       "metrics": {**{k: float(v) for k, v in result.items()}, "time_vs_float": ratio},
       "param_bytes": {"float": report.total_float_bytes,
                       "quantized": report.total_quantized_bytes},

@@ -29,10 +29,12 @@ import jax
 import jaxquant as jq
 from experiments.config_file import load_config_module
 from experiments.pretrained import metrics, minilm, sentences, tokenizer
-from experiments.pretrained.ptq_run import quantize
+from experiments.pretrained.ptq_run import quantize, recipe_rules
+from experiments.training import config_build
+from experiments.training.schema import quant_rule
 
 _RECIPE = flags.DEFINE_string("recipe", "configs/minilm_ptq.py", "The PTQ recipe file: "
-                              "its VARIANTS, EXTRA, W8 and A8_TOKEN.")
+                              "its get_config(VARIANT), VARIANTS, EXTRA, w8 and a8_token.")
 _SPLIT = flags.DEFINE_enum("split", "dev", ["dev", "eval"], "Which sentences score.")
 _VARIANTS = flags.DEFINE_list("variants", [], "Variant names (see the module docstring).")
 _SENSITIVITY = flags.DEFINE_bool("sensitivity", False, "Per-layer-type W8A8 sensitivity.")
@@ -62,25 +64,27 @@ def splits(split: str):
 def variant_rules(name: str):
   """(rules, calibration options) of 'NAME[@float][@nomask]'."""
   base, *opts = name.split("@")
-  table = {**_recipe().VARIANTS, **_recipe().EXTRA}
-  if base not in table:
-    raise ValueError(f"variant {base!r} is not one of {sorted(table)}")
+  names = (*_recipe().VARIANTS, *_recipe().EXTRA)
+  if base not in names:
+    raise ValueError(f"variant {base!r} is not one of {sorted(names)}")
   unknown = set(opts) - {"float", "nomask"}
   if unknown:
     raise ValueError(f"unknown options {sorted(unknown)} in {name!r}; use @float, @nomask")
-  return table[base], {"calib_forward": "float" if "float" in opts else "quantized",
-                       "mask_padding": "nomask" not in opts}
+  return recipe_rules(_recipe().get_config(base)), {
+      "calib_forward": "float" if "float" in opts else "quantized",
+      "mask_padding": "nomask" not in opts}
 
 
 def sensitivity_variants():
   """{name: rules}: W8A8, W8 and A8 on one layer type at a time."""
-  out = {}
+  recipe, out = _recipe(), {}
   for t in LAYER_TYPES:
     pattern = rf"block_\d+/{t}"
     short = t.split("/")[1]
-    out[f"w8a8:{short}"] = [jq.Rule(pattern, weight=_recipe().W8, act=_recipe().A8_TOKEN)]
-    out[f"w8:{short}"] = [jq.Rule(pattern, weight=_recipe().W8)]
-    out[f"a8:{short}"] = [jq.Rule(pattern, act=_recipe().A8_TOKEN)]
+    for kind, weight, act in (("w8a8", recipe.w8(), recipe.a8_token()),
+                              ("w8", recipe.w8(), None), ("a8", None, recipe.a8_token())):
+      out[f"{kind}:{short}"] = config_build.rules_from_list(
+          [quant_rule(pattern, weight=weight, act=act)], f"sensitivity[{kind}:{short}]")
   return out
 
 

@@ -28,14 +28,13 @@ def swept_rule(quant, pattern=".*", *, weight=True, act=True, act_symmetric=Fals
   """A rule following the quant header: weights quant.bits / .format / .weight_ste,
   activations quant.act_bits (99th-percentile range); weight=False / act=False keep
   that operand float."""
-  w = base.weight_spec(quant.get_ref("bits"), quant.get_ref("format"),
-                       weight_ste or quant.get_ref("weight_ste"),
-                       quant.get_ref("weight_granularity")) if weight else None
+  w = base.weight_spec(quant.get_ref("bits"), format=quant.get_ref("format"),
+                       ste=weight_ste or quant.get_ref("weight_ste"),
+                       granularity=quant.get_ref("weight_granularity")) if weight else None
   a = None
   if act:
     a = base.act_spec(quant.get_ref("act_bits"), symmetric=act_symmetric,
-                      calibration=quant.get_ref("act_calibration"))
-    a.ste = act_ste
+                      calibration=quant.get_ref("act_calibration"), ste=act_ste)
   return quant_rule(pattern, weight=w, act=a, grad=grad, mode=quant.get_ref("mode"))
 
 

@@ -1,15 +1,29 @@
 """PTQ of a pretrained encoder from a recipe: the pieces `experiments.minilm_ptq` (one run),
-`experiments.embed` (embeddings of a file) and `experiments.minilm_study` share."""
+`experiments.embed` (embeddings of a file) and `experiments.minilm_study` share.
+
+A recipe (configs/minilm_ptq.py) carries its rules in the config schema's dialect as
+`config.quant.rules`; `recipe_rules` builds them with the trainer's rule builder.
+"""
 from __future__ import annotations
 
+from typing import Any, Mapping
+
 import jaxquant as jq
-from experiments.config_file import load_config_module
 from experiments.pretrained import minilm, sentences, tokenizer
+from experiments.training import config_build
 
 
-def recipe_rules(config_path: str, config):
-  """The recipe module's `rules(config)` (config files are modules with get_config)."""
-  return load_config_module(config_path.split(":")[0]).rules(config)
+def recipe_rules(config, overrides: Mapping[str, Any] = ()) -> list[jq.Rule]:
+  """The `jq.Rule`s of `config.quant.rules` (ConfigError naming the key when one is bad).
+
+  `overrides` are the command line's `--config.KEY` overrides: `variant` only records
+  the config argument, so overriding it (which would leave the rules unchanged) is a
+  ValueError that says to pass the variant as `--config=FILE:VARIANT`.
+  """
+  if "variant" in overrides:
+    raise ValueError(f"--config.variant={overrides['variant']!r} would not change the "
+                     "rules; choose the variant as --config=configs/minilm_ptq.py:VARIANT")
+  return config_build.rules_from_list(config.quant.rules)
 
 
 def quantize(model, params, tok, rules, calib_sentences, *, batch_size=64, mask_padding=True,

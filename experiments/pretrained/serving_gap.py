@@ -17,6 +17,7 @@ import numpy as np
 import jaxquant as jq
 from experiments.config_file import load_config_module
 from experiments.pretrained import metrics, minilm, sentences, tokenizer
+from experiments.pretrained.ptq_run import recipe_rules
 
 _VARIANT = flags.DEFINE_enum("variant", "w8a8", ["w8a8", "w8", "w4_g128_rtn"],
                              "A configs/minilm_ptq.py variant that needs no calibration.")
@@ -27,7 +28,7 @@ _N_EVAL = flags.DEFINE_integer("n_eval", 700, "Evaluation sentences.")
 def gap(variant: str, n_eval: int, recipe: str = "configs/minilm_ptq.py") -> dict:
   """{identical, n, cos_mean, cos_min, qat_vs_float, serving_vs_float}."""
   model, params, tok = minilm.load(None)
-  qmodel = jq.quantize_model(model, load_config_module(recipe).VARIANTS[variant])
+  qmodel = jq.quantize_model(model, recipe_rules(load_config_module(recipe).get_config(variant)))
   evaluation = sentences.evaluation(n_eval)
   smodel, svars = jq.convert(qmodel, {"params": params}, *tok(evaluation[:8]))
   embed = lambda m, v: tokenizer.embed(jax.jit(m.apply), v, tok, evaluation, 64)

@@ -3,8 +3,9 @@
 Everything a run needs is checked here before anything touches the workdir:
 `validate_config` compares the config against the declared schema
 (`experiments/training/schema.py`: every key the trainer reads), `rules_from_config`
-turns the `quant` section into `jaxquant.Rule`s, and `build_model` gives the float
-model plus its rules. Each problem raises one `ConfigError` naming the key and what it allows.
+turns the `quant` section into `jaxquant.Rule`s (`rules_from_list` any list of config
+rules, for recipes with their own runner), and `build_model` gives the float model plus
+its rules. Each problem raises one `ConfigError` naming the key and what it allows.
 """
 
 from __future__ import annotations
@@ -24,11 +25,13 @@ from experiments.training.optim import OPTIMIZERS, SCHEDULES
 
 # Keys whose contents are free-form (checked by their consumer, not by the schema).
 FREE_FORM_KEYS = ("model.kwargs",)
-# A rule in the config has exactly jaxquant.Rule's fields; a spec, QuantSpec's.
-# A config rule spells every Rule field but `ptq`: PTQ algorithms are chosen in Python
-# recipes (configs/minilm_ptq.py), where `jq.PTQ` objects are written out.
-RULE_KEYS = tuple(f.name for f in dataclasses.fields(jq.Rule) if f.name != "ptq")
+# A rule in the config has exactly jaxquant.Rule's fields; a spec, QuantSpec's; a `ptq`,
+# jaxquant.PTQ's.
+RULE_KEYS = tuple(f.name for f in dataclasses.fields(jq.Rule))
+# May be absent: rules saved in config.json before config rules carried a PTQ algorithm.
+OPTIONAL_RULE_KEYS = ("ptq",)
 SPEC_FIELDS = tuple(f.name for f in dataclasses.fields(jq.QuantSpec))
+PTQ_FIELDS = tuple(f.name for f in dataclasses.fields(jq.PTQ))
 FLOAT_BITS = 32  # quant.bits of a float run (no rules)
 
 
@@ -170,6 +173,13 @@ def validate_config(config: ml_collections.ConfigDict,
   _check_choice("ptq.method", config.ptq.method, ("rtn",) + PTQ_METHODS)
   if config.ptq.method != "rtn" and not config.ptq.enabled:
     raise ConfigError(f"config key 'ptq.method'={config.ptq.method!r} needs ptq.enabled=True")
+  if not config.ptq.enabled:
+    for i, rule_cfg in enumerate(config.quant.rules):
+      if rule_cfg.get("ptq") is not None:
+        raise ConfigError(
+            f"config key 'quant.rules[{i}].ptq' sets a post-training algorithm, which "
+            "runs when a trained float model is converted: it needs ptq.enabled=True "
+            "(or remove the rule's ptq for quantization-aware training)")
   if config.ptq.enabled:
     for i, rule in enumerate(rules):
       for name in ("weight", "act", "grad"):
@@ -202,16 +212,29 @@ def format_bits(fmt: str) -> tuple[int, ...]:
   return tuple(allowed)
 
 
-def _spec_from_config(path: str, spec_cfg: Any) -> jq.QuantSpec:
-  fields = dict(spec_cfg.items())
-  # QuantSpec's own TypeError would not list the fields it has.
-  for key in sorted(set(fields) - set(SPEC_FIELDS)):
-    raise ConfigError(f"unknown config key '{path}.{key}'; QuantSpec fields allowed: "
-                      f"{list(SPEC_FIELDS)}")
+def _dataclass_from_config(path: str, cfg: Any, cls: type, allowed: Sequence[str]):
+  """`cls(**cfg)`; an unknown field or a value `cls` rejects is a ConfigError at `path`."""
+  fields = dict(cfg.items())
+  # The dataclass's own TypeError would not list the fields it has.
+  for key in sorted(set(fields) - set(allowed)):
+    raise ConfigError(f"unknown config key '{path}.{key}'; {cls.__name__} fields allowed: "
+                      f"{list(allowed)}")
   try:
-    return jq.QuantSpec(**fields)
+    return cls(**fields)
   except (ValueError, TypeError) as e:
     raise ConfigError(f"config key '{path}': {e}") from None
+
+
+def _spec_from_config(path: str, spec_cfg: Any) -> jq.QuantSpec:
+  return _dataclass_from_config(path, spec_cfg, jq.QuantSpec, SPEC_FIELDS)
+
+
+def _ptq_from_config(path: str, ptq_cfg: Any) -> jq.PTQ:
+  if not isinstance(ptq_cfg, (ml_collections.ConfigDict, dict)):
+    raise ConfigError(f"config key '{path}' must be None or a ConfigDict of jaxquant.PTQ "
+                      f"fields {list(PTQ_FIELDS)} (experiments.training.schema.ptq_spec), "
+                      f"got {_type_name(ptq_cfg)}")
+  return _dataclass_from_config(path, ptq_cfg, jq.PTQ, PTQ_FIELDS)
 
 
 def _check_quant_header(quant_cfg: ml_collections.ConfigDict) -> None:
@@ -237,8 +260,8 @@ def _check_quant_header(quant_cfg: ml_collections.ConfigDict) -> None:
 def _rule_from_config(path: str, rule_cfg: Any, *, with_specs: bool) -> jq.Rule:
   """The rule at `path`; every value check is `jaxquant.Rule`'s (and QuantSpec's) own.
 
-  Without specs (a float run) only the pattern and mode are validated: the specs follow
-  quant.bits=32, which no QuantSpec accepts.
+  Without specs (a float run) only the pattern, mode and PTQ algorithm are validated:
+  the specs follow quant.bits=32, which no QuantSpec accepts.
   """
   if not isinstance(rule_cfg, (ml_collections.ConfigDict, dict)):
     raise ConfigError(f"config key '{path}' must be a ConfigDict with keys "
@@ -248,14 +271,19 @@ def _rule_from_config(path: str, rule_cfg: Any, *, with_specs: bool) -> jq.Rule:
     raise ConfigError(f"unknown config key '{path}.{key}'; rule keys allowed: "
                       f"{list(RULE_KEYS)}")
   for key in RULE_KEYS:
-    if key not in keys:
+    if key not in keys and key not in OPTIONAL_RULE_KEYS:
       raise ConfigError(f"missing config key '{path}.{key}'; a rule has keys "
                         f"{list(RULE_KEYS)} (use experiments.training.schema.quant_rule "
                         "to build one)")
   fields = {}
   for key in RULE_KEYS:
-    value = rule_cfg[key]
-    if isinstance(value, (ml_collections.ConfigDict, dict)):  # a spec's fields
+    value = rule_cfg.get(key)
+    if key == "ptq":
+      if value is not None:
+        value = _ptq_from_config(f"{path}.ptq", value)
+        if not with_specs:
+          value = None  # checked; a rule without its weight spec takes no algorithm
+    elif isinstance(value, (ml_collections.ConfigDict, dict)):  # a spec's fields
       value = _spec_from_config(f"{path}.{key}", value) if with_specs else None
     fields[key] = value
   try:
@@ -280,27 +308,46 @@ def rules_from_config(quant_cfg: ml_collections.ConfigDict) -> list[jq.Rule]:
     # A float run must not be rejected because of specs it does not use, but a typo'd
     # header or pattern would surprise a later quantized point of the same sweep.
     _check_quant_header(quant_cfg)
-    for i, rule_cfg in enumerate(quant_cfg.rules):
-      _rule_from_config(f"quant.rules[{i}]", rule_cfg, with_specs=False)
+    rules_from_list(quant_cfg.rules, with_specs=False)
     return []
   _check_quant_header(quant_cfg)
   if not quant_cfg.rules:
     raise ConfigError(f"config key 'quant.bits'={quant_cfg.bits} asks for quantization "
                       "but 'quant.rules' is empty; add rules or set quant.bits=32")
-  return [_rule_from_config(f"quant.rules[{i}]", rule_cfg, with_specs=True)
-          for i, rule_cfg in enumerate(quant_cfg.rules)]
+  return rules_from_list(quant_cfg.rules)
+
+
+def rules_from_list(rules_cfg: Sequence[Any], path: str = "quant.rules", *,
+                    with_specs: bool = True) -> list[jq.Rule]:
+  """`jaxquant.Rule`s of a list of config rules (`schema.quant_rule`), in order.
+
+  The rule builder of every recipe: `rules_from_config` uses it for the trainer's `quant`
+  section, and recipes with their own runner (configs/minilm_ptq.py) for their list.
+  `path` names the list in error messages. `with_specs=False` validates the patterns,
+  modes and PTQ algorithms only and returns rules without specs (a float run's).
+
+  Raises:
+    ConfigError: not a list, an unknown/missing rule key, or a value that jaxquant.Rule,
+      QuantSpec or PTQ rejects; the message names the config key.
+  """
+  if not isinstance(rules_cfg, (list, tuple)):
+    raise ConfigError(f"config key '{path}' must be a list of rules "
+                      f"(experiments.training.schema.quant_rule), got {_type_name(rules_cfg)}")
+  return [_rule_from_config(f"{path}[{i}]", rule_cfg, with_specs=with_specs)
+          for i, rule_cfg in enumerate(rules_cfg)]
 
 
 # --------------------------------------------------------------------------- model
 
 
 def ptq_rules(config: ml_collections.ConfigDict, rules: Sequence[jq.Rule]) -> list[jq.Rule]:
-  """The rules PTQ applies: `rules`, each with a weight spec given `ptq.method`'s
-  algorithm (`jq.PTQ(method=...)`) when one is set."""
+  """The rules PTQ applies: `rules`, each rule with a weight spec and no `ptq` of its own
+  given `ptq.method`'s algorithm (`jq.PTQ(method=...)`, its defaults) when one is set."""
   if config.ptq.method == "rtn":
     return list(rules)
   algorithm = jq.PTQ(method=config.ptq.method)
-  return [dataclasses.replace(r, ptq=algorithm) if r.weight is not None else r for r in rules]
+  return [dataclasses.replace(r, ptq=algorithm) if r.weight is not None and r.ptq is None
+          else r for r in rules]
 
 
 def build_model(config: ml_collections.ConfigDict, *, num_classes: int):

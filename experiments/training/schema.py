@@ -76,10 +76,13 @@ teacher's float weights on the same batch. Metrics add `distill_loss` (the KL te
                     the step and exits 75); -1 disables it.
 
 Quantization (`quant`) is an ordered list of rules, first match wins, each a ConfigDict
-{pattern, weight, act, grad, mode}; `weight`/`act`/`grad` are None (float) or a dict of
-jaxquant.QuantSpec fields. They become jaxquant.Rule objects at the experiment boundary
-(config_build.rules_from_config). Sweeps are plain overrides because the specs hold
-ml_collections FieldReferences to the header fields:
+{pattern, weight, act, grad, mode, ptq} built by `quant_rule`: `weight`/`act`/`grad` are
+None (float) or a `quant_spec` (a dict of jaxquant.QuantSpec fields), `ptq` is None or a
+`ptq_spec` (a dict of jaxquant.PTQ fields: method, percdamp, act_order, alpha, grid).
+These are the one spelling of specs and rules in configs; they become jaxquant.Rule
+objects at the experiment boundary (config_build.rules_from_config, or rules_from_list
+for a recipe with its own runner, e.g. configs/minilm_ptq.py). Sweeps are plain overrides
+because the specs hold ml_collections FieldReferences to the header fields:
 
   quant.bits      weight bits of every spec that follows it; 32 means float: no rules
                   at all (the list is ignored). --config.quant.bits=4 changes them all.
@@ -110,8 +113,10 @@ and are refused.
                     model, optimizer and dataset; nothing is trained).
   ptq.method        'rtn' rounds every weight to nearest; 'gptq' / 'awq' / 'smoothquant'
                     runs that algorithm (`jq.PTQ(method=...)`, its defaults) on every
-                    rule with a weight spec (Dense / Einsum layers; a convolution is
-                    refused, naming it). Its weights exist only in the converted
+                    rule with a weight spec and no `ptq` of its own (Dense / Einsum
+                    layers; a convolution is refused, naming it). A rule's own `ptq`
+                    (`ptq_spec(...)`, with any knob) always wins; rules that carry one
+                    need ptq.enabled. The algorithm's weights exist only in the converted
                     model, so `test_*` are then the serving model's metrics (equal to
                     `serving_test_*`).
 
@@ -128,15 +133,23 @@ import ml_collections
 
 
 def quant_spec(**fields: Any) -> ml_collections.ConfigDict:
-  """A QuantSpec as config: only the given fields; the rest take QuantSpec defaults."""
+  """A QuantSpec as config: only the given fields (jaxquant.QuantSpec's names; values may
+  be FieldReferences); the rest take QuantSpec defaults."""
   return ml_collections.ConfigDict(fields)
 
 
-def quant_rule(pattern: str, *, weight=None, act=None, grad=None,
-               mode: Any = "int") -> ml_collections.ConfigDict:
-  """One rule as config: {pattern, weight, act, grad, mode}."""
-  return ml_collections.ConfigDict(
-      {"pattern": pattern, "weight": weight, "act": act, "grad": grad, "mode": mode})
+def ptq_spec(**fields: Any) -> ml_collections.ConfigDict:
+  """A post-training algorithm as config: jaxquant.PTQ's fields (method, percdamp,
+  act_order, alpha, grid); the ones not given take PTQ defaults."""
+  return ml_collections.ConfigDict(fields)
+
+
+def quant_rule(pattern: str, *, weight=None, act=None, grad=None, mode: Any = "int",
+               ptq=None) -> ml_collections.ConfigDict:
+  """One rule as config: {pattern, weight, act, grad, mode, ptq}, jaxquant.Rule's fields;
+  the specs are `quant_spec`s (or None: float), `ptq` a `ptq_spec` (or None)."""
+  return ml_collections.ConfigDict({"pattern": pattern, "weight": weight, "act": act,
+                                    "grad": grad, "mode": mode, "ptq": ptq})
 
 
 def get_config() -> ml_collections.ConfigDict:

@@ -1,17 +1,29 @@
 """Config schema, FieldReference sweeps, rules_from_config, and bad-config handling."""
 
+import ast
+import glob
 import os
 import subprocess
 import sys
 
+import flax.linen as nn
+import jax
 import ml_collections
+import numpy as np
 import pytest
 
+import jaxquant as jq
 from configs import base, digits_resnet, mnist1d_cnn, pytext_gpt, quickstart
+from experiments.config_file import load_config_module
+from experiments.pretrained.ptq_run import recipe_rules
 from experiments.training import config_build, loop, sharding
-from experiments.training.config_build import ConfigError, rules_from_config, validate_config
-from experiments.training.schema import quant_rule
+from experiments.training.config_build import (ConfigError, rules_from_config,
+                                               rules_from_list, validate_config)
+from experiments.training.schema import ptq_spec, quant_rule, quant_spec
 from jaxquant import QuantSpec, Rule
+from jaxquant import state as jq_state
+from jaxquant.ptq import gptq as gptq_lib
+from jaxquant.ptq import stats as ptq_stats
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -206,3 +218,157 @@ def test_quant_bits_allowed_per_format_come_from_quantspec():
   assert config_build.format_bits("binary") == (1,)
   assert config_build.format_bits("ternary") == (2,)
   assert config_build.format_bits("fp8_e4m3") == config_build.format_bits("fp8_e5m2") == (8,)
+
+
+# --------------------------------------------------------------------------- every config
+
+
+def _config_files():
+  root = os.path.join(REPO, "configs")
+  files = sorted(glob.glob(os.path.join(root, "*.py")) + glob.glob(os.path.join(root, "claims",
+                                                                               "*.py")))
+  return [os.path.relpath(f, REPO) for f in files
+          if os.path.basename(f) not in ("__init__.py", "common.py")]
+
+
+def _build(path, config):
+  """What the config's runner builds first: MiniLM PTQ recipes their rules, integer-only
+  recipes the training config under their `integer` section, the rest the trainer's."""
+  if os.path.basename(path) == "minilm_ptq.py":
+    rules = recipe_rules(config)
+    assert bool(rules) == (config.variant != "float")
+    return
+  if "integer" in config:
+    config = ml_collections.ConfigDict(config.to_dict())
+    del config["integer"]
+  validate_config(config)
+
+
+def _arguments(module):
+  """Every ARG the module declares (VARIANTS, EXTRA, its sweep's config_args), or None."""
+  args = [*getattr(module, "VARIANTS", ()), *getattr(module, "EXTRA", ())]
+  if hasattr(module, "get_sweep"):
+    args += [p["config_arg"] for p in module.get_sweep() if "config_arg" in p]
+  return list(dict.fromkeys(args)) or [None]
+
+
+@pytest.mark.parametrize("path", _config_files())
+def test_every_config_file_builds_every_variant_and_sweep_point(path):
+  module = load_config_module(os.path.join(REPO, path))
+  for arg in _arguments(module):
+    _build(path, module.get_config() if arg is None else module.get_config(arg))
+  for point in (module.get_sweep() if hasattr(module, "get_sweep") else []):
+    arg = point.get("config_arg")
+    config = module.get_config() if arg is None else module.get_config(arg)
+    _build(path, _apply(config, {k: v for k, v in point.items() if k != "config_arg"}))
+
+
+def test_configs_spell_specs_one_way():
+  """No config writes jaxquant objects itself: specs, rules and PTQ algorithms are the
+  schema's quant_spec / quant_rule / ptq_spec (and base's presets of quant_spec)."""
+  for path in _config_files():
+    with open(os.path.join(REPO, path)) as f:
+      tree = ast.parse(f.read())
+    for node in ast.walk(tree):
+      if isinstance(node, ast.Import):
+        assert not any(a.name.startswith("jaxquant") for a in node.names), path
+      if isinstance(node, ast.ImportFrom):
+        assert not (node.module or "").startswith("jaxquant"), path
+      if isinstance(node, ast.Call):
+        name = getattr(node.func, "attr", getattr(node.func, "id", ""))
+        assert name not in ("QuantSpec", "Rule", "PTQ", "DotSpec"), (path, name)
+
+
+def test_weight_and_act_presets_are_quant_spec_with_defaults():
+  assert base.weight_spec(4, ste="lsq").to_dict() == quant_spec(
+      format="int", bits=4, symmetric=True, granularity="channel", calibration="absmax",
+      ste="lsq").to_dict()
+  assert base.act_spec(8, symmetric=True).to_dict() == quant_spec(
+      format="int", bits=8, symmetric=True, granularity="tensor", calibration="absmax",
+      percentile=99.0, ste="clipped").to_dict()
+
+
+# --------------------------------------------------------------------------- PTQ in rules
+
+
+def test_config_rules_carry_every_ptq_knob_to_jq_ptq():
+  group = quant_spec(bits=4, granularity="group", group_size=32, symmetric=False)
+  rules = rules_from_list([
+      quant_rule("a", weight=group, ptq=ptq_spec(method="gptq", percdamp=0.2, act_order=False)),
+      quant_rule("b", weight=quant_spec(bits=3, granularity="group", group_size=64),
+                 ptq=ptq_spec(method="awq", grid=7)),
+      quant_rule("c", weight=quant_spec(bits=8), act=quant_spec(bits=8, static=True,
+                                                                granularity="tensor"),
+                 ptq=ptq_spec(method="smoothquant", alpha=0.35)),
+      quant_rule("d", weight=quant_spec(bits=8)),
+  ])
+  assert rules[0].ptq == jq.PTQ(method="gptq", percdamp=0.2, act_order=False)
+  assert (rules[0].weight.group_size, rules[0].weight.symmetric) == (32, False)
+  assert rules[1].ptq == jq.PTQ(method="awq", grid=7)
+  assert rules[1].weight.group_size == 64
+  assert rules[2].ptq == jq.PTQ(method="smoothquant", alpha=0.35)
+  assert rules[3].ptq is None
+  # Every PTQ field has a config spelling (a new field would need none of this file).
+  everything = {f: getattr(jq.PTQ(method="gptq", percdamp=0.3, act_order=False, alpha=0.1,
+                                  grid=3), f) for f in config_build.PTQ_FIELDS}
+  built = rules_from_list([quant_rule("x", weight=group, ptq=ptq_spec(**everything))])[0]
+  assert built.ptq == jq.PTQ(**everything)
+
+
+@pytest.mark.parametrize("ptq, fragments", [
+    (ptq_spec(method="gptx"), ["quant.rules[0].ptq", "gptx", "gptq"]),
+    (ptq_spec(method="gptq", percdamp=1.5), ["quant.rules[0].ptq", "percdamp"]),
+    (ptq_spec(method="awq", grids=4), ["quant.rules[0].ptq.grids", "PTQ fields", "grid"]),
+    ("gptq", ["quant.rules[0].ptq", "ptq_spec"]),
+])
+def test_bad_ptq_in_a_config_rule_names_the_key(ptq, fragments):
+  with pytest.raises(ConfigError) as info:
+    rules_from_list([quant_rule("x", weight=quant_spec(bits=4), ptq=ptq)])
+  for fragment in fragments:
+    assert fragment in str(info.value), str(info.value)
+
+
+def test_trainer_ptq_rules_need_ptq_enabled_and_keep_their_own_algorithm():
+  config = mnist1d_cnn.get_config("w4a4")
+  config.quant.weight_ste = "identity"
+  config.quant.rules[2].ptq = ptq_spec(method="gptq", percdamp=0.05)
+  with pytest.raises(ConfigError, match=r"quant\.rules\[2\]\.ptq.*ptq\.enabled=True"):
+    validate_config(config)
+  config.ptq.enabled, config.ptq.method = True, "awq"
+  validate_config(config)
+  rules = config_build.ptq_rules(config, rules_from_config(config.quant))
+  assert [r.ptq for r in rules] == [jq.PTQ(method="awq")] * 2 + [
+      jq.PTQ(method="gptq", percdamp=0.05)]
+
+
+class _Dense(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    return nn.Dense(24, name="fc")(x)
+
+
+def test_gptq_knobs_from_a_config_reach_the_stored_codes():
+  """percdamp and act_order set in a config rule give the codes of a direct gptq() call
+  with those knobs on the layer's own statistics, and not those of the defaults."""
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(256, 32)) @ rng.normal(size=(32, 32)) / 6.0
+  x[:, :3] *= 10.0  # outlier channels: act_order and damping matter
+  x = np.asarray(x, np.float32)
+  params = _Dense().init(jax.random.key(0), x[:2])["params"]
+  spec_cfg = quant_spec(bits=3, granularity="group", group_size=8, symmetric=False)
+  rules = rules_from_list([quant_rule("fc", weight=spec_cfg, ptq=ptq_spec(
+      method="gptq", percdamp=0.3, act_order=False))])
+  qmodel = jq.quantize_model(_Dense(), rules)
+  variables = jq.calibrate(qmodel, {"params": params}, [x[:128], x[128:]])
+  _, svars = jq.convert(qmodel, variables, x[:2])
+  stored = svars["params"]["fc"]["kernel"].unpacked()
+  st = jq_state.observer_state(jq_state.PTQ_STATS, variables["quant_stats"]["fc"])
+  hessian = ptq_stats.hessian(ptq_stats.Stats(st["xtx"], st["abs_sum"], st["abs_max"],
+                                              st["count"]))
+  spec = QuantSpec(bits=3, granularity="group", group_size=8, symmetric=False)
+  kernel = params["fc"]["kernel"]
+  direct = gptq_lib.gptq(kernel, hessian, spec, percdamp=0.3, act_order=False).qtensor
+  np.testing.assert_array_equal(np.asarray(stored.values), np.asarray(direct.values))
+  np.testing.assert_array_equal(np.asarray(stored.scale), np.asarray(direct.scale))
+  default = gptq_lib.gptq(kernel, hessian, spec, percdamp=0.01, act_order=True).qtensor
+  assert not np.array_equal(np.asarray(stored.values), np.asarray(default.values))

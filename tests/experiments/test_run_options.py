@@ -74,7 +74,7 @@ def test_ptq_method_gptq_serves_its_weights(float_run, tmp_path):
   runs = {}
   for method in ("rtn", "gptq"):
     config = _ptq_config(3, **{"ptq.from_workdir": source, "ptq.method": method})
-    config.quant.rules = [quant_rule(".*", weight=base.weight_spec(3, "int", "identity"))]
+    config.quant.rules = [quant_rule(".*", weight=base.weight_spec(3, format="int", ste="identity"))]
     runs[method] = loop.train_and_evaluate(config, str(tmp_path / method))["metrics"]
   rtn, gptq = runs["rtn"], runs["gptq"]
   assert gptq["test_loss"] == gptq["serving_test_loss"]

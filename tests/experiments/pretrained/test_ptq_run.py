@@ -9,25 +9,36 @@ import pytest
 
 import jaxquant as jq
 from experiments.pretrained import metrics, sentences, tokenizer
-from experiments.pretrained.ptq_run import quantized_encoder
+from experiments.pretrained.ptq_run import quantized_encoder, recipe_rules
+from experiments.training.config_build import rules_from_list
+from experiments.training.schema import ptq_spec, quant_rule
 from configs import minilm_ptq
 from tests.experiments.pretrained.test_minilm import _write_tiny_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 LAYERS = minilm_ptq.LAYERS
-G8 = jq.QuantSpec(bits=4, granularity="group", group_size=8, symmetric=False)
-CASES = {
-    "rtn": [jq.Rule(LAYERS, weight=G8)],
-    "gptq": [jq.Rule(LAYERS, weight=G8, ptq=jq.PTQ(method="gptq"))],
-    "awq": [jq.Rule(LAYERS, weight=G8, ptq=jq.PTQ(method="awq", grid=4))],
-    "smoothquant": [jq.Rule(LAYERS, weight=minilm_ptq.W8, act=minilm_ptq.A8_STATIC,
-                            ptq=jq.PTQ(method="smoothquant", alpha=0.8))],
-    "w8a8_token": [jq.Rule(LAYERS, weight=minilm_ptq.W8, act=minilm_ptq.A8_TOKEN)],
-    "w8_embed8": minilm_ptq.VARIANTS["w8"],
-    "w4_full_range_gptq": [jq.Rule(
-        LAYERS, weight=jq.QuantSpec(bits=4, granularity="group", group_size=8,
-                                    full_range=True), ptq=jq.PTQ(method="gptq"))],
+G8 = lambda: minilm_ptq.group(4, size=8)  # noqa: E731 (a fresh ConfigDict per rule)
+CASES = {  # in the recipes' config dialect, built by the trainer's rule builder
+    "rtn": [quant_rule(LAYERS, weight=G8())],
+    "gptq": [quant_rule(LAYERS, weight=G8(), ptq=ptq_spec(method="gptq"))],
+    "awq": [quant_rule(LAYERS, weight=G8(), ptq=ptq_spec(method="awq", grid=4))],
+    "smoothquant": [quant_rule(LAYERS, weight=minilm_ptq.w8(), act=minilm_ptq.a8_static(),
+                               ptq=ptq_spec(method="smoothquant", alpha=0.8))],
+    "w8a8_token": [quant_rule(LAYERS, weight=minilm_ptq.w8(), act=minilm_ptq.a8_token())],
+    "w8_embed8": minilm_ptq.get_config("w8").quant.rules,
+    "w4_full_range_gptq": [quant_rule(LAYERS, weight=minilm_ptq.group(4, size=8, full_range=True),
+                                      ptq=ptq_spec(method="gptq"))],
 }
+
+
+def test_recipe_rules_come_from_the_config_and_refuse_a_variant_override():
+  rules = recipe_rules(minilm_ptq.get_config("w8a8_smoothquant"))
+  assert rules[0].ptq == jq.PTQ(method="smoothquant", alpha=0.8)
+  assert rules[0].act == jq.QuantSpec(bits=8, granularity="tensor", static=True)
+  assert rules[1] == jq.Rule(minilm_ptq.EMBED, weight=jq.QuantSpec(bits=8))
+  assert recipe_rules(minilm_ptq.get_config("float")) == []
+  with pytest.raises(ValueError, match="configs/minilm_ptq.py:VARIANT"):
+    recipe_rules(minilm_ptq.get_config("w8"), {"variant": "w4_g128_gptq"})
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +57,8 @@ def _config(path):
 @pytest.mark.parametrize("case", list(CASES))
 def test_every_algorithm_runs_on_a_bert_and_stays_close_to_float(tiny_dir, case):
   config = _config(tiny_dir)
-  model, params, tok, smodel, svars = quantized_encoder(config, CASES[case], progress=False)
+  rules = rules_from_list(CASES[case])
+  model, params, tok, smodel, svars = quantized_encoder(config, rules, progress=False)
   kernels = [v for v in __import__("jax").tree.leaves(
       svars["params"], is_leaf=lambda x: isinstance(x, jq.QTensor)) if isinstance(v, jq.QTensor)]
   embed = case == "w8_embed8"  # the word embedding too, per-row int8
