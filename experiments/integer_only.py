@@ -32,7 +32,7 @@ import numpy as np
 
 import jaxquant as jq
 from jaxquant.integer_only import qat_view
-from experiments.training import loop
+from experiments.training import loop, restore
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "configs/mnist1d_integer.py[:arg]",
                                           lock_config=False)
@@ -60,7 +60,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                                          "calibration_batch_size": config.batch_size,
                                          "eval_batch_size": 500})
   summary = loop.train_and_evaluate(train_config, workdir)
-  step, state, setup = loop.load_checkpoint(train_config, workdir)
+  step, state, setup = restore.load_checkpoint(train_config, workdir)
   variables = {**state["trainable"], **state["state"]}
 
   t0 = time.time()

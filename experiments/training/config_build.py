@@ -354,7 +354,7 @@ def build_model(config: ml_collections.ConfigDict, *, num_classes: int):
   """Returns `(float_model, rules)` for `config`; `rules == []` means a float run.
 
   The training loop quantizes with `jaxquant.quantize_model(model, rules)` when
-  `rules` is non-empty (see `loop.maybe_quantize`).
+  `rules` is non-empty (see `run_setup.maybe_quantize`).
   """
   rules = rules_from_config(config.quant)
   kwargs = config.model.kwargs.to_dict()

@@ -22,7 +22,7 @@ import numpy as np
 from experiments.data import BatchIterator
 from experiments.config_file import load_config_module
 from experiments.sweeps import build_points, load_sweep
-from experiments.training import loop, steps
+from experiments.training import run_setup, steps
 from experiments.training.config_build import rules_from_config, validate_config
 from tests.experiments.test_configs import _apply
 
@@ -92,7 +92,7 @@ def test_claim_recipe_trains_two_steps(recipe):
                   "model.kwargs.num_heads": 2, "model.kwargs.max_len": 16,
                   "dataset.seq_len": 16})
   config = _first_quantized_config(recipe, extra)
-  setup = loop.prepare(config)
+  setup = run_setup.prepare(config)
   assert setup.quantized or setup.ptq_rules
   data = BatchIterator(setup.dataset, batch_size=8, seed=0)
   state = setup.init_fn(jax.random.key(0), next(data)["x"])

@@ -32,7 +32,7 @@ import pytest
 from configs import mnist1d_cnn
 from experiments import sweeps
 from experiments.sweeps import plan
-from experiments.training import loop
+from experiments.training import evaluation, restore, run_setup
 from experiments.training.results import read_jsonl
 
 # A failed orbax restore (test_train.py's corrupt-checkpoint case, earlier in the same
@@ -116,7 +116,7 @@ def cnn_config():
 
 def final_state(workdir, config=None):
   """(step, whole train state on the host) of the newest checkpoint of `workdir`."""
-  step, state, _ = loop.load_checkpoint(config or fixture_config(), str(workdir))
+  step, state, _ = restore.load_checkpoint(config or fixture_config(), str(workdir))
   return step, jax.device_get(state)
 
 
@@ -620,9 +620,9 @@ def test_cnn_recipe_killed_twice_then_finished_is_bit_identical(tmp_path):
 def test_stochastic_weight_rounding_converts_for_serving():
   """Was a crash after training (convert quantized the serving kernels without a key)."""
   config = faults_config.get_config()
-  setup = loop.prepare(config)
+  setup = run_setup.prepare(config)
   state = jax.jit(setup.init_fn, out_shardings=setup.state_shardings)(
       jax.random.key(config.seed), setup.example_batch["x"])
-  metrics, param_bytes = loop.evaluate_serving(setup, state, {})
+  metrics, param_bytes = evaluation.evaluate_serving(setup, state, {})
   assert 0.0 <= metrics["accuracy"] <= 1.0
   assert param_bytes["quantized"] < param_bytes["float"]

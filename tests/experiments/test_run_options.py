@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from configs import base
-from experiments.training import loop, steps
+from experiments.training import evaluation, loop, restore, run_setup, steps
 from experiments.training.config_build import ConfigError
 from experiments.training.results import read_jsonl
 from experiments.training.schema import quant_rule
@@ -92,7 +92,7 @@ def test_ptq_enabled_trains_float_then_quantizes(float_run, tmp_path):
   # Training is the float run's (same seed, same steps): PTQ is applied only afterwards.
   assert summary["metrics"]["float_test_accuracy"] == float_summary["metrics"]["test_accuracy"]
   assert summary["metrics"]["final_loss"] == float_summary["metrics"]["final_loss"]
-  _, state, _ = loop.load_checkpoint(_ptq_config(8), str(tmp_path / "run"))
+  _, state, _ = restore.load_checkpoint(_ptq_config(8), str(tmp_path / "run"))
   assert "quant" not in state["trainable"] and "quant_stats" not in state["state"]
 
 
@@ -124,12 +124,12 @@ def test_noisy_weights_follow_the_formula():
   w = jax.random.normal(jax.random.key(0), (64, 64))
   variables = {"params": {"dense": {"kernel": w, "bias": jax.numpy.ones((64,))}},
                "quant_stats": {"x": w}}
-  out = loop.noisy_weights(variables, 0.2, seed=3)
+  out = evaluation.noisy_weights(variables, 0.2, seed=3)
   relative = np.asarray(out["params"]["dense"]["kernel"] / w - 1) / 0.2  # the N(0, 1) draws
   assert abs(relative.mean()) < 0.05 and abs(relative.std() - 1) < 0.05
   np.testing.assert_array_equal(out["params"]["dense"]["bias"], 1.0)  # biases untouched
   assert out["quant_stats"]["x"] is w  # only 'params'
-  again = loop.noisy_weights(variables, 0.2, seed=3)["params"]["dense"]["kernel"]
+  again = evaluation.noisy_weights(variables, 0.2, seed=3)["params"]["dense"]["kernel"]
   np.testing.assert_array_equal(again, out["params"]["dense"]["kernel"])
 
 
@@ -140,8 +140,8 @@ def test_noisy_evaluation(float_run):
   def noisy(input_std, weight_std):
     config = _digits_config(**{"eval.input_noise_std": input_std,
                                "eval.weight_noise_std": weight_std})
-    _, state, setup = loop.load_checkpoint(config, source)
-    return loop.noisy_evaluation(setup, state)["accuracy"]
+    _, state, setup = restore.load_checkpoint(config, source)
+    return evaluation.noisy_evaluation(setup, state)["accuracy"]
 
   assert noisy(0.0, 0.0) == clean_acc  # no noise: the plain evaluation
   # Noise 3x the input std (SNR 1/9) leaves little of the 8x8 digits; weights scaled by
@@ -199,11 +199,11 @@ def test_warm_start_from_a_float_run(float_run, tmp_path):
   source, _ = float_run
   config = _digits_config(**{"init.from_workdir": source})
   config.quant.bits = 4  # dense_1 at W4A4 with LSQ weights
-  setup = loop.prepare(config)
+  setup = run_setup.prepare(config)
   state = setup.init_fn(jax.random.key(0), setup.example_batch["x"])
-  _, float_state, _ = loop.load_checkpoint(_digits_config(), source)
-  other = loop._other_run(setup, "init.from_workdir", source, float_only=False)[3]
-  warm = loop.warm_start(setup, state, other, jax.random.key(0))
+  _, float_state, _ = restore.load_checkpoint(_digits_config(), source)
+  other = restore.other_run(setup, "init.from_workdir", source, float_only=False)[3]
+  warm = restore.warm_start(setup, state, other, jax.random.key(0))
   got, want = warm["trainable"]["params"], float_state["trainable"]["params"]
   jax.tree_util.tree_map(np.testing.assert_array_equal, got, want)
   w = np.asarray(want["dense_1"]["kernel"])

@@ -18,7 +18,7 @@ from jax.sharding import PartitionSpec as P
 import numpy as np
 import pytest
 
-from experiments.training import loop
+from experiments.training import loop, run_setup
 from experiments.training.results import read_jsonl
 from experiments.training.sharding import partition_spec
 from configs import base
@@ -64,7 +64,7 @@ def test_same_loss_curve_on_1_8_and_model_parallel_meshes(tmp_path):
   np.testing.assert_allclose(curves[(4, 2)], curves[(1, 1)], rtol=1e-5)
 
   # The (4, 2) run really splits Dense kernels (and their Adam moments) over 'model'.
-  setup = loop.prepare(_tiny_config((4, 2)))
+  setup = run_setup.prepare(_tiny_config((4, 2)))
   params = setup.state_shardings["trainable"]["params"]
   assert params["dense_0"]["kernel"].spec == P(None, "model")
   assert params["head"]["kernel"].spec == P(None, "model")

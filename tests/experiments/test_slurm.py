@@ -23,7 +23,7 @@ import pytest
 
 from experiments.config_file import load_config_module
 from experiments.sweeps import slurm, task
-from experiments.training import loop, preemption
+from experiments.training import loop, preemption, restore
 from experiments.training.results import read_jsonl
 
 pytestmark = [pytest.mark.slurm,
@@ -268,8 +268,8 @@ def test_preempted_point_is_requeued_and_resumes_bit_identical(cluster, tmp_path
   assert summary["metrics"]["final_loss"] == ref_summary["metrics"]["final_loss"]
   config = _config()
   config.num_steps = 1500
-  _, state, _ = loop.load_checkpoint(config, str(point))
-  _, ref_state, _ = loop.load_checkpoint(config, str(reference))
+  _, state, _ = restore.load_checkpoint(config, str(point))
+  _, ref_state, _ = restore.load_checkpoint(config, str(reference))
   a, b = jax.device_get(state), jax.device_get(ref_state)
   leaves_a, leaves_b = jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)
   assert len(leaves_a) == len(leaves_b)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from configs import base
-from experiments.training import loop
+from experiments.training import loop, restore
 from experiments.training.results import read_jsonl
 
 # A failed orbax restore (the corrupt-checkpoint test) leaves coroutines that are
@@ -40,7 +40,7 @@ def tiny_config(**overrides):
 
 
 def _params(config, workdir):
-  step, state, _ = loop.load_checkpoint(config, str(workdir))
+  step, state, _ = restore.load_checkpoint(config, str(workdir))
   return step, jax.device_get(state["trainable"]["params"])
 
 
@@ -175,7 +175,7 @@ def test_quantized_run_reports_serving_metrics_and_resumes(tmp_path):
   assert summary["param_bytes"]["quantized"] < summary["param_bytes"]["float"]
   # dense_0 and head at W8A8, dense_1 at W4A4 (bit operations = MACs x b_w x b_a)
   assert summary["compute_per_example"]["bops"] == 640 * 64 + 256 * 16 + 160 * 64
-  _, state, _ = loop.load_checkpoint(config, str(workdir))
+  _, state, _ = restore.load_checkpoint(config, str(workdir))
   assert "quant_stats" in state["state"]  # activation ranges travel with the checkpoint
   config.num_steps = 6
   summary = loop.train_and_evaluate(config, str(workdir))
