@@ -18,13 +18,13 @@ import sys
 
 from absl import app, flags
 
-from experiments.sweeps import SweepError, report
+from experiments.sweeps import SweepError, plots, report
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Sweep directory (holds sweep.json).")
 _METRIC = flags.DEFINE_list(
     "metric", None, "Metric(s) from summary.json's 'metrics' to tabulate; the first is "
     "plotted. Default: test_accuracy, or test_bits_per_byte for language models.")
-_BITS_KEY = flags.DEFINE_string("bits_key", report.BITS_KEY,
+_BITS_KEY = flags.DEFINE_string("bits_key", plots.BITS_KEY,
                                 "Dotted config key giving a run's bits (absent/None: float).")
 _X = flags.DEFINE_string("x", "bits", "Plot x axis: 'bits', 'label' or a config key.")
 _SERIES = flags.DEFINE_list(

@@ -33,7 +33,8 @@ name are an error.
 Running it: `python -m experiments.sweep --config=configs/<recipe>.py[:ARG] --workdir=DIR`
 (see plan.py for the directory layout, local.py, locks.py, slurm.py and task.py for launching),
 then `python -m experiments.report --workdir=DIR`, which writes the sweep report
-(report.py: report.md and PNG plots; imported on its own, it needs matplotlib).
+(report.py: report.md from collect.py's rows, and plots.py's PNG plots; imported on its
+own, it needs matplotlib).
 """
 from experiments.sweeps.grid import (axis, chain, format_value, point_name, product, ref,
                                     zip_)

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from experiments import sweeps
-from experiments.sweeps import axes, report
+from experiments.sweeps import axes, collect, plots, report
 from experiments.sweeps import plan
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
@@ -54,8 +54,8 @@ def test_table_mean_std_match_numpy(tmp_path):
   make_sweep(tmp_path, points)
   text, warnings = report.write_report(str(tmp_path))
   assert warnings == []
-  _, results, _ = report.load_results(str(tmp_path))
-  rows = report.group_rows(results)
+  _, results, _ = collect.load_results(str(tmp_path))
+  rows = collect.group_rows(results)
   assert [r.values for r in rows] == [{"quant.bits": b, "model.width": w}
                                       for b in (2, 8) for w in (16, 32)]
   for row in rows:
@@ -73,8 +73,8 @@ def test_table_mean_std_match_numpy(tmp_path):
     assert cells in text
   assert "| quant.bits | model.width | runs | test_accuracy | serving test_accuracy |" in text
   assert (tmp_path / "report.md").read_text() == text
-  assert is_png(tmp_path / report.BITS_PLOT) and is_png(tmp_path / report.BYTES_PLOT)
-  lines = report.xy_series(rows, "test_accuracy")
+  assert is_png(tmp_path / plots.BITS_PLOT) and is_png(tmp_path / plots.BYTES_PLOT)
+  lines = plots.xy_series(rows, "test_accuracy")
   assert sorted(lines) == ["width=16", "width=32"]
   assert [p.x for p in lines["width=16"]] == [2.0, 8.0]
   # No rules in these configs: the bits alone, and the width it does not imply.
@@ -88,32 +88,32 @@ def test_float_is_32_bits_and_presets_label_points(tmp_path):
       ({"quant.preset": "w4a8", "seed": 0}, summary(0.8, bits=4)),
       ({"quant.preset": "none", "seed": 0}, summary(0.91, config={"model": {}})),
   ])
-  _, results, _ = report.load_results(str(tmp_path))
-  rows = report.group_rows(results)
+  _, results, _ = collect.load_results(str(tmp_path))
+  rows = collect.group_rows(results)
   # None: the key is absent, so that row has no x and is left off the plot.
   assert [axes.row_value(r, "bits") for r in rows] == [32.0, 4.0, 4.0, None]
-  (line,) = report.xy_series(rows, "test_accuracy").values()
+  (line,) = plots.xy_series(rows, "test_accuracy").values()
   assert [(p.x, p.label) for p in line] == [
       (4.0, "4 bits, preset=w4a4"), (4.0, "4 bits, preset=w4a8"), (32.0, "float, preset=float")]
-  assert report.plot_xy(rows, "test_accuracy", str(tmp_path / "b.png"))
+  assert plots.plot_xy(rows, "test_accuracy", str(tmp_path / "b.png"))
   assert is_png(tmp_path / "b.png")
 
 
 def test_pareto_front_hand_made():
   pts = [(100, .5), (200, .7), (150, .4), (300, .7), (400, .9), (50, .45), (200, .65),
          (500, math.nan)]
-  assert report.pareto_front(pts) == [5, 0, 1, 4]
+  assert plots.pareto_front(pts) == [5, 0, 1, 4]
   # Lower is better (e.g. bits per byte): only strict improvements as bytes grow.
-  assert report.pareto_front(pts, higher_is_better=False) == [5, 2]
-  assert report.pareto_front([(10, 2.0), (20, 1.5), (30, 1.7), (40, 1.0)],
+  assert plots.pareto_front(pts, higher_is_better=False) == [5, 2]
+  assert plots.pareto_front([(10, 2.0), (20, 1.5), (30, 1.7), (40, 1.0)],
                              higher_is_better=False) == [0, 1, 3]
-  assert report.pareto_front([]) == []
+  assert plots.pareto_front([]) == []
 
 
 def test_pareto_front_matches_brute_force():
   rng = np.random.default_rng(1)
   pts = [(float(b), float(m)) for b, m in zip(rng.uniform(1, 1e6, 60), rng.uniform(0, 1, 60))]
-  front = report.pareto_front(pts)
+  front = plots.pareto_front(pts)
   brute = [i for i, (b, m) in enumerate(pts)
            if not any(j != i and bj <= b and mj >= m for j, (bj, mj) in enumerate(pts))]
   assert sorted(front) == sorted(brute)
@@ -124,9 +124,9 @@ def test_single_point_and_no_bits_key(tmp_path):
   make_sweep(tmp_path, [({"seed": 0}, summary(0.8, config={"model": {"width": 8}}))])
   text, warnings = report.write_report(str(tmp_path))
   assert "| all runs" not in text and "| 1/1 | 0.8000 |" in text
-  assert any(report.BITS_PLOT in w for w in warnings)
-  assert not (tmp_path / report.BITS_PLOT).exists()
-  assert is_png(tmp_path / report.BYTES_PLOT)
+  assert any(plots.BITS_PLOT in w for w in warnings)
+  assert not (tmp_path / plots.BITS_PLOT).exists()
+  assert is_png(tmp_path / plots.BYTES_PLOT)
 
 
 def test_broken_points_are_reported_not_fatal(tmp_path):
@@ -213,8 +213,8 @@ def test_quickstart_shape_is_one_labelled_line(tmp_path):
                         for n, o in quickstart.SETTINGS.items() for s in range(2)])
   text, warnings = report.write_report(str(tmp_path))
   assert warnings == []
-  _, results, _ = report.load_results(str(tmp_path))
-  lines = report.xy_series(report.group_rows(results), "test_accuracy")
+  _, results, _ = collect.load_results(str(tmp_path))
+  lines = plots.xy_series(collect.group_rows(results), "test_accuracy")
   assert list(lines) == ["test_accuracy"]
   assert [(p.x, p.label) for p in lines["test_accuracy"]] == [
       (1.0, "binary W1A8"), (2.0, "W2A2"), (4.0, "W4A4"), (8.0, "W8A8"), (32.0, "float")]
@@ -236,22 +236,22 @@ def test_chosen_x_and_series(tmp_path):
   text, _ = report.write_report(str(tmp_path), x="lr", series=["quant.bits"])
   assert is_png(tmp_path / "test_accuracy_vs_optimizer_lr.png")
   assert "![test_accuracy_vs_optimizer_lr.png]" in text
-  _, results, _ = report.load_results(str(tmp_path))
-  rows = report.group_rows(results)
-  lines = report.xy_series(rows, "test_accuracy", "lr", ["quant.bits"])
+  _, results, _ = collect.load_results(str(tmp_path))
+  rows = collect.group_rows(results)
+  lines = plots.xy_series(rows, "test_accuracy", "lr", ["quant.bits"])
   assert sorted(lines) == ["bits=2", "bits=4"]
   for b in (2, 4):
     pts = lines[f"bits={b}"]
     assert [p.x for p in pts] == [0.01, 0.03]  # sorted numerically
     assert [p.stat.mean for p in pts] == pytest.approx([acc[b, .01] + .001, acc[b, .03] + .001])
     assert all(p.label == "" for p in pts)  # the axes already say everything
-  by_label = report.xy_series(rows, "test_accuracy", "label", [])
+  by_label = plots.xy_series(rows, "test_accuracy", "label", [])
   assert [p.x for p in by_label["test_accuracy"]] == ["W2A2", "W2A2", "W4A4", "W4A4"]
-  assert report.plot_xy(rows, "test_accuracy", str(tmp_path / "l.png"), x="label", series=[])
+  assert plots.plot_xy(rows, "test_accuracy", str(tmp_path / "l.png"), x="label", series=[])
   with pytest.raises(ValueError, match="ambiguous.*input_noise_std.*weight_noise_std"):
-    report.xy_series(rows, "test_accuracy", "noise_std")
+    plots.xy_series(rows, "test_accuracy", "noise_std")
   with pytest.raises(ValueError, match="neither.*optimizer.lr"):
-    report.xy_series(rows, "test_accuracy", "nonsense")
+    plots.xy_series(rows, "test_accuracy", "nonsense")
   result = subprocess.run(
       [sys.executable, "-m", "experiments.report", f"--workdir={tmp_path}", "--x=nonsense"],
       cwd=REPO, capture_output=True, text=True, timeout=120)
@@ -266,8 +266,8 @@ def test_staged_points_group_over_seeds_under_their_stage(tmp_path):
     points += [(first, summary(0.9 + 0.01 * seed, bits=8)),
                (second, summary(0.8 + 0.02 * seed, bits=4))]
   make_sweep(tmp_path, points)
-  _, results, _ = report.load_results(str(tmp_path))
-  rows = report.group_rows(results, ["quant.bits", "seed", "start"])
+  _, results, _ = collect.load_results(str(tmp_path))
+  rows = collect.group_rows(results, ["quant.bits", "seed", "start"])
   assert [r.values for r in rows] == [{"quant.bits": 8, "start": None},
                                       {"quant.bits": 4, "start": "after 8 bits"}]
   assert rows[1].stat("test_accuracy").mean == pytest.approx(0.81)
@@ -282,8 +282,8 @@ def test_bops_columns_when_summaries_count_compute(tmp_path):
   make_sweep(tmp_path, [({"quant.bits": 4, "seed": 0}, with_compute(0.9, 1600)),
                         ({"quant.bits": 4, "seed": 1}, with_compute(0.8, 1600)),
                         ({"quant.bits": 2, "seed": 0}, summary(0.7))])
-  sweep, results, _ = report.load_results(str(tmp_path))
-  rows = report.group_rows(results, sweep["swept_keys"])
+  sweep, results, _ = collect.load_results(str(tmp_path))
+  rows = collect.group_rows(results, sweep["swept_keys"])
   text = report.markdown(str(tmp_path), sweep, results, rows, ["test_accuracy"])
   assert "| BOPs/example | float/BOPs |" in text
   assert "| 1,600 | 64.0× |" in text
@@ -293,15 +293,15 @@ def test_bops_columns_when_summaries_count_compute(tmp_path):
 def test_x_scale_log_for_values_over_decades(tmp_path, monkeypatch):
   """'auto' draws a numeric x on a log axis when its values are > 0 and span ≥ 10x
   (learning rates), linearly otherwise; 'log' refuses values ≤ 0; unknown scales fail."""
-  assert report.log_x([1e-4, 1e-3, 3e-2]) and report.log_x([1e-3, 3e-2])
-  assert not report.log_x([0.01, 0.03])  # 3x: linear
-  assert not report.log_x([0.0, 0.5, 1.0])  # zero: linear
-  assert not report.log_x(["W4A4", "W2A2"])  # text: categories
-  assert not report.log_x([1e-4, 3e-2], "linear") and report.log_x([0.01, 0.03], "log")
+  assert plots.log_x([1e-4, 1e-3, 3e-2]) and plots.log_x([1e-3, 3e-2])
+  assert not plots.log_x([0.01, 0.03])  # 3x: linear
+  assert not plots.log_x([0.0, 0.5, 1.0])  # zero: linear
+  assert not plots.log_x(["W4A4", "W2A2"])  # text: categories
+  assert not plots.log_x([1e-4, 3e-2], "linear") and plots.log_x([0.01, 0.03], "log")
   with pytest.raises(ValueError, match="> 0"):
-    report.log_x([0.0, 1.0], "log")
+    plots.log_x([0.0, 1.0], "log")
   with pytest.raises(ValueError, match="x_scale"):
-    report.log_x([1.0], "cubic")
+    plots.log_x([1.0], "cubic")
   make_sweep(tmp_path, [({"optimizer.lr": lr, "seed": s}, summary(0.5 + s / 100))
                         for lr in (1e-4, 1e-3, 1e-2) for s in range(2)])
   from matplotlib.axes import Axes  # pylint: disable=import-outside-toplevel
