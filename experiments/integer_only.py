@@ -19,7 +19,6 @@ write DIR/integer_summary.json and print one line.
 from __future__ import annotations
 
 import importlib.util
-import json
 import os
 import sys
 import time
@@ -33,6 +32,7 @@ import numpy as np
 import jaxquant as jq
 from jaxquant.integer_only import qat_view
 from experiments.training import loop, restore
+from experiments.training.results import write_json_atomic
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "configs/mnist1d_integer.py[:arg]",
                                           lock_config=False)
@@ -113,8 +113,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
       "versions": {"jax": jax.__version__, "python": sys.version.split()[0]},
   }
   result["delta_points"] = 100 * (result["integer_test_accuracy"] - result["qat_test_accuracy"])
-  with open(os.path.join(os.path.abspath(workdir), "integer_summary.json"), "w") as f:
-    json.dump(result, f, indent=2)
+  write_json_atomic(os.path.join(os.path.abspath(workdir), "integer_summary.json"), result)
   return result
 
 
