@@ -31,7 +31,7 @@ Each prints the floor it is judged against, r = raw_s8_dot of the same run:
                       byte); target 1.0. Up to 32 rows (on a CPU with AMX int8 units:
                       every row count, grouped weights 1024 / groups rows) the float
                       activations are split into three int8 slices and run as s8 dots
-                      against the stored codes (jaxquant/dot.py)
+                      against the stored codes (jaxquant/serving_dot.py)
   percentile_search_vs_sort
                       99th percentile of 0.5M float32 values: the sort-free search that
                       percentile calibration uses vs jnp.nanpercentile (a sort)
@@ -77,7 +77,7 @@ import jax.numpy as jnp
 
 import jaxquant as jq
 from jaxquant import state as jq_state
-from jaxquant import dot as qdot
+from jaxquant import dot_options
 from jaxquant import numerics
 from experiments.models import CNN1D, MLP
 
@@ -483,7 +483,7 @@ def host_cpu() -> str:
       name = next((l.split(":", 1)[1].strip() for l in f if l.startswith("model name")), "?")
   except OSError:
     name = "?"
-  return name + (", AMX-INT8" if qdot._cpu_has_amx_int8() else "")  # pylint: disable=protected-access
+  return name + (", AMX-INT8" if dot_options.cpu_has_amx_int8() else "")
 
 
 def main(argv):

@@ -31,7 +31,6 @@ import jax
 import jax.numpy as jnp
 
 import jaxquant as jq
-from jaxquant import dot as qdot
 from jaxquant import layout
 from experiments.benchmark import DECODE_WEIGHTS, SIZES, host_cpu
 
@@ -59,16 +58,11 @@ def _copies(tree):
 
 def _compiled(weights, x, biases, dims, sliced_rows=None):
   """The jitted serving MLP, compiled now with the sliced path's row limit forced to
-  `sliced_rows` (None: the library's own choice)."""
-  fn = jax.jit(lambda ws, x: _mlp(lambda a, q: jq.dot_general(a, q, dims), ws, biases, x))
-  if sliced_rows is None:
-    return fn.lower(weights, x).compile()
-  saved = qdot._sliced_max_rows  # pylint: disable=protected-access
-  qdot._sliced_max_rows = lambda groups=1: sliced_rows  # pylint: disable=protected-access
-  try:
-    return fn.lower(weights, x).compile()
-  finally:
-    qdot._sliced_max_rows = saved  # pylint: disable=protected-access
+  `sliced_rows` (None: the library's own choice, `jq.DotOptions.sliced_max_rows`)."""
+  options = jq.DotOptions(sliced_max_rows=sliced_rows)
+  dot = lambda a, q: jq.dot_general(a, q, dims, options=options)
+  fn = jax.jit(lambda ws, x: _mlp(dot, ws, biases, x))
+  return fn.lower(weights, x).compile()
 
 
 def _timed(arms, x, rounds):

@@ -8,6 +8,7 @@ from jaxquant.compute import ComputeReport, LayerCompute, compute_report
 from jaxquant.conv import conv_general_dilated, make_conv
 from jaxquant.convert import SizeReport, TensorSize, calibrate, convert, size_report
 from jaxquant.dot import dot_general, make_dot_general
+from jaxquant.dot_options import DotOptions
 from jaxquant.einsum import einsum
 from jaxquant.export import export_serving, load_exported
 from jaxquant.fake_quant import OperandState, fake_quant
@@ -25,6 +26,6 @@ __all__ = [
     "OperandState", "WeightLayout", "make_layout", "quantize_weight", "observers",
     "PTQ", "ptq", "to_integer", "IntegerProgram", "IntegerOnlyError", "export_serving",
     "load_exported", "FoldedConvBN", "FoldedDenseBN", "compute_report", "ComputeReport",
-    "LayerCompute",
+    "LayerCompute", "DotOptions",
 ]
 __version__ = "0.1.0"

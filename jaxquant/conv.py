@@ -29,10 +29,8 @@ from typing import NamedTuple, Optional
 import jax
 import jax.numpy as jnp
 from jax import lax
-from jax._src import core as jax_core
-from jax._src.interpreters import ad as jax_ad
-from jax._src.lax import convolution as lax_conv
 
+from jaxquant import _compat
 from jaxquant import eager
 from jaxquant import fake_quant as fq
 from jaxquant import layout
@@ -206,11 +204,10 @@ def _transposed_convs(g_lhs, g_rhs, a, b, args, lhs_shape, rhs_shape, mode):
   cast = (lambda x: x.astype(jnp.int8)) if mode == "int" else (lambda x: x.astype(jnp.float32))
   params["preferred_element_type"] = t
   params["precision"] = lax.Precision.HIGHEST if mode == "fake" else lax.Precision.DEFAULT
-  undefined = lambda shape: jax_ad.UndefinedPrimal(jax_core.ShapedArray(shape, t))
-  d_l = None if g_lhs is None else lax_conv._conv_general_dilated_transpose_lhs(  # pylint: disable=protected-access
-      cast(g_lhs), undefined(lhs_shape), cast(b), **params)
-  d_r = None if g_rhs is None else lax_conv._conv_general_dilated_transpose_rhs(  # pylint: disable=protected-access
-      cast(g_rhs), cast(a), undefined(rhs_shape), **params)
+  d_l = None if g_lhs is None else _compat.conv_transpose_lhs(
+      cast(g_lhs), lhs_shape, t, cast(b), **params)
+  d_r = None if g_rhs is None else _compat.conv_transpose_rhs(
+      cast(g_rhs), cast(a), rhs_shape, t, **params)
   return d_l, d_r
 
 

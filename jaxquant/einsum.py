@@ -14,6 +14,7 @@ import jax.numpy as jnp
 
 from jaxquant import eager
 from jaxquant.dot import dot_general
+from jaxquant.dot_options import DotOptions
 from jaxquant.fake_quant import OperandState
 from jaxquant.qtensor import QTensor
 from jaxquant.spec import DotSpec
@@ -61,11 +62,13 @@ def einsum_dimension_numbers(subscripts: str, lhs_ndim: int, rhs_ndim: int):
 def einsum(subscripts: str, lhs, rhs, spec: Optional[DotSpec] = None, *, key=None,
            preferred_element_type=None, precision=None,
            lhs_state: Optional[OperandState] = None,
-           rhs_state: Optional[OperandState] = None):
+           rhs_state: Optional[OperandState] = None,
+           options: Optional[DotOptions] = None):
   """Two-operand `jnp.einsum` through `dot_general` (explicit '->' output required).
 
   `rhs` may be a stored weight `QTensor`; a subscript that sums a kernel axis away is
-  then refused (the codes cannot be summed before the contraction).
+  then refused (the codes cannot be summed before the contraction). `options`: a
+  `DotOptions`, as in `dot_general`.
   """
   dims, perm, lsum, rsum = einsum_dimension_numbers(subscripts, jnp.ndim(lhs), len(jnp.shape(rhs)))
   lhs = jnp.asarray(lhs)
@@ -76,7 +79,8 @@ def einsum(subscripts: str, lhs, rhs, spec: Optional[DotSpec] = None, *, key=Non
       raise ValueError(f"einsum {subscripts!r} sums axes {rsum} of a stored QTensor away")
     rhs = jnp.sum(jnp.asarray(rhs), axis=rsum)
   out = dot_general(lhs, rhs, dims, spec, key=key, preferred_element_type=preferred_element_type,
-                    precision=precision, lhs_state=lhs_state, rhs_state=rhs_state)
+                    precision=precision, lhs_state=lhs_state, rhs_state=rhs_state,
+                    options=options)
   if perm != tuple(range(len(perm))):
     out = jnp.transpose(out, perm)
   return out
@@ -85,4 +89,4 @@ def einsum(subscripts: str, lhs, rhs, spec: Optional[DotSpec] = None, *, key=Non
 # `einsum`, one compiled call when it runs outside a trace (see `jaxquant.eager`): what
 # layers call. Static arguments (`subscripts`, `spec`, ...) by keyword.
 einsum_compiled = eager.compiled_when_eager(
-    einsum, ("subscripts", "spec", "preferred_element_type", "precision"))
+    einsum, ("subscripts", "spec", "preferred_element_type", "precision", "options"))

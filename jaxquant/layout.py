@@ -10,20 +10,26 @@ rank, each axis of length 1, its full length, or its number of groups: a group o
 
 `quantize_canonical` quantizes a weight in that view; `jaxquant.quantize.quantize_weight`
 wraps it for a weight in its own rank.
+
+The contraction side of the same view (`canonicalize` and the helpers after it): any
+`dot_general` is a batched matmul lhs[B, M, K] · rhs[B, K, N], a reshape, and no
+transpose at all for the usual Dense layout [..., K] · [K, N]. The QAT contraction
+(`jaxquant.qat_dot`) and the serving paths (`jaxquant.serving_dot`) both read their
+operands, learned scales and stored weights through these.
 """
 from __future__ import annotations
 
 import math
-from typing import NamedTuple, Sequence, Tuple
+from typing import NamedTuple, Optional, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from jaxquant import eager
-from jaxquant.fake_quant import quantize_parts
+from jaxquant.fake_quant import OperandState, quantize_parts
 from jaxquant import numerics
-from jaxquant.qtensor import QTensor
+from jaxquant.qtensor import QTensor, plane
 from jaxquant.spec import QuantSpec
 
 
@@ -168,7 +174,7 @@ def decode_layout(q: QTensor) -> QTensor:
   forward with [N, K] weights and 0.41x with [K, N]. Grouped scales keep [K, N]: each
   group of K is then a block of rows, read straight from one packed bit plane.
   A contraction that contracts axis 0 of a [K, N] weight uses such a weight as its
-  transpose (see `jaxquant.dot`)."""
+  transpose (see `stored_dimension_numbers`)."""
   if (len(q.shape) != 2 or tuple(q.contracting or ()) != (0,) or q.batch
       or q.scale.shape[0] != 1 or q.values.dtype not in (jnp.int8, jnp.uint8)):
     return q
@@ -194,3 +200,114 @@ def canonical_scales(q: QTensor, layout: WeightLayout):
                      f"{q.batch}) is used with contracting {layout.contracting} (batch "
                      f"{layout.batch}); its scales would be misread")
   return canonical_scale(q.scale, layout), canonical_scale(q.zero_point, layout)
+
+
+# ------------------------------------------------------- contractions as [B, M, K]·[B, K, N]
+
+
+class CanonicalContraction(NamedTuple):
+  """A `dot_general` viewed as lhs[B, M, K] · rhs[B, K, N]: each operand's transpose to
+  [batch, free, contracted] / [batch, contracted, free], the two views' shapes, and the
+  output's shape (lax's order: batch, lhs free, rhs free)."""
+  lhs_perm: tuple
+  rhs_perm: tuple
+  bmk: tuple
+  bkn: tuple
+  out_shape: tuple
+
+
+def canonicalize(lhs_shape, rhs_shape, dimension_numbers) -> CanonicalContraction:
+  """The [B, M, K] · [B, K, N] view of a contraction, after checking that its dimension
+  numbers pair axes of equal sizes."""
+  (lc, rc), (lb, rb) = dimension_numbers
+  lc, rc, lb, rb = (tuple(int(d) for d in t) for t in (lc, rc, lb, rb))
+  if len(lc) != len(rc) or len(lb) != len(rb):
+    raise ValueError(f"dimension_numbers={dimension_numbers} pair unequal numbers of dims")
+  for a, b in zip(lc + lb, rc + rb):
+    if lhs_shape[a] != rhs_shape[b]:
+      raise ValueError(f"dimension_numbers={dimension_numbers}: lhs dim {a} ({lhs_shape[a]}) "
+                       f"!= rhs dim {b} ({rhs_shape[b]})")
+  lf = tuple(i for i in range(len(lhs_shape)) if i not in lc and i not in lb)
+  rf = tuple(i for i in range(len(rhs_shape)) if i not in rc and i not in rb)
+  size = lambda shape, dims: prod(shape[d] for d in dims)  # symbolic batch: no int()
+  b, m, k, n = size(lhs_shape, lb), size(lhs_shape, lf), size(lhs_shape, lc), size(rhs_shape, rf)
+  out_shape = tuple(lhs_shape[d] for d in lb + lf) + tuple(rhs_shape[d] for d in rf)
+  return CanonicalContraction(lb + lf + lc, rb + rc + rf, (b, m, k), (b, k, n), out_shape)
+
+
+def to_canonical(x, perm, shape3):
+  """An operand transposed by `perm` (skipped when it is the identity) and reshaped to
+  its 3-D view `shape3`."""
+  if perm != tuple(range(x.ndim)):
+    x = jnp.transpose(x, perm)
+  return x.reshape(shape3)
+
+
+def learned_to_canonical(learned, perm, ndim, n_lead, n_mid):
+  """A learned scale (operand rank, scale-shaped, or a scalar) reshaped like its
+  operand: transposed by `perm`, then its first `n_lead` axes, the next `n_mid` and the
+  rest each flattened into one."""
+  if learned is None:
+    return None
+  learned = jnp.asarray(learned)
+  if learned.ndim == 0:
+    return learned.reshape(1, 1, 1)
+  if learned.ndim != ndim:
+    raise ValueError(f"learned scale of shape {learned.shape} must have the operand's rank {ndim}")
+  t = jnp.transpose(learned, perm)
+  s = t.shape
+  return t.reshape(prod(s[:n_lead]), prod(s[n_lead:n_lead + n_mid]), prod(s[n_lead + n_mid:]))
+
+
+def rhs_layout(dimension_numbers, rhs_ndim) -> WeightLayout:
+  """The weight layout a contraction's dimension numbers give its rhs."""
+  (_, rc), (_, rb) = dimension_numbers
+  return make_layout(rhs_ndim, rc, rb)
+
+
+def lhs_state_to_canonical(state: OperandState, c: CanonicalContraction, ndim,
+                           dimension_numbers) -> Tuple[Optional[jax.Array], Optional[tuple]]:
+  """The lhs's (learned scale, static range) in its [B, M, K] view."""
+  (lc, _), (lb, _) = dimension_numbers
+  n_lf = ndim - len(lb) - len(lc)
+  view = lambda a: learned_to_canonical(a, c.lhs_perm, ndim, len(lb), n_lf)
+  lr = None if state.range is None else tuple(view(r) for r in state.range)
+  return view(state.learned), lr
+
+
+def stored_dimension_numbers(dimension_numbers, q: QTensor):
+  """The contraction's dimension numbers, with the rhs contracting axis of a 2-D weight
+  stored transposed taken from the weight: a weight recorded as contracting its axis 1
+  (stored [N, K], as `jq.convert` stores weight-only Dense kernels, see `decode_layout`)
+  where the call contracts axis 0 of a [K, N] weight (a Dense layer's) is used as that
+  transpose."""
+  (lc, rc), (lb, rb) = dimension_numbers
+  if (len(q.shape) == 2 and tuple(q.contracting or ()) == (1,) and not q.batch
+      and tuple(rc) == (0,) and not tuple(rb)):
+    return (lc, (1,)), (lb, rb)
+  return dimension_numbers
+
+
+def group_codes(q_stored: QTensor, layout: WeightLayout, groups: int):
+  """(the int8 codes of each of the `groups` groups of K, kn) of a stored weight, as
+  the sliced weight-only dot reads them. A 2-D [N, K] weight is used as stored (kn
+  False: groups are column blocks); others as canonical [K, N] (row blocks). A packed
+  2-D [K, N] weight whose groups each lie inside one bit plane (plane i holds rows
+  [i·K/p, (i+1)·K/p), see `qtensor.pack`) gives each group straight from its bytes, so
+  the unpacked weight is written once, as the groups, instead of unpacked whole and
+  then copied group by group (as XLA:CPU did when the groups were slices of it)."""
+  if layout.ndim == 2 and layout.contracting == (1,):  # [N, K] as stored
+    codes = q_stored.unpacked().values
+    gs = codes.shape[1] // groups
+    return [codes[:, g * gs:(g + 1) * gs] for g in range(groups)], False
+  K, N = canonical_shape(q_stored.shape, layout)[1:]
+  gs = K // groups
+  if q_stored.packed and groups > 1 and layout.ndim == 2 and layout.contracting == (0,):
+    p = 8 // q_stored.spec.storage_bits
+    rows = K // p  # rows per plane
+    if K % p == 0 and rows % gs == 0:
+      planes = q_stored.values.reshape(rows, N)
+      return [plane(planes[(g * gs) % rows:(g * gs) % rows + gs], (g * gs) // rows,
+                    q_stored.spec.storage_bits) for g in range(groups)], True
+  codes = canonical_qtensor(q_stored, layout).values[0]
+  return [codes[g * gs:(g + 1) * gs] for g in range(groups)], True

@@ -254,8 +254,8 @@ def test_weight_only_dense_kernels_are_stored_transposed(monkeypatch, amx):
   contracting axis 1), packed when sub-byte; grouped and W8A8 kernels keep [K, N].
   Serving equals the QAT forward above 32 rows, on the float dot of the codes (no AMX)
   and on the sliced int8 dot (AMX: the path of decode batches too)."""
-  from jaxquant import dot as qdot
-  monkeypatch.setattr(qdot, "_cpu_has_amx_int8", lambda: amx)
+  from jaxquant import dot_options  # pylint: disable=import-outside-toplevel
+  monkeypatch.setattr(dot_options, "cpu_has_amx_int8", lambda: amx)
 
   class Four(nn.Module):
     @nn.compact

@@ -501,18 +501,17 @@ def _weight_only_cases():
 
 
 @pytest.mark.parametrize("stored, spec, rows, amx", list(_weight_only_cases()))
-def test_weight_only_serving_equals_dequantized_dot(monkeypatch, stored, spec, rows, amx):
+def test_weight_only_serving_equals_dequantized_dot(stored, spec, rows, amx):
   """Weight-only serving (float activations, stored codes) equals the float dot of the
   dequantized weight up to float32 rounding, for every formulation it picks."""
-  from jaxquant import dot as qdot
-  monkeypatch.setattr(qdot, "_cpu_has_amx_int8", lambda: amx)
+  options = jq.DotOptions(amx_int8=amx)
   K, N = 64, 24
   w = rng_x((K, N), 31) if stored == "KN" else rng_x((N, K), 31)
   contracting = 0 if stored == "KN" else 1
   q = jq.quantize_weight(w, spec, jq.make_layout(2, (contracting,))).pack()
   x = rng_x((rows, K), 32)
   dims = (((1,), (contracting,)), ((), ()))
-  out = jax.jit(lambda x, q: jq.dot_general(x, q, dims))(x, q)
+  out = jax.jit(lambda x, q: jq.dot_general(x, q, dims, options=options))(x, q)
   ref = _dequantized_reference(x, q, dims)
   w_kn = np.asarray(q.dequantize(jnp.float32), np.float64)
   w_kn = w_kn if stored == "KN" else w_kn.T
@@ -543,12 +542,11 @@ def test_weight_only_small_batch_runs_an_int8_dot_of_activation_slices():
 
 
 @pytest.mark.parametrize("amx", [False, True])
-def test_weight_only_rows_above_32_take_the_sliced_dot_only_with_amx(monkeypatch, amx):
+def test_weight_only_rows_above_32_take_the_sliced_dot_only_with_amx(amx):
   """Above 32 rows the float dot of the codes runs, unless the CPU has AMX int8 units
   (three slices' int8 GEMMs then cost less than one float GEMM): then the sliced dot,
   at any row count for per-channel scales, up to 1024 / groups rows for grouped ones."""
-  from jaxquant import dot as qdot
-  monkeypatch.setattr(qdot, "_cpu_has_amx_int8", lambda: amx)
+  options = jq.DotOptions(amx_int8=amx)
   K, N = 64, 24
   q = jq.quantize_weight(rng_x((K, N), 34), QS(), jq.make_layout(2, (0,)))
   # Grouped scales (4 groups): with AMX up to 1024 / 4 = 256 rows (one s8 dot per group).
@@ -556,8 +554,8 @@ def test_weight_only_rows_above_32_take_the_sliced_dot_only_with_amx(monkeypatch
                           jq.make_layout(2, (0,)))
   for w, rows, sliced_with_amx in ((q, 8, 1), (q, 33, 1), (q, 512, 1),
                                    (g4, 8, 4), (g4, 256, 4), (g4, 257, 0)):
-    jaxpr = jax.make_jaxpr(lambda x: jq.dot_general(x, w, (((1,), (0,)), ((), ()))))(
-        jnp.zeros((rows, K))).jaxpr
+    jaxpr = jax.make_jaxpr(lambda x: jq.dot_general(x, w, (((1,), (0,)), ((), ())),
+                                                    options=options))(jnp.zeros((rows, K))).jaxpr
     s8_dots = [e for e in iter_eqns(jaxpr) if e.primitive.name == "dot_general"
                and e.invars[0].aval.dtype == jnp.int8]
     assert len(s8_dots) == (sliced_with_amx if amx else 4 if rows <= 32 and w is g4
@@ -654,21 +652,23 @@ def test_int_dots_keep_default_precision_under_a_global_highest():
 
 
 @pytest.mark.parametrize("grad", [None, QS(bits=8)])
-def test_gpu_barriers_change_no_value(monkeypatch, grad):
+def test_gpu_barriers_change_no_value(grad):
   """Off the CPU the s8 dots sit between optimization barriers (a fusion choice on
-  XLA:GPU); forced on here, outputs and gradients, vmapped too, are bit-identical."""
-  from jaxquant import dot as qdot
+  XLA:GPU); forced on and off here, the programs differ by the barriers only, and the
+  outputs and gradients, vmapped too, are bit-identical."""
   x, w = rng_x((4, 6, 32), 1), rng_x((32, 16), 2)
   spec = DS(lhs=QS(bits=8), rhs=QS(symmetric=False), grad=grad)
   dims = (((1,), (0,)), ((), ()))
-  def run():
-    f = lambda a, b: jq.dot_general(a, b, dims, spec, key=jax.random.key(0))
+  def program(barriers):
+    options = jq.DotOptions(int_dot_barriers=barriers)
+    f = lambda a, b: jq.dot_general(a, b, dims, spec, key=jax.random.key(0), options=options)
     loss = lambda a, b: jnp.sum(jax.vmap(f, (0, None))(a, b) ** 2)
-    return jax.jit(lambda a, b: (jax.vmap(f, (0, None))(a, b),
-                                 jax.grad(loss, argnums=(0, 1))(a, b)))(x, w)
-  plain = run()
-  monkeypatch.setattr(qdot, "_int_dot_barriers", lambda: True)
-  with_barriers = run()
+    return lambda a, b: (jax.vmap(f, (0, None))(a, b), jax.grad(loss, argnums=(0, 1))(a, b))
+  barrier_count = lambda fn: [e.primitive.name for e in iter_eqns(
+      jax.make_jaxpr(fn)(x, w).jaxpr)].count("optimization_barrier")
+  without, with_ = program(False), program(True)
+  assert barrier_count(with_) > barrier_count(without)  # around each forward s8 dot
+  plain, with_barriers = jax.jit(without)(x, w), jax.jit(with_)(x, w)
   for a, b in zip(jax.tree.leaves(plain), jax.tree.leaves(with_barriers)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
