@@ -32,7 +32,8 @@ import jax.numpy as jnp
 
 import jaxquant as jq
 from jaxquant import layout
-from experiments.benchmark import DECODE_WEIGHTS, SIZES, host_cpu
+from experiments.benchmark import host_cpu
+from experiments.benchmark_rows import DECODE_WEIGHTS, SIZES
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("batches", ["1", "2", "4", "8", "33", "128", "512"], "Rows per call.")
