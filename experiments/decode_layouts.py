@@ -39,7 +39,7 @@ FLAGS = flags.FLAGS
 flags.DEFINE_list("batches", ["1", "2", "4", "8", "33", "128", "512"], "Rows per call.")
 flags.DEFINE_integer("rounds", 60, "Timed rounds (median reported).")
 flags.DEFINE_list("weights", ["w8", "w4", "w4g128"], "Weight formats (see "
-                  "experiments.benchmark.DECODE_WEIGHTS).")
+                  "experiments.benchmark_rows.DECODE_WEIGHTS).")
 
 COPIES = 6
 
