@@ -235,3 +235,23 @@ def test_real_smollm2_block_matches_numpy(real):
   pos = jnp.arange(len(ids))[None]
   got, _ = jax.jit(block.apply)({"params": gguf_llama.block_params(t, c, 0)}, jnp.asarray(x)[None], pos)
   np.testing.assert_allclose(np.asarray(got[0]), want, rtol=1e-4, atol=2e-4)
+
+
+@pytest.mark.slow
+def test_real_smollm2_perplexity_matches_numpy(real):
+  """The whole model on one 512-token window of the evaluation split: the target of
+  issue 24 is 0.5%; float32 against float64 lands far inside it."""
+  from experiments.pretrained import perplexity, shakespeare
+  try:
+    text = shakespeare.evaluation_text(max_chars=4000)
+  except FileNotFoundError as e:
+    pytest.skip(str(e))
+  ids = np.asarray(real.tokenizer().encode(text).ids[:512])
+  t = real.tensors()
+  model = llama.Llama(real.config)
+  logits = jax.jit(model.apply)({"params": gguf_llama.params_from_gguf(t, real.config)},
+                                jnp.asarray(ids)[None])
+  got = float(np.exp(perplexity.token_nll(np.asarray(logits), ids[None]).mean()))
+  want = ref.perplexity(ref.forward(t, ids, _cfg(real.config)), ids)
+  assert 5 < want < 100  # a sensible LM on English text
+  assert got == pytest.approx(want, rel=1e-3)
