@@ -4,9 +4,10 @@ The curated public API; everything else is internal.
 """
 from jaxquant import observers, ptq
 from jaxquant.bn_fold import FoldedConvBN, FoldedDenseBN
+from jaxquant.calibrate import calibrate
 from jaxquant.compute import ComputeReport, LayerCompute, compute_report
 from jaxquant.conv import conv_general_dilated, make_conv
-from jaxquant.convert import SizeReport, TensorSize, calibrate, convert, size_report
+from jaxquant.convert import convert
 from jaxquant.dot import dot_general, make_dot_general
 from jaxquant.dot_options import DotOptions
 from jaxquant.einsum import einsum
@@ -16,6 +17,7 @@ from jaxquant.integer_only import IntegerOnlyError, IntegerProgram, to_integer
 from jaxquant.layout import WeightLayout, make_layout
 from jaxquant.qtensor import QTensor, pack, unpack
 from jaxquant.quantize import dequantize, quantize, quantize_weight
+from jaxquant.size import SizeReport, TensorSize, size_report
 from jaxquant.spec import PTQ, DotSpec, QuantSpec, Rule
 from jaxquant.transform import quantize_model
 

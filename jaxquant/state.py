@@ -27,6 +27,7 @@ from __future__ import annotations
 from typing import Any, Dict, Iterable, Mapping, Optional, Tuple
 
 import numpy as np
+from flax.core import meta, unfreeze
 
 from jaxquant import layout as layout_lib
 
@@ -77,6 +78,32 @@ def is_layer_stats(node: Mapping[str, Any]) -> bool:
   static range, or the calibration observer's range or PTQ statistics."""
   keys = (KERNEL_AXES, ACT_HI, observer_key(CALIBRATION, "hi"), observer_key(PTQ_STATS, "xtx"))
   return any(k in node for k in keys)
+
+
+def mutable_copy(variables) -> Dict[str, Any]:
+  """Variables as nested plain dicts (unboxed, unfrozen) that can be edited in place; the
+  arrays are shared, not copied."""
+  def copy(node):
+    return {k: copy(v) for k, v in node.items()} if isinstance(node, dict) else node
+  return copy(unfreeze(meta.unbox(variables)))
+
+
+def layer_dicts(tree: Mapping[str, Any], prefix: str = ""):
+  """(path, dict) for every quantized layer's dict in a collection (`is_layer_stats`),
+  paths '/'-joined, in sorted order."""
+  for k, v in sorted(tree.items()):
+    if isinstance(v, dict):
+      p = f"{prefix}/{k}" if prefix else k
+      if is_layer_stats(v):
+        yield p, v
+      yield from layer_dicts(v, p)
+
+
+def node_at(tree: Mapping[str, Any], path: str):
+  """The entry of a nested dict at a '/'-joined path."""
+  for part in path.split("/"):
+    tree = tree[part]
+  return tree
 
 
 def static_range(node: Mapping[str, Any]) -> Optional[Tuple[Any, Any]]:
