@@ -92,7 +92,7 @@ def quantize_parts(x, spec: QuantSpec, axes, key, learned, clip_range=None):
       hi = jnp.maximum(jnp.abs(lo), jnp.abs(hi))
     scale, zp = numerics.scale_zero_point(jnp.minimum(lo, 0.0), jnp.maximum(hi, 0.0), spec)
   else:
-    scale, zp = numerics.calibrate(x32, spec, axes)
+    scale, zp = numerics.fit_grid(x32, spec, axes)
   return numerics.encode(x32, scale, zp, spec, key, axes), scale, zp
 
 

@@ -52,7 +52,7 @@ def batch_range(x, spec: QuantSpec, clip_range=None):
   tensor_spec = dataclasses.replace(spec, granularity="tensor", group_size=None,
                                     rounding="nearest", ste="identity")
   if clip_range is None:
-    scale, zp = numerics.calibrate(x, tensor_spec, axes)
+    scale, zp = numerics.fit_grid(x, tensor_spec, axes)
   else:
     scale, zp = numerics.scale_zero_point(*clip_range, tensor_spec)
   scale = scale.reshape(())

@@ -78,7 +78,7 @@ class Format:
     """Integer code range [qmin, qmax] (integer formats only)."""
     raise ValueError(f"format={self.name!r} has no integer range")
 
-  def calibrate(self, x32, spec, axes):
+  def fit_grid(self, x32, spec, axes):
     """(scale float32, zero point int32 or None) of `x32`, shaped to broadcast."""
     return self.scale_zero_point(*numerics.calibrated_range(x32, spec, axes), spec)
 

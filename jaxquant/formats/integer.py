@@ -147,7 +147,7 @@ class Binary(_Sign):
   stochastic = True
   bits = 1
 
-  def calibrate(self, x32, spec, axes):
+  def fit_grid(self, x32, spec, axes):
     xb, stat_axes, shape = numerics.blocked(x32, spec, axes)
     if not spec.scaled:
       return jnp.ones(shape, jnp.float32), None  # the codes themselves: ±1 (BinaryConnect)
@@ -171,7 +171,7 @@ class Ternary(_Sign):
   name = "ternary"
   bits = 2
 
-  def calibrate(self, x32, spec, axes):
+  def fit_grid(self, x32, spec, axes):
     xb, stat_axes, shape = numerics.blocked(x32, spec, axes)
     if not spec.scaled:
       return jnp.ones(shape, jnp.float32), None  # the codes themselves: {−1, 0, 1}

@@ -139,7 +139,7 @@ class MX(Format):
   def code_dtype(self, spec):
     return self.elem
 
-  def calibrate(self, x32, spec, axes):
+  def fit_grid(self, x32, spec, axes):
     """X = 2^(floor(log2(amax)) − emax) per block (frexp: amax = m · 2^k, m in [0.5, 1),
     so floor(log2(amax)) = k − 1 exactly)."""
     amax = block_amax(x32, spec, axes)
@@ -199,7 +199,7 @@ class NVFP4(MX):
     s = jnp.ldexp(jnp.round(m * unit) / unit, k)
     return jnp.where(s >= NVFP4_TINY, s, 0.0)
 
-  def calibrate(self, x32, spec, axes):
+  def fit_grid(self, x32, spec, axes):
     """Scale s_b · s_t per block (exact in float32), 0 where s_b rounds to 0."""
     s_t = self.tensor_scale(x32)
     inv = 1.0 / (self.max * jnp.where(s_t > 0, s_t, 1.0))

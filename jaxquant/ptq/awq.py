@@ -150,7 +150,7 @@ def clip_search(w_KxN, xtx_KxK, spec: QuantSpec, *, grid: int = 20, max_shrink: 
 @functools.partial(jax.jit, static_argnames=("spec",))
 def _clip(w, xtx, ratios, spec):
   k, n = w.shape
-  scale0, zp = numerics.calibrate(w, spec, (0,))
+  scale0, zp = numerics.fit_grid(w, spec, (0,))
   g = scale0.shape[0]  # 1 for 'channel', K / group_size for 'group'
   gs = k // g
   rows = jnp.arange(k) // gs

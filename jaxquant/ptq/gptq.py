@@ -142,13 +142,13 @@ def _rows(w_KxN, u_KxK, order_K, scale_GxN, zp_GxN, spec: QuantSpec):
     w, codes, scale, zp, loss = carry
     g = group_of_pos[t] if grouped else 0
     if grouped:
-      def calibrate(args):
+      def fit_group(args):
         scale, zp = args
         rows = w[jax.lax.dynamic_slice(pos_of_row, (g * gs,), (gs,))]
-        s, z = numerics.calibrate(rows, gspec, (0,))
+        s, z = numerics.fit_grid(rows, gspec, (0,))
         zp_new = zp if z is None else zp.at[g].set(z[0])
         return scale.at[g].set(s[0]), zp_new
-      scale, zp = jax.lax.cond(first_pos[g] == t, calibrate, lambda a: a, (scale, zp))
+      scale, zp = jax.lax.cond(first_pos[g] == t, fit_group, lambda a: a, (scale, zp))
     s_1xN, z_1xN = scale[g][None, :], (None if zp_GxN is None else zp[g][None, :])
     w_1xN = w[t][None, :]
     c_1xN = numerics.encode(w_1xN, s_1xN, z_1xN, spec, None)
@@ -197,7 +197,7 @@ def gptq(w_KxN, h_KxK, spec: QuantSpec, *, percdamp: float = 0.01,
     scale = jnp.ones((groups, n), jnp.float32)
     zp = None if spec.symmetric else jnp.zeros((groups, n), jnp.int32)
   else:
-    scale, zp = numerics.calibrate(w, spec, (0,))
+    scale, zp = numerics.fit_grid(w, spec, (0,))
     scale = jnp.broadcast_to(scale, (1, n))  # 'tensor': one value, repeated per column
     zp = None if zp is None else jnp.broadcast_to(zp, (1, n))
   codes_p, scale, zp, loss = _rows(w[order], u, order, scale, zp, spec)
