@@ -1,7 +1,8 @@
 """The converter's intermediate representation: float-semantics nodes and trace values.
 
 `trace.py` builds an `IR` (nodes in execution order, batch on axis 0) from a model's
-jaxpr; `calibrate.py` evaluates it in float; `lower.py` emits the integer program from it.
+jaxpr; `measure.py` evaluates it in float to measure ranges; `lower.py` resolves each
+layer's codes and grids and `emit.py` writes the integer program from it.
 """
 from __future__ import annotations
 

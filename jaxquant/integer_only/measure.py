@@ -1,4 +1,4 @@
-"""Float evaluation of the IR: activation ranges on calibration batches.
+"""Float evaluation of the IR, to measure activation ranges on calibration batches.
 
 Each IR node is evaluated in float32 as the QAT model computes it: a layer's weights are
 its dequantized QAT codes and its input passes through its QAT activation grid (fake
@@ -15,8 +15,9 @@ import numpy as np
 from jaxquant.integer_only.ir import IR, Node
 
 
-def fake_quant(x: np.ndarray, grid) -> np.ndarray:
-  """(clip(round(x/s) + zp, qmin, qmax) − zp)·s on a per-tensor grid."""
+def snap_to_grid(x: np.ndarray, grid) -> np.ndarray:
+  """x rounded onto a per-tensor grid and back: (clip(round(x/s) + zp, qmin, qmax) − zp)·s
+  (numpy, the value a QAT input quantizer passes on)."""
   codes = np.clip(np.rint(x / grid.scale) + grid.zp, grid.qmin, grid.qmax)
   return ((codes - grid.zp) * grid.scale).astype(np.float32)
 
@@ -30,9 +31,9 @@ def _norm(x: np.ndarray, node: Node) -> np.ndarray:
   return ((v - mean) / np.sqrt(var + node.attrs["eps"])).reshape(x.shape).astype(np.float32)
 
 
-def evaluate(ir: IR, x: np.ndarray, weights: Callable[[Node], np.ndarray],
+def evaluate_float(ir: IR, x: np.ndarray, weights: Callable[[Node], np.ndarray],
              input_grid: Callable[[Node], Optional[object]]) -> Dict[int, np.ndarray]:
-  """Values of every IR node for input batch `x`. `weights(node)` gives a contract node's
+  """Float32 values of every IR node for input batch `x`. `weights(node)` gives a contract node's
   (dequantized) kernel and `input_grid(node)` the grid its input is fake-quantized on
   (None: float)."""
   val: Dict[int, np.ndarray] = {}
@@ -44,7 +45,7 @@ def evaluate(ir: IR, x: np.ndarray, weights: Callable[[Node], np.ndarray],
       a = ins[0]
       grid = input_grid(n)
       if grid is not None:
-        a = fake_quant(a, grid)
+        a = snap_to_grid(a, grid)
       prim = jax.lax.dot_general_p if n.attrs["op"] == "dot" else jax.lax.conv_general_dilated_p
       out = np.asarray(prim.bind(a, weights(n).astype(np.float32), **n.attrs["eqn_params"]))
     elif n.kind == "add":
@@ -68,7 +69,7 @@ def evaluate(ir: IR, x: np.ndarray, weights: Callable[[Node], np.ndarray],
   return val
 
 
-def collect(ir: IR, batches: Iterable[np.ndarray], weights, input_grid,
+def measure_ranges(ir: IR, batches: Iterable[np.ndarray], weights, input_grid,
             keep_samples: Tuple[int, ...] = ()) -> Tuple[Dict[int, Tuple[float, float]],
                                                          Dict[int, np.ndarray]]:
   """({node: (min, max)} over all batches for every node, {node: concatenated values}
@@ -76,7 +77,7 @@ def collect(ir: IR, batches: Iterable[np.ndarray], weights, input_grid,
   ranges: Dict[int, Tuple[float, float]] = {}
   samples: Dict[int, list] = {i: [] for i in keep_samples}
   for x in batches:
-    val = evaluate(ir, x, weights, input_grid)
+    val = evaluate_float(ir, x, weights, input_grid)
     for i, v in val.items():
       finite = v[np.isfinite(v)]
       lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 0.0)

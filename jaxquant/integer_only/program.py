@@ -13,8 +13,9 @@ s8×s8→s32 contractions with int32 biases at scale s_in·s_w, fixed-point requ
 folded into the multiplier and bias, integer residual adds, sums / means, and
 GroupNorm / LayerNorm as an integer normalization (integer mean, variance and square
 root; graph.py). Softmax, GELU / tanh, embedding lookups and products of two activations
-have no integer lowering here and are refused with the layers named. The op set and file format: graph.py. How a model becomes a program:
-lower.py (and trace.py for what is refused).
+have no integer lowering here and are refused with the layers named. The op set and file
+format: graph.py. How a model becomes a program: lower.py (and trace.py for what is
+refused).
 """
 from __future__ import annotations
 
@@ -142,6 +143,6 @@ def to_integer(qmodel, variables, calibration_batches, *, example: Optional[Any]
       a weight or activation format without integer codes, a missing range, or an
       accumulator that could overflow int32; the message names the layer.
   """
-  graph, _ = lower.convert(qmodel, variables, calibration_batches, example=example,
-                           apply_kwargs=apply_kwargs)
+  graph, _ = lower.build_graph(qmodel, variables, calibration_batches, example=example,
+                               apply_kwargs=apply_kwargs)
   return IntegerProgram(graph)

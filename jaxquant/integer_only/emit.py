@@ -1,0 +1,278 @@
+"""Emission of the integer graph from the IR (step 4 of `to_integer`, see lower.py).
+
+Each requantization point ('affine' node) becomes a core op whose int32
+result is acc = sign·raw (the affine map's sign per channel), then a `requant` op
+with the per-channel multiplier M = s_acc·|mult| / s_out as (M0, left, right), the
+affine offset (layer bias, BatchNorm shift, β) in units of 2^-left of the accumulator
+(the layer bias at scale s_in·s_w·2^-left: finer than int32-at-s_in·s_w, so a coarse
+4-bit accumulator scale does not round the bias), and the clamp
+[qmin, qmax] ∩ quantize([lo, hi]) (ReLU: the zero point). A tensor asked
+for on several grids is requantized once per grid from the same accumulator. The
+output is requantized to int32 at one scale s_out slightly above the largest
+accumulator scale (so every multiplier is < 1 and nothing saturates).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Dict, List, NamedTuple, Optional, Tuple
+
+import numpy as np
+
+from jaxquant.integer_only import fixed_point as fp
+from jaxquant.integer_only import graph as g
+from jaxquant.integer_only import qat_view
+from jaxquant.integer_only.ir import IR, IntegerOnlyError, Node
+from jaxquant.numerics import int_range
+from jaxquant.spec import QuantSpec
+
+CALIBRATED_ACT = QuantSpec(bits=8, symmetric=False, granularity="tensor")
+OUTPUT_HEADROOM = 1.0 + 2.0 ** -10
+STRUCTURAL = ("reshape", "transpose")
+
+
+class Grid(NamedTuple):
+  """real = scale·(code − zp), codes in [qmin, qmax], stored as `dtype`."""
+  scale: float
+  zp: int
+  qmin: int
+  qmax: int
+  dtype: str = "int8"
+
+
+OUTPUT = Grid(0.0, 0, fp.INT32_MIN, fp.INT32_MAX, "int32")  # scale chosen at emission
+
+
+@dataclasses.dataclass
+class Layer:
+  """A contraction's quantization: int8 codes, scale in output layout, input grid."""
+  codes: np.ndarray
+  w_scale: np.ndarray  # broadcasts against the contraction output (batch axis 1)
+  act_spec: Optional[QuantSpec]
+  source: Any  # qat_view.act_range result, or None (measure)
+
+
+def grid_from_spec(spec: QuantSpec, scale: float, zp: int) -> Grid:
+  """The `Grid` of an int spec with this scale and zero point."""
+  qmin, qmax = int_range(spec)
+  return Grid(float(scale), int(zp), int(qmin), int(qmax))
+
+
+class Emitter:
+  """Writes the integer graph's ops and arrays, node by node, on demand from the output:
+  `emit(i, grid)` names the tensor of IR node `i` on `grid`, emitting what it needs."""
+
+  def __init__(self, ir: IR, layers: Dict[int, Layer], demand: Dict[int, Grid],
+               ranges: Dict[int, Tuple[float, float]], calibrated: bool):
+    self.ir, self.layers, self.demand, self.ranges = ir, layers, demand, ranges
+    self.calibrated = calibrated
+    self.ops: List[Dict[str, Any]] = []
+    self.arrays: Dict[str, np.ndarray] = {}
+    self.memo: Dict[Tuple[int, Grid], str] = {}
+    self.acc_memo: Dict[int, Tuple[str, np.ndarray, float, np.ndarray]] = {}
+    self.output_scale: Optional[float] = None
+    self.demands_of: Dict[int, List[Grid]] = {}
+    for cid, grid in demand.items():
+      self.demands_of.setdefault(self.root(ir.nodes[cid].inputs[0]), []).append(grid)
+
+  def root(self, i: int) -> int:
+    while self.ir.nodes[i].kind in STRUCTURAL:
+      i = self.ir.nodes[i].inputs[0]
+    return i
+
+  def natural(self, i: int) -> Grid:
+    r = self.root(i)
+    if self.demands_of.get(r):
+      return self.demands_of[r][0]
+    node = self.ir.nodes[r]
+    if r not in self.ranges:
+      what = "the model input" if node.kind == "input" else f"the output of layer {node.layer!r}"
+      raise IntegerOnlyError(
+          f"no activation range for {what}: QAT gives it no grid, so to_integer needs "
+          "calibration_batches (a few batches of inputs) to measure it")
+    lo, hi = self.ranges[r]
+    scale, zp = qat_view.grid_of(CALIBRATED_ACT, ("range", (lo, hi)))
+    return grid_from_spec(CALIBRATED_ACT, scale, zp)
+
+  def check_ranges(self) -> None:
+    """Names the first tensor (in forward order) that needs a measured range and has
+    none, before any emission."""
+    for node in self.ir.nodes:
+      needs = []
+      if node.kind in ("add", "sum", "norm", "identity"):
+        needs = list(node.inputs)
+      elif node.kind == "contract" and node.id not in self.demand:
+        needs = [node.inputs[0]]
+      elif node.kind == "input":
+        needs = [node.id]
+      for i in needs:
+        self.natural(i)
+
+  def name(self) -> str:
+    return f"t{len(self.ops)}"
+
+  def add_op(self, op: Dict[str, Any], **arrays) -> str:
+    out = self.name()
+    op["out"] = out
+    for field, value in arrays.items():
+      if value is not None:
+        key = f"{out}.{field}"
+        self.arrays[key] = np.asarray(value)
+        op[field] = key
+    self.ops.append(op)
+    return out
+
+  # -- tensors on grids ---------------------------------------------------------------
+  def emit(self, i: int, grid: Grid) -> str:
+    key = (i, grid)
+    if key not in self.memo:
+      node = self.ir.nodes[i]
+      if node.kind == "reshape":
+        t = self.emit(node.inputs[0], grid)
+        self.memo[key] = self.add_op({"op": "reshape", "in": [t], "layer": node.layer,
+                                      "shape": list(node.shape[1:])})
+      elif node.kind == "transpose":
+        t = self.emit(node.inputs[0], grid)
+        self.memo[key] = self.add_op({"op": "transpose", "in": [t], "layer": node.layer,
+                                      "perm": list(node.attrs["perm"])})
+      elif node.kind == "input" and grid == self.natural(i):
+        self.memo[key] = "input"
+      else:
+        self.memo[key] = self.requant(i, grid)
+    return self.memo[key]
+
+  def requant(self, i: int, grid: Grid) -> str:
+    node = self.ir.nodes[i]
+    if node.kind == "input":
+      acc, scale, bound, bias = self.identity_acc(i)
+      lo, hi = -np.inf, np.inf
+    else:
+      acc, scale, bound, bias = self.acc(i)
+      lo, hi = node.attrs["lo"], node.attrs["hi"]
+    if grid == OUTPUT:
+      self.output_scale = float(np.max(scale)) * OUTPUT_HEADROOM
+      grid = OUTPUT._replace(scale=self.output_scale)
+    try:
+      m0, left, right = fp.requant_shifts(scale / grid.scale, bound + np.abs(bias))
+    except ValueError as err:
+      raise IntegerOnlyError(f"layer {node.layer!r}: requantization {err}") from None
+    offset = np.rint(bias * 2.0 ** left.astype(np.float64)).astype(np.int64)
+    q_lo, q_hi = grid.qmin, grid.qmax
+    if np.isfinite(lo):
+      q_lo = int(np.clip(grid.zp + np.rint(lo / grid.scale), grid.qmin, grid.qmax))
+    if np.isfinite(hi):
+      q_hi = int(np.clip(grid.zp + np.rint(hi / grid.scale), grid.qmin, grid.qmax))
+    op = {"op": "requant", "in": [acc], "layer": node.layer, "zp": grid.zp, "lo": q_lo,
+          "hi": max(q_lo, q_hi), "dtype": grid.dtype}
+    return self.add_op(op, m0=m0, left=left, right=right,
+                       offset=offset.astype(np.int32) if np.any(offset) else None)
+
+  def identity_acc(self, i: int):
+    grid = self.natural(i)
+    t = self.emit(i, grid)
+    rank = len(self.ir.nodes[i].shape)
+    out = self.add_op({"op": "identity", "in": [t], "layer": "", "zp": grid.zp})
+    return out, np.full((1,) * rank, grid.scale), float(grid.qmax - grid.qmin), np.zeros(())
+
+  # -- accumulators ---------------------------------------------------------------------
+  def acc(self, i: int):
+    """(int32 tensor, its scale, a bound on |acc|, the affine offset in units of acc) of
+    an affine node: its core op with the sign of the affine map as the epilogue; the
+    offset is added by each requant at its finer resolution."""
+    if i in self.acc_memo:
+      return self.acc_memo[i]
+    affine = self.ir.nodes[i]
+    core = self.ir.nodes[affine.inputs[0]]
+    op, s_core, bound = getattr(self, "core_" + core.kind)(core)
+    rank = len(core.shape)
+    fit = lambda v: np.asarray(v, np.float64).reshape((1,) * rank if np.ndim(v) == 0 else np.shape(v))
+    mult, add, s_core = fit(affine.attrs["mult"]), fit(affine.attrs["add"]), fit(s_core)
+    shape = np.broadcast_shapes(mult.shape, add.shape, s_core.shape)
+    mult, add, s_core = (np.broadcast_to(v, shape) for v in (mult, add, s_core))
+    scale = s_core * np.abs(mult)
+    sign = np.sign(mult).astype(np.int64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+      bias = np.where(scale > 0, add / np.where(scale > 0, scale, 1.0), np.inf)
+    # No usable slope (a zero multiplier, or an offset beyond 2^29 accumulator units): the
+    # element is the constant `add`, carried by the offset at a scale of its own.
+    degenerate = ~(np.abs(bias) <= 2.0 ** 29)
+    if np.any(degenerate):
+      usable = scale[~degenerate]
+      filler = float(usable.max()) if usable.size else 1.0
+      const_scale = np.where(add != 0, np.abs(add) / 2.0 ** 20, filler)
+      scale = np.where(degenerate, const_scale, scale)
+      sign = np.where(degenerate, 0, sign)
+      bias = np.where(degenerate, add / const_scale, bias)
+    if bound + float(np.max(np.abs(bias), initial=0.0)) >= 2.0 ** 30:
+      raise IntegerOnlyError(f"layer {core.layer!r}: the int32 accumulator could overflow "
+                             f"(|raw| ≤ {bound:.3g}); fewer inputs per output or a smaller "
+                             "bias would fit")
+    out = self.add_op(op, sign=sign.astype(np.int32) if np.any(sign != 1) else None)
+    self.acc_memo[i] = (out, scale, bound, bias)
+    return self.acc_memo[i]
+
+  def core_contract(self, node: Node):
+    layer = self.layers[node.id]
+    x = node.inputs[0]
+    grid = self.demand.get(node.id) or self.natural(x)
+    t = self.emit(x, grid)
+    a = node.attrs
+    op = {"op": a["op"], "in": [t], "layer": node.layer, "zp": grid.zp}
+    if a["op"] == "dot":
+      op.update(contract_lhs=list(a["contract_lhs"]), contract_rhs=list(a["contract_rhs"]))
+      k = int(np.prod([layer.codes.shape[d] for d in a["contract_rhs"]]))
+    else:
+      op.update(strides=list(a["strides"]), padding=[list(p) for p in a["padding"]],
+                rhs_dilation=list(a["rhs_dilation"]), lhs_spec=list(a["lhs_spec"]),
+                rhs_spec=list(a["rhs_spec"]), out_spec=list(a["out_spec"]))
+      k = layer.codes.size // layer.codes.shape[a["rhs_spec"][0]]
+    self.arrays[f"{self.name()}.w"] = layer.codes
+    op["w"] = f"{self.name()}.w"
+    span = max(grid.qmax - grid.zp, grid.zp - grid.qmin)
+    bound = float(k) * span * float(np.max(np.abs(layer.codes), initial=0))
+    return op, grid.scale * layer.w_scale, bound
+
+  def core_add(self, node: Node):
+    (a, b), shift = node.inputs, g.ADD_LEFT_SHIFT
+    ga, gb = self.natural(a), self.natural(b)
+    ta, tb = self.emit(a, ga), self.emit(b, gb)
+    s_max = max(ga.scale, gb.scale)
+    m0_a, e_a = fp.quantize_multiplier(ga.scale / (2 * s_max))
+    m0_b, e_b = fp.quantize_multiplier(gb.scale / (2 * s_max))
+    op = {"op": "add", "in": [ta, tb], "layer": node.layer, "zp_a": ga.zp, "zp_b": gb.zp,
+          "sign_a": 1, "sign_b": int(node.attrs["sign_b"]), "m0_a": m0_a, "e_a": e_a,
+          "m0_b": m0_b, "e_b": e_b, "left_shift": shift}
+    return op, 2 * s_max / 2.0 ** shift, 2.0 ** (shift + 8)
+
+  def core_sum(self, node: Node):
+    x = node.inputs[0]
+    grid = self.natural(x)
+    t = self.emit(x, grid)
+    axes = node.attrs["axes"]
+    n = int(np.prod([self.ir.nodes[x].shape[d] for d in axes]))
+    op = {"op": "sum", "in": [t], "layer": node.layer, "zp": grid.zp, "axes": list(axes)}
+    return op, grid.scale, float(n) * (grid.qmax - grid.qmin)
+
+  def core_identity(self, node: Node):
+    x = node.inputs[0]
+    grid = self.natural(x)
+    t = self.emit(x, grid)
+    op = {"op": "identity", "in": [t], "layer": node.layer, "zp": grid.zp}
+    return op, grid.scale, float(grid.qmax - grid.qmin)
+
+  def core_norm(self, node: Node):
+    x = node.inputs[0]
+    grid = self.natural(x)
+    t = self.emit(x, grid)
+    a = node.attrs
+    shape = node.shape
+    view = shape[1:-1] + (a["groups"], shape[-1] // a["groups"])
+    n = int(np.prod([view[d - 1] for d in a["reduce"]]))
+    if n > g.NORM_MAX_GROUP:
+      raise IntegerOnlyError(f"layer {node.layer!r}: normalization groups of {n} elements "
+                             f"exceed the int32 statistics' limit {g.NORM_MAX_GROUP}")
+    p = g.NORM_SIGMA_BITS
+    eps = int(min(np.rint(a["eps"] / grid.scale ** 2 * 2.0 ** (2 * p)), 2 ** 30))
+    op = {"op": "norm", "in": [t], "layer": node.layer, "zp": grid.zp,
+          "groups": int(a["groups"]), "reduce": list(a["reduce"]), "eps": eps,
+          "sigma_bits": p, "mean_bits": g.NORM_MEAN_BITS, "pre_shift": g.NORM_PRE_SHIFT}
+    return op, 2.0 ** -g.NORM_OUT_BITS, 2.0 ** 29
