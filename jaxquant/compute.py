@@ -23,6 +23,7 @@ import jax
 import numpy as np
 from jax.extend import core as jax_core
 
+from jaxquant import linen_layer
 from jaxquant import state
 from jaxquant import transform
 
@@ -105,7 +106,7 @@ def compute_report(qmodel, variables, *args, method=None, **kwargs) -> ComputeRe
   """
   config = transform.config_of(qmodel)
   base = transform.float_class(qmodel)
-  model = base(**transform._module_fields(qmodel), name=qmodel.name)  # pylint: disable=protected-access
+  model = base(**linen_layer.module_fields(qmodel), name=qmodel.name)
   plain = {k: v for k, v in dict(variables).items() if k not in state.COLLECTIONS}
   apply = lambda v: model.apply(v, *args, method=method, **kwargs)
   jaxpr = jax.make_jaxpr(apply)(plain).jaxpr

@@ -76,7 +76,7 @@ def test_gather_rows_only_touches_the_rows_it_looks_up():
   qmodel, variables = _variables([jq.Rule("embed", weight=W4G)])
   _, svars = jq.convert(qmodel, variables)
   stored = svars["params"]["embed"]["embedding"]
-  from jaxquant.transform import gather_rows
+  from jaxquant.linen_embed import gather_rows
   ids = jnp.asarray([[3, 3, 39], [0, 7, 1]])
   np.testing.assert_array_equal(np.asarray(gather_rows(stored, ids)),
                                 np.asarray(stored.dequantize())[np.asarray(ids)])

@@ -651,7 +651,7 @@ def test_batch_range_computed_once_and_shared_changes_nothing(monkeypatch, act):
   and hands it to the quantizer and the EMA observer. Outputs, gradients and the
   observer's state are bit-identical to each computing its own, for a Dense MLP and a
   conv net, and the percentile runs once per layer (one loop) instead of twice."""
-  from jaxquant import transform as tr  # pylint: disable=import-outside-toplevel
+  from jaxquant import linen_layer  # pylint: disable=import-outside-toplevel
 
   class Net(nn.Module):
     @nn.compact
@@ -684,7 +684,7 @@ def test_batch_range_computed_once_and_shared_changes_nothing(monkeypatch, act):
     return out, len(calls)
 
   shared, loops_shared = run()
-  monkeypatch.setattr(tr, "_shares_batch_range", lambda act: False)
+  monkeypatch.setattr(linen_layer, "shares_batch_range", lambda act: False)
   separate, loops_separate = run()
   for a, b in zip(jax.tree.leaves(shared), jax.tree.leaves(separate)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
