@@ -117,6 +117,7 @@ class LayerCall:
     self.spec = DotSpec() if config.float_forward else rule.dot_spec()
 
   def run(self, args, kwargs):
+    """The layer's call with jaxquant's contraction (the einsum computation for Einsum)."""
     m = self.module
     if isinstance(m, nn.Einsum):
       return self.einsum_call(*args, **kwargs)
@@ -133,6 +134,7 @@ class LayerCall:
 
   # -- state ------------------------------------------------------------------------------
   def key(self):
+    """The PRNG key of stochastic rounding for this call, or None when no spec draws."""
     # A stored (serving) kernel was rounded once at convert: its spec draws nothing.
     stored = isinstance(self.module.variables.get("params", {}).get("kernel"), QTensor)
     specs = (self.rule.act, None if stored else self.rule.weight, self.rule.grad)
@@ -295,6 +297,7 @@ class Contraction:
 
   @staticmethod
   def carried_by(module) -> bool:
+    """Whether `module` already runs with a `Contraction` (the copy `run` made)."""
     attr = "conv_general_dilated" if isinstance(module, nn.Conv) else "dot_general"
     return isinstance(getattr(module, attr, None), Contraction)
 
@@ -311,6 +314,7 @@ class Contraction:
   def conv(self, lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
            dimension_numbers=None, feature_group_count=1, batch_group_count=1,
            precision=None, preferred_element_type=None):
+    """`lax.conv_general_dilated`'s signature, through `jq.conv_general_dilated`."""
     c = self.call
     dn = jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
     w_layout = qconv.kernel_layout(len(rhs.shape), dn)

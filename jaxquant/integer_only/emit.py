@@ -75,11 +75,14 @@ class Emitter:
       self.demands_of.setdefault(self.root(ir.nodes[cid].inputs[0]), []).append(grid)
 
   def root(self, i: int) -> int:
+    """The node a chain of reshapes / transposes starts from."""
     while self.ir.nodes[i].kind in STRUCTURAL:
       i = self.ir.nodes[i].inputs[0]
     return i
 
   def natural(self, i: int) -> Grid:
+    """The grid tensor `i` is stored on: the first grid a consumer asks for, else the
+    int8 asymmetric grid of its measured range."""
     r = self.root(i)
     if self.demands_of.get(r):
       return self.demands_of[r][0]
@@ -108,9 +111,11 @@ class Emitter:
         self.natural(i)
 
   def name(self) -> str:
+    """The name the next op's output gets."""
     return f"t{len(self.ops)}"
 
   def add_op(self, op: Dict[str, Any], **arrays) -> str:
+    """Appends `op`, its non-None `arrays` stored under '<out>.<field>'; its output name."""
     out = self.name()
     op["out"] = out
     for field, value in arrays.items():
@@ -123,6 +128,7 @@ class Emitter:
 
   # -- tensors on grids ---------------------------------------------------------------
   def emit(self, i: int, grid: Grid) -> str:
+    """The name of tensor `i` on `grid`, emitting the ops that make it (once per grid)."""
     key = (i, grid)
     if key not in self.memo:
       node = self.ir.nodes[i]
@@ -141,6 +147,7 @@ class Emitter:
     return self.memo[key]
 
   def requant(self, i: int, grid: Grid) -> str:
+    """A `requant` op taking tensor `i`'s accumulator to `grid`, with its clamp."""
     node = self.ir.nodes[i]
     if node.kind == "input":
       acc, scale, bound, bias = self.identity_acc(i)
@@ -167,6 +174,7 @@ class Emitter:
                        offset=offset.astype(np.int32) if np.any(offset) else None)
 
   def identity_acc(self, i: int):
+    """The accumulator of the model input (x − zp at its own grid), for a requant."""
     grid = self.natural(i)
     t = self.emit(i, grid)
     rank = len(self.ir.nodes[i].shape)
@@ -211,6 +219,7 @@ class Emitter:
     return self.acc_memo[i]
 
   def core_contract(self, node: Node):
+    """(dot / conv op, accumulator scale, bound on |acc|) of a layer."""
     layer = self.layers[node.id]
     x = node.inputs[0]
     grid = self.demand.get(node.id) or self.natural(x)
@@ -232,6 +241,7 @@ class Emitter:
     return op, grid.scale * layer.w_scale, bound
 
   def core_add(self, node: Node):
+    """(add op, accumulator scale, bound) of two activations on their own grids."""
     (a, b), shift = node.inputs, g.ADD_LEFT_SHIFT
     ga, gb = self.natural(a), self.natural(b)
     ta, tb = self.emit(a, ga), self.emit(b, gb)
@@ -244,6 +254,7 @@ class Emitter:
     return op, 2 * s_max / 2.0 ** shift, 2.0 ** (shift + 8)
 
   def core_sum(self, node: Node):
+    """(sum op, accumulator scale, bound) of a reduction over `axes`."""
     x = node.inputs[0]
     grid = self.natural(x)
     t = self.emit(x, grid)
@@ -253,6 +264,7 @@ class Emitter:
     return op, grid.scale, float(n) * (grid.qmax - grid.qmin)
 
   def core_identity(self, node: Node):
+    """(identity op, accumulator scale, bound): x − zp, for an affine map of a tensor."""
     x = node.inputs[0]
     grid = self.natural(x)
     t = self.emit(x, grid)
@@ -260,6 +272,7 @@ class Emitter:
     return op, grid.scale, float(grid.qmax - grid.qmin)
 
   def core_norm(self, node: Node):
+    """(norm op, accumulator scale, bound) of the integer group / layer normalization."""
     x = node.inputs[0]
     grid = self.natural(x)
     t = self.emit(x, grid)
