@@ -25,6 +25,7 @@ from jaxquant import dot as qdot
 from jaxquant import formats
 from jaxquant import layout
 from jaxquant import numerics
+from jaxquant import observers as obs
 from jaxquant import state
 from jaxquant.einsum import einsum_compiled, einsum_dimension_numbers
 from jaxquant.fake_quant import OperandState

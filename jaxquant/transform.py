@@ -26,7 +26,7 @@ from __future__ import annotations
 import dataclasses
 import threading
 import warnings
-from typing import Any, Optional, Sequence, Tuple
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 import flax.linen as nn
 from flax import nnx
