@@ -192,3 +192,17 @@ def test_nucleus_sampling_keeps_the_top_p_mass():
       lambda k: decode.sample(logits, k, 1.0, p)[0]))(keys)).tolist())
   assert draws(0.5) == {0}
   assert draws(0.9) == {0, 1}
+
+
+def test_llm_speed_rows(tiny):
+  from experiments import llm_speed
+  from experiments.config_file import load_config_module
+  cfg = _text_and_config(tiny)
+  c = load_config_module(cfg).get_config("float")
+  c.eval.max_tokens = 32
+  rows = llm_speed.measure(c, cfg, ["float", "w8"], decode_tokens=2, repeats=1)
+  assert [r["variant"] for r in rows] == ["float", "w8"]
+  gg = gguf_llama.LlamaGGUF(tiny[0])
+  assert rows[1]["weight_bytes"] == _expected_w8_bytes(gg.config)
+  assert rows[0]["bits_per_weight"] == 32.0
+  assert all(r["prefill_512_s"] > 0 and r["decode_tokens_per_s"] > 0 for r in rows)
