@@ -5,9 +5,10 @@ measured side by side in one process (so the ratios share the machine's state).
         --variants=float,w8,w4_g128_rtn,w8a8 [--decode_tokens=32 --repeats=3]
 
 For each variant: the serving model (`jq.convert`), a jitted forward of one 512-token
-window (median of `--repeats` after a compiling call), and `--decode_tokens` greedy
-decode steps through a fixed-size KV cache (`experiments/pretrained/decode.py`; the
-first, compiling step is not timed). Bytes are `jq.size_report`'s stored bytes.
+window, and `--decode_tokens` greedy decode steps through a fixed-size KV cache
+(`experiments/pretrained/decode.py`). Every variant is built and compiled first; then
+`--repeats` rounds time each variant in turn (so a change in the machine's load hits all
+of them alike), and the table gives the medians. Bytes are `jq.size_report`'s stored bytes.
 Prints one markdown table (and `--json` one object per variant).
 """
 from __future__ import annotations
@@ -39,24 +40,31 @@ def measure(config, config_path, variants, decode_tokens=32, repeats=3):
   model, params, gg = llm_run.load_model(config)
   tok = gg.tokenizer()
   ids = np.asarray(llm_run.text_ids(tok, config)[:512], np.int32)[None]
-  rows = []
+  built = {}
   for variant in variants:
     c = module.get_config(variant)
     rules = module.rules(c)
     calib = llm_run.calibration_batches(tok, c) if llm_run.needs_calibration(rules) else [ids]
     smodel, svars = llm_run.quantize(model, params, rules, calib, progress=False)
     forward = jax.jit(smodel.apply)
-    forward(svars, ids).block_until_ready()
-    times = []
-    for _ in range(repeats):
+    forward(svars, ids).block_until_ready()  # compile
+    gen = decode.Generator(smodel, svars, cache_size=ids.shape[1] + decode_tokens + 1)
+    gen.generate(ids[0, :16].tolist(), 3)  # compile prefill and step
+    built[variant] = (forward, svars, gen)
+  prefill = {v: [] for v in variants}
+  speed = {v: [] for v in variants}
+  for _ in range(repeats):  # rounds over the variants, so load changes hit them alike
+    for variant, (forward, svars, gen) in built.items():
       t0 = time.perf_counter()
       forward(svars, ids).block_until_ready()
-      times.append(time.perf_counter() - t0)
-    gen = decode.Generator(smodel, svars, cache_size=ids.shape[1] + decode_tokens + 1)
-    out = gen.generate(ids[0, :16].tolist(), decode_tokens + 1)
+      prefill[variant].append(time.perf_counter() - t0)
+      speed[variant].append(gen.generate(ids[0, :16].tolist(), decode_tokens + 1)
+                            ["tokens_per_s"])
+  rows = []
+  for variant, (_, svars, _) in built.items():
     bpw, nbytes = llm_run.bits_per_weight(svars)
-    rows.append({"variant": variant, "prefill_512_s": statistics.median(times),
-                 "decode_tokens_per_s": out["tokens_per_s"],
+    rows.append({"variant": variant, "prefill_512_s": statistics.median(prefill[variant]),
+                 "decode_tokens_per_s": statistics.median(speed[variant]),
                  "weight_bytes": nbytes["quantized"], "bits_per_weight": bpw})
     print(f"  {variant}: {rows[-1]}", flush=True)
   return rows
