@@ -53,6 +53,7 @@ def run(config, config_path: str, prompt: str, max_new_tokens: int, raw: bool = 
 
 
 def main(argv):
+  """Generates from --prompt and prints the text and the speeds."""
   del argv
   if _CONFIG.value is None or _PROMPT.value is None:
     raise app.UsageError("--config and --prompt are required")

@@ -71,6 +71,7 @@ def measure(config, config_path, variants, decode_tokens=32, repeats=3):
 
 
 def main(argv):
+  """Measures the variants and prints the table."""
   del argv
   if _CONFIG.value is None:
     raise app.UsageError("--config is required")

@@ -58,6 +58,7 @@ def evaluate(config, config_path: str, progress: bool = True):
 
 
 def main(argv):
+  """Evaluates one variant and writes WORKDIR/summary.json."""
   del argv
   config, workdir = _CONFIG.value, _WORKDIR.value
   if config is None or workdir is None:

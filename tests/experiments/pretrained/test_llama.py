@@ -84,7 +84,6 @@ def _patch_tensor_type(path, name, type_id):
 
 
 def test_loader_refusals(tmp_path):
-  import gguf
   p = str(tmp_path / "arch.gguf")
   fx.write_gguf(p, arch="gpt2")
   with pytest.raises(gguf_llama.GGUFError, match="architecture='gpt2'.*only 'llama'"):

@@ -1,6 +1,5 @@
 """Perplexity windows, the lm_eval trainer as a sweep with its report, generation with the
 KV cache and the chat template: on a tiny random llama GGUF, against the numpy reference."""
-import json
 import os
 import subprocess
 import sys
@@ -109,7 +108,6 @@ def _expected_w8_bytes(c):
 
 def test_lm_eval_summaries_against_numpy_reference(tiny):
   from experiments import lm_eval
-  from configs import smollm2  # noqa: F401  (the test config imports it)
   from experiments.config_file import load_config_module
   path, stored, _ = tiny
   cfg = _text_and_config(tiny)
