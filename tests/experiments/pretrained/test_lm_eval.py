@@ -193,12 +193,12 @@ def test_nucleus_sampling_keeps_the_top_p_mass():
 
 
 def test_llm_speed_rows(tiny):
-  from experiments import llm_speed
+  from experiments.pretrained import speed
   from experiments.config_file import load_config_module
   cfg = _text_and_config(tiny)
   c = load_config_module(cfg).get_config("float")
   c.eval.max_tokens = 32
-  rows = llm_speed.measure(c, cfg, ["float", "w8"], decode_tokens=2, repeats=1)
+  rows = speed.measure(c, cfg, ["float", "w8"], decode_tokens=2, repeats=1)
   assert [r["variant"] for r in rows] == ["float", "w8"]
   gg = gguf_llama.LlamaGGUF(tiny[0])
   assert rows[1]["weight_bytes"] == _expected_w8_bytes(gg.config)
