@@ -59,12 +59,17 @@ def test_ptq_of_a_finished_float_run(float_run, tmp_path):
             if "split" in r]
   assert splits == ["float_test", "test", "serving_test"], splits
 
-  # 2-bit weights, one scale per tensor: far coarser, so far worse than W8A8.
-  low = loop.train_and_evaluate(
-      _ptq_config(2, **{"ptq.from_workdir": source, "quant.weight_granularity": "tensor"}),
-      str(tmp_path / "w2_tensor"))["metrics"]
-  assert low["float_test_accuracy"] == float_acc
-  assert low["test_loss"] > m["test_loss"], (low, m)
+
+@pytest.mark.slow
+def test_ptq_bits_follow_the_config(float_run, tmp_path):
+  """2-bit weights with one scale per tensor are far coarser than W8A8: far worse."""
+  source, float_summary = float_run
+  runs = {}
+  for name, bits, extra in (("w8a8", 8, {}), ("w2_tensor", 2, {"quant.weight_granularity": "tensor"})):
+    runs[name] = loop.train_and_evaluate(
+        _ptq_config(bits, **{"ptq.from_workdir": source, **extra}), str(tmp_path / name))["metrics"]
+  assert runs["w2_tensor"]["float_test_accuracy"] == float_summary["metrics"]["test_accuracy"]
+  assert runs["w2_tensor"]["test_loss"] > runs["w8a8"]["test_loss"], runs
 
 
 def test_ptq_method_gptq_serves_its_weights(float_run, tmp_path):

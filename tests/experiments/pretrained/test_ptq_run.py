@@ -54,7 +54,15 @@ def _config(path):
   return c
 
 
-@pytest.mark.parametrize("case", list(CASES))
+# The harness path of each kind of rule: a PTQ method through calibrate and convert (GPTQ),
+# a method that rescales inputs and sets static ranges (SmoothQuant), and the embedding
+# table. The other cases repeat that path with other algorithms, each already proven
+# against a numpy reference in tests/ptq/, so they run with the slow tests.
+DEFAULT_CASES = ("gptq", "smoothquant", "w8_embed8")
+
+
+@pytest.mark.parametrize("case", [
+    c if c in DEFAULT_CASES else pytest.param(c, marks=pytest.mark.slow) for c in CASES])
 def test_every_algorithm_runs_on_a_bert_and_stays_close_to_float(tiny_dir, case):
   config = _config(tiny_dir)
   rules = rules_from_list(CASES[case])
