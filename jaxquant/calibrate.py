@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxquant import nnx_functional
 from jaxquant import observers as obs
 from jaxquant import state
 from jaxquant import transform
@@ -33,7 +34,8 @@ def calibrate(qmodel, variables, batches: Iterable, *, masks=None, forward="quan
   batch's own. Layers whose rule names a PTQ algorithm also collect its statistics
   (`observers.ptq_stats`, under 'ptq_*'). `observers` adds named observer factories; their
   states are kept in 'quant_stats'.
-  Earlier static ranges are dropped first. Raises ValueError for an empty set of
+  An NNX model takes and returns its `nnx.State` (apply it with `nnx.update(model,
+  state)`). Earlier static ranges are dropped first. Raises ValueError for an empty set of
   batches, and names the layer whose calibration input held NaN or Inf.
 
   `masks`: None, or one array per batch (same order) marking the real rows (1 / True)
@@ -55,6 +57,7 @@ def calibrate(qmodel, variables, batches: Iterable, *, masks=None, forward="quan
   if forward not in FORWARDS:
     raise ValueError(f"forward={forward!r} is not allowed; choose one of {list(FORWARDS)}")
   float_forward = forward == "float"
+  qmodel, variables, finish = nnx_functional.as_functional(qmodel, variables)
   ptq_names = () if not any(r.ptq for r in transform.config_of(qmodel).rules) else (
       (state.PTQ_STATS, obs.ptq_stats(methods=PTQ_METHODS)),)
   observers = ptq_names + tuple(observers)
@@ -109,7 +112,7 @@ def calibrate(qmodel, variables, batches: Iterable, *, masks=None, forward="quan
       raise ValueError(f"calibration input of layer {path!r} holds {bad} NaN/Inf values; "
                        "clean the calibration batches")
     state.set_static_range(node, calib["lo"], calib["hi"], calib["count"])
-  return {**variables, state.QUANT_STATS: stats}
+  return finish({**variables, state.QUANT_STATS: stats})
 
 
 def _drop(tree, names):

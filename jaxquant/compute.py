@@ -24,6 +24,7 @@ import numpy as np
 from jax.extend import core as jax_core
 
 from jaxquant import linen_layer
+from jaxquant import nnx_functional
 from jaxquant import state
 from jaxquant import transform
 
@@ -93,8 +94,8 @@ def compute_report(qmodel, variables, *args, method=None, **kwargs) -> ComputeRe
   """MACs and BOPs of one forward pass of `qmodel` (from `jq.quantize_model`) on `args`.
 
   Args:
-    qmodel: a quantized Linen model.
-    variables: its variables (training or float; only the shapes are used, and the
+    qmodel: a quantized Linen model, or a quantized NNX model.
+    variables: its variables (an NNX model's `nnx.State`) (training or float; only the shapes are used, and the
       quantizers' collections are ignored).
     *args, **kwargs: the inputs of one forward pass (shapes and dtypes are what count;
       the batch size scales every number).
@@ -105,9 +106,13 @@ def compute_report(qmodel, variables, *args, method=None, **kwargs) -> ComputeRe
       loop whose trip count is not static (`while_loop`).
   """
   config = transform.config_of(qmodel)
-  base = transform.float_class(qmodel)
-  model = base(**linen_layer.module_fields(qmodel), name=qmodel.name)
-  plain = {k: v for k, v in dict(variables).items() if k not in state.COLLECTIONS}
+  if nnx_functional.is_nnx(qmodel):  # its matched layers computing in float, no range needed
+    view, plain, _ = nnx_functional.as_functional(qmodel, variables)
+    model = view.with_run(float_forward=True, tracking=True)
+  else:
+    base = transform.float_class(qmodel)
+    model = base(**linen_layer.module_fields(qmodel), name=qmodel.name)
+    plain = {k: v for k, v in dict(variables).items() if k not in state.COLLECTIONS}
   apply = lambda v: model.apply(v, *args, method=method, **kwargs)
   jaxpr = jax.make_jaxpr(apply)(plain).jaxpr
   macs: Dict[str, int] = {}

@@ -24,6 +24,7 @@ import jax
 import numpy as np
 
 from jaxquant import layout
+from jaxquant import nnx_functional
 from jaxquant import state
 from jaxquant import transform
 from jaxquant.ptq import layer as ptq_layer
@@ -47,7 +48,12 @@ def convert(qmodel, variables, *example_args, **example_kwargs):
   activations, int8 word embedding) none of 700 sentence embeddings is bit-identical,
   the cosine between QAT forward and serving is 0.99989 on average (0.9974 at worst),
   and both are equally close to float (`python -m experiments.pretrained.serving_gap`).
+
+  An NNX model takes its `nnx.State` and gives a new NNX model holding the serving
+  state (the QAT model is not modified) and that state.
   """
+  nnx_model = qmodel
+  qmodel, variables, finish = nnx_functional.as_functional(qmodel, variables)
   config = transform.config_of(qmodel)
   variables = state.mutable_copy(variables)
   if example_args or example_kwargs:  # one concrete trace records the layouts
@@ -94,6 +100,9 @@ def convert(qmodel, variables, *example_args, **example_kwargs):
     names.append(name)
   for (path, *_), name, q in zip(todo, names, _quantize_weights(tuple(todo), kernels, learned)):
     state.node_at(params, path)[name] = q
+  if nnx_functional.is_nnx(qmodel):  # a new NNX model holding the serving state
+    serving = nnx_functional.with_variables(nnx_model, variables)
+    return serving, finish(variables)
   return qmodel, variables
 
 

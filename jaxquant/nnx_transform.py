@@ -1,52 +1,220 @@
-"""quantize_model for Flax NNX modules: the same rules over the same '/'-joined paths.
+"""quantize_model for Flax NNX modules: the same rules, paths, state and layer code as Linen.
 
 NNX layers are Python objects, so the transform walks the module graph once and turns
 each matched `nnx.Linear`, `nnx.LinearGeneral`, `nnx.Conv` and `nnx.Einsum` into an
-instance of a small subclass whose `__call__` hands the layer jaxquant's contraction
-through the layer's own `dot_general` / `conv_general_dilated` / `einsum_op` argument.
-The module is modified in place and returned; its parameters are unchanged.
+instance of a small subclass (the module is modified in place and returned; its
+parameters are unchanged). That subclass's `__call__` is a bridge to the Linen path: it
+runs the layer's Linen twin (`nn.Dense`, `nn.DenseGeneral`, `nn.Conv`, `nn.Einsum` with
+the same fields), nested under the layer's own NNX path, through the Linen interceptor
+(`jaxquant.linen_layer.LayerCall`), on the NNX layer's variables. Every quantization
+feature therefore behaves as in Linen, with no second implementation: weight and
+activation specs, LSQ / PACT scales, observers, static ranges, PTQ input scales and
+stored `QTensor` kernels.
 
-Supported in NNX: every weight spec (LSQ / PACT weight scales become `QuantParam`
-variables on the layer, initialized from the kernel) and dynamic activation specs.
-Not (yet) in NNX: learned activation scales, static activation ranges and stochastic
-rounding — these raise a ValueError naming the rule; use the Linen path for them.
+The quantization state lives on the layer as NNX variables named by `jaxquant.state`:
+`QuantParam` for the 'quant' collection (learned LSQ step sizes, PACT α: trainable,
+like a Param) and `QuantStat` for 'quant_stats' (the recorded kernel layout, observer
+states, static ranges). So `nnx.state(model)` holds what Linen's variables hold, at the
+same '/'-joined paths (`jaxquant.nnx_functional` converts one into the other).
+
+A direct call `model(x)` creates learned activation scales on first use (call the model
+once on an example before taking gradients, as Linen's `init` does) and updates no
+statistics; `jq.calibrate` / `jq.convert` run the model with 'quant_stats' mutable.
+Stochastic rounding needs a PRNG stream per call, which NNX layers do not get here: it
+raises a ValueError naming the rule.
 """
 from __future__ import annotations
 
+import dataclasses
+import functools
+import threading
 import warnings
-from typing import Tuple
+from typing import Any, Callable, Optional, Tuple
 
+import flax.linen as nn
 import jax
+import jax.numpy as jnp
 from flax import nnx
+from flax.core import unfreeze
 
-from jaxquant import conv as qconv
-from jaxquant import dot as qdot
-from jaxquant.einsum import einsum_compiled, einsum_dimension_numbers
 from jaxquant import layout
-from jaxquant.fake_quant import OperandState
+from jaxquant import state
+from jaxquant.einsum import einsum_dimension_numbers
 from jaxquant.spec import Rule
 
 
 class QuantParam(nnx.Param):
-  """A learned quantization quantity (LSQ step size, PACT α): trainable like a Param."""
+  """A learned quantization quantity (LSQ step size, PACT α): trainable like a Param;
+  Linen's 'quant' collection."""
+
+
+class QuantStat(nnx.Variable):
+  """Quantization statistics (kernel layout, observer states, static ranges): Linen's
+  'quant_stats' collection; not trainable."""
+
+
+QUANTIZABLE = (nnx.Linear, nnx.LinearGeneral, nnx.Conv, nnx.Einsum)
+RULES_ATTR = "jq_rules"  # the root module's rules, static
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+  """How the quantized NNX layers of one call run (set by `jaxquant.nnx_functional`):
+  whether 'quant_stats' is mutable (observers update), the PRNG keys, and the observer
+  overrides of `jq.calibrate` (its observers, token mask, float forward)."""
+  tracking: bool = False
+  rngs: Any = None
+  observers: Optional[Tuple] = None  # None: the transform's defaults
+  mask: Any = None
+  float_forward: bool = False
+
+
+_RUN = threading.local()
+
+
+def current_run() -> Run:
+  """The `Run` of the call in progress (a direct call: the default)."""
+  return getattr(_RUN, "run", None) or Run()
+
+
+class running:
+  """Context manager: the NNX layers called inside run as `run` says."""
+
+  def __init__(self, run: Run):
+    self.run = run
+
+  def __enter__(self):
+    self.saved = getattr(_RUN, "run", None)
+    _RUN.run = self.run
+
+  def __exit__(self, *exc):
+    _RUN.run = self.saved
+
+
+# ----------------------------------------------------------------------------- the twin
+
+def _twin(layer, path: str, name: str) -> nn.Module:
+  """The Linen layer computing what `layer` computes, with the same parameter shapes."""
+  common = dict(dtype=layer.dtype, param_dtype=layer.param_dtype, precision=layer.precision,
+                name=name)
+  if isinstance(layer, nnx.Conv):
+    return nn.Conv(features=layer.out_features, kernel_size=tuple(layer.kernel_size),
+                   strides=layer.strides, padding=layer.padding,
+                   input_dilation=layer.input_dilation, kernel_dilation=layer.kernel_dilation,
+                   feature_group_count=layer.feature_group_count, use_bias=layer.use_bias,
+                   mask=layer.mask, **common)
+  if isinstance(layer, nnx.Einsum):
+    return nn.Einsum(shape=tuple(layer.kernel_shape), einsum_str=layer.einsum_str,
+                     use_bias=layer.bias_shape is not None, **common)
+  if isinstance(layer, nnx.LinearGeneral):
+    if layer.batch_axis:
+      raise ValueError(f"layer {path!r}: nnx.LinearGeneral with batch_axis is not supported "
+                       "by jaxquant; leave it out of the rules (it then stays float)")
+    return nn.DenseGeneral(features=layer.out_features, axis=layer.axis,
+                           use_bias=layer.use_bias, **common)
+  return nn.Dense(features=layer.out_features, use_bias=layer.use_bias, **common)
+
+
+class _Nest(nn.Module):
+  """Linen scopes named like the NNX path's parts, the twin layer in the innermost, so
+  the Linen path (rules, messages, name stacks) is the NNX path."""
+  parts: Tuple[str, ...]
+  make: Callable[[str], nn.Module]
+
+  @nn.compact
+  def __call__(self, *args, **kwargs):
+    if len(self.parts) == 1:
+      return self.make(self.parts[0])(*args, **kwargs)
+    return _Nest(self.parts[1:], self.make, name=self.parts[0])(*args, **kwargs)
+
+
+def _value(var):
+  return var.get_value() if hasattr(var, "get_value") else var.value
+
+
+def collection_of(var) -> str:
+  """The Linen collection of an NNX variable."""
+  if isinstance(var, QuantParam):
+    return state.QUANT
+  if isinstance(var, QuantStat):
+    return state.QUANT_STATS
+  if isinstance(var, nnx.Param):
+    return "params"
+  if isinstance(var, nnx.BatchStat):
+    return "batch_stats"
+  return type(var).__name__
+
+
+def variable_type(collection: str):
+  """The NNX variable type that holds a new entry of a jaxquant collection."""
+  return {state.QUANT: QuantParam, state.QUANT_STATS: QuantStat}[collection]
+
+
+def set_variable(module, name: str, collection: str, value) -> None:
+  """Sets `module.<name>` (an NNX variable) to `value`, creating it when absent."""
+  var = getattr(module, name, None)
+  if isinstance(var, nnx.Variable):
+    if _value(var) is not value:
+      var.set_value(value) if hasattr(var, "set_value") else setattr(var, "value", value)
+  else:
+    setattr(module, name, variable_type(collection)(value))
+
+
+def _layer_variables(layer):
+  """The layer's own variables by Linen collection: {'params': {'kernel': ...}, ...}."""
+  out = {}
+  for name, var in vars(layer).items():
+    if isinstance(var, nnx.Variable) and _value(var) is not None:
+      out.setdefault(collection_of(var), {})[name] = _value(var)
+  return out
+
+
+def _nest(parts, tree):
+  for part in reversed(parts):
+    tree = {part: tree}
+  return tree
+
+
+def _quantized_call(self, *args, **kwargs):
+  """The layer's call, run by its Linen twin under the interceptor (module docstring)."""
+  from jaxquant import transform  # pylint: disable=import-outside-toplevel (a cycle)
+  run = current_run()
+  parts = tuple(self.jq_path.split("/"))
+  observers = transform.DEFAULT_OBSERVERS if run.observers is None else run.observers
+  config = transform.QuantConfig((self.jq_rule,), tuple(observers), run.mask,
+                                 run.float_forward)
+  variables = {col: _nest(parts, tree) for col, tree in _layer_variables(self).items()}
+  mutable = [state.QUANT] + ([state.QUANT_STATS] if run.tracking else [])
+  twin = _Nest(parts, functools.partial(_twin, self, self.jq_path))
+  interceptor = transform._Interceptor(config)  # pylint: disable=protected-access
+  with nn.intercept_methods(interceptor):
+    y, upd = twin.apply(variables, *args, mutable=mutable, rngs=run.rngs, **kwargs)
+  for col, tree in unfreeze(upd).items():
+    for name, value in state.node_at(tree, self.jq_path).items():
+      set_variable(self, name, col, value)
+  return y
+
+
+def _subclass(cls):
+  if cls not in _SUBCLASSES:
+    _SUBCLASSES[cls] = type(f"Quantized{cls.__name__}", (cls,), {"__call__": _quantized_call})
+  return _SUBCLASSES[cls]
 
 
 _SUBCLASSES = {}
 
 
 def _check_nnx_rule(rule: Rule):
-  if rule.act is not None and rule.act.learned:
-    raise ValueError(f"Rule({rule.pattern!r}): learned activation scales (act.ste="
-                     f"{rule.act.ste!r}) are not supported for nnx modules; use a Linen model")
   for name in ("act", "weight", "grad"):
     s = getattr(rule, name)
     if s is not None and s.rounding == "stochastic":
       raise ValueError(f"Rule({rule.pattern!r}): {name}.rounding='stochastic' is not "
-                       "supported for nnx modules; use a Linen model")
+                       "supported for nnx modules (no per-call PRNG stream); use nearest "
+                       "rounding or a Linen model")
 
 
 def _kernel_layout(layer, kernel) -> layout.WeightLayout:
-  """The kernel's layout, as the Linen adapter reads it from the call's dimension numbers."""
+  """The kernel's layout, as the Linen layer's call would record it."""
   if isinstance(layer, nnx.Conv):
     return layout.make_layout(kernel.ndim, tuple(range(kernel.ndim - 1)))
   if isinstance(layer, nnx.Einsum):
@@ -61,42 +229,9 @@ def _kernel_layout(layer, kernel) -> layout.WeightLayout:
   return layout.make_layout(kernel.ndim, tuple(range(n_in)))
 
 
-_ATTR = {nnx.Conv: "conv_general_dilated", nnx.Einsum: "einsum_op"}
-
-
-def _quantized_call(self, *args, **kwargs):
-  """The layer's own `__call__`, with jaxquant's contraction as its contraction argument.
-
-  NNX modules are plain mutable objects and the learned weight scale must be read inside
-  the trace, so the argument is set for this call and restored after it.
-  """
-  spec = self.jq_rule.dot_spec()
-  state = OperandState(learned=self.jq_weight_learned[...]) \
-      if hasattr(self, "jq_weight_learned") else OperandState()
-  attr = next((a for cls, a in _ATTR.items() if isinstance(self, cls)), "dot_general")
-  if attr == "conv_general_dilated":
-    fn = qconv.make_conv(spec, rhs_state=state)
-  elif attr == "einsum_op":
-    fn = lambda subscripts, lhs, rhs, precision=None, preferred_element_type=None, **_: \
-        einsum_compiled(subscripts=subscripts, lhs=lhs, rhs=rhs, spec=spec,
-                        preferred_element_type=preferred_element_type, rhs_state=state)
-  else:
-    fn = qdot.make_dot_general(spec, rhs_state=state)
-  old = getattr(self, attr)
-  setattr(self, attr, fn)
-  try:
-    return type(self).__mro__[1].__call__(self, *args, **kwargs)
-  finally:
-    setattr(self, attr, old)
-
-
-def _subclass(cls):
-  if cls not in _SUBCLASSES:
-    _SUBCLASSES[cls] = type(f"Quantized{cls.__name__}", (cls,), {"__call__": _quantized_call})
-  return _SUBCLASSES[cls]
-
-
-QUANTIZABLE = (nnx.Linear, nnx.LinearGeneral, nnx.Conv, nnx.Einsum)
+def rules_of(model) -> Optional[Tuple[Rule, ...]]:
+  """The rules `quantize_nnx` gave `model`, or None for a model it did not quantize."""
+  return getattr(model, RULES_ATTR, None)
 
 
 def quantize_nnx(model: nnx.Module, rules: Tuple[Rule, ...]) -> nnx.Module:
@@ -113,14 +248,22 @@ def quantize_nnx(model: nnx.Module, rules: Tuple[Rule, ...]) -> nnx.Module:
       continue
     rule = rules[idx]
     _check_nnx_rule(rule)
+    if not name:
+      raise ValueError(f"Rule({rule.pattern!r}) matched the model itself, an "
+                       f"{type(node).__name__}: quantize a module that holds the layer")
     used.add(idx)
+    _twin(node, name, "check")  # unsupported configurations fail here, not at the call
     node.__class__ = _subclass(type(node))
-    node.jq_rule = rule
+    node.jq_rule, node.jq_path = rule, name
+    kernel = _value(node.kernel)
+    w_layout = _kernel_layout(node, kernel)
+    set_variable(node, state.KERNEL_AXES, state.QUANT_STATS,
+                 jnp.asarray(state.kernel_axes(w_layout)))
     if rule.weight is not None and rule.weight.learned:
-      kernel = node.kernel[...]
-      node.jq_weight_learned = QuantParam(
-          layout.init_learned_compiled(jax.lax.stop_gradient(kernel), spec=rule.weight,
-                                       layout=_kernel_layout(node, kernel)))
+      set_variable(node, state.learned_key(state.WEIGHT, rule.weight.learned), state.QUANT,
+                   layout.init_learned_compiled(jax.lax.stop_gradient(kernel),
+                                                spec=rule.weight, layout=w_layout))
+  setattr(model, RULES_ATTR, tuple(rules))
   unused = [r.pattern for i, r in enumerate(rules) if i not in used]
   if unused:
     warnings.warn(f"jaxquant: rules matched no layer: {unused}; layers seen: {seen}",

@@ -11,7 +11,9 @@ from typing import Tuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
+from jaxquant import nnx_functional
 from jaxquant import state
 from jaxquant.qtensor import QTensor
 
@@ -77,8 +79,10 @@ def size_report(variables) -> SizeReport:
 
   Float bytes are a parameter's own bytes, and a serving kernel's bytes at float32;
   stored bytes are what the variables actually hold. Works on training variables too
-  (then stored == float).
+  (then stored == float), and on an NNX model's `nnx.State` (its Params).
   """
+  if isinstance(variables, (nnx.State, nnx.Module)):
+    variables = nnx_functional.linen_variables(variables)
   variables = state.mutable_copy(variables)
   rows = []
 

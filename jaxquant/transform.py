@@ -31,6 +31,7 @@ from typing import Any, Dict, Optional, Sequence, Tuple
 import flax.linen as nn
 from flax import nnx
 
+from jaxquant import nnx_functional
 from jaxquant import nnx_transform
 from jaxquant import observers as obs
 from jaxquant import state
@@ -149,6 +150,10 @@ def quantize_model(model, rules: Sequence[Rule], *, observers=DEFAULT_OBSERVERS)
 
 def config_of(qmodel) -> QuantConfig:
   """The `QuantConfig` of a model returned by `quantize_model`."""
+  if isinstance(qmodel, nnx.Module):  # a quantized NNX model, or its functional view
+    qmodel = nnx_functional.NNXApply(qmodel)
+  if isinstance(qmodel, nnx_functional.NNXApply) and qmodel.rules is not None:
+    return QuantConfig(qmodel.rules)
   config = getattr(type(qmodel), "_jq_config", None)
   if config is None:
     raise ValueError(f"{type(qmodel).__name__} is not a jaxquant-quantized model; "
@@ -168,6 +173,9 @@ def with_observers(qmodel, observers, mask=None, float_forward: bool = False) ->
   shape must be the leading axes of each quantized layer's input rows (see
   `jq.calibrate`). Build it where the mask lives (inside the jitted step). With
   `float_forward` every matched layer computes in float (its observers still run)."""
+  if isinstance(qmodel, nnx_functional.NNXApply):
+    return qmodel.with_run(observers=tuple(observers), mask=mask,
+                           float_forward=bool(float_forward))
   config = dataclasses.replace(config_of(qmodel), observers=tuple(observers), mask=mask,
                                float_forward=bool(float_forward))
   return _make_view(qmodel, config)

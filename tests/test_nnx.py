@@ -1,6 +1,8 @@
 """Tests for jaxquant.quantize_model on Flax NNX modules: the same model written in Linen
 and NNX with the same weights gives the same quantized outputs, under nnx.jit too;
-gradients (weight LSQ included) flow through nnx.grad; unsupported cases fail early."""
+gradients (weight LSQ included) flow through nnx.grad; unsupported cases fail early.
+The pipeline's later steps (calibrate, convert, reports, learned activations) are in
+test_nnx_pipeline.py."""
 import warnings
 
 import flax.linen as nn
@@ -79,7 +81,7 @@ def test_nnx_and_linen_give_the_same_quantized_outputs(case):
   if case == "lsq_pact_weights":  # learned weight scales: initialized like Linen's
     for layer, var in (("conv", "weight_lsq"), ("mix", "weight_lsq"), ("proj", "weight_pact"),
                        ("head", "weight_pact")):
-      learned = getattr(model, layer).jq_weight_learned[...]
+      learned = getattr(getattr(model, layer), var)[...]
       np.testing.assert_allclose(learned, linen_vars["quant"][layer][var], rtol=1e-6)
       linen_vars["quant"][layer][var] = learned  # (init reductions may differ by an ulp)
   y_nnx = _nnx_forward(model, X)
@@ -126,21 +128,21 @@ def test_nnx_grad_reaches_every_param_and_the_weight_lsq_scale():
   assert len(names) == 8 + 4  # kernel + bias per layer, one learned scale per layer
   for name, v in names.items():
     assert np.all(np.isfinite(v)) and np.any(np.asarray(v) != 0), name
-  assert sum("jq_weight_learned" in n for n in names) == 4
+  assert sum("weight_lsq" in n or "weight_pact" in n for n in names) == 4
   # The same gradients as Linen's for params and 'quant'.
   linen_q = jq.quantize_model(Net(), CASES["lsq_pact_weights"])
   lv = qinit(linen_q, PARAMS, X)
   for layer, var in (("conv", "weight_lsq"), ("mix", "weight_lsq"), ("proj", "weight_pact"),
                      ("head", "weight_pact")):
-    lv["quant"][layer][var] = getattr(model, layer).jq_weight_learned[...]  # same start
+    lv["quant"][layer][var] = getattr(getattr(model, layer), var)[...]  # same start
   trainable = {k: lv[k] for k in ("params", "quant")}
   lg = jit(jax.grad(lambda t: jnp.sum((linen_q.apply({**lv, **t}, X) - target) ** 2)))(
       trainable)
   np.testing.assert_allclose(g["mix"]["kernel"], lg["params"]["mix"]["kernel"],
                              rtol=1e-4, atol=1e-6)
-  np.testing.assert_allclose(g["conv"]["jq_weight_learned"], lg["quant"]["conv"]["weight_lsq"],
+  np.testing.assert_allclose(g["conv"]["weight_lsq"], lg["quant"]["conv"]["weight_lsq"],
                              rtol=1e-4, atol=1e-7)
-  np.testing.assert_allclose(g["head"]["jq_weight_learned"], lg["quant"]["head"]["weight_pact"],
+  np.testing.assert_allclose(g["head"]["weight_pact"], lg["quant"]["head"]["weight_pact"],
                              rtol=1e-4, atol=1e-7)
 
 
@@ -165,18 +167,15 @@ def test_nnx_einsum_with_lsq_weight_matches_linen():
   jq.quantize_model(model, rules)
   linen_q = jq.quantize_model(LinenAttn(), rules)
   lv = qinit(linen_q, params, x)
-  np.testing.assert_allclose(model.qkv.jq_weight_learned[...], lv["quant"]["qkv"]["weight_lsq"],
+  np.testing.assert_allclose(model.qkv.weight_lsq[...], lv["quant"]["qkv"]["weight_lsq"],
                              rtol=1e-6)
-  lv["quant"]["qkv"]["weight_lsq"] = model.qkv.jq_weight_learned[...]
+  lv["quant"]["qkv"]["weight_lsq"] = model.qkv.weight_lsq[...]
   y_linen = jax.jit(linen_q.apply)(lv, x)  # same XLA options as nnx.jit
   np.testing.assert_array_equal(_nnx_forward(model.qkv, x), y_linen)
   np.testing.assert_array_equal(model.qkv(x), y_linen)  # eager too
 
 
 @pytest.mark.parametrize("rule, match", [
-    (jq.Rule("proj", act=jq.QuantSpec(bits=8, granularity="tensor", ste="lsq")), "learned activation"),
-    (jq.Rule("proj", act=jq.QuantSpec(bits=8, granularity="tensor", symmetric=False, ste="pact")),
-     "learned activation"),
     (jq.Rule("proj", weight=jq.QuantSpec(bits=8, rounding="stochastic")), "stochastic"),
     (jq.Rule("head", act=jq.QuantSpec(bits=8, rounding="stochastic")), "stochastic"),
 ])
