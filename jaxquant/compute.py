@@ -17,6 +17,7 @@ additions, elementwise work and quantization overheads are not counted.
 from __future__ import annotations
 
 import dataclasses
+import re
 from typing import Any, Dict, Tuple
 
 import jax
@@ -142,7 +143,14 @@ def _module_path(name_stack: str) -> str:
 def _owner(params: Any, stack: str) -> str:
   """The longest prefix of a name stack that is a module with parameters, with the rest
   in parentheses: 'block_0/attn (bthk,bshk->bhts)'."""
-  parts = stack.split("/") if stack else []
+  # A method's scope is named 'Embed_0.attend', and a subclass calling its parent's
+  # __call__ (nn.SelfAttention) repeats its own name: both are the same module.
+  parts, previous = [], None
+  for part in (re.sub(r"^(\w+)\.\w+$", r"\1", p) for p in stack.split("/")) if stack else ():
+    if part != previous:
+      parts.append(part)
+    previous = part
+  stack = "/".join(parts)
   node, depth = params, 0
   for part in parts:
     if not isinstance(node, dict) or part not in node:
