@@ -189,3 +189,9 @@ def test_nnx_learned_activations_match_linen(act):
   for layer in ("conv1", "linear2"):
     assert act.ste == "pact" or np.all(g[layer][key] != 0)  # α at the data's max: no clip
     np.testing.assert_allclose(g[layer][key], lg[layer][key], rtol=1e-3, atol=1e-6)
+
+
+def test_nnx_to_integer_refuses_and_says_what_to_do():
+  model = nnx_cnn(STATIC)
+  with pytest.raises(ValueError, match="NNXCNN is an nnx.Module.*jq.convert"):
+    jq.to_integer(model, nnx.state(model), BATCHES)

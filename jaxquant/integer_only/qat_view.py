@@ -16,6 +16,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 from flax.core import meta, unfreeze
 
 from jaxquant import state
@@ -40,9 +41,14 @@ def rules_of(model) -> Tuple[Rule, ...]:
 
 def float_model_of(model) -> nn.Module:
   """The user's float model: the quantized class's parent class, same fields."""
+  if isinstance(model, nnx.Module):
+    raise ValueError(f"model={type(model).__name__} is an nnx.Module: jq.to_integer traces "
+                     "Linen models only so far; for NNX serve with jq.convert (+ "
+                     "jq.export_serving), or write the model in Linen with the same layer "
+                     "names (the parameter tree is then the same)")
   if not isinstance(model, nn.Module):
     raise ValueError(f"model={type(model).__name__} must be a flax.linen Module (a "
-                     "jq.quantize_model result or a float model); nnx is not supported")
+                     "jq.quantize_model result or a float model)")
   if not is_quantized(model):
     return model
   base = type(model).__mro__[1]
