@@ -39,7 +39,7 @@ def linen_variables(nnx_state) -> Dict[str, Any]:
     node = out.setdefault(nt.collection_of(var), {})
     for part in path[:-1]:
       node = node.setdefault(str(part), {})
-    node[str(path[-1])] = nt._value(var)  # pylint: disable=protected-access
+    node[str(path[-1])] = nt.variable_value(var)
   return out
 
 
@@ -84,7 +84,7 @@ def with_variables(model: nnx.Module, variables: Dict[str, Any]) -> nnx.Module:
     if value is _MISSING:
       if col in state.COLLECTIONS:
         drop.append(path)
-      flat.append((path, var.replace(nt._value(var))))  # pylint: disable=protected-access
+      flat.append((path, var.replace(nt.variable_value(var))))
     else:
       flat.append((path, var.replace(value)))
   model = nnx.merge(graphdef, nnx.State.from_flat_path(flat))

@@ -128,7 +128,8 @@ class _Nest(nn.Module):
     return _Nest(self.parts[1:], self.make, name=self.parts[0])(*args, **kwargs)
 
 
-def _value(var):
+def variable_value(var):
+  """The value an NNX variable holds."""
   return var.get_value() if hasattr(var, "get_value") else var.value
 
 
@@ -154,7 +155,7 @@ def set_variable(module, name: str, collection: str, value) -> None:
   """Sets `module.<name>` (an NNX variable) to `value`, creating it when absent."""
   var = getattr(module, name, None)
   if isinstance(var, nnx.Variable):
-    if _value(var) is not value:
+    if variable_value(var) is not value:
       var.set_value(value) if hasattr(var, "set_value") else setattr(var, "value", value)
   else:
     setattr(module, name, variable_type(collection)(value))
@@ -164,8 +165,8 @@ def _layer_variables(layer):
   """The layer's own variables by Linen collection: {'params': {'kernel': ...}, ...}."""
   out = {}
   for name, var in vars(layer).items():
-    if isinstance(var, nnx.Variable) and _value(var) is not None:
-      out.setdefault(collection_of(var), {})[name] = _value(var)
+    if isinstance(var, nnx.Variable) and variable_value(var) is not None:
+      out.setdefault(collection_of(var), {})[name] = variable_value(var)
   return out
 
 
@@ -255,7 +256,7 @@ def quantize_nnx(model: nnx.Module, rules: Tuple[Rule, ...]) -> nnx.Module:
     _twin(node, name, "check")  # unsupported configurations fail here, not at the call
     node.__class__ = _subclass(type(node))
     node.jq_rule, node.jq_path = rule, name
-    kernel = _value(node.kernel)
+    kernel = variable_value(node.kernel)
     w_layout = _kernel_layout(node, kernel)
     set_variable(node, state.KERNEL_AXES, state.QUANT_STATS,
                  jnp.asarray(state.kernel_axes(w_layout)))

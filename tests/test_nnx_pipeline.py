@@ -12,25 +12,8 @@ from flax import nnx
 
 import jaxquant as jq
 from jaxquant.qtensor import QTensor
-from tests.test_convert import assert_same_forward
+from tests.test_third_party import NNXCNN, assert_same_forward
 from tests.test_transform import qinit
-
-
-class NNXCNN(nnx.Module):
-  """The flax NNX MNIST example's CNN, narrow and for 8x8 images."""
-
-  def __init__(self, *, rngs: nnx.Rngs):
-    self.conv1 = nnx.Conv(1, 4, kernel_size=(3, 3), rngs=rngs)
-    self.conv2 = nnx.Conv(4, 8, kernel_size=(3, 3), rngs=rngs)
-    self.avg_pool = functools.partial(nnx.avg_pool, window_shape=(2, 2), strides=(2, 2))
-    self.linear1 = nnx.Linear(8 * 2 * 2, 16, rngs=rngs)
-    self.linear2 = nnx.Linear(16, 10, rngs=rngs)
-
-  def __call__(self, x):
-    x = self.avg_pool(nnx.relu(self.conv1(x)))
-    x = self.avg_pool(nnx.relu(self.conv2(x)))
-    x = x.reshape(x.shape[0], -1)
-    return self.linear2(nnx.relu(self.linear1(x)))
 
 
 class LinenCNN(nn.Module):
@@ -184,8 +167,9 @@ def test_nnx_learned_activations_match_linen(act):
     np.testing.assert_allclose(getattr(model, layer).__dict__[key][...],
                                lv["quant"][layer][key], rtol=1e-6)
   np.testing.assert_allclose(y, qmodel.apply(lv, X), rtol=1e-5, atol=1e-6)
-  g = nnx.to_pure_dict(nnx.grad(lambda m: jnp.sum(m(X) ** 2))(model))
-  lg = jax.grad(lambda q: jnp.sum(qmodel.apply({**lv, "quant": q}, X) ** 2))(lv["quant"])
+  g = nnx.to_pure_dict(nnx.jit(nnx.grad(lambda m: jnp.sum(m(X) ** 2)))(model))
+  lg = jax.jit(jax.grad(lambda q: jnp.sum(qmodel.apply({**lv, "quant": q}, X) ** 2)))(
+      lv["quant"])
   for layer in ("conv1", "linear2"):
     assert act.ste == "pact" or np.all(g[layer][key] != 0)  # α at the data's max: no clip
     np.testing.assert_allclose(g[layer][key], lg[layer][key], rtol=1e-3, atol=1e-6)

@@ -23,13 +23,18 @@ from flax import nnx
 
 import jaxquant as jq
 from jaxquant.qtensor import QTensor
-from tests.test_convert import assert_same_forward
-from tests.test_nnx_pipeline import NNXCNN
 
 ModuleDef = Any
 W8 = jq.QuantSpec(bits=8)
 A8 = jq.QuantSpec(bits=8, granularity="tensor")
 A8S = jq.QuantSpec(bits=8, granularity="tensor", static=True)
+
+
+def assert_same_forward(y_serve, y_qat):
+  """Serving == QAT: the same codes and integer sums; the float epilogue (scale, bias)
+  may round differently where XLA fuses it differently (a few ulp of the output)."""
+  y_serve, y_qat = np.asarray(y_serve), np.asarray(y_qat)
+  np.testing.assert_allclose(y_serve, y_qat, rtol=0, atol=1e-6 * np.abs(y_qat).max())
 
 
 def _normal(shape, seed):
@@ -356,6 +361,24 @@ def test_lm1b_transformer_whole_pipeline(tmp_path):
 
 
 # ------------------------------------------------------------------------ NNX MNIST CNN
+
+class NNXCNN(nnx.Module):
+  """The CNN of the flax NNX MNIST tutorial, narrow and for 8x8 images."""
+
+  def __init__(self, *, rngs: nnx.Rngs):
+    self.conv1 = nnx.Conv(1, 4, kernel_size=(3, 3), rngs=rngs)
+    self.conv2 = nnx.Conv(4, 8, kernel_size=(3, 3), rngs=rngs)
+    self.avg_pool = functools.partial(nnx.avg_pool, window_shape=(2, 2), strides=(2, 2))
+    self.linear1 = nnx.Linear(8 * 2 * 2, 16, rngs=rngs)
+    self.linear2 = nnx.Linear(16, 10, rngs=rngs)
+
+  def __call__(self, x):
+    x = self.avg_pool(nnx.relu(self.conv1(x)))
+    x = self.avg_pool(nnx.relu(self.conv2(x)))
+    x = x.reshape(x.shape[0], -1)
+    return self.linear2(nnx.relu(self.linear1(x)))
+
+
 
 def test_nnx_mnist_cnn_whole_pipeline(tmp_path):
   model = jq.quantize_model(NNXCNN(rngs=nnx.Rngs(0)), [jq.Rule(".*", weight=W8, act=A8S)])
