@@ -137,7 +137,7 @@ IMAGES = _normal((2, 16, 16, 3), 0)
 
 def _resnet(act):
   qmodel = jq.quantize_model(TinyResNet(), [jq.Rule(".*", weight=W8, act=act)])
-  return qmodel, qmodel.init(jax.random.key(0), IMAGES, train=False)
+  return qmodel, jax.jit(functools.partial(qmodel.init, train=False))(jax.random.key(0), IMAGES)
 
 
 def _qat_step(qmodel, variables, x, labels, zero_grad="$^", **apply_kwargs):
@@ -341,7 +341,7 @@ def test_lm1b_transformer_whole_pipeline(tmp_path):
   train_model = jq.quantize_model(TransformerLM(TransformerConfig()), LM_RULES)
   eval_model = jq.quantize_model(TransformerLM(TransformerConfig(deterministic=True)),
                                  LM_RULES)
-  variables = eval_model.init(jax.random.key(0), TOKENS)
+  variables = jax.jit(eval_model.init)(jax.random.key(0), TOKENS)
   variables = _qat_step(train_model, variables, TOKENS, TOKENS,
                         rngs={"dropout": jax.random.key(1)})
   variables = jq.calibrate(eval_model, variables, [TOKENS])
