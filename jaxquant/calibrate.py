@@ -23,7 +23,7 @@ FORWARDS = ("quantized", "float")
 
 
 def calibrate(qmodel, variables, batches: Iterable, *, masks=None, forward="quantized",
-              rngs=None, observers=()):
+              rngs=None, observers=(), **model_kwargs):
   """Post-training calibration of static activation ranges (and PTQ statistics).
 
   Runs `qmodel` on every batch (each a positional input, or a tuple of them) and returns
@@ -34,6 +34,9 @@ def calibrate(qmodel, variables, batches: Iterable, *, masks=None, forward="quan
   batch's own. Layers whose rule names a PTQ algorithm also collect its statistics
   (`observers.ptq_stats`, under 'ptq_*'). `observers` adds named observer factories; their
   states are kept in 'quant_stats'.
+  `**model_kwargs` are the model's own keyword arguments (e.g. `train=False`,
+  `deterministic=True`), passed to every `apply` as the Python values they are (never
+  traced), so `if train:` and `nn.BatchNorm(use_running_average=not train)` work.
   An NNX model takes and returns its `nnx.State` (apply it with `nnx.update(model,
   state)`). Earlier static ranges are dropped first. Raises ValueError for an empty set of
   batches, and names the layer whose calibration input held NaN or Inf.
@@ -75,7 +78,7 @@ def calibrate(qmodel, variables, batches: Iterable, *, masks=None, forward="quan
     run = view if mask is None else transform.with_observers(qmodel, observer_list, mask,
                                                              float_forward)
     _, upd = run.apply({**others, state.QUANT_STATS: stats}, *batch,
-                       mutable=[state.QUANT_STATS], rngs=rngs)
+                       mutable=[state.QUANT_STATS], rngs=rngs, **model_kwargs)
     return upd[state.QUANT_STATS]
 
   mask_iter = None if masks is None else iter(masks)

@@ -62,7 +62,7 @@ def convert(qmodel, variables, *example_args, **example_kwargs):
     for path, node in state.layer_dicts(upd[state.QUANT_STATS]):
       if state.KERNEL_AXES in node:
         target = variables.setdefault(state.QUANT_STATS, {})
-        for part in path.split("/"):
+        for part in (path.split("/") if path else ()):
           target = target.setdefault(part, {})
         target.setdefault(state.KERNEL_AXES, node[state.KERNEL_AXES])
   layers = [(p, n) for p, n in state.layer_dicts(variables.get(state.QUANT_STATS, {}))

@@ -20,6 +20,7 @@ it (or load it by path) without jaxquant's model code.
 """
 from __future__ import annotations
 
+import functools
 import io
 import json
 import os
@@ -40,14 +41,18 @@ def _leaf_key(i: int) -> str:
 
 
 def export_serving(model, variables, example, path: str, *,
-                   batch_polymorphic: bool = True) -> jax.export.Exported:
+                   batch_polymorphic: bool = True, **model_kwargs) -> jax.export.Exported:
   """Exports `model.apply(variables, x)` (or `model(variables, x)` for a callable) for
   inputs shaped like `example` and writes it to `path`; returns the `jax.export.Exported`.
 
   `variables` may hold any arrays (int8 codes, packed uint8, float scales) in any pytree
   of registered nodes; only its leaves are stored, the structure lives in the module.
+  `**model_kwargs` (e.g. `train=False`) are passed to every call as Python values, fixed
+  in the exported computation.
   """
   apply = model.apply if hasattr(model, "apply") else model
+  if model_kwargs:
+    apply = functools.partial(apply, **model_kwargs)
   leaves, treedef = jax.tree_util.tree_flatten(variables)
   leaves = [np.asarray(l) for l in leaves]
   fn = jax.jit(lambda leaves, x: apply(jax.tree_util.tree_unflatten(treedef, leaves), x))

@@ -90,7 +90,10 @@ def mutable_copy(variables) -> Dict[str, Any]:
 
 def layer_dicts(tree: Mapping[str, Any], prefix: str = ""):
   """(path, dict) for every quantized layer's dict in a collection (`is_layer_stats`),
-  paths '/'-joined, in sorted order."""
+  paths '/'-joined, in sorted order. A model that is itself one layer (e.g.
+  `quantize_model(nn.Dense(10), rules)`) keeps its state at the root: path ''."""
+  if not prefix and is_layer_stats(tree):
+    yield "", tree
   for k, v in sorted(tree.items()):
     if isinstance(v, dict):
       p = f"{prefix}/{k}" if prefix else k
@@ -100,8 +103,8 @@ def layer_dicts(tree: Mapping[str, Any], prefix: str = ""):
 
 
 def node_at(tree: Mapping[str, Any], path: str):
-  """The entry of a nested dict at a '/'-joined path."""
-  for part in path.split("/"):
+  """The entry of a nested dict at a '/'-joined path ('' is the root)."""
+  for part in (path.split("/") if path else ()):
     tree = tree[part]
   return tree
 

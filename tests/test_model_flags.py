@@ -1,0 +1,135 @@
+"""A model's own Python flags (`train=False`) through every entry point that runs it:
+calibrate, convert, compute_report, to_integer and export_serving, on a small ResNet
+written the way the flax ImageNet example writes it (BatchNorm with
+`use_running_average=not train`, layers made with `functools.partial`)."""
+import functools
+from typing import Any, Callable, Sequence, Tuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxquant as jq
+
+ModuleDef = Any
+
+
+class ResNetBlock(nn.Module):
+  """The flax ImageNet example's basic block."""
+  filters: int
+  conv: ModuleDef
+  norm: ModuleDef
+  act: Callable
+  strides: Tuple[int, int] = (1, 1)
+
+  @nn.compact
+  def __call__(self, x):
+    residual = x
+    y = self.conv(self.filters, (3, 3), self.strides)(x)
+    y = self.norm()(y)
+    y = self.act(y)
+    y = self.conv(self.filters, (3, 3))(y)
+    y = self.norm(scale_init=nn.initializers.zeros_init())(y)
+    if residual.shape != y.shape:
+      residual = self.conv(self.filters, (1, 1), self.strides, name="conv_proj")(residual)
+      residual = self.norm(name="norm_proj")(residual)
+    return self.act(residual + y)
+
+
+class ResNet(nn.Module):
+  """The flax ImageNet example's ResNet, two tiny stages."""
+  stage_sizes: Sequence[int] = (1, 1)
+  num_classes: int = 5
+  num_filters: int = 4
+
+  @nn.compact
+  def __call__(self, x, train: bool = True):
+    conv = functools.partial(nn.Conv, use_bias=False)
+    norm = functools.partial(nn.BatchNorm, use_running_average=not train, momentum=0.9,
+                             epsilon=1e-5)
+    x = conv(self.num_filters, (3, 3), (2, 2), padding=[(1, 1), (1, 1)], name="conv_init")(x)
+    x = norm(name="bn_init")(x)
+    x = nn.relu(x)
+    x = nn.max_pool(x, (3, 3), strides=(2, 2), padding="SAME")
+    for i, block_size in enumerate(self.stage_sizes):
+      for j in range(block_size):
+        strides = (2, 2) if i > 0 and j == 0 else (1, 1)
+        x = ResNetBlock(self.num_filters * 2 ** i, strides=strides, conv=conv, norm=norm,
+                        act=nn.relu, name=f"block_{i}_{j}")(x)
+    x = jnp.mean(x, axis=(1, 2))
+    return nn.Dense(self.num_classes, name="head")(x)
+
+
+ACT = jq.QuantSpec(bits=8, granularity="tensor", symmetric=False, static=True)
+RULES = [jq.Rule(".*", weight=jq.QuantSpec(bits=8), act=ACT)]
+X = jax.random.normal(jax.random.key(1), (2, 8, 8, 3))
+
+
+@pytest.fixture(scope="module")
+def trained():
+  """Float variables whose running statistics differ from any one batch's."""
+  model = ResNet()
+  v = model.init(jax.random.key(0), X, train=False)
+  _, upd = model.apply(v, X * 3.0 + 1.0, train=True, mutable=["batch_stats"])
+  return model, {"params": v["params"], "batch_stats": upd["batch_stats"]}
+
+
+def test_flag_in_a_batch_is_traced_and_fails(trained):
+  """The issue's failure: a flag passed as part of the batch is a traced value."""
+  model, v = trained
+  qmodel = jq.quantize_model(model, RULES)
+  with pytest.raises(jax.errors.TracerBoolConversionError):
+    jq.calibrate(qmodel, v, [(X, False)])
+
+
+def test_calibrate_and_convert_take_model_flags(trained):
+  model, v = trained
+  qmodel = jq.quantize_model(model, RULES)
+  cal = jq.calibrate(qmodel, v, [X], forward="float", train=False)
+  np.testing.assert_array_equal(  # eval mode: running statistics untouched
+      cal["batch_stats"]["bn_init"]["mean"], v["batch_stats"]["bn_init"]["mean"])
+  # The head's static range is that of the eval-mode float model's pooled features.
+  _, inter = model.apply(v, X, train=False, capture_intermediates=True)
+  feats = np.asarray(inter["intermediates"]["block_1_0"]["__call__"][0]).mean(axis=(1, 2))
+  head = cal["quant_stats"]["head"]
+  np.testing.assert_allclose(head["act_hi"], feats.max(), rtol=1e-5)
+  np.testing.assert_allclose(head["act_lo"], min(feats.min(), 0.0), rtol=1e-5, atol=1e-7)
+  # ... not the training-mode model's (batch statistics), which a traced flag would give.
+  _, inter_t = model.apply(v, X, train=True, capture_intermediates=True,
+                           mutable=["batch_stats"])
+  feats_t = np.asarray(inter_t["intermediates"]["block_1_0"]["__call__"][0]).mean(axis=(1, 2))
+  assert abs(feats_t.max() - feats.max()) > 1e-3
+
+  # convert traces the model with its flags when the variables hold no layouts.
+  _, served = jq.convert(qmodel, {k: cal[k] for k in ("params", "batch_stats")}
+                         | {"quant_stats": _without_layouts(cal["quant_stats"])}, X,
+                         train=False)
+  assert isinstance(served["params"]["head"]["kernel"], jq.QTensor)
+  assert isinstance(served["params"]["block_0_0"]["Conv_0"]["kernel"], jq.QTensor)
+  y_serve = qmodel.apply(served, X, train=False)
+  y_qat = qmodel.apply(cal, X, train=False)
+  np.testing.assert_allclose(y_serve, y_qat, rtol=1e-5, atol=1e-5)
+
+  report = jq.compute_report(qmodel, cal, X, train=False)
+  assert report.layer("head").weight_bits == 8 and report.layer("head").act_bits == 8
+
+
+def test_export_takes_model_flags(trained, tmp_path):
+  model, v = trained
+  qmodel = jq.quantize_model(model, RULES)
+  cal = jq.calibrate(qmodel, v, [X], train=False)
+  smodel, served = jq.convert(qmodel, cal)
+  path = str(tmp_path / "resnet.jqx")
+  jq.export_serving(smodel, served, X, path, batch_polymorphic=False, train=False)
+  np.testing.assert_array_equal(
+      jq.load_exported(path)(X), jax.jit(lambda v, x: smodel.apply(v, x, train=False))(
+          served, X))
+
+
+def _without_layouts(stats):
+  """'quant_stats' with the recorded kernel layouts dropped (as after a float restore)."""
+  if not isinstance(stats, dict):
+    return stats
+  return {k: _without_layouts(v) for k, v in stats.items() if k != "kernel_axes"}
