@@ -19,7 +19,7 @@ from jaxquant.qtensor import QTensor, pack, unpack
 from jaxquant.quantize import dequantize, quantize, quantize_weight
 from jaxquant.size import SizeReport, TensorSize, size_report
 from jaxquant.spec import PTQ, DotSpec, QuantSpec, Rule
-from jaxquant.transform import quantize_model
+from jaxquant.transform import FloatLayersWarning, quantize_model
 
 __all__ = [
     "QuantSpec", "DotSpec", "Rule", "QTensor", "quantize", "dequantize", "fake_quant",
@@ -28,6 +28,6 @@ __all__ = [
     "OperandState", "WeightLayout", "make_layout", "quantize_weight", "observers",
     "PTQ", "ptq", "to_integer", "IntegerProgram", "IntegerOnlyError", "export_serving",
     "load_exported", "FoldedConvBN", "FoldedDenseBN", "compute_report", "ComputeReport",
-    "LayerCompute", "DotOptions",
+    "LayerCompute", "DotOptions", "FloatLayersWarning",
 ]
 __version__ = "0.1.0"

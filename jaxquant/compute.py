@@ -121,7 +121,8 @@ def compute_report(qmodel, variables, *args, method=None, **kwargs) -> ComputeRe
   params = plain.get("params", {})
   by_path: Dict[str, int] = {}
   for stack, n in macs.items():  # name scopes inside a layer (jnp.einsum's) -> the layer
-    path = _owner(params, stack)
+    # A model that is itself one layer (quantize_model(nn.Dense(10), ...)): path ''.
+    path = "" if _is_layer(params, "") else _owner(params, stack)
     by_path[path] = by_path.get(path, 0) + n
   layers = []
   for path, n in by_path.items():
@@ -166,7 +167,7 @@ def _owner(params: Any, stack: str) -> str:
 
 def _is_layer(params: Any, path: str) -> bool:
   node = params
-  for part in path.split("/"):
+  for part in (path.split("/") if path else ()):
     if not isinstance(node, dict) or part not in node:
       return False
     node = node[part]

@@ -51,6 +51,10 @@ def convert(qmodel, variables, *example_args, **example_kwargs):
 
   An NNX model takes its `nnx.State` and gives a new NNX model holding the serving
   state (the QAT model is not modified) and that state.
+
+  Layers holding a weight that no rule matched stay float; they are listed in one
+  `jq.FloatLayersWarning` (as at `init`). `**example_kwargs` are the model's own
+  keyword arguments (e.g. `train=False`), passed to that trace as Python values.
   """
   nnx_model = qmodel
   qmodel, variables, finish = nnx_functional.as_functional(qmodel, variables)
@@ -100,6 +104,8 @@ def convert(qmodel, variables, *example_args, **example_kwargs):
     names.append(name)
   for (path, *_), name, q in zip(todo, names, _quantize_weights(tuple(todo), kernels, learned)):
     state.node_at(params, path)[name] = q
+  transform.warn_float_layers([p for p in transform.weight_layers(params)
+                               if config.match(p) is None], "convert")
   if nnx_functional.is_nnx(qmodel):  # a new NNX model holding the serving state
     serving = nnx_functional.with_variables(nnx_model, variables)
     return serving, finish(variables)

@@ -30,7 +30,10 @@ class EmbedCall(LayerCall):
   row and groups run along D. `__call__` gathers rows of the (fake-)quantized table, or
   of a stored `QTensor` (only the gathered rows are unpacked and dequantized);
   `attend` is a contraction through `jq.dot_general` (the rule's act spec quantizes the
-  query: the real s8 dot with per-row = per-output-channel weight scales)."""
+  query: the real s8 dot with per-row = per-output-channel weight scales). A lookup has
+  no activation to quantize: the rule's act spec is ignored by `__call__`, so a rule
+  with an LSQ / PACT act spec may match an Embed that never calls `attend` (one that
+  does is refused: a learned query scale is not supported)."""
 
   METHODS = {"setup": "setup", "__call__": "gather", "attend": "attend"}
 
@@ -39,9 +42,6 @@ class EmbedCall(LayerCall):
     if rule.ptq is not None:
       raise ValueError(f"layer {path!r} is an nn.Embed: ptq={rule.ptq.method!r} is not "
                        "supported for embedding tables (round-to-nearest per row only)")
-    if rule.act is not None and rule.act.learned:
-      raise ValueError(f"layer {path!r} is an nn.Embed: act.ste={rule.act.ste!r} (a learned "
-                       "activation scale for attend's query) is not supported")
 
   def setup(self, next_fun, *args, **kwargs):
     """The table, then (nn.Embed is a `setup` module: variables are made only here) the
@@ -87,6 +87,12 @@ class EmbedCall(LayerCall):
     """query · tableᵀ through `jq.dot_general` (Embed.attend)."""
     del next_fun
     m = self.module
+    if self.rule.act is not None and self.rule.act.learned:
+      raise ValueError(f"layer {self.path!r} is an nn.Embed whose attend is called: "
+                       f"act.ste={self.rule.act.ste!r} (a learned scale for the query) is "
+                       "not supported there; give this layer a rule of its own before the "
+                       f"others, e.g. jq.Rule({self.path!r}, weight=..., act=jq.QuantSpec("
+                       "bits=8, granularity='tensor'))")
     table = m.embedding
     if isinstance(table, QTensor):
       (query,) = m.promote_dtype(query, dtype=m.dtype)

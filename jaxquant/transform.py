@@ -35,11 +35,39 @@ from jaxquant import nnx_functional
 from jaxquant import nnx_transform
 from jaxquant import observers as obs
 from jaxquant import state
+from jaxquant.linen_conv_transpose import ConvTransposeCall
 from jaxquant.linen_embed import EmbedCall
 from jaxquant.linen_layer import Contraction, LayerCall, module_fields
 from jaxquant.spec import Rule
 
-QUANTIZABLE = (nn.Dense, nn.DenseGeneral, nn.Conv, nn.Einsum)
+QUANTIZABLE = (nn.Dense, nn.DenseGeneral, nn.Conv, nn.Einsum, nn.ConvTranspose)
+WEIGHT_NAMES = ("kernel", "embedding")  # a layer holding one of these has a quantizable weight
+
+
+class FloatLayersWarning(UserWarning):
+  """Layers holding a weight (a 'kernel' or an 'embedding') that no rule matched, so
+  they stay float: listed once at `init` and once at `jq.convert`."""
+
+
+def weight_layers(params, prefix: str = ""):
+  """'/'-joined paths of the dicts in a 'params' tree holding a 'kernel' or an
+  'embedding' ('' for a model that is itself one layer), in sorted order."""
+  if isinstance(params, dict) and any(n in params for n in WEIGHT_NAMES):
+    yield prefix
+  for k, v in sorted(params.items()) if isinstance(params, dict) else ():
+    if isinstance(v, dict):
+      yield from weight_layers(v, f"{prefix}/{k}" if prefix else k)
+
+
+def warn_float_layers(paths, where: str) -> None:
+  """One `FloatLayersWarning` listing `paths` (layers with a weight left float)."""
+  if paths:
+    shown = [p or "<the model itself>" for p in paths]
+    warnings.warn(f"jaxquant ({where}): {len(shown)} layer(s) holding a weight matched no "
+                  f"rule and stay float: {shown}. To quantize them add a rule whose pattern "
+                  f"matches their paths (e.g. jq.Rule({'|'.join(paths)!r}, weight=...), or "
+                  "'.*' last); jq.size_report counts them as float bytes",
+                  FloatLayersWarning, stacklevel=4)
 DEFAULT_OBSERVERS = ((state.EMA, obs.ema_range()),)
 
 
@@ -110,14 +138,21 @@ def _make_view(model: nn.Module, config: QuantConfig) -> nn.Module:
           out = fn(self, *args, **kwargs)
       finally:
         active.discard(id(cfg))
+      if name == "setup":  # a top-level nn.Embed's own table and state: nothing to report
+        return out
       if name == "__call__" or self.is_initializing():
         interceptor.warn_unused()
+      if self.is_initializing():
+        interceptor.check_weight_layers(self)
       return out
     method.__name__ = name
     method.__doc__ = getattr(getattr(base, name), "__doc__", None)
     return method
 
-  namespace = {name: wrap(name) for name in _public_methods(base)}
+  names = _public_methods(base)
+  if issubclass(base, nn.Embed):  # a model that is one nn.Embed: its setup is intercepted too
+    names += ("setup",)
+  namespace = {name: wrap(name) for name in names}
   namespace.update(_jq_config=config, __module__=base.__module__)
   cls = type(f"Quantized{base.__name__}", (base,), namespace)
   return cls(**module_fields(model), name=model.name)
@@ -190,9 +225,12 @@ class _Interceptor:
   def __init__(self, config: QuantConfig):
     self.config = config
     self.seen: Dict[str, Optional[int]] = {}
+    self.kinds: Dict[str, str] = {}  # path -> class name of every module called
 
   def __call__(self, next_fun, args, kwargs, context):
     module = context.module
+    if context.method_name == "__call__":
+      self.kinds.setdefault("/".join(module.path), type(module).__name__)
     if isinstance(module, nn.Embed) and context.method_name in EmbedCall.METHODS:
       path = "/".join(module.path)
       idx = self.config.match(path)
@@ -209,7 +247,30 @@ class _Interceptor:
     self.seen[path] = idx
     if idx is None:
       return next_fun(*args, **kwargs)
-    return LayerCall(module, path, self.config.rules[idx], self.config).run(args, kwargs)
+    call = ConvTransposeCall if isinstance(module, nn.ConvTranspose) else LayerCall
+    return call(module, path, self.config.rules[idx], self.config).run(args, kwargs)
+
+  def check_weight_layers(self, model) -> None:
+    """At init: every layer of `model` holding a weight is quantized, or matched by no
+    rule (then listed in one `FloatLayersWarning`); one a rule matched that jaxquant
+    cannot quantize is a ValueError naming it."""
+    prefix = "/".join(model.path)
+    params = state.mutable_copy(model.variables.get("params", {}))
+    left_float = []
+    for rel in weight_layers(params):
+      path = "/".join(p for p in (prefix, rel) if p)
+      if self.seen.get(path) is not None:
+        continue
+      idx = self.config.match(path)
+      if idx is not None:
+        kind = self.kinds.get(path, "a module")
+        raise ValueError(
+            f"layer {path!r} ({kind}) holds a weight and rule {self.config.rules[idx].pattern!r} "
+            f"matches it, but jaxquant quantizes only {[c.__name__ for c in QUANTIZABLE]} "
+            "and nn.Embed layers: write the rules so that none matches this layer (e.g. "
+            f"a pattern like '(?!{path}$).*'), or build it from those layers")
+      left_float.append(path)
+    warn_float_layers(left_float, "init")
 
   def warn_unused(self) -> None:
     used = set(self.seen.values())
