@@ -6,7 +6,7 @@ variables hold them (packed codes, a block format's block scales, NVFP4's tensor
 from __future__ import annotations
 
 import dataclasses
-from typing import Tuple
+from typing import Mapping, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -77,13 +77,14 @@ def _nbytes(x) -> int:
 def size_report(variables) -> SizeReport:
   """Bytes of every tensor in 'params' and of every serving kernel: float vs stored.
 
-  Float bytes are a parameter's own bytes, and a serving kernel's bytes at float32;
-  stored bytes are what the variables actually hold. Works on training variables too
-  (then stored == float), and on an NNX model's `nnx.State` (its Params).
+  `variables` is a Linen variables dict ({'params': ..., other collections ignored}),
+  a 'params' tree alone (`variables['params']`), or an NNX model or its `nnx.State`
+  (its Params). Float bytes are a parameter's own bytes, and a serving kernel's bytes at
+  float32; stored bytes are what the variables actually hold. Works on training
+  variables too (then stored == float). Anything else, a tree with no parameter, or a
+  leaf that is not an array is refused with a ValueError naming it: never 0 bytes.
   """
-  if isinstance(variables, (nnx.State, nnx.Module)):
-    variables = nnx_functional.linen_variables(variables)
-  variables = state.mutable_copy(variables)
+  params = _params_tree(variables)
   rows = []
 
   def visit(tree, prefix):
@@ -94,8 +95,42 @@ def size_report(variables) -> SizeReport:
                                sum(_nbytes(x) for x in jax.tree.leaves(v))))
       elif isinstance(v, dict):
         visit(v, p)
-      else:
+      elif _is_array(v):
         rows.append(TensorSize(p, _nbytes(v), _nbytes(v)))
+      else:
+        raise ValueError(f"size_report: {p!r} is a {type(v).__name__}, not an array or a "
+                         "QTensor; pass the model's variables, their 'params' or an "
+                         "nnx.State")
 
-  visit(variables.get("params", {}), "")
+  visit(params, "")
+  if not rows:
+    raise ValueError("size_report: the variables hold no parameter (an empty 'params'); "
+                     "pass the model's variables, their 'params' or an nnx.State")
   return SizeReport(tuple(sorted(rows, key=lambda t: t.path)))
+
+
+# Linen collections other than 'params' (a dict holding one of these but no 'params' is
+# variables without parameters, not a 'params' tree).
+_OTHER_COLLECTIONS = state.COLLECTIONS + ("batch_stats", "cache", "intermediates")
+
+
+def _params_tree(variables):
+  """The nested dict of parameters that `variables` holds (see `size_report`)."""
+  if isinstance(variables, (nnx.State, nnx.Module)):
+    variables = nnx_functional.linen_variables(variables)
+  if not isinstance(variables, Mapping):
+    raise ValueError(f"size_report takes a variables dict, its 'params' or an nnx.State; "
+                     f"got {type(variables).__name__}")
+  variables = state.mutable_copy(variables)
+  if "params" in variables:
+    return variables["params"]
+  others = sorted(k for k in variables if k in _OTHER_COLLECTIONS)
+  if others:
+    raise ValueError(f"size_report: the variables hold collections {others} but no "
+                     "'params'; pass the variables with their 'params'")
+  return variables  # a 'params' tree
+
+
+def _is_array(x) -> bool:
+  return isinstance(x, (np.ndarray, jax.Array, np.generic)) and not \
+      jnp.issubdtype(jnp.asarray(x).dtype, jax.dtypes.prng_key)
