@@ -68,6 +68,8 @@ def warn_float_layers(paths, where: str) -> None:
                   f"matches their paths (e.g. jq.Rule({'|'.join(paths)!r}, weight=...), or "
                   "'.*' last); jq.size_report counts them as float bytes",
                   FloatLayersWarning, stacklevel=4)
+
+
 DEFAULT_OBSERVERS = ((state.EMA, obs.ema_range()),)
 
 
@@ -263,10 +265,10 @@ class _Interceptor:
         continue
       idx = self.config.match(path)
       if idx is not None:
-        kind = self.kinds.get(path, "a module")
+        kind, pattern = self.kinds.get(path, "a module"), self.config.rules[idx].pattern
         raise ValueError(
-            f"layer {path!r} ({kind}) holds a weight and rule {self.config.rules[idx].pattern!r} "
-            f"matches it, but jaxquant quantizes only {[c.__name__ for c in QUANTIZABLE]} "
+            f"layer {path!r} ({kind}) holds a weight and rule {pattern!r} matches it, "
+            f"but jaxquant quantizes only {[c.__name__ for c in QUANTIZABLE]} "
             "and nn.Embed layers: write the rules so that none matches this layer (e.g. "
             f"a pattern like '(?!{path}$).*'), or build it from those layers")
       left_float.append(path)
