@@ -180,9 +180,6 @@ def test_resnet_qat_convert_reports_export(tmp_path):
   _export_matches(tmp_path, fn, svars, IMAGES)
 
 
-@pytest.mark.xfail(strict=True, raises=(TypeError, ValueError, jax.errors.JAXTypeError),
-                   reason="jq.calibrate / jq.convert keyword arguments for the model "
-                   "(train=False): issue 25 item 1, not in main yet")
 def test_resnet_calibrate_with_train_flag():
   qmodel, variables = _resnet(A8S)
   variables = jq.calibrate(qmodel, variables, [IMAGES], train=False)
