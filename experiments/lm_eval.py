@@ -24,7 +24,6 @@ import jax
 import numpy as np
 from ml_collections import config_flags
 
-from experiments.config_file import load_config_module
 from experiments.pretrained import llm_run, perplexity
 from experiments.training.results import write_summary
 
@@ -33,10 +32,11 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "configs/smollm2.py:VA
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output directory (created if missing).")
 
 
-def evaluate(config, config_path: str, progress: bool = True):
-  """The summary dict of one run (nothing written)."""
+def evaluate(config, overrides=(), progress: bool = True):
+  """The summary dict of one run (nothing written); `overrides` are the command line's
+  `--config.KEY` overrides (a `variant` override is refused)."""
   start = time.time()
-  rules = load_config_module(config_path.split(":")[0]).rules(config)
+  rules = llm_run.recipe_rules(config, overrides)
   model, params, gg = llm_run.load_model(config)
   tok = gg.tokenizer()
   bos = gg.bos_id if gg.add_bos else None
@@ -63,7 +63,7 @@ def main(argv):
   config, workdir = _CONFIG.value, _WORKDIR.value
   if config is None or workdir is None:
     raise app.UsageError("--config and --workdir are required")
-  summary = evaluate(config, config_flags.get_config_filename(flags.FLAGS["config"]))
+  summary = evaluate(config, config_flags.get_override_values(flags.FLAGS["config"]))
   os.makedirs(workdir, exist_ok=True)
   write_summary(workdir, summary)
   print({k: summary[k] for k in ("perplexity", "num_tokens", "bits_per_weight",

@@ -2,13 +2,24 @@
 read the text, quantize a recipe's variant (calibrated on its calibration split)."""
 from __future__ import annotations
 
-from typing import Any, Dict, List, Tuple
+from typing import Any, Dict, List, Mapping, Tuple
 
 import numpy as np
 
 import jaxquant as jq
 from experiments.pretrained import gguf_llama, shakespeare
 from experiments.pretrained.perplexity import windows
+from experiments.training import config_build
+
+
+def recipe_rules(config, overrides: Mapping[str, Any] = ()) -> List[jq.Rule]:
+  """The `jq.Rule`s of `config.quant.rules` (a ConfigError naming the key when one is
+  bad). `overrides` are the command line's `--config.KEY` overrides: `variant` only
+  records the config argument, so overriding it is refused."""
+  if "variant" in overrides:
+    raise ValueError(f"--config.variant={overrides['variant']!r} would not change the "
+                     "rules; choose the variant as --config=configs/smollm2.py:VARIANT")
+  return config_build.rules_from_list(config.quant.rules)
 
 
 def load_model(config):

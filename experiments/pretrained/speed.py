@@ -21,7 +21,7 @@ def measure(config, config_path, variants, decode_tokens=32, repeats=3):
   built = {}
   for variant in variants:
     c = module.get_config(variant)
-    rules = module.rules(c)
+    rules = llm_run.recipe_rules(c)
     calib = llm_run.calibration_batches(tok, c) if llm_run.needs_calibration(rules) else [ids]
     smodel, svars = llm_run.quantize(model, params, rules, calib, progress=False)
     forward = jax.jit(smodel.apply)

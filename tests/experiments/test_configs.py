@@ -15,6 +15,7 @@ import pytest
 import jaxquant as jq
 from configs import base, digits_resnet, mnist1d_cnn, pytext_gpt, quickstart
 from experiments.config_file import load_config_module
+from experiments.pretrained.llm_run import recipe_rules as llm_recipe_rules
 from experiments.pretrained.ptq_run import recipe_rules
 from experiments.training import config_build, loop, sharding
 from experiments.training.config_build import (ConfigError, rules_from_config,
@@ -231,19 +232,13 @@ def _config_files():
           if os.path.basename(f) not in ("__init__.py", "common.py")]
 
 
-# Recipes still written with jaxquant objects and a `rules(config)` hook (their owners
-# move them to the schema's dialect, as configs/minilm_ptq.py did); listed so that no
-# other config can slip back into that spelling.
-NOT_YET_IN_THE_DIALECT = ("configs/smollm2.py",)
-
-
 def _build(path, module, config):
   """What the config's runner builds first: pretrained-model recipes their rules,
   integer-only recipes the training config under their `integer` section, the rest the
   trainer's whole config."""
-  if path in NOT_YET_IN_THE_DIALECT:
-    rules = module.rules(config)
-    assert all(isinstance(r, Rule) for r in rules) and bool(rules) == (config.variant != "float")
+  if os.path.basename(path) == "smollm2.py":
+    rules = llm_recipe_rules(config)
+    assert bool(rules) == (config.variant not in ("float", "float_kv8", "float_kv4"))
     return
   if os.path.basename(path) == "minilm_ptq.py":
     rules = recipe_rules(config)
@@ -278,8 +273,6 @@ def test_configs_spell_specs_one_way():
   """No config writes jaxquant objects itself: specs, rules and PTQ algorithms are the
   schema's quant_spec / quant_rule / ptq_spec (and base's presets of quant_spec)."""
   for path in _config_files():
-    if path in NOT_YET_IN_THE_DIALECT:
-      continue
     with open(os.path.join(REPO, path)) as f:
       tree = ast.parse(f.read())
     for node in ast.walk(tree):

@@ -67,7 +67,6 @@ def _write_config(d, gguf_path, text_file):
   cfg.write_text(f'''
 from configs import smollm2
 VARIANTS = smollm2.VARIANTS
-rules = smollm2.rules
 def get_config(variant="float"):
   c = smollm2.get_config(variant)
   c.gguf_path = {gguf_path!r}
@@ -78,7 +77,7 @@ def get_config(variant="float"):
   c.calib.num_windows, c.calib.window, c.calib.batch_size = 2, 16, 2
   return c
 def get_sweep():
-  return [{{"variant": "float"}}, {{"variant": "w8a8"}}]
+  return [{{"config_arg": "float"}}, {{"config_arg": "w8a8"}}]
 ''')
   return str(cfg)
 
@@ -112,8 +111,8 @@ def test_lm_eval_summaries_against_numpy_reference(tiny):
   path, stored, _ = tiny
   cfg = _text_and_config(tiny)
   module = load_config_module(cfg)
-  s_float = lm_eval.evaluate(module.get_config("float"), cfg, progress=False)
-  s_w8a8 = lm_eval.evaluate(module.get_config("w8a8"), cfg, progress=False)
+  s_float = lm_eval.evaluate(module.get_config("float"), progress=False)
+  s_w8a8 = lm_eval.evaluate(module.get_config("w8a8"), progress=False)
   gg = gguf_llama.LlamaGGUF(path)
   ids = gg.tokenizer().encode(TEXT * 2).ids[:96]
   wins = perplexity.windows(ids, 16)
