@@ -89,6 +89,29 @@ def test_serving_model_round_trip_bit_identical(name, tmp_path):
   np.testing.assert_array_equal(np.asarray(jq.load_exported(str(path))(X)), want)
 
 
+def test_weight_only_exact_with_a_fixed_batch_and_within_ulps_with_a_symbolic_one(tmp_path):
+  """The documented exactness: a weight-only model exported with the example's batch is
+  bit-identical to the jitted serving apply; with a symbolic batch it takes the general
+  weight-only path (same codes, another summation order), within a few float32 ulps."""
+  class Net(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      return nn.Dense(10)(nn.relu(nn.Dense(64)(x)))
+
+  x = np.random.default_rng(0).normal(size=(4, 96)).astype(np.float32)
+  qm = jq.quantize_model(Net(), [jq.Rule(".*", weight=jq.QuantSpec(bits=8))])
+  smodel, svars = jq.convert(qm, qm.init(jax.random.key(0), x), x)
+  want = np.asarray(jax.jit(smodel.apply)(svars, x))
+  for poly in (False, True):
+    path = str(tmp_path / f"m_{poly}.jqx")
+    jq.export_serving(smodel, svars, x, path, batch_polymorphic=poly)
+    got = np.asarray(jq.load_exported(path)(x))
+    if poly:
+      np.testing.assert_allclose(got, want, rtol=0, atol=8 * np.spacing(np.abs(want).max()))
+    else:
+      np.testing.assert_array_equal(got, want)
+
+
 def test_batch_polymorphic_when_the_model_allows(tmp_path):
   model = nn.Dense(3)
   variables = model.init(jax.random.key(1), X)
