@@ -21,11 +21,15 @@ RMSNorm scales stay float):
   float            no quantization
   w8               int8 per-channel weight-only (round to nearest)
   w8a8             ... and int8 per-token dynamic activations
+  w8a8_static      int8 per-channel weights, int8 static per-tensor activations (absmax
+                   ranges calibrated on The Tempest windows), no outlier migration
+  w8a8_smoothquant ... the same after SmoothQuant (alpha = 0.5, the paper's default)
   w4_g32_asym      int4 asymmetric in groups of 32: the GGUF's own Q4_1 grid, so nearly
                    lossless by construction; a control row, not a result
   w4_g128_{rtn,gptq,awq}  int4 symmetric in groups along K. "g128": groups must divide K
                    here, and K = 576 for q/k/v/o/gate/up is 4.5 x 128, so those layers use
                    3 groups of 192 (never finer than 128) and `down` (K = 1536) 12 of 128.
+  w3_g128_{rtn,gptq}  int3 symmetric, the same groups as the W4 g128 rows
   float_kv8, float_kv4  float weights, the KV cache quantized to int8 / int4 (symmetric,
                    one scale per token and kv head; experiments/models/llama.py);
                    `--config.kv_bits=8` adds it to any variant
@@ -51,6 +55,16 @@ def a8_token():
   return quant_spec(bits=8, granularity="channel", static=False)
 
 
+def a8_static():
+  """int8 activations, one calibrated static (absmax) range per tensor."""
+  return quant_spec(bits=8, granularity="tensor", static=True)
+
+
+def _w8a8(act, alpha=None):
+  sq = None if alpha is None else ptq_spec(method="smoothquant", alpha=alpha)
+  return [quant_rule(LAYERS, weight=w8(), act=act, ptq=sq)]
+
+
 def _embed():
   return [quant_rule(EMBED, weight=w8())]
 
@@ -69,11 +83,15 @@ def _grouped(bits, group_576, group_1536, *, symmetric=True, method=None):
 _RULES = {
     "float": lambda: [],
     "w8": lambda: [quant_rule(LAYERS, weight=w8())] + _embed(),
-    "w8a8": lambda: [quant_rule(LAYERS, weight=w8(), act=a8_token())] + _embed(),
+    "w8a8": lambda: _w8a8(a8_token()) + _embed(),
+    "w8a8_static": lambda: _w8a8(a8_static()) + _embed(),
+    "w8a8_smoothquant": lambda: _w8a8(a8_static(), alpha=0.5) + _embed(),
     "w4_g32_asym": lambda: _grouped(4, 32, 32, symmetric=False) + _embed(),
     "w4_g128_rtn": lambda: _grouped(4, 192, 128) + _embed(),
     "w4_g128_gptq": lambda: _grouped(4, 192, 128, method="gptq") + _embed(),
     "w4_g128_awq": lambda: _grouped(4, 192, 128, method="awq") + _embed(),
+    "w3_g128_rtn": lambda: _grouped(3, 192, 128) + _embed(),
+    "w3_g128_gptq": lambda: _grouped(3, 192, 128, method="gptq") + _embed(),
     "float_kv8": lambda: [],
     "float_kv4": lambda: [],
 }
