@@ -25,6 +25,7 @@ import numpy as np
 from ml_collections import config_flags
 
 from experiments.pretrained import llm_run, perplexity
+from experiments.training import config_build
 from experiments.training.results import write_summary
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "configs/smollm2.py:VARIANT",
@@ -50,7 +51,8 @@ def evaluate(config, overrides=(), progress: bool = True):
   result = perplexity.evaluate(logits, wins, int(config.eval.batch_size), report)
   bpw, param_bytes = llm_run.bits_per_weight(svars)
   metrics = {**{k: float(v) for k, v in result.items()}, "bits_per_weight": bpw}
-  return {"config": config.to_dict(), "metrics": metrics, "param_bytes": param_bytes,
+  return {"config": config_build.config_to_dict(config), "metrics": metrics,
+          "param_bytes": param_bytes,
           "perplexity": metrics["perplexity"], "num_tokens": int(result["num_tokens"]),
           "bits_per_weight": bpw, "bos_added": bos is not None,
           "gguf": os.path.basename(gg.path), "quantized": bool(rules),
