@@ -1,5 +1,6 @@
 """Perplexity windows, the lm_eval trainer as a sweep with its report, generation with the
 KV cache and the chat template: on a tiny random llama GGUF, against the numpy reference."""
+import json
 import os
 import subprocess
 import sys
@@ -126,6 +127,9 @@ def test_lm_eval_summaries_against_numpy_reference(tiny):
   assert s_w8a8["param_bytes"]["quantized"] == _expected_w8_bytes(gg.config)
   assert s_w8a8["bits_per_weight"] == pytest.approx(8 * _expected_w8_bytes(gg.config) / n_params)
   assert s_w8a8["perplexity"] != s_float["perplexity"]
+  # The summary is written as JSON: the config's quant.rules (ConfigDicts in a list) too.
+  rules = json.loads(json.dumps(s_w8a8))["config"]["quant"]["rules"]
+  assert len(rules) == 2 and rules[0]["weight"]["bits"] == 8
 
 
 def test_failed_lm_eval_leaves_the_old_summary(tiny, tmp_path):
