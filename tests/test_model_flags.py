@@ -12,30 +12,9 @@ import numpy as np
 import pytest
 
 import jaxquant as jq
+from tests.test_third_party import ResNetBlock  # the flax ImageNet example's block
 
 ModuleDef = Any
-
-
-class ResNetBlock(nn.Module):
-  """The flax ImageNet example's basic block."""
-  filters: int
-  conv: ModuleDef
-  norm: ModuleDef
-  act: Callable
-  strides: Tuple[int, int] = (1, 1)
-
-  @nn.compact
-  def __call__(self, x):
-    residual = x
-    y = self.conv(self.filters, (3, 3), self.strides)(x)
-    y = self.norm()(y)
-    y = self.act(y)
-    y = self.conv(self.filters, (3, 3))(y)
-    y = self.norm(scale_init=nn.initializers.zeros_init())(y)
-    if residual.shape != y.shape:
-      residual = self.conv(self.filters, (1, 1), self.strides, name="conv_proj")(residual)
-      residual = self.norm(name="norm_proj")(residual)
-    return self.act(residual + y)
 
 
 class ResNet(nn.Module):
