@@ -16,10 +16,7 @@ def recipe_rules(config, overrides: Mapping[str, Any] = ()) -> List[jq.Rule]:
   """The `jq.Rule`s of `config.quant.rules` (a ConfigError naming the key when one is
   bad). `overrides` are the command line's `--config.KEY` overrides: `variant` only
   records the config argument, so overriding it is refused."""
-  if "variant" in overrides:
-    raise ValueError(f"--config.variant={overrides['variant']!r} would not change the "
-                     "rules; choose the variant as --config=configs/smollm2.py:VARIANT")
-  return config_build.rules_from_list(config.quant.rules)
+  return config_build.variant_rules(config, "configs/smollm2.py", overrides)
 
 
 def load_model(config):

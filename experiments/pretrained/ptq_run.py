@@ -20,10 +20,7 @@ def recipe_rules(config, overrides: Mapping[str, Any] = ()) -> list[jq.Rule]:
   the config argument, so overriding it (which would leave the rules unchanged) is a
   ValueError that says to pass the variant as `--config=FILE:VARIANT`.
   """
-  if "variant" in overrides:
-    raise ValueError(f"--config.variant={overrides['variant']!r} would not change the "
-                     "rules; choose the variant as --config=configs/minilm_ptq.py:VARIANT")
-  return config_build.rules_from_list(config.quant.rules)
+  return config_build.variant_rules(config, "configs/minilm_ptq.py", overrides)
 
 
 def quantize(model, params, tok, rules, calib_sentences, *, batch_size=64, mask_padding=True,

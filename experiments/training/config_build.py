@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import ml_collections
 
@@ -335,6 +335,17 @@ def rules_from_list(rules_cfg: Sequence[Any], path: str = "quant.rules", *,
                       f"(experiments.training.schema.quant_rule), got {_type_name(rules_cfg)}")
   return [_rule_from_config(f"{path}[{i}]", rule_cfg, with_specs=with_specs)
           for i, rule_cfg in enumerate(rules_cfg)]
+
+
+def variant_rules(config, recipe: str, overrides: Mapping[str, Any] = ()) -> list[jq.Rule]:
+  """The `jq.Rule`s of a variant recipe's `config.quant.rules` (`recipe`: its config file,
+  e.g. configs/minilm_ptq.py). `overrides` are the command line's `--config.KEY`
+  overrides: `variant` only records the config argument, so overriding it (which would
+  leave the rules unchanged) is a ValueError that says to pass `--config=RECIPE:VARIANT`."""
+  if "variant" in overrides:
+    raise ValueError(f"--config.variant={overrides['variant']!r} would not change the "
+                     f"rules; choose the variant as --config={recipe}:VARIANT")
+  return rules_from_list(config.quant.rules)
 
 
 # --------------------------------------------------------------------------- model
