@@ -118,11 +118,12 @@ def test_eager_attend_runs_one_compiled_contraction_equal_to_the_jitted_model():
   """Called outside a trace, the tied head's contraction (`attend`) runs as one cached
   compiled call, like the other layers' (not op by op), with the jitted model's output:
   in the eager init, the QAT apply and serving ("mix" is a float layer: attend is the
-  only quantized contraction). Ids of a shape no other test uses: a fresh cache entry."""
+  only quantized contraction)."""
   from jaxquant import dot as qdot  # pylint: disable=import-outside-toplevel
   cache = qdot.dot_general_compiled.jitted._cache_size  # pylint: disable=protected-access
   ids = jnp.asarray(np.random.default_rng(3).integers(0, V, size=(2, 7)), jnp.int32)
   qmodel = jq.quantize_model(TiedLM(), [jq.Rule("embed", weight=W8, act=A8)])
+  qdot.dot_general_compiled.jitted.clear_cache()  # whatever ran before in this worker
   before = cache()
   variables = qmodel.init(jax.random.key(0), ids)
   assert cache() == before + 1
