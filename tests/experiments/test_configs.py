@@ -238,7 +238,7 @@ def _build(path, module, config):
   trainer's whole config."""
   if os.path.basename(path) == "smollm2.py":
     rules = llm_recipe_rules(config)
-    assert bool(rules) == (config.variant not in ("float", "float_kv8", "float_kv4"))
+    assert bool(rules) == (config.variant not in module.FLOAT_VARIANTS)
     return
   if os.path.basename(path) == "minilm_ptq.py":
     rules = recipe_rules(config)
