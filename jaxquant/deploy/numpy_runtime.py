@@ -152,9 +152,11 @@ def transpose(op, arrays, q):
   return np.transpose(q, op["perm"])
 
 
+# The kernel of every op of the format, by name: adding an op to jaxquant's integer_only
+# registry adds its kernel here. Core ops (those yielding an accumulator) return int64
+# arrays, checked against int32 after their epilogue; the others return codes.
 OPS = {"dot": dot, "conv": conv, "add": add, "sum": reduce_sum, "identity": identity,
        "norm": norm, "requant": requant, "reshape": reshape, "transpose": transpose}
-CORE = ("dot", "conv", "add", "sum", "identity", "norm")
 
 
 def load(directory):
@@ -186,8 +188,11 @@ def run(program, codes):
     raise ValueError(f"run takes int8 input codes, got {codes.dtype}; use quantize_input")
   env = {"input": codes}
   for op in graph["ops"]:
+    if op["op"] not in OPS:
+      raise ValueError(f"op {op['out']}: unknown op {op['op']!r}; this runtime knows "
+                       f"{sorted(OPS)}")
     out = OPS[op["op"]](op, arrays, *(env[name] for name in op["in"]))
-    if op["op"] in CORE:
+    if out.dtype == np.int64:  # an accumulator: its epilogue, then the int32 check
       if op.get("sign") is not None:
         out = out * arrays[op["sign"]].astype(np.int64)
       if op.get("bias") is not None:

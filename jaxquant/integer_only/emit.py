@@ -1,6 +1,7 @@
 """Emission of the integer graph from the IR (step 4 of `to_integer`, see lower.py).
 
-Each requantization point ('affine' node) becomes a core op whose int32
+Each op's own graph op comes from its `Op.emit` (ops/); this module places the
+requantizations around them. Each requantization point ('affine' node) becomes a core op whose int32
 result is acc = sign·raw (the affine map's sign per channel), then a `requant` op
 with the per-channel multiplier M = s_acc·|mult| / s_out as (M0, left, right), the
 affine offset (layer bias, BatchNorm shift, β) in units of 2^-left of the accumulator
@@ -13,21 +14,19 @@ accumulator scale (so every multiplier is < 1 and nothing saturates).
 """
 from __future__ import annotations
 
-import dataclasses
 from typing import Any, Dict, List, NamedTuple, Optional, Tuple
 
 import numpy as np
 
 from jaxquant.integer_only import fixed_point as fp
-from jaxquant.integer_only import graph as g
+from jaxquant.integer_only import ops
 from jaxquant.integer_only import qat_view
-from jaxquant.integer_only.ir import IR, IntegerOnlyError, Node
+from jaxquant.integer_only.ir import IR, IntegerOnlyError, Layer, Node  # noqa: F401 (Layer)
 from jaxquant.numerics import int_range
 from jaxquant.spec import QuantSpec
 
 CALIBRATED_ACT = QuantSpec(bits=8, symmetric=False, granularity="tensor")
 OUTPUT_HEADROOM = 1.0 + 2.0 ** -10
-STRUCTURAL = ("reshape", "transpose")
 
 
 class Grid(NamedTuple):
@@ -40,15 +39,6 @@ class Grid(NamedTuple):
 
 
 OUTPUT = Grid(0.0, 0, fp.INT32_MIN, fp.INT32_MAX, "int32")  # scale chosen at emission
-
-
-@dataclasses.dataclass
-class Layer:
-  """A contraction's quantization: int8 codes, scale in output layout, input grid."""
-  codes: np.ndarray
-  w_scale: np.ndarray  # broadcasts against the contraction output (batch axis 1)
-  act_spec: Optional[QuantSpec]
-  source: Any  # qat_view.act_range result, or None (measure)
 
 
 def grid_from_spec(spec: QuantSpec, scale: float, zp: int) -> Grid:
@@ -76,7 +66,7 @@ class Emitter:
 
   def root(self, i: int) -> int:
     """The node a chain of reshapes / transposes starts from."""
-    while self.ir.nodes[i].kind in STRUCTURAL:
+    while self.ir.nodes[i].kind in ops.STRUCTURAL:
       i = self.ir.nodes[i].inputs[0]
     return i
 
@@ -100,13 +90,12 @@ class Emitter:
     """Names the first tensor (in forward order) that needs a measured range and has
     none, before any emission."""
     for node in self.ir.nodes:
-      needs = []
-      if node.kind in ("add", "sum", "norm", "identity"):
-        needs = list(node.inputs)
-      elif node.kind == "contract" and node.id not in self.demand:
-        needs = [node.inputs[0]]
-      elif node.kind == "input":
+      if node.kind == "input":
         needs = [node.id]
+      elif node.kind == "affine":
+        needs = []
+      else:
+        needs = ops.get(node.kind).needs_range(self, node)
       for i in needs:
         self.natural(i)
 
@@ -132,14 +121,9 @@ class Emitter:
     key = (i, grid)
     if key not in self.memo:
       node = self.ir.nodes[i]
-      if node.kind == "reshape":
+      if node.kind in ops.STRUCTURAL:  # the input's codes, moved (or maxed) on its grid
         t = self.emit(node.inputs[0], grid)
-        self.memo[key] = self.add_op({"op": "reshape", "in": [t], "layer": node.layer,
-                                      "shape": list(node.shape[1:])})
-      elif node.kind == "transpose":
-        t = self.emit(node.inputs[0], grid)
-        self.memo[key] = self.add_op({"op": "transpose", "in": [t], "layer": node.layer,
-                                      "perm": list(node.attrs["perm"])})
+        self.memo[key] = self.add_op(ops.get(node.kind).emit(self, node, t))
       elif node.kind == "input" and grid == self.natural(i):
         self.memo[key] = "input"
       else:
@@ -190,7 +174,7 @@ class Emitter:
       return self.acc_memo[i]
     affine = self.ir.nodes[i]
     core = self.ir.nodes[affine.inputs[0]]
-    op, s_core, bound = getattr(self, "core_" + core.kind)(core)
+    op, s_core, bound = ops.get(core.kind).emit(self, core)
     rank = len(core.shape)
     fit = lambda v: np.asarray(v, np.float64).reshape((1,) * rank if np.ndim(v) == 0 else np.shape(v))
     mult, add, s_core = fit(affine.attrs["mult"]), fit(affine.attrs["add"]), fit(s_core)
@@ -217,75 +201,3 @@ class Emitter:
     out = self.add_op(op, sign=sign.astype(np.int32) if np.any(sign != 1) else None)
     self.acc_memo[i] = (out, scale, bound, bias)
     return self.acc_memo[i]
-
-  def core_contract(self, node: Node):
-    """(dot / conv op, accumulator scale, bound on |acc|) of a layer."""
-    layer = self.layers[node.id]
-    x = node.inputs[0]
-    grid = self.demand.get(node.id) or self.natural(x)
-    t = self.emit(x, grid)
-    a = node.attrs
-    op = {"op": a["op"], "in": [t], "layer": node.layer, "zp": grid.zp}
-    if a["op"] == "dot":
-      op.update(contract_lhs=list(a["contract_lhs"]), contract_rhs=list(a["contract_rhs"]))
-      k = int(np.prod([layer.codes.shape[d] for d in a["contract_rhs"]]))
-    else:
-      op.update(strides=list(a["strides"]), padding=[list(p) for p in a["padding"]],
-                rhs_dilation=list(a["rhs_dilation"]), lhs_spec=list(a["lhs_spec"]),
-                rhs_spec=list(a["rhs_spec"]), out_spec=list(a["out_spec"]))
-      k = layer.codes.size // layer.codes.shape[a["rhs_spec"][0]]
-    self.arrays[f"{self.name()}.w"] = layer.codes
-    op["w"] = f"{self.name()}.w"
-    span = max(grid.qmax - grid.zp, grid.zp - grid.qmin)
-    bound = float(k) * span * float(np.max(np.abs(layer.codes), initial=0))
-    return op, grid.scale * layer.w_scale, bound
-
-  def core_add(self, node: Node):
-    """(add op, accumulator scale, bound) of two activations on their own grids."""
-    (a, b), shift = node.inputs, g.ADD_LEFT_SHIFT
-    ga, gb = self.natural(a), self.natural(b)
-    ta, tb = self.emit(a, ga), self.emit(b, gb)
-    s_max = max(ga.scale, gb.scale)
-    m0_a, e_a = fp.quantize_multiplier(ga.scale / (2 * s_max))
-    m0_b, e_b = fp.quantize_multiplier(gb.scale / (2 * s_max))
-    op = {"op": "add", "in": [ta, tb], "layer": node.layer, "zp_a": ga.zp, "zp_b": gb.zp,
-          "sign_a": 1, "sign_b": int(node.attrs["sign_b"]), "m0_a": m0_a, "e_a": e_a,
-          "m0_b": m0_b, "e_b": e_b, "left_shift": shift}
-    return op, 2 * s_max / 2.0 ** shift, 2.0 ** (shift + 8)
-
-  def core_sum(self, node: Node):
-    """(sum op, accumulator scale, bound) of a reduction over `axes`."""
-    x = node.inputs[0]
-    grid = self.natural(x)
-    t = self.emit(x, grid)
-    axes = node.attrs["axes"]
-    n = int(np.prod([self.ir.nodes[x].shape[d] for d in axes]))
-    op = {"op": "sum", "in": [t], "layer": node.layer, "zp": grid.zp, "axes": list(axes)}
-    return op, grid.scale, float(n) * (grid.qmax - grid.qmin)
-
-  def core_identity(self, node: Node):
-    """(identity op, accumulator scale, bound): x − zp, for an affine map of a tensor."""
-    x = node.inputs[0]
-    grid = self.natural(x)
-    t = self.emit(x, grid)
-    op = {"op": "identity", "in": [t], "layer": node.layer, "zp": grid.zp}
-    return op, grid.scale, float(grid.qmax - grid.qmin)
-
-  def core_norm(self, node: Node):
-    """(norm op, accumulator scale, bound) of the integer group / layer normalization."""
-    x = node.inputs[0]
-    grid = self.natural(x)
-    t = self.emit(x, grid)
-    a = node.attrs
-    shape = node.shape
-    view = shape[1:-1] + (a["groups"], shape[-1] // a["groups"])
-    n = int(np.prod([view[d - 1] for d in a["reduce"]]))
-    if n > g.NORM_MAX_GROUP:
-      raise IntegerOnlyError(f"layer {node.layer!r}: normalization groups of {n} elements "
-                             f"exceed the int32 statistics' limit {g.NORM_MAX_GROUP}")
-    p = g.NORM_SIGMA_BITS
-    eps = int(min(np.rint(a["eps"] / grid.scale ** 2 * 2.0 ** (2 * p)), 2 ** 30))
-    op = {"op": "norm", "in": [t], "layer": node.layer, "zp": grid.zp,
-          "groups": int(a["groups"]), "reduce": list(a["reduce"]), "eps": eps,
-          "sigma_bits": p, "mean_bits": g.NORM_MEAN_BITS, "pre_shift": g.NORM_PRE_SHIFT}
-    return op, 2.0 ** -g.NORM_OUT_BITS, 2.0 ** 29

@@ -7,34 +7,14 @@ axis 0 is the batch; shapes below omit it. Two kinds of value flow between ops:
          only the converter knows; it is folded into the requantization multiplier.
 
 Core ops produce `acc = sign·raw + bias` (the epilogue: `sign` ∈ {−1, 0, 1} and `bias`
-int32 arrays that broadcast against raw, each optional), where raw is:
-  dot       Σ_k (x − zp)·w over x axes `contract_lhs` and w axes `contract_rhs`
-            (lax.dot_general order: x's free axes, then w's free axes). w: int8.
-  conv      Σ_window (x − zp)·w, x padded with zp (real 0) by `padding`, strides
-            `strides`, kernel dilation `rhs_dilation`, lax dimension numbers `lhs_spec`,
-            `rhs_spec`, `out_spec` (batch, feature, spatial... order of each operand).
-  add       MBQM((a − zp_a)·sign_a·2^L, m0_a, e_a) + MBQM((b − zp_b)·sign_b·2^L, m0_b, e_b)
-            with L = `left_shift`; MBQM is fixed_point.multiply_by_quantized_multiplier.
-  sum       Σ (x − zp) over `axes` (axes removed).
-  identity  x − zp.
-  norm      the integer group / layer normalization below; output t ≈ 2^T·(x − mean)/σ.
-Then
+int32 arrays that broadcast against raw, each optional); raw is the op's own result.
+Each op's semantics is written in its module under ops/ (the op set is the registry's
+`GRAPH_OPS`): dot / conv (ops/contract.py), add, sum (reduce_sum.py), identity, norm,
+reshape / transpose (layout.py). One op belongs to the format itself:
   requant   codes = clamp(RQ(acc), lo − zp, hi − zp) + zp, as `dtype` ('int8' or
             'int32'), RQ(x) = RDBPOT(SRDHM(SaturatingLeftShift(x, left) + offset, m0),
             right) (fixed_point.requantize); m0, left, right and the optional offset (a
             bias in units of 2^-left of acc) are int32 arrays broadcasting against acc.
-  reshape   to (batch,) + `shape`.     transpose  by `perm` (perm[0] = 0).
-
-norm (Jacob et al. give none; this follows I-BERT's idea of an integer square root,
-Kim et al. 2021, with our own fixed-point layout). The input (B, *S, C) is viewed as
-(B, *S, G, C/G) (G = `groups`) and reduced over the view axes `reduce`; n = elements
-per group. With x = q − zp, rdiv = division rounding to nearest, ties away from zero,
-and P, F, A = `sigma_bits`, `mean_bits`, `pre_shift` (7, 8, 13; T = F + A − P − 1):
-  S1 = Σx;  μ = rdiv(S1, n);  S2 = Σ(x − μ)²;  r = S1 − n·μ;  V = S2 − rdiv(r², n)
-  var = floor(V / n)·2^(2P) + rdiv((V mod n)·2^(2P), n)          (variance · 2^(2P))
-  σ = max(isqrt(var + E), 1)   with E = `eps` = round(ε/s_in²·2^(2P)) clamped to 2^30
-  inv = floor(2^30 / σ);  x_F = x·2^F − rdiv(S1·2^F, n);  t = SRDHM(x_F·2^A, inv)
-Every intermediate fits int32 for n ≤ 16384 (checked by the converter).
 
 Files: `graph.json` {"format", "version", "input": {shape, scale, inv_scale, zp, qmin,
 qmax}, "output": {tensor, scale}, "ops": [{op, out, in: [...], layer, fields...}]} and
@@ -51,29 +31,20 @@ from typing import Any, Dict, Mapping, Tuple
 
 import numpy as np
 
+from jaxquant.integer_only import ops
+
 FORMAT = "jaxquant.integer_program"
 VERSION = 1
-NORM_SIGMA_BITS, NORM_MEAN_BITS, NORM_PRE_SHIFT = 7, 8, 13
-NORM_OUT_BITS = NORM_MEAN_BITS + NORM_PRE_SHIFT - NORM_SIGMA_BITS - 1  # T = 13
-NORM_MAX_GROUP = 16384
-ADD_LEFT_SHIFT = 20
-CORE_OPS = ("dot", "conv", "add", "sum", "identity", "norm")
+REQUANT_FIELDS = ("m0", "left", "right", "zp", "lo", "hi", "dtype")
+REQUANT_ARRAYS = ("m0", "left", "right", "offset")
+CORE_OPS = tuple(name for name, op in ops.GRAPH_OPS.items() if op.core)
 # Fields (besides 'op', 'out', 'in', 'layer') each op must have; array fields name npz keys.
-FIELDS = {
-    "dot": ("zp", "w", "contract_lhs", "contract_rhs"),
-    "conv": ("zp", "w", "strides", "padding", "rhs_dilation", "lhs_spec", "rhs_spec",
-             "out_spec"),
-    "add": ("zp_a", "zp_b", "sign_a", "sign_b", "m0_a", "e_a", "m0_b", "e_b", "left_shift"),
-    "sum": ("zp", "axes"),
-    "identity": ("zp",),
-    "norm": ("zp", "groups", "reduce", "eps", "sigma_bits", "mean_bits", "pre_shift"),
-    "requant": ("m0", "left", "right", "zp", "lo", "hi", "dtype"),
-    "reshape": ("shape",),
-    "transpose": ("perm",),
-}
-ARRAY_FIELDS = {"dot": ("w",), "conv": ("w",), "requant": ("m0", "left", "right", "offset")}
+FIELDS = {**{name: op.fields for name, op in ops.GRAPH_OPS.items()},
+          "requant": REQUANT_FIELDS}
+ARRAY_FIELDS = {**{name: op.arrays for name, op in ops.GRAPH_OPS.items() if op.arrays},
+                "requant": REQUANT_ARRAYS}
 EPILOGUE_FIELDS = ("sign", "bias")  # optional, core ops only
-ARITY = {"add": 2}
+ARITY = {name: op.arity for name, op in ops.GRAPH_OPS.items() if op.arity != 1}
 
 
 @dataclasses.dataclass(frozen=True)

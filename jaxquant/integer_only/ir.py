@@ -20,7 +20,7 @@ class IntegerOnlyError(ValueError):
 @dataclasses.dataclass
 class Node:
   id: int
-  kind: str  # input contract add sum norm identity | affine | reshape transpose
+  kind: str  # 'input', 'affine', 'bad', or an op kind of the registry (ops/)
   inputs: Tuple[int, ...]
   shape: Tuple[int, ...]
   layer: str
@@ -66,3 +66,19 @@ class Lazy:
 class Bad:
   why: str
   layer: str
+
+
+@dataclasses.dataclass
+class Layer:
+  """A contraction's quantization: int8 codes, scale in output layout, input grid."""
+  codes: np.ndarray
+  w_scale: np.ndarray  # broadcasts against the contraction output (batch axis 1)
+  act_spec: Any  # the rule's activation QuantSpec, or None
+  source: Any  # qat_view.act_range result, or None (measure)
+
+
+def snap_to_grid(x: np.ndarray, grid) -> np.ndarray:
+  """x rounded onto a per-tensor grid and back: (clip(round(x/s) + zp, qmin, qmax) − zp)·s
+  (numpy, the value a QAT input quantizer passes on)."""
+  codes = np.clip(np.rint(x / grid.scale) + grid.zp, grid.qmin, grid.qmax)
+  return ((codes - grid.zp) * grid.scale).astype(np.float32)

@@ -3,10 +3,11 @@
 1. trace.py turns the float model's forward pass into an IR of core ops (contractions,
    adds, sums, normalizations) with folded affine maps and clamps (biases, BatchNorm,
    ReLU / ReLU6, 1/n of a mean).
-2. Each contraction gets its QAT weight codes (`qat_view.weight_codes`: jq.quantize with
-   the rule's weight spec, learned LSQ steps included) and its QAT input grid (learned
-   LSQ / PACT, jq.calibrate's static range, else the training EMA). Layers no rule
-   quantizes get per-channel int8 weights and a calibrated input grid.
+2. Each layer (an op with weights: `Op.layer`, ops/contract.py) gets its QAT weight
+   codes (`qat_view.weight_codes`: jq.quantize with the rule's weight spec, learned LSQ
+   steps included) and its QAT input grid (learned LSQ / PACT, jq.calibrate's static
+   range, else the training EMA). Layers no rule quantizes get per-channel int8 weights
+   and a calibrated input grid.
 3. measure.py evaluates the IR on `calibration_batches` as QAT computes it and records
    the range of every tensor that QAT gives no grid: int8 asymmetric per-tensor grids.
 4. emit.py writes the graph: requantization points, accumulators, the int32 output.
@@ -20,58 +21,14 @@ from typing import Any, Dict, List, Tuple
 import jax
 import numpy as np
 
-from jaxquant import formats
 from jaxquant.integer_only import graph as g
 from jaxquant.integer_only import measure
+from jaxquant.integer_only import ops
 from jaxquant.integer_only import qat_view
 from jaxquant.integer_only import trace as tr
-from jaxquant.integer_only.emit import OUTPUT, Emitter, Grid, Layer, grid_from_spec
-from jaxquant.integer_only.ir import IntegerOnlyError, Node
+from jaxquant.integer_only.emit import OUTPUT, Emitter, Grid, grid_from_spec
+from jaxquant.integer_only.ir import IntegerOnlyError
 from jaxquant.spec import QuantSpec
-
-DEFAULT_WEIGHT = QuantSpec(bits=8)  # layers no rule quantizes: per-channel int8
-
-
-def _resolve_layer(node: Node, rules, variables) -> Layer:
-  path = node.layer
-  rule = qat_view.rule_for(rules, path)
-  w_spec = rule.weight if rule is not None and rule.weight is not None else DEFAULT_WEIGHT
-  where = f"layer {path!r}"
-  if not w_spec.is_integer:
-    raise IntegerOnlyError(f"{where}: weight format {w_spec.format!r} has no integer codes; "
-                           "integer programs need int / binary / ternary weights")
-  if w_spec.granularity == "group" or not w_spec.symmetric:
-    raise IntegerOnlyError(f"{where}: weights with granularity={w_spec.granularity!r}, "
-                           f"symmetric={w_spec.symmetric} cannot share one int32 accumulator "
-                           "per output; use symmetric per-channel or per-tensor weights")
-  a = node.attrs
-  w = a["w"]
-  if a["op"] == "dot":
-    axes = tuple(a["contract_rhs"])
-  elif w_spec.granularity == "tensor":
-    axes = tuple(range(w.ndim))
-  else:
-    axes = tuple(d for d in range(w.ndim) if d != a["rhs_spec"][0])
-  codes, scale, _ = qat_view.weight_codes(w, w_spec, axes, variables, path)
-  rank = len(node.shape)
-  if a["op"] == "dot":
-    free = [d for d in range(w.ndim) if d not in axes]
-    w_scale = np.transpose(scale, axes + tuple(free)).reshape(
-        (1,) * (rank - len(free)) + tuple(scale.shape[d] for d in free))
-  else:
-    shape = [1] * rank
-    shape[a["out_spec"][1]] = scale.size
-    w_scale = scale.reshape(shape)
-  act = None if rule is None else rule.act
-  source = None
-  if act is not None:
-    if not formats.get(act.format).uniform_int or not act.is_integer:
-      raise IntegerOnlyError(f"{where}: activation format {act.format!r} (bits={act.bits}) "
-                             "has no integer-only lowering; use format='int' activations "
-                             "of 2..8 bits")
-    source = qat_view.act_range(act, variables, path)
-  return Layer(codes, w_scale, act, source)
-
 
 def _batches(calibration_batches) -> List[np.ndarray]:
   if calibration_batches is None:
@@ -102,7 +59,8 @@ def build_graph(qmodel, variables, calibration_batches, *, example=None,
     raise IntegerOnlyError("variables has no 'params' collection")
   ir = tr.trace(float_model, qat_view.float_variables(variables),
                 jax.ShapeDtypeStruct(first.shape, first.dtype), apply_kwargs)
-  layers = {n.id: _resolve_layer(n, rules, variables) for n in ir.nodes if n.kind == "contract"}
+  layers = {n.id: ops.get(n.kind).layer(n, rules, variables) for n in ir.nodes
+            if n.kind not in ("input", "affine") and ops.get(n.kind).layer is not None}
   demand: Dict[int, Grid] = {}
   to_measure: Dict[int, QuantSpec] = {}  # contract id → act spec whose grid is measured
   for cid, layer in layers.items():
@@ -113,7 +71,8 @@ def build_graph(qmodel, variables, calibration_batches, *, example=None,
     else:
       demand[cid] = grid_from_spec(layer.act_spec, *qat_view.grid_of(layer.act_spec,
                                                                       layer.source))
-  deq = {cid: (l.codes * _kernel_scale(ir.nodes[cid], l)).astype(np.float32)
+  kernel_scale = lambda n, l: ops.get(n.kind).kernel_scale(n, l)
+  deq = {cid: (l.codes * kernel_scale(ir.nodes[cid], l)).astype(np.float32)
          for cid, l in layers.items()}
   ranges, samples = {}, {}
   if batches:
@@ -139,19 +98,3 @@ def build_graph(qmodel, variables, calibration_batches, *, example=None,
       ops=tuple(em.ops), arrays=em.arrays)
   g.validate(graph)
   return graph, {"ir": ir, "demand": demand, "ranges": ranges}
-
-
-def _kernel_scale(node: Node, layer: Layer) -> np.ndarray:
-  """The weight scale in the kernel's own layout (for dequantized calibration weights)."""
-  a = node.attrs
-  w = layer.codes
-  if a["op"] == "conv":
-    shape = [1] * w.ndim
-    shape[a["rhs_spec"][0]] = layer.w_scale.size
-    return layer.w_scale.reshape(shape)
-  free = [d for d in range(w.ndim) if d not in a["contract_rhs"]]
-  shape = [1] * w.ndim
-  s = layer.w_scale.reshape(layer.w_scale.shape[len(layer.w_scale.shape) - len(free):])
-  for d, size in zip(free, s.shape):
-    shape[d] = size
-  return s.reshape(shape)

@@ -3,32 +3,24 @@
 Each IR node is evaluated in float32 as the QAT model computes it: a layer's weights are
 its dequantized QAT codes and its input passes through its QAT activation grid (fake
 quantization), so the ranges measured downstream (residual sums, normalization outputs,
-pooled features) are those of the model that was trained.
+pooled features) are those of the model that was trained. Each op's float semantics is
+its `Op.evaluate` (ops/); 'input' and 'affine' (the folded maps) are evaluated here.
 """
 from __future__ import annotations
 
 from typing import Callable, Dict, Iterable, Optional, Tuple
 
-import jax
 import numpy as np
 
-from jaxquant.integer_only.ir import IR, Node
+from jaxquant.integer_only import ops
+from jaxquant.integer_only.ir import IR, Node, snap_to_grid  # noqa: F401 (snap_to_grid: re-export)
 
 
-def snap_to_grid(x: np.ndarray, grid) -> np.ndarray:
-  """x rounded onto a per-tensor grid and back: (clip(round(x/s) + zp, qmin, qmax) − zp)·s
-  (numpy, the value a QAT input quantizer passes on)."""
-  codes = np.clip(np.rint(x / grid.scale) + grid.zp, grid.qmin, grid.qmax)
-  return ((codes - grid.zp) * grid.scale).astype(np.float32)
+class _Context:
+  """What `Op.evaluate` may ask: a layer's dequantized kernel, its input grid."""
 
-
-def _norm(x: np.ndarray, node: Node) -> np.ndarray:
-  g = node.attrs["groups"]
-  v = x.astype(np.float64).reshape(x.shape[:-1] + (g, x.shape[-1] // g))
-  axes = node.attrs["reduce"]
-  mean = v.mean(axis=axes, keepdims=True)
-  var = ((v - mean) ** 2).mean(axis=axes, keepdims=True)
-  return ((v - mean) / np.sqrt(var + node.attrs["eps"])).reshape(x.shape).astype(np.float32)
+  def __init__(self, weights, input_grid):
+    self.weights, self.input_grid = weights, input_grid
 
 
 def evaluate_float(ir: IR, x: np.ndarray, weights: Callable[[Node], np.ndarray],
@@ -37,34 +29,16 @@ def evaluate_float(ir: IR, x: np.ndarray, weights: Callable[[Node], np.ndarray],
   (dequantized) kernel and `input_grid(node)` the grid its input is fake-quantized on
   (None: float)."""
   val: Dict[int, np.ndarray] = {}
+  ctx = _Context(weights, input_grid)
   for n in ir.nodes:
     ins = [val[i] for i in n.inputs]
     if n.kind == "input":
       out = np.asarray(x, np.float32)
-    elif n.kind == "contract":
-      a = ins[0]
-      grid = input_grid(n)
-      if grid is not None:
-        a = snap_to_grid(a, grid)
-      prim = jax.lax.dot_general_p if n.attrs["op"] == "dot" else jax.lax.conv_general_dilated_p
-      out = np.asarray(prim.bind(a, weights(n).astype(np.float32), **n.attrs["eqn_params"]))
-    elif n.kind == "add":
-      out = ins[0] + n.attrs["sign_b"] * ins[1]
-    elif n.kind == "sum":
-      out = np.sum(ins[0], axis=n.attrs["axes"])
-    elif n.kind == "identity":
-      out = ins[0]
-    elif n.kind == "norm":
-      out = _norm(ins[0], n)
     elif n.kind == "affine":
       a = n.attrs
       out = np.clip(a["mult"] * ins[0] + a["add"], a["lo"], a["hi"]).astype(np.float32)
-    elif n.kind == "reshape":
-      out = ins[0].reshape((ins[0].shape[0],) + n.shape[1:])
-    elif n.kind == "transpose":
-      out = np.transpose(ins[0], n.attrs["perm"])
     else:
-      raise AssertionError(n.kind)
+      out = ops.get(n.kind).evaluate(n, ins, ctx)
     val[n.id] = out
   return val
 

@@ -10,11 +10,11 @@ with `jax.make_jaxpr`; its equations are then interpreted over three kinds of va
           clip(mult·core + add, lo, hi); adds, subs, muls and divs by constants and
           max/min with scalars (ReLU, ReLU6) fold into it. It becomes a Tensor (an
           'affine' node: where the integer program requantizes) when an op needs one.
-Core ops: 'contract' (dot_general / conv with a constant rhs: a layer), 'add' (two
-activations, residuals), 'sum' (reduce_sum: mean pooling once the 1/n folds in),
-'norm' (a whole nn.GroupNorm / nn.LayerNorm call, recognised by its module path in the
-equations' name stack; γ and β become its affine map), 'identity' (an affine map of a
-Tensor). Anything else touching an activation (exp, tanh, erf, rsqrt of activations,
+Everything else that touches an activation is an op of the registry (ops/): the ops
+declaring the equation's primitive are asked in turn (`Op.trace`), and a Linen module
+call an op declares (`Op.modules`: GroupNorm / LayerNorm, recognised by its module path
+in the equations' name stack) becomes one node (`Op.trace_module`).
+Anything else touching an activation (exp, tanh, erf, rsqrt of activations,
 gathers, products of two activations...) is recorded with the layer path from the name
 stack and replaced by a stand-in tensor so the rest of the model is still checked; every
 problem is then reported at once in one IntegerOnlyError.
@@ -30,9 +30,9 @@ import jax
 import numpy as np
 from jax.extend import core as jcore
 
+from jaxquant.integer_only import ops
 from jaxquant.integer_only.ir import IR, Bad, Const, IntegerOnlyError, Lazy, Node, Tensor
 
-NORM_MODULES = (nn.GroupNorm, nn.LayerNorm)
 _PASS = ("copy", "copy_p", "optimization_barrier", "stop_gradient")
 _CALLS = ("pjit", "jit", "closed_call", "core_call", "custom_jvp_call", "custom_vjp_call",
           "custom_vjp_call_jaxpr", "remat", "checkpoint")
@@ -61,8 +61,8 @@ def _strip_root(stack: str, root: str) -> str:
 
 
 class _Tracer:
-  def __init__(self, root_name: str, norms: Dict[str, nn.Module], params: Dict[str, Any]):
-    self.root, self.norms, self.params = root_name, norms, params
+  def __init__(self, root_name: str, modules: Dict[str, nn.Module], params: Dict[str, Any]):
+    self.root, self.modules, self.params = root_name, modules, params
     self.nodes: List[Node] = []
     self.bad: Dict[str, Bad] = {}  # first problem per (why, layer)
     self.identity_of: Dict[int, int] = {}
@@ -169,7 +169,7 @@ class _Tracer:
     while i < len(eqns):
       eqn = eqns[i]
       path = self.path(prefix, eqn)
-      region = next((p for p in self.norms if path == p or path.startswith(p + "/")), None)
+      region = next((p for p in self.modules if path == p or path.startswith(p + "/")), None)
       if region is not None:
         j = i
         while j < len(eqns):
@@ -177,7 +177,7 @@ class _Tracer:
           if not (pj == region or pj.startswith(region + "/")):
             break
           j += 1
-        self.norm_region(eqns[i:j], eqns[j:], jaxpr.outvars, env, read, region)
+        self.module_region(eqns[i:j], eqns[j:], jaxpr.outvars, env, read, region)
         i = j
         continue
       outs = self.eqn(eqn, [read(a) for a in eqn.invars], path)
@@ -186,7 +186,8 @@ class _Tracer:
       i += 1
     return [read(v) for v in jaxpr.outvars]
 
-  def norm_region(self, region_eqns, rest, outvars, env, read, path):
+  def module_region(self, region_eqns, rest, outvars, env, read, path):
+    """One call of a module an op declares (a normalization) becomes that op's node."""
     defined = {v for e in region_eqns for v in e.outvars}
     inputs = []
     for e in region_eqns:
@@ -199,36 +200,14 @@ class _Tracer:
     outs = [v for v in defined if v in used_later]
     if len(acts) != 1 or len(outs) != 1:
       for v in outs:
-        env[v] = self.fail(f"a normalization with {len(acts)} activation inputs and "
-                           f"{len(outs)} outputs", path, v.aval.shape)
+        env[v] = self.fail(f"a {type(self.modules[path]).__name__} call with {len(acts)} "
+                           f"activation inputs and {len(outs)} outputs", path, v.aval.shape)
       return
-    out = self.norm(env[acts[0]], path)
+    module = self.modules[path]
+    out = ops.for_module(module).trace_module(self, env[acts[0]], path, module)
     if isinstance(out, Bad):
       out = self.fail(out.why, path, outs[0].aval.shape)
     env[outs[0]] = out
-
-  def norm(self, x, path):
-    module = self.norms[path]
-    shape = self.shape_of(x)
-    c = shape[-1]
-    if isinstance(module, nn.GroupNorm):
-      if module.reduction_axes is not None:
-        return self.fail("GroupNorm with reduction_axes set", path)
-      groups = module.num_groups or c // module.group_size
-      reduce = tuple(range(1, len(shape) - 1)) + (len(shape),)
-    else:
-      if module.reduction_axes not in (-1, (-1,)) or module.feature_axes not in (-1, (-1,)):
-        return self.fail("LayerNorm over axes other than the last", path)
-      groups, reduce = 1, (len(shape),)
-    params = self.params
-    for part in path.split("/"):
-      params = params.get(part, {}) if isinstance(params, dict) else {}
-    gamma = np.asarray(params.get("scale", np.ones((c,))), np.float64)
-    beta = np.asarray(params.get("bias", np.zeros((c,))), np.float64)
-    bshape = (1,) * (len(shape) - 1) + (c,)
-    core = self.core_lazy("norm", [self.materialize(x)], shape, path, groups=int(groups),
-                          reduce=reduce, eps=float(module.epsilon))
-    return Lazy(core.core, gamma.reshape(bshape), beta.reshape(bshape))
 
   def eqn(self, eqn, vals, path):
     name = eqn.primitive.name
@@ -266,12 +245,6 @@ class _Tracer:
       if isinstance(vals[0], Const):  # c − x
         return self.affine(self.affine(acts[0], path, mult=-1.0), path, add=c)
       return self.affine(acts[0], path, add=-np.asarray(c))
-    if name in ("add", "sub"):
-      shapes = [self.shape_of(a) for a in acts]
-      if shapes[0] != shapes[1]:
-        return self.fail("an add of activations that broadcast", path)
-      a, b = (self.materialize(v) for v in acts)
-      return self.core_lazy("add", [a, b], shapes[0], path, sign_b=1 if name == "add" else -1)
     if name == "mul" and len(acts) == 1:
       return self.affine(acts[0], path, mult=consts[0])
     if name == "div" and len(acts) == 1 and isinstance(vals[1], Const):
@@ -283,67 +256,20 @@ class _Tracer:
       return self.clamp(acts[0], path, **kw)
     if name == "clamp" and isinstance(vals[0], Const) and isinstance(vals[2], Const):
       return self.clamp(vals[1], path, lo=vals[0].value, hi=vals[2].value)
-    if name in ("reshape", "broadcast_in_dim", "squeeze", "expand_dims") and len(acts) == 1:
-      return self.reshape(acts[0], tuple(eqn.outvars[0].aval.shape), path)
-    if name == "transpose":
-      perm = tuple(eqn.params["permutation"])
-      if perm[0] != 0:
-        return self.fail("a transpose that moves the batch axis", path)
-      x = self.materialize(acts[0])
-      shape = tuple(eqn.outvars[0].aval.shape)
-      return Tensor(self.node("transpose", [x], shape, path, perm=perm))
-    if name == "reduce_sum":
-      axes = tuple(eqn.params["axes"])
-      if 0 in axes:
-        return self.fail("a sum over the batch axis (BatchNorm in training mode?)", path)
-      x = self.materialize(acts[0])
-      return self.core_lazy("sum", [x], tuple(eqn.outvars[0].aval.shape), path, axes=axes)
-    if name in ("dot_general", "conv_general_dilated") and isinstance(vals[1], Const) \
-        and not isinstance(vals[0], Const):
-      return self.contract(name, eqn, vals[0], vals[1].value, path)
+    for op in ops.for_primitive(name):
+      out = op.trace(self, eqn, vals, path)
+      if out is not None:
+        return out
     return self.fail(_WHY.get(name, f"'{name}' of an activation"), path)
 
-  def reshape(self, v, new_shape, path):
-    x = self.materialize(v)
-    shape = self.nodes[x].shape
-    if int(np.prod(shape)) != int(np.prod(new_shape)):
-      return self.fail("a broadcast of an activation", path)
-    if new_shape[0] != shape[0]:
-      return self.fail("a reshape that mixes the batch axis", path)
-    return Tensor(self.node("reshape", [x], new_shape, path))
 
-  def contract(self, name, eqn, x, w, path):
-    p = eqn.params
-    if name == "dot_general":
-      (lc, rc), (lb, rb) = p["dimension_numbers"]
-      if lb or rb or 0 in tuple(lc):
-        return self.fail("a dot_general with batch dimensions or over the batch axis", path)
-      attrs = dict(op="dot", contract_lhs=tuple(lc), contract_rhs=tuple(rc))
-    else:
-      dn = p["dimension_numbers"]
-      if p["feature_group_count"] != 1 or p["batch_group_count"] != 1:
-        return self.fail("a grouped / depthwise convolution", path)
-      if any(d != 1 for d in p["lhs_dilation"]):
-        return self.fail("a transposed (input-dilated) convolution", path)
-      if dn.lhs_spec[0] != 0 or dn.out_spec[0] != 0:
-        return self.fail("a convolution whose batch axis is not axis 0", path)
-      padding = tuple(tuple(int(v) for v in pad) for pad in p["padding"])
-      if any(v < 0 for pad in padding for v in pad):
-        return self.fail("a convolution with negative padding", path)
-      attrs = dict(op="conv", strides=tuple(p["window_strides"]), padding=padding,
-                   rhs_dilation=tuple(p["rhs_dilation"]), lhs_spec=tuple(dn.lhs_spec),
-                   rhs_spec=tuple(dn.rhs_spec), out_spec=tuple(dn.out_spec))
-    node = self.materialize(x)
-    return self.core_lazy("contract", [node], tuple(eqn.outvars[0].aval.shape), path,
-                          w=np.asarray(w, np.float32), eqn_params=dict(p), **attrs)
-
-
-def _norm_modules(model, variables, x, apply_kwargs) -> Dict[str, nn.Module]:
-  """Module path → instance of every GroupNorm / LayerNorm the forward pass calls."""
+def _op_modules(model, variables, x, apply_kwargs) -> Dict[str, nn.Module]:
+  """Module path → instance of every module call an op traces whole (ops.MODULE_TYPES:
+  GroupNorm / LayerNorm) in the forward pass."""
   found: Dict[str, nn.Module] = {}
 
   def record(next_fun, args, kwargs, context):
-    if context.method_name == "__call__" and isinstance(context.module, NORM_MODULES):
+    if context.method_name == "__call__" and isinstance(context.module, ops.MODULE_TYPES):
       found["/".join(context.module.path)] = context.module
     return next_fun(*args, **kwargs)
 
@@ -357,7 +283,7 @@ def trace(model: nn.Module, variables: Dict[str, Any], x: jax.ShapeDtypeStruct,
   """The IR of `model.apply(variables, x, **apply_kwargs)`; raises IntegerOnlyError
   listing every op that has no integer-only lowering, with its layer path."""
   apply_kwargs = dict(apply_kwargs or {})
-  norms = _norm_modules(model, variables, x, apply_kwargs)
+  modules = _op_modules(model, variables, x, apply_kwargs)
   leaves, treedef = jax.tree_util.tree_flatten(variables)
   fn = lambda leaves, x: model.apply(jax.tree_util.tree_unflatten(treedef, leaves), x,
                                      **apply_kwargs)
@@ -365,7 +291,7 @@ def trace(model: nn.Module, variables: Dict[str, Any], x: jax.ShapeDtypeStruct,
   if len(closed.jaxpr.outvars) != 1:
     raise IntegerOnlyError(f"the model returns {len(closed.jaxpr.outvars)} arrays; an "
                            "integer program has one output (the logits)")
-  tracer = _Tracer(type(model).__name__, norms, variables.get("params", {}))
+  tracer = _Tracer(type(model).__name__, modules, variables.get("params", {}))
   x_val = Tensor(tracer.node("input", [], tuple(x.shape), ""))
   if not np.issubdtype(np.dtype(x.dtype), np.floating):
     tracer.fail(f"an input of dtype {x.dtype} (integer programs take float inputs and "
@@ -383,8 +309,8 @@ def trace(model: nn.Module, variables: Dict[str, Any], x: jax.ShapeDtypeStruct,
                       for layer, whys in by_layer.items())
     raise IntegerOnlyError(
         f"{type(model).__name__} cannot run as an integer-only program; these ops have "
-        f"no integer lowering:\n{lines}\nSupported: Dense / Conv / DenseGeneral (constant "
-        "weights), bias and BatchNorm (inference mode) folds, ReLU / ReLU6 / clamps, "
-        "residual adds, sums and means, GroupNorm / LayerNorm, reshapes and transposes.")
+        f"no integer lowering:\n{lines}\nSupported: bias and BatchNorm (inference mode) "
+        "folds, ReLU / ReLU6 / clamps, "
+        f"{', '.join(op.summary for op in ops.OPS.values())}.")
   output = tracer.materialize(out)
   return IR(tracer.nodes, 0, output, x.dtype)

@@ -9,6 +9,7 @@ from jax import lax
 
 from jaxquant.integer_only import IntegerProgram
 from jaxquant.integer_only import graph as g
+from jaxquant.integer_only.ops import norm as norm_op
 from tests.integer_only.int_helpers import numpy_runtime, ref_mbqm, ref_requantize
 
 NR = numpy_runtime()
@@ -137,17 +138,17 @@ def test_norm_matches_float_normalization(groups, reduce, tmp_path):
   x = _codes((3, 4, 5, 6))
   x[0, :, :, :3] = 9  # a constant group: σ = 0 and only ε keeps it finite
   eps_real, scale = 1e-3, 0.05
-  eps = int(round(eps_real / scale ** 2 * 2 ** (2 * g.NORM_SIGMA_BITS)))
+  eps = int(round(eps_real / scale ** 2 * 2 ** (2 * norm_op.NORM_SIGMA_BITS)))
   norm = {"op": "norm", "in": ["input"], "out": "n", "layer": "gn", "zp": -3, "groups": groups,
-          "reduce": reduce, "eps": eps, "sigma_bits": g.NORM_SIGMA_BITS,
-          "mean_bits": g.NORM_MEAN_BITS, "pre_shift": g.NORM_PRE_SHIFT}
+          "reduce": reduce, "eps": eps, "sigma_bits": norm_op.NORM_SIGMA_BITS,
+          "mean_bits": norm_op.NORM_MEAN_BITS, "pre_shift": norm_op.NORM_PRE_SHIFT}
   req, arrays = _to_int32("n", "out", 4)
   got = _both(_program((4, 5, 6), [norm, req], arrays, "out", zp=-3), x, tmp_path)
   v = (x.astype(np.float64) + 3).reshape(3, 4, 5, groups, 6 // groups)
   mean = v.mean(axis=tuple(reduce), keepdims=True)
   var = v.var(axis=tuple(reduce), keepdims=True)
   want = ((v - mean) / np.sqrt(var + eps_real / scale ** 2)).reshape(x.shape)
-  err = np.abs(got / 2.0 ** g.NORM_OUT_BITS - want)
+  err = np.abs(got / 2.0 ** norm_op.NORM_OUT_BITS - want)
   assert err.max() < 0.02, err.max()  # 13 fractional bits, σ to 7 bits: ~1% at worst
 
 
