@@ -44,6 +44,10 @@ RMSNorm scales stay float):
                    rotated per head). The rotation unties the head: `lm_head` is stored
                    as per-channel int8 too (one scale per vocab row, like the embedding's).
                    `--config.rotate=True` rotates any variant.
+  float_kv8_kchan, float_kv4_kchan  float_kv8 / float_kv4 with the keys quantized per
+                   channel over groups of 32 tokens (KIVI), the unfinished group of keys held in float;
+                   values per token. `--config.kv_key_group=G` picks the group (0 =
+                   keys per token)
 """
 import ml_collections
 
@@ -131,10 +135,15 @@ _RULES = {
     "w4a8_rot": lambda: _w4_act(a8_token()) + _embed() + _head(),
     "w4a4_rot": lambda: _w4_act(a4_token()) + _embed() + _head(),
     "w4a4kv4_rot": lambda: _w4_act(a4_token()) + _embed() + _head(),
+    "float_kv8_kchan": lambda: [],
+    "float_kv4_kchan": lambda: [],
 }
 VARIANTS = tuple(_RULES)
-KV_BITS = {"float_kv8": 8, "float_kv4": 4, "w4a4kv4": 4, "w4a4kv4_rot": 4}  # else float
-FLOAT_VARIANTS = ("float", "float_kv8", "float_kv4", "float_rot")  # no rules
+KV_BITS = {"float_kv8": 8, "float_kv4": 4, "w4a4kv4": 4, "w4a4kv4_rot": 4,
+           "float_kv8_kchan": 8, "float_kv4_kchan": 4}  # else float
+KV_KEY_GROUP = {"float_kv8_kchan": 32, "float_kv4_kchan": 32}  # the others: keys per token
+FLOAT_VARIANTS = ("float", "float_kv8", "float_kv4", "float_rot", "float_kv8_kchan",
+                  "float_kv4_kchan")  # no rules
 
 
 def get_config(variant="float"):
@@ -147,6 +156,7 @@ def get_config(variant="float"):
   c.kv_bits = KV_BITS.get(variant, 0)  # KV cache: 0 float, 8 or 4 (int codes + scales)
   c.rotate = variant.endswith("_rot")  # QuaRot rotation of the float weights first
   c.rotation_seed = 0       # the random signs of the residual stream's Hadamard
+  c.kv_key_group = KV_KEY_GROUP.get(variant, 0)  # 0 keys per token; G per channel, G tokens
   c.seed = 0                # everything here is deterministic; kept for report grouping
   c.eval = ml_collections.ConfigDict()
   c.eval.text_file = ""     # '' = the Shakespeare evaluation split; or any UTF-8 file

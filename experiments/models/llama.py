@@ -25,11 +25,14 @@ values of T new tokens are written at `cache.length`, and every query attends to
 cached slots at positions ≤ its own.
 
 KV-cache quantization (`kv_bits` 8 or 4): keys (after RoPE) and values are quantized on
-write to symmetric integer codes (`jq.quantize`, absmax over head_dim: one float32 scale
-per token and kv head, for keys and values alike), stored as int8 with their scales in
-the cache, and dequantized where attention reads them. Without a cache (perplexity), the
-same quantize-dequantize is applied to the keys and values attention reads, so the
-numbers are those of a quantized cache. Int4 codes are held one per int8 (not packed).
+write to symmetric integer codes, stored as int8 with float32 scales in the cache, and
+dequantized where attention reads them. Values have one scale per token and kv head.
+Keys have the same (`kv_key_group=0`), or, with `kv_key_group=G`, one scale per channel
+over each group of G consecutive tokens (KIVI), the group still being filled held in
+float32 in the cache (`experiments.models.kv_quant` says exactly what each query reads).
+Without a cache (perplexity), the same quantize-dequantize is applied to the keys and
+values attention reads, so the numbers are those of a quantized cache. Int4 codes are
+held one per int8 (not packed).
 
 Online Hadamards (`hadamard=True`, for a QuaRot-rotated checkpoint, see
 `experiments.pretrained.rotation`): queries and keys are multiplied per head by the
@@ -47,8 +50,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-import jaxquant as jq
 from experiments.models import hadamard as hadamard_lib
+from experiments.models import kv_quant
+from experiments.models.kv_quant import quantize_kv  # noqa: F401  (the per-token codes)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -100,38 +104,50 @@ class KVCache(NamedTuple):
   """Keys and values of every block, `[L, B, S, num_kv_heads, head_dim]`, and how many of
   the S slots are written (`length`, int32 scalar; the next token's position). A
   quantized cache holds int8 codes in `k` / `v` and their scales, `[L, B, S, Hkv, 1]`,
-  in `k_scale` / `v_scale` (None for a float cache)."""
+  in `k_scale` / `v_scale` (None for a float cache). With per-channel keys in groups of
+  G tokens, `k_scale` is `[L, B, ceil(S/G), Hkv, head_dim]` and `k_resid`
+  `[L, B, G, Hkv, head_dim]` holds the unfinished group's float keys (else None)."""
   k: jax.Array
   v: jax.Array
   length: jax.Array
   k_scale: Optional[jax.Array] = None
   v_scale: Optional[jax.Array] = None
+  k_resid: Optional[jax.Array] = None
 
 
 KV_BITS = (0, 4, 8)  # 0 = a float cache
 
 
-def init_cache(config: LlamaConfig, batch: int, size: int, dtype=jnp.float32,
-               kv_bits: int = 0) -> KVCache:
-  """An empty cache of `size` slots (size ≤ config.max_position); int8 codes and float32
-  scales when `kv_bits` is 8 or 4."""
-  if not 0 < size <= config.max_position:
-    raise ValueError(f"cache size={size} must be in 1..max_position={config.max_position}")
+def _check_kv(kv_bits, kv_key_group):
   if kv_bits not in KV_BITS:
     raise ValueError(f"kv_bits={kv_bits!r} must be one of {KV_BITS}")
+  if not isinstance(kv_key_group, int) or isinstance(kv_key_group, bool) or kv_key_group < 0:
+    raise ValueError(f"kv_key_group={kv_key_group!r} must be an int >= 0 (0 = keys per "
+                     "token, G = keys per channel in groups of G tokens)")
+  if kv_key_group and not kv_bits:
+    raise ValueError(f"kv_key_group={kv_key_group} needs a quantized cache (kv_bits 8 or 4)")
+
+
+def init_cache(config: LlamaConfig, batch: int, size: int, dtype=jnp.float32,
+               kv_bits: int = 0, kv_key_group: int = 0) -> KVCache:
+  """An empty cache of `size` slots (size ≤ config.max_position); int8 codes and float32
+  scales when `kv_bits` is 8 or 4, keys per channel in groups of `kv_key_group` tokens
+  when that is > 0 (with a float residual of that many slots)."""
+  if not 0 < size <= config.max_position:
+    raise ValueError(f"cache size={size} must be in 1..max_position={config.max_position}")
+  _check_kv(kv_bits, kv_key_group)
   shape = (config.num_layers, batch, size, config.num_kv_heads, config.head_dim)
   length = jnp.zeros((), jnp.int32)
   if not kv_bits:
     return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), length)
   scale_shape = shape[:-1] + (1,)
+  k_scale, k_resid = jnp.zeros(scale_shape, jnp.float32), None
+  if kv_key_group:
+    n = kv_quant.num_key_groups(size, kv_key_group)
+    k_scale = jnp.zeros(shape[:2] + (n,) + shape[3:], jnp.float32)
+    k_resid = jnp.zeros(shape[:2] + (kv_key_group,) + shape[3:], dtype)
   return KVCache(jnp.zeros(shape, jnp.int8), jnp.zeros(shape, jnp.int8), length,
-                 jnp.zeros(scale_shape, jnp.float32), jnp.zeros(scale_shape, jnp.float32))
-
-
-def quantize_kv(x_BxTxGxK: jax.Array, bits: int):
-  """(int8 codes, float32 scales `[..., 1]`) of keys or values, absmax per token and head."""
-  q = jq.quantize(x_BxTxGxK, jq.QuantSpec(bits=bits), reduce_axes=(-1,))
-  return q.values, q.scale.astype(jnp.float32)
+                 k_scale, jnp.zeros(scale_shape, jnp.float32), k_resid)
 
 
 def rope(x_BxTxHxK: jax.Array, pos_BxT: jax.Array, theta: float) -> jax.Array:
@@ -154,14 +170,17 @@ class Attention(nn.Module):
   config: LlamaConfig
   kv_bits: int = 0
   hadamard: bool = False
+  kv_key_group: int = 0
 
   @nn.compact
   def __call__(self, x_BxTxD, pos_BxT, kv=None):
     """Returns (output `[B, T, D]`, what to cache). `kv`: this block's cached
-    `(k [B, S, Hkv, K], v, length, k_scale, v_scale)`, or None to attend within x only."""
+    `(k [B, S, Hkv, K], v, length, k_scale, v_scale, k_resid)`, or None to attend within
+    x only."""
     c = self.config
     b, t, _ = x_BxTxD.shape
     hk, g, dh = c.num_kv_heads, c.num_heads // c.num_kv_heads, c.head_dim
+    bits, group = self.kv_bits, self.kv_key_group
     q = nn.Dense(c.num_heads * dh, use_bias=False, name="query")(x_BxTxD)
     k = nn.Dense(hk * dh, use_bias=False, name="key")(x_BxTxD)
     v = nn.Dense(hk * dh, use_bias=False, name="value")(x_BxTxD)
@@ -171,30 +190,46 @@ class Attention(nn.Module):
     if self.hadamard:  # (q H)(k H)ᵀ = q kᵀ: the scores are unchanged
       q_BxTxHxK = hadamard_lib.apply(q_BxTxHxK, dh)
       k_BxTxGxK = hadamard_lib.apply(k_BxTxGxK, dh)
-    if self.kv_bits:
-      k_codes, k_scale = quantize_kv(k_BxTxGxK, self.kv_bits)
-      v_codes, v_scale = quantize_kv(v_BxTxGxK, self.kv_bits)
+    keys_float = None  # per-channel keys: the float keys of unfinished groups
+    if bits:
+      v_codes, v_scale = quantize_kv(v_BxTxGxK, bits)
+      if not group:
+        k_codes, k_scale = quantize_kv(k_BxTxGxK, bits)
     if kv is None:
-      if self.kv_bits:  # what a quantized cache would hand back
-        k_BxTxGxK = k_codes.astype(jnp.float32) * k_scale
-        v_BxTxGxK = v_codes.astype(jnp.float32) * v_scale
       keys, values, key_pos_S = k_BxTxGxK, v_BxTxGxK, jnp.arange(t)
-      written = (k_BxTxGxK, v_BxTxGxK, None, None)
+      if bits:  # what a quantized cache would hand back
+        values = v_codes.astype(jnp.float32) * v_scale
+        if group:
+          keys_float = k_BxTxGxK
+          keys = kv_quant.fake_quant_key_groups(k_BxTxGxK, bits, group)
+        else:
+          keys = k_codes.astype(jnp.float32) * k_scale
+      written = (keys, values, None, None, None)
     else:
-      k_cache, v_cache, length, ks_cache, vs_cache = kv
+      k_cache, v_cache, length, ks_cache, vs_cache, resid = kv
       put = lambda cache, new: jax.lax.dynamic_update_slice(
           cache, new.astype(cache.dtype), (0, length, 0, 0))
-      if self.kv_bits:
+      if bits and group:
+        k_codes, k_scales, resid, keys_float = kv_quant.write_key_groups(
+            k_cache, ks_cache, resid, length, k_BxTxGxK, bits)
+        written = (k_codes, put(v_cache, v_codes), k_scales, put(vs_cache, v_scale), resid)
+        keys = kv_quant.dequantize_key_groups(k_codes, k_scales, group)
+        values = written[1].astype(jnp.float32) * written[3]
+      elif bits:
         written = (put(k_cache, k_codes), put(v_cache, v_codes), put(ks_cache, k_scale),
-                   put(vs_cache, v_scale))
+                   put(vs_cache, v_scale), None)
         keys = written[0].astype(jnp.float32) * written[2]
         values = written[1].astype(jnp.float32) * written[3]
       else:
-        written = (put(k_cache, k_BxTxGxK), put(v_cache, v_BxTxGxK), None, None)
+        written = (put(k_cache, k_BxTxGxK), put(v_cache, v_BxTxGxK), None, None, None)
         keys, values = written[0], written[1]
       key_pos_S = jnp.arange(k_cache.shape[1])
     q_BxTxGxRxK = q_BxTxHxK.reshape(b, t, hk, g, dh) / jnp.sqrt(jnp.float32(dh))
     scores = jnp.einsum("btgrk,bsgk->bgrts", q_BxTxGxRxK, keys.astype(q.dtype))
+    if keys_float is not None:
+      float_scores = jnp.einsum("btgrk,bsgk->bgrts", q_BxTxGxRxK, keys_float.astype(q.dtype))
+      as_codes_BxTxS = kv_quant.read_quantized(key_pos_S, pos_BxT, group)
+      scores = jnp.where(as_codes_BxTxS[:, None, None], scores, float_scores)
     allowed_BxTxS = key_pos_S[None, None, :] <= pos_BxT[:, :, None]
     scores = jnp.where(allowed_BxTxS[:, None, None], scores.astype(jnp.float32),
                        jnp.finfo(jnp.float32).min)
@@ -230,14 +265,15 @@ class LlamaBlock(nn.Module):
   config: LlamaConfig
   kv_bits: int = 0
   hadamard: bool = False
+  kv_key_group: int = 0
 
   @nn.compact
   def __call__(self, x_BxTxD, pos_BxT, kv=None):
     """Returns (new states `[B, T, D]`, (k, v) for the cache)."""
     eps = self.config.rms_norm_eps
     h = nn.RMSNorm(epsilon=eps, name="attn_norm")(x_BxTxD)
-    a, written = Attention(self.config, self.kv_bits, self.hadamard, name="attn")(
-        h, pos_BxT, kv)
+    a, written = Attention(self.config, self.kv_bits, self.hadamard, self.kv_key_group,
+                           name="attn")(h, pos_BxT, kv)
     x_BxTxD = x_BxTxD + a
     h = nn.RMSNorm(epsilon=eps, name="mlp_norm")(x_BxTxD)
     return x_BxTxD + SwiGLU(self.config, self.hadamard, name="mlp")(h), written
@@ -250,14 +286,16 @@ class Llama(nn.Module):
   `cache=` it continues the cached sequence at `cache.length` and returns
   `(logits, updated cache)`; T new tokens must fit in the cache's free slots (the write
   is not checked inside jit: past the end it is clamped and overwrites the last slots).
-  `kv_bits` (0, 8 or 4) quantizes the keys and values (see the module docstring); a
-  cache passed in must be made with the same `kv_bits` (`init_cache`). `hadamard` turns
-  on the online Hadamards a rotated checkpoint needs (module docstring); on unrotated
-  weights it changes the function.
+  `kv_bits` (0, 8 or 4) quantizes the keys and values, `kv_key_group` > 0 the keys per
+  channel in groups of that many tokens (see the module docstring); a cache passed in
+  must be made with the same `kv_bits` and `kv_key_group` (`init_cache`). `hadamard`
+  turns on the online Hadamards a rotated checkpoint needs (module docstring); on
+  unrotated weights it changes the function.
   """
   config: LlamaConfig
   kv_bits: int = 0
   hadamard: bool = False
+  kv_key_group: int = 0
 
   @nn.compact
   def __call__(self, ids_BxT: jax.Array, cache: Optional[KVCache] = None):
@@ -268,20 +306,25 @@ class Llama(nn.Module):
     pos_BxT = jnp.broadcast_to(start + jnp.arange(t, dtype=jnp.int32), (b, t))
     embed = nn.Embed(c.vocab_size, c.hidden_size, name="token_embed")
     x = embed(ids_BxT)
-    if self.kv_bits not in KV_BITS:
-      raise ValueError(f"kv_bits={self.kv_bits!r} must be one of {KV_BITS}")
+    _check_kv(self.kv_bits, self.kv_key_group)
     if cache is not None and (cache.k_scale is not None) != bool(self.kv_bits):
       raise ValueError(f"the cache is {'quantized' if cache.k_scale is not None else 'float'}"
                        f" but the model has kv_bits={self.kv_bits}; make it with "
                        "init_cache(..., kv_bits=model.kv_bits)")
+    cache_group = 0 if cache is None or cache.k_resid is None else cache.k_resid.shape[2]
+    if cache is not None and cache_group != self.kv_key_group:
+      raise ValueError(f"the cache has kv_key_group={cache_group} but the model "
+                       f"kv_key_group={self.kv_key_group}; make it with "
+                       "init_cache(..., kv_key_group=model.kv_key_group)")
     written = []
     for i in range(c.num_layers):
       kv = None
       if cache is not None:
-        kv = (cache.k[i], cache.v[i], cache.length,
-              None if cache.k_scale is None else cache.k_scale[i],
-              None if cache.v_scale is None else cache.v_scale[i])
-      x, w = LlamaBlock(c, self.kv_bits, self.hadamard, name=f"block_{i}")(x, pos_BxT, kv)
+        layer = lambda a: None if a is None else a[i]
+        kv = (cache.k[i], cache.v[i], cache.length, layer(cache.k_scale),
+              layer(cache.v_scale), layer(cache.k_resid))
+      x, w = LlamaBlock(c, self.kv_bits, self.hadamard, self.kv_key_group,
+                        name=f"block_{i}")(x, pos_BxT, kv)
       written.append(w)
     x = nn.RMSNorm(epsilon=c.rms_norm_eps, name="final_norm")(x)
     if c.tie_embeddings:
@@ -291,4 +334,5 @@ class Llama(nn.Module):
     if cache is None:
       return logits
     stack = lambda j: None if written[0][j] is None else jnp.stack([w[j] for w in written])
-    return logits, KVCache(stack(0), stack(1), cache.length + t, stack(2), stack(3))
+    return logits, KVCache(stack(0), stack(1), cache.length + t, stack(2), stack(3),
+                           stack(4))

@@ -68,7 +68,8 @@ class Generator:
 
     def prefill(variables, ids_1xT):
       cache = init_cache(self.config, ids_1xT.shape[0], cache_size,
-                         kv_bits=getattr(model, "kv_bits", 0))
+                         kv_bits=getattr(model, "kv_bits", 0),
+                         kv_key_group=getattr(model, "kv_key_group", 0))
       logits, cache = model.apply(variables, ids_1xT, cache)
       tok = sample(logits[:, -1], jax.random.fold_in(key, 0), temperature, top_p)
       return tok, cache

@@ -21,13 +21,15 @@ def recipe_rules(config, overrides: Mapping[str, Any] = ()) -> List[jq.Rule]:
 
 def load_model(config):
   """(model, float params, LlamaGGUF) of `config.gguf_path` ('' = the SmolLM2 package),
-  the model's KV cache quantized to `config.kv_bits` (0 = float); QuaRot-rotated
-  (`experiments.pretrained.rotation`: online Hadamards on, an untied head) when
-  `config.rotate` is true."""
+  the model's KV cache quantized to `config.kv_bits` (0 = float), keys per channel in
+  groups of `config.kv_key_group` tokens when that is > 0 (else per token);
+  QuaRot-rotated (`experiments.pretrained.rotation`: online Hadamards on, an untied head)
+  when `config.rotate` is true."""
   model, params, gg = gguf_llama.load(config.gguf_path or None)
-  model = model.clone(kv_bits=int(config.kv_bits))
   if config.get("rotate", False):
     model, params = rotation.rotate(model, params, seed=int(config.get("rotation_seed", 0)))
+  model = model.clone(kv_bits=int(config.kv_bits),
+                      kv_key_group=int(config.get("kv_key_group", 0)))
   return model, params, gg
 
 

@@ -34,9 +34,25 @@ def kv_quant(x_TxHxK, bits):
   return np.clip(np.round(x_TxHxK / s), -qmax, qmax) * s
 
 
+def key_groups_quant(k_TxHxK, bits, group):
+  """KIVI keys: symmetric round-to-nearest per (channel, head) over each run of `group`
+  consecutive tokens (the last run may be shorter); scale = absmax / (2^(b−1) − 1)."""
+  qmax = 2 ** (bits - 1) - 1
+  out = np.empty_like(k_TxHxK)
+  for j in range(0, k_TxHxK.shape[0], group):
+    run = k_TxHxK[j:j + group]
+    s = np.abs(run).max(axis=0, keepdims=True).astype(np.float32) / np.float32(qmax)
+    s = np.where(s == 0, 1, s)
+    out[j:j + group] = np.clip(np.round(run / s), -qmax, qmax) * s
+  return out
+
+
 def block(t, i, x_TxD, cfg):
   """One llama block on `[T, D]` states; `t` maps GGUF names to float arrays.
-  `cfg['kv_bits']` (optional, 8 or 4) quantizes keys (after RoPE) and values."""
+  `cfg['kv_bits']` (optional, 8 or 4) quantizes keys (after RoPE) and values;
+  `cfg['kv_key_group']` = G > 0 quantizes keys per channel over runs of G tokens, a
+  query at p reading the key at s quantized only once s's run ended at or before p
+  (float otherwise, as a cache written token by token holds it)."""
   p = f"blk.{i}."
   n_h, n_kv, eps, theta = cfg["heads"], cfg["kv_heads"], cfg["eps"], cfg["theta"]
   steps, d = x_TxD.shape
@@ -48,13 +64,20 @@ def block(t, i, x_TxD, cfg):
   v = (h @ w("attn_v").T).reshape(steps, n_kv, dh)
   pos = np.arange(steps, dtype=np.float64)
   q, k = rope_interleaved(q, pos, theta), rope_interleaved(k, pos, theta)
+  group = cfg.get("kv_key_group", 0)
+  k_read = k
   if cfg.get("kv_bits"):
-    k, v = kv_quant(k, cfg["kv_bits"]), kv_quant(v, cfg["kv_bits"])
+    v = kv_quant(v, cfg["kv_bits"])
+    k_read = key_groups_quant(k, cfg["kv_bits"], group) if group else kv_quant(k, cfg["kv_bits"])
   ctx = np.zeros((steps, n_h, dh))
   causal = np.tril(np.ones((steps, steps), bool))
   for head in range(n_h):
     kv = head // (n_h // n_kv)
-    s = q[:, head] @ k[:, kv].T / np.sqrt(dh)
+    s = q[:, head] @ k_read[:, kv].T / np.sqrt(dh)
+    if group:
+      run_ended = np.array([[(key // group + 1) * group <= query + 1 for key in range(steps)]
+                            for query in range(steps)])
+      s = np.where(run_ended, s, q[:, head] @ k[:, kv].T / np.sqrt(dh))
     s = np.where(causal, s, -np.inf)
     s = np.exp(s - s.max(axis=1, keepdims=True))
     ctx[:, head] = (s / s.sum(axis=1, keepdims=True)) @ v[:, kv]

@@ -1,0 +1,123 @@
+"""Quantized KV-cache arithmetic for `experiments.models.llama`: per-token and KIVI keys.
+
+Two granularities for keys (values are always per token):
+
+* per token (`key_group=0`): one symmetric absmax scale per (token, kv head), over the
+  head's channels, as for values. Quantized on write, dequantized on read.
+* per channel in groups of G tokens (`key_group=G`, KIVI: Liu et al. 2024, "KIVI: A
+  Tuning-Free Asymmetric 2bit Quantization for KV Cache"): keys have a few outlier
+  channels, so each channel gets its own scale, the absmax over G consecutive tokens
+  (token positions [jG, (j+1)G), one scale per (group, kv head, channel)). A channel
+  scale needs the whole group, so in a streaming cache **the group still being filled
+  is kept in float32** (KIVI's full-precision residual): the cache holds int8 codes and
+  scales of every complete group plus a float buffer of G slots for the current group's
+  keys. When a write completes a group, that group is quantized from its float keys
+  (never re-quantized from codes), so writing T tokens at once or one at a time gives
+  the same codes, scales and residual. At most G − 1 keys per kv head are held in float.
+
+What a query reads under per-channel keys: the key at position s seen by a query at
+position p is the dequantized code when s's group was complete after p was written,
+`s // G < (p + 1) // G`, and the float key otherwise (s is in p's own unfinished
+group). That is what a cache filled token by token hands each query; a prefill of T
+tokens and the cache-free forward (perplexity) apply the same rule per (query, key)
+pair, so all three give the same attention inputs.
+
+Int4 codes are stored one per int8 (not packed); scales are float32.
+"""
+from __future__ import annotations
+
+from typing import Tuple
+
+import jax
+import jax.numpy as jnp
+
+import jaxquant as jq
+
+
+def quantize_kv(x_BxTxGxK: jax.Array, bits: int) -> Tuple[jax.Array, jax.Array]:
+  """(int8 codes, float32 scales `[..., 1]`) of keys or values, absmax per token and head."""
+  q = jq.quantize(x_BxTxGxK, jq.QuantSpec(bits=bits), reduce_axes=(-1,))
+  return q.values, q.scale.astype(jnp.float32)
+
+
+def num_key_groups(size: int, group: int) -> int:
+  """Scale rows a cache of `size` slots needs for keys grouped by `group` tokens."""
+  return -(-size // group)
+
+
+def quantize_key_groups(k_BxTxHxK: jax.Array, bits: int, group: int):
+  """Per-channel codes of keys whose first token starts a group.
+
+  Returns (int8 codes `[B, T, H, K]`, float32 scales `[B, ceil(T/G), H, K]`): group j is
+  tokens [jG, (j+1)G), its scale absmax over those tokens / (2^(bits−1) − 1) per
+  (kv head, channel). A last group shorter than G is quantized over the tokens it has
+  (callers treat it as unfinished and never read its codes).
+  """
+  b, t, h, k = k_BxTxHxK.shape
+  n = num_key_groups(t, group)
+  padded = jnp.pad(k_BxTxHxK, ((0, 0), (0, n * group - t), (0, 0), (0, 0)))
+  q = jq.quantize(padded.reshape(b, n, group, h, k), jq.QuantSpec(bits=bits),
+                  reduce_axes=(2,))
+  codes = q.values.reshape(b, n * group, h, k)[:, :t]
+  return codes, q.scale.reshape(b, n, h, k).astype(jnp.float32)
+
+
+def dequantize_key_groups(codes_BxSxHxK: jax.Array, scale_BxNxHxK: jax.Array,
+                          group: int) -> jax.Array:
+  """float32 keys `[B, S, H, K]` from grouped per-channel codes and scales."""
+  s = codes_BxSxHxK.shape[1]
+  scale = jnp.repeat(scale_BxNxHxK, group, axis=1)[:, :s]
+  return codes_BxSxHxK.astype(jnp.float32) * scale
+
+
+def read_quantized(key_pos_S: jax.Array, pos_BxT: jax.Array, group: int) -> jax.Array:
+  """`[B, T, S]` bool: True where the query at pos_BxT reads the key at key_pos_S as
+  codes (its group complete once the query was written), False where as float."""
+  return (key_pos_S // group)[None, None, :] < ((pos_BxT + 1) // group)[:, :, None]
+
+
+def fake_quant_key_groups(k_BxTxHxK: jax.Array, bits: int, group: int) -> jax.Array:
+  """Keys at positions 0..T−1 as a cache would dequantize them once their group is
+  complete (the cache-free forward reads these where `read_quantized` says so)."""
+  codes, scale = quantize_key_groups(k_BxTxHxK, bits, group)
+  return dequantize_key_groups(codes, scale, group).astype(k_BxTxHxK.dtype)
+
+
+def write_key_groups(codes_BxSxHxK: jax.Array, scale_BxNxHxK: jax.Array,
+                     resid_BxGxHxK: jax.Array, length: jax.Array, k_BxTxHxK: jax.Array,
+                     bits: int):
+  """Writes T new keys at slot `length` of one layer's per-channel key cache.
+
+  Args:
+    codes_BxSxHxK: int8 codes of the complete groups (other slots unused).
+    scale_BxNxHxK: float32 scales, one row per group of G slots.
+    resid_BxGxHxK: float keys of the unfinished group: slot s at row s − G·(length // G).
+    length: slots written so far (int32 scalar, traced).
+    k_BxTxHxK: the new keys (positions length .. length+T−1).
+    bits: code width.
+
+  Returns:
+    (codes, scales, residual) after the write, and float keys `[B, S, H, K]` that hold
+    the float value of every slot in [G·(length // G), length + T) (elsewhere
+    meaningless), for the queries of this write that read their own group in float.
+    Groups that the write completes are quantized from their float keys; slots or
+    groups past the cache's end are dropped, never clamped onto earlier slots.
+  """
+  b, t, h, d = k_BxTxHxK.shape
+  size, group = codes_BxSxHxK.shape[1], resid_BxGxHxK.shape[1]
+  n_groups = scale_BxNxHxK.shape[1]
+  start = (length // group) * group     # first slot of the unfinished group
+  held = length - start                 # its keys already in the residual
+  nb = (t - 1) // group + 2             # groups the buffer spans (held + t < nb·G)
+  buf = jnp.zeros((b, nb * group, h, d), resid_BxGxHxK.dtype)
+  buf = buf.at[:, :group].set(resid_BxGxHxK)
+  buf = jax.lax.dynamic_update_slice(buf, k_BxTxHxK.astype(buf.dtype), (0, held, 0, 0))
+  codes_new, scale_new = quantize_key_groups(buf, bits, group)
+  done = (jnp.arange(nb) + 1) * group <= held + t
+  group_idx = jnp.where(done, start // group + jnp.arange(nb), n_groups)
+  slot_idx = jnp.where(jnp.repeat(done, group), start + jnp.arange(nb * group), size)
+  codes = codes_BxSxHxK.at[:, slot_idx].set(codes_new, mode="drop")
+  scales = scale_BxNxHxK.at[:, group_idx].set(scale_new, mode="drop")
+  resid = jax.lax.dynamic_slice_in_dim(buf, ((held + t) // group) * group, group, axis=1)
+  rel = jnp.clip(jnp.arange(size) - start, 0, nb * group - 1)
+  return codes, scales, resid, jnp.take(buf, rel, axis=1)
