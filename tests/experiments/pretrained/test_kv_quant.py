@@ -82,7 +82,7 @@ def tiny(tmp_path_factory):
   return path, fx.write_gguf(path)
 
 
-@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("bits", [pytest.param(8, marks=pytest.mark.slow), 4])
 def test_tiny_llama_channel_keys_against_numpy_prefill_and_decode(tiny, bits):
   path, stored = tiny
   model, params, gg = gguf_llama.load(path)
