@@ -82,7 +82,8 @@ def i_exp(q, plan):
   z = np.floor_divide(-x, ln2)
   p = x + z * ln2
   poly = _fits_int32("i_exp polynomial", (p + plan["q_b"]) ** 2 + plan["q_c"])
-  return np.floor_divide(poly, _i64(2) ** np.minimum(z + plan["out_shift"], 31))
+  out = np.floor_divide(poly, _i64(2) ** np.minimum(z + plan["out_shift"], 31))
+  return out.astype(np.int32)
 
 
 def i_softmax(q, plan, mask=None):
@@ -92,7 +93,7 @@ def i_softmax(q, plan, mask=None):
   keep = np.ones(x.shape, bool) if mask is None else np.broadcast_to(np.asarray(mask, bool),
                                                                         x.shape)
   x = np.where(keep, x, -SOFTMAX_CLAMP)
-  e = np.where(keep, i_exp(x - x.max(axis=-1, keepdims=True), plan["exp"]), 0)
+  e = np.where(keep, _i64(i_exp(x - x.max(axis=-1, keepdims=True), plan["exp"])), 0)
   total = _fits_int32("i_softmax sum", e.sum(axis=-1, keepdims=True))
   scaled = e * 2 ** plan["out_bits"]
   # round half up of scaled/total: ⌊(2·scaled + total) / (2·total)⌋
@@ -106,7 +107,7 @@ def i_gelu_acc(q, plan):
   x = _working(x, plan["shift_in"], plan["in_clamp"])
   t = np.minimum(np.abs(x), plan["q_clip"]) + plan["q_b"]
   erf = np.sign(x) * (t * t + plan["q_c"])
-  return _fits_int32("i_gelu accumulator", -x * (erf + plan["q_one"]))
+  return _fits_int32("i_gelu accumulator", -x * (erf + plan["q_one"])).astype(np.int32)
 
 
 def i_gelu(q, plan):
@@ -121,17 +122,18 @@ def _bit_length(n):
 
 
 def i_sqrt(n):
-  """⌊√n⌋ by the integer Newton iteration (I-BERT Algorithm 4), elementwise, n ≥ 0."""
+  """⌊√n⌋ (int32) by the integer Newton iteration (I-BERT Algorithm 4), elementwise,
+  for 0 ≤ n < 2^31."""
   n = _i64(n)
-  if np.any(n < 0):
-    raise ValueError("i_sqrt takes n >= 0")
+  if np.any(n < 0) or np.any(n > INT32_MAX):
+    raise ValueError("i_sqrt takes 0 <= n < 2^31")
   x = _i64(2) ** ((_bit_length(n) + 1) // 2)
   active = n > 0
   while np.any(active):
     y = (x + n // np.where(active, x, 1)) // 2
     active = active & (y < x)
     x = np.where(active, y, x)
-  return np.where(n == 0, 0, x)
+  return np.where(n == 0, 0, x).astype(np.int32)
 
 
 def i_layernorm(q, plan):
