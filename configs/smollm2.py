@@ -45,9 +45,13 @@ RMSNorm scales stay float):
                    as per-channel int8 too (one scale per vocab row, like the embedding's).
                    `--config.rotate=True` rotates any variant.
   float_kv8_kchan, float_kv4_kchan  float_kv8 / float_kv4 with the keys quantized per
-                   channel over groups of 32 tokens (KIVI), the unfinished group of keys held in float;
-                   values per token. `--config.kv_key_group=G` picks the group (0 =
-                   keys per token)
+                   channel over groups of 32 tokens (KIVI), the unfinished group of keys
+                   held in float; values per token. `--config.kv_key_group=G` picks the
+                   group (0 = keys per token)
+  w8a8_fp_{qkv,o,gateup,down}  w8a8 with the activations of one kind of linear left
+                   float (its weights still int8): which inputs cost w8a8 the most
+
+SmoothQuant's alpha is the rule's field: `'--config.quant.rules[0].ptq.alpha=0.7'`.
 """
 import ml_collections
 
@@ -79,6 +83,15 @@ def a8_static():
 def _w8a8(act, alpha=None):
   sq = None if alpha is None else ptq_spec(method="smoothquant", alpha=alpha)
   return [quant_rule(LAYERS, weight=w8(), act=act, ptq=sq)]
+
+
+KINDS = {"qkv": r"block_\d+/attn/(query|key|value)", "o": r"block_\d+/attn/out",
+         "gateup": r"block_\d+/mlp/(gate|up)", "down": r"block_\d+/mlp/down"}
+
+
+def _w8a8_float_act(kind):
+  """w8a8 (per-token activations) except the inputs of `kind`'s linears (int8 weights)."""
+  return [quant_rule(KINDS[kind], weight=w8())] + _w8a8(a8_token())
 
 
 def _embed():
@@ -137,6 +150,8 @@ _RULES = {
     "w4a4kv4_rot": lambda: _w4_act(a4_token()) + _embed() + _head(),
     "float_kv8_kchan": lambda: [],
     "float_kv4_kchan": lambda: [],
+    **{f"w8a8_fp_{kind}": (lambda kind=kind: _w8a8_float_act(kind) + _embed())
+       for kind in ("qkv", "o", "gateup", "down")},
 }
 VARIANTS = tuple(_RULES)
 KV_BITS = {"float_kv8": 8, "float_kv4": 4, "w4a4kv4": 4, "w4a4kv4_rot": 4,
