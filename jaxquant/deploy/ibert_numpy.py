@@ -154,7 +154,7 @@ def i_layernorm(q, plan):
   u = np.sign(d) * ((2 * num + den) // (2 * den))
   u = _fits_int32("i_layernorm normalized value", u)
   y = requant(u * _i64(plan["sign"]), plan["m0"], plan["left"], plan["right"])
-  return _to_int8(y + _i64(plan["beta"]))
+  return _to_int8(rdbpot(y + _i64(plan["beta"]), plan["beta_bits"]))
 
 
 def embedding_lookup_int8(table, ids, plan):

@@ -191,7 +191,7 @@ def i_layernorm(q: jax.Array, plan: plans.LayerNormPlan) -> jax.Array:
   u = _round_div_bits(d << p, jnp.maximum(sigma, 1), plan.frac_bits)
   row = lambda a: jnp.asarray(a, I32).reshape((1,) * (q.ndim - 1) + (n,))
   y = fp.requantize(u * row(plan.sign), row(plan.m0), row(plan.left), row(plan.right))
-  y = y + row(plan.beta)
+  y = fp.rounding_divide_by_pot(y + row(plan.beta), plan.beta_bits)
   return jnp.clip(y, -128, 127).astype(jnp.int8)
 
 

@@ -257,14 +257,18 @@ class LayerNormPlan(_Plan):
     p = ⌊(31 − bitlen(W))/2⌋,  σ = i_sqrt(W·4^p) = ⌊2^p·√W⌋   (Algorithm 4)
     d = n·x − s1 = n·(x − mean);  u = round(d·2^(p + frac_bits)/σ) (ties away from zero;
         0 when σ = 0, where every d is 0), so u ≈ 2^frac_bits·√n·(x − mean)/√(var + eps)
-  and per channel j: out = clamp(requantize(sign_j·u, m0_j, left_j, right_j) + beta_j,
-  −128, 127), the multiplier |γ_j|·2^−frac_bits/(√n·out_scale), sign_j = sgn(γ_j),
-  beta_j = round(β_j/out_scale) (half to even). No int64 is needed: |Σc²| ≤
-  n·(qmax − qmin)², |d·2^p| < n·(σ + 1), |u| ≤ n·2^frac_bits·(1 + 2^−14) + 1 (checked)."""
+  and per channel j, with k = beta_bits extra fractional bits of the output code:
+    out = clamp(RDBPOT(requantize(sign_j·u, m0_j, left_j, right_j) + beta_j, k), −128, 127)
+  where the multiplier is |γ_j|·2^(k − frac_bits)/(√n·out_scale), sign_j = sgn(γ_j) and
+  beta_j = round(β_j·2^k/out_scale) (half to even), so the output is rounded once to
+  whole codes (error ≤ 1/2 + 2^−k codes). No int64 is needed: Σc² ≤ n·(qmax − qmin)²,
+  |d·2^p| < n·(σ + 1), |u| ≤ n·2^frac_bits·(1 + 2^−14) + 1, the requantized part ≤ 2^29
+  and |beta_j| ≤ 2^30 (checked or clipped here)."""
   n: int
   zp: int
   eps_codes: int
   frac_bits: int
+  beta_bits: int
   m0: np.ndarray
   left: np.ndarray
   right: np.ndarray
@@ -296,8 +300,18 @@ def layernorm_plan(in_scale, gamma, beta, out_scale, eps: float = 1e-5, zp: int 
   bound = n * 2 ** frac_bits * (1 + 2.0 ** -14) + 1
   mult = np.abs(gamma) * 2.0 ** -frac_bits / (math.sqrt(n) * so)
   m0, left, right = fp.requant_shifts(mult, bound)
-  beta_q = np.clip(np.rint(beta / so), -2 ** 24, 2 ** 24).astype(np.int64)
-  return LayerNormPlan(n, int(zp), eps_codes, frac_bits, m0, left, right,
+  beta_bits = 8  # fractional bits of the output code carried until beta is added
+  live = m0 != 0
+  norm_max = bound * float(np.max(mult))  # |requantized part| in whole output codes
+  while beta_bits > 0 and (np.any(right[live] < beta_bits) or
+                           norm_max * 2.0 ** beta_bits > 2 ** 29):
+    beta_bits -= 1
+  if norm_max * 2.0 ** beta_bits > 2 ** 29:
+    raise ValueError(f"gamma/out_scale up to {float(np.max(np.abs(gamma))) / so:.4g} is "
+                     "too large for the int32 LayerNorm output")
+  right = np.where(live, right - beta_bits, 0).astype(np.int32)
+  beta_q = np.clip(np.rint(beta / so * 2.0 ** beta_bits), -2 ** 30, 2 ** 30)
+  return LayerNormPlan(n, int(zp), eps_codes, frac_bits, beta_bits, m0, left, right,
                        np.sign(gamma).astype(np.int32), beta_q.astype(np.int32), s, so)
 
 

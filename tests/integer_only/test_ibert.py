@@ -243,14 +243,15 @@ def test_i_layernorm_bit_exact_and_error(n, spread, eps):
   got = _same(lambda v: ibert.i_layernorm(v, plan), lambda v: NP.i_layernorm(v, plan.as_dict()), q)
   ref = _layernorm(q * scale, gamma, beta, eps)
   assert np.all(np.abs(ref) < 127 * out_scale)  # no saturation in this case
-  # Bound, in output codes: the requantization and the rounded beta, ≤ 1/2 each; σ floored
+  # Bound: one rounding to whole codes (≤ 1/2) after the requantization and beta, each
+  # rounded to 2^-beta_bits of a code (≤ 2^-(beta_bits+1) each), in output codes; σ floored
   # (relative < 1/σ_int ≤ 2^-14.5), the variance ceiled (< 1/V relative, halved under the
   # root) and eps rounded to whole codes² (< n/2/V): times |γ·z| ≤ |γ|·√(n − 1).
   x = q.astype(np.int64)
   v = n * (x * x).sum(-1) - x.sum(-1) ** 2  # n·Σ(x − mean)², exact
   rel = 2 ** -14 + (0.5 + n / 4) / (v / n).min()
   z = np.abs(ref - beta) / np.maximum(np.abs(gamma), 1e-12)
-  bound = out_scale * (1 + 2 ** -20) + np.max(np.abs(gamma) * z * rel)
+  bound = out_scale * (0.5 + 2.0 ** -plan.beta_bits + 2 ** -20) + np.max(np.abs(gamma) * z * rel)
   err = np.max(np.abs(got * out_scale - ref))
   assert err <= bound, (err, bound)
 
@@ -266,7 +267,10 @@ def test_i_layernorm_zero_variance_and_extremes():
     q[4, 0] = 1                             # one code apart
     got = _same(lambda v: ibert.i_layernorm(v, plan),
                 lambda v: NP.i_layernorm(v, plan.as_dict()), q)
-    np.testing.assert_array_equal(got[:3], np.broadcast_to(np.clip(plan.beta, -128, 127), (3, n)))
+    # output = beta: each code is the nearest to β/out_scale (beta kept to 2^-beta_bits)
+    assert np.max(np.abs(got[:3] - np.clip(beta / 0.03, -128, 127))) <= 0.5 + 2.0 ** -(
+        plan.beta_bits + 1)
+    assert np.all(got[:3] == got[0])
     ref = _layernorm(q[3:] * 0.05, gamma, beta, eps)
     assert np.max(np.abs(got[3:] * 0.03 - np.clip(ref, -128 * 0.03, 127 * 0.03))) <= 0.031
   plan = P.layernorm_plan(0.1, [2.0], [0.5], 0.1)  # n = 1: always zero variance
