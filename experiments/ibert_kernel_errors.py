@@ -51,7 +51,7 @@ def main():
   ref = np.exp(x - x.max(-1, keepdims=True))
   ref /= ref.sum(-1, keepdims=True)
   err = np.max(np.abs(got * plan.out_scale - ref))
-  rows.append(("i_softmax", f"{scale:.3g}", f"16×128 rows of Q·Kᵀ (d=64), 7-bit out",
+  rows.append(("i_softmax", f"{scale:.3g}", "16×128 rows of Q·Kᵀ (d=64), 7-bit out",
                f"max abs {err:.2e}", f"half an output code: {2 ** -8:.2e}"))
   # i-GELU over every int8 code.
   a, b = -0.2888, -1.769

@@ -9,7 +9,8 @@ from the static scales; the plan's docstring states every equation and rounding 
   i_sqrt                Algorithm 4 (integer Newton iteration for ⌊√n⌋)
   i_layernorm           §3.6 (mean and variance in int32, division by i_sqrt)
   embedding_lookup_int8 gathered int8 rows requantized to one scale
-Everything is int32 (no int64, no x64 needed; bounds are in the plans). Shifts by a
+Everything is int32 (no int64, no x64 needed; bounds are in the plans; with
+jax_enable_x64 on, reductions still accumulate in int32 and the results are the same). Shifts by a
 traced amount are clamped to [0, 31] so XLA never sees an out-of-range shift.
 The numpy twin is jaxquant/deploy/ibert_numpy.py.
 """
@@ -108,7 +109,7 @@ def i_softmax(q: jax.Array, plan: plans.SoftmaxPlan,
   e = i_exp(x - jnp.max(x, axis=-1, keepdims=True), plan.exp)
   if mask is not None:
     e = jnp.where(mask, e, I32(0))
-  total = jnp.sum(e, axis=-1, keepdims=True)
+  total = jnp.sum(e, axis=-1, keepdims=True, dtype=I32)
   codes = lax.div((e << plan.out_bits) + (total >> 1), jnp.maximum(total, 1))
   return jnp.minimum(codes, 127).astype(jnp.int8)
 
@@ -179,11 +180,12 @@ def i_layernorm(q: jax.Array, plan: plans.LayerNormPlan) -> jax.Array:
   if q.shape[-1] != n:
     raise ValueError(f"row length {q.shape[-1]} does not match the plan's n={n}")
   x = q.astype(I32) - plan.zp
-  s1 = jnp.sum(x, axis=-1, keepdims=True)
+  s1 = jnp.sum(x, axis=-1, keepdims=True, dtype=I32)
   m = fp.rounding_divide(s1, n)
   c = x - m
   r = s1 - n * m
-  var = jnp.sum(c * c, axis=-1, keepdims=True) - lax.div(r * r, I32(n))  # r² ≥ 0: floor
+  sq = jnp.sum(c * c, axis=-1, keepdims=True, dtype=I32)
+  var = sq - lax.div(r * r, I32(n))  # r² ≥ 0: truncation is floor
   w = var + plan.eps_codes
   p = (31 - (32 - lax.clz(w))) >> 1
   sigma = i_sqrt(w << p << p)

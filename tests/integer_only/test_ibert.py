@@ -75,8 +75,9 @@ def test_matmul_saturation_and_largest_accumulator():
 def test_i_exp_bit_exact_and_relative_error(scale):
   plan = P.exp_plan(scale)
   x_max = 6.5  # a softmax row's spread of int8-scale logits
-  q = np.unique(np.concatenate([-np.arange(0, int(x_max / scale), max(1, int(x_max / scale) // 4000)),
-                                [0, -1]])).astype(np.int32)
+  top = int(x_max / scale)
+  q = np.unique(np.concatenate([-np.arange(0, top, max(1, top // 4000)), [0, -1]]))
+  q = q.astype(np.int32)
   got = _same(lambda v: ibert.i_exp(v, plan), lambda v: NP.i_exp(v, plan.as_dict()), q)
   x = q.astype(np.float64) * scale
   rel = np.abs(got * plan.out_scale / np.exp(x) - 1)
@@ -323,6 +324,18 @@ def test_no_float_dtype_inside_any_kernel():
     jaxpr = jax.make_jaxpr(fn)(*args)
     assert float_dtypes_in(jaxpr) == [], name
     assert len(jaxpr.jaxpr.eqns) > 0, name
+
+
+def test_same_codes_with_x64_enabled():
+  """x64 changes jnp's default integer; the kernels keep int32 and the same results."""
+  sm = P.softmax_plan(1e-3, 16)
+  ln = P.layernorm_plan(0.05, RNG.normal(1, 0.2, 16), RNG.normal(0, 0.2, 16), 0.04)
+  scores, codes = RNG.integers(-5000, 5000, (3, 16)).astype(np.int32), _i8((3, 16))
+  with jax.enable_x64(True):
+    got_sm = np.asarray(jax.jit(lambda v: ibert.i_softmax(v, sm))(scores))
+    got_ln = np.asarray(jax.jit(lambda v: ibert.i_layernorm(v, ln))(codes))
+  np.testing.assert_array_equal(got_sm, NP.i_softmax(scores, sm.as_dict()))
+  np.testing.assert_array_equal(got_ln, NP.i_layernorm(codes, ln.as_dict()))
 
 
 def test_kernels_refuse_float_inputs_and_bad_scales():
