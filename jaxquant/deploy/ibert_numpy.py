@@ -137,7 +137,7 @@ def i_sqrt(n):
 
 
 def i_layernorm(q, plan):
-  """int8 codes of LayerNorm·γ + β over the last axis (integer I-BERT §3.6)."""
+  """int8 codes of LayerNorm·γ + β over the last axis (I-BERT's integer LayerNorm)."""
   n = plan["n"]
   x = _i64(q) - plan["zp"]
   s1 = x.sum(axis=-1, keepdims=True)

@@ -4,15 +4,25 @@ Quantization", ICML 2021): integer dtypes only inside.
 Each kernel takes integer codes and a plan from `ibert_plans` (Python ints computed once
 from the static scales; the plan's docstring states every equation and rounding rule):
   int_matmul_act        s8×s8→s32 activation products (Q·Kᵀ, attention·V), requantized
-  i_exp / i_softmax     Algorithm 2 (i-exp) and §3.4 (softmax with an integer division)
-  i_gelu                §3.5 (i-erf through i-poly, Algorithm 1)
+  i_exp / i_softmax     I-EXP (range reduction + I-POLY) and the integer-only softmax
+  i_gelu                I-GELU (I-ERF through I-POLY, the second-order polynomial)
   i_sqrt                Algorithm 4 (integer Newton iteration for ⌊√n⌋)
-  i_layernorm           §3.6 (mean and variance in int32, division by i_sqrt)
+  i_layernorm           integer-only LayerNorm (int32 mean and variance, i_sqrt)
   embedding_lookup_int8 gathered int8 rows requantized to one scale
 Everything is int32 (no int64, no x64 needed; bounds are in the plans; with
 jax_enable_x64 on, reductions still accumulate in int32 and the results are the same). Shifts by a
 traced amount are clamped to [0, 31] so XLA never sees an out-of-range shift.
 The numpy twin is jaxquant/deploy/ibert_numpy.py.
+
+Where these kernels go beyond the paper's equations (all integer, all in the plans):
+i-exp and i-GELU first move their input to a power-of-two multiple of its scale (an
+exact left shift of int8-scale codes, or a rounded right shift of fine int32 ones) so
+the floored constants ⌊ln2/S⌋, ⌊b/S⌋, ... keep ~14 bits and the products fit int32;
+i-softmax shifts its exp values right by a static amount so a row's sum fits int32 and
+divides each by the sum exactly (rounded) instead of through a truncated reciprocal;
+LayerNorm scales the variance by 4^p per row before i_sqrt (so ⌊√·⌋ keeps ~15 bits)
+and divides by long division; beta is added at 2^−8 of an output code before the one
+rounding to int8.
 """
 from __future__ import annotations
 
@@ -75,7 +85,7 @@ def int_matmul_act(qa: jax.Array, qb: jax.Array, plan: plans.MatmulPlan,
 
 # ------------------------------------------------------------------ i-exp / i-softmax
 def i_exp(q: jax.Array, plan: plans.ExpPlan) -> jax.Array:
-  """int32 codes of exp(q·in_scale) at plan.out_scale (I-BERT Algorithm 2).
+  """int32 codes of exp(q·in_scale) at plan.out_scale (I-BERT's I-EXP).
 
   Inputs above 0 are clamped to 0; the equations are in `ibert_plans.ExpPlan`."""
   _check_int("q", q)
@@ -127,7 +137,7 @@ def i_gelu_acc(q: jax.Array, plan: plans.GeluPlan) -> jax.Array:
 
 
 def i_gelu(q: jax.Array, plan: plans.GeluPlan) -> jax.Array:
-  """int8 codes of GELU(q·in_scale) at plan.out_scale (I-BERT §3.5)."""
+  """int8 codes of GELU(q·in_scale) at plan.out_scale (I-BERT's I-GELU)."""
   return _requant_int8(i_gelu_acc(q, plan), I32(plan.m0), I32(plan.left), I32(plan.right))
 
 
@@ -172,7 +182,8 @@ def _round_div_bits(d, sigma, bits: int):
 
 
 def i_layernorm(q: jax.Array, plan: plans.LayerNormPlan) -> jax.Array:
-  """int8 codes of LayerNorm(q·in_scale)·γ + β over the last axis (I-BERT §3.6); the
+  """int8 codes of LayerNorm(q·in_scale)·γ + β over the last axis (I-BERT's integer-only
+  LayerNorm); the
   integer equations, their bounds and roundings are in `ibert_plans.LayerNormPlan`.
   A zero-variance row (with eps = 0 too) gives u = 0, so its output is beta."""
   _check_int("q", q)

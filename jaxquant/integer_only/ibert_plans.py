@@ -6,7 +6,7 @@ it was derived from for documentation; `as_dict()` gives the plain mapping that 
 numpy runtime (jaxquant/deploy/ibert_numpy.py) reads. The kernels themselves
 (integer_only/ibert.py) see only the integers. Each constant's rounding rule is stated
 where it is computed; the paper's constants use floor (q_b = ⌊b/S⌋, q_c = ⌊c/(a·S²)⌋,
-q_ln2 = ⌊ln2/S⌋, Algorithms 1–3), and requantization multipliers use
+q_ln2 = ⌊ln2/S⌋ in I-POLY, I-EXP and I-ERF), and requantization multipliers use
 `fixed_point.requant_shifts` (M0 = round-half-even of m·2^31 as float64 → int).
 
 Scales are float64 Python numbers here (and only here): a real value is code × scale.
@@ -21,7 +21,7 @@ import numpy as np
 
 from jaxquant.integer_only import fixed_point as fp
 
-# Paper constants (I-BERT §3.4 and §3.5).
+# Paper constants (I-BERT's integer-only softmax and GELU).
 EXP_A, EXP_B, EXP_C = 0.3585, 1.353, 0.344      # exp(p) ≈ a·(p + b)² + c on (−ln2, 0]
 ERF_A, ERF_B, ERF_C = -0.2888, -1.769, 1.0      # erf(x) ≈ sgn(x)·[a·(min(|x|, −b) + b)² + c]
 LN2 = math.log(2.0)
@@ -86,7 +86,7 @@ def matmul_plan(scale_a, scale_b, scale_out, k: int) -> MatmulPlan:
 # ------------------------------------------------------------------ i-exp and i-softmax
 @dataclasses.dataclass(frozen=True)
 class ExpPlan(_Plan):
-  """Constants of i-exp (I-BERT Algorithm 2) at the working scale `work_scale`.
+  """Constants of i-exp (I-BERT's I-EXP) at the working scale `work_scale`.
 
   The input codes q (scale `in_scale`, values ≤ 0) are first brought to the working
   scale S' = in_scale·2^shift_in: shift_in < 0 multiplies by 2^−shift_in (exact; inputs
@@ -94,7 +94,7 @@ class ExpPlan(_Plan):
   2^shift_in rounding to nearest, ties away from zero (RDBPOT). Then, with
   q_ln2 = ⌊ln2/S'⌋, q_b = ⌊b/S'⌋, q_c = ⌊c/(a·S'²)⌋ (a, b, c = 0.3585, 1.353, 0.344):
     x = max(q', −31·q_ln2);  z = ⌊−x/q_ln2⌋;  p = x + z·q_ln2 ∈ (−q_ln2, 0]
-    L = (p + q_b)² + q_c   (i-poly, Algorithm 1; scale a·S'²)
+    L = (p + q_b)² + q_c   (I-POLY; scale a·S'²)
     out = L >> min(z + out_shift, 31)   (arithmetic shift: floor)
   so out·out_scale ≈ exp(q·in_scale) with out_scale = a·S'²·2^out_shift. The working
   scale is the finest power-of-two multiple of in_scale whose L(0) = q_b² + q_c stays
@@ -143,7 +143,7 @@ def exp_plan(in_scale, out_shift: int = 0) -> ExpPlan:
 
 @dataclasses.dataclass(frozen=True)
 class SoftmaxPlan(_Plan):
-  """Constants of i-softmax (I-BERT §3.4) over rows of `n` entries.
+  """Constants of i-softmax (I-BERT's integer-only softmax) over rows of `n` entries.
 
   exp: the i-exp plan, whose out_shift makes n·exp0 ≤ 2^(30 − out_bits), so the row sum
   Σ and e·2^out_bits + ⌊Σ/2⌋ fit int32. Output codes ⌊(e·2^B + ⌊Σ/2⌋)/Σ⌋ (round half
@@ -181,7 +181,7 @@ def softmax_plan(in_scale, n: int, out_bits: int = 7) -> SoftmaxPlan:
 # ------------------------------------------------------------------ i-GELU
 @dataclasses.dataclass(frozen=True)
 class GeluPlan(_Plan):
-  """Constants of i-GELU (I-BERT §3.5, Algorithm 2's I-ERF and I-GELU).
+  """Constants of i-GELU (I-BERT's I-ERF and I-GELU).
 
   Inputs q (scale in_scale) are clamped to ±in_clamp (= max_abs_in) and go to the
   working scale
@@ -248,7 +248,7 @@ def gelu_plan(in_scale, out_scale, max_abs_in: int = 128) -> GeluPlan:
 # ------------------------------------------------------------------ integer LayerNorm
 @dataclasses.dataclass(frozen=True)
 class LayerNormPlan(_Plan):
-  """Constants of the integer LayerNorm (I-BERT §3.6) over the last axis of n entries.
+  """Constants of the integer LayerNorm (I-BERT) over the last axis of n entries.
 
   Input codes q ∈ [qmin, qmax] with zero point zp (scale in_scale). Per row, in int32:
     x = q − zp;  s1 = Σx;  m = round(s1/n) (ties away from zero);  c = x − m;  r = s1 − n·m
