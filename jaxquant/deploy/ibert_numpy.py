@@ -64,12 +64,17 @@ def _working(x, shift, clamp):
   return x
 
 
-def int_matmul_act(qa, qb, plan, transpose_b=False):
-  """int8 codes of qa @ qb (qb transposed over its last two axes with transpose_b)."""
+def int_matmul_acc(qa, qb, transpose_b=False):
+  """int32 Σ_k qa[..., m, k]·qb[..., k, n] (qb indexed [..., n, k] with transpose_b)."""
   a, b = _i64(qa), _i64(qb)
   if transpose_b:
     b = np.swapaxes(b, -1, -2)
-  acc = _fits_int32("int_matmul_act accumulator", np.matmul(a, b))
+  return _fits_int32("int_matmul accumulator", np.matmul(a, b)).astype(np.int32)
+
+
+def int_matmul_act(qa, qb, plan, transpose_b=False):
+  """int8 codes of qa @ qb at the plan's scale_out: requant of the int32 accumulator."""
+  acc = int_matmul_acc(qa, qb, transpose_b)
   return _to_int8(requant(acc, plan["m0"], plan["left"], plan["right"]))
 
 

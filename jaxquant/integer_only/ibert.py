@@ -3,15 +3,16 @@ Quantization", ICML 2021): integer dtypes only inside.
 
 Each kernel takes integer codes and a plan from `ibert_plans` (Python ints computed once
 from the static scales; the plan's docstring states every equation and rounding rule):
-  int_matmul_act        s8×s8→s32 activation products (Q·Kᵀ, attention·V), requantized
+  int_matmul_acc / _act s8×s8→s32 activation products (Q·Kᵀ scores in int32, attention·V
+                        requantized to int8)
   i_exp / i_softmax     I-EXP (range reduction + I-POLY) and the integer-only softmax
   i_gelu                I-GELU (I-ERF through I-POLY, the second-order polynomial)
   i_sqrt                Algorithm 4 (integer Newton iteration for ⌊√n⌋)
   i_layernorm           integer-only LayerNorm (int32 mean and variance, i_sqrt)
   embedding_lookup_int8 gathered int8 rows requantized to one scale
 Everything is int32 (no int64, no x64 needed; bounds are in the plans; with
-jax_enable_x64 on, reductions still accumulate in int32 and the results are the same). Shifts by a
-traced amount are clamped to [0, 31] so XLA never sees an out-of-range shift.
+jax_enable_x64 on, reductions still accumulate in int32 and the results are the same).
+Shifts by a traced amount are clamped to [0, 31] so XLA never sees an out-of-range one.
 The numpy twin is jaxquant/deploy/ibert_numpy.py.
 
 Where these kernels go beyond the paper's equations (all integer, all in the plans):
@@ -60,26 +61,35 @@ def _check_int(name, x):
 
 
 # ------------------------------------------------------------------ act × act matmul
-def int_matmul_act(qa: jax.Array, qb: jax.Array, plan: plans.MatmulPlan,
-                   transpose_b: bool = False) -> jax.Array:
-  """int8 codes of qa @ qb (or qa @ qbᵀ with transpose_b) at plan.scale_out.
+def int_matmul_acc(qa: jax.Array, qb: jax.Array, transpose_b: bool = False) -> jax.Array:
+  """The int32 accumulator of qa @ qb (or qa @ qbᵀ with transpose_b): an XLA
+  s8×s8→s32 dot of int8 codes with zero point 0, e.g. Q·Kᵀ scores for `i_softmax`.
 
-  qa [..., M, K] and qb [..., K, N] (or [..., N, K]) are int8 codes with zero point 0 and
-  equal leading (batch) axes; the product is an XLA s8×s8→s32 dot, then
-  clamp(requantize(acc), −128, 127) (see `ibert_plans.MatmulPlan`)."""
+  qa [..., M, K] and qb [..., K, N] (or [..., N, K]) share their leading (batch) axes;
+  K ≤ 131071 so that |acc| ≤ K·128² fits int32."""
   _check_int("qa", qa)
   _check_int("qb", qb)
   if qa.dtype != jnp.int8 or qb.dtype != jnp.int8:
-    raise TypeError(f"int_matmul_act takes int8 codes, got {qa.dtype} and {qb.dtype}")
+    raise TypeError(f"int8 codes expected, got {qa.dtype} and {qb.dtype}")
   k_axis_b = qb.ndim - 1 if transpose_b else qb.ndim - 2
   if qa.shape[-1] != qb.shape[k_axis_b] or qa.shape[:-2] != qb.shape[:-2]:
     raise ValueError(f"shapes {qa.shape} and {qb.shape} do not contract "
                      f"(transpose_b={transpose_b})")
+  if qa.shape[-1] > (2 ** 31 - 1) // 128 ** 2:
+    raise ValueError(f"contraction length {qa.shape[-1]} would overflow int32")
+  batch = tuple(range(qa.ndim - 2))
+  return lax.dot_general(qa, qb, (((qa.ndim - 1,), (k_axis_b,)), (batch, batch)),
+                         precision=lax.Precision.DEFAULT, preferred_element_type=I32)
+
+
+def int_matmul_act(qa: jax.Array, qb: jax.Array, plan: plans.MatmulPlan,
+                   transpose_b: bool = False) -> jax.Array:
+  """int8 codes of qa @ qb (or qa @ qbᵀ with transpose_b) at plan.scale_out, e.g.
+  attention·V: `int_matmul_acc`, then clamp(requantize(acc), −128, 127) (see
+  `ibert_plans.MatmulPlan`)."""
   if qa.shape[-1] > plan.k:
     raise ValueError(f"contraction length {qa.shape[-1]} exceeds the plan's k={plan.k}")
-  batch = tuple(range(qa.ndim - 2))
-  acc = lax.dot_general(qa, qb, (((qa.ndim - 1,), (k_axis_b,)), (batch, batch)),
-                        precision=lax.Precision.DEFAULT, preferred_element_type=I32)
+  acc = int_matmul_acc(qa, qb, transpose_b)
   return _requant_int8(acc, I32(plan.m0), I32(plan.left), I32(plan.right))
 
 

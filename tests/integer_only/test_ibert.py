@@ -70,6 +70,43 @@ def test_matmul_saturation_and_largest_accumulator():
     ibert.int_matmul_act(_i8((2, 65)), _i8((65, 3)), P.matmul_plan(1, 1, 1, 64))
 
 
+def test_attention_head_end_to_end():
+  """Q·Kᵀ (int32) → i-softmax with a padding mask → ·V (int8): both runtimes agree bit
+  for bit, and the output is close to float attention on the same codes."""
+  b, t, d = 3, 8, 16
+  sq, sk, sv, s_out = 0.06, 0.05, 0.04, 0.04  # out: convex mixes of v, on v's grid
+  q, k, v = _i8((b, t, d), -30, 30), _i8((b, t, d), -30, 30), _i8((b, t, d))
+  mask = np.ones((b, 1, t), bool)
+  mask[1, :, 5:] = False  # padded keys
+  scale = sq * sk / math.sqrt(d)
+  sm, mm = P.softmax_plan(scale, t), P.matmul_plan(2.0 ** -7, sv, s_out, k=t)
+
+  def jax_head(q, k, v, mask):
+    scores = ibert.int_matmul_acc(q, k, transpose_b=True)
+    return ibert.int_matmul_act(ibert.i_softmax(scores, sm, mask), v, mm)
+
+  def np_head(q, k, v, mask):
+    scores = NP.int_matmul_acc(q, k, transpose_b=True)
+    return NP.int_matmul_act(NP.i_softmax(scores, sm.as_dict(), mask), v, mm.as_dict())
+
+  got = _same(jax_head, np_head, q, k, v, mask)
+  x = np.einsum("bmk,bnk->bmn", q * sq, k * sk) / math.sqrt(d)
+  ref = np.clip(np.einsum("bmn,bnk->bmk", _softmax(x, mask), v * sv), -128 * s_out,
+                127 * s_out)
+  # Bound: Σ_j |p̂_j − p_j| over a row ≤ t·2^-8 (7-bit rounding) + 2δ/(1 − δ) (i-exp's
+  # relative error δ, as in the i-softmax test, moves the ratios) + t·(t + 1)/exp0 (the
+  # floored exp codes); the 127-saturation cannot occur with these spreads (checked).
+  # The output moves by that sum times max|v|, plus one requantization (≤ 1/2 code).
+  assert _softmax(x, mask).max() < 127.5 / 128
+  p = np.linspace(-math.log(2), 0, 100001)
+  delta = np.max(np.abs((0.3585 * (p + 1.353) ** 2 + 0.344) / np.exp(p) - 1))
+  delta += (31 + 2) * sm.exp.work_scale
+  l1 = t * 2.0 ** -8 + 2 * delta / (1 - delta) + t * (t + 1) / sm.exp.exp0
+  bound = l1 * np.abs(v * sv).max() + s_out * (0.5 + 2 ** -20)
+  err = np.max(np.abs(got * s_out - ref))
+  assert err <= bound, (err, bound)
+
+
 # ------------------------------------------------------------------ i-exp
 @pytest.mark.parametrize("scale", [0.05, 0.11, 3e-7])
 def test_i_exp_bit_exact_and_relative_error(scale):
