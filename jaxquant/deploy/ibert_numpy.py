@@ -147,12 +147,13 @@ def i_layernorm(q, plan):
   x = _i64(q) - plan["zp"]
   s1 = x.sum(axis=-1, keepdims=True)
   n_var = n * (x * x).sum(axis=-1, keepdims=True) - s1 * s1  # n·Σ(x − mean)², exact
-  var = -((-n_var) // n)                                     # ⌈Σ(x − mean)²⌉
-  w = _fits_int32("i_layernorm variance", var + plan["eps_codes"])
-  p = np.zeros_like(w)
-  for k in range(1, 16):  # the largest p ≤ 15 with w·4^p < 2^31
-    p = np.where(w * 4 ** k < 2 ** 31, k, p)
-  sigma = i_sqrt(w * 4 ** p)
+  var_ceil = -((-n_var) // n)                                # ⌈Σ(x − mean)²⌉
+  p = np.zeros_like(var_ceil)
+  for k in range(1, plan["p_max"] + 1):  # the largest p ≤ p_max with 4^p·(⌈V⌉ + ε) < 2^31
+    p = np.where((var_ceil + plan["eps_ceil"]) * 4 ** k < 2 ** 31, k, p)
+  scaled = -((-(n_var * 4 ** p)) // n)                       # ⌈4^p·Σ(x − mean)²⌉
+  w = _fits_int32("i_layernorm variance", scaled + _i64(plan["eps_table"])[p])
+  sigma = i_sqrt(w)
   d = (n * x - s1) * 2 ** p
   num = np.abs(d) * 2 ** plan["frac_bits"]
   den = np.maximum(sigma, 1)

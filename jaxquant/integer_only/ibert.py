@@ -21,9 +21,9 @@ exact left shift of int8-scale codes, or a rounded right shift of fine int32 one
 the floored constants ⌊ln2/S⌋, ⌊b/S⌋, ... keep ~14 bits and the products fit int32;
 i-softmax shifts its exp values right by a static amount so a row's sum fits int32 and
 divides each by the sum exactly (rounded) instead of through a truncated reciprocal;
-LayerNorm scales the variance by 4^p per row before i_sqrt (so ⌊√·⌋ keeps ~15 bits)
-and divides by long division; beta is added at 2^−8 of an output code before the one
-rounding to int8.
+LayerNorm computes ⌈4^P·Σ(x − mean)²⌉ exactly with a per-row P before i_sqrt (so ⌊√·⌋
+keeps ~15 bits even for a row a code or two wide) and divides by long division; beta is
+added at 2^−8 of an output code before the one rounding to int8.
 """
 from __future__ import annotations
 
@@ -193,9 +193,8 @@ def _round_div_bits(d, sigma, bits: int):
 
 def i_layernorm(q: jax.Array, plan: plans.LayerNormPlan) -> jax.Array:
   """int8 codes of LayerNorm(q·in_scale)·γ + β over the last axis (I-BERT's integer-only
-  LayerNorm); the
-  integer equations, their bounds and roundings are in `ibert_plans.LayerNormPlan`.
-  A zero-variance row (with eps = 0 too) gives u = 0, so its output is beta."""
+  LayerNorm); the equations, bounds and roundings are in `ibert_plans.LayerNormPlan`.
+  A zero-variance row gives d = 0, so u = 0 and its output is beta (with any eps)."""
   _check_int("q", q)
   n = plan.n
   if q.shape[-1] != n:
@@ -204,12 +203,13 @@ def i_layernorm(q: jax.Array, plan: plans.LayerNormPlan) -> jax.Array:
   s1 = jnp.sum(x, axis=-1, keepdims=True, dtype=I32)
   m = fp.rounding_divide(s1, n)
   c = x - m
-  r = s1 - n * m
-  sq = jnp.sum(c * c, axis=-1, keepdims=True, dtype=I32)
-  var = sq - lax.div(r * r, I32(n))  # r² ≥ 0: truncation is floor
-  w = var + plan.eps_codes
-  p = (31 - (32 - lax.clz(w))) >> 1
-  sigma = i_sqrt(w << p << p)
+  r2 = (s1 - n * m) * (s1 - n * m)
+  a, b = lax.div(r2, I32(n)), lax.rem(r2, I32(n))  # r² ≥ 0: floor and remainder
+  v_ceil = jnp.sum(c * c, axis=-1, keepdims=True, dtype=I32) - a
+  p = jnp.minimum((31 - (32 - lax.clz(v_ceil + plan.eps_ceil))) >> 1, plan.p_max)
+  eps = jnp.take(jnp.asarray(plan.eps_table, I32), p)
+  w = (v_ceil << (2 * p)) - lax.div(b << (2 * p), I32(n)) + eps
+  sigma = i_sqrt(w)
   d = n * x - s1
   u = _round_div_bits(d << p, jnp.maximum(sigma, 1), plan.frac_bits)
   row = lambda a: jnp.asarray(a, I32).reshape((1,) * (q.ndim - 1) + (n,))

@@ -252,21 +252,26 @@ class LayerNormPlan(_Plan):
 
   Input codes q ∈ [qmin, qmax] with zero point zp (scale in_scale). Per row, in int32:
     x = q − zp;  s1 = Σx;  m = round(s1/n) (ties away from zero);  c = x − m;  r = s1 − n·m
-    V = Σc² − ⌊r²/n⌋ = ⌈Σ(x − mean)²⌉   (exact: Σc² = Σ(x − mean)² + r²/n)
-    W = V + eps_codes,  eps_codes = round(n·eps/in_scale²) (half up)
-    p = ⌊(31 − bitlen(W))/2⌋,  σ = i_sqrt(W·4^p) = ⌊2^p·√W⌋   (Algorithm 4)
-    d = n·x − s1 = n·(x − mean);  u = round(d·2^(p + frac_bits)/σ) (ties away from zero;
+    Σc² = V + r²/n with V = Σ(x − mean)² (exact);  r² = a·n + b (0 ≤ b < n), so
+    ⌈V⌉ = Σc² − a  and  ⌈4^P·V⌉ = 4^P·⌈V⌉ − ⌊4^P·b/n⌋
+    P = min(p_max, ⌊(31 − bitlen(⌈V⌉ + eps_ceil))/2⌋), p_max the largest with 4^p_max·n < 2^31
+    W = ⌈4^P·V⌉ + eps_table[P],  eps_table[P] = round(4^P·n·eps/in_scale²) (half up),
+        eps_ceil = ⌈n·eps/in_scale²⌉, so W < 2^31 and W ≈ 4^P·n·(var + eps) in codes²
+    σ = i_sqrt(W) = ⌊√W⌋ (Algorithm 4; ≈ 2^P·√(n·(var + eps)), ~15 bits unless P = p_max)
+    d = n·x − s1 = n·(x − mean);  u = round(d·2^(P + frac_bits)/σ) (ties away from zero;
         0 when σ = 0, where every d is 0), so u ≈ 2^frac_bits·√n·(x − mean)/√(var + eps)
   and per channel j, with k = beta_bits extra fractional bits of the output code:
     out = clamp(RDBPOT(requantize(sign_j·u, m0_j, left_j, right_j) + beta_j, k), −128, 127)
   where the multiplier is |γ_j|·2^(k − frac_bits)/(√n·out_scale), sign_j = sgn(γ_j) and
   beta_j = round(β_j·2^k/out_scale) (half to even), so the output is rounded once to
   whole codes (error ≤ 1/2 + 2^−k codes). No int64 is needed: Σc² ≤ n·(qmax − qmin)²,
-  |d·2^p| < n·(σ + 1), |u| ≤ n·2^frac_bits·(1 + 2^−14) + 1, the requantized part ≤ 2^29
+  r² ≤ n²/4, |d·2^P| < n·(σ + 1), |u| ≤ n·2^frac_bits·(1 + 2^−14) + 1, the requantized part ≤ 2^29
   and |beta_j| ≤ 2^30 (checked or clipped here)."""
   n: int
   zp: int
-  eps_codes: int
+  p_max: int
+  eps_ceil: int
+  eps_table: np.ndarray
   frac_bits: int
   beta_bits: int
   m0: np.ndarray
@@ -292,9 +297,13 @@ def layernorm_plan(in_scale, gamma, beta, out_scale, eps: float = 1e-5, zp: int 
     raise ValueError("gamma and beta must be finite")
   if not 0.0 <= float(eps) < 1.0:
     raise ValueError(f"eps={eps!r} must be in [0, 1)")
-  eps_codes = math.floor(n * float(eps) / (s * s) + 0.5)
-  if n * (qmax - qmin) ** 2 + eps_codes > 2 ** 31 - 1 or n > 46340:
-    raise ValueError(f"a row of n={n} codes in [{qmin}, {qmax}] (eps_codes={eps_codes}) "
+  eps_n = n * float(eps) / (s * s)  # n·eps in codes²
+  eps_ceil = math.ceil(eps_n)
+  p_max = max(p for p in range(16) if 4 ** p * n < 2 ** 31)
+  eps_table = np.array([min(math.floor(4 ** p * eps_n + 0.5), 2 ** 31 - 1)
+                        for p in range(16)], np.int64).astype(np.int32)
+  if n * (qmax - qmin) ** 2 + eps_ceil > 2 ** 31 - 1 or n > 46340:
+    raise ValueError(f"a row of n={n} codes in [{qmin}, {qmax}] (eps·n={eps_n:.4g} codes²) "
                      "does not fit the int32 variance")
   frac_bits = 29 - math.ceil(math.log2(n)) if n > 1 else 29
   bound = n * 2 ** frac_bits * (1 + 2.0 ** -14) + 1
@@ -311,8 +320,9 @@ def layernorm_plan(in_scale, gamma, beta, out_scale, eps: float = 1e-5, zp: int 
                      "too large for the int32 LayerNorm output")
   right = np.where(live, right - beta_bits, 0).astype(np.int32)
   beta_q = np.clip(np.rint(beta / so * 2.0 ** beta_bits), -2 ** 30, 2 ** 30)
-  return LayerNormPlan(n, int(zp), eps_codes, frac_bits, beta_bits, m0, left, right,
-                       np.sign(gamma).astype(np.int32), beta_q.astype(np.int32), s, so)
+  return LayerNormPlan(n, int(zp), p_max, eps_ceil, eps_table, frac_bits, beta_bits, m0,
+                       left, right, np.sign(gamma).astype(np.int32), beta_q.astype(np.int32),
+                       s, so)
 
 
 # ------------------------------------------------------------------ int8 embedding

@@ -26,6 +26,13 @@ RNG = np.random.default_rng(26)
 ERF = np.vectorize(math.erf)
 
 
+@pytest.fixture(autouse=True)
+def _fresh_rng():
+  """Each test draws the same numbers whichever tests ran before it in the worker."""
+  global RNG
+  RNG = np.random.default_rng(26)
+
+
 def _i8(shape, lo=-128, hi=127):
   return RNG.integers(lo, hi, shape, endpoint=True).astype(np.int8)
 
@@ -270,26 +277,31 @@ def _layernorm(x, gamma, beta, eps):
   return (x - mu) / np.sqrt(var + eps) * gamma + beta
 
 
-@pytest.mark.parametrize("n,spread,eps", [(64, 127, 1e-5), (768, 20, 1e-5), (32, 3, 0.0)])
-def test_i_layernorm_bit_exact_and_error(n, spread, eps):
+@pytest.mark.parametrize("n,spread,eps,zp", [(64, 127, 1e-5, 0), (768, 20, 1e-5, 0),
+                                             (32, 3, 0.0, 0), (48, 60, 1e-5, -67)])
+def test_i_layernorm_bit_exact_and_error(n, spread, eps, zp):
   scale, out_scale = 0.05, 0.04
   gamma = RNG.normal(1.0, 0.3, n)
   gamma[0], gamma[1] = -0.7, 0.0             # a negative and a zero gamma
   beta = RNG.normal(0.0, 0.3, n)
-  plan = P.layernorm_plan(scale, gamma, beta, out_scale, eps=eps)
-  q = RNG.integers(-spread, spread, (8, n), endpoint=True).astype(np.int8)
+  plan = P.layernorm_plan(scale, gamma, beta, out_scale, eps=eps, zp=zp)
+  q = np.clip(zp + RNG.integers(-spread, spread, (8, n), endpoint=True), -128, 127)
+  q = q.astype(np.int8)
   got = _same(lambda v: ibert.i_layernorm(v, plan), lambda v: NP.i_layernorm(v, plan.as_dict()), q)
-  ref = _layernorm(q * scale, gamma, beta, eps)
+  ref = _layernorm((q.astype(np.int64) - zp) * scale, gamma, beta, eps)
   assert np.all(np.abs(ref) < 127 * out_scale)  # no saturation in this case
   # Bound: one rounding to whole codes (≤ 1/2) after the requantization and beta, each
-  # rounded to 2^-beta_bits of a code (≤ 2^-(beta_bits+1) each), in output codes; σ floored
-  # (relative < 1/σ_int ≤ 2^-14.5), the variance ceiled (< 1/V relative, halved under the
-  # root) and eps rounded to whole codes² (< n/2/V): times |γ·z| ≤ |γ|·√(n − 1).
-  x = q.astype(np.int64)
+  # rounded to 2^-beta_bits of a code (≤ 2^-(beta_bits+1) each), in output codes; plus
+  # |γ·z| ≤ |γ|·√(n − 1) times σ's relative error: ⌊√W⌋ loses < 1, W's ceiling and
+  # eps rounding < 1 of W, so < 2/σ; σ ≥ 2^14.5 − 1 unless the row's shift stops at
+  # p_max (4^p_max·n < 2^31), where σ ≥ 2^p_max·√(Σ(x − mean)²) − 1.
+  x = q.astype(np.int64) - zp
   v = n * (x * x).sum(-1) - x.sum(-1) ** 2  # n·Σ(x − mean)², exact
-  rel = 2 ** -14 + (0.5 + n / 4) / (v / n).min()
+  p_max = max(p for p in range(16) if 4 ** p * n < 2 ** 31)
+  sigma_lo = min(2 ** 14.5, 2 ** p_max * math.sqrt((v / n).min())) - 1
   z = np.abs(ref - beta) / np.maximum(np.abs(gamma), 1e-12)
-  bound = out_scale * (0.5 + 2.0 ** -plan.beta_bits + 2 ** -20) + np.max(np.abs(gamma) * z * rel)
+  bound = out_scale * (0.5 + 2.0 ** -plan.beta_bits + 2 ** -20) + np.max(
+      np.abs(gamma) * z * 2 / sigma_lo)
   err = np.max(np.abs(got * out_scale - ref))
   assert err <= bound, (err, bound)
 
@@ -309,8 +321,11 @@ def test_i_layernorm_zero_variance_and_extremes():
     assert np.max(np.abs(got[:3] - np.clip(beta / 0.03, -128, 127))) <= 0.5 + 2.0 ** -(
         plan.beta_bits + 1)
     assert np.all(got[:3] == got[0])
-    ref = _layernorm(q[3:] * 0.05, gamma, beta, eps)
-    assert np.max(np.abs(got[3:] * 0.03 - np.clip(ref, -128 * 0.03, 127 * 0.03))) <= 0.031
+    ref = np.clip(_layernorm(q[3:] * 0.05, gamma, beta, eps), -128 * 0.03, 127 * 0.03)
+    # as in the test above: row 4's Σ(x − mean)² = 15/16, p_max = 13 for n = 16
+    bound = 0.03 * (0.5 + 2.0 ** -8 + 2 ** -20) + np.max(np.abs(gamma)) * math.sqrt(n - 1) * 2 / (
+        2 ** 13 * math.sqrt(15 / 16) - 1)
+    assert np.max(np.abs(got[3:] * 0.03 - ref)) <= bound
   plan = P.layernorm_plan(0.1, [2.0], [0.5], 0.1)  # n = 1: always zero variance
   np.testing.assert_array_equal(_same(lambda v: ibert.i_layernorm(v, plan),
                                       lambda v: NP.i_layernorm(v, plan.as_dict()),
