@@ -47,7 +47,8 @@ RMSNorm scales stay float):
   float_kv8_kchan, float_kv4_kchan  float_kv8 / float_kv4 with the keys quantized per
                    channel over groups of 32 tokens (KIVI), the unfinished group of keys
                    held in float; values per token. `--config.kv_key_group=G` picks the
-                   group (0 = keys per token)
+                   group (0 = keys per token); `--config.kv_key_requant=True` reads the
+                   unfinished group as codes too (its absmax so far), no key read as float
   w8a8_fp_{qkv,o,gateup,down}  w8a8 with the activations of one kind of linear left
                    float (its weights still int8): which inputs cost w8a8 the most
 
@@ -172,6 +173,8 @@ def get_config(variant="float"):
   c.rotate = variant.endswith("_rot")  # QuaRot rotation of the float weights first
   c.rotation_seed = 0       # the random signs of the residual stream's Hadamard
   c.kv_key_group = KV_KEY_GROUP.get(variant, 0)  # 0 keys per token; G per channel, G tokens
+  c.kv_key_requant = False  # per-channel keys: unfinished group read float (False) or as
+                            # codes re-quantized with its absmax so far (True)
   c.seed = 0                # everything here is deterministic; kept for report grouping
   c.eval = ml_collections.ConfigDict()
   c.eval.text_file = ""     # '' = the Shakespeare evaluation split; or any UTF-8 file

@@ -71,8 +71,8 @@ def dequantize_key_groups(codes_BxSxHxK: jax.Array, scale_BxNxHxK: jax.Array,
 
 
 def read_quantized(key_pos_S: jax.Array, pos_BxT: jax.Array, group: int) -> jax.Array:
-  """`[B, T, S]` bool: True where the query at pos_BxT reads the key at key_pos_S as
-  codes (its group complete once the query was written), False where as float."""
+  """`[B, T, S]` bool: True where the query at pos_BxT reads the key at key_pos_S from
+  its complete group's codes, False where from its own unfinished group."""
   return (key_pos_S // group)[None, None, :] < ((pos_BxT + 1) // group)[:, :, None]
 
 
@@ -83,9 +83,40 @@ def fake_quant_key_groups(k_BxTxHxK: jax.Array, bits: int, group: int) -> jax.Ar
   return dequantize_key_groups(codes, scale, group).astype(k_BxTxHxK.dtype)
 
 
+def own_group_keys(buf_BxNxHxK: jax.Array, rel_BxT: jax.Array, group: int,
+                   requant_bits: int = 0) -> jax.Array:
+  """`[B, T, G, H, K]`: for each query, the keys of its own (unfinished) group as it reads
+  them. `buf` holds keys from a group boundary on (length a multiple of G) and
+  `rel_BxT` is each query's position in it. Slot i of the result is the key at the
+  group's i-th position; slots after the query are zero. With `requant_bits` the keys
+  up to the query are quantized per channel with the group's absmax over those keys
+  (what the cache held when the query was written); with 0 they are the float keys."""
+  b, n, h, d = buf_BxNxHxK.shape
+  groups = buf_BxNxHxK.reshape(b, n // group, group, h, d)
+  own = jax.vmap(lambda g, i: g[i])(groups, rel_BxT // group)   # [B, T, G, H, K]
+  seen = jnp.arange(group)[None, None, :] <= (rel_BxT % group)[:, :, None]
+  own = jnp.where(seen[..., None, None], own, 0)
+  if requant_bits:
+    q = jq.quantize(own, jq.QuantSpec(bits=requant_bits), reduce_axes=(2,))
+    own = q.values.astype(jnp.float32) * q.scale.astype(jnp.float32)
+  return own
+
+
+def own_group_scores(scores_BxHxRxTxS: jax.Array, own_BxHxRxTxG: jax.Array,
+                     key_pos_S: jax.Array, pos_BxT: jax.Array, group: int) -> jax.Array:
+  """Attention scores with every key in a query's own unfinished group taken from
+  `own` (the query against `own_group_keys`), the rest from `scores`."""
+  rel_BxTxS = key_pos_S[None, None, :] - ((pos_BxT // group) * group)[:, :, None]
+  own_BxTxS = ~read_quantized(key_pos_S, pos_BxT, group) & (rel_BxTxS >= 0)
+  idx = jnp.clip(rel_BxTxS, 0, group - 1)[:, None, None]
+  idx = jnp.broadcast_to(idx, scores_BxHxRxTxS.shape)
+  placed = jnp.take_along_axis(own_BxHxRxTxG, idx, axis=-1)
+  return jnp.where(own_BxTxS[:, None, None], placed, scores_BxHxRxTxS)
+
+
 def write_key_groups(codes_BxSxHxK: jax.Array, scale_BxNxHxK: jax.Array,
                      resid_BxGxHxK: jax.Array, length: jax.Array, k_BxTxHxK: jax.Array,
-                     bits: int):
+                     bits: int, requant: bool = False):
   """Writes T new keys at slot `length` of one layer's per-channel key cache.
 
   Args:
@@ -95,13 +126,16 @@ def write_key_groups(codes_BxSxHxK: jax.Array, scale_BxNxHxK: jax.Array,
     length: slots written so far (int32 scalar, traced).
     k_BxTxHxK: the new keys (positions length .. length+T−1).
     bits: code width.
+    requant: also store the unfinished group's codes and scales (its absmax over the
+      keys written so far, recomputed from the float residual at every write); without
+      it only complete groups have codes.
 
   Returns:
-    (codes, scales, residual) after the write, and float keys `[B, S, H, K]` that hold
-    the float value of every slot in [G·(length // G), length + T) (elsewhere
-    meaningless), for the queries of this write that read their own group in float.
-    Groups that the write completes are quantized from their float keys; slots or
-    groups past the cache's end are dropped, never clamped onto earlier slots.
+    (codes, scales, residual) after the write, and `(buf, start)`: the float keys from
+    slot `start` = G·(length // G) on (`[B, n·G, H, K]`, valid up to length + T), for
+    `own_group_keys`. Groups that the write completes are quantized from their float
+    keys; slots or groups past the cache's end are dropped, never clamped onto earlier
+    slots.
   """
   b, t, h, d = k_BxTxHxK.shape
   size, group = codes_BxSxHxK.shape[1], resid_BxGxHxK.shape[1]
@@ -113,11 +147,11 @@ def write_key_groups(codes_BxSxHxK: jax.Array, scale_BxNxHxK: jax.Array,
   buf = buf.at[:, :group].set(resid_BxGxHxK)
   buf = jax.lax.dynamic_update_slice(buf, k_BxTxHxK.astype(buf.dtype), (0, held, 0, 0))
   codes_new, scale_new = quantize_key_groups(buf, bits, group)
-  done = (jnp.arange(nb) + 1) * group <= held + t
+  first = jnp.arange(nb) * group
+  done = (first < held + t) if requant else (first + group <= held + t)
   group_idx = jnp.where(done, start // group + jnp.arange(nb), n_groups)
   slot_idx = jnp.where(jnp.repeat(done, group), start + jnp.arange(nb * group), size)
   codes = codes_BxSxHxK.at[:, slot_idx].set(codes_new, mode="drop")
   scales = scale_BxNxHxK.at[:, group_idx].set(scale_new, mode="drop")
   resid = jax.lax.dynamic_slice_in_dim(buf, ((held + t) // group) * group, group, axis=1)
-  rel = jnp.clip(jnp.arange(size) - start, 0, nb * group - 1)
-  return codes, scales, resid, jnp.take(buf, rel, axis=1)
+  return codes, scales, resid, (buf, start)

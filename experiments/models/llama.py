@@ -29,7 +29,9 @@ write to symmetric integer codes, stored as int8 with float32 scales in the cach
 dequantized where attention reads them. Values have one scale per token and kv head.
 Keys have the same (`kv_key_group=0`), or, with `kv_key_group=G`, one scale per channel
 over each group of G consecutive tokens (KIVI), the group still being filled held in
-float32 in the cache (`experiments.models.kv_quant` says exactly what each query reads).
+float32 in the cache and read as float (or, with `kv_key_requant`, re-quantized with its
+absmax so far at every write and read as codes); `experiments.models.kv_quant` says
+exactly what each query reads.
 Without a cache (perplexity), the same quantize-dequantize is applied to the keys and
 values attention reads, so the numbers are those of a quantized cache. Int4 codes are
 held one per int8 (not packed).
@@ -171,6 +173,7 @@ class Attention(nn.Module):
   kv_bits: int = 0
   hadamard: bool = False
   kv_key_group: int = 0
+  kv_key_requant: bool = False
 
   @nn.compact
   def __call__(self, x_BxTxD, pos_BxT, kv=None):
@@ -181,6 +184,7 @@ class Attention(nn.Module):
     b, t, _ = x_BxTxD.shape
     hk, g, dh = c.num_kv_heads, c.num_heads // c.num_kv_heads, c.head_dim
     bits, group = self.kv_bits, self.kv_key_group
+    requant_bits = bits if self.kv_key_requant else 0
     q = nn.Dense(c.num_heads * dh, use_bias=False, name="query")(x_BxTxD)
     k = nn.Dense(hk * dh, use_bias=False, name="key")(x_BxTxD)
     v = nn.Dense(hk * dh, use_bias=False, name="value")(x_BxTxD)
@@ -190,7 +194,7 @@ class Attention(nn.Module):
     if self.hadamard:  # (q H)(k H)ᵀ = q kᵀ: the scores are unchanged
       q_BxTxHxK = hadamard_lib.apply(q_BxTxHxK, dh)
       k_BxTxGxK = hadamard_lib.apply(k_BxTxGxK, dh)
-    keys_float = None  # per-channel keys: the float keys of unfinished groups
+    own_keys = None  # per-channel keys: each query's own unfinished group, as it reads it
     if bits:
       v_codes, v_scale = quantize_kv(v_BxTxGxK, bits)
       if not group:
@@ -200,7 +204,8 @@ class Attention(nn.Module):
       if bits:  # what a quantized cache would hand back
         values = v_codes.astype(jnp.float32) * v_scale
         if group:
-          keys_float = k_BxTxGxK
+          padded = jnp.pad(k_BxTxGxK, ((0, 0), (0, -t % group), (0, 0), (0, 0)))
+          own_keys = kv_quant.own_group_keys(padded, pos_BxT, group, requant_bits)
           keys = kv_quant.fake_quant_key_groups(k_BxTxGxK, bits, group)
         else:
           keys = k_codes.astype(jnp.float32) * k_scale
@@ -210,8 +215,9 @@ class Attention(nn.Module):
       put = lambda cache, new: jax.lax.dynamic_update_slice(
           cache, new.astype(cache.dtype), (0, length, 0, 0))
       if bits and group:
-        k_codes, k_scales, resid, keys_float = kv_quant.write_key_groups(
-            k_cache, ks_cache, resid, length, k_BxTxGxK, bits)
+        k_codes, k_scales, resid, (buf, start) = kv_quant.write_key_groups(
+            k_cache, ks_cache, resid, length, k_BxTxGxK, bits, self.kv_key_requant)
+        own_keys = kv_quant.own_group_keys(buf, pos_BxT - start, group, requant_bits)
         written = (k_codes, put(v_cache, v_codes), k_scales, put(vs_cache, v_scale), resid)
         keys = kv_quant.dequantize_key_groups(k_codes, k_scales, group)
         values = written[1].astype(jnp.float32) * written[3]
@@ -226,10 +232,9 @@ class Attention(nn.Module):
       key_pos_S = jnp.arange(k_cache.shape[1])
     q_BxTxGxRxK = q_BxTxHxK.reshape(b, t, hk, g, dh) / jnp.sqrt(jnp.float32(dh))
     scores = jnp.einsum("btgrk,bsgk->bgrts", q_BxTxGxRxK, keys.astype(q.dtype))
-    if keys_float is not None:
-      float_scores = jnp.einsum("btgrk,bsgk->bgrts", q_BxTxGxRxK, keys_float.astype(q.dtype))
-      as_codes_BxTxS = kv_quant.read_quantized(key_pos_S, pos_BxT, group)
-      scores = jnp.where(as_codes_BxTxS[:, None, None], scores, float_scores)
+    if own_keys is not None:
+      own = jnp.einsum("btgrk,btigk->bgrti", q_BxTxGxRxK, own_keys.astype(q.dtype))
+      scores = kv_quant.own_group_scores(scores, own, key_pos_S, pos_BxT, group)
     allowed_BxTxS = key_pos_S[None, None, :] <= pos_BxT[:, :, None]
     scores = jnp.where(allowed_BxTxS[:, None, None], scores.astype(jnp.float32),
                        jnp.finfo(jnp.float32).min)
@@ -266,6 +271,7 @@ class LlamaBlock(nn.Module):
   kv_bits: int = 0
   hadamard: bool = False
   kv_key_group: int = 0
+  kv_key_requant: bool = False
 
   @nn.compact
   def __call__(self, x_BxTxD, pos_BxT, kv=None):
@@ -273,7 +279,7 @@ class LlamaBlock(nn.Module):
     eps = self.config.rms_norm_eps
     h = nn.RMSNorm(epsilon=eps, name="attn_norm")(x_BxTxD)
     a, written = Attention(self.config, self.kv_bits, self.hadamard, self.kv_key_group,
-                           name="attn")(h, pos_BxT, kv)
+                           self.kv_key_requant, name="attn")(h, pos_BxT, kv)
     x_BxTxD = x_BxTxD + a
     h = nn.RMSNorm(epsilon=eps, name="mlp_norm")(x_BxTxD)
     return x_BxTxD + SwiGLU(self.config, self.hadamard, name="mlp")(h), written
@@ -288,7 +294,8 @@ class Llama(nn.Module):
   is not checked inside jit: past the end it is clamped and overwrites the last slots).
   `kv_bits` (0, 8 or 4) quantizes the keys and values, `kv_key_group` > 0 the keys per
   channel in groups of that many tokens (see the module docstring); a cache passed in
-  must be made with the same `kv_bits` and `kv_key_group` (`init_cache`). `hadamard`
+  must be made with the same `kv_bits` and `kv_key_group` (`init_cache`);
+  `kv_key_requant` reads the unfinished key group as codes, not float. `hadamard`
   turns on the online Hadamards a rotated checkpoint needs (module docstring); on
   unrotated weights it changes the function.
   """
@@ -296,6 +303,7 @@ class Llama(nn.Module):
   kv_bits: int = 0
   hadamard: bool = False
   kv_key_group: int = 0
+  kv_key_requant: bool = False
 
   @nn.compact
   def __call__(self, ids_BxT: jax.Array, cache: Optional[KVCache] = None):
@@ -311,6 +319,8 @@ class Llama(nn.Module):
       raise ValueError(f"the cache is {'quantized' if cache.k_scale is not None else 'float'}"
                        f" but the model has kv_bits={self.kv_bits}; make it with "
                        "init_cache(..., kv_bits=model.kv_bits)")
+    if self.kv_key_requant and not self.kv_key_group:
+      raise ValueError("kv_key_requant=True needs per-channel keys (kv_key_group > 0)")
     cache_group = 0 if cache is None or cache.k_resid is None else cache.k_resid.shape[2]
     if cache is not None and cache_group != self.kv_key_group:
       raise ValueError(f"the cache has kv_key_group={cache_group} but the model "
@@ -324,7 +334,7 @@ class Llama(nn.Module):
         kv = (cache.k[i], cache.v[i], cache.length, layer(cache.k_scale),
               layer(cache.v_scale), layer(cache.k_resid))
       x, w = LlamaBlock(c, self.kv_bits, self.hadamard, self.kv_key_group,
-                        name=f"block_{i}")(x, pos_BxT, kv)
+                        self.kv_key_requant, name=f"block_{i}")(x, pos_BxT, kv)
       written.append(w)
     x = nn.RMSNorm(epsilon=c.rms_norm_eps, name="final_norm")(x)
     if c.tie_embeddings:

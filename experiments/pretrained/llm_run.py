@@ -22,14 +22,16 @@ def recipe_rules(config, overrides: Mapping[str, Any] = ()) -> List[jq.Rule]:
 def load_model(config):
   """(model, float params, LlamaGGUF) of `config.gguf_path` ('' = the SmolLM2 package),
   the model's KV cache quantized to `config.kv_bits` (0 = float), keys per channel in
-  groups of `config.kv_key_group` tokens when that is > 0 (else per token);
+  groups of `config.kv_key_group` tokens when that is > 0 (else per token; the unfinished
+  group read as codes when `config.kv_key_requant`);
   QuaRot-rotated (`experiments.pretrained.rotation`: online Hadamards on, an untied head)
   when `config.rotate` is true."""
   model, params, gg = gguf_llama.load(config.gguf_path or None)
   if config.get("rotate", False):
     model, params = rotation.rotate(model, params, seed=int(config.get("rotation_seed", 0)))
   model = model.clone(kv_bits=int(config.kv_bits),
-                      kv_key_group=int(config.get("kv_key_group", 0)))
+                      kv_key_group=int(config.get("kv_key_group", 0)),
+                      kv_key_requant=bool(config.get("kv_key_requant", False)))
   return model, params, gg
 
 

@@ -52,7 +52,8 @@ def block(t, i, x_TxD, cfg):
   `cfg['kv_bits']` (optional, 8 or 4) quantizes keys (after RoPE) and values;
   `cfg['kv_key_group']` = G > 0 quantizes keys per channel over runs of G tokens, a
   query at p reading the key at s quantized only once s's run ended at or before p
-  (float otherwise, as a cache written token by token holds it)."""
+  (float otherwise, as a cache written token by token holds it; with
+  `cfg['kv_key_requant']` quantized with the absmax of the run's keys up to p)."""
   p = f"blk.{i}."
   n_h, n_kv, eps, theta = cfg["heads"], cfg["kv_heads"], cfg["eps"], cfg["theta"]
   steps, d = x_TxD.shape
@@ -74,10 +75,13 @@ def block(t, i, x_TxD, cfg):
   for head in range(n_h):
     kv = head // (n_h // n_kv)
     s = q[:, head] @ k_read[:, kv].T / np.sqrt(dh)
-    if group:
-      run_ended = np.array([[(key // group + 1) * group <= query + 1 for key in range(steps)]
-                            for query in range(steps)])
-      s = np.where(run_ended, s, q[:, head] @ k[:, kv].T / np.sqrt(dh))
+    for query in range(steps) if group else ():  # keys of the query's unfinished run
+      first = query // group * group
+      if (query + 1) % group:
+        own = k[first:query + 1, kv]
+        if cfg.get("kv_key_requant"):  # quantized with the run's absmax so far
+          own = key_groups_quant(own[:, None], cfg["kv_bits"], group)[:, 0]
+        s[query, first:query + 1] = q[query, head] @ own.T / np.sqrt(dh)
     s = np.where(causal, s, -np.inf)
     s = np.exp(s - s.max(axis=1, keepdims=True))
     ctx[:, head] = (s / s.sum(axis=1, keepdims=True)) @ v[:, kv]

@@ -48,27 +48,35 @@ def test_key_groups_match_numpy(bits):
   assert np.abs(np.asarray(deq) - k)[..., :3].mean() < tok_err
 
 
+@pytest.mark.parametrize("requant", [False, True])
 @pytest.mark.parametrize("chunks", [[21], [1] * 21, [5, 1, 1, 7, 3, 4], [4, 4, 13]])
-def test_writes_in_any_chunking_equal_token_by_token_and_numpy(chunks):
+def test_writes_in_any_chunking_equal_token_by_token_and_numpy(chunks, requant):
   """Cache of 21 slots, groups of 4 (the last group, slot 20, never completes)."""
   bits, group, size = 4, 4, 21
   k = _keys((1, size, 2, 8), seed=1)
   codes = jnp.zeros((1, size, 2, 8), jnp.int8)
   scales = jnp.zeros((1, kv_quant.num_key_groups(size, group), 2, 8), jnp.float32)
   resid = jnp.zeros((1, group, 2, 8), jnp.float32)
-  write = jax.jit(kv_quant.write_key_groups, static_argnums=(5,))
+  write = jax.jit(kv_quant.write_key_groups, static_argnums=(5, 6))
   length = 0
   for t in chunks:
-    codes, scales, resid, kf = write(codes, scales, resid, jnp.int32(length),
-                                     jnp.asarray(k[:, length:length + t]), bits)
-    start = length // group * group  # the float keys of this write's unfinished groups
-    np.testing.assert_array_equal(np.asarray(kf)[:, start:length + t], k[:, start:length + t])
+    codes, scales, resid, (buf, start) = write(codes, scales, resid, jnp.int32(length),
+                                               jnp.asarray(k[:, length:length + t]), bits,
+                                               requant)
+    assert int(start) == length // group * group  # float keys from the unfinished group on
+    np.testing.assert_array_equal(np.asarray(buf)[:, :length + t - int(start)],
+                                  k[:, int(start):length + t])
     length += t
   want_codes, want_scales = _np_groups(k[:, :20], bits, group)
   np.testing.assert_array_equal(np.asarray(codes)[:, :20], want_codes)
-  np.testing.assert_array_equal(np.asarray(codes)[:, 20], 0)  # unfinished: never written
   np.testing.assert_allclose(np.asarray(scales)[:, :5], want_scales, rtol=1e-6)  # float32 ulps
   np.testing.assert_array_equal(np.asarray(resid)[:, :1], k[:, 20:21])
+  if requant:  # the unfinished group's codes: its one key, its own absmax
+    last_codes, last_scales = _np_groups(k[:, 20:21], bits, group)
+    np.testing.assert_array_equal(np.asarray(codes)[:, 20], last_codes[:, 0])
+    np.testing.assert_allclose(np.asarray(scales)[:, 5], last_scales[:, 0], rtol=1e-6)
+  else:
+    np.testing.assert_array_equal(np.asarray(codes)[:, 20], 0)  # unfinished: not written
 
 
 def _cfg(c, **kw):
@@ -82,14 +90,18 @@ def tiny(tmp_path_factory):
   return path, fx.write_gguf(path)
 
 
-@pytest.mark.parametrize("bits", [pytest.param(8, marks=pytest.mark.slow), 4])
-def test_tiny_llama_channel_keys_against_numpy_prefill_and_decode(tiny, bits):
+@pytest.mark.parametrize("bits,requant", [pytest.param(8, False, marks=pytest.mark.slow),
+                                          pytest.param(4, True, marks=pytest.mark.slow),
+                                          (4, False)])
+def test_tiny_llama_channel_keys_against_numpy_prefill_and_decode(tiny, bits, requant):
   path, stored = tiny
   model, params, gg = gguf_llama.load(path)
-  model, v, group = model.clone(kv_bits=bits, kv_key_group=3), {"params": params}, 3
+  model = model.clone(kv_bits=bits, kv_key_group=3, kv_key_requant=requant)
+  v, group = {"params": params}, 3
   ids = np.random.default_rng(3).integers(0, gg.config.vocab_size, (1, 10))
   full = jax.jit(model.apply)(v, jnp.asarray(ids))
-  want = ref.forward(stored, ids[0], _cfg(gg.config, kv_bits=bits, kv_key_group=group))
+  want = ref.forward(stored, ids[0], _cfg(gg.config, kv_bits=bits, kv_key_group=group,
+                                          kv_key_requant=requant))
   np.testing.assert_allclose(full[0], want, rtol=2e-4, atol=2e-4)
   per_token = ref.forward(stored, ids[0], _cfg(gg.config, kv_bits=bits))
   assert np.abs(want - per_token).max() > 1e-4  # the key granularity shows
@@ -112,6 +124,11 @@ def test_tiny_llama_channel_keys_against_numpy_prefill_and_decode(tiny, bits):
   np.testing.assert_allclose(deq(whole), deq(cache), rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(whole.k_resid[:, :, :1], cache.k_resid[:, :, :1], rtol=1e-5,
                              atol=1e-5)
+  if requant:  # the unfinished group's codes are stored too, and differ from float reads
+    last = lambda c: kv_quant.dequantize_key_groups(c.k[0], c.k_scale[0], group)[:, 9]
+    np.testing.assert_allclose(last(whole), last(cache), rtol=1e-5, atol=1e-5)
+    floats = ref.forward(stored, ids[0], _cfg(gg.config, kv_bits=bits, kv_key_group=group))
+    assert np.abs(want - floats).max() > 1e-4
   with pytest.raises(ValueError, match="the cache has kv_key_group=0 but the model"):
     model.apply(v, jnp.asarray(ids[:, :1]), llama.init_cache(gg.config, 1, 4, kv_bits=bits))
 
@@ -123,3 +140,6 @@ def test_bad_key_group_is_refused():
     llama.init_cache(c, 1, 4, kv_bits=8, kv_key_group=-1)
   with pytest.raises(ValueError, match="kv_key_group=4 needs a quantized cache"):
     llama.init_cache(c, 1, 4, kv_key_group=4)
+  model = llama.Llama(c, kv_bits=4, kv_key_requant=True)
+  with pytest.raises(ValueError, match="kv_key_requant=True needs per-channel keys"):
+    model.init(jax.random.key(0), jnp.zeros((1, 2), jnp.int32))
