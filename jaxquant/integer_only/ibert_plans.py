@@ -265,8 +265,8 @@ class LayerNormPlan(_Plan):
   where the multiplier is |γ_j|·2^(k − frac_bits)/(√n·out_scale), sign_j = sgn(γ_j) and
   beta_j = round(β_j·2^k/out_scale) (half to even), so the output is rounded once to
   whole codes (error ≤ 1/2 + 2^−k codes). No int64 is needed: Σc² ≤ n·(qmax − qmin)²,
-  r² ≤ n²/4, |d·2^P| < n·(σ + 1), |u| ≤ n·2^frac_bits·(1 + 2^−14) + 1, the requantized part ≤ 2^29
-  and |beta_j| ≤ 2^30 (checked or clipped here)."""
+  r² ≤ n²/4, |d·2^P| < n·(σ + 1) ≤ n·46341, |u| < n·2^frac_bits·(1 + 1/σ) ≤ 2^30, the
+  requantized part ≤ 2^29 and |beta_j| ≤ 2^30 (checked or clipped here)."""
   n: int
   zp: int
   p_max: int
@@ -306,7 +306,9 @@ def layernorm_plan(in_scale, gamma, beta, out_scale, eps: float = 1e-5, zp: int 
     raise ValueError(f"a row of n={n} codes in [{qmin}, {qmax}] (eps·n={eps_n:.4g} codes²) "
                      "does not fit the int32 variance")
   frac_bits = 29 - math.ceil(math.log2(n)) if n > 1 else 29
-  bound = n * 2 ** frac_bits * (1 + 2.0 ** -14) + 1
+  # A row that is not constant has Σ(x − mean)² ≥ 1/2, so W ≥ min(4^p_max/2, 2^29).
+  sigma_min = max(1, math.isqrt(min(4 ** p_max // 2, 2 ** 29)))
+  bound = n * 2 ** frac_bits * (1 + 1 / sigma_min) + 1  # |u| < n·2^frac_bits·(1 + 1/σ)
   mult = np.abs(gamma) * 2.0 ** -frac_bits / (math.sqrt(n) * so)
   m0, left, right = fp.requant_shifts(mult, bound)
   beta_bits = 8  # fractional bits of the output code carried until beta is added

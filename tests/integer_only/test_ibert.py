@@ -334,6 +334,28 @@ def test_i_layernorm_zero_variance_and_extremes():
     P.layernorm_plan(0.05, np.ones(40000), np.zeros(40000), 0.1)
 
 
+def test_i_layernorm_longest_rows_stay_inside_int32():
+  """n = 32768 (n·255² just below 2^31): the largest variance, one code off, random."""
+  n = 2 ** 15
+  gamma, beta = RNG.normal(1, 0.2, n), RNG.normal(0, 0.2, n)
+  plan = P.layernorm_plan(0.05, gamma, beta, 0.04)
+  q = np.zeros((3, n), np.int8)
+  q[0, ::2], q[0, 1::2] = -128, 127
+  q[1, 7] = -1
+  q[2] = _i8((n,))
+  got = _same(lambda v: ibert.i_layernorm(v, plan), lambda v: NP.i_layernorm(v, plan.as_dict()), q)
+  ref = _layernorm(q * 0.05, gamma, beta, 1e-5)
+  # Per element, as in test_i_layernorm_bit_exact_and_error: σ's relative error < 2/σ,
+  # σ ≥ min(2^14.5, 2^p_max·√(Σ(x − mean)²)) − 1 per row, times |γ·z|; clipping both
+  # sides to the int8 grid can only shrink the difference.
+  x = q.astype(np.int64)
+  v = (n * (x * x).sum(-1) - x.sum(-1) ** 2) / n
+  sigma_lo = np.minimum(2 ** 14.5, 2.0 ** plan.p_max * np.sqrt(v)) - 1
+  bound = 0.04 * (0.5 + 2.0 ** -8 + 2 ** -20) + np.abs(ref - beta) * 2 / sigma_lo[:, None]
+  err = np.abs(got * 0.04 - np.clip(ref, -128 * 0.04, 127 * 0.04))
+  assert np.all(err <= bound), np.max(err - bound)
+
+
 # ------------------------------------------------------------------ int8 embedding
 @pytest.mark.parametrize("per_row", [True, False])
 def test_embedding_lookup_int8(per_row):
