@@ -225,7 +225,9 @@ class LayerCall:
   def rhs_state(self, kernel, w_layout: layout.WeightLayout) -> OperandState:
     """Records the kernel's layout; the weight's learned quantity (float kernels only)."""
     m, w = self.module, self.rule.weight
-    if w is not None and w.granularity == "group":
+    # A QTensor was grouped when it was quantized (and may be stored [N, K], so the
+    # call's layout does not describe its axes): only a float kernel is checked here.
+    if w is not None and w.granularity == "group" and not isinstance(kernel, QTensor):
       k = layout.canonical_shape(kernel.shape, w_layout)[1]
       if k % w.group_size:
         raise ValueError(f"layer {self.path!r}: weight group_size={w.group_size} does not "

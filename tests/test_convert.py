@@ -336,6 +336,24 @@ def test_group_straddling_contracting_axes_is_a_clear_error():
     jq.convert(qmodel, qvars)
 
 
+class Narrow(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    return nn.Dense(16, name="kv")(x)
+
+
+def test_grouped_weight_only_narrow_dense_serves():
+  """K = 32 in one group of 32, N = 16: the weight-only serving kernel is stored [N, K],
+  whose leading 16 must not be taken for the contracted features (that used to refuse
+  the converted model with "group_size=32 does not divide its 16 ...")."""
+  x = normal((4, 32), 12)
+  qmodel = jq.quantize_model(Narrow(), [jq.Rule("kv", weight=jq.QuantSpec(
+      bits=8, granularity="group", group_size=32))])
+  _, y_qat, _, smodel, svars = prepare(qmodel, fill_params(Narrow(), x), x, model=Narrow())
+  assert stored(svars, "kv").logical_shape == (16, 32)
+  assert_same_forward(serve(smodel, svars, x), y_qat)
+
+
 def test_serving_path_is_integer():
   _, _, _, _, smodel, svars = converted("latin1")  # int4, binary, asym, lsq: all int8 codes
   assert int_ops(smodel.apply, svars, X, prim="conv_general_dilated")[0] >= 1

@@ -34,10 +34,10 @@ def quantized(tmp_path_factory):
   src = str(d / "src.gguf")
   fx.write_gguf(src)
   model, params, gg = gguf_llama.load(src)
-  # key / value stay float: their [16, 32] serving kernels trip a library check that
-  # reads a stored [N, K] QTensor as [K, N] (16 "contracted features", not 32).
+  # value stays float, to check that float layers are written as F32.
   rules = [jq.Rule(r"block_\d+/mlp/.*", weight=Q4),
-           jq.Rule(r"block_\d+/attn/(query|out)", weight=Q8), jq.Rule("token_embed", weight=Q8)]
+           jq.Rule(r"block_\d+/attn/(query|key|out)", weight=Q8),
+           jq.Rule("token_embed", weight=Q8)]
   smodel, svars = jq.convert(jq.quantize_model(model, rules), {"params": params},
                              jnp.zeros((1, 4), jnp.int32))
   out = str(d / "out.gguf")
@@ -52,6 +52,7 @@ def test_exported_blocks_hold_the_same_codes_and_scales(quantized):
   tensors = {t.name: t for t in reader.tensors}
   c = gg.config
   cases = [("blk.0.attn_q.weight", ("block_0", "attn", "query"), c.num_heads, "Q8_0"),
+           ("blk.0.attn_k.weight", ("block_0", "attn", "key"), c.num_kv_heads, "Q8_0"),
            ("blk.1.attn_output.weight", ("block_1", "attn", "out"), None, "Q8_0"),
            ("blk.0.ffn_down.weight", ("block_0", "mlp", "down"), None, "Q4_0"),
            ("blk.1.ffn_gate.weight", ("block_1", "mlp", "gate"), None, "Q4_0")]
@@ -74,7 +75,7 @@ def test_exported_blocks_hold_the_same_codes_and_scales(quantized):
   codes, scale = _parse(emb.data, "Q8_0", *q.values.shape)
   np.testing.assert_array_equal(codes, np.asarray(q.values))
   assert tensors["blk.0.attn_norm.weight"].tensor_type.name == "F32"
-  assert tensors["blk.0.attn_k.weight"].tensor_type.name == "F32"  # float layers stay F32
+  assert tensors["blk.0.attn_v.weight"].tensor_type.name == "F32"  # float layers stay F32
 
 
 def test_exported_file_loads_back_as_the_same_model(quantized):
