@@ -14,13 +14,18 @@ Two granularities for keys (values are always per token):
   keys. When a write completes a group, that group is quantized from its float keys
   (never re-quantized from codes), so writing T tokens at once or one at a time gives
   the same codes, scales and residual. At most G − 1 keys per kv head are held in float.
+  With `requant` (`kv_key_requant` in the model) the unfinished group is also stored and
+  read as codes: at every write it is re-quantized from the float residual with the
+  absmax of its keys so far, so no key is ever read as float (the residual stays, as
+  the exact source for the next re-quantization).
 
 What a query reads under per-channel keys: the key at position s seen by a query at
 position p is the dequantized code when s's group was complete after p was written,
-`s // G < (p + 1) // G`, and the float key otherwise (s is in p's own unfinished
-group). That is what a cache filled token by token hands each query; a prefill of T
-tokens and the cache-free forward (perplexity) apply the same rule per (query, key)
-pair, so all three give the same attention inputs.
+`s // G < (p + 1) // G`; otherwise s is in p's own unfinished group and is read as
+float, or with `requant` as its code under that group's absmax over positions ≤ p.
+That is what a cache filled token by token hands each query; a prefill of T tokens and
+the cache-free forward (perplexity) apply the same rule per (query, key) pair
+(`own_group_keys`), so all three give the same attention inputs.
 
 Int4 codes are stored one per int8 (not packed); scales are float32.
 """
