@@ -86,6 +86,8 @@ import jaxquant as jq
 from jaxquant import numerics
 from jaxquant.spec import CALIBRATIONS, GRANULARITIES, MODES, ROUNDINGS
 
+pytestmark = pytest.mark.heavy  # long together: scheduled first (tests/conftest.py)
+
 # The formats this file has oracles for (the block formats: tests/test_formats*.py).
 FORMATS = ("int", "binary", "ternary", "fp8_e4m3", "fp8_e5m2")
 

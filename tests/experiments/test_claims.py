@@ -26,6 +26,8 @@ from experiments.training import run_setup, steps
 from experiments.training.config_build import rules_from_config, validate_config
 from tests.experiments.test_configs import _apply
 
+pytestmark = pytest.mark.heavy  # long together: scheduled first (tests/conftest.py)
+
 REPO = pathlib.Path(__file__).resolve().parents[2]
 RECIPES = sorted(os.path.relpath(p, REPO) for p in glob.glob(str(REPO / "configs/claims/*.py"))
                  if os.path.basename(p) not in ("__init__.py", "common.py"))

@@ -37,7 +37,8 @@ from experiments.training.results import read_jsonl
 
 # A failed orbax restore (test_train.py's corrupt-checkpoint case, earlier in the same
 # session) leaves coroutines that may be garbage-collected during these tests; harmless.
-pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+pytestmark = [pytest.mark.heavy,  # long together: scheduled first (tests/conftest.py)
+              pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")]
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 CONFIG = "tests/experiments/fixtures/faults_config.py"

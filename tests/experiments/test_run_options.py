@@ -15,6 +15,8 @@ from experiments.training.results import read_jsonl
 from experiments.training.schema import quant_rule
 from tests.experiments.test_train import tiny_config
 
+pytestmark = pytest.mark.heavy  # long together: scheduled first (tests/conftest.py)
+
 
 def _digits_config(**overrides):
   """60 steps of a small MLP on the 8x8 digits: trained well above chance (0.1)."""

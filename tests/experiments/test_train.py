@@ -14,7 +14,8 @@ from experiments.training.results import read_jsonl
 
 # A failed orbax restore (the corrupt-checkpoint test) leaves coroutines that are
 # garbage-collected during whichever test runs next; they are harmless.
-pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+pytestmark = [pytest.mark.heavy,  # long together: scheduled first (tests/conftest.py)
+              pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")]
 
 
 def tiny_config(**overrides):

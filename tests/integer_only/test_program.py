@@ -18,6 +18,8 @@ from jaxquant.integer_only import IntegerOnlyError, IntegerProgram, to_integer
 from experiments.models import CNN1D, GPT, MLP, ResNet
 from tests.integer_only.int_helpers import RUNTIME_PATH, ema_as_static, float_dtypes_in, qat_forward_ranges, rules
 
+pytestmark = pytest.mark.heavy  # long together: scheduled first (tests/conftest.py)
+
 RNG = np.random.default_rng(0)
 MODELS = {  # name: (model, input shape without batch, middle layers' bits)
     "mlp": (MLP(num_classes=4, features=(16, 12)), (12,), 8),

@@ -14,6 +14,8 @@ from experiments.pretrained import decode, gguf_llama, perplexity, shakespeare
 from tests.experiments.pretrained import gguf_fixtures as fx
 from tests.experiments.pretrained import llama_np_reference as ref
 
+pytestmark = pytest.mark.heavy  # long together: scheduled first (tests/conftest.py)
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(__file__))))
 TEXT = ("To be, or not to be, that is the question: Whether 'tis nobler in the mind to "
         "suffer the slings and arrows of outrageous fortune, or to take arms against a sea "

@@ -15,6 +15,8 @@ from experiments.training.schema import ptq_spec, quant_rule
 from configs import minilm_ptq
 from tests.experiments.pretrained.test_minilm import _write_tiny_checkpoint
 
+pytestmark = pytest.mark.heavy  # long together: scheduled first (tests/conftest.py)
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 LAYERS = minilm_ptq.LAYERS
 G8 = lambda: minilm_ptq.group(4, size=8)  # noqa: E731 (a fresh ConfigDict per rule)
