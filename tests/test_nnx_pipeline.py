@@ -7,11 +7,13 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from flax import nnx
 
 import jaxquant as jq
 from jaxquant.qtensor import QTensor
+from tests.integer_only.int_helpers import numpy_runtime
 from tests.test_third_party import NNXCNN, assert_same_forward
 from tests.test_transform import qinit
 
@@ -42,9 +44,9 @@ STATIC = [jq.Rule("conv1|linear2", weight=jq.QuantSpec(bits=8), act=A8S),
           jq.Rule(".*", weight=W4, act=A8S)]
 
 
-def nnx_cnn(rules):
-  """A quantized NNXCNN holding PARAMS (built abstractly: no PRNG init to compile)."""
-  graphdef, st = nnx.split(nnx.eval_shape(lambda: NNXCNN(rngs=nnx.Rngs(0))))
+def nnx_cnn(rules, cls=NNXCNN):
+  """A quantized `cls` holding PARAMS (built abstractly: no PRNG init to compile)."""
+  graphdef, st = nnx.split(nnx.eval_shape(lambda: cls(rngs=nnx.Rngs(0))))
   nnx.replace_by_pure_dict(st, PARAMS)
   return jq.quantize_model(nnx.merge(graphdef, st), rules)
 
@@ -66,7 +68,7 @@ def test_nnx_qat_step_matches_linen():
   for layer in ("conv1", "conv2", "linear1", "linear2"):  # the same starting step sizes
     lv["quant"][layer]["weight_lsq"] = getattr(model, layer).weight_lsq[...]
   target = _normal((4, 10), 5)
-  optimizer = nnx.Optimizer(model, __import__("optax").sgd(0.1), wrt=nnx.Param)
+  optimizer = nnx.Optimizer(model, optax.sgd(0.1), wrt=nnx.Param)
 
   @nnx.jit
   def step(model, optimizer, x):
@@ -175,7 +177,146 @@ def test_nnx_learned_activations_match_linen(act):
     np.testing.assert_allclose(g[layer][key], lg[layer][key], rtol=1e-3, atol=1e-6)
 
 
-def test_nnx_to_integer_refuses_and_says_what_to_do():
+class NNXStridedCNN(nnx.Module):
+  """NNXCNN with each avg_pool replaced by a stride-2 convolution (avg_pool has no
+  integer lowering): the nearest model to the flax example that jq.to_integer takes;
+  the same layer names and parameter shapes."""
+
+  def __init__(self, *, rngs: nnx.Rngs):
+    self.conv1 = nnx.Conv(1, 4, kernel_size=(3, 3), strides=(2, 2), rngs=rngs)
+    self.conv2 = nnx.Conv(4, 8, kernel_size=(3, 3), strides=(2, 2), rngs=rngs)
+    self.linear1 = nnx.Linear(8 * 2 * 2, 16, rngs=rngs)
+    self.linear2 = nnx.Linear(16, 10, rngs=rngs)
+
+  def __call__(self, x):
+    x = nnx.relu(self.conv2(nnx.relu(self.conv1(x))))
+    x = x.reshape(x.shape[0], -1)
+    return self.linear2(nnx.relu(self.linear1(x)))
+
+
+class LinenStridedCNN(nn.Module):
+  """NNXStridedCNN in Linen."""
+
+  @nn.compact
+  def __call__(self, x):
+    x = nn.relu(nn.Conv(4, (3, 3), strides=(2, 2), name="conv1")(x))
+    x = nn.relu(nn.Conv(8, (3, 3), strides=(2, 2), name="conv2")(x))
+    x = x.reshape(x.shape[0], -1)
+    return nn.Dense(10, name="linear2")(nn.relu(nn.Dense(16, name="linear1")(x)))
+
+
+def assert_same_program(ours, theirs):
+  """Two integer programs are the same: ops, grids and every integer array."""
+  assert ours.graph.ops == theirs.graph.ops
+  assert ours.graph.input == theirs.graph.input and ours.graph.output == theirs.graph.output
+  assert sorted(ours.graph.arrays) == sorted(theirs.graph.arrays)
+  for name, value in ours.graph.arrays.items():
+    np.testing.assert_array_equal(value, theirs.graph.arrays[name], err_msg=name)
+
+
+def test_nnx_to_integer_is_the_linen_program_and_matches_qat(tmp_path):
+  rules = [jq.Rule("conv1|linear2", weight=jq.QuantSpec(bits=8), act=A8S),
+           jq.Rule(".*", weight=jq.QuantSpec(bits=4, ste="lsq"), act=A8S)]
+  model = nnx_cnn(rules, NNXStridedCNN)
+  nnx.update(model, jq.calibrate(model, nnx.state(model), BATCHES))
+  lsq_before = model.linear1.weight_lsq[...]
+  # One QAT step (SGD on kernels, biases and LSQ steps), then the integer program.
+  optimizer = nnx.Optimizer(model, optax.sgd(0.05), wrt=nnx.Param)
+
+  @nnx.jit
+  def step(model, optimizer, x, labels):
+    grads = nnx.grad(lambda m: optax.softmax_cross_entropy_with_integer_labels(
+        m(x), labels).mean())(model)
+    optimizer.update(model, grads)
+
+  step(model, optimizer, X, jnp.arange(4))
+  assert not np.array_equal(model.linear1.weight_lsq[...], lsq_before)
+  program = jq.to_integer(model, nnx.state(model), BATCHES)
+  # The Linen model holding the same values (its variables read off the NNX state by
+  # variable type) gives the same program.
+  st = nnx.state(model)
+  lsq = nnx.to_pure_dict(st.filter(jq.nnx_transform.QuantParam))
+  params = nnx.to_pure_dict(st.filter(nnx.Param))
+  lv = {"params": {k: {n: v for n, v in d.items() if n not in lsq.get(k, {})}
+                   for k, d in params.items()},
+        "quant": lsq, "quant_stats": nnx.to_pure_dict(st.filter(jq.nnx_transform.QuantStat))}
+  assert_same_program(program, jq.to_integer(jq.quantize_model(LinenStridedCNN(), rules), lv,
+                                             BATCHES))
+  # It agrees with the NNX QAT forward: every activation code is QAT's (the calibrated
+  # grids), so only the int32 logits' rounding (half a step) and float32 noise remain.
+  x = jnp.concatenate([X] + BATCHES)
+  qat = np.asarray(nnx.jit(lambda m, x: m(x))(model, x))
+  got = np.asarray(program(x)) * program.output_scale
+  assert np.abs(got - qat).max() <= program.output_scale + 1e-5 * np.abs(qat).max()
+  np.testing.assert_array_equal(got.argmax(-1), qat.argmax(-1))
+  # The numpy runtime runs the saved program bit for bit, saturated inputs included.
+  runtime = numpy_runtime()
+  edges = np.concatenate([np.asarray(x), 1e3 * np.asarray(x[:2])])
+  program.save(str(tmp_path))
+  codes = np.asarray(program.quantize_input(edges))
+  np.testing.assert_array_equal(runtime.quantize_input(runtime.load(str(tmp_path)), edges),
+                                codes)
+  np.testing.assert_array_equal(runtime.run(runtime.load(str(tmp_path)), codes),
+                                np.asarray(program.run(codes)))
+  assert np.any(codes == program.graph.input["qmax"])
+
+
+def test_nnx_to_integer_refuses_the_flax_example_cnn_naming_its_pool():
   model = nnx_cnn(STATIC)
-  with pytest.raises(ValueError, match="NNXCNN is an nnx.Module.*jq.convert"):
+  with pytest.raises(jq.IntegerOnlyError, match=r"NNXCNN cannot run.*\n.*'<top level>': "
+                     r"a windowed sum \(avg_pool\)"):
     jq.to_integer(model, nnx.state(model), BATCHES)
+
+
+class NNXConvBN(nnx.Module):
+  """tests/integer_only/test_program.ConvBN in NNX (BatchNorm in inference mode)."""
+
+  def __init__(self, rngs):
+    self.conv = nnx.Conv(1, 6, (3,), rngs=rngs)
+    self.bn = nnx.BatchNorm(6, use_running_average=True, rngs=rngs)
+    self.head = nnx.Linear(6, 3, rngs=rngs)
+
+  def __call__(self, x):
+    h = jnp.minimum(nnx.relu(self.bn(self.conv(x[:, :, None]))), 6.0)
+    return self.head(jnp.mean(h, axis=1))
+
+
+class NNXLNMLP(nnx.Module):
+  """tests/integer_only/test_program.LNMLP in NNX."""
+
+  def __init__(self, rngs):
+    self.fc = nnx.Linear(20, 16, rngs=rngs)
+    self.ln = nnx.LayerNorm(16, rngs=rngs)
+    self.head = nnx.Linear(16, 3, rngs=rngs)
+
+  def __call__(self, x):
+    return self.head(nnx.relu(self.ln(self.fc(x))))
+
+
+@pytest.mark.parametrize("cls", [NNXConvBN, NNXLNMLP], ids=["batchnorm", "layernorm"])
+def test_nnx_float_model_gives_the_linen_program(cls):
+  from tests.integer_only.test_program import ConvBN, LNMLP  # pylint: disable=import-outside-toplevel
+  linen = {NNXConvBN: ConvBN, NNXLNMLP: LNMLP}[cls]()
+  rng = np.random.default_rng(3)
+  x = rng.normal(size=(16, 20)).astype(np.float32)
+  variables = jax.tree.map(np.asarray, dict(jax.jit(linen.init)(jax.random.key(1), x)))
+  for leaves in variables["params"].values():  # non-trivial γ, β, biases
+    for name in leaves:
+      leaves[name] = leaves[name] + rng.normal(size=leaves[name].shape).astype(np.float32) / 4
+  if "batch_stats" in variables:
+    variables["batch_stats"]["bn"] = {"mean": rng.normal(size=6).astype(np.float32),
+                                      "var": rng.uniform(0.5, 2.0, 6).astype(np.float32)}
+  graphdef, st = nnx.split(nnx.eval_shape(lambda: cls(nnx.Rngs(0))))
+  pure = variables["params"]
+  if "batch_stats" in variables:
+    pure = {**pure, "bn": {**pure["bn"], **variables["batch_stats"]["bn"]}}
+  nnx.replace_by_pure_dict(st, pure)
+  model = nnx.merge(graphdef, st)
+  program = jq.to_integer(model, nnx.state(model), [x])  # a float model: W8A8, calibrated
+  assert_same_program(program, jq.to_integer(linen, variables, [x]))
+  ops = [op["op"] for op in program.graph.ops]
+  assert ("norm" in ops) == (cls is NNXLNMLP)  # BatchNorm folds into the conv
+  want = np.asarray(linen.apply(variables, x))
+  np.testing.assert_allclose(nnx.jit(lambda m, x: m(x))(model, x), want, rtol=1e-5, atol=1e-5)
+  got = np.asarray(program(x)) * program.output_scale
+  assert np.abs(got - want).max() <= 0.05 * np.abs(want).max()

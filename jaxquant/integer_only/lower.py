@@ -58,7 +58,8 @@ def build_graph(qmodel, variables, calibration_batches, *, example=None,
   if "params" not in variables:
     raise IntegerOnlyError("variables has no 'params' collection")
   ir = tr.trace(float_model, qat_view.float_variables(variables),
-                jax.ShapeDtypeStruct(first.shape, first.dtype), apply_kwargs)
+                jax.ShapeDtypeStruct(first.shape, first.dtype), apply_kwargs,
+                **qat_view.trace_names(float_model))
   layers = {n.id: ops.get(n.kind).layer(n, rules, variables) for n in ir.nodes
             if n.kind not in ("input", "affine") and ops.get(n.kind).layer is not None}
   demand: Dict[int, Grid] = {}

@@ -125,17 +125,21 @@ def to_integer(qmodel, variables, calibration_batches, *, example: Optional[Any]
 
   Args:
     qmodel: a `jq.quantize_model` result (its rules give each layer's weight and
-      activation specs) or a plain float Linen model (every layer W8A8, calibrated).
-    variables: its variables: 'params' (+ 'batch_stats' etc.), and 'quant' /
-      'quant_stats' for learned steps and activation ranges (jq.calibrate's static
-      range, else the training EMA).
+      activation specs) or a plain float model (every layer W8A8, calibrated); Linen or
+      NNX (an NNX model gives the program of the same model written in Linen with the
+      same layer names: its layers are traced as their Linen twins, nnx_float.py).
+    variables: its variables (an NNX model: its `nnx.State`): 'params' (+ 'batch_stats'
+      etc.), and 'quant' / 'quant_stats' for learned steps and activation ranges
+      (jq.calibrate's static range, else the training EMA).
     calibration_batches: an iterable of input batches (arrays, (x, ...) tuples or
       {'x': ...} dicts). They fix the input shape (any batch size runs later) and give
       the ranges QAT has none for: residual sums, normalization outputs, pooled features,
       layers without activation ranges. None is allowed with `example=` when the
       variables hold every range.
     example: an input batch, used only for its shape when there are no batches.
-    apply_kwargs: extra keyword arguments of `model.apply` (e.g. {'train': False}).
+    apply_kwargs: extra keyword arguments of `model.apply` (e.g. {'train': False}); of
+      the call, for an NNX model (put its BatchNorm / Dropout in inference mode first:
+      `model.eval()`).
 
   Raises:
     IntegerOnlyError (a ValueError): an op with no integer lowering (softmax, GELU,

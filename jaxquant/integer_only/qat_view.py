@@ -6,6 +6,9 @@ fields), the rules, the variables' collections ('params' = the float tree; the
 quantization state under the keys `jaxquant.state` names: learned LSQ / PACT
 quantities, the static range after jq.calibrate, the EMA range from training) and
 `jq.quantize`. When the transform's internals change, this file is the one to adapt.
+An NNX model (quantized or float) is read the same way: its float forward through
+`jaxquant.nnx_float` (layers as Linen twins, under the same paths), its rules from its
+root, its `nnx.State` as the Linen model's variables (`nnx_functional.linen_variables`).
 """
 from __future__ import annotations
 
@@ -19,6 +22,9 @@ import numpy as np
 from flax import nnx
 from flax.core import meta, unfreeze
 
+from jaxquant import nnx_float
+from jaxquant import nnx_functional
+from jaxquant import nnx_transform
 from jaxquant import state
 from jaxquant.quantize import quantize
 from jaxquant.spec import QuantSpec, Rule
@@ -29,26 +35,30 @@ _quantize = jax.jit(quantize, static_argnames=("spec", "reduce_axes"))
 
 
 def is_quantized(model) -> bool:
-  """True for a model made by `jq.quantize_model` (its class carries the rules)."""
+  """True for a model made by `jq.quantize_model` (its class carries the rules; an NNX
+  model, the rules attribute of its root)."""
+  if isinstance(model, nnx.Module):
+    return nnx_transform.rules_of(model) is not None
   return getattr(type(model), "_jq_config", None) is not None
 
 
 def rules_of(model) -> Tuple[Rule, ...]:
   """The rules of a quantized model, () for a plain float model."""
+  if isinstance(model, nnx.Module):
+    return tuple(nnx_transform.rules_of(model) or ())
   plan = getattr(type(model), "_jq_config", None)
   return () if plan is None else tuple(plan.rules)  # plan: the QuantConfig
 
 
-def float_model_of(model) -> nn.Module:
-  """The user's float model: the quantized class's parent class, same fields."""
+def float_model_of(model):
+  """The user's float model: the quantized class's parent class, same fields. For an
+  NNX model (quantized or float), its float forward as a Linen-style view whose layers
+  run under their own paths (`nnx_float.FloatView`)."""
   if isinstance(model, nnx.Module):
-    raise ValueError(f"model={type(model).__name__} is an nnx.Module: jq.to_integer traces "
-                     "Linen models only so far; for NNX serve with jq.convert (+ "
-                     "jq.export_serving), or write the model in Linen with the same layer "
-                     "names (the parameter tree is then the same)")
+    return nnx_float.FloatView(model)
   if not isinstance(model, nn.Module):
-    raise ValueError(f"model={type(model).__name__} must be a flax.linen Module (a "
-                     "jq.quantize_model result or a float model)")
+    raise ValueError(f"model={type(model).__name__} must be a flax.linen or flax.nnx Module "
+                     "(a jq.quantize_model result or a float model)")
   if not is_quantized(model):
     return model
   base = type(model).__mro__[1]
@@ -57,8 +67,19 @@ def float_model_of(model) -> nn.Module:
   return base(**fields)
 
 
+def trace_names(float_model) -> Dict[str, str]:
+  """The `trace.trace` keywords naming `float_model_of`'s result: the name-stack scope
+  that precedes layer paths and the model's name in messages."""
+  if isinstance(float_model, nnx_float.FloatView):
+    return {"root_scope": float_model.root_scope, "model_name": float_model.name}
+  return {}
+
+
 def plain(variables) -> Dict[str, Any]:
-  """Variables as nested plain dicts with unboxed numpy leaves."""
+  """Variables as nested plain dicts with unboxed numpy leaves (an NNX model's
+  `nnx.State` as the same model's Linen variables: 'params', 'quant', 'quant_stats'...)."""
+  if isinstance(variables, (nnx.State, nnx.Module)):
+    variables = nnx_functional.linen_variables(variables)
   tree = unfreeze(meta.unbox(variables))
   def conv(t):
     return {k: conv(v) for k, v in t.items()} if isinstance(t, dict) else np.asarray(t)

@@ -43,6 +43,8 @@ _WHY = {
     "sqrt": "sqrt of an activation", "integer_pow": "a power of an activation",
     "pow": "a power of an activation", "gather": "gather (an embedding lookup)",
     "reduce_max": "max over an axis (softmax)", "argmax": "argmax inside the model",
+    "reduce_window_sum": "a windowed sum (avg_pool)",
+    "reduce_window_max": "a windowed max (max_pool)",
     "dot_general": "a product of two activations (e.g. attention scores)",
     "mul": "a product of two activations", "div": "a division by an activation",
     "select_n": "a select (jnp.where) on an activation",
@@ -52,17 +54,24 @@ _WHY = {
 }
 
 
-def _strip_root(stack: str, root: str) -> str:
+def _strip_root(stack: str, root: str, through_last: bool = False) -> str:
+  """The module path of a name stack: without the root's scope (the first one; with
+  `through_last`, everything up to its last occurrence, where a scope of the enclosing
+  NNX modules precedes each layer twin's own full path)."""
   # Scopes that are not modules (jnp.einsum names one after its subscripts) are dropped.
   parts = [p for p in stack.split("/") if p and "->" not in p and "," not in p]
-  if parts and parts[0] == root:
+  if through_last and root in parts:
+    parts = parts[len(parts) - parts[::-1].index(root):]
+  elif parts and parts[0] == root:
     parts = parts[1:]
   return "/".join(parts)
 
 
 class _Tracer:
-  def __init__(self, root_name: str, modules: Dict[str, nn.Module], params: Dict[str, Any]):
+  def __init__(self, root_name: str, modules: Dict[str, nn.Module], params: Dict[str, Any],
+               through_last: bool = False):
     self.root, self.modules, self.params = root_name, modules, params
+    self.through_last = through_last
     self.nodes: List[Node] = []
     self.bad: Dict[str, Bad] = {}  # first problem per (why, layer)
     self.identity_of: Dict[int, int] = {}
@@ -154,7 +163,7 @@ class _Tracer:
     enclosing call's path, without the root module's own name."""
     stack = str(eqn.source_info.name_stack)
     if not prefix:
-      return _strip_root(stack, self.root)
+      return _strip_root(stack, self.root, self.through_last)
     return "/".join(p for p in [prefix] + stack.split("/") if p and "->" not in p and "," not in p)
 
   def run(self, jaxpr, consts, args, prefix: str):
@@ -279,10 +288,17 @@ def _op_modules(model, variables, x, apply_kwargs) -> Dict[str, nn.Module]:
 
 
 def trace(model: nn.Module, variables: Dict[str, Any], x: jax.ShapeDtypeStruct,
-          apply_kwargs: Optional[Dict[str, Any]] = None) -> IR:
+          apply_kwargs: Optional[Dict[str, Any]] = None, *, root_scope: Optional[str] = None,
+          model_name: Optional[str] = None) -> IR:
   """The IR of `model.apply(variables, x, **apply_kwargs)`; raises IntegerOnlyError
-  listing every op that has no integer-only lowering, with its layer path."""
+  listing every op that has no integer-only lowering, with its layer path.
+
+  `root_scope`, when given, is the scope that every layer's own path follows in the name
+  stack (the NNX float view's twins: scopes up to its last occurrence are dropped); by
+  default the first scope, the Linen root module's class name, is. `model_name` is the
+  model's name in messages (default: its class name)."""
   apply_kwargs = dict(apply_kwargs or {})
+  model_name = model_name or type(model).__name__
   modules = _op_modules(model, variables, x, apply_kwargs)
   leaves, treedef = jax.tree_util.tree_flatten(variables)
   fn = lambda leaves, x: model.apply(jax.tree_util.tree_unflatten(treedef, leaves), x,
@@ -291,7 +307,8 @@ def trace(model: nn.Module, variables: Dict[str, Any], x: jax.ShapeDtypeStruct,
   if len(closed.jaxpr.outvars) != 1:
     raise IntegerOnlyError(f"the model returns {len(closed.jaxpr.outvars)} arrays; an "
                            "integer program has one output (the logits)")
-  tracer = _Tracer(type(model).__name__, modules, variables.get("params", {}))
+  tracer = _Tracer(root_scope or type(model).__name__, modules, variables.get("params", {}),
+                   through_last=root_scope is not None)
   x_val = Tensor(tracer.node("input", [], tuple(x.shape), ""))
   if not np.issubdtype(np.dtype(x.dtype), np.floating):
     tracer.fail(f"an input of dtype {x.dtype} (integer programs take float inputs and "
@@ -308,7 +325,7 @@ def trace(model: nn.Module, variables: Dict[str, Any], x: jax.ShapeDtypeStruct,
     lines = "\n".join(f"  - layer {layer or '<top level>'!r}: {'; '.join(whys)}"
                       for layer, whys in by_layer.items())
     raise IntegerOnlyError(
-        f"{type(model).__name__} cannot run as an integer-only program; these ops have "
+        f"{model_name} cannot run as an integer-only program; these ops have "
         f"no integer lowering:\n{lines}\nSupported: bias and BatchNorm (inference mode) "
         "folds, ReLU / ReLU6 / clamps, "
         f"{', '.join(op.summary for op in ops.OPS.values())}.")
