@@ -128,7 +128,7 @@ class NNXApply:
             if isinstance(mutable, (list, tuple)) else list(state.COLLECTIONS) if mutable
             else [])
     run = dataclasses.replace(self.run, rngs=rngs,
-                              tracking=self.run.tracking or state.QUANT_STATS in cols)
+                              tracking=bool(self.run.tracking) or state.QUANT_STATS in cols)
     with nt.running(run):
       out = (getattr(model, method) if method else model)(*args, **kwargs)
     if not cols:

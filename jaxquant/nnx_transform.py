@@ -18,8 +18,14 @@ states, static ranges). So `nnx.state(model)` holds what Linen's variables hold,
 same '/'-joined paths (`jaxquant.nnx_functional` converts one into the other).
 
 A direct call `model(x)` creates learned activation scales on first use (call the model
-once on an example before taking gradients, as Linen's `init` does) and updates no
-statistics; `jq.calibrate` / `jq.convert` run the model with 'quant_stats' mutable.
+once on an example before taking gradients, as Linen's `init` does). Statistics follow
+NNX's train / eval mode, the one BatchNorm has: each quantized layer carries
+`use_running_average`, True (eval) when quantized; after `model.train()` (False) every
+call updates its observers (the EMA of the activation range) as a Linen `apply` with
+mutable 'quant_stats' does, and static-range specs quantize with the batch's own range;
+after `model.eval()` calls update nothing and use the stored ranges. Under `nnx.jit` /
+`nnx.grad` the updates come back as NNX state updates. `jq.calibrate` / `jq.convert`
+run a copy of the model in the mode they need, whatever the model's.
 Stochastic rounding needs a PRNG stream per call, which NNX layers do not get here: it
 raises a ValueError naming the rule.
 """
@@ -55,6 +61,9 @@ class QuantStat(nnx.Variable):
 
 QUANTIZABLE = (nnx.Linear, nnx.LinearGeneral, nnx.Conv, nnx.Einsum)
 RULES_ATTR = "jq_rules"  # the root module's rules, static
+# A quantized layer's mode, named as BatchNorm's so that `model.train()` / `model.eval()`
+# set it: False (train), its observers update on every call; True (eval, the default).
+TRAIN_ATTR = "use_running_average"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,7 +71,7 @@ class Run:
   """How the quantized NNX layers of one call run (set by `jaxquant.nnx_functional`):
   whether 'quant_stats' is mutable (observers update), the PRNG keys, and the observer
   overrides of `jq.calibrate` (its observers, token mask, float forward)."""
-  tracking: bool = False
+  tracking: Optional[bool] = None  # None: a direct call (the layers' train / eval mode)
   rngs: Any = None
   observers: Optional[Tuple] = None  # None: the transform's defaults
   mask: Any = None
@@ -185,7 +194,10 @@ def _quantized_call(self, *args, **kwargs):
   config = transform.QuantConfig((self.jq_rule,), tuple(observers), run.mask,
                                  run.float_forward)
   variables = {col: _nest(parts, tree) for col, tree in _layer_variables(self).items()}
-  mutable = [state.QUANT] + ([state.QUANT_STATS] if run.tracking else [])
+  tracking = run.tracking
+  if tracking is None:  # a direct call: observers update in train mode (`model.train()`)
+    tracking = not getattr(self, TRAIN_ATTR, True)
+  mutable = [state.QUANT] + ([state.QUANT_STATS] if tracking else [])
   twin = _Nest(parts, functools.partial(_twin, self, self.jq_path))
   interceptor = transform._Interceptor(config)  # pylint: disable=protected-access
   with nn.intercept_methods(interceptor):
@@ -256,6 +268,7 @@ def quantize_nnx(model: nnx.Module, rules: Tuple[Rule, ...]) -> nnx.Module:
     _twin(node, name, "check")  # unsupported configurations fail here, not at the call
     node.__class__ = _subclass(type(node))
     node.jq_rule, node.jq_path = rule, name
+    setattr(node, TRAIN_ATTR, True)
     kernel = variable_value(node.kernel)
     w_layout = _kernel_layout(node, kernel)
     set_variable(node, state.KERNEL_AXES, state.QUANT_STATS,

@@ -177,6 +177,43 @@ def test_nnx_learned_activations_match_linen(act):
     np.testing.assert_allclose(g[layer][key], lg[layer][key], rtol=1e-3, atol=1e-6)
 
 
+def test_nnx_train_mode_updates_the_ema_observers_as_linen_does():
+  a8 = jq.QuantSpec(bits=8, granularity="tensor", symmetric=False)
+  rules = [jq.Rule(".*", weight=W4, act=a8)]
+  model = nnx_cnn(rules)
+  assert model.conv1.use_running_average  # quantized layers start in eval mode
+  model.train()
+  y = model(X)  # a plain call updates the observers, as does a jitted gradient step
+
+  @nnx.jit
+  def grads(model, x):
+    return nnx.grad(lambda m: jnp.sum(m(x) ** 2))(model)
+
+  grads(model, BATCHES[0])
+  qmodel, lv = linen_cnn(rules)
+  linen_apply = jax.jit(functools.partial(qmodel.apply, mutable=["quant_stats"]))
+  ly, upd = linen_apply(lv, X)
+  _, upd = linen_apply({**lv, **upd}, BATCHES[0])
+  ema = lambda: nnx.to_pure_dict(nnx.state(model, jq.nnx_transform.QuantStat))
+  stats = ema()
+  for layer in ("conv1", "conv2", "linear1", "linear2"):
+    assert int(stats[layer]["ema_count"]) == 2
+    for key in ("ema_lo", "ema_hi"):
+      np.testing.assert_allclose(stats[layer][key], upd["quant_stats"][layer][key], rtol=1e-5,
+                                 atol=1e-6)
+  np.testing.assert_allclose(y, ly, rtol=1e-5, atol=1e-5)
+  # The first layer's EMA against its closed form: the inputs' ranges, decay 0.99 (each
+  # batch range is its grid's, within one step of the data's min / max).
+  for key, fn in (("ema_lo", np.min), ("ema_hi", np.max)):
+    want = 0.99 * fn(X) + 0.01 * fn(BATCHES[0])
+    step = (np.max(X) - np.min(X)) / 255
+    assert abs(float(stats["conv1"][key]) - want) <= step
+  model.eval()
+  model(X)  # eval mode: no update
+  np.testing.assert_array_equal(ema()["conv1"]["ema_lo"], stats["conv1"]["ema_lo"])
+  assert int(ema()["conv1"]["ema_count"]) == 2
+
+
 class NNXStridedCNN(nnx.Module):
   """NNXCNN with each avg_pool replaced by a stride-2 convolution (avg_pool has no
   integer lowering): the nearest model to the flax example that jq.to_integer takes;
