@@ -31,11 +31,14 @@ def is_nnx(obj) -> bool:
 
 def linen_variables(nnx_state) -> Dict[str, Any]:
   """An `nnx.State` (or module) as Linen variables: {collection: nested dict}, with
-  collections 'params', 'quant', 'quant_stats', 'batch_stats' (others by type name)."""
+  collections 'params', 'quant', 'quant_stats', 'batch_stats' (others by type name;
+  PRNG stream state is left out)."""
   if isinstance(nnx_state, nnx.Module):
     nnx_state = nnx.state(nnx_state)
   out: Dict[str, Any] = {}
   for path, var in nnx_state.flat_state():
+    if isinstance(var, nnx.RngState):  # PRNG streams: Linen passes keys as rngs instead
+      continue
     node = out.setdefault(nt.collection_of(var), {})
     for part in path[:-1]:
       node = node.setdefault(str(part), {})

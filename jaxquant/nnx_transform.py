@@ -26,8 +26,10 @@ mutable 'quant_stats' does, and static-range specs quantize with the batch's own
 after `model.eval()` calls update nothing and use the stored ranges. Under `nnx.jit` /
 `nnx.grad` the updates come back as NNX state updates. `jq.calibrate` / `jq.convert`
 run a copy of the model in the mode they need, whatever the model's.
-Stochastic rounding needs a PRNG stream per call, which NNX layers do not get here: it
-raises a ValueError naming the rule.
+Stochastic rounding draws a fresh key on every call of a layer whose rule asks for it,
+from the 'quant' stream of the `nnx.Rngs` given to `jq.quantize_model(model, rules,
+rngs=nnx.Rngs(quant=seed))` (the layers share that stream, so its count advances as
+NNX state, under nnx.jit too); without `rngs` such a rule is refused, naming it.
 """
 from __future__ import annotations
 
@@ -201,7 +203,10 @@ def _quantized_call(self, *args, **kwargs):
   twin = _Nest(parts, functools.partial(_twin, self, self.jq_path))
   interceptor = transform._Interceptor(config)  # pylint: disable=protected-access
   with nn.intercept_methods(interceptor):
-    y, upd = twin.apply(variables, *args, mutable=mutable, rngs=run.rngs, **kwargs)
+    rngs = run.rngs
+    if rngs is None and getattr(self, "jq_rng", None) is not None:
+      rngs = {state.RNG: self.jq_rng()}  # a fresh key per call (stochastic rounding)
+    y, upd = twin.apply(variables, *args, mutable=mutable, rngs=rngs, **kwargs)
   for col, tree in unfreeze(upd).items():
     for name, value in state.node_at(tree, self.jq_path).items():
       set_variable(self, name, col, value)
@@ -217,13 +222,23 @@ def _subclass(cls):
 _SUBCLASSES = {}
 
 
-def _check_nnx_rule(rule: Rule):
-  for name in ("act", "weight", "grad"):
-    s = getattr(rule, name)
-    if s is not None and s.rounding == "stochastic":
-      raise ValueError(f"Rule({rule.pattern!r}): {name}.rounding='stochastic' is not "
-                       "supported for nnx modules (no per-call PRNG stream); use nearest "
-                       "rounding or a Linen model")
+def _stochastic(rule: Rule) -> Optional[str]:
+  """The name of the rule's first spec with stochastic rounding, or None."""
+  return next((name for name in ("act", "weight", "grad")
+               if getattr(rule, name) is not None
+               and getattr(rule, name).rounding == "stochastic"), None)
+
+
+def _rng_stream(rule: Rule, rngs) -> Optional[nnx.RngStream]:
+  """The PRNG stream a layer quantized by `rule` draws from (None: it draws none)."""
+  name = _stochastic(rule)
+  if name is None:
+    return None
+  if not isinstance(rngs, nnx.Rngs):
+    raise ValueError(f"Rule({rule.pattern!r}): {name}.rounding='stochastic' needs a PRNG "
+                     "stream on an nnx model: pass rngs=nnx.Rngs(quant=seed) to "
+                     "jq.quantize_model (each call of the layer draws a fresh key)")
+  return rngs[state.RNG]  # the 'quant' stream ('default' when it has none)
 
 
 def _kernel_layout(layer, kernel) -> layout.WeightLayout:
@@ -247,8 +262,9 @@ def rules_of(model) -> Optional[Tuple[Rule, ...]]:
   return getattr(model, RULES_ATTR, None)
 
 
-def quantize_nnx(model: nnx.Module, rules: Tuple[Rule, ...]) -> nnx.Module:
-  """Quantizes `model`'s matched layers in place (see the module docstring)."""
+def quantize_nnx(model: nnx.Module, rules: Tuple[Rule, ...], rngs=None) -> nnx.Module:
+  """Quantizes `model`'s matched layers in place (see the module docstring); `rngs`, an
+  `nnx.Rngs`, gives stochastic rounding its 'quant' stream."""
   used = set()
   seen = []
   for path, node in nnx.iter_graph(model):
@@ -260,7 +276,7 @@ def quantize_nnx(model: nnx.Module, rules: Tuple[Rule, ...]) -> nnx.Module:
     if idx is None:
       continue
     rule = rules[idx]
-    _check_nnx_rule(rule)
+    stream = _rng_stream(rule, rngs)
     if not name:
       raise ValueError(f"Rule({rule.pattern!r}) matched the model itself, an "
                        f"{type(node).__name__}: quantize a module that holds the layer")
@@ -269,6 +285,8 @@ def quantize_nnx(model: nnx.Module, rules: Tuple[Rule, ...]) -> nnx.Module:
     node.__class__ = _subclass(type(node))
     node.jq_rule, node.jq_path = rule, name
     setattr(node, TRAIN_ATTR, True)
+    if stream is not None:
+      node.jq_rng = stream
     kernel = variable_value(node.kernel)
     w_layout = _kernel_layout(node, kernel)
     set_variable(node, state.KERNEL_AXES, state.QUANT_STATS,

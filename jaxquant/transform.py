@@ -160,7 +160,7 @@ def _make_view(model: nn.Module, config: QuantConfig) -> nn.Module:
   return cls(**module_fields(model), name=model.name)
 
 
-def quantize_model(model, rules: Sequence[Rule], *, observers=DEFAULT_OBSERVERS):
+def quantize_model(model, rules: Sequence[Rule], *, observers=DEFAULT_OBSERVERS, rngs=None):
   """Returns `model` with its dense/dense-general/einsum/conv layers quantized by `rules`.
 
   Args:
@@ -172,6 +172,8 @@ def quantize_model(model, rules: Sequence[Rule], *, observers=DEFAULT_OBSERVERS)
     observers: named observer factories (`jaxquant.observers`) run on the input of every
       quantized layer while 'quant_stats' is mutable; the default tracks the EMA of the
       activation range. Linen only.
+    rngs: NNX only: an `nnx.Rngs` whose 'quant' stream gives stochastic rounding a fresh
+      key on every layer call (needed when a rule asks for stochastic rounding).
 
   The result has the model's call signature and parameter tree. Pass
   `rngs={'quant': key}` to `apply` when a spec uses stochastic rounding, and
@@ -179,9 +181,12 @@ def quantize_model(model, rules: Sequence[Rule], *, observers=DEFAULT_OBSERVERS)
   """
   rules = check_rules(rules)
   if isinstance(model, nnx.Module):
-    return nnx_transform.quantize_nnx(model, rules)
+    return nnx_transform.quantize_nnx(model, rules, rngs)
   if not isinstance(model, nn.Module):
     raise ValueError(f"model={type(model).__name__} must be a flax.linen.Module or nnx.Module")
+  if rngs is not None:
+    raise ValueError("rngs is for nnx models; a Linen model takes its stochastic-rounding "
+                     "key at apply: model.apply(variables, x, rngs={'quant': key})")
   return _make_view(model, QuantConfig(rules, tuple(observers)))
 
 

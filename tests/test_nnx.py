@@ -178,14 +178,33 @@ def test_nnx_einsum_with_lsq_weight_matches_linen():
   np.testing.assert_array_equal(model.qkv(x), y_linen)  # eager too
 
 
-@pytest.mark.parametrize("rule, match", [
-    (jq.Rule("proj", weight=jq.QuantSpec(bits=8, rounding="stochastic")), "stochastic"),
-    (jq.Rule("head", act=jq.QuantSpec(bits=8, rounding="stochastic")), "stochastic"),
+@pytest.mark.parametrize("rule", [
+    jq.Rule("proj", weight=jq.QuantSpec(bits=8, rounding="stochastic")),
+    jq.Rule("head", act=jq.QuantSpec(bits=8, rounding="stochastic")),
 ])
-def test_unsupported_nnx_cases_raise(rule, match):
-  model = nnx_net()
-  with pytest.raises(ValueError, match=match):
-    jq.quantize_model(model, [rule])
+def test_nnx_stochastic_rounding_without_rngs_raises_naming_the_way_out(rule):
+  with pytest.raises(ValueError, match=r"stochastic.*rngs=nnx.Rngs\(quant=seed\)"):
+    jq.quantize_model(nnx_net(), [rule])
+
+
+def test_nnx_stochastic_rounding_draws_a_fresh_key_per_call_from_the_quant_stream():
+  rule = jq.Rule("head", weight=jq.QuantSpec(bits=4, rounding="stochastic"),
+                 act=jq.QuantSpec(bits=4, granularity="tensor", rounding="stochastic"))
+  model = jq.quantize_model(nnx_net(), [rule], rngs=nnx.Rngs(quant=7))
+  ys = [_nnx_forward(model, X) for _ in range(2)]
+  assert int(model.head.jq_rng.count[...]) == 2  # the stream advanced as NNX state
+  assert not np.array_equal(ys[0], ys[1])
+  # Each call is the Linen model's apply with that call's key: the stream's next draw.
+  linen_q = jq.quantize_model(Net(), [rule])
+  key = jax.random.key(0)
+  with pytest.warns(jq.FloatLayersWarning):  # conv, proj and mix stay float
+    lv = {**jax.jit(linen_q.init)({"params": key, "quant": key}, X), "params": PARAMS}
+  stream = nnx.Rngs(quant=7)
+  for y in ys:
+    np.testing.assert_array_equal(
+        y, jax.jit(linen_q.apply)(lv, X, rngs={"quant": stream.quant()}))
+  with pytest.raises(ValueError, match="rngs is for nnx models"):
+    jq.quantize_model(Net(), [rule], rngs=nnx.Rngs(quant=7))
 
 
 def test_nnx_unused_rules_warn_and_bad_rules_raise():
