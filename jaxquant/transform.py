@@ -181,6 +181,9 @@ def quantize_model(model, rules: Sequence[Rule], *, observers=DEFAULT_OBSERVERS,
   """
   rules = check_rules(rules)
   if isinstance(model, nnx.Module):
+    if tuple(observers) != DEFAULT_OBSERVERS:
+      raise ValueError("observers= is for Linen models; quantized NNX layers track the "
+                       "default EMA range")
     return nnx_transform.quantize_nnx(model, rules, rngs)
   if not isinstance(model, nn.Module):
     raise ValueError(f"model={type(model).__name__} must be a flax.linen.Module or nnx.Module")

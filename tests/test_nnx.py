@@ -216,3 +216,5 @@ def test_nnx_unused_rules_warn_and_bad_rules_raise():
     jq.quantize_model(nnx_net(), [jq.Rule("conv|proj|mix|head", weight=jq.QuantSpec(bits=8))])
   with pytest.raises(ValueError, match="granularity='tensor'"):
     jq.quantize_model(nnx_net(), [jq.Rule(".*", act=jq.QuantSpec(bits=4, ste="lsq"))])
+  with pytest.raises(ValueError, match="observers= is for Linen models"):
+    jq.quantize_model(nnx_net(), [jq.Rule("conv", weight=jq.QuantSpec(bits=8))], observers=())
