@@ -305,6 +305,30 @@ def test_nnx_to_integer_refuses_the_flax_example_cnn_naming_its_pool():
     jq.to_integer(model, nnx.state(model), BATCHES)
 
 
+class _GELUBlock(nnx.Module):
+  def __init__(self, rngs):
+    self.fc = nnx.Linear(8, 8, rngs=rngs)
+
+  def __call__(self, x):
+    return nnx.gelu(self.fc(x))
+
+
+class _NetWithGELU(nnx.Module):
+  def __init__(self, rngs):
+    self.blk = _GELUBlock(rngs)
+    self.head = nnx.Linear(8, 3, rngs=rngs)
+
+  def __call__(self, x):
+    return self.head(self.blk(x))
+
+
+def test_nnx_to_integer_names_the_submodule_of_an_unsupported_op():
+  model = _NetWithGELU(nnx.Rngs(0))
+  with pytest.raises(jq.IntegerOnlyError, match=r"_NetWithGELU cannot run.*\n  - layer 'blk': "
+                     r".*GELU"):
+    jq.to_integer(model, nnx.state(model), [np.ones((2, 8), np.float32)])
+
+
 class NNXConvBN(nnx.Module):
   """tests/integer_only/test_program.ConvBN in NNX (BatchNorm in inference mode)."""
 
