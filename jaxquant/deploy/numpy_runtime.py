@@ -5,8 +5,9 @@ r"""Runs a saved jaxquant integer program with numpy alone (no JAX, no jaxquant)
 DIR is a directory written by `IntegerProgram.save` (graph.json + arrays.npz). INPUT
 holds float inputs, batch first (an int8 INPUT is taken as input codes as they are);
 OUTPUT receives the int32 logits (times graph.json's output scale ≈ the trained model's
-logits). This file imports only numpy and the standard library: copy it next to the
-directory onto any machine with Python and numpy, or load it by path.
+logits). This file imports only numpy and the standard library (and, for the softmax and GELU
+ops, ibert_numpy.py beside it, also numpy only): copy both onto any machine with
+Python and numpy, or load this one by path.
 
 Written from the equations (Jacob et al. 2018, "Quantization and Training of Neural
 Networks for Efficient Integer-Arithmetic-Only Inference", §2.2 and gemmlowp's rounding
@@ -152,11 +153,54 @@ def transpose(op, arrays, q):
   return np.transpose(q, op["perm"])
 
 
+def matmul(op, arrays, qa, qb):
+  """dot_general of two centered activations (batch axes first, then a's and b's free)."""
+  a = qa.astype(np.int64) - op["zp_a"]
+  b = qb.astype(np.int64) - op["zp_b"]
+  letters = iter("abcdefghijklmnopqrstuvwxyz")
+  la = [next(letters) for _ in range(a.ndim)]
+  lb = [None] * b.ndim
+  for i, j in zip(op["batch_lhs"] + op["contract_lhs"], op["batch_rhs"] + op["contract_rhs"]):
+    lb[j] = la[i]
+  lb = [c or next(letters) for c in lb]
+  taken_a, taken_b = op["batch_lhs"] + op["contract_lhs"], op["batch_rhs"] + op["contract_rhs"]
+  out = ([la[i] for i in op["batch_lhs"]] + [la[i] for i in range(a.ndim) if i not in taken_a]
+         + [lb[j] for j in range(b.ndim) if j not in taken_b])
+  return np.einsum(f"{''.join(la)},{''.join(lb)}->{''.join(out)}", a, b)
+
+
+def _ibert():
+  """The I-BERT kernels' numpy twin, ibert_numpy.py beside this file (numpy only)."""
+  if "jaxquant_ibert_numpy" not in sys.modules:
+    import importlib.util  # pylint: disable=import-outside-toplevel
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "ibert_numpy.py")
+    spec = importlib.util.spec_from_file_location("jaxquant_ibert_numpy", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    sys.modules["jaxquant_ibert_numpy"] = module
+  return sys.modules["jaxquant_ibert_numpy"]
+
+
+def softmax(op, arrays, q):
+  """I-BERT's i-softmax of int32 scores over the last axis (ibert_numpy.i_softmax)."""
+  exp = {k: op["exp_" + k] for k in ("shift_in", "in_floor", "q_ln2", "q_b", "q_c",
+                                     "out_shift")}
+  plan = {"exp": exp, "n": op["n"], "out_bits": op["out_bits"]}
+  return _ibert().i_softmax(q, plan).astype(np.int64)
+
+
+def gelu(op, arrays, q):
+  """I-BERT's i-GELU accumulator of symmetric int8 codes (ibert_numpy.i_gelu_acc)."""
+  plan = {k: op[k] for k in ("in_clamp", "shift_in", "q_clip", "q_b", "q_c", "q_one")}
+  return _ibert().i_gelu_acc(q, plan).astype(np.int64)
+
+
 # The kernel of every op of the format, by name: adding an op to jaxquant's integer_only
 # registry adds its kernel here. Core ops (those yielding an accumulator) return int64
 # arrays, checked against int32 after their epilogue; the others return codes.
 OPS = {"dot": dot, "conv": conv, "add": add, "sum": reduce_sum, "identity": identity,
-       "norm": norm, "requant": requant, "reshape": reshape, "transpose": transpose}
+       "norm": norm, "requant": requant, "reshape": reshape, "transpose": transpose,
+       "matmul": matmul, "softmax": softmax, "gelu": gelu}
 
 
 def load(directory):

@@ -189,11 +189,39 @@ class _Tracer:
         self.module_region(eqns[i:j], eqns[j:], jaxpr.outvars, env, read, region)
         i = j
         continue
+      n = self.pattern(eqns, i, env, read, prefix, jaxpr.outvars)
+      if n:
+        i += n
+        continue
       outs = self.eqn(eqn, [read(a) for a in eqn.invars], path)
       for var, val in zip(eqn.outvars, outs):
         env[var] = val
       i += 1
     return [read(v) for v in jaxpr.outvars]
+
+  def pattern(self, eqns, i, env, read, prefix, outvars) -> int:
+    """A multi-equation pattern of an op (`Op.match`: softmax, GELU) starting at
+    eqns[i] on an activation, as that op's value; the number of equations consumed."""
+    for op in ops.PATTERNS:
+      m = op.match(eqns, i)
+      if not m:
+        continue
+      n, x = m
+      if isinstance(x, jcore.Literal) or isinstance(env.get(x), (Const, type(None))):
+        continue
+      region = eqns[i:i + n]
+      inner = {v for e in region[:-1] for v in e.outvars}
+      later = {a for e in eqns[i + n:] for a in e.invars if not isinstance(a, jcore.Literal)}
+      later |= {v for v in outvars if not isinstance(v, jcore.Literal)}
+      if inner & later:
+        continue
+      path = self.path(prefix, region[-1])
+      out = op.trace_match(self, env[x], region, path)
+      if isinstance(out, Bad):
+        out = self.fail(out.why, out.layer, region[-1].outvars[0].aval.shape)
+      env[region[-1].outvars[0]] = out
+      return n
+    return 0
 
   def module_region(self, region_eqns, rest, outvars, env, read, path):
     """One call of a module an op declares (a normalization) becomes that op's node."""

@@ -22,6 +22,7 @@ GRAPH_OPS: Dict[str, GraphOp] = {name: gop for op in OPS.values()
                                  for name, gop in op.graph_ops.items()}
 STRUCTURAL = tuple(k for k, op in OPS.items() if op.structural)
 MODULE_TYPES = tuple(t for op in OPS.values() for t in op.modules)
+PATTERNS = tuple(op for op in OPS.values() if op.match is not None)
 
 
 def get(kind: str) -> Op:
@@ -41,5 +42,5 @@ def for_module(module) -> Optional[Op]:
   return next((op for op in OPS.values() if isinstance(module, op.modules)), None)
 
 
-__all__ = ["GraphOp", "Op", "OPS", "GRAPH_OPS", "STRUCTURAL", "MODULE_TYPES", "get",
+__all__ = ["GraphOp", "Op", "OPS", "GRAPH_OPS", "STRUCTURAL", "MODULE_TYPES", "PATTERNS", "get",
            "for_primitive", "for_module"]

@@ -87,6 +87,11 @@ class Op:
       weights (its codes, scale and input grid from the QAT rules).
     kernel_scale: optional `kernel_scale(node, layer)`: the weight scale in the kernel's
       own layout (to dequantize it for range measurement).
+    match: optional `match(eqns, i)` → (n, x) when equations eqns[i:i+n] are this op's
+      multi-primitive pattern (softmax, GELU: functions jax inlines) applied to jaxpr
+      variable x, else None; the pattern's inner values must not be used elsewhere.
+    trace_match: `trace_match(tracer, x, eqns, path)` → the IR value of a matched
+      pattern (x the traced value of its input), like `trace`.
   """
   kind: str
   summary: str
@@ -101,6 +106,8 @@ class Op:
   structural: bool = False
   layer: Optional[Callable[..., Any]] = None
   kernel_scale: Optional[Callable[..., Any]] = None
+  match: Optional[Callable[..., Any]] = None
+  trace_match: Optional[Callable[..., Any]] = None
 
 
 def check(ops: List[Op]) -> Dict[str, Op]:
@@ -118,5 +125,7 @@ def check(ops: List[Op]) -> Dict[str, Op]:
       raise ValueError(f"op {op.kind!r} declares modules but no trace_module")
     if op.primitives and op.trace is None:
       raise ValueError(f"op {op.kind!r} declares primitives but no trace")
+    if op.match is not None and op.trace_match is None:
+      raise ValueError(f"op {op.kind!r} declares match but no trace_match")
     by_kind[op.kind] = op
   return by_kind

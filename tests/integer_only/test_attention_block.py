@@ -1,0 +1,90 @@
+"""A BERT-style block through `jq.to_integer`: the attention products ('matmul'), the
+I-BERT softmax and GELU ops (ops/softmax.py, ops/gelu.py) and LayerNorm ('norm'), the
+JAX program bit-exact against the numpy runtime and close to the float model."""
+import jax
+import jax.numpy as jnp
+import flax.linen as nn
+import numpy as np
+import pytest
+
+import jaxquant as jq
+from jaxquant.integer_only import ops
+from tests.integer_only.int_helpers import float_dtypes_in, numpy_runtime
+
+D, H, T, F = 32, 4, 8, 64
+
+
+class TinyBlock(nn.Module):
+  """LayerNorm → multi-head self-attention (einsums, softmax) → LayerNorm → erf-GELU MLP
+  → LayerNorm → mean over tokens, as a post-norm BERT block computes them."""
+
+  @nn.compact
+  def __call__(self, x):
+    x = nn.LayerNorm(name="embed_ln")(x)
+    b, t, d = x.shape
+    q, k, v = (nn.Dense(d, name=n)(x).reshape(b, t, H, d // H) for n in ("query", "key", "value"))
+    q = q / jnp.sqrt(jnp.float32(d // H))
+    scores = jnp.einsum("bthk,bshk->bhts", q, k)
+    probs = jax.nn.softmax(scores, axis=-1)
+    ctx = jnp.einsum("bhts,bshk->bthk", probs, v).reshape(b, t, d)
+    a = nn.LayerNorm(name="ln_1")(x + nn.Dense(d, name="out")(ctx))
+    m = nn.Dense(d, name="fc2")(nn.gelu(nn.Dense(F, name="fc1")(a), approximate=False))
+    h = nn.LayerNorm(name="ln_2")(a + m)
+    return jnp.mean(h, axis=1)
+
+
+@pytest.fixture(scope="module")
+def block():
+  model = TinyBlock()
+  rng = np.random.default_rng(0)
+  calib = [rng.normal(size=(8, T, D)).astype(np.float32) for _ in range(4)]
+  variables = model.init(jax.random.key(0), calib[0])
+  program = jq.to_integer(model, variables, calib)
+  x = rng.normal(size=(16, T, D)).astype(np.float32)
+  return model, variables, program, x
+
+
+def test_block_lowers_to_the_new_ops(block):
+  _, _, program, _ = block
+  kinds = [op["op"] for op in program.graph.ops]
+  assert kinds.count("matmul") == 2 and kinds.count("softmax") == 1
+  assert kinds.count("gelu") == 1 and kinds.count("norm") == 3
+
+
+def test_jax_program_equals_numpy_runtime(block, tmp_path):
+  _, _, program, x = block
+  x_q = np.asarray(program.quantize_input(x))
+  program.save(str(tmp_path))
+  rt = numpy_runtime()
+  np.testing.assert_array_equal(np.asarray(program.run(x_q)),
+                                rt.run(rt.load(str(tmp_path)), x_q))
+
+
+def test_block_close_to_float(block):
+  # int8 activations at every tensor (≈ 8 requantizations in series, each ≤ half a step
+  # of its range) plus i-exp / i-erf's polynomial errors (I-BERT reports < 1e-2 for
+  # both): the per-row cosine to float stays above 0.99 on inputs outside calibration.
+  model, variables, program, x = block
+  ref = np.asarray(model.apply(variables, x), np.float64)
+  got = np.asarray(program(x), np.float64) * program.output_scale
+  cos = np.sum(ref * got, -1) / np.linalg.norm(ref, axis=-1) / np.linalg.norm(got, axis=-1)
+  assert cos.min() >= 0.99, cos
+
+
+def test_program_jaxpr_holds_no_float(block):
+  _, _, program, x = block
+  x_q = program.quantize_input(x)
+  closed = jax.make_jaxpr(program.run)(x_q)
+  assert float_dtypes_in(closed) == []
+
+
+def test_softmax_pattern_needs_the_last_axis():
+  class AxisOne(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      return jax.nn.softmax(nn.Dense(4)(x), axis=1).sum(axis=1)
+
+  x = np.random.default_rng(1).normal(size=(4, 3, 4)).astype(np.float32)
+  variables = AxisOne().init(jax.random.key(0), x)
+  with pytest.raises(jq.IntegerOnlyError, match="max over an axis"):
+    jq.to_integer(AxisOne(), variables, [x])
