@@ -25,6 +25,7 @@ import numpy as np
 
 from jaxquant import layout
 from jaxquant import nnx_functional
+from jaxquant import nnx_transform
 from jaxquant import state
 from jaxquant import transform
 from jaxquant.ptq import layer as ptq_layer
@@ -107,7 +108,7 @@ def convert(qmodel, variables, *example_args, **example_kwargs):
   transform.warn_float_layers([p for p in transform.weight_layers(params)
                                if config.match(p) is None], "convert")
   if nnx_functional.is_nnx(qmodel):  # a new NNX model holding the serving state
-    serving = nnx_functional.with_variables(nnx_model, variables)
+    serving = nnx_transform.eval_mode(nnx_functional.with_variables(nnx_model, variables))
     return serving, finish(variables)
   return qmodel, variables
 

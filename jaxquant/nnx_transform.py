@@ -25,7 +25,8 @@ call updates its observers (the EMA of the activation range) as a Linen `apply` 
 mutable 'quant_stats' does, and static-range specs quantize with the batch's own range;
 after `model.eval()` calls update nothing and use the stored ranges. Under `nnx.jit` /
 `nnx.grad` the updates come back as NNX state updates. `jq.calibrate` / `jq.convert`
-run a copy of the model in the mode they need, whatever the model's.
+run a copy of the model in the mode they need, whatever the model's, and the serving
+model `jq.convert` returns is in eval mode.
 Stochastic rounding draws a fresh key on every call of a layer whose rule asks for it,
 from the 'quant' stream of the `nnx.Rngs` given to `jq.quantize_model(model, rules,
 rngs=nnx.Rngs(quant=seed))` (the layers share that stream, so its count advances as
@@ -255,6 +256,15 @@ def _kernel_layout(layer, kernel) -> layout.WeightLayout:
   in_features = getattr(layer, "in_features", 0)
   n_in = len(in_features) if isinstance(in_features, tuple) else 1
   return layout.make_layout(kernel.ndim, tuple(range(n_in)))
+
+
+def eval_mode(model: nnx.Module) -> nnx.Module:
+  """Sets `model`'s quantized layers to eval mode (their observers update nothing), as a
+  served model's are whatever mode its QAT model was in; returns `model`."""
+  for _, node in nnx.iter_graph(model):
+    if type(node) in _SUBCLASSES.values():
+      setattr(node, TRAIN_ATTR, True)
+  return model
 
 
 def rules_of(model) -> Optional[Tuple[Rule, ...]]:

@@ -117,7 +117,10 @@ def test_nnx_calibrate_gives_linen_static_ranges():
 def test_nnx_convert_serves_the_qat_forward_on_linen_codes():
   model = nnx_cnn(STATIC)
   nnx.update(model, jq.calibrate(model, nnx.state(model), BATCHES))
+  model.train()  # converted in train mode, the serving model is still in eval mode
   serving, serving_state = jq.convert(model, nnx.state(model))
+  model.eval()
+  assert serving.linear1.use_running_average
   assert isinstance(serving, nnx.Module) and isinstance(serving_state, nnx.State)
   assert not isinstance(model.conv1.kernel.get_value(), QTensor)  # the QAT model is kept
   kernel = serving.linear1.kernel.get_value()
