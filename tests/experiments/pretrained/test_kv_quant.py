@@ -118,8 +118,8 @@ def test_tiny_llama_channel_keys_against_numpy_prefill_and_decode(tiny, bits, re
                                  gg.config.head_dim)
   assert int(jnp.abs(cache.k).max()) <= 2 ** (bits - 1) - 1
   # the same cache from one 10-token prefill
-  one, whole = llama.init_cache(gg.config, 1, 12, kv_bits=bits, kv_key_group=group), None
-  _, whole = jax.jit(model.apply)(v, jnp.asarray(ids), one)
+  empty = llama.init_cache(gg.config, 1, 12, kv_bits=bits, kv_key_group=group)
+  _, whole = jax.jit(model.apply)(v, jnp.asarray(ids), empty)
   deq = lambda c: kv_quant.dequantize_key_groups(c.k[0], c.k_scale[0], group)[:, :9]
   np.testing.assert_allclose(deq(whole), deq(cache), rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(whole.k_resid[:, :, :1], cache.k_resid[:, :, :1], rtol=1e-5,
