@@ -113,6 +113,10 @@ class FloatView:
     return type(self.model).__name__
 
   def apply(self, variables, *args, **kwargs):
-    """The float forward of a copy of the model holding `variables`."""
+    """The float forward of a copy of the model holding `variables`, in eval mode
+    (`nnx.Module.eval`: BatchNorm on its running statistics, Dropout off), whatever the
+    model's own mode: an integer program is an inference program."""
     copy = nnx_functional.with_variables(self.model, state.mutable_copy(variables))
-    return float_twins(copy)(*args, **kwargs)
+    copy = float_twins(copy)
+    copy.eval()
+    return copy(*args, **kwargs)

@@ -138,8 +138,7 @@ def to_integer(qmodel, variables, calibration_batches, *, example: Optional[Any]
       variables hold every range.
     example: an input batch, used only for its shape when there are no batches.
     apply_kwargs: extra keyword arguments of `model.apply` (e.g. {'train': False}); of
-      the call, for an NNX model (put its BatchNorm / Dropout in inference mode first:
-      `model.eval()`).
+      the call, for an NNX model (which is traced in eval mode: `model.eval()` on a copy).
 
   Raises:
     IntegerOnlyError (a ValueError): an op with no integer lowering (softmax, GELU,
