@@ -174,21 +174,26 @@ def dot_kernel(op, arr, x):
 
 
 def conv_kernel(op, arr, x):
-  """s8×s8→s32 conv of the input padded with zp itself (real 0), so every window holds
-  all taps and Σ(x − zp)·w = Σ x·w − zp·Σ w with Σ w per output feature."""
-  w = arr(op, "w")
+  """The conv of the input codes padded with zp itself (real 0), so every window holds
+  all taps and Σ(x − zp)·w = Σ x·w − zp·Σ w with Σ w per output feature.
+
+  Its operands are int32 (the int8 codes, widened): XLA on CPU widens s8 convolutions to
+  s32 itself, except when it swaps the operands of a convolution whose (padded) input is
+  smaller than its window, where its native s8 kernel returned wrong sums (jax 0.10.2:
+  a 2×2 input, 3×3 kernel, 32 channels); tests/integer_only/test_ops.py holds the case."""
+  w = arr(op, "w").astype(jnp.int32)
   lhs_spec, rhs_spec, out_spec = (tuple(op[k]) for k in ("lhs_spec", "rhs_spec", "out_spec"))
   pads = [(0, 0)] * x.ndim
   for axis, (lo, hi) in zip(lhs_spec[2:], op["padding"]):
     pads[axis] = (lo, hi)
-  x = jnp.pad(x.astype(jnp.int8), pads, constant_values=jnp.int8(op["zp"]))
+  x = jnp.pad(x.astype(jnp.int8).astype(jnp.int32), pads, constant_values=jnp.int32(op["zp"]))
   dn = lax.ConvDimensionNumbers(lhs_spec, rhs_spec, out_spec)
   acc = lax.conv_general_dilated(x, w, tuple(op["strides"]), [(0, 0)] * len(lhs_spec[2:]),
                                  rhs_dilation=tuple(op["rhs_dilation"]), dimension_numbers=dn,
                                  precision=lax.Precision.DEFAULT,
                                  preferred_element_type=jnp.int32)
   if op["zp"]:
-    w_sum = jnp.sum(w.astype(jnp.int32), axis=tuple(a for a in range(w.ndim) if a != rhs_spec[0]))
+    w_sum = jnp.sum(w, axis=tuple(a for a in range(w.ndim) if a != rhs_spec[0]))
     shape = [1] * acc.ndim
     shape[out_spec[1]] = w_sum.shape[0]
     acc = acc - op["zp"] * w_sum.reshape(shape)
