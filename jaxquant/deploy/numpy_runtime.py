@@ -23,6 +23,8 @@ x = q − zp the centered input codes:
   dot / conv  Σ (q − zp)·w, a conv's input padded with real zeros (x = 0);
   add         Σ_i requantize((q_i − zp_i)·sign_i·2^L, M_i);  sum: Σ x;  identity: x
   norm        graph.py's integer normalization (see `norm` below).
+  max_pool    the largest code per window (padding ignored);  window_sum: Σ x per window
+              (padding: x = 0).
 Core ops are followed by acc = sign·raw + bias when those arrays are present.
 """
 import json
@@ -145,6 +147,31 @@ def requant(op, arrays, acc):
   return y.astype(np.int8 if op["dtype"] == "int8" else np.int32)
 
 
+def _window_taps(x, op, fill):
+  """x padded with `fill` by op's padding, then one strided view per window tap."""
+  x = np.pad(x, [tuple(p) for p in op["padding"]], constant_values=fill)
+  window, strides = op["window"], op["strides"]
+  sizes = [(x.shape[d] - window[d]) // strides[d] + 1 for d in range(x.ndim)]
+  for tap in np.ndindex(*window):
+    yield x[tuple(slice(t, t + s * (n - 1) + 1, s) for t, s, n in zip(tap, strides, sizes))]
+
+
+def max_pool(op, arrays, q):
+  """The largest code of each window; padding taps hold the dtype's minimum."""
+  out = None
+  for view in _window_taps(q, op, np.iinfo(q.dtype).min):
+    out = view.copy() if out is None else np.maximum(out, view)
+  return out
+
+
+def window_sum(op, arrays, q):
+  """Σ (q − zp) over each window; padding taps are real zeros."""
+  out = 0
+  for view in _window_taps(q.astype(np.int64) - op["zp"], op, 0):
+    out = out + view
+  return out
+
+
 def reshape(op, arrays, q):
   return q.reshape((q.shape[0],) + tuple(op["shape"]))
 
@@ -200,7 +227,8 @@ def gelu(op, arrays, q):
 # arrays, checked against int32 after their epilogue; the others return codes.
 OPS = {"dot": dot, "conv": conv, "add": add, "sum": reduce_sum, "identity": identity,
        "norm": norm, "requant": requant, "reshape": reshape, "transpose": transpose,
-       "matmul": matmul, "softmax": softmax, "gelu": gelu}
+       "matmul": matmul, "softmax": softmax, "gelu": gelu,
+       "max_pool": max_pool, "window_sum": window_sum}
 
 
 def load(directory):
