@@ -139,3 +139,17 @@ def test_rotated_w4a4kv4_runs_and_quantizes_the_untied_head(tiny):
   assert np.isfinite(got).all()
   want = np.asarray(rmodel.apply({"params": rparams}, ids))
   assert not np.allclose(got, want, atol=1e-3)  # quantization did change the logits
+
+
+def test_rotation_check_amplification_is_one_for_a_constant_norm_scale(tiny):
+  from experiments.pretrained import rotation_check
+  model, params, _, _, c = tiny
+  ids = np.random.default_rng(5).integers(0, c.vocab_size, size=(1, 9))
+  flat = {**params, "block_0": {**params["block_0"], "mlp_norm": {"scale": np.full(
+      c.hidden_size, 0.5, np.float32)}}}
+  shares, g, factor = rotation_check.channel_stats(model, flat, ids, 0)
+  assert factor == pytest.approx(1.0, rel=1e-6)  # (Σe)(mean g²) / Σ e g² with g constant
+  np.testing.assert_allclose(g, 0.5)
+  assert np.all(np.diff(shares) <= 0) and 0 < shares.sum() <= 1
+  _, _, factor = rotation_check.channel_stats(model, params, ids, 0)
+  assert factor != pytest.approx(1.0, rel=1e-3)  # random scales: not one
