@@ -52,8 +52,9 @@ def _per_head(n_heads: int, h: np.ndarray) -> np.ndarray:
 
 
 def rotate(model: Llama, params: Dict[str, Any], seed: int = 0) -> Tuple[Llama, Dict]:
-  """(model with `hadamard=True` and an untied head, rotated float32 params) computing
-  the same function as `model` on `params` (module docstring). `params` is the float
+  """(model with `hadamard=True` and an untied head, its other fields kept (KV cache
+  settings), rotated float32 params) computing the same function as `model` on `params`
+  (module docstring). `params` is the float
   `'params'` collection of an unrotated Llama (tied or untied head); it is not modified.
   """
   if not isinstance(model, Llama):
@@ -93,8 +94,7 @@ def rotate(model: Llama, params: Dict[str, Any], seed: int = 0) -> Tuple[Llama, 
             "down": {"kernel": h_f.T @ get(b, "mlp", "down", "kernel") @ q_rot},
         },
     }
-  rotated = Llama(dataclasses.replace(c, tie_embeddings=False), kv_bits=model.kv_bits,
-                  hadamard=True)
+  rotated = model.clone(config=dataclasses.replace(c, tie_embeddings=False), hadamard=True)
   return rotated, _to_float32(out)
 
 

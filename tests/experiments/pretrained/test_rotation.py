@@ -74,6 +74,8 @@ def test_rotation_keeps_the_float_model(tiny):
     outs.append(np.asarray(m.apply({"params": p}, ids[:, 9:], cache=cache)[0]))
   np.testing.assert_allclose(outs[1], outs[0], atol=1e-4 * np.abs(outs[0]).max())
   np.testing.assert_allclose(outs[0], want[:, 9:], atol=1e-4 * np.abs(want).max())
+  kept = rotation.rotate(model.clone(kv_bits=4, kv_key_group=4), params)[0]
+  assert (kept.kv_bits, kept.kv_key_group, kept.hadamard) == (4, 4, True)
   with pytest.raises(ValueError, match="already has hadamard=True"):
     rotation.rotate(rmodel, rparams)
 
