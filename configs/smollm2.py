@@ -37,8 +37,10 @@ RMSNorm scales stay float):
                    K = 576, 12 x 128 for `down`), int8 / int4 per-token dynamic
                    activations on every linear's input
   w4a4kv4          ... and the int4 KV cache of float_kv4
-  *_rot            float_rot, w4a8_rot, w4a4_rot, w4a4kv4_rot: the same after a QuaRot
-                   rotation of the float weights (experiments/pretrained/rotation.py:
+  w4a4kv4_gptq     ... with GPTQ int4 weights instead of RTN (the same groups)
+  *_rot            float_rot, w4a8_rot, w4a4_rot, w4a4kv4_rot, w4a4kv4_gptq_rot: the
+                   same after a QuaRot rotation of the float weights
+                   (experiments/pretrained/rotation.py:
                    RMSNorm scales folded, residual stream rotated by a random Hadamard,
                    online Hadamards on `down`'s input and on q/k after RoPE, values
                    rotated per head). The rotation unties the head: `lm_head` is stored
@@ -109,11 +111,13 @@ def a4_token():
   return quant_spec(bits=4, granularity="channel", static=False)
 
 
-def _w4_act(act):
-  """int4 symmetric RTN weights in the g128 rows' groups, `act` on every linear's input."""
+def _w4_act(act, method=None):
+  """int4 symmetric weights in the g128 rows' groups (RTN, or `method`'s PTQ), `act` on
+  every linear's input."""
   def rule(pattern, g):
     spec = quant_spec(bits=4, granularity="group", group_size=g, symmetric=True)
-    return quant_rule(pattern, weight=spec, act=act)
+    return quant_rule(pattern, weight=spec, act=act,
+                      ptq=None if method is None else ptq_spec(method=method))
   return [rule(K576, 192), rule(K1536, 128)]
 
 
@@ -149,13 +153,16 @@ _RULES = {
     "w4a8_rot": lambda: _w4_act(a8_token()) + _embed() + _head(),
     "w4a4_rot": lambda: _w4_act(a4_token()) + _embed() + _head(),
     "w4a4kv4_rot": lambda: _w4_act(a4_token()) + _embed() + _head(),
+    "w4a4kv4_gptq": lambda: _w4_act(a4_token(), "gptq") + _embed(),
+    "w4a4kv4_gptq_rot": lambda: _w4_act(a4_token(), "gptq") + _embed() + _head(),
     "float_kv8_kchan": lambda: [],
     "float_kv4_kchan": lambda: [],
     **{f"w8a8_fp_{kind}": (lambda kind=kind: _w8a8_float_act(kind) + _embed())
        for kind in ("qkv", "o", "gateup", "down")},
 }
 VARIANTS = tuple(_RULES)
-KV_BITS = {"float_kv8": 8, "float_kv4": 4, "w4a4kv4": 4, "w4a4kv4_rot": 4,
+KV_BITS = {"float_kv8": 8, "float_kv4": 4, "w4a4kv4": 4, "w4a4kv4_rot": 4, "w4a4kv4_gptq": 4,
+           "w4a4kv4_gptq_rot": 4,
            "float_kv8_kchan": 8, "float_kv4_kchan": 4}  # else float
 KV_KEY_GROUP = {"float_kv8_kchan": 32, "float_kv4_kchan": 32}  # the others: keys per token
 FLOAT_VARIANTS = ("float", "float_kv8", "float_kv4", "float_rot", "float_kv8_kchan",
