@@ -20,7 +20,8 @@ x = q − zp the centered input codes:
   requant     codes = zp + clamp(RDBPOT(SRDHM(clamp_int32(acc·2^left) + offset, M0),
               right), lo − zp, hi − zp)   (multiplier M0·2^(left − right − 31), offset:
               a bias in units of 2^-left of acc, 0 when absent)
-  dot / conv  Σ (q − zp)·w, a conv's input padded with real zeros (x = 0);
+  dot / conv  Σ (q − zp)·w, a conv's input padded with real zeros (x = 0), optionally
+              input-dilated with real zeros (lhs_dilation) and in feature groups;
   add         Σ_i requantize((q_i − zp_i)·sign_i·2^L, M_i);  sum: Σ x;  identity: x
   norm        graph.py's integer normalization (see `norm` below).
   max_pool    the largest code per window (padding ignored);  window_sum: Σ x per window
@@ -82,19 +83,31 @@ def dot(op, arrays, q):
 
 def conv(op, arrays, q):
   lhs, rhs, out_spec = op["lhs_spec"], op["rhs_spec"], op["out_spec"]
-  # Canonical layouts: x (B, spatial..., Cin), w (spatial..., Cin, Cout).
+  nd = len(lhs) - 2
+  groups = op.get("feature_group_count", 1)
+  # Canonical layouts: x (B, spatial..., Cin), w (spatial..., Cin / groups, Cout).
   x = np.transpose(q.astype(np.int64) - op["zp"], [lhs[0]] + lhs[2:] + [lhs[1]])
   w = np.transpose(arrays[op["w"]].astype(np.int64), rhs[2:] + [rhs[1], rhs[0]])
-  nd = len(lhs) - 2
+  lhs_dil = op.get("lhs_dilation", [1] * nd)
+  if any(d != 1 for d in lhs_dil):  # real zeros between the input's elements
+    sizes = [(n - 1) * d + 1 for n, d in zip(x.shape[1:-1], lhs_dil)]
+    dilated = np.zeros((x.shape[0], *sizes, x.shape[-1]), np.int64)
+    dilated[(slice(None),) + tuple(slice(None, None, d) for d in lhs_dil)] = x
+    x = dilated
   x = np.pad(x, [(0, 0)] + [tuple(p) for p in op["padding"]] + [(0, 0)])  # real zeros
   ksize, strides, dil = w.shape[:nd], op["strides"], op["rhs_dilation"]
   out_sizes = [(x.shape[1 + i] - dil[i] * (ksize[i] - 1) - 1) // strides[i] + 1
                for i in range(nd)]
+  cin, cout = w.shape[-2], w.shape[-1] // groups  # per group
   out = np.zeros((x.shape[0], *out_sizes, w.shape[-1]), np.int64)
   for tap in np.ndindex(*ksize):
     window = tuple(slice(t * d, t * d + s * (o - 1) + 1, s)
                    for t, d, s, o in zip(tap, dil, strides, out_sizes))
-    out += np.tensordot(x[(slice(None),) + window], w[tap], axes=([nd + 1], [0]))
+    xs = x[(slice(None),) + window]
+    for g in range(groups):
+      out[..., g * cout:(g + 1) * cout] += np.tensordot(
+          xs[..., g * cin:(g + 1) * cin], w[tap][:, g * cout:(g + 1) * cout],
+          axes=([nd + 1], [0]))
   canon = [out_spec[0]] + out_spec[2:] + [out_spec[1]]  # output axis of each canonical axis
   return np.transpose(out, np.argsort(canon))
 

@@ -8,13 +8,14 @@
 
 `quantize_input` is the one float → int step (at the boundary); `run` takes int8 codes
 and returns int32 logits with integer operations only: int8 activations between layers,
-s8×s8→s32 contractions with int32 biases at scale s_in·s_w, fixed-point requantization
+int8 × int8 contractions summed in int32, biases at scale s_in·s_w, fixed-point requantization
 (fixed_point.py), ReLU / ReLU6 as the requantization clamp, BatchNorm (inference mode)
-folded into the multiplier and bias, integer residual adds, sums / means, and
-GroupNorm / LayerNorm as an integer normalization (integer mean, variance and square
-root; graph.py). Softmax, GELU / tanh, embedding lookups and products of two activations
-have no integer lowering here and are refused with the layers named. The op set and file
-format: graph.py. How a model becomes a program: lower.py (and trace.py for what is
+folded into the multiplier and bias, integer residual adds, sums / means, max and
+average pooling, grouped / depthwise and transposed convolutions, and GroupNorm /
+LayerNorm as an integer normalization (integer mean, variance and square root); each op
+is one module of ops/. Softmax, GELU / tanh, embedding lookups and products of two
+activations have no integer lowering here and are refused with the layers named. The
+file format: graph.py. How a model becomes a program: lower.py (and trace.py for what is
 refused).
 """
 from __future__ import annotations

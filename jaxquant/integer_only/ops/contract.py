@@ -5,7 +5,12 @@ Program ops (x = q − zp, the centered int8 input codes; w int8 codes):
         order: x's free axes, then w's free axes).
   conv  Σ_window x·w, x padded with real zeros (x = 0, the code zp) by `padding`,
         strides `strides`, kernel dilation `rhs_dilation`, lax dimension numbers
-        `lhs_spec`, `rhs_spec`, `out_spec` (batch, feature, spatial... order of each).
+        `lhs_spec`, `rhs_spec`, `out_spec` (batch, feature, spatial... order of each);
+        optional `lhs_dilation` (default 1s: a transposed conv, nn.ConvTranspose, is x
+        with lhs_dilation − 1 real zeros between its elements) and
+        `feature_group_count` (default 1: G groups, input and output features split in
+        G consecutive blocks, block g of the output from block g of the input; depthwise
+        when G = input features). The lax.conv_general_dilated semantics, all in all.
 The weights are the QAT codes of the layer's rule (per-channel or per-tensor,
 symmetric), the input grid the rule's activation grid (else measured); the accumulator
 scale is s_in·s_w per output channel.
@@ -39,10 +44,8 @@ def trace(tracer, eqn, vals, path):
     attrs = dict(op="dot", contract_lhs=tuple(lc), contract_rhs=tuple(rc))
   else:
     dn = p["dimension_numbers"]
-    if p["feature_group_count"] != 1 or p["batch_group_count"] != 1:
-      return tracer.fail("a grouped / depthwise convolution", path)
-    if any(d != 1 for d in p["lhs_dilation"]):
-      return tracer.fail("a transposed (input-dilated) convolution", path)
+    if p["batch_group_count"] != 1:
+      return tracer.fail("a convolution with batch_group_count > 1", path)
     if dn.lhs_spec[0] != 0 or dn.out_spec[0] != 0:
       return tracer.fail("a convolution whose batch axis is not axis 0", path)
     padding = tuple(tuple(int(v) for v in pad) for pad in p["padding"])
@@ -50,7 +53,9 @@ def trace(tracer, eqn, vals, path):
       return tracer.fail("a convolution with negative padding", path)
     attrs = dict(op="conv", strides=tuple(p["window_strides"]), padding=padding,
                  rhs_dilation=tuple(p["rhs_dilation"]), lhs_spec=tuple(dn.lhs_spec),
-                 rhs_spec=tuple(dn.rhs_spec), out_spec=tuple(dn.out_spec))
+                 rhs_spec=tuple(dn.rhs_spec), out_spec=tuple(dn.out_spec),
+                 lhs_dilation=tuple(p["lhs_dilation"]),
+                 feature_group_count=int(p["feature_group_count"]))
   node = tracer.materialize(vals[0])
   return tracer.core_lazy("contract", [node], tuple(eqn.outvars[0].aval.shape), path,
                           w=np.asarray(vals[1].value, np.float32), eqn_params=dict(p),
@@ -150,6 +155,10 @@ def emit(emitter, node: Node):
     op.update(strides=list(a["strides"]), padding=[list(p) for p in a["padding"]],
               rhs_dilation=list(a["rhs_dilation"]), lhs_spec=list(a["lhs_spec"]),
               rhs_spec=list(a["rhs_spec"]), out_spec=list(a["out_spec"]))
+    if any(d != 1 for d in a["lhs_dilation"]):  # optional fields, written when not 1
+      op["lhs_dilation"] = list(a["lhs_dilation"])
+    if a["feature_group_count"] != 1:
+      op["feature_group_count"] = a["feature_group_count"]
     k = layer_.codes.size // layer_.codes.shape[a["rhs_spec"][0]]
   emitter.arrays[f"{emitter.name()}.w"] = layer_.codes
   op["w"] = f"{emitter.name()}.w"
@@ -174,35 +183,30 @@ def dot_kernel(op, arr, x):
 
 
 def conv_kernel(op, arr, x):
-  """The conv of the input codes padded with zp itself (real 0), so every window holds
-  all taps and Σ(x − zp)·w = Σ x·w − zp·Σ w with Σ w per output feature.
+  """The conv of the centered codes x − zp (int32), padded with real zeros.
 
-  Its operands are int32 (the int8 codes, widened): XLA on CPU widens s8 convolutions to
-  s32 itself, except when it swaps the operands of a convolution whose (padded) input is
-  smaller than its window, where its native s8 kernel returned wrong sums (jax 0.10.2:
-  a 2×2 input, 3×3 kernel, 32 channels); tests/integer_only/test_ops.py holds the case."""
+  Its operands are int32 (the int8 codes, widened and centered): XLA on CPU widens s8
+  convolutions to s32 itself, except when it swaps the operands of a convolution whose
+  (padded) input is smaller than its window, where its native s8 kernel returned wrong
+  sums (jax 0.10.2: a 2×2 input, 3×3 kernel, 32 channels, zp = 0); test_ops.py holds
+  the case. Centering first also makes a transposed conv's inserted holes real zeros."""
   w = arr(op, "w").astype(jnp.int32)
   lhs_spec, rhs_spec, out_spec = (tuple(op[k]) for k in ("lhs_spec", "rhs_spec", "out_spec"))
-  pads = [(0, 0)] * x.ndim
-  for axis, (lo, hi) in zip(lhs_spec[2:], op["padding"]):
-    pads[axis] = (lo, hi)
-  x = jnp.pad(x.astype(jnp.int8).astype(jnp.int32), pads, constant_values=jnp.int32(op["zp"]))
+  nd = len(lhs_spec) - 2
+  x = x.astype(jnp.int8).astype(jnp.int32) - jnp.int32(op["zp"])
   dn = lax.ConvDimensionNumbers(lhs_spec, rhs_spec, out_spec)
-  acc = lax.conv_general_dilated(x, w, tuple(op["strides"]), [(0, 0)] * len(lhs_spec[2:]),
-                                 rhs_dilation=tuple(op["rhs_dilation"]), dimension_numbers=dn,
-                                 precision=lax.Precision.DEFAULT,
-                                 preferred_element_type=jnp.int32)
-  if op["zp"]:
-    w_sum = jnp.sum(w, axis=tuple(a for a in range(w.ndim) if a != rhs_spec[0]))
-    shape = [1] * acc.ndim
-    shape[out_spec[1]] = w_sum.shape[0]
-    acc = acc - op["zp"] * w_sum.reshape(shape)
-  return acc
+  return lax.conv_general_dilated(
+      x, w, tuple(op["strides"]), [tuple(p) for p in op["padding"]],
+      lhs_dilation=tuple(op.get("lhs_dilation", (1,) * nd)),
+      rhs_dilation=tuple(op["rhs_dilation"]), dimension_numbers=dn,
+      feature_group_count=int(op.get("feature_group_count", 1)),
+      precision=lax.Precision.DEFAULT, preferred_element_type=jnp.int32)
 
 
 OP = Op(
     kind="contract",
-    summary="Dense / Conv / DenseGeneral (constant weights)",
+    summary="Dense / Conv (grouped, depthwise) / ConvTranspose / DenseGeneral (constant "
+            "weights)",
     graph_ops={
         "dot": GraphOp(fields=("zp", "w", "contract_lhs", "contract_rhs"), arrays=("w",),
                        kernel=dot_kernel),
