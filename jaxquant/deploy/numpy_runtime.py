@@ -209,6 +209,29 @@ def matmul(op, arrays, qa, qb):
   return np.einsum(f"{''.join(la)},{''.join(lb)}->{''.join(out)}", a, b)
 
 
+def embed(op, arrays, ids):
+  """Rows of the int8 table at the ids (clipped to the table), as accumulators."""
+  table = arrays[op["table"]]
+  return table[np.clip(ids, 0, table.shape[0] - 1)].astype(np.int64)
+
+
+def masked_sum(op, arrays, q, ids):
+  """Σ over `axes` of (q − zp)·[ids ≠ pad], the ids at the activation's `mask_axes`."""
+  shape = [1] * q.ndim
+  shape[op["mask_axes"][0]], shape[op["mask_axes"][1]] = ids.shape
+  keep = (ids != op["pad"]).reshape(shape)
+  return np.sum((q.astype(np.int64) - op["zp"]) * keep, axis=tuple(op["axes"]))
+
+
+def masked_softmax(op, arrays, q, ids):
+  """`softmax` with the key padding mask [ids ≠ pad] over the last axis."""
+  keep = (ids != op["pad"]).reshape((ids.shape[0],) + (1,) * (q.ndim - 2) + (ids.shape[1],))
+  exp = {k: op["exp_" + k] for k in ("shift_in", "in_floor", "q_ln2", "q_b", "q_c",
+                                     "out_shift")}
+  plan = {"exp": exp, "n": op["n"], "out_bits": op["out_bits"]}
+  return _ibert().i_softmax(q, plan, keep).astype(np.int64)
+
+
 def _ibert():
   """The I-BERT kernels' numpy twin, ibert_numpy.py beside this file (numpy only)."""
   if "jaxquant_ibert_numpy" not in sys.modules:
@@ -241,7 +264,8 @@ def gelu(op, arrays, q):
 OPS = {"dot": dot, "conv": conv, "add": add, "sum": reduce_sum, "identity": identity,
        "norm": norm, "requant": requant, "reshape": reshape, "transpose": transpose,
        "matmul": matmul, "softmax": softmax, "gelu": gelu,
-       "max_pool": max_pool, "window_sum": window_sum}
+       "max_pool": max_pool, "window_sum": window_sum, "embed": embed,
+       "masked_sum": masked_sum, "masked_softmax": masked_softmax}
 
 
 def load(directory):
@@ -269,8 +293,10 @@ def run(program, codes):
   """int32 logits of int8 input codes (batch first)."""
   graph, arrays = program["graph"], program["arrays"]
   codes = np.asarray(codes)
-  if codes.dtype != np.int8:
-    raise ValueError(f"run takes int8 input codes, got {codes.dtype}; use quantize_input")
+  want = np.int32 if graph["input"].get("dtype") == "int32" else np.int8  # token ids: int32
+  if codes.dtype != want:
+    raise ValueError(f"run takes {np.dtype(want).name} input codes, got {codes.dtype}; use "
+                     "quantize_input")
   env = {"input": codes}
   for op in graph["ops"]:
     if op["op"] not in OPS:
@@ -294,7 +320,10 @@ def main(argv):
     return 2
   program = load(argv[1])
   x = np.load(argv[2])
-  codes = x if x.dtype == np.int8 else quantize_input(program, x)
+  if program["graph"]["input"].get("dtype") == "int32":  # token ids
+    codes = x.astype(np.int32)
+  else:
+    codes = x if x.dtype == np.int8 else quantize_input(program, x)
   np.save(argv[3], run(program, codes))
   return 0
 

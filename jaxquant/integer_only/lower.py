@@ -91,10 +91,14 @@ def build_graph(qmodel, variables, calibration_batches, *, example=None,
   em.check_ranges()
   input_grid = em.natural(ir.input)
   out = em.emit(ir.output, OUTPUT)
+  if np.dtype(ir.input_dtype) == np.int32:  # token ids, taken as they are
+    input_spec = {"shape": list(ir.nodes[ir.input].shape[1:]), "dtype": "int32"}
+  else:
+    input_spec = {"shape": list(ir.nodes[ir.input].shape[1:]), "scale": input_grid.scale,
+                  "inv_scale": float(np.float32(1.0 / input_grid.scale)),
+                  "zp": input_grid.zp, "qmin": input_grid.qmin, "qmax": input_grid.qmax}
   graph = g.Graph(
-      input={"shape": list(ir.nodes[ir.input].shape[1:]), "scale": input_grid.scale,
-             "inv_scale": float(np.float32(1.0 / input_grid.scale)), "zp": input_grid.zp,
-             "qmin": input_grid.qmin, "qmax": input_grid.qmax},
+      input=input_spec,
       output={"tensor": out, "scale": em.output_scale},
       ops=tuple(em.ops), arrays=em.arrays)
   g.validate(graph)

@@ -46,7 +46,8 @@ class IntegerProgram:
     arrays = {k: jnp.asarray(v) for k, v in g.integer_arrays(graph).items()}
     self._run = jax.jit(lambda x_q: kernels.run_graph(graph, x_q, arrays))
     spec = graph.input
-    self._inv_scale = np.float32(spec["inv_scale"])
+    self.takes_ids = spec.get("dtype") == "int32"  # token ids in, no input quantization
+    self._inv_scale = None if self.takes_ids else np.float32(spec["inv_scale"])
     self._quantize = jax.jit(self._quantize_impl)
 
   @property
@@ -80,15 +81,20 @@ class IntegerProgram:
 
   def quantize_input(self, x) -> jax.Array:
     """int8 codes of float inputs: clip(round_half_even(x·(1/scale)) + zp, qmin, qmax),
-    the float32 product with the stored float32 reciprocal (graph.py); NaN → zp."""
+    the float32 product with the stored float32 reciprocal (graph.py); NaN → zp. A
+    program of token ids takes integer ids as they are (as int32)."""
     self._check_shape(x, "x")
+    if self.takes_ids:
+      if not jnp.issubdtype(jnp.asarray(x).dtype, jnp.integer):
+        raise ValueError(f"this program takes integer token ids, got {jnp.asarray(x).dtype}")
+      return jnp.asarray(x, jnp.int32)
     if not jnp.issubdtype(jnp.asarray(x).dtype, jnp.floating):
       raise ValueError(f"quantize_input takes float inputs, got {jnp.asarray(x).dtype}")
     return self._quantize(jnp.asarray(x))
 
   def run(self, x_q) -> jax.Array:
     """int32 logits of int8 input codes; integer operations only (jittable)."""
-    if jnp.asarray(x_q).dtype != jnp.int8:
+    if jnp.asarray(x_q).dtype != (jnp.int32 if self.takes_ids else jnp.int8):
       raise ValueError(f"run takes int8 codes, got {jnp.asarray(x_q).dtype}; use "
                        "program(x) or program.quantize_input(x) for float inputs")
     self._check_shape(x_q, "x_q")
@@ -112,7 +118,8 @@ class IntegerProgram:
 
   def summary(self) -> str:
     """One line per op: output, op, layer, inputs."""
-    rows = [f"input {self.input_shape} scale={self.input_scale:.4g} zp={self.input_zero_point}"]
+    rows = [f"input {self.input_shape} int32 ids" if self.takes_ids else
+            f"input {self.input_shape} scale={self.input_scale:.4g} zp={self.input_zero_point}"]
     for op in self.graph.ops:
       rows.append(f"{op['out']:>5} = {op['op']:<9} {op.get('layer', '') or '-':<28} "
                   f"{', '.join(op['in'])}")

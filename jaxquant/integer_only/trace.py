@@ -216,7 +216,7 @@ class _Tracer:
       if inner & later:
         continue
       path = self.path(prefix, region[-1])
-      out = op.trace_match(self, env[x], region, path)
+      out = op.trace_match(self, env[x], region, path, read)
       if isinstance(out, Bad):
         out = self.fail(out.why, out.layer, region[-1].outvars[0].aval.shape)
       env[region[-1].outvars[0]] = out
@@ -338,9 +338,10 @@ def trace(model: nn.Module, variables: Dict[str, Any], x: jax.ShapeDtypeStruct,
   tracer = _Tracer(root_scope or type(model).__name__, modules, variables.get("params", {}),
                    through_last=root_scope is not None)
   x_val = Tensor(tracer.node("input", [], tuple(x.shape), ""))
-  if not np.issubdtype(np.dtype(x.dtype), np.floating):
+  if not np.issubdtype(np.dtype(x.dtype), np.floating) and not (
+      np.dtype(x.dtype) == np.int32 and len(x.shape) == 2):
     tracer.fail(f"an input of dtype {x.dtype} (integer programs take float inputs and "
-                "quantize them)", "")
+                "quantize them, or int32 token ids [batch, tokens])", "")
   consts = [Const(np.asarray(c)) for c in closed.consts]
   args = [Const(np.asarray(l)) for l in leaves] + [x_val]
   (out,) = tracer.run(closed.jaxpr, consts, args, "")

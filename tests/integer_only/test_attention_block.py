@@ -88,3 +88,73 @@ def test_softmax_pattern_needs_the_last_axis():
   variables = AxisOne().init(jax.random.key(0), x)
   with pytest.raises(jq.IntegerOnlyError, match="max over an axis"):
     jq.to_integer(AxisOne(), variables, [x])
+
+
+V, PAD = 50, 0
+
+
+class TinyBert(nn.Module):
+  """Token + position embeddings → LayerNorm → self-attention with the key padding mask
+  of the ids → LayerNorm → erf-GELU MLP → LayerNorm → Σ over unpadded tokens."""
+
+  @nn.compact
+  def __call__(self, ids):
+    b, t = ids.shape
+    keep = (ids != PAD).astype(jnp.float32)
+    x = nn.Embed(V, D, name="token_embed")(ids)
+    x = x + nn.Embed(T, D, name="pos_embed")(jnp.arange(t)[None, :])
+    x = nn.LayerNorm(name="embed_ln")(x)
+    q, k, v = (nn.Dense(D, name=n)(x).reshape(b, t, H, D // H) for n in ("query", "key", "value"))
+    scores = jnp.einsum("bthk,bshk->bhts", q / jnp.sqrt(jnp.float32(D // H)), k)
+    scores = jnp.where((keep > 0)[:, None, None, :], scores, jnp.finfo(jnp.float32).min)
+    ctx = jnp.einsum("bhts,bshk->bthk", jax.nn.softmax(scores, axis=-1), v).reshape(b, t, D)
+    a = nn.LayerNorm(name="ln_1")(x + nn.Dense(D, name="out")(ctx))
+    m = nn.Dense(D, name="fc2")(nn.gelu(nn.Dense(F, name="fc1")(a), approximate=False))
+    h = nn.LayerNorm(name="ln_2")(a + m)
+    return jnp.sum(h * keep[:, :, None], axis=1)
+
+
+def _ids(rng, n):
+  """Token ids with 1..T real tokens per row, then padding."""
+  ids = rng.integers(1, V, size=(n, T)).astype(np.int32)
+  lengths = rng.integers(1, T + 1, size=n)
+  ids[np.arange(T)[None, :] >= lengths[:, None]] = PAD
+  return ids
+
+
+@pytest.fixture(scope="module")
+def bert():
+  model = TinyBert()
+  rng = np.random.default_rng(0)
+  calib = [_ids(rng, 8) for _ in range(4)]
+  variables = model.init(jax.random.key(0), calib[0])
+  program = jq.to_integer(model, variables, calib)
+  return model, variables, program, _ids(rng, 16)
+
+
+def test_bert_ids_program_matches_numpy_runtime_and_float(bert, tmp_path):
+  model, variables, program, ids = bert
+  kinds = [op["op"] for op in program.graph.ops]
+  assert {"embed", "masked_softmax", "masked_sum"} <= set(kinds)
+  program.save(str(tmp_path))
+  rt = numpy_runtime()
+  got = np.asarray(program(ids))
+  np.testing.assert_array_equal(got, rt.run(rt.load(str(tmp_path)), ids))
+  ref = np.asarray(model.apply(variables, ids), np.float64)
+  got = got.astype(np.float64) * program.output_scale
+  cos = np.sum(ref * got, -1) / np.linalg.norm(ref, axis=-1) / np.linalg.norm(got, axis=-1)
+  assert cos.min() >= 0.99, cos  # the bound of test_block_close_to_float, with padding
+
+
+def test_padded_tokens_take_no_part(bert):
+  # Three real tokens then padding vs the same row with the padding's position embedding
+  # made real by a fourth token: only the second may change (masking is exact in ints).
+  _, _, program, _ = bert
+  row = np.full((2, T), PAD, np.int32)
+  row[:, :3] = [[5, 7, 9], [5, 7, 9]]
+  row[1, 3] = 11
+  out = np.asarray(program(row))
+  assert not np.array_equal(out[0], out[1])
+  again = row[:1].copy()
+  again[0, 3:] = PAD  # explicit: identical padding → identical result, batch-independent
+  np.testing.assert_array_equal(np.asarray(program(again))[0], out[0])

@@ -90,8 +90,9 @@ class Op:
     match: optional `match(eqns, i)` → (n, x) when equations eqns[i:i+n] are this op's
       multi-primitive pattern (softmax, GELU: functions jax inlines) applied to jaxpr
       variable x, else None; the pattern's inner values must not be used elsewhere.
-    trace_match: `trace_match(tracer, x, eqns, path)` → the IR value of a matched
-      pattern (x the traced value of its input), like `trace`.
+    trace_match: `trace_match(tracer, x, eqns, path, read)` → the IR value of a matched
+      pattern (x the traced value of its input; `read(var)` any other variable's), like
+      `trace`.
   """
   kind: str
   summary: str

@@ -45,7 +45,7 @@ def match(eqns, i):
   return (len(_PATTERN), x) if ok else None
 
 
-def trace_match(tracer, x, eqns, path):
+def trace_match(tracer, x, eqns, path, read):
   node = tracer.materialize(x)
   return tracer.core_lazy("gelu", [node], tracer.nodes[node].shape, path)
 

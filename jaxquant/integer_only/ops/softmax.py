@@ -5,7 +5,9 @@ exp, reduce_sum, broadcast, div; that sequence on one activation is matched whol
 (`match`). The scores are requantized to int32 codes at a fine scale s_in (the measured
 max |score| / 2^16, zero point 0); program op `softmax` is then `ibert.i_softmax` (Kim et
 al. 2021, I-EXP with our working-scale refinements, see ibert_plans.ExpPlan /
-SoftmaxPlan) over rows of `n`: out = int8 codes of softmax at scale 2^−out_bits, with
+SoftmaxPlan) over rows of `n` (`masked_softmax`: with the key padding mask
+[ids ≠ pad] of its second input, the ids [B, S], over the last axis; masked entries get
+0): out = int8 codes of softmax at scale 2^−out_bits, with
 the exp plan's integers flattened into fields `exp_<name>` (shift_in, in_floor, q_ln2,
 q_b, q_c, out_shift).
 """
@@ -19,6 +21,7 @@ import numpy as np
 from jaxquant.integer_only import ibert
 from jaxquant.integer_only import ibert_plans as plans
 from jaxquant.integer_only.emit import Grid
+from jaxquant.integer_only.ops import keymask
 from jaxquant.integer_only.ops.base import GraphOp, Op
 
 SOFTMAX_OUT_BITS = 7
@@ -44,13 +47,27 @@ def match(eqns, i):
   return (len(_PATTERN), x) if flow else None
 
 
-def trace_match(tracer, x, eqns, path):
+def trace_match(tracer, x, eqns, path, read):
+  """The softmax node; of scores masked by a padding mask (keymask.Masked), the masked
+  softmax taking the ids as its second input."""
+  if isinstance(x, keymask.Keep):
+    return tracer.fail("a softmax of a padding mask", path)
+  if isinstance(x, keymask.Masked):
+    node = tracer.materialize(x.value)
+    rank = len(tracer.nodes[node].shape)
+    if tuple(x.keep.axes) != (0, rank - 1):
+      return tracer.fail("a softmax masked along axes other than (batch, last)", path)
+    return tracer.core_lazy("softmax", [node, x.keep.ids], tracer.nodes[node].shape, path,
+                            pad=x.keep.pad)
   node = tracer.materialize(x)
   return tracer.core_lazy("softmax", [node], tracer.nodes[node].shape, path)
 
 
 def evaluate(node, ins, ctx):
   x = ins[0].astype(np.float64)
+  if len(ins) == 2:  # masked: as the float model's finite fill
+    keep = keymask.mask_of(ins[1].astype(np.int64), node.attrs["pad"], x.ndim, (0, x.ndim - 1))
+    x = np.where(keep, x, np.finfo(np.float32).min)
   e = np.exp(x - x.max(axis=-1, keepdims=True))
   return (e / e.sum(axis=-1, keepdims=True)).astype(np.float32)
 
@@ -67,6 +84,10 @@ def emit(emitter, node):
   op = {"op": "softmax", "in": [t], "layer": node.layer, "n": plan.n,
         "out_bits": plan.out_bits,
         **{f"exp_{k}": int(getattr(plan.exp, k)) for k in EXP_FIELDS}}
+  if len(node.inputs) == 2:
+    ids = node.inputs[1]
+    op.update(op="masked_softmax", pad=int(node.attrs["pad"]))
+    op["in"] = [t, emitter.emit(ids, emitter.natural(ids))]
   return op, 2.0 ** -plan.out_bits, 128.0
 
 
@@ -80,10 +101,18 @@ def kernel(op, arr, x):
   return ibert.i_softmax(x, int_plan(op)).astype(jnp.int32)
 
 
+def masked_kernel(op, arr, x, ids):
+  keep = keymask.mask_of(ids, op["pad"], x.ndim, (0, x.ndim - 1))
+  return ibert.i_softmax(x, int_plan(op), keep).astype(jnp.int32)
+
+
+_FIELDS = ("n", "out_bits") + tuple(f"exp_{k}" for k in EXP_FIELDS)
+
 OP = Op(
     kind="softmax", summary="softmax over the last axis (i-softmax)",
-    graph_ops={"softmax": GraphOp(fields=("n", "out_bits") + tuple(f"exp_{k}" for k in EXP_FIELDS),
-                                  kernel=kernel)},
+    graph_ops={"softmax": GraphOp(fields=_FIELDS, kernel=kernel),
+               "masked_softmax": GraphOp(fields=_FIELDS + ("pad",), arity=2,
+                                         kernel=masked_kernel)},
     match=match, trace_match=trace_match, evaluate=evaluate, emit=emit)
 
 OPS = (OP,)
