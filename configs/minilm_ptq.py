@@ -26,6 +26,8 @@ embedding as a per-row int8 table; position / type embeddings and LayerNorms sta
   w8                    int8 per-channel weight-only
   w8_gptq               ... with GPTQ
   w4_g128_{rtn,awq,gptq}, w3_g128_{rtn,gptq}  asymmetric group-128 weight-only
+  integer_only          (not swept) the encoder as a `jq.to_integer` program: token ids
+                        in, int32 out, no float op (experiments/pretrained/minilm_integer.py)
 
 Rules, specs and PTQ algorithms are written in the config schema's dialect
 (`quant_rule`, `quant_spec`, `ptq_spec`, experiments/training/schema.py): the variant's
@@ -115,6 +117,9 @@ _RULES = {  # every quantized variant also stores the word embedding as per-row 
        for a in (0.3, 0.4, 0.6, 0.8)},
     "w8a8_wmse": lambda: [quant_rule(LAYERS, weight=quant_spec(bits=8, calibration="mse"),
                                      act=a8_token())],
+    # The whole encoder as a jq.to_integer program (experiments/pretrained/minilm_integer.py):
+    # no rules; every layer W8A8 with ranges measured on the calibration split.
+    "integer_only": lambda: [],
 }
 VARIANTS = tuple(_RULES)[:12]  # the sweep (RESULTS.md's table)
 EXTRA = tuple(_RULES)[12:]
@@ -136,6 +141,9 @@ def get_config(variant="w4_g128_gptq"):
   c.calib_forward = "float"  # jq.calibrate(forward=...): statistics of float activations
   c.quant = ml_collections.ConfigDict()
   c.quant.rules = _RULES[variant]()  # every run calibrates; only static variants keep ranges
+  if variant == "integer_only":
+    c.integer_only = True  # experiments.embed runs the integer program
+    c.int_length = 48      # the program's token count (the longest evaluation sentence)
   return c
 
 

@@ -7,7 +7,8 @@ INPUT is a UTF-8 file, one sentence per line (empty lines are kept as empty sent
 so row i of the output is line i). OUTPUT gets float32 [N, 384] L2-normalized
 embeddings. The model is calibrated on the recipe's own calibration split (never on the
 input) and converted exactly as `experiments.minilm_ptq` does; a progress bar follows the
-embedding batches.
+embedding batches. The `integer_only` variant builds the `jq.to_integer` program on the
+same calibration split and embeds through it (experiments/pretrained/minilm_integer.py).
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ import numpy as np
 import tqdm
 from ml_collections import config_flags
 
-from experiments.pretrained import tokenizer
+from experiments.pretrained import minilm, minilm_integer, sentences, tokenizer
 from experiments.pretrained.ptq_run import quantized_encoder, recipe_rules
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "configs/minilm_ptq.py:VARIANT",
@@ -48,6 +49,15 @@ def main(argv):
     rules = recipe_rules(config, config_flags.get_override_values(flags.FLAGS["config"]))
   except ValueError as e:
     raise app.UsageError(str(e)) from None
+  if config.get("integer_only", False):  # the jq.to_integer program, then e = y/‖y‖
+    model, params, tok = minilm.load(config.model_dir or None)
+    program = minilm_integer.build(model, params, tok, sentences.calibration(config.n_calib),
+                                   length=config.int_length, batch_size=config.batch_size)
+    out = minilm_integer.embed(program, tok, lines, batch_size=config.batch_size)
+    np.save(_OUTPUT.value, out)
+    print(f"wrote {_OUTPUT.value}: {out.shape[0]} x {out.shape[1]} float32 (integer "
+          "program)", flush=True)
+    return
   _, _, tok, smodel, svars = quantized_encoder(config, rules)
   fn = jax.jit(smodel.apply)
   out = np.zeros((len(lines), 0), np.float32)

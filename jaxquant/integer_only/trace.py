@@ -119,6 +119,11 @@ class _Tracer:
     if isinstance(v, Bad):
       return v
     shape = self.shape_of(v)
+    # A constant equal along the batch axis (e.g. a type embedding of zeros_like(ids))
+    # is its first row.
+    same = lambda c: c if c is None or np.ndim(c) == 0 or np.shape(c)[0] == 1 or not np.all(
+        np.asarray(c) == np.asarray(c)[:1]) else np.asarray(c)[:1]
+    mult, add = same(mult), same(add)
     for c in (mult, add):  # per-channel constants: scalars or batch-free, same rank
       c = None if c is None else np.asarray(c)
       if c is not None and c.ndim and (c.ndim != len(shape) or c.shape[0] != 1):

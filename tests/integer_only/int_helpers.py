@@ -153,3 +153,49 @@ def ema_as_static(variables):
       out.update(act_lo=t["ema_lo"], act_hi=t["ema_hi"], act_count=t["ema_count"])
     return out
   return {**variables, "quant_stats": visit(variables["quant_stats"])}
+
+
+# ------------------------------------------------------------------ no float anywhere
+def float_in_program(program, x_q, directory):
+  """Every float found in an integer program and in one run of it: (1) the values of the
+  jaxpr of `program.run` on `x_q` (sub-jaxprs, literals, casts included); (2) the graph's
+  arrays and every field of every op (a float field would be a float constant the op
+  computes with); (3) each op the numpy runtime executes on `x_q` from the saved
+  `directory`: the dtypes of its inputs and output. The documented boundary floats
+  (graph input scale / inv_scale of a float-input program, the output scale used by the
+  final dequantization) are not op fields and are not walked. Returns a list of
+  descriptions (empty: integer-only)."""
+  found = [f"jaxpr: {v} {d}" for v, d in float_dtypes_in(jax.make_jaxpr(program.run)(x_q))]
+  graph = program.graph
+  for k, v in graph.arrays.items():
+    if not np.issubdtype(np.asarray(v).dtype, np.integer):
+      found.append(f"array {k}: {np.asarray(v).dtype}")
+
+  def floats(value):
+    if isinstance(value, (list, tuple)):
+      return any(floats(v) for v in value)
+    return isinstance(value, float) or (isinstance(value, np.generic)
+                                        and np.issubdtype(value.dtype, np.inexact))
+
+  for op in graph.ops:
+    for field, value in op.items():
+      if floats(value):
+        found.append(f"op {op['out']} ({op['op']}) field {field}={value!r}")
+  rt = numpy_runtime()
+  kernels = dict(rt.OPS)
+
+  def recorder(name, fn):
+    def run(op, arrays, *ins):
+      out = fn(op, arrays, *ins)
+      for i, t in enumerate(list(ins) + [out]):
+        if not np.issubdtype(np.asarray(t).dtype, np.integer):
+          found.append(f"numpy runtime {name} {'input' if i < len(ins) else 'output'}: "
+                       f"{np.asarray(t).dtype}")
+      return out
+    return run
+
+  rt.OPS.update({name: recorder(name, fn) for name, fn in kernels.items()})
+  out = rt.run(rt.load(directory), np.asarray(x_q))
+  if not np.issubdtype(out.dtype, np.integer):
+    found.append(f"numpy runtime output: {out.dtype}")
+  return found

@@ -1,6 +1,8 @@
 """A BERT-style block through `jq.to_integer`: the attention products ('matmul'), the
 I-BERT softmax and GELU ops (ops/softmax.py, ops/gelu.py) and LayerNorm ('norm'), the
 JAX program bit-exact against the numpy runtime and close to the float model."""
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import flax.linen as nn
@@ -9,7 +11,7 @@ import pytest
 
 import jaxquant as jq
 from jaxquant.integer_only import ops
-from tests.integer_only.int_helpers import float_dtypes_in, numpy_runtime
+from tests.integer_only.int_helpers import float_dtypes_in, float_in_program, numpy_runtime
 
 D, H, T, F = 32, 4, 8, 64
 
@@ -158,3 +160,20 @@ def test_padded_tokens_take_no_part(bert):
   again = row[:1].copy()
   again[0, 3:] = PAD  # explicit: identical padding → identical result, batch-independent
   np.testing.assert_array_equal(np.asarray(program(again))[0], out[0])
+
+
+def test_ids_program_has_no_float_op(bert, tmp_path):
+  _, _, program, ids = bert
+  program.save(str(tmp_path))
+  assert float_in_program(program, program.quantize_input(ids), str(tmp_path)) == []
+
+
+def test_no_float_walk_finds_a_float(bert, tmp_path):
+  # The walk itself can fail: a float field planted in one op is reported.
+  _, _, program, ids = bert
+  ops_ = [dict(op) for op in program.graph.ops]
+  ops_[0]["scale"] = 0.5
+  planted = jq.IntegerProgram(dataclasses.replace(program.graph, ops=tuple(ops_)))
+  planted.save(str(tmp_path))
+  found = float_in_program(planted, planted.quantize_input(ids), str(tmp_path))
+  assert any("field scale=0.5" in f for f in found)
