@@ -11,10 +11,12 @@ and returns int32 logits with integer operations only: int8 activations between 
 int8 × int8 contractions summed in int32, biases at scale s_in·s_w, fixed-point requantization
 (fixed_point.py), ReLU / ReLU6 as the requantization clamp, BatchNorm (inference mode)
 folded into the multiplier and bias, integer residual adds, sums / means, max and
-average pooling, grouped / depthwise and transposed convolutions, and GroupNorm /
-LayerNorm as an integer normalization (integer mean, variance and square root); each op
-is one module of ops/. Softmax, GELU / tanh, embedding lookups and products of two
-activations have no integer lowering here and are refused with the layers named. The
+average pooling, grouped / depthwise and transposed convolutions, GroupNorm /
+LayerNorm as an integer normalization (integer mean, variance and square root),
+products of two activations (attention), softmax and the erf GELU (I-BERT's i-softmax /
+i-GELU), and, for programs of int32 token ids, nn.Embed lookups and key padding masks;
+each op is one module of ops/. The tanh GELU, causal-mask selects and other float
+functions are refused with the layers named. The
 file format: graph.py. How a model becomes a program: lower.py (and trace.py for what is
 refused).
 """
@@ -43,8 +45,11 @@ class IntegerProgram:
   def __init__(self, graph: g.Graph):
     g.validate(graph)
     self.graph = graph
-    arrays = {k: jnp.asarray(v) for k, v in g.integer_arrays(graph).items()}
-    self._run = jax.jit(lambda x_q: kernels.run_graph(graph, x_q, arrays))
+    # The arrays are jit arguments, not constants: XLA would otherwise constant-fold
+    # every weight-derived expression (zp·Σw, ...) at compile time, minutes for a BERT.
+    self._arrays = {k: jnp.asarray(v) for k, v in g.integer_arrays(graph).items()}
+    self._jit = jax.jit(lambda arrays, x_q: kernels.run_graph(graph, x_q, arrays))
+    self._run = lambda x_q: self._jit(self._arrays, x_q)
     spec = graph.input
     self.takes_ids = spec.get("dtype") == "int32"  # token ids in, no input quantization
     self._inv_scale = None if self.takes_ids else np.float32(spec["inv_scale"])
