@@ -8,7 +8,8 @@ so row i of the output is line i). OUTPUT gets float32 [N, 384] L2-normalized
 embeddings. The model is calibrated on the recipe's own calibration split (never on the
 input) and converted exactly as `experiments.minilm_ptq` does; a progress bar follows the
 embedding batches. The `integer_only` variant builds the `jq.to_integer` program on the
-same calibration split and embeds through it (experiments/pretrained/minilm_integer.py).
+same calibration split and embeds through it in the numpy runtime (bit-exact with the
+JAX program; experiments/pretrained/minilm_integer.py).
 """
 from __future__ import annotations
 
@@ -53,7 +54,8 @@ def main(argv):
     model, params, tok = minilm.load(config.model_dir or None)
     program = minilm_integer.build(model, params, tok, sentences.calibration(config.n_calib),
                                    length=config.int_length, batch_size=config.batch_size)
-    out = minilm_integer.embed(program, tok, lines, batch_size=config.batch_size)
+    out = minilm_integer.embed(program, tok, lines, batch_size=config.batch_size,
+                               runner=minilm_integer.numpy_runner(program))
     np.save(_OUTPUT.value, out)
     print(f"wrote {_OUTPUT.value}: {out.shape[0]} x {out.shape[1]} float32 (integer "
           "program)", flush=True)

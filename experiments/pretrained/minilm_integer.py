@@ -58,6 +58,17 @@ def build(model: minilm.MiniLM, params, tok, calib_sentences: Sequence[str], *,
   return jq.to_integer(IdsMiniLM(model.config, tok.pad_id), {"params": params}, batches)
 
 
+def numpy_runner(program: jq.IntegerProgram):
+  """`ids -> int32` through jaxquant/deploy/numpy_runtime.py (numpy only), the program
+  handed over as its graph and arrays."""
+  from jaxquant.deploy import numpy_runtime  # pylint: disable=import-outside-toplevel
+  graph = program.graph
+  loaded = {"graph": {"input": dict(graph.input), "output": dict(graph.output),
+                      "ops": [dict(op) for op in graph.ops]},
+            "arrays": dict(graph.arrays)}
+  return lambda ids: numpy_runtime.run(loaded, np.asarray(ids, np.int32))
+
+
 def embed(program: jq.IntegerProgram, tok, sentences: Sequence[str], *,
           batch_size: int = 64, runner=None) -> np.ndarray:
   """float32 [N, D] unit-norm embeddings: the int32 program output y per sentence, then

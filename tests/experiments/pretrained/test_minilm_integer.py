@@ -36,6 +36,7 @@ def test_tiny_minilm_integer_program(tmp_path):
   program.save(str(tmp_path))
   rt = numpy_runtime()
   np.testing.assert_array_equal(y, rt.run(rt.load(str(tmp_path)), ids))
+  np.testing.assert_array_equal(y, minilm_integer.numpy_runner(program)(ids))
   assert float_in_program(program, program.quantize_input(ids), str(tmp_path)) == []
   ref = np.asarray(model.apply({"params": params}, ids, (ids != 0).astype(np.int32)))
   cos = np.sum(_unit(y) * _unit(ref), -1)
@@ -51,7 +52,8 @@ def test_all_minilm_l6_v2_integer_only_on_the_evaluation_set(tmp_path):
   program = minilm_integer.build(model, params, tok, sentences.calibration(256), length=48)
   evaluation = sentences.evaluation(700)
   e_float = tokenizer.embed(jax.jit(model.apply), {"params": params}, tok, evaluation, 64)
-  e_int = minilm_integer.embed(program, tok, evaluation)
+  e_int = minilm_integer.embed(program, tok, evaluation,
+                               runner=minilm_integer.numpy_runner(program))
   result = metrics.compare(e_float, e_int)
   assert result["cos_mean"] >= 0.99, result  # issue 26's target
   program.save(str(tmp_path))
