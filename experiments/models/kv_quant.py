@@ -2,8 +2,9 @@
 
 Two granularities for keys (values are always per token):
 
-* per token (`kv_key_group=0` in the model): one symmetric absmax scale per (token, kv head), over the
-  head's channels, as for values. Quantized on write, dequantized on read.
+* per token (`kv_key_group=0` in the model): one symmetric absmax scale per (token,
+  kv head), over the head's channels, as for values. Quantized on write, dequantized on
+  read.
 * per channel in groups of G tokens (`kv_key_group=G`, KIVI: Liu et al. 2024, "KIVI: A
   Tuning-Free Asymmetric 2bit Quantization for KV Cache"): keys have a few outlier
   channels, so each channel gets its own scale, the absmax over G consecutive tokens
