@@ -241,8 +241,8 @@ def _build(path, module, config):
     assert bool(rules) == (config.variant not in module.FLOAT_VARIANTS)
     return
   if os.path.basename(path) == "minilm_ptq.py":
-    rules = recipe_rules(config)
-    assert bool(rules) == (config.variant != "float")
+    rules = recipe_rules(config)  # integer_only builds a program from the float model
+    assert bool(rules) == (config.variant not in ("float", "integer_only"))
     return
   if "integer" in config:
     config = ml_collections.ConfigDict(config.to_dict())
