@@ -84,7 +84,14 @@ def _first_quantized_config(recipe, extra):
   return _point_config(module, load_sweep(recipe)[_first_quantized(recipe)], extra)
 
 
-@pytest.mark.parametrize("recipe", RECIPES)
+# The three slowest recipes to build and step (each over a minute of CPU on the 2-core
+# CI machine) run with `-m slow`; the default suite steps the other nine.
+_SLOW_RECIPES = ("configs/claims/bit_ladder.py", "configs/claims/estimators.py",
+                 "configs/claims/gpt_bytes.py")
+
+
+@pytest.mark.parametrize("recipe", [pytest.param(r, marks=pytest.mark.slow)
+                                    if r in _SLOW_RECIPES else r for r in RECIPES])
 def test_claim_recipe_trains_two_steps(recipe):
   """The recipe's first quantized point builds (model, rules, optimizer) and two jitted
   training steps run: finite losses, and the trainable variables move."""
