@@ -24,6 +24,19 @@ def numpy_runtime():
   return module
 
 
+def assert_runtime_exact_and_close(model, variables, program, x, directory, tol):
+  """The saved program runs bit for bit in the numpy runtime on x's codes, and its
+  dequantized output is within tol · max|model output| of the model's."""
+  runtime = numpy_runtime()
+  program.save(str(directory))
+  codes = np.asarray(program.quantize_input(x))
+  np.testing.assert_array_equal(runtime.run(runtime.load(str(directory)), codes),
+                                np.asarray(program.run(codes)))
+  want = np.asarray(model.apply(variables, x))
+  got = np.asarray(program(x)) * program.output_scale
+  assert np.abs(got - want).max() <= tol * np.abs(want).max()
+
+
 # ------------------------------------------------------------------ exact references
 def ref_srdhm(a: int, b: int) -> int:
   """a·b/2^31 to nearest, ties toward +inf; a = b = −2^31 saturates to 2^31 − 1."""

@@ -12,8 +12,8 @@ from jax import lax
 
 import jaxquant as jq
 from jaxquant.integer_only import to_integer
-from tests.integer_only.int_helpers import (ema_as_static, numpy_runtime, qat_forward_ranges,
-                                            rules)
+from tests.integer_only.int_helpers import (assert_runtime_exact_and_close, ema_as_static,
+                                            numpy_runtime, qat_forward_ranges, rules)
 from tests.integer_only.test_ops import _both, _codes, _program, _to_int32
 
 NR = numpy_runtime()
@@ -71,16 +71,6 @@ class Decoder(nn.Module):
 MODELS = {"mobilenet": (MobileNetBlock(), (10, 10, 3)), "decoder": (Decoder(), (6,))}
 
 
-def _check(model, variables, program, x, tmp_path, tol):
-  program.save(str(tmp_path))
-  codes = np.asarray(program.quantize_input(x))
-  np.testing.assert_array_equal(NR.run(NR.load(str(tmp_path)), codes),
-                                np.asarray(program.run(codes)))
-  want = np.asarray(model.apply(variables, x))
-  got = np.asarray(program(x)) * program.output_scale
-  assert np.abs(got - want).max() <= tol * np.abs(want).max()
-
-
 @pytest.mark.parametrize("name", sorted(MODELS))
 def test_float_model_bit_exact_and_close(name, tmp_path):
   model, shape = MODELS[name]
@@ -92,7 +82,7 @@ def test_float_model_bit_exact_and_close(name, tmp_path):
     assert sorted(op.get("feature_group_count", 1) for op in convs) == [1, 1, 3, 8]
   else:
     assert [op.get("lhs_dilation") for op in convs] == [[2, 2], [2, 2]]
-  _check(model, variables, program, x, tmp_path, 0.05)
+  assert_runtime_exact_and_close(model, variables, program, x, tmp_path, 0.05)
 
 
 @pytest.mark.slow
@@ -105,4 +95,4 @@ def test_qat_model_bit_exact_and_close(name, tmp_path):
   qm, variables = qat_forward_ranges(model, rules(bits=4, first="stem|dense_0"), batches)
   variables = ema_as_static(variables)
   program = to_integer(qm, variables, batches)
-  _check(qm, variables, program, x, tmp_path, 0.1)
+  assert_runtime_exact_and_close(qm, variables, program, x, tmp_path, 0.1)

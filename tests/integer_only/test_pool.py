@@ -11,7 +11,8 @@ import pytest
 import jaxquant as jq
 from jaxquant.integer_only import IntegerOnlyError, to_integer
 from jaxquant.integer_only import fixed_point as fp
-from tests.integer_only.int_helpers import numpy_runtime, ref_requantize
+from tests.integer_only.int_helpers import (assert_runtime_exact_and_close, numpy_runtime,
+                                            ref_requantize)
 from tests.integer_only.test_ops import _both, _codes, _program, _to_int32
 
 NR = numpy_runtime()
@@ -91,13 +92,7 @@ def test_pooling_model_bit_exact_and_close(count_include_pad, tmp_path):
   program = to_integer(model, variables, [x])  # a float model: W8A8, calibrated
   kinds = [op["op"] for op in program.graph.ops]
   assert "max_pool" in kinds and "window_sum" in kinds
-  program.save(str(tmp_path))
-  codes = np.asarray(program.quantize_input(x))
-  np.testing.assert_array_equal(NR.run(NR.load(str(tmp_path)), codes),
-                                np.asarray(program.run(codes)))
-  want = np.asarray(model.apply(variables, x))
-  got = np.asarray(program(x)) * program.output_scale
-  assert np.abs(got - want).max() <= 0.05 * np.abs(want).max()
+  assert_runtime_exact_and_close(model, variables, program, x, tmp_path, 0.05)
 
 
 def test_avg_pool_is_the_window_sum_rounded_once(tmp_path):
