@@ -38,25 +38,11 @@ argument (`:VARIANT`; the sweep's `config_arg`); `config.variant` only records i
 """
 import ml_collections
 
+from configs.common import a8_static, a8_token, w8
 from experiments.training.schema import ptq_spec, quant_rule, quant_spec
 
 LAYERS = r"block_\d+/(attn/(query|key|value|out)|mlp/fc[12])"
 EMBED = "token_embed"  # the 30522 x 384 word embedding (46.9 MB of the 90.3 MB float model)
-
-
-def w8():
-  """int8 per-channel symmetric absmax weights (QuantSpec defaults)."""
-  return quant_spec(bits=8)
-
-
-def a8_token():
-  """int8 activations, one dynamic scale per token."""
-  return quant_spec(bits=8, granularity="channel", static=False)
-
-
-def a8_static():
-  """int8 activations, one calibrated static range per tensor."""
-  return quant_spec(bits=8, granularity="tensor", static=True)
 
 
 def group(bits, *, full_range=False, symmetric=False, size=128):

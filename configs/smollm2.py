@@ -58,6 +58,7 @@ SmoothQuant's alpha is the rule's field: `'--config.quant.rules[0].ptq.alpha=0.7
 """
 import ml_collections
 
+from configs.common import a8_static, a8_token, a_token, w8
 from experiments.training.schema import ptq_spec, quant_rule, quant_spec
 
 D_MODEL, D_FF = 576, 1536
@@ -66,21 +67,6 @@ K1536 = r"block_\d+/mlp/down"
 LAYERS = r"block_\d+/(attn/(query|key|value|out)|mlp/(gate|up|down))"
 EMBED = "token_embed"
 HEAD = "lm_head"  # only rotated models have one (rotation unties the embedding)
-
-
-def w8():
-  """int8 per-channel symmetric absmax weights."""
-  return quant_spec(bits=8)
-
-
-def a8_token():
-  """int8 activations, one dynamic scale per token."""
-  return quant_spec(bits=8, granularity="channel", static=False)
-
-
-def a8_static():
-  """int8 activations, one calibrated static (absmax) range per tensor."""
-  return quant_spec(bits=8, granularity="tensor", static=True)
 
 
 def _w8a8(act, alpha=None):
@@ -104,11 +90,6 @@ def _embed():
 def _head():
   """The untied head of a rotated model, int8 per channel (per vocab row)."""
   return [quant_rule(HEAD, weight=w8())]
-
-
-def a4_token():
-  """int4 activations, one dynamic scale per token."""
-  return quant_spec(bits=4, granularity="channel", static=False)
 
 
 def _w4_act(act, method=None):
@@ -147,14 +128,14 @@ _RULES = {
     "float_kv8": lambda: [],
     "float_kv4": lambda: [],
     "w4a8": lambda: _w4_act(a8_token()) + _embed(),
-    "w4a4": lambda: _w4_act(a4_token()) + _embed(),
-    "w4a4kv4": lambda: _w4_act(a4_token()) + _embed(),
+    "w4a4": lambda: _w4_act(a_token(4)) + _embed(),
+    "w4a4kv4": lambda: _w4_act(a_token(4)) + _embed(),
     "float_rot": lambda: [],
     "w4a8_rot": lambda: _w4_act(a8_token()) + _embed() + _head(),
-    "w4a4_rot": lambda: _w4_act(a4_token()) + _embed() + _head(),
-    "w4a4kv4_rot": lambda: _w4_act(a4_token()) + _embed() + _head(),
-    "w4a4kv4_gptq": lambda: _w4_act(a4_token(), "gptq") + _embed(),
-    "w4a4kv4_gptq_rot": lambda: _w4_act(a4_token(), "gptq") + _embed() + _head(),
+    "w4a4_rot": lambda: _w4_act(a_token(4)) + _embed() + _head(),
+    "w4a4kv4_rot": lambda: _w4_act(a_token(4)) + _embed() + _head(),
+    "w4a4kv4_gptq": lambda: _w4_act(a_token(4), "gptq") + _embed(),
+    "w4a4kv4_gptq_rot": lambda: _w4_act(a_token(4), "gptq") + _embed() + _head(),
     "float_kv8_kchan": lambda: [],
     "float_kv4_kchan": lambda: [],
     **{f"w8a8_fp_{kind}": (lambda kind=kind: _w8a8_float_act(kind) + _embed())
