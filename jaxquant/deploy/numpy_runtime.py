@@ -18,12 +18,14 @@ x = q − zp the centered input codes:
               SRDHM(a, b) = floor(a·b/2^31 + 1/2), and 2^31 − 1 for a = b = −2^31;
               RDBPOT(x, n) = x/2^n rounded to nearest, ties away from zero.
   requant     codes = zp + clamp(RDBPOT(SRDHM(clamp_int32(acc·2^left) + offset, M0),
-              right), lo − zp, hi − zp)   (multiplier M0·2^(left − right − 31), offset:
-              a bias in units of 2^-left of acc, 0 when absent)
+              right), lo − zp, hi − zp) as `dtype` (int8, int16 on a wide residual
+              path, or int32)   (multiplier M0·2^(left − right − 31), offset: a bias
+              in units of 2^-left of acc, 0 when absent)
   dot / conv  Σ (q − zp)·w, a conv's input padded with real zeros (x = 0), optionally
               input-dilated with real zeros (lhs_dilation) and in feature groups;
   add         Σ_i requantize((q_i − zp_i)·sign_i·2^L, M_i);  sum: Σ x;  identity: x
-  norm        graph.py's integer normalization (see `norm` below).
+  norm        graph.py's integer normalization (see `norm` below; `var_shift` k, 0 when
+              absent, rounds the centered values by 2^k before they are squared).
   max_pool    the largest code per window (padding ignored);  window_sum: Σ x per window
               (padding: x = 0).
 Core ops are followed by acc = sign·raw + bias when those arrays are present.
@@ -135,11 +137,12 @@ def norm(op, arrays, q):
   x = q.astype(np.int64) - op["zp"]
   x = x.reshape(q.shape[:-1] + (groups, q.shape[-1] // groups))
   n = int(np.prod([x.shape[ax] for ax in axes]))
+  k = op.get("var_shift", 0)  # int16 codes: the centered values shifted before squaring
   s1 = np.sum(x, axis=axes, keepdims=True)
   mean = rdiv(s1, n)
-  s2 = np.sum((x - mean) ** 2, axis=axes, keepdims=True)
+  s2 = np.sum(rdbpot(x - mean, k) ** 2, axis=axes, keepdims=True)
   r = s1 - n * mean
-  v = s2 - rdiv(r * r, n)  # n · variance, in codes²
+  v = np.maximum(s2 - rdiv(rdbpot(r * r, 2 * k), n), 0)  # n · variance / 4^k, in codes²
   var = (v // n) * 2 ** (2 * p) + rdiv((v % n) * 2 ** (2 * p), n)
   sigma = np.maximum(isqrt(var + op["eps"]), 1)  # σ · 2^P
   inv = (2 ** 30) // sigma
@@ -157,7 +160,7 @@ def requant(op, arrays, acc):
       raise OverflowError(f"requant {op['out']} (layer {op.get('layer')!r}) leaves int32")
   y = rdbpot(srdhm(shifted, arrays[op["m0"]]), arrays[op["right"]])
   y = np.clip(y, op["lo"] - op["zp"], op["hi"] - op["zp"]) + op["zp"]
-  return y.astype(np.int8 if op["dtype"] == "int8" else np.int32)
+  return y.astype({"int8": np.int8, "int16": np.int16}.get(op["dtype"], np.int32))
 
 
 def _window_taps(x, op, fill):

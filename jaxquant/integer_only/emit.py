@@ -11,10 +11,18 @@ affine offset (layer bias, BatchNorm shift, β) in units of 2^-left of the accum
 for on several grids is requantized once per grid from the same accumulator. The
 output is requantized to int32 at one scale s_out slightly above the largest
 accumulator scale (so every multiplier is < 1 and nothing saturates).
+
+Wide residual paths (`to_integer(..., residual_bits=16)`): the normalizations and the
+adds on the residual paths into them (`residual_readers`) read their inputs as int16
+codes, on the int16 asymmetric grid of each input's measured range (`wide`); every other
+consumer of the same tensors (a contraction, a pooling) still reads its own int8 grid,
+requantized from the same accumulator. A transformer's residual sums hold a few outlier
+channels (hundreds of times the median magnitude), which an int8 grid of their range
+rounds the other channels away on; 256 times finer steps keep them.
 """
 from __future__ import annotations
 
-from typing import Any, Dict, List, NamedTuple, Optional, Tuple
+from typing import Any, Dict, List, NamedTuple, Optional, Set, Tuple
 
 import numpy as np
 
@@ -26,6 +34,8 @@ from jaxquant.numerics import int_range
 from jaxquant.spec import QuantSpec
 
 CALIBRATED_ACT = QuantSpec(bits=8, symmetric=False, granularity="tensor")
+WIDE_ACT = QuantSpec(bits=16, symmetric=False, granularity="tensor")
+RESIDUAL_BITS = (8, 16)
 OUTPUT_HEADROOM = 1.0 + 2.0 ** -10
 
 
@@ -41,10 +51,34 @@ class Grid(NamedTuple):
 OUTPUT = Grid(0.0, 0, fp.INT32_MIN, fp.INT32_MAX, "int32")  # scale chosen at emission
 
 
-def grid_from_spec(spec: QuantSpec, scale: float, zp: int) -> Grid:
-  """The `Grid` of an int spec with this scale and zero point."""
+def grid_from_spec(spec: QuantSpec, scale: float, zp: int, dtype: str = "int8") -> Grid:
+  """The `Grid` of an int spec with this scale and zero point, its codes stored as
+  `dtype`."""
   qmin, qmax = int_range(spec)
-  return Grid(float(scale), int(zp), int(qmin), int(qmax))
+  return Grid(float(scale), int(zp), int(qmin), int(qmax), dtype)
+
+
+def grid_bits(grid: Grid) -> int:
+  """The width of the dtype a grid's codes are stored as (8, 16 or 32)."""
+  return np.iinfo(np.dtype(grid.dtype)).bits
+
+
+def residual_readers(ir: IR, root) -> Set[int]:
+  """The ids of every normalization node and of every add node on a residual path into
+  one: an add whose output (through its folded affine map and any reshapes) is the
+  input of a normalization or of another such add. `root(i)` skips reshapes."""
+  readers: Set[int] = set()
+  stack = [n.id for n in ir.nodes if n.kind == "norm"]
+  while stack:
+    c = stack.pop()
+    if c in readers:
+      continue
+    readers.add(c)
+    for i in ir.nodes[c].inputs:
+      node = ir.nodes[root(i)]
+      if node.kind == "affine" and ir.nodes[node.inputs[0]].kind == "add":
+        stack.append(node.inputs[0])
+  return readers
 
 
 class Emitter:
@@ -52,9 +86,13 @@ class Emitter:
   `emit(i, grid)` names the tensor of IR node `i` on `grid`, emitting what it needs."""
 
   def __init__(self, ir: IR, layers: Dict[int, Layer], demand: Dict[int, Grid],
-               ranges: Dict[int, Tuple[float, float]], calibrated: bool):
+               ranges: Dict[int, Tuple[float, float]], calibrated: bool,
+               residual_bits: int = 8):
+    if residual_bits not in RESIDUAL_BITS:
+      raise ValueError(f"residual_bits={residual_bits!r} must be one of {RESIDUAL_BITS}")
     self.ir, self.layers, self.demand, self.ranges = ir, layers, demand, ranges
     self.calibrated = calibrated
+    self.wide_readers = residual_readers(ir, self.root) if residual_bits == 16 else set()
     self.ops: List[Dict[str, Any]] = []
     self.arrays: Dict[str, np.ndarray] = {}
     self.memo: Dict[Tuple[int, Grid], str] = {}
@@ -85,6 +123,22 @@ class Emitter:
     lo, hi = self.ranges[r]
     scale, zp = qat_view.grid_of(CALIBRATED_ACT, ("range", (lo, hi)))
     return grid_from_spec(CALIBRATED_ACT, scale, zp)
+
+  def wide(self, i: int) -> Grid:
+    """The int16 asymmetric grid of tensor `i`'s measured range (without a measured
+    range: the real range of its natural grid)."""
+    r = self.root(i)
+    if r in self.ranges:
+      lo, hi = self.ranges[r]
+    else:
+      g = self.natural(i)
+      lo, hi = g.scale * (g.qmin - g.zp), g.scale * (g.qmax - g.zp)
+    return grid_from_spec(WIDE_ACT, *qat_view.grid_of(WIDE_ACT, ("range", (lo, hi))), "int16")
+
+  def operand(self, node: Node, i: int) -> Grid:
+    """The grid `node` reads its input `i` on: `wide(i)` for a residual-path reader
+    (`residual_readers`, when residual_bits=16), else `natural(i)`."""
+    return self.wide(i) if node.id in self.wide_readers else self.natural(i)
 
   def check_ranges(self) -> None:
     """Names the first tensor (in forward order) that needs a measured range and has

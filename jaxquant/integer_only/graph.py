@@ -2,7 +2,8 @@
 
 A program maps int8 input codes to int32 logits. Every tensor is an integer array whose
 axis 0 is the batch; shapes below omit it. Two kinds of value flow between ops:
-  codes  int8 (or the int32 logits) on a grid: real = scale·(code − zp).
+  codes  int8 (int16 on a wide residual path, or the int32 logits) on a grid:
+         real = scale·(code − zp).
   acc    int32 accumulators: real = scale·acc with a per-element (broadcast) scale that
          only the converter knows; it is folded into the requantization multiplier.
 
@@ -11,8 +12,9 @@ int32 arrays that broadcast against raw, each optional); raw is the op's own res
 Each op's semantics is written in its module under ops/ (the op set is the registry's
 `GRAPH_OPS`): dot / conv (ops/contract.py), add, sum (reduce_sum.py), identity, norm,
 reshape / transpose (layout.py). One op belongs to the format itself:
-  requant   codes = clamp(RQ(acc), lo − zp, hi − zp) + zp, as `dtype` ('int8' or
-            'int32'), RQ(x) = RDBPOT(SRDHM(SaturatingLeftShift(x, left) + offset, m0),
+  requant   codes = clamp(RQ(acc), lo − zp, hi − zp) + zp, as `dtype` ('int8',
+            'int16' (the wide residual paths into normalizations, which only adds and
+            norms read) or 'int32'), RQ(x) = RDBPOT(SRDHM(SaturatingLeftShift(x, left) + offset, m0),
             right) (fixed_point.requantize); m0, left, right and the optional offset (a
             bias in units of 2^-left of acc) are int32 arrays broadcasting against acc.
 
@@ -37,6 +39,7 @@ FORMAT = "jaxquant.integer_program"
 VERSION = 1
 REQUANT_FIELDS = ("m0", "left", "right", "zp", "lo", "hi", "dtype")
 REQUANT_ARRAYS = ("m0", "left", "right", "offset")
+REQUANT_DTYPES = ("int8", "int16", "int32")
 CORE_OPS = tuple(name for name, op in ops.GRAPH_OPS.items() if op.core)
 # Fields (besides 'op', 'out', 'in', 'layer') each op must have; array fields name npz keys.
 FIELDS = {**{name: op.fields for name, op in ops.GRAPH_OPS.items()},
@@ -81,6 +84,8 @@ def validate(graph: Graph) -> None:
     for f in fields:
       if op.get(f) is not None and op[f] not in graph.arrays:
         raise ValueError(f"{where}: array {op[f]!r} (field {f!r}) is not in the arrays")
+    if kind == "requant" and op["dtype"] not in REQUANT_DTYPES:
+      raise ValueError(f"{where}: dtype {op['dtype']!r} is not one of {REQUANT_DTYPES}")
     if op["out"] in defined:
       raise ValueError(f"{where}: tensor {op['out']!r} is defined twice")
     defined.add(op["out"])

@@ -20,7 +20,7 @@ def _requant(op, arr, acc):
   y = fp.requantize(acc, arr(op, "m0"), arr(op, "left"), arr(op, "right"), arr(op, "offset"))
   zp = op["zp"]
   y = jnp.clip(y, op["lo"] - zp, op["hi"] - zp) + jnp.int32(zp)
-  return y.astype(jnp.int8 if op["dtype"] == "int8" else jnp.int32)
+  return y.astype({"int8": jnp.int8, "int16": jnp.int16}.get(op["dtype"], jnp.int32))
 
 
 KERNELS: Dict[str, Callable] = {

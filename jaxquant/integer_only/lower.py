@@ -10,7 +10,8 @@
    and a calibrated input grid.
 3. measure.py evaluates the IR on `calibration_batches` as QAT computes it and records
    the range of every tensor that QAT gives no grid: int8 asymmetric per-tensor grids.
-4. emit.py writes the graph: requantization points, accumulators, the int32 output.
+4. emit.py writes the graph: requantization points, accumulators, the int32 output
+   (with residual_bits=16, the residual paths into normalizations as int16 codes).
 Every int32 intermediate is bounded at conversion time; a bound at or past 2^31 raises
 IntegerOnlyError naming the layer.
 """
@@ -26,7 +27,7 @@ from jaxquant.integer_only import measure
 from jaxquant.integer_only import ops
 from jaxquant.integer_only import qat_view
 from jaxquant.integer_only import trace as tr
-from jaxquant.integer_only.emit import OUTPUT, Emitter, Grid, grid_from_spec
+from jaxquant.integer_only.emit import OUTPUT, RESIDUAL_BITS, Emitter, Grid, grid_from_spec
 from jaxquant.integer_only.ir import IntegerOnlyError
 from jaxquant.spec import QuantSpec
 
@@ -44,8 +45,10 @@ def _batches(calibration_batches) -> List[np.ndarray]:
 
 
 def build_graph(qmodel, variables, calibration_batches, *, example=None,
-                apply_kwargs=None) -> Tuple[g.Graph, Dict[str, Any]]:
+                apply_kwargs=None, residual_bits: int = 8) -> Tuple[g.Graph, Dict[str, Any]]:
   """(integer graph, info) for `to_integer`; see program.to_integer."""
+  if residual_bits not in RESIDUAL_BITS:
+    raise ValueError(f"residual_bits={residual_bits!r} must be one of {RESIDUAL_BITS}")
   batches = _batches(calibration_batches)
   if example is None and not batches:
     raise IntegerOnlyError("to_integer needs calibration_batches (at least one batch of "
@@ -87,7 +90,7 @@ def build_graph(qmodel, variables, calibration_batches, *, example=None,
                              "the variables hold no range for it (no jq.calibrate, no "
                              "training EMA): pass calibration_batches to measure it")
     demand[cid] = grid_from_spec(spec, *qat_view.measured_grid(spec, samples[src]))
-  em = Emitter(ir, layers, demand, ranges, bool(batches))
+  em = Emitter(ir, layers, demand, ranges, bool(batches), residual_bits)
   em.check_ranges()
   input_grid = em.natural(ir.input)
   out = em.emit(ir.output, OUTPUT)

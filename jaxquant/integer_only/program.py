@@ -7,7 +7,8 @@
     # anywhere with numpy: python numpy_runtime.py model_int/ x.npy logits.npy
 
 `quantize_input` is the one float → int step (at the boundary); `run` takes int8 codes
-and returns int32 logits with integer operations only: int8 activations between layers,
+and returns int32 logits with integer operations only: int8 activations between layers
+(int16 on the residual paths into normalizations with residual_bits=16),
 int8 × int8 contractions summed in int32, biases at scale s_in·s_w, fixed-point requantization
 (fixed_point.py), ReLU / ReLU6 as the requantization clamp, BatchNorm (inference mode)
 folded into the multiplier and bias, integer residual adds, sums / means, max and
@@ -133,7 +134,8 @@ class IntegerProgram:
 
 
 def to_integer(qmodel, variables, calibration_batches, *, example: Optional[Any] = None,
-               apply_kwargs: Optional[Dict[str, Any]] = None) -> IntegerProgram:
+               apply_kwargs: Optional[Dict[str, Any]] = None,
+               residual_bits: int = 8) -> IntegerProgram:
   """An integer-only program computing `qmodel`'s forward pass (Jacob et al. 2018).
 
   Args:
@@ -152,6 +154,13 @@ def to_integer(qmodel, variables, calibration_batches, *, example: Optional[Any]
     example: an input batch, used only for its shape when there are no batches.
     apply_kwargs: extra keyword arguments of `model.apply` (e.g. {'train': False}); of
       the call, for an NNX model (which is traced in eval mode: `model.eval()` on a copy).
+    residual_bits: 8 (default) or 16. With 16, every GroupNorm / LayerNorm input and
+      the residual adds feeding it (their inputs and sums, recursively: a transformer's
+      residual stream) are held as int16 codes on the int16 grid of their measured
+      range; contractions still read int8 (each such tensor is requantized once per
+      grid from its accumulator). For models whose residual sums have outlier channels
+      (BERT-style encoders), where an int8 grid rounds the other channels to 0 / ±1. With
+      8 the program is the int8 one, byte for byte.
 
   Raises:
     IntegerOnlyError (a ValueError): an op with no integer lowering (softmax, GELU,
@@ -160,5 +169,5 @@ def to_integer(qmodel, variables, calibration_batches, *, example: Optional[Any]
       accumulator that could overflow int32; the message names the layer.
   """
   graph, _ = lower.build_graph(qmodel, variables, calibration_batches, example=example,
-                               apply_kwargs=apply_kwargs)
+                               apply_kwargs=apply_kwargs, residual_bits=residual_bits)
   return IntegerProgram(graph)

@@ -5,16 +5,36 @@ Program op `add` (x_a = a − zp_a, x_b = b − zp_b, L = `left_shift`):
 with MBQM = fixed_point.multiply_by_quantized_multiplier: each operand rescaled onto a
 common accumulator scale 2·max(s_a, s_b)/2^L (Jacob et al. 2018, §2.4; gemmlowp's
 rounding rules).
+
+The shift is L = ADD_ACC_BITS − b = 28 − b for inputs stored in at most b bits (b = 8:
+L = 20, int8 codes; b = 16: L = 12, the int16 codes of a wide residual path), and the
+int32 arithmetic cannot overflow: q and zp both lie in [−2^(b−1), 2^(b−1) − 1], so
+|x| ≤ 2^b − 1 and |x·2^L| ≤ (2^b − 1)·2^(28−b) < 2^28 fits int32. Each multiplier is
+m = s/(2·max(s_a, s_b)) ≤ 1/2, so `quantize_multiplier` gives e ≤ 0 (M0·2^(e−31) ≤ 1/2,
+a rounded-up M0 of 2^31 becoming 2^30 with e + 1 ≤ 0) and MBQM = RDBPOT(SRDHM(v, M0), −e)
+never shifts left: |SRDHM(v, M0)| ≤ |v|·M0/2^31 + 1/2 < 2^27 + 1/2, and RDBPOT only
+shrinks it, so each term is at most 2^27 and |acc| ≤ 2^28 (the bound `emit` reports,
+the same for every b). The sum of two int8 inputs keeps the int8 shift of 20 (its
+programs are unchanged).
 """
 from __future__ import annotations
 
 import jax.numpy as jnp
 
 from jaxquant.integer_only import fixed_point as fp
+from jaxquant.integer_only.emit import grid_bits
 from jaxquant.integer_only.ir import Const
 from jaxquant.integer_only.ops.base import GraphOp, Op
 
-ADD_LEFT_SHIFT = 20
+ADD_ACC_BITS = 28
+ADD_LEFT_SHIFT = ADD_ACC_BITS - 8  # int8 inputs
+
+
+def left_shift(bits: int) -> int:
+  """The fixed-point shift L of an add whose inputs are stored in at most `bits` bits."""
+  if not 1 <= bits <= 16:
+    raise ValueError(f"an add of {bits}-bit codes: the int32 add takes at most 16-bit inputs")
+  return ADD_ACC_BITS - bits
 
 
 def trace(tracer, eqn, vals, path):
@@ -35,9 +55,11 @@ def evaluate(node, ins, ctx):
 
 
 def emit(emitter, node):
-  """(add op, accumulator scale, bound) of two activations on their own grids."""
-  (a, b), shift = node.inputs, ADD_LEFT_SHIFT
-  ga, gb = emitter.natural(a), emitter.natural(b)
+  """(add op, accumulator scale, bound) of two activations on their own grids (int16
+  grids on a wide residual path, `Emitter.operand`)."""
+  a, b = node.inputs
+  ga, gb = emitter.operand(node, a), emitter.operand(node, b)
+  shift = left_shift(max(grid_bits(ga), grid_bits(gb)))
   ta, tb = emitter.emit(a, ga), emitter.emit(b, gb)
   s_max = max(ga.scale, gb.scale)
   m0_a, e_a = fp.quantize_multiplier(ga.scale / (2 * s_max))
@@ -45,7 +67,7 @@ def emit(emitter, node):
   op = {"op": "add", "in": [ta, tb], "layer": node.layer, "zp_a": ga.zp, "zp_b": gb.zp,
         "sign_a": 1, "sign_b": int(node.attrs["sign_b"]), "m0_a": m0_a, "e_a": e_a,
         "m0_b": m0_b, "e_b": e_b, "left_shift": shift}
-  return op, 2 * s_max / 2.0 ** shift, 2.0 ** (shift + 8)
+  return op, 2 * s_max / 2.0 ** shift, 2.0 ** ADD_ACC_BITS
 
 
 def kernel(op, arr, a, b):
