@@ -3,42 +3,18 @@ calibrate, convert, compute_report, to_integer and export_serving, on a small Re
 written the way the flax ImageNet example writes it (BatchNorm with
 `use_running_average=not train`, layers made with `functools.partial`)."""
 import functools
-from typing import Any, Callable, Sequence, Tuple
 
-import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import jaxquant as jq
-from tests.test_third_party import ResNetBlock  # the flax ImageNet example's block
+from tests.test_third_party import ResNet as ExampleResNet
+from tests.test_third_party import ResNetBlock
 
-ModuleDef = Any
-
-
-class ResNet(nn.Module):
-  """The flax ImageNet example's ResNet, two tiny stages."""
-  stage_sizes: Sequence[int] = (1, 1)
-  num_classes: int = 5
-  num_filters: int = 4
-
-  @nn.compact
-  def __call__(self, x, train: bool = True):
-    conv = functools.partial(nn.Conv, use_bias=False)
-    norm = functools.partial(nn.BatchNorm, use_running_average=not train, momentum=0.9,
-                             epsilon=1e-5)
-    x = conv(self.num_filters, (3, 3), (2, 2), padding=[(1, 1), (1, 1)], name="conv_init")(x)
-    x = norm(name="bn_init")(x)
-    x = nn.relu(x)
-    x = nn.max_pool(x, (3, 3), strides=(2, 2), padding="SAME")
-    for i, block_size in enumerate(self.stage_sizes):
-      for j in range(block_size):
-        strides = (2, 2) if i > 0 and j == 0 else (1, 1)
-        x = ResNetBlock(self.num_filters * 2 ** i, strides=strides, conv=conv, norm=norm,
-                        act=nn.relu, name=f"block_{i}_{j}")(x)
-    x = jnp.mean(x, axis=(1, 2))
-    return nn.Dense(self.num_classes, name="head")(x)
+# The flax ImageNet example's ResNet, two tiny stages, a 3x3 stem and named blocks.
+ResNet = functools.partial(ExampleResNet, stage_sizes=(1, 1), block_cls=ResNetBlock,
+                           num_classes=5, num_filters=4, stem_kernel=3, named=True)
 
 
 ACT = jq.QuantSpec(bits=8, granularity="tensor", symmetric=False, static=True)

@@ -18,7 +18,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import pytest
 from flax import nnx
 
 import jaxquant as jq
@@ -110,13 +109,17 @@ class ResNet(nn.Module):
   dtype: Any = jnp.float32
   act: Callable = nn.relu
   conv: ModuleDef = nn.Conv
+  stem_kernel: int = 7  # the example's 7x7 stem; a smaller one for tiny inputs
+  named: bool = False  # blocks `block_{i}_{j}` and the head `head` (else flax's names)
 
   @nn.compact
   def __call__(self, x, train: bool = True):
     conv = functools.partial(self.conv, use_bias=False, dtype=self.dtype)
     norm = functools.partial(nn.BatchNorm, use_running_average=not train, momentum=0.9,
                              epsilon=1e-5, dtype=self.dtype)
-    x = conv(self.num_filters, (7, 7), (2, 2), padding=[(3, 3), (3, 3)], name="conv_init")(x)
+    k, pad = self.stem_kernel, self.stem_kernel // 2
+    x = conv(self.num_filters, (k, k), (2, 2), padding=[(pad, pad), (pad, pad)],
+             name="conv_init")(x)
     x = norm(name="bn_init")(x)
     x = nn.relu(x)
     x = nn.max_pool(x, (3, 3), strides=(2, 2), padding="SAME")
@@ -124,9 +127,9 @@ class ResNet(nn.Module):
       for j in range(block_size):
         strides = (2, 2) if i > 0 and j == 0 else (1, 1)
         x = self.block_cls(self.num_filters * 2**i, strides=strides, conv=conv, norm=norm,
-                           act=self.act)(x)
+                           act=self.act, name=f"block_{i}_{j}" if self.named else None)(x)
     x = jnp.mean(x, axis=(1, 2))
-    x = nn.Dense(self.num_classes, dtype=self.dtype)(x)
+    x = nn.Dense(self.num_classes, dtype=self.dtype, name="head" if self.named else None)(x)
     return jnp.asarray(x, self.dtype)
 
 
