@@ -130,6 +130,7 @@ def get_config(variant="w4_g128_gptq"):
   if variant == "integer_only":
     c.integer_only = True  # experiments.embed runs the integer program
     c.int_length = 48      # the program's token count (the longest evaluation sentence)
+    c.int_residual_bits = 16  # the residual stream into each LayerNorm as int16 codes
   return c
 
 

@@ -53,7 +53,8 @@ def main(argv):
   if config.get("integer_only", False):  # the jq.to_integer program, then e = y/‖y‖
     model, params, tok = minilm.load(config.model_dir or None)
     program = minilm_integer.build(model, params, tok, sentences.calibration(config.n_calib),
-                                   length=config.int_length, batch_size=config.batch_size)
+                                   length=config.int_length, batch_size=config.batch_size,
+                                   residual_bits=config.int_residual_bits)
     out = minilm_integer.embed(program, tok, lines, batch_size=config.batch_size,
                                runner=minilm_integer.numpy_runner(program))
     np.save(_OUTPUT.value, out)

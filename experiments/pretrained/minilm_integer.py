@@ -10,7 +10,8 @@ documented final dequantization (`embed`): e = y/‖y‖ of the int32 output y (
 output scale cancels), the only float step after the input ids.
 
 Every layer is W8A8 (per-channel int8 weights, int8 per-tensor activation grids measured
-on the calibration sentences); the word / position / type tables are int8 per column
+on the calibration sentences), the residual stream into each LayerNorm int16
+(`residual_bits=16`); the word / position / type tables are int8 per column
 (ops/embed.py); LayerNorm, softmax and GELU are the integer kernels of ops/norm.py and
 I-BERT's i-softmax / i-GELU (ops/softmax.py, ops/gelu.py).
 """
@@ -50,12 +51,15 @@ def pad_to(tok, sentences: Sequence[str], length: int) -> np.ndarray:
 
 
 def build(model: minilm.MiniLM, params, tok, calib_sentences: Sequence[str], *,
-          length: int, batch_size: int = 64) -> jq.IntegerProgram:
+          length: int, batch_size: int = 64, residual_bits: int = 16) -> jq.IntegerProgram:
   """The integer program of `model` for ids [*, length], ranges measured on
-  `calib_sentences` (the PTQ rows' calibration split)."""
+  `calib_sentences` (the PTQ rows' calibration split); the residual stream into each
+  LayerNorm as int16 codes unless `residual_bits=8` (`jq.to_integer`'s option: the
+  residual sums hold one outlier channel, on which an int8 grid rounds the others away)."""
   ids = pad_to(tok, calib_sentences, length)
   batches = [ids[i:i + batch_size] for i in range(0, len(ids), batch_size)]
-  return jq.to_integer(IdsMiniLM(model.config, tok.pad_id), {"params": params}, batches)
+  return jq.to_integer(IdsMiniLM(model.config, tok.pad_id), {"params": params}, batches,
+                       residual_bits=residual_bits)
 
 
 def numpy_runner(program: jq.IntegerProgram):
