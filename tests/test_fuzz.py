@@ -58,9 +58,9 @@ quantized backward `DotSpec.grad`)
 Runs eagerly (no jit: one jit compile per spec would dominate) on a small fixed set of
 shapes so XLA's per-op compile cache is reused, and each example runs R tensors through
 one drawn spec/shape (the later ones hit a warm cache). Each fuzz test comes twice: a
-quick one in the default run (~830 cases, about a quarter of the time) and a `deep` one
-marked `slow` that draws DEEP times as many other examples (~3300 cases in ~200 s on one
-core). Deterministic (`derandomize=True`, no example database); JAXQUANT_FUZZ_SCALE=k
+quick one in the default run (~820 cases, most of them the cheap invalid-spec ones) and
+a `deep` one marked `slow` that draws 4 to 20 times as many other examples (~3300 cases in
+~200 s on one core). Deterministic (`derandomize=True`, no example database); JAXQUANT_FUZZ_SCALE=k
 multiplies the example counts of both. The last test prints the number of cases each fuzz
 test ran, checks each ran its budget, and that the quick run reached every branch of the
 properties above (a spec kind or input that only the deep run would draw fails it).
@@ -104,15 +104,20 @@ SHAPES = ((), (1,), (3,), (7,), (1, 1), (4, 6), (5, 3, 2), (0,), (0, 3), (3, 0),
 FP8_NP = {"fp8_e4m3": ml_dtypes.float8_e4m3fn, "fp8_e5m2": ml_dtypes.float8_e5m2}
 F32_TINY = float(np.finfo(np.float32).tiny)
 KEY = jax.random.key(7)
-# Examples per quick fuzz test (the default run); the `slow` deep tests draw DEEP times as
-# many (the four deep ones together take about 200 s on one core). JAXQUANT_FUZZ_SCALE=10
+# Examples per quick fuzz test (the default run); the `slow` deep tests draw DEEP × N_*_DEEP
+# (the four deep ones together take about 200 s on one core). JAXQUANT_FUZZ_SCALE=10
 # multiplies both for a deeper (still deterministic) run.
 _SCALE = float(os.environ.get("JAXQUANT_FUZZ_SCALE", "1"))
 DEEP = 4
 # Each example draws a spec and a shape, then R tensors (operand pairs) of that shape: the
 # later ones find XLA's per-op compile cache warm. Cases = R × examples.
 R_STRUCTURE, R_VALUES, R_DOT = 3, 4, 4
+# The quick budgets are the fewest examples whose derandomized draws (together with the
+# fixed learned / MSE cases) still reach every branch test_zz_fuzz_case_count checks; the
+# deep budgets (DEEP × N_*_DEEP) are independent of them.
 N_STRUCTURE, N_VALUES, N_DOT, N_INVALID = (
+    max(1, int(n * _SCALE)) for n in (7, 2, 3, 750))
+N_STRUCTURE_DEEP, N_VALUES_DEEP, N_DOT_DEEP, N_INVALID_DEEP = (
     max(1, int(n * _SCALE)) for n in (10, 10, 4, 750))
 N_DOT_LAYOUT = max(1, int(_SCALE))  # the quick dot_general test: per layout (6 of them)
 
@@ -143,11 +148,11 @@ def fuzz_test(name, n, body, **strategies):
   return run
 
 
-def fuzz_tests(name, n, body, **strategies):
+def fuzz_tests(name, n, n_deep, body, **strategies):
   """The quick test `name` (`n` examples, the default run) and `name + '_deep'`, marked
-  slow, that draws DEEP × n other examples."""
+  slow, that draws DEEP × n_deep other examples."""
   return (fuzz_test(name, n, body, **strategies),
-          pytest.mark.slow(fuzz_test(name + "_deep", DEEP * n, body, **strategies)))
+          pytest.mark.slow(fuzz_test(name + "_deep", DEEP * n_deep, body, **strategies)))
 
 
 # ------------------------------------------------------------------------- strategies
@@ -613,10 +618,10 @@ def test_fuzz_quantizers_mse(spec):
 
 
 test_fuzz_quantizers_structure, test_fuzz_quantizers_structure_deep = fuzz_tests(
-    "test_fuzz_quantizers_structure", N_STRUCTURE, _fuzz_quantizers_structure,
+    "test_fuzz_quantizers_structure", N_STRUCTURE, N_STRUCTURE_DEEP, _fuzz_quantizers_structure,
     case=quant_cases(r=R_STRUCTURE))
 test_fuzz_quantizers_values, test_fuzz_quantizers_values_deep = fuzz_tests(
-    "test_fuzz_quantizers_values", N_VALUES, _fuzz_quantizers_values,
+    "test_fuzz_quantizers_values", N_VALUES, N_VALUES_DEEP, _fuzz_quantizers_values,
     case=quant_cases(WARM_SHAPES, r=R_VALUES))
 
 
@@ -778,7 +783,7 @@ test_fuzz_dot_general.__doc__ = _fuzz_dot_general.__doc__
 test_fuzz_dot_general_specs = fuzz_test("test_fuzz_dot_general_specs", N_DOT, _fuzz_dot_general,
                                         case=dot_cases(r=R_DOT))
 test_fuzz_dot_general_deep = pytest.mark.slow(fuzz_test(
-    "test_fuzz_dot_general_deep", DEEP * N_DOT, _fuzz_dot_general, case=dot_cases(r=R_DOT)))
+    "test_fuzz_dot_general_deep", DEEP * N_DOT_DEEP, _fuzz_dot_general, case=dot_cases(r=R_DOT)))
 
 
 # ------------------------------------------------------------------ invalid specs
@@ -880,7 +885,8 @@ def _fuzz_invalid_specs(name, kw, dot):
 
 
 test_invalid_specs_raise_naming_a_field, test_invalid_specs_raise_naming_a_field_deep = (
-    fuzz_tests("test_invalid_specs_raise_naming_a_field", N_INVALID, _fuzz_invalid_specs,
+    fuzz_tests("test_invalid_specs_raise_naming_a_field", N_INVALID, N_INVALID_DEEP,
+               _fuzz_invalid_specs,
                kw=any_spec_kwargs(), dot=st.tuples(
                    st.sampled_from(SPEC_CHOICES), st.sampled_from(SPEC_CHOICES),
                    st.sampled_from(SPEC_CHOICES), st.sampled_from(MODES + ("float", None)))))
@@ -1012,6 +1018,12 @@ def test_regression_lsq_init_of_huge_values():
   assert float(numerics.init_learned(x, spec, (0,))[0]) == np.finfo(np.float32).max
 
 
+def _value_and_vjp_ones(fn, *args):
+  """fn(*args) and its VJP with a ones cotangent."""
+  out, vjp = jax.vjp(fn, *args)
+  return out, vjp(jnp.ones_like(out))
+
+
 @pytest.mark.parametrize("mode", ["int", "fake"])
 def test_regression_dot_with_empty_contraction_and_groups(mode):
   """K = 0 with 'group' granularity: the operand has 0 scale groups and the int kernel /
@@ -1022,9 +1034,11 @@ def test_regression_dot_with_empty_contraction_and_groups(mode):
   for rs in (QS(granularity="group", group_size=1), QS()):
     spec = DS(lhs=QS(granularity="group", group_size=2), rhs=rs, mode=mode,
               grad=QS(granularity="tensor"))
-    out, vjp = jax.vjp(lambda a, b: jq.dot_general(a, b, dims, spec), lhs, rhs)
+    # Under jit (one compile, not one per eager op); the ZeroDivisionError / group-count
+    # errors this catches are raised while tracing, jit or not.
+    out, (dl, dr) = jax.jit(lambda a, b: _value_and_vjp_ones(
+        lambda u, v: jq.dot_general(u, v, dims, spec), a, b))(lhs, rhs)
     np.testing.assert_array_equal(np.asarray(out), np.zeros((3, 2)))
-    dl, dr = vjp(jnp.ones_like(out))
     assert dl.shape == (3, 0) and dr.shape == (0, 2)
 
 
@@ -1038,9 +1052,11 @@ def test_zz_fuzz_case_count(capsys):
   budget = {"test_fuzz_quantizers_structure": R_STRUCTURE * N_STRUCTURE,
             "test_fuzz_quantizers_values": R_VALUES * N_VALUES,
             "test_fuzz_dot_general_specs": R_DOT * N_DOT,
-            "test_invalid_specs_raise_naming_a_field": N_INVALID}
-  budget = {**{name + "_deep": DEEP * n for name, n in budget.items()}, **budget,
-            "test_fuzz_dot_general_deep": DEEP * R_DOT * N_DOT,
+            "test_invalid_specs_raise_naming_a_field": N_INVALID,
+            "test_fuzz_quantizers_structure_deep": DEEP * R_STRUCTURE * N_STRUCTURE_DEEP,
+            "test_fuzz_quantizers_values_deep": DEEP * R_VALUES * N_VALUES_DEEP,
+            "test_fuzz_dot_general_deep": DEEP * R_DOT * N_DOT_DEEP,
+            "test_invalid_specs_raise_naming_a_field_deep": DEEP * N_INVALID_DEEP,
             **{f"test_fuzz_dot_general[{lay}]": R_DOT * N_DOT_LAYOUT for lay in _QUICK_DOT}}
   with capsys.disabled():
     print("\n[fuzz] cases run: " + ", ".join(f"{k}={v}" for k, v in FINISHED.items())
