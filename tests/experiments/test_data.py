@@ -155,6 +155,7 @@ def test_disk_cache_roundtrip(mnist1d, tmp_path, monkeypatch):
     assert len(files) == 1
     sources.clear_caches()
     second = load_dataset("mnist1d")  # now read from disk
+    assert second.metadata == first.metadata == mnist1d.metadata  # generator args stored
     for ds in (first, second):
         np.testing.assert_array_equal(ds.train_x, mnist1d.train_x)
         np.testing.assert_array_equal(ds.test_y, mnist1d.test_y)
