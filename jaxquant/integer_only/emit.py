@@ -18,7 +18,8 @@ codes, on the int16 asymmetric grid of each input's measured range (`wide`); eve
 consumer of the same tensors (a contraction, a pooling) still reads its own int8 grid,
 requantized from the same accumulator. A transformer's residual sums hold a few outlier
 channels (hundreds of times the median magnitude), which an int8 grid of their range
-rounds the other channels away on; 256 times finer steps keep them.
+rounds the other channels away on; 256 times finer steps keep them. The i-GELU, which
+picks its own symmetric input grid, then reads int16 codes too (ops/gelu.py).
 """
 from __future__ import annotations
 
@@ -92,6 +93,7 @@ class Emitter:
       raise ValueError(f"residual_bits={residual_bits!r} must be one of {RESIDUAL_BITS}")
     self.ir, self.layers, self.demand, self.ranges = ir, layers, demand, ranges
     self.calibrated = calibrated
+    self.residual_bits = residual_bits
     self.wide_readers = residual_readers(ir, self.root) if residual_bits == 16 else set()
     self.ops: List[Dict[str, Any]] = []
     self.arrays: Dict[str, np.ndarray] = {}

@@ -158,10 +158,10 @@ def test_tiny_encoder_with_int16_residuals(tmp_path):
   assert not any(op.get("dtype") == "int16" or "var_shift" in op for op in narrow.graph.ops)
   assert ([op["op"] for op in narrow.graph.ops if op["op"] != "requant"]
           == [op["op"] for op in wide.graph.ops if op["op"] != "requant"])
-  # On: int16 codes feed exactly the adds and norms; contractions read int8.
+  # On: int16 codes feed exactly the adds, norms and the i-GELU; contractions read int8.
   dtypes = {op["out"]: op.get("dtype") for op in wide.graph.ops}
   readers = {op["op"] for op in wide.graph.ops if any(dtypes.get(t) == "int16" for t in op["in"])}
-  assert readers == {"add", "norm"}
+  assert readers == {"add", "norm", "gelu"}
   assert all(op["left_shift"] == 12 for op in wide.graph.ops if op["op"] == "add")
   ids = _ids(rng, 16)
   y = np.asarray(wide(ids))

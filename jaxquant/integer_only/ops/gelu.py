@@ -3,7 +3,8 @@
 jax inlines nn.gelu(approximate=False) into mul(½, x), neg, mul(1/√2), erfc, mul; that
 sequence on one activation is matched whole (`match`). The input is requantized to a
 symmetric int8 grid (zero point 0, codes ±127, scale max |x| / 127 of the measured
-range); program op `gelu` is `ibert.i_gelu_acc` (Kim et al. 2021, I-ERF by a second-order
+range; int16 codes ±32767 in a program built with residual_bits=16, the plan then
+rounding them to its working scale); program op `gelu` is `ibert.i_gelu_acc` (Kim et al. 2021, I-ERF by a second-order
 polynomial, see ibert_plans.GeluPlan for every constant and rounding rule) with the
 plan's integers as fields: in_clamp, shift_in, q_clip, q_b, q_c, q_one. Its int32 result
 has scale GeluPlan.acc_scale and is requantized like any accumulator.
@@ -55,13 +56,16 @@ def evaluate(node, ins, ctx):
 
 
 def emit(emitter, node):
-  """(gelu op, GeluPlan.acc_scale, GeluPlan.acc_bound) on a symmetric int8 input grid."""
+  """(gelu op, GeluPlan.acc_scale, GeluPlan.acc_bound) on a symmetric int8 input grid
+  (int16, codes ±32767, when the program is built with residual_bits=16)."""
   x = node.inputs[0]
   lo, hi = emitter.ranges[emitter.root(x)]
   amax = max(abs(lo), abs(hi), 1e-6)
-  grid = Grid(amax / 127.0, 0, -127, 127, "int8")
+  wide = emitter.residual_bits == 16
+  qmax = 2 ** 15 - 1 if wide else 127
+  grid = Grid(amax / qmax, 0, -qmax, qmax, "int16" if wide else "int8")
   t = emitter.emit(x, grid)
-  plan = plans.gelu_plan(grid.scale, grid.scale, 127)
+  plan = plans.gelu_plan(grid.scale, grid.scale, qmax)
   op = {"op": "gelu", "in": [t], "layer": node.layer,
         **{k: int(getattr(plan, k)) for k in PLAN_FIELDS}}
   return op, plan.acc_scale, float(plan.acc_bound)
