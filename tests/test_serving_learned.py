@@ -16,12 +16,23 @@ class _Net(nn.Module):
     return nn.Dense(4, name="head")(x)
 
 
-@pytest.mark.parametrize("mode", ["int", "fake"])
-@pytest.mark.parametrize("act", [
-    jq.QuantSpec(bits=2, ste="pact", symmetric=False, granularity="tensor"),
-    jq.QuantSpec(bits=3, ste="lsq", granularity="tensor"),
-    jq.QuantSpec(bits=4, ste="lsq", symmetric=False, granularity="tensor"),  # unsigned LSQ
-])
+_ACTS = {
+    "pact": jq.QuantSpec(bits=2, ste="pact", symmetric=False, granularity="tensor"),
+    "lsq": jq.QuantSpec(bits=3, ste="lsq", granularity="tensor"),
+    "lsq_unsigned": jq.QuantSpec(bits=4, ste="lsq", symmetric=False, granularity="tensor"),
+}
+
+
+def _cases():
+  """act × mode; the default run keeps every act once with the mode alternating (both
+  modes reached), the other mode of each is slow."""
+  for i, (name, act) in enumerate(_ACTS.items()):
+    for j, mode in enumerate(["int", "fake"]):
+      yield pytest.param(mode, act, id=f"{name}-{mode}",
+                         marks=() if i % 2 == j else pytest.mark.slow)
+
+
+@pytest.mark.parametrize("mode, act", list(_cases()))
 def test_serving_forward_uses_learned_activation_scale(mode, act):
   x = jax.random.normal(jax.random.key(0), (4, 10, 1))
   rules = [jq.Rule(".*", weight=jq.QuantSpec(bits=2, ste="lsq"), act=act, mode=mode)]
