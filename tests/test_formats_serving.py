@@ -48,7 +48,13 @@ def _loss(qmodel, params, stats):
   return jnp.mean((y - 1.0) ** 2)
 
 
-@pytest.mark.parametrize("case", list(CASES))
+# Slow: mxfp4 activations (mxfp4 weights: mxfp4_weight_only; block-scaled 4-bit
+# activations: nvfp4) and w8a16 (int16 activations with calibrate: int16).
+_SLOW_CASES = ("mxfp4", "w8a16")
+
+
+@pytest.mark.parametrize("case", [
+    pytest.param(c, marks=pytest.mark.slow) if c in _SLOW_CASES else c for c in CASES])
 def test_qat_convert_and_size_report(case):
   qmodel = jq.quantize_model(Two(), CASES[case])
   stats = jax.jit(qmodel.init)(jax.random.key(0), X)["quant_stats"]
@@ -113,8 +119,10 @@ def gaussian_errors():
   specs = {"int8": QS(bits=8), "int4 g32": QS(bits=4, granularity="group", group_size=32),
            "mxfp8": QS(format="mxfp8"), "mxfp4": QS(format="mxfp4"),
            "nvfp4": QS(format="nvfp4"), "int16": QS(bits=16)}
-  return {name: float(jnp.linalg.norm(jq.fake_quant(x, s, reduce_axes=(0,)) - x)
-                      / jnp.linalg.norm(x)) for name, s in specs.items()}
+  # One compile per spec (the same values as eager, op by op, at a third of the time).
+  rel_err = jax.jit(lambda x, s: jnp.linalg.norm(jq.fake_quant(x, s, reduce_axes=(0,)) - x)
+                    / jnp.linalg.norm(x), static_argnums=1)
+  return {name: float(rel_err(x, s)) for name, s in specs.items()}
 
 
 def test_gaussian_error_ordering():
