@@ -32,7 +32,7 @@ import pytest
 from configs import mnist1d_cnn
 from experiments import sweeps
 from experiments.sweeps import plan
-from experiments.training import evaluation, restore, run_setup
+from experiments.training import restore
 from experiments.training.results import read_jsonl
 
 # A failed orbax restore (test_train.py's corrupt-checkpoint case, earlier in the same
@@ -456,12 +456,15 @@ BAD_CONFIGS = {
     "wrong type": (CONFIG, ["--config.num_steps=many"], ["num_steps", "'many'", "int"]),
     "invalid regex": (f"{CONFIG}:badregex", [],
                       ["quant.rules[0]", "pattern='dense_(0'", "regex"]),
+}
+# Slow: each more process checks the same CLI path (exit 2, one line, workdir untouched);
+# their messages are checked in-process by test_configs.py's
+# test_bad_config_raises_one_clear_message.
+MORE_BAD_CONFIGS = {
     "unknown dataset": (CONFIG, ["--config.dataset.name=mnist2d"],
                         ["dataset.name", "'mnist2d'", "['mnist1d', 'digits', 'pytext']"]),
     "unknown model": (CONFIG, ["--config.model.name=vgg"],
                       ["model.name", "'vgg'", "['mlp', 'cnn1d', 'resnet', 'gpt', 'bert']"]),
-}
-MORE_BAD_CONFIGS = {
     "unknown spec field": (f"{CONFIG}:badfield", [],
                            ["quant.rules[1].weight.granularty", "granularity"]),
     "act bits out of range": (CONFIG, ["--config.quant.act_bits=1"],
@@ -618,12 +621,13 @@ def test_cnn_recipe_killed_twice_then_finished_is_bit_identical(tmp_path):
 # --------------------------------------------- a config that validates must not crash late
 
 
-def test_stochastic_weight_rounding_converts_for_serving():
-  """Was a crash after training (convert quantized the serving kernels without a key)."""
-  config = faults_config.get_config()
-  setup = run_setup.prepare(config)
-  state = jax.jit(setup.init_fn, out_shardings=setup.state_shardings)(
-      jax.random.key(config.seed), setup.example_batch["x"])
-  metrics, param_bytes = evaluation.evaluate_serving(setup, state, {})
-  assert 0.0 <= metrics["accuracy"] <= 1.0
-  assert param_bytes["quantized"] < param_bytes["float"]
+def test_stochastic_weight_rounding_converts_for_serving(reference):
+  """Was a crash after training (convert quantized the serving kernels without a key).
+  The reference run trains the fixture config (stochastic rounding of weights and
+  activations) and ends with that conversion and the serving model's evaluation."""
+  summary = json.loads((reference / "summary.json").read_text())
+  assert summary["quantized"]
+  assert 0.0 <= summary["metrics"]["serving_test_accuracy"] <= 1.0
+  assert summary["param_bytes"]["quantized"] < summary["param_bytes"]["float"]
+  records = read_jsonl(reference / "metrics.jsonl")
+  assert [r["step"] for r in records if r.get("split") == "serving_test"] == [NUM_STEPS]

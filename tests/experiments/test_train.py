@@ -163,28 +163,49 @@ def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, overrides
   assert len(events) == 1
 
 
-def test_quantized_run_reports_serving_metrics_and_resumes(tmp_path):
-  config = tiny_config(num_steps=4, checkpoint_every=2, eval_every=0)
-  config.model.kwargs.features = (16, 16)  # dense_1 follows quant.bits
-  config.quant.rules = base.standard_rules(config.quant, first="dense_0", last="head")
-  config.quant.bits = 4
-  workdir = tmp_path / "w4a4"
-  summary = loop.train_and_evaluate(config, str(workdir))
+def _learning_config(bits):
+  """60 steps of a small MLP on the 8x8 digits; W4A4 (LSQ weights) in dense_1 when
+  `bits` is 4, the first and last layer W8A8."""
+  config = tiny_config(**{"dataset.name": "digits", "model.kwargs.features": (32, 32),
+                          "num_steps": 60, "log_every": 1, "eval_every": 0,
+                          "checkpoint_every": 30})
+  if bits != 32:
+    config.quant.rules = base.standard_rules(config.quant, first="dense_0", last="head")
+    config.quant.bits = bits
+  return config
+
+
+@pytest.fixture(scope="module")
+def w4a4_run(tmp_path_factory):
+  """(summary, workdir) of the quantized learning run (read-only: tests copy it). One
+  run serves the learning check and the quantized-run checks, so its training step and
+  serving conversion compile once."""
+  workdir = tmp_path_factory.mktemp("w4a4") / "run"
+  summary = loop.train_and_evaluate(_learning_config(4), str(workdir))
+  return summary, workdir
+
+
+def test_quantized_run_reports_serving_metrics_and_resumes(w4a4_run, tmp_path):
+  summary, finished = w4a4_run
   assert summary["quantized"] and summary["config"]["quant"]["bits"] == 4
   metrics = summary["metrics"]
   assert 0.0 <= metrics["serving_test_accuracy"] <= 1.0
   assert summary["param_bytes"]["quantized"] < summary["param_bytes"]["float"]
-  # dense_0 and head at W8A8, dense_1 at W4A4 (bit operations = MACs x b_w x b_a)
-  assert summary["compute_per_example"]["bops"] == 640 * 64 + 256 * 16 + 160 * 64
+  # dense_0 and head at W8A8, dense_1 at W4A4 (bit operations = MACs x b_w x b_a); the
+  # digits' 64 inputs -> 32 -> 32 -> 10
+  assert summary["compute_per_example"]["bops"] == 2048 * 64 + 1024 * 16 + 320 * 64
+  config = _learning_config(4)
+  workdir = tmp_path / "w4a4"
+  shutil.copytree(finished, workdir)
   _, state, _ = restore.load_checkpoint(config, str(workdir))
   assert "quant_stats" in state["state"]  # activation ranges travel with the checkpoint
-  config.num_steps = 6
+  config.num_steps = 62
   summary = loop.train_and_evaluate(config, str(workdir))
-  assert summary["resumed_from_step"] == 4 and summary["steps"] == 6
+  assert summary["resumed_from_step"] == 60 and summary["steps"] == 62
 
 
 @pytest.mark.parametrize("bits", [32, 4], ids=["float", "w4a4"])
-def test_short_training_run_learns(tmp_path, bits):
+def test_short_training_run_learns(tmp_path, bits, request):
   """60 steps of a small MLP on the 8x8 digits must clearly lower the loss and beat chance.
 
   Every other end-to-end test checks files, ranges and determinism, which a train step
@@ -193,14 +214,11 @@ def test_short_training_run_learns(tmp_path, bits):
   chance (1 / num_classes), and the mean train loss of the last 10 steps below 0.8x the
   loss of the first step (before any update it is about ln(num_classes), chance level).
   """
-  config = tiny_config(**{"dataset.name": "digits", "model.kwargs.features": (32, 32),
-                          "num_steps": 60, "log_every": 1, "eval_every": 0,
-                          "checkpoint_every": 0})
-  if bits != 32:  # W8A8 first and last layer, dense_1 at W4A4 with LSQ weights
-    config.quant.rules = base.standard_rules(config.quant, first="dense_0", last="head")
-    config.quant.bits = bits
-  workdir = tmp_path / "run"
-  summary = loop.train_and_evaluate(config, str(workdir))
+  if bits == 4:
+    summary, workdir = request.getfixturevalue("w4a4_run")
+  else:
+    workdir = tmp_path / "run"
+    summary = loop.train_and_evaluate(_learning_config(bits), str(workdir))
   assert summary["quantized"] == (bits != 32)
 
   chance = 1.0 / 10  # digits: 10 classes
