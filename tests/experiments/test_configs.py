@@ -180,8 +180,9 @@ def test_cli_takes_jax_flags_and_names_a_mistyped_override(tmp_path):
 @pytest.mark.parametrize("flags, fragment", [
     (["--num_processes=2"], "--num_processes also need(s) --coordinator_address, "
                             "--process_id"),
-    (["--coordinator_address=127.0.0.1:1", "--num_processes=2", "--process_id=2"],
-     "--process_id=2 must be < --num_processes=2"),
+    pytest.param(["--coordinator_address=127.0.0.1:1", "--num_processes=2", "--process_id=2"],
+                 "--process_id=2 must be < --num_processes=2",
+                 marks=pytest.mark.slow),  # a second message of the same check: slow
 ])
 def test_cli_multiprocess_flags_are_checked(tmp_path, flags, fragment):
   result = _train_cli("--config=configs/mnist1d_cnn.py:w8a8", f"--workdir={tmp_path / 'r'}",

@@ -62,16 +62,18 @@ def test_rotation_keeps_the_float_model(tiny):
   assert rmodel.hadamard and not rmodel.config.tie_embeddings
   assert not np.allclose(rparams["token_embed"]["embedding"], params["token_embed"]["embedding"])
   ids = np.random.default_rng(0).integers(0, c.vocab_size, size=(2, 13))
-  want = np.asarray(model.apply({"params": params}, ids))
-  got = np.asarray(rmodel.apply({"params": rparams}, ids))
+  # Jitted forwards: one compile each instead of one per op (eager is several times slower).
+  want = np.asarray(jax.jit(model.apply)({"params": params}, ids))
+  got = np.asarray(jax.jit(rmodel.apply)({"params": rparams}, ids))
   np.testing.assert_allclose(got, want, atol=1e-4 * np.abs(want).max())
   assert _nll(got, ids) == pytest.approx(_nll(want, ids), rel=1e-5)  # perplexity too
   # The cached decode path (rotated keys in the cache) continues the same way.
   outs = []
   for m, p in [(model, params), (rmodel, rparams)]:
     cache = llama.init_cache(m.config, 2, 16)
-    _, cache = m.apply({"params": p}, ids[:, :9], cache=cache)
-    outs.append(np.asarray(m.apply({"params": p}, ids[:, 9:], cache=cache)[0]))
+    apply = jax.jit(lambda variables, x, cache, m=m: m.apply(variables, x, cache=cache))
+    _, cache = apply({"params": p}, ids[:, :9], cache)
+    outs.append(np.asarray(apply({"params": p}, ids[:, 9:], cache)[0]))
   np.testing.assert_allclose(outs[1], outs[0], atol=1e-4 * np.abs(outs[0]).max())
   np.testing.assert_allclose(outs[0], want[:, 9:], atol=1e-4 * np.abs(want).max())
   kept = rotation.rotate(model.clone(kv_bits=4, kv_key_group=4), params)[0]
@@ -87,14 +89,14 @@ def test_rotation_with_paley_widths_and_an_untied_head():
                         tie_embeddings=False)
   model = llama.Llama(c)
   ids = np.random.default_rng(1).integers(0, 40, size=(1, 10))
-  params = model.init(jax.random.key(0), ids)["params"]
+  params = jax.jit(model.init)(jax.random.key(0), ids)["params"]
   rng = np.random.default_rng(2)
   params = jax.tree_util.tree_map_with_path(  # scales away from 1, so folding matters
       lambda path, x: np.asarray(x) * (1 + 0.5 * rng.normal(size=x.shape))
       if "scale" in jax.tree_util.keystr(path) else np.asarray(x), params)
   rmodel, rparams = rotation.rotate(model, params)
-  want = np.asarray(model.apply({"params": params}, ids))
-  got = np.asarray(rmodel.apply({"params": rparams}, ids))
+  want = np.asarray(jax.jit(model.apply)({"params": params}, ids))
+  got = np.asarray(jax.jit(rmodel.apply)({"params": rparams}, ids))
   np.testing.assert_allclose(got, want, atol=1e-4 * np.abs(want).max())
   np.testing.assert_array_equal(rparams["block_0"]["mlp_norm"]["scale"], np.ones(48))
 
@@ -139,7 +141,7 @@ def test_rotated_w4a4kv4_runs_and_quantizes_the_untied_head(tiny):
   assert isinstance(svars["params"]["lm_head"]["kernel"], jq.QTensor)
   got = np.asarray(jax.jit(smodel.apply)(svars, ids))
   assert np.isfinite(got).all()
-  want = np.asarray(rmodel.apply({"params": rparams}, ids))
+  want = np.asarray(jax.jit(rmodel.apply)({"params": rparams}, ids))
   assert not np.allclose(got, want, atol=1e-3)  # quantization did change the logits
 
 
