@@ -12,8 +12,9 @@ import jaxquant as jq
 from tests.test_third_party import ResNet as ExampleResNet
 from tests.test_third_party import ResNetBlock
 
-# The flax ImageNet example's ResNet, two tiny stages, a 3x3 stem and named blocks.
-ResNet = functools.partial(ExampleResNet, stage_sizes=(1, 1), block_cls=ResNetBlock,
+# The flax ImageNet example's ResNet, one tiny stage (jq.convert's example-input trace runs
+# the model eagerly, so its time grows with the layer count), a 3x3 stem and named blocks.
+ResNet = functools.partial(ExampleResNet, stage_sizes=(1,), block_cls=ResNetBlock,
                            num_classes=5, num_filters=4, stem_kernel=3, named=True)
 
 
@@ -26,8 +27,10 @@ X = jax.random.normal(jax.random.key(1), (2, 8, 8, 3))
 def trained():
   """Float variables whose running statistics differ from any one batch's."""
   model = ResNet()
-  v = model.init(jax.random.key(0), X, train=False)
-  _, upd = model.apply(v, X * 3.0 + 1.0, train=True, mutable=["batch_stats"])
+  key = jax.random.key(0, impl="unsafe_rbg")  # compiles fast
+  v = jax.jit(functools.partial(model.init, train=False))(key, X)
+  _, upd = jax.jit(functools.partial(model.apply, train=True, mutable=["batch_stats"]))(
+      v, X * 3.0 + 1.0)
   return model, {"params": v["params"], "batch_stats": upd["batch_stats"]}
 
 
@@ -46,15 +49,16 @@ def test_calibrate_and_convert_take_model_flags(trained):
   np.testing.assert_array_equal(  # eval mode: running statistics untouched
       cal["batch_stats"]["bn_init"]["mean"], v["batch_stats"]["bn_init"]["mean"])
   # The head's static range is that of the eval-mode float model's pooled features.
-  _, inter = model.apply(v, X, train=False, capture_intermediates=True)
-  feats = np.asarray(inter["intermediates"]["block_1_0"]["__call__"][0]).mean(axis=(1, 2))
+  _, inter = jax.jit(functools.partial(model.apply, train=False, capture_intermediates=True))(
+      v, X)
+  feats = np.asarray(inter["intermediates"]["block_0_0"]["__call__"][0]).mean(axis=(1, 2))
   head = cal["quant_stats"]["head"]
   np.testing.assert_allclose(head["act_hi"], feats.max(), rtol=1e-5)
   np.testing.assert_allclose(head["act_lo"], min(feats.min(), 0.0), rtol=1e-5, atol=1e-7)
   # ... not the training-mode model's (batch statistics), which a traced flag would give.
-  _, inter_t = model.apply(v, X, train=True, capture_intermediates=True,
-                           mutable=["batch_stats"])
-  feats_t = np.asarray(inter_t["intermediates"]["block_1_0"]["__call__"][0]).mean(axis=(1, 2))
+  _, inter_t = jax.jit(functools.partial(model.apply, train=True, capture_intermediates=True,
+                                         mutable=["batch_stats"]))(v, X)
+  feats_t = np.asarray(inter_t["intermediates"]["block_0_0"]["__call__"][0]).mean(axis=(1, 2))
   assert abs(feats_t.max() - feats.max()) > 1e-3
 
   # convert traces the model with its flags when the variables hold no layouts.
@@ -63,8 +67,8 @@ def test_calibrate_and_convert_take_model_flags(trained):
                          train=False)
   assert isinstance(served["params"]["head"]["kernel"], jq.QTensor)
   assert isinstance(served["params"]["block_0_0"]["Conv_0"]["kernel"], jq.QTensor)
-  y_serve = qmodel.apply(served, X, train=False)
-  y_qat = qmodel.apply(cal, X, train=False)
+  apply = jax.jit(functools.partial(qmodel.apply, train=False))  # eager compiles op by op
+  y_serve, y_qat = apply(served, X), apply(cal, X)
   np.testing.assert_allclose(y_serve, y_qat, rtol=1e-5, atol=1e-5)
 
   report = jq.compute_report(qmodel, cal, X, train=False)
