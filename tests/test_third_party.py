@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 from flax import nnx
 
 import jaxquant as jq
@@ -68,6 +69,13 @@ def _check_reports(size, compute, params, weight_bits=8, act_bits=8):
   layers = [l for l in compute.layers if "(" not in l.path]  # not attention's q·k, p·v
   assert layers and all((l.weight_bits, l.act_bits) == (weight_bits, act_bits)
                         for l in layers), str(compute)
+
+
+# Most of these tests' time is XLA compiling programs that run once: the QAT programs
+# compile with the backend optimizations off (serving and export keep jax.jit's defaults,
+# as exported programs compile with them); PRNG inits take the fast-compiling key.
+_jit = functools.partial(jax.jit, compiler_options={"xla_backend_optimization_level": 0})
+KEY = jax.random.key(0, impl="unsafe_rbg")
 
 
 def _export_matches(tmp_path, fn, variables, x):
@@ -140,7 +148,7 @@ IMAGES = _normal((2, 16, 16, 3), 0)
 
 def _resnet(act):
   qmodel = jq.quantize_model(TinyResNet(), [jq.Rule(".*", weight=W8, act=act)])
-  return qmodel, jax.jit(functools.partial(qmodel.init, train=False))(jax.random.key(0), IMAGES)
+  return qmodel, _jit(functools.partial(qmodel.init, train=False))(KEY, IMAGES)
 
 
 def _qat_step(qmodel, variables, x, labels, zero_grad="$^", **apply_kwargs):
@@ -151,7 +159,7 @@ def _qat_step(qmodel, variables, x, labels, zero_grad="$^", **apply_kwargs):
                                mutable=[c for c in variables if c not in ("params", "quant")])
     return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean(), upd
 
-  (value, upd), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(variables["params"])
+  (value, upd), grads = _jit(jax.value_and_grad(loss, has_aux=True))(variables["params"])
   assert np.isfinite(value)
   for path in _kernels(grads):
     g = grads
@@ -173,7 +181,7 @@ def test_resnet_qat_convert_reports_export(tmp_path):
   kernels = _kernels(variables["params"])
   assert len(kernels) == 1 + 2 + 3 + 1  # stem, block 0, block 1 with its projection, head
   assert all(isinstance(_at(svars["params"], p), QTensor) for p in kernels)
-  y_qat = jax.jit(functools.partial(qmodel.apply, train=False))(variables, IMAGES)
+  y_qat = _jit(functools.partial(qmodel.apply, train=False))(variables, IMAGES)
   fn = lambda v, x: serving.apply(v, x, train=False)
   assert_same_forward(jax.jit(fn)(svars, IMAGES), y_qat)
   compute = jq.compute_report(qmodel, variables, IMAGES, train=False)
@@ -183,6 +191,10 @@ def test_resnet_qat_convert_reports_export(tmp_path):
   _export_matches(tmp_path, fn, svars, IMAGES)
 
 
+# Slow: calibrate(..., train=False) and convert(..., train=False) on this ResNet are the
+# default run's test_model_flags.py::test_calibrate_and_convert_take_model_flags (the
+# same example block, static activation ranges, serving == QAT).
+@pytest.mark.slow
 def test_resnet_calibrate_with_train_flag():
   qmodel, variables = _resnet(A8S)
   variables = jq.calibrate(qmodel, variables, [IMAGES], train=False)
@@ -341,9 +353,9 @@ def test_lm1b_transformer_whole_pipeline(tmp_path):
   train_model = jq.quantize_model(TransformerLM(TransformerConfig()), LM_RULES)
   eval_model = jq.quantize_model(TransformerLM(TransformerConfig(deterministic=True)),
                                  LM_RULES)
-  variables = jax.jit(eval_model.init)(jax.random.key(0), TOKENS)
+  variables = _jit(eval_model.init)(KEY, TOKENS)
   variables = _qat_step(train_model, variables, TOKENS, TOKENS,
-                        rngs={"dropout": jax.random.key(1)})
+                        rngs={"dropout": jax.random.key(1, impl="unsafe_rbg")})
   variables = jq.calibrate(eval_model, variables, [TOKENS])
   stats = variables["quant_stats"]["decoder"]
   assert stats["Embed_0"]["act_hi"] > 0  # attend's input (the tied logits) has a range
@@ -352,7 +364,7 @@ def test_lm1b_transformer_whole_pipeline(tmp_path):
   embedding = svars["params"]["decoder"]["Embed_0"]["embedding"]
   assert isinstance(embedding, QTensor) and embedding.spec.bits == 8  # the shared table
   fn = lambda v, x: serving.apply(v, x)
-  assert_same_forward(jax.jit(fn)(svars, TOKENS), jax.jit(eval_model.apply)(variables, TOKENS))
+  assert_same_forward(jax.jit(fn)(svars, TOKENS), _jit(eval_model.apply)(variables, TOKENS))
   compute = jq.compute_report(eval_model, variables, TOKENS)
   # The tied logits: 2 x 8 tokens x 32 vocabulary entries, each a 16-wide dot.
   assert compute.layer("decoder/Embed_0").macs == 2 * 8 * 32 * 16
@@ -381,7 +393,7 @@ class NNXCNN(nnx.Module):
 
 
 def test_nnx_mnist_cnn_whole_pipeline(tmp_path):
-  model = jq.quantize_model(NNXCNN(rngs=nnx.Rngs(0)), [jq.Rule(".*", weight=W8, act=A8S)])
+  model = jq.quantize_model(NNXCNN(rngs=nnx.Rngs(KEY)), [jq.Rule(".*", weight=W8, act=A8S)])
   x, labels = _normal((4, 8, 8, 1), 1), jnp.array([0, 1, 2, 3])
   optimizer = nnx.Optimizer(model, optax.sgd(0.1), wrt=nnx.Param)
   before = model.linear1.kernel[...]
