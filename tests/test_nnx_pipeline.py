@@ -15,7 +15,7 @@ import jaxquant as jq
 from jaxquant.qtensor import QTensor
 from tests.integer_only.int_helpers import numpy_runtime
 from tests.test_third_party import NNXCNN, assert_same_forward
-from tests.test_transform import qinit
+from tests.test_transform import jit, qinit  # jit: XLA backend optimizations off
 
 
 class LinenCNN(nn.Module):
@@ -56,6 +56,23 @@ def linen_cnn(rules):
   return qmodel, qinit(qmodel, PARAMS, X)
 
 
+@pytest.fixture(scope="module")
+def calibrated():
+  """STATIC calibrated on BATCHES, once for the module: (the NNX model's calibrated
+  state, the Linen reference model, its calibrated variables)."""
+  model = nnx_cnn(STATIC)
+  state = jq.calibrate(model, nnx.state(model), BATCHES)
+  qmodel, lv = linen_cnn(STATIC)
+  return state, qmodel, jq.calibrate(qmodel, lv, BATCHES)
+
+
+def calibrated_nnx_cnn(calibrated):
+  """A fresh quantized NNX CNN (STATIC) holding the calibrated state."""
+  model = nnx_cnn(STATIC)
+  nnx.update(model, calibrated[0])
+  return model
+
+
 def _pure(tree):
   return jax.tree.map(np.asarray, tree)
 
@@ -78,7 +95,7 @@ def test_nnx_qat_step_matches_linen():
 
   loss, grads = step(model, optimizer, X)
   trainable = {k: lv[k] for k in ("params", "quant")}
-  lloss, lgrads = jax.jit(jax.value_and_grad(
+  lloss, lgrads = jit(jax.value_and_grad(
       lambda t: jnp.mean((qmodel.apply({**lv, **t}, X) - target) ** 2)))(trainable)
   np.testing.assert_allclose(loss, lloss, rtol=1e-6)
   g = nnx.to_pure_dict(grads)
@@ -91,14 +108,12 @@ def test_nnx_qat_step_matches_linen():
                              PARAMS["conv2"]["kernel"] - 0.1 * g["conv2"]["kernel"], atol=1e-6)
 
 
-def test_nnx_calibrate_gives_linen_static_ranges():
+def test_nnx_calibrate_gives_linen_static_ranges(calibrated):
   model = nnx_cnn(STATIC)
   with pytest.raises(ValueError, match="static=True but no calibrated range"):
     model(X)
-  calibrated = jq.calibrate(model, nnx.state(model), BATCHES)
+  calibrated, qmodel, lv = calibrated  # jq.calibrate of each model on BATCHES
   assert isinstance(calibrated, nnx.State)
-  qmodel, lv = linen_cnn(STATIC)
-  lv = jq.calibrate(qmodel, lv, BATCHES)
   stats = nnx.to_pure_dict(calibrated.filter(jq.nnx_transform.QuantStat))
   for layer in ("conv1", "conv2", "linear1", "linear2"):
     for key in ("act_lo", "act_hi"):
@@ -114,9 +129,8 @@ def test_nnx_calibrate_gives_linen_static_ranges():
                                 jax.jit(qmodel.apply)(lv, X))
 
 
-def test_nnx_convert_serves_the_qat_forward_on_linen_codes():
-  model = nnx_cnn(STATIC)
-  nnx.update(model, jq.calibrate(model, nnx.state(model), BATCHES))
+def test_nnx_convert_serves_the_qat_forward_on_linen_codes(calibrated):
+  model = calibrated_nnx_cnn(calibrated)
   model.train()  # converted in train mode, the serving model is still in eval mode
   serving, serving_state = jq.convert(model, nnx.state(model))
   model.eval()
@@ -127,17 +141,16 @@ def test_nnx_convert_serves_the_qat_forward_on_linen_codes():
   assert isinstance(kernel, QTensor) and kernel.spec.bits == 4
   forward = nnx.jit(lambda m, x: m(x))
   assert_same_forward(forward(serving, X), forward(model, X))
-  qmodel, lv = linen_cnn(STATIC)
-  _, lserving = jq.convert(qmodel, jq.calibrate(qmodel, lv, BATCHES))
+  _, qmodel, lv = calibrated
+  _, lserving = jq.convert(qmodel, lv)
   for layer in ("conv1", "conv2", "linear1", "linear2"):
     ours, theirs = getattr(serving, layer).kernel.get_value(), lserving["params"][layer]["kernel"]
     np.testing.assert_array_equal(ours.values, theirs.values)
     np.testing.assert_array_equal(ours.scale, theirs.scale)
 
 
-def test_nnx_size_report_counts_the_serving_state():
-  model = nnx_cnn(STATIC)
-  nnx.update(model, jq.calibrate(model, nnx.state(model), BATCHES))
+def test_nnx_size_report_counts_the_serving_state(calibrated):
+  model = calibrated_nnx_cnn(calibrated)
   _, serving_state = jq.convert(model, nnx.state(model))
   report = jq.size_report(serving_state)
   n = int(np.prod(PARAMS["linear1"]["kernel"].shape))
@@ -171,8 +184,9 @@ def test_nnx_learned_activations_match_linen(act):
   for layer in ("conv1", "linear2"):
     np.testing.assert_allclose(getattr(model, layer).__dict__[key][...],
                                lv["quant"][layer][key], rtol=1e-6)
-  np.testing.assert_allclose(y, qmodel.apply(lv, X), rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(y, jax.jit(qmodel.apply)(lv, X), rtol=1e-5, atol=1e-6)
   g = nnx.to_pure_dict(nnx.jit(nnx.grad(lambda m: jnp.sum(m(X) ** 2)))(model))
+  # nnx.jit's XLA options: a PACT clip at the data's max is a tie that rounding decides.
   lg = jax.jit(jax.grad(lambda q: jnp.sum(qmodel.apply({**lv, "quant": q}, X) ** 2)))(
       lv["quant"])
   for layer in ("conv1", "linear2"):
@@ -194,7 +208,7 @@ def test_nnx_train_mode_updates_the_ema_observers_as_linen_does():
 
   grads(model, BATCHES[0])
   qmodel, lv = linen_cnn(rules)
-  linen_apply = jax.jit(functools.partial(qmodel.apply, mutable=["quant_stats"]))
+  linen_apply = jit(functools.partial(qmodel.apply, mutable=["quant_stats"]))
   ly, upd = linen_apply(lv, X)
   _, upd = linen_apply({**lv, **upd}, BATCHES[0])
   ema = lambda: nnx.to_pure_dict(nnx.state(model, jq.nnx_transform.QuantStat))
@@ -301,16 +315,14 @@ def test_nnx_to_integer_is_the_linen_program_and_matches_qat(tmp_path):
   assert np.any(codes == program.graph.input["qmax"])
 
 
-def test_nnx_to_integer_lowers_the_flax_example_cnn_with_its_pools(tmp_path):
+def test_nnx_to_integer_lowers_the_flax_example_cnn_with_its_pools(calibrated, tmp_path):
   """The flax example's CNN itself (avg_pool included) lowers: the same program as the
   Linen CNN's, run bit for bit by the numpy runtime. Its pools put one more rounding
   between each conv and the next layer than QAT has (the conv's output gets a grid of
   its own before the window sum), so it follows QAT within a few of those steps only."""
-  model = nnx_cnn(STATIC)
-  nnx.update(model, jq.calibrate(model, nnx.state(model), BATCHES))
+  model = calibrated_nnx_cnn(calibrated)
   program = jq.to_integer(model, nnx.state(model), BATCHES)
-  qmodel, lv = linen_cnn(STATIC)
-  lv = {**lv, **jq.calibrate(qmodel, lv, BATCHES)}
+  _, qmodel, lv = calibrated
   assert_same_program(program, jq.to_integer(qmodel, lv, BATCHES))
   x = jnp.concatenate([X] + BATCHES)
   qat = np.asarray(nnx.jit(lambda m, x: m(x))(model, x))
@@ -380,7 +392,8 @@ def test_nnx_float_model_gives_the_linen_program(cls):
   linen = {NNXConvBN: ConvBN, NNXLNMLP: LNMLP}[cls]()
   rng = np.random.default_rng(3)
   x = rng.normal(size=(16, 20)).astype(np.float32)
-  variables = jax.tree.map(np.asarray, dict(jax.jit(linen.init)(jax.random.key(1), x)))
+  variables = jax.tree.map(np.asarray, dict(jax.jit(linen.init)(
+      jax.random.key(1, impl="unsafe_rbg"), x)))  # a fast-compiling PRNG
   for leaves in variables["params"].values():  # non-trivial γ, β, biases
     for name in leaves:
       leaves[name] = leaves[name] + rng.normal(size=leaves[name].shape).astype(np.float32) / 4
