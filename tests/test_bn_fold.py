@@ -1,6 +1,8 @@
 """jq.FoldedConvBN / jq.FoldedDenseBN (BatchNorm folded into the layer for QAT, Jacob et
 al. 2018 §3.2): float equivalence with Conv / Dense + BatchNorm, gradients, the eval-mode
 closed form in numpy, conversion to an integer program, and a tiny training run."""
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -70,16 +72,19 @@ def test_gradients_flow_and_match_batchnorm_in_float():
                          **variables)
     return jnp.sum((out - t) ** 2)
 
-  g = jax.grad(loss)(v["params"], layer, {"use_running_average": False}, v["batch_stats"])
+  def grad(model, variables):  # jitted: eager dispatch would compile every op on its own
+    return jax.jit(jax.grad(lambda p, s: loss(p, model, variables, s)))
+
+  g = grad(layer, {"use_running_average": False})(v["params"], v["batch_stats"])
   rv = _as_reference(v)
-  rg = jax.grad(loss)(rv["params"], ConvThenBN(), {"train": True}, rv["batch_stats"])
+  rg = grad(ConvThenBN(), {"train": True})(rv["params"], rv["batch_stats"])
   np.testing.assert_allclose(g["kernel"], rg["conv"]["kernel"], rtol=1e-3, atol=1e-3)
   np.testing.assert_allclose(g["scale"], rg["bn"]["scale"], rtol=1e-3, atol=1e-3)
   np.testing.assert_allclose(g["bias"], rg["bn"]["bias"], rtol=1e-3, atol=1e-3)
   # Quantized (W8A8 per channel, int8 dot): every parameter still gets a gradient.
   qlayer = _folded(conv_general_dilated=jq.make_conv(jq.DotSpec(
       lhs=jq.QuantSpec(bits=8), rhs=jq.QuantSpec(bits=8), mode="int")))
-  qg = jax.grad(loss)(v["params"], qlayer, {"use_running_average": False}, v["batch_stats"])
+  qg = grad(qlayer, {"use_running_average": False})(v["params"], v["batch_stats"])
   for k in ("kernel", "scale", "bias"):
     assert np.all(np.isfinite(qg[k])) and np.abs(qg[k]).sum() > 0, k
     np.testing.assert_allclose(qg[k], g[k], rtol=0.1, atol=0.1 * np.abs(g[k]).max())
@@ -122,7 +127,8 @@ class Net(nn.Module):
 
 def _train(x, y, steps=40, lr=1e-2):
   qm = jq.quantize_model(Net(), rules(bits=8))
-  v = dict(qm.init(jax.random.key(0), x[:16], train=True))
+  key = jax.random.key(0, impl="unsafe_rbg")  # compiles fast
+  v = dict(jax.jit(functools.partial(qm.init, train=True))(key, x[:16]))
   tx = optax.adam(lr)
   params, other = v["params"], {k: v[k] for k in v if k != "params"}
   opt = tx.init(params)
@@ -145,6 +151,11 @@ def _train(x, y, steps=40, lr=1e-2):
   return qm, jax.tree.map(np.asarray, {"params": params, **other}), losses
 
 
+def _eval(qm, variables, x):
+  """qm.apply(variables, x, train=False) under jit (eager would compile op by op)."""
+  return jax.jit(functools.partial(qm.apply, train=False))(variables, x)
+
+
 @pytest.fixture(scope="module")
 def trained():
   x = RNG.normal(size=(128, 12, 2)).astype(np.float32)
@@ -156,7 +167,7 @@ def test_folded_qat_model_learns(trained):
   x, y, qm, v, losses = trained
   assert np.mean(losses[-5:]) < 0.6 * np.mean(losses[:5])
   assert np.any(v["batch_stats"]["conv_0"]["var"] != 1.0)  # moving averages moved
-  acc = np.mean(np.asarray(qm.apply(v, x, train=False)).argmax(-1) == y)
+  acc = np.mean(np.asarray(_eval(qm, v, x)).argmax(-1) == y)
   assert acc > 0.5  # 4 balanced-ish classes: chance is about 0.25
 
 
@@ -166,7 +177,7 @@ def test_to_integer_and_numpy_runtime(trained, tmp_path):
   program = jq.to_integer(qm, v, [x[:64], x[64:]], apply_kwargs={"train": False})
   ops = [op["op"] for op in program.graph.ops]
   assert ops.count("conv") == 1 and ops.count("dot") == 2  # BN folded: no norm op
-  qat = np.asarray(qm.apply(v, x, train=False))
+  qat = np.asarray(_eval(qm, v, x))
   got = np.asarray(program(x)) * program.output_scale
   # Same grids as the static-range QAT model: int32-logit rounding and float noise only.
   assert np.abs(got - qat).max() <= program.output_scale + 1e-4 * np.abs(qat).max()

@@ -41,7 +41,8 @@ def _table(seed=1):
 
 def _variables(rules):
   qmodel = jq.quantize_model(TiedLM(), rules)
-  variables = qmodel.init(jax.random.key(0), IDS)
+  # jit (eager compiles op by op) and a fast-compiling PRNG.
+  variables = jax.jit(qmodel.init)(jax.random.key(0, impl="unsafe_rbg"), IDS)
   variables["params"]["embed"]["embedding"] = _table()
   return qmodel, variables
 
@@ -51,7 +52,7 @@ def test_gather_matches_numpy_per_row_quantization_and_serving_is_bit_identical(
   spec = SPECS[name]
   qmodel, variables = _variables([jq.Rule("embed", weight=spec)])
   table = np.asarray(variables["params"]["embed"]["embedding"])
-  rows_qat, logits_qat, h = qmodel.apply(variables, IDS)
+  rows_qat, logits_qat, h = jax.jit(qmodel.apply)(variables, IDS)
   ref_table = np_quant(table, spec, (1,))  # one scale per row (per group of the row)
   np.testing.assert_allclose(np.asarray(rows_qat), ref_table[np.asarray(IDS)], rtol=1e-6,
                              atol=1e-7)
@@ -62,7 +63,7 @@ def test_gather_matches_numpy_per_row_quantization_and_serving_is_bit_identical(
   stored = svars["params"]["embed"]["embedding"]
   assert isinstance(stored, jq.QTensor) and stored.shape == (V, D)
   assert stored.packed == (spec.bits == 4)
-  rows_srv, logits_srv, _ = smodel.apply(svars, IDS)
+  rows_srv, logits_srv, _ = jax.jit(smodel.apply)(svars, IDS)
   np.testing.assert_array_equal(np.asarray(rows_srv), np.asarray(rows_qat))
   np.testing.assert_allclose(np.asarray(logits_srv), np.asarray(logits_qat), rtol=1e-5, atol=1e-5)
   # Stored bytes, exactly: codes (packed to 4 bits), float32 scales, int32 zero points.
@@ -88,19 +89,19 @@ def test_gather_rows_only_touches_the_rows_it_looks_up():
 def test_tied_head_with_act_spec_runs_the_int_dot_against_numpy():
   qmodel, variables = _variables([jq.Rule("embed", weight=W8, act=A8)])
   table = np.asarray(variables["params"]["embed"]["embedding"])
-  _, logits, h = qmodel.apply(variables, IDS)
+  _, logits, h = jax.jit(qmodel.apply)(variables, IDS)
   h = np.asarray(h)
   ref = np_quant(h, A8, (2,)) @ np_quant(table, W8, (1,)).T
   np.testing.assert_allclose(np.asarray(logits), ref, rtol=1e-4, atol=1e-4)
   smodel, svars = jq.convert(qmodel, variables)
-  np.testing.assert_allclose(np.asarray(smodel.apply(svars, IDS)[1]), np.asarray(logits),
+  np.testing.assert_allclose(np.asarray(jax.jit(smodel.apply)(svars, IDS)[1]), np.asarray(logits),
                              rtol=1e-5, atol=1e-5)
 
 
 def test_qat_gradient_reaches_the_table_straight_through():
   qmodel, variables = _variables([jq.Rule("embed", weight=W8)])
   loss = lambda p: jnp.sum(qmodel.apply({**variables, "params": p}, IDS)[0])
-  g = jax.grad(loss)(variables["params"])["embed"]["embedding"]
+  g = jax.jit(jax.grad(loss))(variables["params"])["embed"]["embedding"]
   counts = np.bincount(np.asarray(IDS).ravel(), minlength=V)
   # The attend path is not in this loss: each row's gradient is its lookup count.
   np.testing.assert_allclose(np.asarray(g), np.repeat(counts[:, None], D, axis=1), rtol=1e-6)
@@ -125,7 +126,7 @@ def test_eager_attend_runs_one_compiled_contraction_equal_to_the_jitted_model():
   qmodel = jq.quantize_model(TiedLM(), [jq.Rule("embed", weight=W8, act=A8)])
   qdot.dot_general_compiled.jitted.clear_cache()  # whatever ran before in this worker
   before = cache()
-  variables = qmodel.init(jax.random.key(0), ids)
+  variables = qmodel.init(jax.random.key(0, impl="unsafe_rbg"), ids)  # a fast PRNG
   assert cache() == before + 1
   _, svars = jq.convert(qmodel, variables)
   for v, new_entries in ((variables, 0), (svars, 1)):

@@ -1,6 +1,7 @@
 """jq.export_serving / jq.load_exported: the converted serving model (int8, packed int4,
 binary, fp8 weights) serialized with jax.export, reloaded in a fresh process that can
 import neither jaxquant nor Flax, and bit-identical to the in-process serving model."""
+import functools
 import os
 import subprocess
 import sys
@@ -69,13 +70,20 @@ def _fresh_process(tmp_path, model_file, x):
   return np.load(tmp_path / "out.npy")
 
 
-@pytest.mark.parametrize("name", sorted(RULES))
-def test_serving_model_round_trip_bit_identical(name, tmp_path):
+@functools.lru_cache(maxsize=None)
+def _served(name):
+  """The CNN1D under RULES[name], initialized (calibrated when static) and converted:
+  (serving model, serving variables), built once per name for the module's tests."""
   qm = jq.quantize_model(CNN1D(num_classes=4, channels=8), RULES[name])
-  variables = qm.init(jax.random.key(0), X)
+  variables = jax.jit(qm.init)(jax.random.key(0, impl="unsafe_rbg"), X)  # fast compile
   if name == "w8a8_static":
     variables = jq.calibrate(qm, variables, [X])
-  serving_model, serving_vars = jq.convert(qm, variables)
+  return jq.convert(qm, variables)
+
+
+@pytest.mark.parametrize("name", sorted(RULES))
+def test_serving_model_round_trip_bit_identical(name, tmp_path):
+  serving_model, serving_vars = _served(name)
   want = np.asarray(jax.jit(serving_model.apply)(serving_vars, X))
   path = tmp_path / "model.jqx"
   exported = jq.export_serving(serving_model, serving_vars, X, str(path))
@@ -100,7 +108,7 @@ def test_weight_only_exact_with_a_fixed_batch_and_within_ulps_with_a_symbolic_on
 
   x = np.random.default_rng(0).normal(size=(4, 96)).astype(np.float32)
   qm = jq.quantize_model(Net(), [jq.Rule(".*", weight=jq.QuantSpec(bits=8))])
-  smodel, svars = jq.convert(qm, qm.init(jax.random.key(0), x), x)
+  smodel, svars = jq.convert(qm, jax.jit(qm.init)(jax.random.key(0, impl="unsafe_rbg"), x), x)
   want = np.asarray(jax.jit(smodel.apply)(svars, x))
   for poly in (False, True):
     path = str(tmp_path / f"m_{poly}.jqx")
@@ -129,11 +137,7 @@ def test_quantized_serving_model_is_batch_polymorphic(name, tmp_path):
   # Dynamic per-row / per-tensor activation ranges, static ranges, packed int4, binary
   # and fp8 weights all trace with a symbolic batch (the contraction's canonical shapes
   # are symbolic products, layout.prod).
-  qm = jq.quantize_model(CNN1D(num_classes=4, channels=8), RULES[name])
-  variables = qm.init(jax.random.key(0), X)
-  if name == "w8a8_static":
-    variables = jq.calibrate(qm, variables, [X])
-  serving_model, serving_vars = jq.convert(qm, variables)
+  serving_model, serving_vars = _served(name)
   path = tmp_path / "model.jqx"
   with warnings.catch_warnings():
     warnings.simplefilter("error")  # no fallback to a fixed batch

@@ -2,6 +2,7 @@
 there and nowhere else in the library, and the transform, calibration, convert and the
 integer-only view agree on it."""
 import ast
+import functools
 import pathlib
 
 import flax.linen as nn
@@ -59,14 +60,15 @@ def test_transform_calibrate_convert_and_integer_view_share_the_keys():
                    act=jq.QuantSpec(bits=8, granularity="tensor"))]
   x = jnp.asarray(np.random.default_rng(0).standard_normal((5, 6)), jnp.float32)
   qmodel = jq.quantize_model(Two(), rules)
-  v = qmodel.init(jax.random.key(0), x)
+  # jit (eager dispatch compiles every op on its own) and a fast-compiling PRNG.
+  v = jax.jit(qmodel.init)(jax.random.key(0, impl="unsafe_rbg"), x)
   quant, stats = v[state.QUANT], v[state.QUANT_STATS]
   assert set(quant["fc0"]) == {state.learned_key(state.WEIGHT, "lsq"),
                                state.learned_key(state.ACT, "pact")}
   ema = {state.observer_key(state.EMA, f) for f in ("lo", "hi", "count")}
   assert set(stats["fc1"]) == {state.KERNEL_AXES} | ema
   assert state.layout_from_axes(stats["fc0"][state.KERNEL_AXES]) == jq.make_layout(2, (0,))
-  _, upd = qmodel.apply(v, x, mutable=[state.QUANT_STATS])
+  _, upd = jax.jit(functools.partial(qmodel.apply, mutable=[state.QUANT_STATS]))(v, x)
   assert int(upd[state.QUANT_STATS]["fc1"][state.observer_key(state.EMA, "count")]) == 1
   assert state.static_range(stats["fc1"]) is None
   # The EMA as a static range (integer-only view) and jq.calibrate's static range.

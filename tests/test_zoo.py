@@ -36,6 +36,15 @@ ZOO = {  # name: (layer, input)
 KERNELS = {"attention": ("query", "key", "value", "out")}
 
 
+def _jit(fn):
+  """jit with XLA's backend optimizations off: each program runs once, so they cost
+  compile time and buy nothing (eager dispatch would compile every op on its own)."""
+  return jax.jit(fn, compiler_options={"xla_backend_optimization_level": 0})
+
+
+RBG = jax.random.key(0, impl="unsafe_rbg")  # jitted inits: compiles faster than threefry
+
+
 def _rel(a, b):
   return float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b))
 
@@ -46,14 +55,14 @@ def test_zoo_layer_is_quantized_in_qat_and_serving(name):
   qmodel = jq.quantize_model(layer, MATCH_ALL)
   with warnings.catch_warnings():
     warnings.simplefilter("error")  # every weight matched: no float layer, no unused rule
-    variables = qmodel.init(jax.random.key(0), x)
-  y_float = layer.apply({"params": variables["params"]}, x)
-  y_qat = qmodel.apply(variables, x)
+    variables = _jit(qmodel.init)(RBG, x)
+  y_float, y_qat = _jit(lambda v: (layer.apply({"params": v["params"]}, x),
+                                   qmodel.apply(v, x)))(variables)
   assert 0 < _rel(y_qat, y_float) < 0.05  # quantized, and close
   calibrated = jq.calibrate(qmodel, variables, [x])
   served_model, served = jq.convert(qmodel, calibrated)
-  np.testing.assert_allclose(served_model.apply(served, x), qmodel.apply(calibrated, x),
-                             rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(_jit(served_model.apply)(served, x),
+                             _jit(qmodel.apply)(calibrated, x), rtol=1e-5, atol=1e-6)
   report = jq.size_report(served)
   for sub in KERNELS.get(name, ("",)):
     node = served["params"][sub] if sub else served["params"]
@@ -74,13 +83,19 @@ def test_conv_transpose_is_flax_conv_transpose_of_the_quantized_kernel(padding, 
                            kernel_dilation=dilation)
   x = _normal((2, 5, 3), 8)
   qmodel = jq.quantize_model(layer, [jq.Rule(".*", weight=W8)])
-  variables = qmodel.init(jax.random.key(0), x)
-  kernel = variables["params"]["kernel"]
-  deq = jq.dequantize(jq.quantize_weight(kernel, W8, jq.make_layout(3, contracting=(0, 1))))
-  expected = layer.apply({"params": {**variables["params"], "kernel": deq}}, x)
-  np.testing.assert_allclose(qmodel.apply(variables, x), expected, rtol=1e-5, atol=1e-5)
+  variables = _jit(qmodel.init)(RBG, x)
+
+  @_jit
+  def expected_and_qat(variables):
+    kernel = variables["params"]["kernel"]
+    deq = jq.dequantize(jq.quantize_weight(kernel, W8, jq.make_layout(3, contracting=(0, 1))))
+    return (layer.apply({"params": {**variables["params"], "kernel": deq}}, x),
+            qmodel.apply(variables, x))
+
+  expected, y_qat = expected_and_qat(variables)
+  np.testing.assert_allclose(y_qat, expected, rtol=1e-5, atol=1e-5)
   _, served = jq.convert(qmodel, variables)
-  np.testing.assert_allclose(qmodel.apply(served, x), expected, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(_jit(qmodel.apply)(served, x), expected, rtol=1e-5, atol=1e-5)
 
 
 class Mixed(nn.Module):
@@ -138,7 +153,7 @@ def test_embed_lookup_ignores_a_learned_act_spec_and_attend_says_how_to_write_th
                                                       ste="lsq"))]
   ids = jnp.array([[1, 4, 10]])
   qmodel = jq.quantize_model(Lookup(), rules)
-  variables = qmodel.init(jax.random.key(0), ids)
+  variables = _jit(qmodel.init)(RBG, ids)
   assert "emb" not in variables["quant"] and "fc" in variables["quant"]
   # The lookup is the quantized table's rows: per-row int8 codes (numpy reference).
   table = np.asarray(variables["params"]["emb"]["embedding"])
@@ -147,7 +162,7 @@ def test_embed_lookup_ignores_a_learned_act_spec_and_attend_says_how_to_write_th
   _, served = jq.convert(qmodel, variables)
   np.testing.assert_allclose(jq.dequantize(served["params"]["emb"]["embedding"])[np.asarray(ids)],
                              rows, rtol=1e-6, atol=1e-7)
-  np.testing.assert_allclose(qmodel.apply(served, ids), qmodel.apply(variables, ids),
+  np.testing.assert_allclose(_jit(qmodel.apply)(served, ids), _jit(qmodel.apply)(variables, ids),
                              rtol=1e-5, atol=1e-6)
   with pytest.raises(ValueError, match=r"layer 'emb' .*jq.Rule\('emb'"):
     jq.quantize_model(Lookup(tied=True), rules).init(jax.random.key(0), ids)
