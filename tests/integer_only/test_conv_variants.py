@@ -75,7 +75,8 @@ MODELS = {"mobilenet": (MobileNetBlock(), (10, 10, 3)), "decoder": (Decoder(), (
 def test_float_model_bit_exact_and_close(name, tmp_path):
   model, shape = MODELS[name]
   x = RNG.normal(size=(16,) + shape).astype(np.float32)
-  variables = jax.tree.map(np.asarray, dict(model.init(jax.random.key(0), x)))
+  # Jitted init: one compile instead of one per op.
+  variables = jax.tree.map(np.asarray, dict(jax.jit(model.init)(jax.random.key(0), x)))
   program = to_integer(model, variables, [x])  # a float model: W8A8, calibrated
   convs = [op for op in program.graph.ops if op["op"] == "conv"]
   if name == "mobilenet":

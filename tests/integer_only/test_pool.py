@@ -88,7 +88,8 @@ class PoolNet(nn.Module):
 def test_pooling_model_bit_exact_and_close(count_include_pad, tmp_path):
   model = PoolNet(count_include_pad)
   x = RNG.normal(size=(24, 9, 9, 2)).astype(np.float32)
-  variables = jax.tree.map(np.asarray, dict(model.init(jax.random.key(0), x)))
+  # Jitted init: one compile instead of one per op.
+  variables = jax.tree.map(np.asarray, dict(jax.jit(model.init)(jax.random.key(0), x)))
   program = to_integer(model, variables, [x])  # a float model: W8A8, calibrated
   kinds = [op["op"] for op in program.graph.ops]
   assert "max_pool" in kinds and "window_sum" in kinds
@@ -141,7 +142,8 @@ def test_flax_example_resnet18_lowers_end_to_end(tmp_path):
                  num_filters=8)
   x = RNG.normal(size=(4, 32, 32, 3)).astype(np.float32)
   qm = jq.quantize_model(model, [jq.Rule(".*", weight=W8, act=A8)])
-  variables = jax.tree.map(np.asarray, dict(qm.init(jax.random.key(0), x, train=False)))
+  variables = jax.tree.map(np.asarray, dict(jax.jit(qm.init, static_argnames="train")(
+      jax.random.key(0), x, train=False)))  # jitted: one compile instead of one per op
 
   def perturb(path, v):  # non-trivial BatchNorm statistics and scales (no zero γ)
     name, where = str(path[-1].key), jax.tree_util.keystr(path).lower()
@@ -161,6 +163,6 @@ def test_flax_example_resnet18_lowers_end_to_end(tmp_path):
   codes = np.asarray(program.quantize_input(x))
   np.testing.assert_array_equal(NR.run(NR.load(str(tmp_path)), codes),
                                 np.asarray(program.run(codes)))
-  want = np.asarray(qm.apply(variables, x, train=False))
+  want = np.asarray(jax.jit(qm.apply, static_argnames="train")(variables, x, train=False))
   got = np.asarray(program(x)) * program.output_scale
   assert np.abs(got - want).max() <= 0.1 * np.abs(want).max()

@@ -1,6 +1,8 @@
 """PTQ through the rules: `Rule(ptq=jq.PTQ(...))` → `jq.calibrate` collects the layer
 statistics → `jq.convert` runs the algorithm and stores its codes (plus, for AWQ and
 SmoothQuant, the input scale the layer divides by)."""
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -45,8 +47,14 @@ def _err(smodel, svars):
   return float(jnp.mean((smodel.apply(svars, X) - y) ** 2))
 
 
+@functools.cache
+def _rtn_error():
+  """The round-to-nearest W4 model's error, the baseline of GPTQ and AWQ (served once)."""
+  return _err(*_serve([jq.Rule(".*", weight=W4)])[:2])
+
+
 def test_gptq_rule_stores_gptq_codes_and_beats_round_to_nearest():
-  rtn = _err(*_serve([jq.Rule(".*", weight=W4)])[:2])
+  rtn = _rtn_error()
   smodel, svars, variables = _serve([jq.Rule(".*", weight=W4, ptq=jq.PTQ(method="gptq"))])
   assert _err(smodel, svars) < 0.8 * rtn
   # The stored codes are GPTQ's on the layer's own statistics (same [K, N] view).
@@ -64,7 +72,7 @@ def test_gptq_rule_stores_gptq_codes_and_beats_round_to_nearest():
 
 
 def test_awq_rule_divides_the_input_and_is_no_worse_than_round_to_nearest():
-  rtn = _err(*_serve([jq.Rule(".*", weight=W4)])[:2])
+  rtn = _rtn_error()
   smodel, svars, _ = _serve([jq.Rule(".*", weight=W4, ptq=jq.PTQ(method="awq"))])
   s = np.asarray(svars["quant_stats"]["fc0"]["input_scale"])
   assert s.shape == (16,) and np.all(s > 0)
