@@ -138,11 +138,13 @@ def test_every_dense_layer_is_reachable_by_path(tiny):
   with warnings.catch_warnings():
     warnings.simplefilter("error")  # a rule that matches nothing warns
     warnings.simplefilter("ignore", jq.FloatLayersWarning)  # the embeddings stay float
-    variables = qmodel.init(jax.random.key(0), ids, mask)
+    # Jitted (here and below): one compile each instead of one per op; the rules'
+    # warnings are raised while tracing.
+    variables = jax.jit(qmodel.init)(jax.random.key(0), ids, mask)
   stats = traverse_util.flatten_dict(variables["quant_stats"], sep="/")
   assert len([k for k in stats if k.endswith("/kernel_axes")]) == 6 * L  # layouts recorded
-  q = qmodel.apply({**variables, "params": params}, ids, mask)
-  f = model.apply({"params": params}, ids, mask)
+  q = jax.jit(qmodel.apply)({**variables, "params": params}, ids, mask)
+  f = jax.jit(model.apply)({"params": params}, ids, mask)
   assert float(np.sum(np.asarray(q) * np.asarray(f))) > 0.99  # int8 weights: close
 
 
