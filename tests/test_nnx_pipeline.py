@@ -172,9 +172,12 @@ def test_nnx_compute_report_counts_every_layer():
   assert all(l.act_bits == 8 for l in report.layers)
 
 
+# LSQ by default; PACT (the same NNX variable creation and gradient path, another
+# quantizer formula, which Linen serving checks by default: test_serving_learned.py) slow.
 @pytest.mark.parametrize("act", [
     jq.QuantSpec(bits=8, granularity="tensor", ste="lsq"),
-    jq.QuantSpec(bits=8, granularity="tensor", symmetric=False, ste="pact")])
+    pytest.param(jq.QuantSpec(bits=8, granularity="tensor", symmetric=False, ste="pact"),
+                 marks=pytest.mark.slow)])
 def test_nnx_learned_activations_match_linen(act):
   rules = [jq.Rule(".*", weight=jq.QuantSpec(bits=4), act=act)]
   model = nnx_cnn(rules)
