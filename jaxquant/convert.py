@@ -61,9 +61,8 @@ def convert(qmodel, variables, *example_args, **example_kwargs):
   qmodel, variables, finish = nnx_functional.as_functional(qmodel, variables)
   config = transform.config_of(qmodel)
   variables = state.mutable_copy(variables)
-  if example_args or example_kwargs:  # one concrete trace records the layouts
-    _, upd = qmodel.apply(variables, *example_args, rngs={state.RNG: jax.random.key(0)},
-                          mutable=[state.QUANT_STATS], **example_kwargs)
+  if example_args or example_kwargs:  # one trace records the layouts
+    upd = _layout_trace(qmodel, variables, example_args, example_kwargs)
     for path, node in state.layer_dicts(upd[state.QUANT_STATS]):
       if state.KERNEL_AXES in node:
         target = variables.setdefault(state.QUANT_STATS, {})
@@ -134,6 +133,24 @@ def _run_ptq(path, stats_node, layer_params, spec, ptq, w_layout, weight_only: b
       state.set_static_range(stats_node, *ptq_layer.smoothed_range(stats, result.input_scale))
   for k in stats:
     del stats_node[state.observer_key(state.PTQ_STATS, k)]  # served their purpose: not serving state
+
+
+def _layout_trace(qmodel, variables, example_args, example_kwargs):
+  """The 'quant_stats' that one forward of `qmodel` on the example inputs writes, from a
+  jitted call (one compile; an eager call compiles every op of the model on its own).
+  The array arguments are traced; any other positional argument and every keyword
+  argument (e.g. `train=False`) reaches the model as the Python value it is."""
+  arrays = [i for i, a in enumerate(example_args) if isinstance(a, (jax.Array, np.ndarray))]
+
+  def forward(variables, *traced):
+    args = list(example_args)
+    for i, a in zip(arrays, traced):
+      args[i] = a
+    _, upd = qmodel.apply(variables, *args, rngs={state.RNG: jax.random.key(0)},
+                          mutable=[state.QUANT_STATS], **example_kwargs)
+    return upd
+
+  return jax.jit(forward)(variables, *[example_args[i] for i in arrays])
 
 
 @functools.partial(jax.jit, static_argnums=0)
