@@ -77,13 +77,13 @@ def test_shapes_pure_params_jit_and_finite_grads(name):
     # One compiled function gives both the logits and the gradients.
     (_, logits), grads = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(params)
     assert logits.shape == CASES[name][2] and logits.dtype == jnp.float32
-    assert bool(jnp.all(jnp.isfinite(logits)))
+    assert np.all(np.isfinite(np.asarray(logits)))
     if name in ("mlp", "cnn1d"):  # eager apply is slow for the deeper models
         eager = model.apply({"params": params}, x)
         np.testing.assert_allclose(logits, eager, rtol=1e-5, atol=1e-5)
-    leaves = jax.tree.leaves(grads)
-    assert all(bool(jnp.all(jnp.isfinite(g))) for g in leaves)
-    assert any(float(jnp.abs(g).max()) > 0 for g in leaves)
+    leaves = [np.asarray(g) for g in jax.tree.leaves(grads)]  # numpy: no compile per shape
+    assert all(np.all(np.isfinite(g)) for g in leaves)
+    assert any(np.abs(g).max() > 0 for g in leaves)
 
 
 @pytest.mark.parametrize("name", MODEL_NAMES)
@@ -107,7 +107,7 @@ def test_real_init():
     variables = jax.jit(model.init)(jax.random.key(0), x)
     shapes = jax.tree.map(jnp.shape, _init("cnn1d")[1])
     assert jax.tree.map(jnp.shape, variables) == shapes
-    assert all(bool(jnp.all(jnp.isfinite(v))) for v in jax.tree.leaves(variables))
+    assert all(np.all(np.isfinite(np.asarray(v))) for v in jax.tree.leaves(variables))
 
 
 def test_param_counts():
