@@ -21,7 +21,7 @@ class Two(nn.Module):
 
 
 X = jnp.asarray(np.random.default_rng(0).standard_normal((4, K0)), jnp.float32)
-PARAMS = Two().init(jax.random.key(1), X)["params"]
+PARAMS = jax.jit(Two().init)(jax.random.key(1), X)["params"]  # jit: one compile at import
 CASES = {
     "mxfp8": [jq.Rule(".*", weight=QS(format="mxfp8"), act=QS(format="mxfp8"), mode="fake")],
     "mxfp4": [jq.Rule(".*", weight=QS(format="mxfp4"), act=QS(format="mxfp4"), mode="fake")],

@@ -5,6 +5,7 @@ written the way the flax ImageNet example writes it (BatchNorm with
 import functools
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -20,7 +21,7 @@ ResNet = functools.partial(ExampleResNet, stage_sizes=(1,), block_cls=ResNetBloc
 
 ACT = jq.QuantSpec(bits=8, granularity="tensor", symmetric=False, static=True)
 RULES = [jq.Rule(".*", weight=jq.QuantSpec(bits=8), act=ACT)]
-X = jax.random.normal(jax.random.key(1), (2, 8, 8, 3))
+X = jnp.asarray(np.random.default_rng(1).standard_normal((2, 8, 8, 3)), jnp.float32)
 
 
 @pytest.fixture(scope="module")

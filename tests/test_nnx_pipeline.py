@@ -36,7 +36,9 @@ def _normal(shape, seed):
 
 X = _normal((4, 8, 8, 1), 0)
 BATCHES = [_normal((4, 8, 8, 1), s) for s in (1, 2)]
-PARAMS = jax.tree.map(lambda p: p + 0.05, LinenCNN().init(jax.random.key(0), X)["params"])
+# jit: one compile at import (eager, every op of the init compiled on its own)
+PARAMS = jax.tree.map(lambda p: p + 0.05,
+                      jax.jit(LinenCNN().init)(jax.random.key(0), X)["params"])
 
 W4 = jq.QuantSpec(bits=4)
 A8S = jq.QuantSpec(bits=8, granularity="tensor", symmetric=False, static=True)

@@ -19,7 +19,8 @@ MATCH_ALL = [jq.Rule(".*", weight=W8, act=A8)]
 
 
 def _normal(shape, seed):
-  return jax.random.normal(jax.random.key(seed), shape)
+  """Standard normal float32 inputs (numpy: no jax program to compile at import)."""
+  return jnp.asarray(np.random.default_rng(seed).standard_normal(shape), jnp.float32)
 
 
 ZOO = {  # name: (layer, input)

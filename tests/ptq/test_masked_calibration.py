@@ -27,7 +27,7 @@ W8 = jq.QuantSpec(bits=8)
 A8 = jq.QuantSpec(bits=8, granularity="tensor", static=True)
 G6 = jq.QuantSpec(bits=4, granularity="group", group_size=6)
 RULES = [jq.Rule("fc|out", weight=G6, act=A8, ptq=jq.PTQ(method="gptq"))]
-PARAMS = Seq().init(jax.random.key(0), X[0])["params"]
+PARAMS = jax.jit(Seq().init)(jax.random.key(0), X[0])["params"]  # jit: one compile at import
 
 
 def test_masked_statistics_equal_those_of_the_real_rows_alone():

@@ -31,7 +31,7 @@ def _data(seed=0, n=256, k=16):
 
 
 X = _data()
-PARAMS = Mlp().init(jax.random.key(0), X[:2])["params"]
+PARAMS = jax.jit(Mlp().init)(jax.random.key(0), X[:2])["params"]  # jit: one compile at import
 W4 = jq.QuantSpec(bits=4, granularity="group", group_size=8)
 
 
