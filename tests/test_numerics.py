@@ -1,6 +1,7 @@
 """Quantizer numerics against independent numpy references: round-trip bounds per format,
 calibration (absmax / percentile / mse), the NaN/Inf rule, golden error values, and one
 test sweeping every quantizer."""
+import functools
 import itertools
 
 import hypothesis
@@ -22,6 +23,25 @@ FORMATS = ("int", "binary", "ternary", "fp8_e4m3", "fp8_e5m2")
 
 def rng_x(shape, seed=0, dtype=np.float32):
   return np.random.default_rng(seed).standard_normal(shape).astype(dtype)
+
+
+# Jitted entry points (one compile per spec and shape; eagerly every op compiles on its
+# own). quantize, fake_quant and dequantize stay separate programs, so a test comparing
+# fake_quant with dequantize(quantize) still compares two independently compiled paths.
+@functools.lru_cache(maxsize=None)
+def _jitted(fn, spec, reduce_axes):
+  return jax.jit(functools.partial(fn, spec=spec, reduce_axes=reduce_axes))
+
+
+def jit_quantize(x, spec, reduce_axes):
+  return _jitted(jq.quantize, spec, tuple(reduce_axes))(x)
+
+
+def jit_fake_quant(x, spec, reduce_axes):
+  return _jitted(jq.fake_quant, spec, tuple(reduce_axes))(x)
+
+
+jit_dequantize = jax.jit(jq.dequantize)
 
 
 # ------------------------------------------------------------------ numpy references
@@ -136,8 +156,8 @@ def test_int_round_trip_within_half_step(bits, symmetric, granularity):
   x = rng_x((64, 32), seed=bits) * np.linspace(0.1, 10, 32, dtype=np.float32)
   gs = 16 if granularity == "group" else None
   spec = QS(bits=bits, symmetric=symmetric, granularity=granularity, group_size=gs)
-  q = jq.quantize(x, spec, reduce_axes=(0,))
-  deq = np.asarray(jq.dequantize(q))
+  q = jit_quantize(x, spec, reduce_axes=(0,))
+  deq = np.asarray(jit_dequantize(q))
   ref_deq, ref_codes, ref_s, ref_zp = np_int_quant(x, bits, symmetric, granularity, 0, gs)
   # Every value lies inside the calibrated (absmax) range: error <= scale / 2.
   assert np.all(np.abs(deq - x) <= ref_s / 2 * (1 + 1e-5))
@@ -155,8 +175,8 @@ def test_int_round_trip_within_half_step(bits, symmetric, granularity):
     # 0.0 is exactly representable: the range always holds zero.
     xz = x.copy()
     xz[-16:] = 0.0  # a whole group of zeros, same shape (reuses compiled ops)
-    z = jq.quantize(xz, spec, reduce_axes=(0,))
-    assert np.all(np.asarray(jq.dequantize(z))[-16:] == 0.0)
+    z = jit_quantize(xz, spec, reduce_axes=(0,))
+    assert np.all(np.asarray(jit_dequantize(z))[-16:] == 0.0)
 
 
 def _int_round_trip_property(bits, symmetric, granularity, shape_gs, seed, log_mag):
@@ -165,7 +185,7 @@ def _int_round_trip_property(bits, symmetric, granularity, shape_gs, seed, log_m
   x = rng_x(shape, seed) * np.float32(10.0 ** log_mag)
   gs = group_size if granularity == "group" else None
   spec = QS(bits=bits, symmetric=symmetric, granularity=granularity, group_size=gs)
-  deq = np.asarray(jq.fake_quant(x, spec, reduce_axes=(0,)))
+  deq = np.asarray(jit_fake_quant(x, spec, reduce_axes=(0,)))
   _, _, ref_s, _ = np_int_quant(x, bits, symmetric, granularity, 0, gs)
   assert deq.shape == x.shape and deq.dtype == np.float32
   assert np.all(np.abs(deq - x) <= ref_s / 2 * (1 + 1e-5))
