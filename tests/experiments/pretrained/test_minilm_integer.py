@@ -29,7 +29,9 @@ def test_tiny_minilm_integer_program(tmp_path):
   rng = np.random.default_rng(0)
   model = minilm.MiniLM(TINY)
   calib = [_ids(rng, 8) for _ in range(3)]
-  params = model.init(jax.random.key(0), calib[0], (calib[0] != 0).astype(np.int32))["params"]
+  # jitted: one compile each (eagerly, every op of the init / forward compiles on its own)
+  mask = (calib[0] != 0).astype(np.int32)
+  params = jax.jit(model.init)(jax.random.key(0), calib[0], mask)["params"]
   program = jq.to_integer(minilm_integer.IdsMiniLM(TINY), {"params": params}, calib)
   ids = _ids(rng, 16)
   y = np.asarray(program(ids))
@@ -38,7 +40,7 @@ def test_tiny_minilm_integer_program(tmp_path):
   np.testing.assert_array_equal(y, rt.run(rt.load(str(tmp_path)), ids))
   np.testing.assert_array_equal(y, minilm_integer.numpy_runner(program)(ids))
   assert float_in_program(program, program.quantize_input(ids), str(tmp_path)) == []
-  ref = np.asarray(model.apply({"params": params}, ids, (ids != 0).astype(np.int32)))
+  ref = np.asarray(jax.jit(model.apply)({"params": params}, ids, (ids != 0).astype(np.int32)))
   cos = np.sum(_unit(y) * _unit(ref), -1)
   # The bound of tests/integer_only/test_attention_block.py's BERT block (one block here).
   assert cos.min() >= 0.99, cos
