@@ -141,8 +141,11 @@ def _train_cli(*args):
                         env={**os.environ, "JAX_PLATFORMS": "cpu"})
 
 
+# The unknown key's case (exit 2, the key named, no workdir made) is also the default
+# test_cli_takes_jax_flags_and_names_a_mistyped_override's: it runs with the slow tests.
 @pytest.mark.parametrize("flag, fragments, existing", [
-    ("--config.optimizer.lrr=0.1", ["unknown config key 'optimizer.lrr'", "'lr'"], False),
+    pytest.param("--config.optimizer.lrr=0.1", ["unknown config key 'optimizer.lrr'", "'lr'"],
+                 False, marks=pytest.mark.slow),
     ("--config.quant.bits=12", ["quant.bits", "12", "[2, 3, 4, 5, 6, 7, 8, 16]"], True),
 ])
 def test_cli_bad_config_exits_2_and_leaves_workdir_untouched(tmp_path, flag, fragments,
