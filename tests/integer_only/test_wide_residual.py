@@ -151,7 +151,9 @@ def test_tiny_encoder_with_int16_residuals(tmp_path):
   rng = np.random.default_rng(0)
   model = minilm.MiniLM(TINY)
   calib = [_ids(rng, 8) for _ in range(2)]
-  params = model.init(jax.random.key(0), calib[0], (calib[0] != 0).astype(np.int32))["params"]
+  # jitted: one compile each (eagerly, every op of the init / forward compiles on its own)
+  mask = (calib[0] != 0).astype(np.int32)
+  params = jax.jit(model.init)(jax.random.key(0), calib[0], mask)["params"]
   net, variables = minilm_integer.IdsMiniLM(TINY), {"params": params}
   wide = jq.to_integer(net, variables, calib, residual_bits=16)
   narrow = jq.to_integer(net, variables, calib)  # residual_bits=8: the int8 program
@@ -168,7 +170,8 @@ def test_tiny_encoder_with_int16_residuals(tmp_path):
   wide.save(str(tmp_path))
   np.testing.assert_array_equal(y, NR.run(NR.load(str(tmp_path)), ids))
   assert float_in_program(wide, wide.quantize_input(ids), str(tmp_path)) == []
-  ref = np.asarray(model.apply(variables, ids, (ids != 0).astype(np.int32)), np.float64)
+  ref = np.asarray(jax.jit(model.apply)(variables, ids, (ids != 0).astype(np.int32)),
+                   np.float64)
   unit = lambda v: v / np.linalg.norm(v, axis=-1, keepdims=True)
   assert np.sum(unit(y.astype(np.float64)) * unit(ref), -1).min() >= 0.99
   with pytest.raises(ValueError, match="residual_bits=12"):
