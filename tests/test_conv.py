@@ -86,8 +86,16 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("layout", ["NHWC", "NCHW"])
-@pytest.mark.parametrize("case", list(CASES))
+def _matches_numpy_cases():
+  """case × layout; the default run keeps every case once, the layouts alternating (two
+  cases each in NHWC and NCHW); the other layout of each case is slow."""
+  for i, case in enumerate(CASES):
+    for j, layout in enumerate(("NHWC", "NCHW")):
+      yield pytest.param(case, layout, id=f"{case}-{layout}",
+                         marks=() if i % 2 == j else pytest.mark.slow)
+
+
+@pytest.mark.parametrize("case,layout", list(_matches_numpy_cases()))
 def test_conv_matches_numpy(case, layout):
   ls, rs, strides, padding, groups, spec = CASES[case]
   x, w = rng_x(ls, 1), rng_x(rs, 2)
@@ -227,8 +235,11 @@ def test_conv_bad_calls_raise():
     trace(DS(lhs=QS(rounding="stochastic"), rhs=QS()))
 
 
-@pytest.mark.parametrize("use_jit", [False, True], ids=["eager", "jit"])
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("dtype,use_jit", [
+    pytest.param(jnp.float32, False, id="f32-eager"),  # the eager path, float32 rtol
+    pytest.param(jnp.bfloat16, False, id="bf16-eager", marks=pytest.mark.slow),
+    pytest.param(jnp.float32, True, id="f32-jit", marks=pytest.mark.slow),
+    pytest.param(jnp.bfloat16, True, id="bf16-jit")])  # jit, gradients, dtype kept
 def test_conv_jit_and_dtypes(use_jit, dtype):
   x = jnp.asarray(rng_x((2, 5, 5, 3), 14)).astype(dtype)
   w = jnp.asarray(rng_x((3, 3, 3, 4), 15)).astype(dtype)
