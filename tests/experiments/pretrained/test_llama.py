@@ -157,7 +157,10 @@ def test_kv_cache_decode_matches_full_forward_and_compiles_once(tiny):
   assert step._cache_size() == 1  # one compile for every decode step
 
 
-@pytest.mark.parametrize("bits", [8, 4])
+# 4-bit codes in the cache (against numpy, prefill then decode, within +-7) are also the
+# default case of test_kv_quant.py::test_tiny_llama_channel_keys_against_numpy_prefill_and_decode:
+# the 4-bit case here runs with the slow tests.
+@pytest.mark.parametrize("bits", [8, pytest.param(4, marks=pytest.mark.slow)])
 def test_quantized_kv_cache_against_numpy_and_through_the_cache(tiny, bits):
   path, stored = tiny
   model, params, gg = gguf_llama.load(path)
