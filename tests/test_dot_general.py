@@ -477,12 +477,6 @@ def test_quantized_backward_equals_the_numpy_formula_exactly():
 
 # ------------------------------------------------------------------ weight-only serving
 
-def _dequantized_reference(x, q, dims):
-  """The dequantize-then-dot result the weight-only serving path must reproduce."""
-  return np_dot_general(np.asarray(x, np.float64), np.asarray(q.dequantize(jnp.float32),
-                                                              np.float64), dims)
-
-
 WEIGHT_ONLY_SPECS = {
     "int8": QS(bits=8), "int4_asym": QS(bits=4, symmetric=False),
     "int4_g16": QS(bits=4, granularity="group", group_size=16),
@@ -516,12 +510,14 @@ def test_weight_only_serving_equals_dequantized_dot(stored, spec, rows, amx):
   K, N = 64, 24
   w = rng_x((K, N), 31) if stored == "KN" else rng_x((N, K), 31)
   contracting = 0 if stored == "KN" else 1
-  q = jq.quantize_weight(w, spec, jq.make_layout(2, (contracting,))).pack()
+  # Quantize, pack and dequantize under jit: one compile each instead of one per op.
+  q = jax.jit(lambda w: jq.quantize_weight(w, spec, jq.make_layout(2, (contracting,))).pack())(w)
   x = rng_x((rows, K), 32)
   dims = (((1,), (contracting,)), ((), ()))
   out = jax.jit(lambda x, q: jq.dot_general(x, q, dims, options=options))(x, q)
-  ref = _dequantized_reference(x, q, dims)
-  w_kn = np.asarray(q.dequantize(jnp.float32), np.float64)
+  w_dequantized = np.asarray(jax.jit(lambda q: q.dequantize(jnp.float32))(q), np.float64)
+  ref = np_dot_general(np.asarray(x, np.float64), w_dequantized, dims)
+  w_kn = w_dequantized
   w_kn = w_kn if stored == "KN" else w_kn.T
   bound = np.abs(np.asarray(x, np.float64)) @ np.abs(w_kn)  # Σ|x||w|: the rounding scale
   assert out.shape == (rows, N) and out.dtype == jnp.float32
