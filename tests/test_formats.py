@@ -193,7 +193,8 @@ def test_nvfp4_quantize_matches_the_reference():
 @pytest.mark.parametrize("fmt", BLOCK)
 def test_pack_stores_codes_and_scales_exactly(fmt):
   x = _data((64, 8), seed=2)
-  q = jq.quantize_weight(x, QS(format=fmt), jq.make_layout(2, (0,)))
+  # Quantize under jit (eagerly every op compiles on its own); pack as convert does.
+  q = jax.jit(lambda x: jq.quantize_weight(x, QS(format=fmt), jq.make_layout(2, (0,))))(x)
   p = q.pack()
   assert p.packed and p.values.dtype == (jnp.uint8 if fmt != "mxfp8" else jnp.float8_e4m3fn)
   assert p.scale.dtype == (jnp.float8_e4m3fn if fmt == "nvfp4" else jnp.float8_e8m0fnu)
@@ -239,10 +240,12 @@ def test_nonfinite_and_zero_inputs():
 @pytest.mark.parametrize("fmt", BLOCK)
 def test_fake_quant_gradients(fmt):
   x = jnp.asarray(_data((64, 4), seed=3))
-  g = jax.grad(lambda x: jnp.sum(jq.fake_quant(x, QS(format=fmt), reduce_axes=(0,)) * 3.0))(x)
+  # Under jit: one compile per program (eagerly every op of the VJP compiles on its own).
+  g = jax.jit(jax.grad(lambda x: jnp.sum(
+      jq.fake_quant(x, QS(format=fmt), reduce_axes=(0,)) * 3.0)))(x)
   np.testing.assert_array_equal(np.asarray(g), 3.0)  # identity STE
   spec = QS(format=fmt, ste="clipped")
-  g = jax.grad(lambda x: jnp.sum(jq.fake_quant(x, spec, reduce_axes=(0,))))(x)
-  q = jq.quantize(x, spec, reduce_axes=(0,))
+  g = jax.jit(jax.grad(lambda x: jnp.sum(jq.fake_quant(x, spec, reduce_axes=(0,)))))(x)
+  q = jax.jit(lambda x: jq.quantize(x, spec, reduce_axes=(0,)))(x)
   bound = formats.get(fmt).max * np.repeat(np.asarray(q.scale), x.shape[0] // q.scale.shape[0], 0)
   np.testing.assert_array_equal(np.asarray(g), (np.abs(np.asarray(x)) <= bound) * 1.0)
