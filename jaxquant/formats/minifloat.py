@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
@@ -215,7 +216,11 @@ class NVFP4(MX):
   def pack(self, q):
     s = q.scale.astype(jnp.float32)
     top = jnp.max(s)
-    s_t = jnp.where(top > 0, top / self.scale_max, 1.0)
+    # A true division by 448: under jit, XLA would otherwise turn top / 448 into
+    # top · (1 / 448), which rounds differently, and the stored E4M3 scales would no
+    # longer multiply back to the exact `s` (the barrier hides the constant from it).
+    divisor = jax.lax.optimization_barrier(jnp.float32(self.scale_max))
+    s_t = jnp.where(top > 0, top / divisor, 1.0)
     return dataclasses.replace(q, values=self.pack_values(q.values),
                                scale=(s / s_t).astype(jnp.float8_e4m3fn),
                                tensor_scale=s_t.astype(jnp.float32),
