@@ -11,10 +11,11 @@ import numpy as np
 import pytest
 
 import jaxquant as jq
-from experiments.pretrained import minilm, minilm_integer
+from experiments.pretrained import minilm_integer
 from jaxquant.integer_only import fixed_point as fp
 from jaxquant.integer_only.ops import add as add_op
 from jaxquant.integer_only.ops import norm as norm_op
+from tests.experiments.pretrained.test_minilm_integer import TINY, tiny_ids, tiny_minilm
 from tests.integer_only.int_helpers import (float_in_program, numpy_runtime, ref_mbqm,
                                             ref_rdbpot, ref_rounding_divide, ref_srdhm)
 
@@ -137,23 +138,9 @@ def test_norm_layouts_keep_every_intermediate_inside_int32(bits):
 
 
 # ------------------------------------------------------------------ through to_integer
-TINY = minilm.MiniLMConfig(vocab_size=60, hidden_size=32, num_layers=1, num_heads=4,
-                           intermediate_size=64, max_position=16, max_seq_length=16)
-
-
-def _ids(rng, n, t=12):
-  ids = rng.integers(1, TINY.vocab_size, size=(n, t)).astype(np.int32)
-  ids[np.arange(t)[None, :] >= rng.integers(2, t + 1, size=n)[:, None]] = 0
-  return ids
-
-
 def test_tiny_encoder_with_int16_residuals(tmp_path):
   rng = np.random.default_rng(0)
-  model = minilm.MiniLM(TINY)
-  calib = [_ids(rng, 8) for _ in range(2)]
-  # jitted: one compile each (eagerly, every op of the init / forward compiles on its own)
-  mask = (calib[0] != 0).astype(np.int32)
-  params = jax.jit(model.init)(jax.random.key(0), calib[0], mask)["params"]
+  model, calib, params = tiny_minilm(rng, 2)
   net, variables = minilm_integer.IdsMiniLM(TINY), {"params": params}
   wide = jq.to_integer(net, variables, calib, residual_bits=16)
   narrow = jq.to_integer(net, variables, calib)  # residual_bits=8: the int8 program
@@ -165,7 +152,7 @@ def test_tiny_encoder_with_int16_residuals(tmp_path):
   readers = {op["op"] for op in wide.graph.ops if any(dtypes.get(t) == "int16" for t in op["in"])}
   assert readers == {"add", "norm", "gelu"}
   assert all(op["left_shift"] == 12 for op in wide.graph.ops if op["op"] == "add")
-  ids = _ids(rng, 16)
+  ids = tiny_ids(rng, 16)
   y = np.asarray(wide(ids))
   wide.save(str(tmp_path))
   np.testing.assert_array_equal(y, NR.run(NR.load(str(tmp_path)), ids))

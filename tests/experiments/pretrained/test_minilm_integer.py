@@ -13,11 +13,21 @@ TINY = minilm.MiniLMConfig(vocab_size=60, hidden_size=32, num_layers=1, num_head
                            intermediate_size=64, max_position=16, max_seq_length=16)
 
 
-def _ids(rng, n, t=12):
+def tiny_ids(rng, n, t=12):
+  """Random token ids [n, t] of the tiny model, each row padded (0) after 2..t tokens."""
   ids = rng.integers(1, TINY.vocab_size, size=(n, t)).astype(np.int32)
   lengths = rng.integers(2, t + 1, size=n)
   ids[np.arange(t)[None, :] >= lengths[:, None]] = 0
   return ids
+
+
+def tiny_minilm(rng, n_calib):
+  """The tiny MiniLM, `n_calib` calibration batches of 8 id rows and its random-init
+  params (the init jitted: one compile; eagerly every op compiles on its own)."""
+  model = minilm.MiniLM(TINY)
+  calib = [tiny_ids(rng, 8) for _ in range(n_calib)]
+  mask = (calib[0] != 0).astype(np.int32)
+  return model, calib, jax.jit(model.init)(jax.random.key(0), calib[0], mask)["params"]
 
 
 def _unit(y):
@@ -27,13 +37,9 @@ def _unit(y):
 
 def test_tiny_minilm_integer_program(tmp_path):
   rng = np.random.default_rng(0)
-  model = minilm.MiniLM(TINY)
-  calib = [_ids(rng, 8) for _ in range(3)]
-  # jitted: one compile each (eagerly, every op of the init / forward compiles on its own)
-  mask = (calib[0] != 0).astype(np.int32)
-  params = jax.jit(model.init)(jax.random.key(0), calib[0], mask)["params"]
+  model, calib, params = tiny_minilm(rng, 3)
   program = jq.to_integer(minilm_integer.IdsMiniLM(TINY), {"params": params}, calib)
-  ids = _ids(rng, 16)
+  ids = tiny_ids(rng, 16)
   y = np.asarray(program(ids))
   program.save(str(tmp_path))
   rt = numpy_runtime()
