@@ -24,18 +24,25 @@ it ('lr' for 'optimizer.lr', 'noise_std' for 'eval.input_noise_std').
 """
 from __future__ import annotations
 
+import functools
 import json
 from typing import Any, Optional, Sequence
 
-from jaxquant import formats
 
 FLOAT_BITS = 32
 DERIVED = ("bits", "label")
 SEED_KEY = "seed"
 ARG_KEY = "config_arg"  # a point's get_config ARG (experiments.sweeps.grid.ARG_KEY)
 _MISSING = object()
-# Bits a format name implies by itself (binary 1, ternary 2, 4-bit block formats 4).
-_FORMAT_BITS = formats.sub_byte_bits()
+
+
+@functools.cache
+def _format_bits() -> dict:
+  """Bits a format name implies by itself (binary 1, ternary 2, 4-bit block formats 4),
+  from the format registry. Imported on first use: jaxquant imports jax, which a report
+  process (python -m experiments.report) otherwise never needs."""
+  from jaxquant import formats  # pylint: disable=import-outside-toplevel
+  return formats.sub_byte_bits()
 
 
 def lookup(tree: Any, dotted_key: str) -> Any:
@@ -66,8 +73,8 @@ def _is_float(config: Any) -> bool:
 
 def _weight_bits(spec: dict) -> Optional[int]:
   fmt = spec.get("format", "int")
-  if fmt in _FORMAT_BITS:
-    return _FORMAT_BITS[fmt]
+  if fmt in _format_bits():
+    return _format_bits()[fmt]
   if fmt == "int":
     return spec.get("bits", 8)
   return 8  # fp8
@@ -105,14 +112,14 @@ def quant_label(config: Any) -> Optional[str]:
     return f"{lookup(config, 'quant.bits')} bits"
   weight, act, grad = (rule.get(k) if isinstance(rule.get(k), dict) else None
                        for k in ("weight", "act", "grad"))
-  a_bits = _FORMAT_BITS.get(act.get("format"), act.get("bits", 8)) if act else None
+  a_bits = _format_bits().get(act.get("format"), act.get("bits", 8)) if act else None
   a_text = f"A{a_bits}" if act else ""
   if weight is None:
     text = f"{a_text} activation-only" if act else "float (no quantized operand)"
   else:
     fmt = weight.get("format", "int")
-    if fmt in _FORMAT_BITS:
-      text = f"{fmt} W{_FORMAT_BITS[fmt]}{a_text}"
+    if fmt in _format_bits():
+      text = f"{fmt} W{_format_bits()[fmt]}{a_text}"
     elif fmt == "int":
       text = f"W{weight.get('bits', 8)}{a_text}"
     else:
