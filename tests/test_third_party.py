@@ -23,6 +23,7 @@ from flax import nnx
 
 import jaxquant as jq
 from jaxquant.qtensor import QTensor
+from tests.test_transform import jit as _jit
 
 ModuleDef = Any
 W8 = jq.QuantSpec(bits=8)
@@ -72,9 +73,9 @@ def _check_reports(size, compute, params, weight_bits=8, act_bits=8):
 
 
 # Most of these tests' time is XLA compiling programs that run once: the QAT programs
-# compile with the backend optimizations off (serving and export keep jax.jit's defaults,
-# as exported programs compile with them); PRNG inits take the fast-compiling key.
-_jit = functools.partial(jax.jit, compiler_options={"xla_backend_optimization_level": 0})
+# compile with the backend optimizations off (test_transform's `jit`; serving and export
+# keep jax.jit's defaults, as exported programs compile with them); PRNG inits take the
+# fast-compiling key.
 KEY = jax.random.key(0, impl="unsafe_rbg")
 
 

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 import jaxquant as jq
+from tests.test_transform import jit as _jit  # one-run programs: backend opts off
 
 W8 = jq.QuantSpec(bits=8)
 A8 = jq.QuantSpec(bits=8, granularity="tensor", symmetric=False)
@@ -35,12 +36,6 @@ ZOO = {  # name: (layer, input)
     "embed": (nn.Embed(11, 6), jnp.array([[1, 4, 10], [0, 2, 2]])),
 }
 KERNELS = {"attention": ("query", "key", "value", "out")}
-
-
-def _jit(fn):
-  """jit with XLA's backend optimizations off: each program runs once, so they cost
-  compile time and buy nothing (eager dispatch would compile every op on its own)."""
-  return jax.jit(fn, compiler_options={"xla_backend_optimization_level": 0})
 
 
 RBG = jax.random.key(0, impl="unsafe_rbg")  # jitted inits: compiles faster than threefry
