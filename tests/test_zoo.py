@@ -13,15 +13,11 @@ import pytest
 
 import jaxquant as jq
 from tests.test_transform import jit as _jit  # one-run programs: backend opts off
+from tests.test_transform import normal as _normal  # numpy: no jax work at import
 
 W8 = jq.QuantSpec(bits=8)
 A8 = jq.QuantSpec(bits=8, granularity="tensor", symmetric=False)
 MATCH_ALL = [jq.Rule(".*", weight=W8, act=A8)]
-
-
-def _normal(shape, seed):
-  """Standard normal float32 inputs (numpy: no jax program to compile at import)."""
-  return jnp.asarray(np.random.default_rng(seed).standard_normal(shape), jnp.float32)
 
 
 ZOO = {  # name: (layer, input)
