@@ -1,22 +1,43 @@
-"""Test-wide setup: 8 host devices for sharding tests (set before jax is imported), a
-session-wide XLA compilation cache, strict rank promotion so silent broadcasting bugs
-fail loudly, and the heavy files scheduled first."""
+"""Test-wide setup: 8 host devices for sharding tests (set before jax is imported), XLA's
+backend at optimization level 0 unless JAXQUANT_TEST_FULL_OPT=1, a session-wide XLA
+compilation cache, strict rank promotion so silent broadcasting bugs fail loudly, and the
+heavy files scheduled first."""
 import atexit
 import os
 import shutil
 import tempfile
 
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+# Compiling dominates the suite: most tests run a program once or a few times on tiny
+# arrays. XLA's backend optimization level 0 (LLVM code generation without its
+# optimization passes; the optimized HLO, fusion decisions included, is the same: checked
+# on a quantized MLP) cuts the default suite's CPU time by about 30%. The programs compute
+# the same values, except that without LLVM's passes a multiply and an add in one fused
+# loop are rounded separately instead of as one FMA: a float result can differ by an ulp
+# (integer results cannot). A test whose
+# claim is bit-equality between two differently compiled programs reads FULL_OPT and says
+# what it checks at each level. JAXQUANT_TEST_FULL_OPT=1 runs everything at XLA's
+# default level, as a user's program compiles (CI runs the suite both ways). Trainer
+# and other subprocesses inherit the flags.
+FULL_OPT = os.environ.get("JAXQUANT_TEST_FULL_OPT", "0") == "1"
+_flags = os.environ.get("XLA_FLAGS", "").split()
+if not any(f.startswith("--xla_force_host_platform_device_count") for f in _flags):
+  _flags.append("--xla_force_host_platform_device_count=8")
+if not FULL_OPT and not any(f.startswith("--xla_backend_optimization_level") for f in _flags):
+  _flags.append("--xla_backend_optimization_level=0")
+os.environ["XLA_FLAGS"] = " ".join(_flags)
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
   # One persistent XLA compilation cache per test session, in a fresh temp dir removed at
   # exit: the many identical programs (the same tiny training step built again by each
   # end-to-end test, in this process and in the trainer subprocesses, which inherit the
   # variable; xdist workers inherit the controller's dir) compile once. A cache hit is
-  # the executable the same compile produced, so results are unchanged; only compiles
-  # over JAX's default 1 s are stored. Tests that need cold compiles drop the variable.
+  # the executable the same compile produced, so results are unchanged. Every compile is
+  # stored, not only those over JAX's default 1 s: a trainer subprocess compiles many
+  # small programs that the previous one already compiled. Tests that need cold compiles
+  # drop the variables.
   _XLA_CACHE = tempfile.mkdtemp(prefix="jaxquant-test-xla-cache-")
   os.environ["JAX_COMPILATION_CACHE_DIR"] = _XLA_CACHE
+  os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
   atexit.register(shutil.rmtree, _XLA_CACHE, ignore_errors=True)
 
 import jax  # noqa: E402

@@ -16,6 +16,7 @@ import jaxquant as jq
 from jaxquant import conv as qconv
 from jaxquant import dot as qdot
 from jaxquant.einsum import einsum_compiled
+from tests.conftest import FULL_OPT
 from tests.test_convert import PARAMS, X
 from tests.test_transform import Net, int_ops, jit, qinit, rel_err
 
@@ -119,7 +120,10 @@ def test_nnx_eager_call_runs_compiled_contractions_equal_to_the_jitted_model():
     f.jitted.clear_cache()
   y_eager = model(X)
   assert all(f.jitted._cache_size() > 0 for f in compiled)
-  np.testing.assert_array_equal(y_eager, _nnx_forward(model, X))
+  if FULL_OPT:  # as a user's program compiles: bit-equal
+    np.testing.assert_array_equal(y_eager, _nnx_forward(model, X))
+  else:  # XLA backend level 0 (tests/conftest.py): the float epilogue without FMAs
+    np.testing.assert_array_max_ulp(y_eager, _nnx_forward(model, X), maxulp=1)
 
 
 def test_nnx_grad_reaches_every_param_and_the_weight_lsq_scale():
