@@ -49,8 +49,11 @@ class IntegerProgram:
     # The arrays are jit arguments, not constants: XLA would otherwise constant-fold
     # every weight-derived expression (zp·Σw, ...) at compile time, minutes for a BERT.
     self._arrays = {k: jnp.asarray(v) for k, v in g.integer_arrays(graph).items()}
-    self._jit = jax.jit(lambda arrays, x_q: kernels.run_graph(graph, x_q, arrays))
-    self._run = lambda x_q: self._jit(self._arrays, x_q)
+    # `one` (1 at run time) fences the fusions of the tensors kernels.fenced_tensors
+    # names: without it XLA recomputes the residual stream in every layer (kernels.py).
+    self._one = jnp.int32(1)
+    self._jit = jax.jit(lambda arrays, one, x_q: kernels.run_graph(graph, x_q, arrays, one))
+    self._run = lambda x_q: self._jit(self._arrays, self._one, x_q)
     spec = graph.input
     self.takes_ids = spec.get("dtype") == "int32"  # token ids in, no input quantization
     self._inv_scale = None if self.takes_ids else np.float32(spec["inv_scale"])
