@@ -28,7 +28,12 @@ That is what a cache filled token by token hands each query; a prefill of T toke
 the cache-free forward (perplexity) apply the same rule per (query, key) pair
 (`own_group_keys`), so all three give the same attention inputs.
 
-Int4 codes are stored one per int8 (not packed); scales are float32.
+Storage: int8 codes one per int8; int4 codes packed two per uint8 along the head-dim
+axis (`pack_int4`: element 2i in the low nibble, 2i+1 in the high one, so a cache row
+`[..., D]` is `[..., D/2]` bytes and every write stores whole rows), unpacked on read
+into the same int8 codes (`unpack_int4`, exact for every code in [-8, 7]). The head dim
+must be even (llama's RoPE already requires it); an odd one is refused. Scales are
+float32.
 """
 from __future__ import annotations
 
@@ -38,6 +43,40 @@ import jax
 import jax.numpy as jnp
 
 import jaxquant as jq
+
+
+PACKED_BITS = 4  # code widths up to this are stored two per byte
+
+
+def pack_int4(codes_BxSxHxK: jax.Array) -> jax.Array:
+  """uint8 `[..., D/2]`: int4 codes (int8 values in [-8, 7]) two per byte along the last
+  axis, code 2i in the low nibble and 2i+1 in the high nibble (two's complement)."""
+  d = codes_BxSxHxK.shape[-1]
+  if d % 2:
+    raise ValueError(f"pack_int4: the last axis has odd length {d}; int4 codes are packed "
+                     "two per byte along it, so it must be even")
+  nib = codes_BxSxHxK.astype(jnp.uint8) & jnp.uint8(0xF)
+  return nib[..., 0::2] | (nib[..., 1::2] << jnp.uint8(4))
+
+
+def unpack_int4(packed_BxSxHxP: jax.Array) -> jax.Array:
+  """int8 `[..., 2P]`: the codes `pack_int4` stored, sign-extended from their nibbles."""
+  if packed_BxSxHxP.dtype != jnp.uint8:
+    raise ValueError(f"unpack_int4: expected uint8 packed codes, got {packed_BxSxHxP.dtype}")
+  byte = jax.lax.bitcast_convert_type(packed_BxSxHxP, jnp.int8)
+  lo = jnp.left_shift(byte, jnp.int8(4)) >> jnp.int8(4)   # arithmetic shift: sign
+  hi = byte >> jnp.int8(4)
+  return jnp.stack([lo, hi], axis=-1).reshape(*byte.shape[:-1], 2 * byte.shape[-1])
+
+
+def store_codes(codes: jax.Array, like: jax.Array) -> jax.Array:
+  """`codes` in the storage of the cache buffer `like`: packed when it is uint8."""
+  return pack_int4(codes) if like.dtype == jnp.uint8 else codes.astype(like.dtype)
+
+
+def read_codes(stored: jax.Array) -> jax.Array:
+  """int8 codes of a cache buffer: unpacked when it is packed (uint8), else as is."""
+  return unpack_int4(stored) if stored.dtype == jnp.uint8 else stored
 
 
 def quantize_kv(x_BxTxGxK: jax.Array, bits: int) -> Tuple[jax.Array, jax.Array]:
@@ -70,7 +109,9 @@ def quantize_key_groups(k_BxTxHxK: jax.Array, bits: int, group: int):
 
 def dequantize_key_groups(codes_BxSxHxK: jax.Array, scale_BxNxHxK: jax.Array,
                           group: int) -> jax.Array:
-  """float32 keys `[B, S, H, K]` from grouped per-channel codes and scales."""
+  """float32 keys `[B, S, H, K]` from grouped per-channel codes (int8, or packed uint8)
+  and scales."""
+  codes_BxSxHxK = read_codes(codes_BxSxHxK)
   s = codes_BxSxHxK.shape[1]
   scale = jnp.repeat(scale_BxNxHxK, group, axis=1)[:, :s]
   return codes_BxSxHxK.astype(jnp.float32) * scale
@@ -126,7 +167,8 @@ def write_key_groups(codes_BxSxHxK: jax.Array, scale_BxNxHxK: jax.Array,
   """Writes T new keys at slot `length` of one layer's per-channel key cache.
 
   Args:
-    codes_BxSxHxK: int8 codes of the complete groups (other slots unused).
+    codes_BxSxHxK: int8 codes of the complete groups (other slots unused), or uint8
+      int4 codes packed two per byte (`pack_int4`, `[B, S, H, K/2]`): written packed.
     scale_BxNxHxK: float32 scales, one row per group of G slots.
     resid_BxGxHxK: float keys of the unfinished group: slot s at row s − G·(length // G).
     length: slots written so far (int32 scalar, traced).
@@ -157,7 +199,8 @@ def write_key_groups(codes_BxSxHxK: jax.Array, scale_BxNxHxK: jax.Array,
   done = (first < held + t) if requant else (first + group <= held + t)
   group_idx = jnp.where(done, start // group + jnp.arange(nb), n_groups)
   slot_idx = jnp.where(jnp.repeat(done, group), start + jnp.arange(nb * group), size)
-  codes = codes_BxSxHxK.at[:, slot_idx].set(codes_new, mode="drop")
+  codes = codes_BxSxHxK.at[:, slot_idx].set(store_codes(codes_new, codes_BxSxHxK),
+                                            mode="drop")
   scales = scale_BxNxHxK.at[:, group_idx].set(scale_new, mode="drop")
   resid = jax.lax.dynamic_slice_in_dim(buf, ((held + t) // group) * group, group, axis=1)
   return codes, scales, resid, (buf, start)

@@ -25,16 +25,18 @@ values of T new tokens are written at `cache.length`, and every query attends to
 cached slots at positions ≤ its own.
 
 KV-cache quantization (`kv_bits` 8 or 4): keys (after RoPE) and values are quantized on
-write to symmetric integer codes, stored as int8 with float32 scales in the cache, and
-dequantized where attention reads them. Values have one scale per token and kv head.
+write to symmetric integer codes, stored with float32 scales in the cache (int8 codes one
+per byte, int4 codes packed two per uint8 along head_dim: `kv_quant.pack_int4`), and
+unpacked and dequantized where attention reads them. Values have one scale per token and kv head.
 Keys have the same (`kv_key_group=0`), or, with `kv_key_group=G`, one scale per channel
 over each group of G consecutive tokens (KIVI), the group still being filled held in
 float32 in the cache and read as float (or, with `kv_key_requant`, re-quantized with its
 absmax so far at every write and read as codes); `experiments.models.kv_quant` says
 exactly what each query reads.
 Without a cache (perplexity), the same quantize-dequantize is applied to the keys and
-values attention reads, so the numbers are those of a quantized cache. Int4 codes are
-held one per int8 (not packed).
+values attention reads, so the numbers are those of a quantized cache. The packed int4
+cache reads the same codes as one holding them one per int8 (`init_cache(...,
+pack=False)`, kept as the reference layout), so its logits are bit-identical to that.
 
 Online Hadamards (`hadamard=True`, for a QuaRot-rotated checkpoint, see
 `experiments.pretrained.rotation`): queries and keys are multiplied per head by the
@@ -105,7 +107,9 @@ class LlamaConfig:
 class KVCache(NamedTuple):
   """Keys and values of every block, `[L, B, S, num_kv_heads, head_dim]`, and how many of
   the S slots are written (`length`, int32 scalar; the next token's position). A
-  quantized cache holds int8 codes in `k` / `v` and their scales, `[L, B, S, Hkv, 1]`,
+  quantized cache holds codes in `k` / `v` (int8 `[L, B, S, Hkv, head_dim]` for 8 bits;
+  for 4 bits uint8 `[L, B, S, Hkv, head_dim/2]`, two codes a byte, `kv_quant.pack_int4`)
+  and their scales, `[L, B, S, Hkv, 1]`,
   in `k_scale` / `v_scale` (None for a float cache). With per-channel keys in groups of
   G tokens, `k_scale` is `[L, B, ceil(S/G), Hkv, head_dim]` and `k_resid`
   `[L, B, G, Hkv, head_dim]` holds the unfinished group's float keys (else None)."""
@@ -131,10 +135,12 @@ def _check_kv(kv_bits, kv_key_group):
 
 
 def init_cache(config: LlamaConfig, batch: int, size: int, dtype=jnp.float32,
-               kv_bits: int = 0, kv_key_group: int = 0) -> KVCache:
-  """An empty cache of `size` slots (size ≤ config.max_position); int8 codes and float32
+               kv_bits: int = 0, kv_key_group: int = 0, pack: bool = True) -> KVCache:
+  """An empty cache of `size` slots (size ≤ config.max_position); codes and float32
   scales when `kv_bits` is 8 or 4, keys per channel in groups of `kv_key_group` tokens
-  when that is > 0 (with a float residual of that many slots)."""
+  when that is > 0 (with a float residual of that many slots). 4-bit codes are packed
+  two per uint8 along head_dim; `pack=False` keeps them one per int8 (the unpacked
+  reference layout: the model reads either, with the same results)."""
   if not 0 < size <= config.max_position:
     raise ValueError(f"cache size={size} must be in 1..max_position={config.max_position}")
   _check_kv(kv_bits, kv_key_group)
@@ -148,8 +154,23 @@ def init_cache(config: LlamaConfig, batch: int, size: int, dtype=jnp.float32,
     n = kv_quant.num_key_groups(size, kv_key_group)
     k_scale = jnp.zeros(shape[:2] + (n,) + shape[3:], jnp.float32)
     k_resid = jnp.zeros(shape[:2] + (kv_key_group,) + shape[3:], dtype)
-  return KVCache(jnp.zeros(shape, jnp.int8), jnp.zeros(shape, jnp.int8), length,
+  code_dtype = jnp.int8
+  if pack and kv_bits <= kv_quant.PACKED_BITS:  # head_dim is even (LlamaConfig checks)
+    shape, code_dtype = shape[:-1] + (config.head_dim // 2,), jnp.uint8
+  return KVCache(jnp.zeros(shape, code_dtype), jnp.zeros(shape, code_dtype), length,
                  k_scale, jnp.zeros(scale_shape, jnp.float32), k_resid)
+
+
+def cache_bytes(cache: KVCache) -> dict:
+  """Bytes the cache's arrays hold (their `nbytes`), per sequence of the batch:
+  `per_token`, the codes and scales of one slot (k, v, k_scale, v_scale over B·S; with
+  per-channel keys the group scales are spread over the slots they cover), and `fixed`,
+  the float residual of the unfinished key group (0 without one)."""
+  batch, size = cache.k.shape[1], cache.k.shape[2]
+  slots = sum(a.nbytes for a in (cache.k, cache.v, cache.k_scale, cache.v_scale)
+              if a is not None)
+  fixed = 0 if cache.k_resid is None else cache.k_resid.nbytes
+  return {"per_token": slots / (batch * size), "fixed": fixed / batch}
 
 
 def rope(x_BxTxHxK: jax.Array, pos_BxT: jax.Array, theta: float) -> jax.Array:
@@ -213,19 +234,20 @@ class Attention(nn.Module):
     else:
       k_cache, v_cache, length, ks_cache, vs_cache, resid = kv
       put = lambda cache, new: jax.lax.dynamic_update_slice(
-          cache, new.astype(cache.dtype), (0, length, 0, 0))
+          cache, kv_quant.store_codes(new, cache), (0, length, 0, 0))
+      read = kv_quant.read_codes  # int8 codes of a (possibly packed) buffer
       if bits and group:
         k_codes, k_scales, resid, (buf, start) = kv_quant.write_key_groups(
             k_cache, ks_cache, resid, length, k_BxTxGxK, bits, self.kv_key_requant)
         own_keys = kv_quant.own_group_keys(buf, pos_BxT - start, group, requant_bits)
         written = (k_codes, put(v_cache, v_codes), k_scales, put(vs_cache, v_scale), resid)
         keys = kv_quant.dequantize_key_groups(k_codes, k_scales, group)
-        values = written[1].astype(jnp.float32) * written[3]
+        values = read(written[1]).astype(jnp.float32) * written[3]
       elif bits:
         written = (put(k_cache, k_codes), put(v_cache, v_codes), put(ks_cache, k_scale),
                    put(vs_cache, v_scale), None)
-        keys = written[0].astype(jnp.float32) * written[2]
-        values = written[1].astype(jnp.float32) * written[3]
+        keys = read(written[0]).astype(jnp.float32) * written[2]
+        values = read(written[1]).astype(jnp.float32) * written[3]
       else:
         written = (put(k_cache, k_BxTxGxK), put(v_cache, v_BxTxGxK), None, None, None)
         keys, values = written[0], written[1]
@@ -319,6 +341,11 @@ class Llama(nn.Module):
       raise ValueError(f"the cache is {'quantized' if cache.k_scale is not None else 'float'}"
                        f" but the model has kv_bits={self.kv_bits}; make it with "
                        "init_cache(..., kv_bits=model.kv_bits)")
+    if (cache is not None and cache.k.dtype == jnp.uint8
+        and self.kv_bits > kv_quant.PACKED_BITS):
+      raise ValueError(f"the cache holds packed 4-bit codes (uint8) but the model has "
+                       f"kv_bits={self.kv_bits}; make it with init_cache(..., "
+                       "kv_bits=model.kv_bits)")
     if self.kv_key_requant and not self.kv_key_group:
       raise ValueError("kv_key_requant=True needs per-channel keys (kv_key_group > 0)")
     cache_group = 0 if cache is None or cache.k_resid is None else cache.k_resid.shape[2]

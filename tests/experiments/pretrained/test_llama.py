@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from experiments.models import llama
+from experiments.models import kv_quant, llama
 from experiments.pretrained import gguf_llama, llama_hf
 from tests.experiments.pretrained import gguf_fixtures as fx
 from tests.experiments.pretrained import llama_np_reference as ref
@@ -178,8 +178,10 @@ def test_quantized_kv_cache_against_numpy_and_through_the_cache(tiny, bits):
   for t in range(5, 9):
     logits, cache = step(cache, jnp.asarray(ids[:, t:t + 1]))
     np.testing.assert_allclose(logits[:, 0], full[:, t], rtol=1e-4, atol=1e-4)
-  assert cache.k.dtype == jnp.int8 and cache.k_scale.shape == cache.k.shape[:-1] + (1,)
-  assert int(jnp.abs(cache.k).max()) <= 2 ** (bits - 1) - 1
+  codes = kv_quant.read_codes(cache.k)
+  assert cache.k.dtype == (jnp.uint8 if bits == 4 else jnp.int8)
+  assert cache.k_scale.shape == codes.shape[:-1] + (1,)
+  assert int(jnp.abs(codes).max()) <= 2 ** (bits - 1) - 1
   assert step._cache_size() == 1
   with pytest.raises(ValueError, match="the cache is float but the model has kv_bits"):
     model.apply(v, jnp.asarray(ids[:, :1]), llama.init_cache(gg.config, 1, 4))
