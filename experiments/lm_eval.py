@@ -10,7 +10,11 @@ PTQ statistics calibrated on the recipe's calibration split), scores the first
 through the one summary writer (`experiments.training.results.write_summary`: a temp
 file renamed over the old one, so a failed run leaves the previous summary intact):
 `perplexity`, `num_tokens`, `bits_per_weight` (stored bits of every parameter / their
-count) at the top level and in `metrics`, plus `config`, `param_bytes`, `wall_time_s`.
+count) and `kv_cache_bytes_per_token` (what a KV cache of the variant's `kv_bits` /
+`kv_key_group` stores per token: codes and scales, from the `nbytes` of an empty cache
+of one window, `experiments.models.llama.cache_bytes`) at the top level and in
+`metrics`, plus `config`, `param_bytes`, `kv_cache_fixed_bytes` (the float residual of
+per-channel keys, per sequence), `wall_time_s`.
 `experiments.sweep --trainer=experiments.lm_eval` runs the variants and
 `experiments.report --metric=perplexity` tables them.
 """
@@ -24,6 +28,7 @@ import jax
 import numpy as np
 from ml_collections import config_flags
 
+from experiments.models import llama
 from experiments.pretrained import llm_run, perplexity
 from experiments.training import config_build
 from experiments.training.results import write_summary
@@ -50,11 +55,16 @@ def evaluate(config, overrides=(), progress: bool = True):
   report = (lambda d, n: print(f"  {d}/{n} windows", flush=True)) if progress else None
   result = perplexity.evaluate(logits, wins, int(config.eval.batch_size), report)
   bpw, param_bytes = llm_run.bits_per_weight(svars)
-  metrics = {**{k: float(v) for k, v in result.items()}, "bits_per_weight": bpw}
+  kv = llama.cache_bytes(llama.init_cache(
+      model.config, 1, min(int(config.eval.window), model.config.max_position),
+      kv_bits=model.kv_bits, kv_key_group=model.kv_key_group))
+  metrics = {**{k: float(v) for k, v in result.items()}, "bits_per_weight": bpw,
+             "kv_cache_bytes_per_token": kv["per_token"]}
   return {"config": config_build.config_to_dict(config), "metrics": metrics,
           "param_bytes": param_bytes,
           "perplexity": metrics["perplexity"], "num_tokens": int(result["num_tokens"]),
-          "bits_per_weight": bpw, "bos_added": bos is not None,
+          "bits_per_weight": bpw, "kv_cache_bytes_per_token": kv["per_token"],
+          "kv_cache_fixed_bytes": kv["fixed"], "bos_added": bos is not None,
           "gguf": os.path.basename(gg.path), "quantized": bool(rules),
           "wall_time_s": round(time.time() - start, 3)}
 
@@ -69,6 +79,7 @@ def main(argv):
   os.makedirs(workdir, exist_ok=True)
   write_summary(workdir, summary)
   print({k: summary[k] for k in ("perplexity", "num_tokens", "bits_per_weight",
+                                 "kv_cache_bytes_per_token", "kv_cache_fixed_bytes",
                                  "wall_time_s")}, flush=True)
 
 

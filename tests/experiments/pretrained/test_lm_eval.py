@@ -125,6 +125,10 @@ def test_lm_eval_summaries_against_numpy_reference(tiny):
   assert s_float["perplexity"] == pytest.approx(float(np.exp(nll.mean())), rel=1e-4)
   assert s_float["metrics"]["perplexity"] == s_float["perplexity"]
   assert s_float["bits_per_weight"] == pytest.approx(32.0)
+  c = gg.config  # a float cache: keys and values, float32, per layer and kv head
+  assert s_float["kv_cache_bytes_per_token"] == 2 * c.num_layers * c.num_kv_heads * c.head_dim * 4
+  assert s_float["metrics"]["kv_cache_bytes_per_token"] == s_float["kv_cache_bytes_per_token"]
+  assert s_float["kv_cache_fixed_bytes"] == 0
   n_params = s_float["param_bytes"]["float"] / 4
   assert s_w8a8["param_bytes"]["quantized"] == _expected_w8_bytes(gg.config)
   assert s_w8a8["bits_per_weight"] == pytest.approx(8 * _expected_w8_bytes(gg.config) / n_params)
