@@ -28,7 +28,7 @@ That is what a cache filled token by token hands each query; a prefill of T toke
 the cache-free forward (perplexity) apply the same rule per (query, key) pair
 (`own_group_keys`), so all three give the same attention inputs.
 
-Storage: int8 codes one per int8; int4 codes packed two per uint8 along the head-dim
+Storage: 8-bit codes one per byte (int8); 4-bit codes packed two per uint8 along the head-dim
 axis (`pack_int4`: element 2i in the low nibble, 2i+1 in the high one, so a cache row
 `[..., D]` is `[..., D/2]` bytes and every write stores whole rows), unpacked on read
 into the same int8 codes (`unpack_int4`, exact for every code in [-8, 7]). The head dim

@@ -67,8 +67,9 @@ def tiny(tmp_path_factory):
   return path
 
 
-@pytest.mark.parametrize("group,requant", [(3, False), pytest.param(0, False, marks=pytest.mark.slow),
-                                           pytest.param(3, True, marks=pytest.mark.slow)])
+@pytest.mark.parametrize("group,requant", [
+    (3, False), pytest.param(0, False, marks=pytest.mark.slow),
+    pytest.param(3, True, marks=pytest.mark.slow)])
 def test_tiny_llama_packed_cache_equals_unpacked_exactly(tiny, group, requant):
   """Prefill 5 tokens, then decode 5 one at a time: the packed int4 cache and the one
   holding a code per int8 give bit-identical logits and the same codes."""
