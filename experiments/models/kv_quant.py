@@ -33,7 +33,8 @@ axis (`pack_int4`: element 2i in the low nibble, 2i+1 in the high one, so a cach
 `[..., D]` is `[..., D/2]` bytes and every write stores whole rows), unpacked on read
 into the same int8 codes (`unpack_int4`, exact for every code in [-8, 7]). The head dim
 must be even (llama's RoPE already requires it); an odd one is refused. Scales are
-float32.
+float32. (Not `jaxquant.qtensor.pack`, which serves stored weights: its bit planes span
+the whole flattened array, while a cache write must store one token's rows on their own.)
 """
 from __future__ import annotations
 
