@@ -340,9 +340,9 @@ def minilm_integer_rows(batch: int, repeats: int):
   on the first `batch` evaluation sentences: the JAX program (`program.run`) and the
   numpy runtime. Or the reason the rows are skipped (a str).
 
-  The JAX program's first call compiles for minutes (648 s and about 8 GB at batch 8 on
-  a 2-core Xeon): the warm-up calls are outside the timings, and the group is only run
-  when asked for.
+  The JAX program's first call compiles it (about 10 s and 3.6 GB for the whole group at
+  batch 8 on a 2-core Xeon; minutes and 14.7 GB before kernels.py's fusion fences): the
+  warm-up calls are outside the timings, and the group is only run when asked for.
   """
   try:
     from experiments.pretrained import minilm, minilm_integer, sentences  # pylint: disable=import-outside-toplevel

@@ -7,13 +7,13 @@ all-MiniLM-L6-v2 truncated to its first `layers` blocks, built as
 `configs/minilm_ptq.py:integer_only` builds it (`minilm_integer.build`, 48 tokens,
 `residual_bits=16`; ranges from the first `calibration` calibration sentences), on the
 first `sentences` evaluation sentences. Printed: the XLA compile of the JAX program
-(`program.run`; seconds, optimized HLO lines, the most frequent opcodes, the dots'
-operand types) and of the float forward `jax.jit(model.apply)`, their run times
-(interleaved, median of 5 after two warm-up calls each), and the process's peak
-resident memory. `--fences=false` runs the program without kernels.py's fusion fences
-(the output is checked equal to the fenced one). `--per_op` also times each program
-op jitted alone (XLA fuses nothing across ops there; the sum includes one dispatch per
-op), summed per op kind.
+(`program.run`; seconds, optimized HLO lines and those of its largest fused
+computation, the most frequent opcodes, the dots' operand types) and of the float
+forward `jax.jit(model.apply)`, their run times (interleaved, median of 5 after two
+warm-up calls each), and the process's peak resident memory. `--fences=false` runs the
+program without kernels.py's fusion fences (the output is checked equal to the fenced
+one). `--per_op` also times each program op jitted alone (XLA fuses nothing across ops
+there; the sum includes one dispatch per op), summed per op kind.
 """
 from __future__ import annotations
 
@@ -55,8 +55,11 @@ def truncated(layers: int):
 
 
 def hlo_summary(text: str):
-  """(lines, Counter of opcodes, [dot operand type lists]) of optimized HLO text."""
+  """(lines, Counter of opcodes, Counter of the dots' operand types, lines of the largest
+  fused computation) of optimized HLO text."""
   lines = text.splitlines()
+  largest = max((len(block.strip().splitlines()) for block in text.split("\n\n")
+                 if block.strip().startswith("%fused")), default=0)
   ops = collections.Counter(m.group(1) for m in map(_OPCODE.search, lines) if m)
   types = {}
   for line in lines:  # name -> element type, for the dots' operands
@@ -68,7 +71,7 @@ def hlo_summary(text: str):
     m = re.search(r" dot\(%([^,]+), %([^)]+)\)", line)
     if m:
       dots.append(f"{types.get(m.group(1), '?')}x{types.get(m.group(2), '?')}")
-  return len(lines), ops, collections.Counter(dots)
+  return len(lines), ops, collections.Counter(dots), largest
 
 
 def per_op_times(program, ids):
@@ -114,8 +117,9 @@ def main(argv):
   t0 = time.perf_counter()
   compiled = run.lower(arrays, one, ids).compile()
   t_compile = time.perf_counter() - t0
-  lines, ops, dots = hlo_summary(compiled.as_text())
-  print(f"integer program: compile {t_compile:.1f} s, optimized HLO {lines} lines")
+  lines, ops, dots, largest = hlo_summary(compiled.as_text())
+  print(f"integer program: compile {t_compile:.1f} s, optimized HLO {lines} lines "
+        f"(largest fused computation {largest})")
   print("  opcodes: " + ", ".join(f"{k} {v}" for k, v in ops.most_common(12)))
   print("  dots (operand types): " + ", ".join(f"{k} {v}" for k, v in sorted(dots.items())))
   mask = (ids != tok.pad_id).astype(ids.dtype)
