@@ -18,6 +18,10 @@ that an op other than a contraction reads by `one`, a run-time int32 scalar 1 pa
 as an argument of the jitted program: the values are unchanged (x / 1 = x), and the
 tensor is computed once and stored, as an integer runtime would store it. Tensors only
 contractions read need no fence (a dot / conv operand is materialized anyway).
+`lax.optimization_barrier` in place of the division does not stop the duplication: with
+it, the 6-layer MiniLM program is 177k HLO lines, compiles in 161 s and runs 19x float
+at batch 8 (32k lines, 6.6 s and 1.45x with the division; `python -m
+experiments.integer_profile --layers=6`, 2-core Intel Xeon).
 """
 from __future__ import annotations
 
