@@ -35,8 +35,9 @@ The paper's lazy batch updates (§4, Step 2) reorder the same arithmetic for GPU
 bandwidth; here each step updates all later rows at once (identical in exact arithmetic).
 
 The result's codes are exactly the spec's grid: `encode(dequantize(q), q.scale)` gives
-the same codes back. Runs eagerly (the damping retry inspects the factor); the row loop
-is one jitted `lax.fori_loop`.
+the same codes back. Everything but the damping retry is one compiled program per
+(shape, spec, act_order), with λ a traced argument: a retry runs the same program again;
+only the checks (finite H, whether the factorization succeeded) are read back eagerly.
 """
 from __future__ import annotations
 
@@ -91,30 +92,57 @@ def check_spec(spec: QuantSpec, k: int, where: str = "gptq") -> None:
     raise ValueError(f"{where}: group_size={spec.group_size} must divide the {k} input rows")
 
 
-def inverse_hessian_factor(h_KxK, percdamp: float = 0.01):
-  """(U, λ): the upper Cholesky factor of (H + λ I)⁻¹, raising λ until H + λ I factors."""
+def _factor(h_KxK, damp):
+  """(U, ok): the upper Cholesky factor of (H + λ I)⁻¹ and whether both factorizations
+  succeeded (finite, positive diagonal). Traced: λ is an argument, so a retry with more
+  damping runs the same compiled program."""
+  eye = jnp.eye(h_KxK.shape[0], dtype=jnp.float32)
+  low = jnp.linalg.cholesky(h_KxK + damp * eye)
+  hinv = jax.scipy.linalg.cho_solve((low, True), eye)
+  u = jnp.linalg.cholesky((hinv + hinv.T) / 2).T  # symmetrize away solve rounding
+  ok = jnp.all(jnp.isfinite(low)) & jnp.all(jnp.isfinite(u)) & jnp.all(jnp.diag(u) > 0)
+  return u, ok
+
+
+_factor_jit = jax.jit(_factor)
+
+
+@jax.jit
+def _finite_mean_diag(h_KxK):
+  return jnp.all(jnp.isfinite(h_KxK)), jnp.mean(jnp.diag(h_KxK))
+
+
+def _check_percdamp(percdamp) -> None:
   if not 0.0 <= percdamp:
     raise ValueError(f"percdamp={percdamp!r} must be >= 0")
-  h = jnp.asarray(h_KxK, jnp.float32)
-  if not bool(jnp.all(jnp.isfinite(h))):
+
+
+def _with_damping(finite, mean_diag, percdamp, attempt, stacklevel):
+  """Calls `attempt(λ)` → (result, ok) with λ = percdamp · mean diag H, raising λ (with a
+  warning) until ok; returns (result, λ)."""
+  if not bool(finite):
     raise ValueError("the Hessian has NaN or Inf entries; check the calibration inputs")
-  k = h.shape[0]
-  eye = jnp.eye(k, dtype=jnp.float32)
-  mean_diag = float(jnp.mean(jnp.diag(h)))
+  mean_diag = float(mean_diag)
   damp = percdamp * mean_diag
   for _ in range(MAX_DAMP_TRIES):
-    low = jnp.linalg.cholesky(h + damp * eye)
-    if bool(jnp.all(jnp.isfinite(low))):
-      hinv = jax.scipy.linalg.cho_solve((low, True), eye)
-      u = jnp.linalg.cholesky((hinv + hinv.T) / 2).T  # symmetrize away solve rounding
-      if bool(jnp.all(jnp.isfinite(u))) and bool(jnp.all(jnp.diag(u) > 0)):
-        return u, damp
+    out, ok = attempt(damp)
+    if bool(ok):
+      return out, damp
     new = max(10.0 * damp, 0.01 * abs(mean_diag), 1e-8)
     warnings.warn(f"gptq: the Hessian + {damp:.3g}·I is not positive definite (Cholesky "
-                  f"failed); retrying with damping {new:.3g}", stacklevel=3)
+                  f"failed); retrying with damping {new:.3g}", stacklevel=stacklevel + 1)
     damp = new
   raise ValueError(f"gptq: the Hessian did not factor even with damping {damp:.3g}; it is "
                    "far from positive semidefinite (is it XᵀX of the layer's inputs?)")
+
+
+def inverse_hessian_factor(h_KxK, percdamp: float = 0.01):
+  """(U, λ): the upper Cholesky factor of (H + λ I)⁻¹, raising λ until H + λ I factors."""
+  _check_percdamp(percdamp)
+  h = jnp.asarray(h_KxK, jnp.float32)
+  finite, mean_diag = _finite_mean_diag(h)
+  return _with_damping(finite, mean_diag, percdamp,
+                       lambda damp: _factor_jit(h, jnp.float32(damp)), stacklevel=3)
 
 
 def _grid_spec(spec: QuantSpec) -> QuantSpec:
@@ -182,16 +210,44 @@ def gptq(w_KxN, h_KxK, spec: QuantSpec, *, percdamp: float = 0.01,
   h = jnp.asarray(h_KxK, jnp.float32)
   if w.ndim != 2 or h.shape != (w.shape[0], w.shape[0]):
     raise ValueError(f"gptq: w must be [K, N] and h [K, K]; got w {w.shape}, h {h.shape}")
-  k, n = w.shape
-  check_spec(spec, k)
-  diag = jnp.diag(h)
-  dead = diag == 0
-  h = h + jnp.diag(jnp.where(dead, 1.0, 0.0))
-  w = jnp.where(dead[:, None], 0.0, w)
+  check_spec(spec, w.shape[0])
+  _check_percdamp(percdamp)
+  act_order = bool(act_order)
+  finite, mean_diag = _damping_base(h, act_order)
+  (codes, scale, zp, weight, loss), damp = _with_damping(
+      finite, mean_diag, percdamp,
+      lambda damp: _split_ok(_core(w, h, jnp.float32(damp), spec, act_order)), stacklevel=2)
+  return GPTQResult(QTensor(codes, scale, zp), weight, loss, float(damp))
+
+
+def _split_ok(out):
+  return out[:-1], out[-1]
+
+
+def _prepare(w_KxN, h_KxK, act_order: bool):
+  """Dead inputs zeroed (W rows) and given H_kk = 1; the processing order; H permuted."""
+  k = h_KxK.shape[0]
+  dead = jnp.diag(h_KxK) == 0
+  h = h_KxK + jnp.diag(jnp.where(dead, 1.0, 0.0))
+  w = None if w_KxN is None else jnp.where(dead[:, None], 0.0, w_KxN)
   order = (jnp.argsort(-jnp.diag(h), stable=True) if act_order
            else jnp.arange(k)).astype(jnp.int32)
-  h_p = h[order][:, order]
-  u, damp = inverse_hessian_factor(h_p, percdamp)
+  return w, order, h[order][:, order]
+
+
+@functools.partial(jax.jit, static_argnames=("act_order",))
+def _damping_base(h_KxK, act_order: bool):
+  """Whether the (dead-fixed, permuted) H is finite, and the mean of its diagonal."""
+  return _finite_mean_diag(_prepare(None, h_KxK, act_order)[2])
+
+
+@functools.partial(jax.jit, static_argnames=("spec", "act_order"))
+def _core(w_KxN, h_KxK, damp, spec: QuantSpec, act_order: bool):
+  """GPTQ with damping λ = `damp`: (codes int8, scale, zero point, weight, loss, ok),
+  ok = whether H + λ I factored (the other outputs are meaningless otherwise)."""
+  k, n = w_KxN.shape
+  w, order, h_p = _prepare(w_KxN, h_KxK, act_order)
+  u, ok = _factor(h_p, damp)
   if spec.granularity == "group":
     groups = k // spec.group_size
     scale = jnp.ones((groups, n), jnp.float32)
@@ -208,8 +264,7 @@ def gptq(w_KxN, h_KxK, spec: QuantSpec, *, percdamp: float = 0.01,
   full_s = numerics.expand_to(scale, (k, n))
   full_z = None if zp is None else numerics.expand_to(zp, (k, n))
   weight = numerics.decode(codes, full_s, full_z)
-  q = QTensor(codes.astype(jnp.int8), scale, zp)
-  return GPTQResult(q, weight, loss, float(damp))
+  return codes.astype(jnp.int8), scale, zp, weight, loss, ok
 
 
 def as_matrix(kernel, n_contracting: int):
