@@ -109,15 +109,23 @@ def awq_search(w_KxN, xtx_KxK, act_mean_K, spec: QuantSpec, *, grid: int = 20,
     raise ValueError(f"awq_search: grid={grid!r} must be a positive int")
   check_spec(spec, w.shape[0], "awq_search")
   alphas = jnp.linspace(0.0, 1.0, grid + 1)
-  errors = _errors(w, xtx, a, alphas, spec)
-  best = int(jnp.argmin(errors))  # first minimum: ties go to the smaller α
-  s = scales_for(a, alphas[best])
+  errors, best, s, q, w_eff = _search(w, xtx, a, alphas, spec)
+  best = int(best)
   if clip:  # diag(s) W sees inputs x / s, whose XᵀX is S⁻¹ XᵀX S⁻¹
     q, w_s, _ = clip_search(w * s[:, None], xtx / s[:, None] / s[None, :], spec)
     w_eff = w_s / s[:, None]
-  else:
-    q, w_eff = scaled_quantize(w, s, spec)
   return AWQResult(s, float(alphas[best]), alphas, errors, q, w_eff)
+
+
+@functools.partial(jax.jit, static_argnames=("spec",))
+def _search(w, xtx, a, alphas, spec):
+  """L(α) on the grid, the index of its first minimum (ties go to the smaller α), that
+  α's s, and Q(diag(s) W) with diag(1/s) Q(diag(s) W): one compiled program."""
+  errors = _errors(w, xtx, a, alphas, spec)
+  best = jnp.argmin(errors)
+  s = scales_for(a, alphas[best])
+  q, w_eff = scaled_quantize(w, s, spec)
+  return errors, best, s, q, w_eff
 
 
 def clip_search(w_KxN, xtx_KxK, spec: QuantSpec, *, grid: int = 20, max_shrink: float = 0.5):
