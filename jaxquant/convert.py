@@ -125,14 +125,19 @@ def _run_ptq(path, stats_node, layer_params, spec, ptq, w_layout, weight_only: b
     raise ValueError(f"layer {path!r}: ptq={ptq.method!r} has no calibration statistics; "
                      "run jq.calibrate(qmodel, variables, batches) before jq.convert")
   result = ptq_layer.quantize_layer(path, layer_params["kernel"], spec, ptq, w_layout, stats)
-  weight = layout.decode_layout(result.weight) if weight_only else result.weight
-  layer_params["kernel"] = weight.pack()
+  layer_params["kernel"] = _serving_weight(result.weight, weight_only)
   if result.input_scale is not None:
     stats_node[state.INPUT_SCALE] = result.input_scale
     if ptq.method == "smoothquant" and state.static_range(stats_node) is not None:
       state.set_static_range(stats_node, *ptq_layer.smoothed_range(stats, result.input_scale))
   for k in stats:
     del stats_node[state.observer_key(state.PTQ_STATS, k)]  # served their purpose: not serving state
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _serving_weight(q, weight_only: bool):
+  """The stored (packed) weight of a PTQ result; weight-only layers in `decode_layout`."""
+  return (layout.decode_layout(q) if weight_only else q).pack()
 
 
 def _layout_trace(qmodel, variables, example_args, example_kwargs):

@@ -24,6 +24,12 @@ import jax
 import jax.numpy as jnp
 
 
+def check_alpha(alpha) -> None:
+  """ValueError unless `alpha` is a Python number in [0, 1]."""
+  if not isinstance(alpha, (int, float)) or not 0.0 <= float(alpha) <= 1.0:
+    raise ValueError(f"alpha={alpha!r} must be a float in [0, 1] (the migration strength)")
+
+
 def smoothquant_scales(act_absmax_K, w_KxN, alpha: float = 0.5) -> jax.Array:
   """Per-input-channel smoothing factors s [K] (eq. 4)."""
   a = jnp.asarray(act_absmax_K, jnp.float32)
@@ -31,11 +37,21 @@ def smoothquant_scales(act_absmax_K, w_KxN, alpha: float = 0.5) -> jax.Array:
   if w.ndim != 2 or a.shape != (w.shape[0],):
     raise ValueError(f"smoothquant_scales: need act_absmax [K] and w [K, N]; got "
                      f"{a.shape} and {w.shape}")
-  if not isinstance(alpha, (int, float)) or not 0.0 <= float(alpha) <= 1.0:
-    raise ValueError(f"alpha={alpha!r} must be a float in [0, 1] (the migration strength)")
+  check_alpha(alpha)
+  return scales_with_exponents(a, w, alpha, 1.0 - alpha)
+
+
+def scales_with_exponents(act_absmax_K, w_KxN, alpha, beta) -> jax.Array:
+  """max|X_j|^α / max|W_j|^β (s = 1 where either is 0 or not finite), for jitted callers:
+  pass α and β = 1 − α (taken in Python) as arrays, so that the compiler sees no constant
+  power to rewrite: the result equals the eager computation's bit for bit."""
+  a = jnp.asarray(act_absmax_K, jnp.float32)
+  w = jnp.asarray(w_KxN, jnp.float32)
   w_max = jnp.max(jnp.abs(w), axis=1)
   ok = (a > 0) & (w_max > 0) & jnp.isfinite(a) & jnp.isfinite(w_max)
-  s = jnp.where(ok, a, 1.0) ** alpha / jnp.where(ok, w_max, 1.0) ** (1.0 - alpha)
+  # The barrier keeps the compiler from rewriting x / y^β as x · y^(−β) (other rounding).
+  s = jnp.where(ok, a, 1.0) ** alpha / jax.lax.optimization_barrier(
+      jnp.where(ok, w_max, 1.0) ** beta)
   return jnp.where(ok, s, 1.0)
 
 

@@ -69,12 +69,22 @@ def _check_count(state: Stats):
 def hessian(state: Stats) -> jax.Array:
   """GPTQ's H = 2 XᵀX / n."""
   _check_count(state)
+  return hessian_unchecked(state)
+
+
+def hessian_unchecked(state: Stats) -> jax.Array:
+  """`hessian` without the count check (traceable; the caller checks count > 0)."""
   return 2.0 * state.xtx / state.count.astype(jnp.float32)
 
 
 def mean_abs(state: Stats) -> jax.Array:
   """Per-input-channel mean |x| [K]."""
   _check_count(state)
+  return mean_abs_unchecked(state)
+
+
+def mean_abs_unchecked(state: Stats) -> jax.Array:
+  """`mean_abs` without the count check (traceable; the caller checks count > 0)."""
   return state.abs_sum / state.count.astype(jnp.float32)
 
 
