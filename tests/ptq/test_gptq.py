@@ -125,6 +125,31 @@ def test_not_positive_definite_gets_more_damping_and_a_warning():
   assert np.all(np.isfinite(np.asarray(res.weight)))
 
 
+def test_a_damping_retry_reruns_the_compiled_core_and_matches_that_damping_directly():
+  rng = np.random.default_rng(7)
+  k, n = 24, 5  # a shape no other test compiles the core for
+  w = rng.normal(size=(k, n)).astype(np.float32)
+  q_mat, _ = np.linalg.qr(rng.normal(size=(k, k)))
+  d = rng.uniform(0.5, 2.0, size=k)
+  d[0] = -1e-3  # indefinite: no damping fails, 1% of mean diag H (> 1e-3) factors
+  h = ((q_mat * d) @ q_mat.T).astype(np.float32)
+  spec = jq.QuantSpec(bits=4, granularity="group", group_size=8)
+  before = G._core._cache_size()
+  with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    res = G.gptq(w, h, spec, percdamp=0.0)
+  retries = [c for c in caught if "not positive definite" in str(c.message)]
+  assert len(retries) == 1, [str(c.message) for c in caught]
+  assert G._core._cache_size() - before <= 1  # the retry ran the program compiled for λ = 0
+  assert res.damp == pytest.approx(0.01 * float(np.mean(np.diag(h))), rel=1e-6)
+  codes, scale, zp, weight, _, ok = G._core(w, h, np.float32(res.damp), spec, False)
+  assert bool(ok)
+  np.testing.assert_array_equal(np.asarray(res.qtensor.values), np.asarray(codes))
+  np.testing.assert_array_equal(np.asarray(res.qtensor.scale), np.asarray(scale))
+  np.testing.assert_array_equal(np.asarray(res.qtensor.zero_point), np.asarray(zp))
+  np.testing.assert_array_equal(np.asarray(res.weight), np.asarray(weight))
+
+
 def test_positive_definite_hessian_does_not_warn():
   x, w = _layer(5)
   with warnings.catch_warnings():
