@@ -25,6 +25,16 @@ if not any(f.startswith("--xla_force_host_platform_device_count") for f in _flag
 if not FULL_OPT and not any(f.startswith("--xla_backend_optimization_level") for f in _flags):
   _flags.append("--xla_backend_optimization_level=0")
 os.environ["XLA_FLAGS"] = " ".join(_flags)
+
+
+def subprocess_xla_flags(device_count=None) -> str:
+  """XLA_FLAGS for a subprocess that needs its own host device count (None: XLA's one):
+  this session's backend optimization level, so it compiles as this process does and
+  the two runs' results can be compared, plus that count."""
+  keep = [f for f in _flags if f.startswith("--xla_backend_optimization_level")]
+  if device_count is not None:
+    keep.append(f"--xla_force_host_platform_device_count={device_count}")
+  return " ".join(keep)
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
   # One persistent XLA compilation cache per test session, in a fresh temp dir removed at

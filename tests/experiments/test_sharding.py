@@ -22,6 +22,7 @@ from experiments.training import loop, run_setup
 from experiments.training.results import read_jsonl
 from experiments.training.sharding import partition_spec
 from configs import base
+from tests.conftest import subprocess_xla_flags
 from tests.experiments.test_train import tiny_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -88,7 +89,7 @@ def _free_port():
 def test_two_process_distributed_run_agrees(tmp_path, quantized):
   port, workdir = _free_port(), str(tmp_path / "dist")
   env = {**os.environ, "JAX_PLATFORMS": "cpu",
-         "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+         "XLA_FLAGS": subprocess_xla_flags(device_count=2)}
   logs = [open(tmp_path / f"worker{i}.log", "w+") for i in range(2)]  # no pipe can fill up
   procs = [subprocess.Popen([sys.executable, "-m", "tests.experiments.test_sharding", "worker",
                              str(i), str(port), workdir, str(int(quantized))],

@@ -25,6 +25,7 @@ from experiments.config_file import load_config_module
 from experiments.sweeps import slurm, task
 from experiments.training import loop, preemption, restore
 from experiments.training.results import read_jsonl
+from tests.conftest import subprocess_xla_flags
 
 pytestmark = [pytest.mark.slurm,
               pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")]
@@ -50,8 +51,11 @@ def _cluster_up(env) -> bool:
 def cluster():
   """The environment (with SLURM_CONF) of a running cluster; skips when none can start.
 
-  Without this test process's XLA_FLAGS: each job process sees one CPU device."""
+  Without this test process's host device count (each job process sees one CPU device),
+  with its XLA optimization level (`conftest.subprocess_xla_flags`)."""
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  if subprocess_xla_flags():
+    env["XLA_FLAGS"] = subprocess_xla_flags()
   if env.get("SLURM_CONF") and _cluster_up(env):
     yield env
     return
