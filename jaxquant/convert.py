@@ -134,10 +134,13 @@ def _run_ptq(path, stats_node, layer_params, spec, ptq, w_layout, weight_only: b
     del stats_node[state.observer_key(state.PTQ_STATS, k)]  # served their purpose: not serving state
 
 
-@functools.partial(jax.jit, static_argnums=1)
-def _serving_weight(q, weight_only: bool):
-  """The stored (packed) weight of a PTQ result; weight-only layers in `decode_layout`."""
+def _stored(q: QTensor, weight_only: bool) -> QTensor:
+  """A quantized kernel as serving stores it: packed, weight-only layers in
+  `decode_layout`."""
   return (layout.decode_layout(q) if weight_only else q).pack()
+
+
+_serving_weight = jax.jit(_stored, static_argnums=1)  # a PTQ result, one compile per shape
 
 
 def _layout_trace(qmodel, variables, example_args, example_kwargs):
@@ -164,7 +167,7 @@ def _quantize_weights(todo, kernels, learned):
   out = []
   for (_, spec, w_layout, weight_only), k, l in zip(todo, kernels, learned):
     q = quantize_weight(k, spec, w_layout, learned=l)
-    out.append((layout.decode_layout(q) if weight_only else q).pack())
+    out.append(_stored(q, weight_only))
   return out
 
 

@@ -13,11 +13,11 @@ import tempfile
 # on a quantized MLP) cuts the default suite's CPU time by about 30%. The programs compute
 # the same values, except that without LLVM's passes a multiply and an add in one fused
 # loop are rounded separately instead of as one FMA: a float result can differ by an ulp
-# (integer results cannot). A test whose
-# claim is bit-equality between two differently compiled programs reads FULL_OPT and says
-# what it checks at each level. JAXQUANT_TEST_FULL_OPT=1 runs everything at XLA's
-# default level, as a user's program compiles (CI runs the suite both ways). Trainer
-# and other subprocesses inherit the flags.
+# (integer results cannot). A test whose claim is bit-equality between two differently
+# compiled programs reads FULL_OPT and says what it checks at each level.
+# JAXQUANT_TEST_FULL_OPT=1 runs everything at XLA's default level, as a user's program
+# compiles (CI runs the suite both ways). Trainer and other subprocesses inherit the
+# flags.
 FULL_OPT = os.environ.get("JAXQUANT_TEST_FULL_OPT", "0") == "1"
 _flags = os.environ.get("XLA_FLAGS", "").split()
 if not any(f.startswith("--xla_force_host_platform_device_count") for f in _flags):
@@ -26,15 +26,6 @@ if not FULL_OPT and not any(f.startswith("--xla_backend_optimization_level") for
   _flags.append("--xla_backend_optimization_level=0")
 os.environ["XLA_FLAGS"] = " ".join(_flags)
 
-
-def subprocess_xla_flags(device_count=None) -> str:
-  """XLA_FLAGS for a subprocess that needs its own host device count (None: XLA's one):
-  this session's backend optimization level, so it compiles as this process does and
-  the two runs' results can be compared, plus that count."""
-  keep = [f for f in _flags if f.startswith("--xla_backend_optimization_level")]
-  if device_count is not None:
-    keep.append(f"--xla_force_host_platform_device_count={device_count}")
-  return " ".join(keep)
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
   # One persistent XLA compilation cache per test session, in a fresh temp dir removed at
@@ -58,6 +49,16 @@ if os.environ["JAX_PLATFORMS"] != "cpu":
   # GPU, JAX's default float32 matmul precision is TF32 (~1e-3 relative). XLA:CPU
   # always computes float32 dots in full, so this only matters off the CPU.
   jax.config.update("jax_default_matmul_precision", "highest")
+
+
+def subprocess_xla_flags(device_count=None) -> str:
+  """XLA_FLAGS for a subprocess that needs its own host device count (None: XLA's one):
+  this session's backend optimization level, so it compiles as this process does and
+  the two runs' results can be compared, plus that count."""
+  keep = [f for f in _flags if f.startswith("--xla_backend_optimization_level")]
+  if device_count is not None:
+    keep.append(f"--xla_force_host_platform_device_count={device_count}")
+  return " ".join(keep)
 
 
 def pytest_collection_modifyitems(config, items):
